@@ -1,0 +1,39 @@
+# tandem: build, test and demo entry points. See README.md.
+#   make demo    build everything and run the demo guest
+#   make test    unit + integration tests (real KVM, real guests)
+#   make lint    rustfmt --check and clippy -D warnings
+#   make deps    install what a fresh Debian 12 machine lacks (idempotent)
+
+CARGO ?= cargo
+GUEST_OUT := $(CURDIR)/target/guests
+TANDEM := target/release/tandem
+
+.PHONY: all deps guests build demo test lint clean
+
+all: build guests
+
+deps:
+	@./scripts/deps.sh
+
+guests: deps
+	$(MAKE) -C guest-images OUT=$(GUEST_OUT)
+
+build: deps
+	$(CARGO) build --release --locked
+
+demo: build guests
+	@echo "== tandem demo: the ticker guest (1 kHz PIT through the userspace PIC, 2000 interrupts)"
+	$(TANDEM) run --kernel $(GUEST_OUT)/ticker.elf --mem 32M
+
+# The integration tests find the guests in target/guests and the release
+# binary in target/release (built above), so they run the same binary a user runs.
+test: build guests
+	$(CARGO) test --release --locked --workspace --all-targets
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
+	$(MAKE) -C guest-images OUT=$(GUEST_OUT) clean

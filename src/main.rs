@@ -1,0 +1,58 @@
+//! `tandem`: the command line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+/// The guest crashed: triple fault, emulation failure, HLT with interrupts off.
+pub const EXIT_GUEST_CRASH: u8 = 120;
+/// tandem or KVM failed while the guest ran.
+pub const EXIT_VMM_ERROR: u8 = 121;
+/// The VM could not be started (bad kernel, bad option, no KVM).
+pub const EXIT_START_FAILED: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "A fault-tolerant KVM virtual machine monitor"
+)]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace). Logs go to stderr.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a VM on this host (unprotected).
+    Run(cli::RunArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match cli.command {
+        Command::Run(args) => cli::run(args),
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,271 @@
+//! Getting the vCPU out of the guest, and the queue of external events.
+//!
+//! A guest computing without exits would never see its timer. Whenever a
+//! device deadline passes or an external event is queued, the vCPU thread is
+//! *kicked*: a real-time signal, blocked on every other thread, whose handler
+//! (running on the vCPU thread itself) sets `kvm_run.immediate_exit`, so
+//! `KVM_RUN` returns `EINTR` now or refuses to enter the guest if it was not
+//! in it yet. The vCPU thread then applies the queue at that stop.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use kvm_bindings::kvm_run;
+use tandem_devices::lock;
+use vmm_sys_util::signal::{block_signal, register_signal_handler, unblock_signal, SIGRTMIN};
+
+thread_local! {
+    /// The vCPU thread's `kvm_run`, for the kick handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+    /// Kicks received by this thread, so clearing `immediate_exit` never loses one.
+    static KICKS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The kick signal.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN() + 1
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KICKS.with(|k| k.set(k.get().wrapping_add(1)));
+    KVM_RUN.with(|run| {
+        let run = run.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is the mmapped `kvm_run` of this thread's
+            // vCPU, installed by `VcpuKickTarget::install` and cleared before
+            // the vCPU fd is dropped; a byte store is async-signal-safe.
+            unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+        }
+    });
+}
+
+/// Installs the kick handler (once per process) and blocks the kick signal on
+/// the calling thread, so threads it spawns inherit the block.
+pub fn setup_kick_signal() -> Result<(), vmm_sys_util::errno::Error> {
+    static HANDLER: Once = Once::new();
+    let mut result = Ok(());
+    HANDLER.call_once(|| result = register_signal_handler(kick_signal(), handle_kick));
+    result?;
+    block_signal(kick_signal()).map_err(|_| vmm_sys_util::errno::Error::last())
+}
+
+/// Done on the vCPU thread: make kicks set this `kvm_run`'s `immediate_exit`.
+pub struct VcpuKickTarget {
+    thread: Arc<Mutex<Option<libc::pthread_t>>>,
+}
+
+impl VcpuKickTarget {
+    /// Registers the calling thread as the vCPU thread.
+    pub fn install(run: &mut kvm_run, kicker: &Kicker) -> Result<Self, vmm_sys_util::errno::Error> {
+        KVM_RUN.with(|r| r.set(run as *mut kvm_run));
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        *lock(&kicker.thread) = Some(me);
+        unblock_signal(kick_signal()).map_err(|_| vmm_sys_util::errno::Error::last())?;
+        Ok(Self {
+            thread: kicker.thread.clone(),
+        })
+    }
+
+    /// Kicks received so far on this thread.
+    pub fn kicks() -> u64 {
+        KICKS.with(|k| k.get())
+    }
+}
+
+impl Drop for VcpuKickTarget {
+    fn drop(&mut self) {
+        let _ = block_signal(kick_signal());
+        *lock(&self.thread) = None;
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    }
+}
+
+/// A handle that kicks the vCPU thread out of the guest.
+#[derive(Clone, Default)]
+pub struct Kicker {
+    thread: Arc<Mutex<Option<libc::pthread_t>>>,
+}
+
+impl Kicker {
+    /// Kicks the vCPU if it is running; a no-op before it starts or after it ends.
+    pub fn kick(&self) {
+        let thread = lock(&self.thread);
+        if let Some(t) = *thread {
+            // SAFETY: `t` is the live vCPU thread: it clears this slot under
+            // the same lock before it exits.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+}
+
+/// Something from outside the VM for the vCPU thread to apply at a stop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExternalEvent {
+    /// Bytes for the COM1 receiver.
+    SerialInput(Vec<u8>),
+}
+
+#[derive(Default)]
+struct Queue {
+    events: VecDeque<ExternalEvent>,
+}
+
+/// External events, queued by helper threads, applied by the vCPU thread.
+#[derive(Clone, Default)]
+pub struct EventQueue {
+    shared: Arc<(Mutex<Queue>, Condvar)>,
+    kicker: Kicker,
+}
+
+impl EventQueue {
+    /// A queue that kicks through `kicker`.
+    pub fn new(kicker: Kicker) -> Self {
+        Self {
+            shared: Arc::default(),
+            kicker,
+        }
+    }
+
+    /// Queues an event, wakes a halted vCPU and kicks a running one.
+    pub fn push(&self, event: ExternalEvent) {
+        let (queue, cond) = &*self.shared;
+        lock(queue).events.push_back(event);
+        cond.notify_all();
+        self.kicker.kick();
+    }
+
+    /// Takes everything queued.
+    pub fn drain(&self) -> Vec<ExternalEvent> {
+        lock(&self.shared.0).events.drain(..).collect()
+    }
+
+    /// Sleeps until an event is queued or `deadline` passes (forever if None).
+    pub fn wait(&self, deadline: Option<Instant>) {
+        let (queue, cond) = &*self.shared;
+        let mut q = lock(queue);
+        while q.events.is_empty() {
+            match deadline {
+                None => q = cond.wait(q).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return;
+                    }
+                    q = cond
+                        .wait_timeout(q, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct TimerState {
+    deadline: Option<Instant>,
+    shutdown: bool,
+}
+
+/// Kicks the vCPU when the next device deadline passes.
+pub struct DeadlineTimer {
+    shared: Arc<(Mutex<TimerState>, Condvar)>,
+    current: Option<Instant>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DeadlineTimer {
+    /// Starts the timer thread.
+    pub fn start(kicker: Kicker) -> std::io::Result<Self> {
+        let shared: Arc<(Mutex<TimerState>, Condvar)> = Arc::default();
+        let theirs = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("tandem-timer".into())
+            .spawn(move || timer_loop(&theirs, &kicker))?;
+        Ok(Self {
+            shared,
+            current: None,
+            thread: Some(thread),
+        })
+    }
+
+    /// Arms the timer for `deadline` (or disarms it).
+    pub fn set(&mut self, deadline: Option<Instant>) {
+        if deadline == self.current {
+            return;
+        }
+        self.current = deadline;
+        let (state, cond) = &*self.shared;
+        lock(state).deadline = deadline;
+        cond.notify_one();
+    }
+}
+
+impl Drop for DeadlineTimer {
+    fn drop(&mut self) {
+        let (state, cond) = &*self.shared;
+        lock(state).shutdown = true;
+        cond.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn timer_loop(shared: &(Mutex<TimerState>, Condvar), kicker: &Kicker) {
+    let (state, cond) = shared;
+    let mut s = lock(state);
+    loop {
+        if s.shutdown {
+            return;
+        }
+        match s.deadline {
+            None => s = cond.wait(s).unwrap_or_else(|p| p.into_inner()),
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    s.deadline = None;
+                    kicker.kick();
+                } else {
+                    s = cond
+                        .wait_timeout(s, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn queue_wakes_a_waiter_and_drains_in_order() {
+        let q = EventQueue::new(Kicker::default());
+        let producer = q.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            producer.push(ExternalEvent::SerialInput(b"a".to_vec()));
+            producer.push(ExternalEvent::SerialInput(b"b".to_vec()));
+        });
+        q.wait(None);
+        t.join().unwrap();
+        assert_eq!(
+            q.drain(),
+            vec![
+                ExternalEvent::SerialInput(b"a".to_vec()),
+                ExternalEvent::SerialInput(b"b".to_vec())
+            ]
+        );
+        let start = Instant::now();
+        q.wait(Some(start + Duration::from_millis(30)));
+        assert!(start.elapsed() >= Duration::from_millis(30));
+    }
+}
