@@ -130,3 +130,5 @@ irq_ret_eip:
 stack_top:
     .space 4096
 exc_stack_top:
+
+    .section .note.GNU-stack, "", @progbits

@@ -198,3 +198,5 @@ pt:     .space 8 * 4096
 stack_top:
     .space 4096
 exc_stack_top:
+
+    .section .note.GNU-stack, "", @progbits
