@@ -42,6 +42,10 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest>;
 }
 
+/// Guest memory as every device and the VMM see it: mmap-backed, with
+/// vm-memory's atomic dirty bitmap so the VMM's own writes are tracked.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
 /// A shared, lockable bus device.
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 

@@ -21,7 +21,8 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, BzImage, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use tandem_devices::GuestMemoryMmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::layout::{
     e820_map, CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_MEMORY_START, PVH_INFO_START, PVH_MEMMAP_START,

@@ -1,0 +1,246 @@
+//! The `Inputs` and `Outputs` ports: everything that crosses the VM boundary.
+//!
+//! Devices never read a clock, a socket or a file descriptor. What comes from
+//! outside reaches them as a [`Cause`], applied by the vCPU thread at a stop,
+//! and what leaves the VM goes to an [`Outputs`] sink as an [`Output`]. The
+//! live implementation ([`LiveInputs`]) takes causes from the world: guest
+//! time from the host's monotonic clock, everything else from a
+//! [`CauseQueue`] that worker threads (stdin, tap readers, block I/O) fill.
+//! The record/replay issue adds `Record` (live, then append to the log) and
+//! `Replay` (from the log) behind the same [`Inputs`] trait; the live pair
+//! holds outputs back behind [`Outputs`] until the secondary has the log.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Something from outside the VM that changes what the guest sees, applied
+/// at a stop through the same device code live and in replay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Cause {
+    /// Guest time advanced to this many nanoseconds since VM creation.
+    Time(u64),
+    /// Bytes for COM1's receiver.
+    SerialInput(Vec<u8>),
+    /// A frame received for virtio-net device `device`.
+    NetRx {
+        /// Index of the virtio-net device.
+        device: u8,
+        /// The Ethernet frame.
+        frame: Vec<u8>,
+    },
+    /// Block request `request` of virtio-blk device `device` finished.
+    BlockDone {
+        /// Index of the virtio-blk device.
+        device: u8,
+        /// The id the device gave the request at submission.
+        request: u64,
+        /// virtio-blk status (0 OK, 1 IOERR, 2 UNSUPP).
+        status: u8,
+        /// For reads: the data read (in shared-storage mode it travels in the log).
+        data: Vec<u8>,
+    },
+}
+
+/// What a virtio-blk request asks of the backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockOp {
+    /// Read `len` bytes at `sector`.
+    Read {
+        /// First 512-byte sector.
+        sector: u64,
+        /// Bytes to read.
+        len: u32,
+    },
+    /// Write `data` at `sector` (captured at submission).
+    Write {
+        /// First 512-byte sector.
+        sector: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Make every completed write durable.
+    Flush,
+}
+
+/// Something leaving the VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Output {
+    /// Bytes written to COM1.
+    Serial(Vec<u8>),
+    /// A frame transmitted by virtio-net device `device`.
+    NetTx {
+        /// Index of the virtio-net device.
+        device: u8,
+        /// The Ethernet frame.
+        frame: Vec<u8>,
+    },
+    /// A block request submitted to virtio-blk device `device`; its
+    /// completion comes back as [`Cause::BlockDone`] with the same id.
+    BlockSubmit {
+        /// Index of the virtio-blk device.
+        device: u8,
+        /// Request id, unique per device.
+        request: u64,
+        /// What to do.
+        op: BlockOp,
+    },
+}
+
+/// Where device outputs go. Called on the vCPU thread; implementations hand
+/// the work to other threads and never block on the network.
+pub trait Outputs: Send + Sync {
+    /// Emits one output.
+    fn emit(&self, output: Output);
+}
+
+/// Where the causes of each stop come from.
+pub trait Inputs: Send {
+    /// Appends the causes to apply at stop `stop`, in order.
+    fn collect(&mut self, stop: u64, out: &mut Vec<Cause>);
+    /// Blocks until a cause may be available or `deadline_ns` (guest time)
+    /// passes; used while the guest is halted.
+    fn wait(&mut self, deadline_ns: Option<u64>);
+}
+
+/// The queue that worker threads fill with causes for the vCPU thread.
+#[derive(Clone)]
+pub struct CauseQueue {
+    shared: Arc<(Mutex<VecDeque<Cause>>, Condvar)>,
+    notify: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl CauseQueue {
+    /// A queue that calls `notify` (the vCPU kick) after each push.
+    pub fn new(notify: Arc<dyn Fn() + Send + Sync>) -> Self {
+        Self {
+            shared: Arc::default(),
+            notify,
+        }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Cause>> {
+        self.shared.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a cause, wakes a halted vCPU and kicks a running one.
+    pub fn push(&self, cause: Cause) {
+        self.queue().push_back(cause);
+        self.shared.1.notify_all();
+        (self.notify)();
+    }
+
+    /// Takes everything queued.
+    pub fn drain_into(&self, out: &mut Vec<Cause>) {
+        out.extend(self.queue().drain(..));
+    }
+
+    /// Sleeps until something is queued or `deadline` passes (None: forever).
+    pub fn wait(&self, deadline: Option<Instant>) {
+        let mut q = self.queue();
+        while q.is_empty() {
+            let now = Instant::now();
+            q = match deadline {
+                None => self.shared.1.wait(q).unwrap_or_else(|p| p.into_inner()),
+                Some(d) if d <= now => return,
+                Some(d) => {
+                    self.shared
+                        .1
+                        .wait_timeout(q, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+}
+
+/// Live inputs: guest time from the host's monotonic clock (logged only when
+/// it advances), everything else from the [`CauseQueue`].
+pub struct LiveInputs {
+    start: Instant,
+    last_time_ns: u64,
+    queue: CauseQueue,
+}
+
+impl LiveInputs {
+    /// Live inputs whose guest time 0 is `start`.
+    pub fn new(start: Instant, queue: CauseQueue) -> Self {
+        Self {
+            start,
+            last_time_ns: 0,
+            queue,
+        }
+    }
+
+    /// The host instant at which guest time reaches `ns`.
+    pub fn instant_at(&self, ns: u64) -> Instant {
+        self.start + Duration::from_nanos(ns)
+    }
+}
+
+impl Inputs for LiveInputs {
+    fn collect(&mut self, _stop: u64, out: &mut Vec<Cause>) {
+        let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        if now > self.last_time_ns {
+            self.last_time_ns = now;
+            out.push(Cause::Time(now));
+        }
+        self.queue.drain_into(out);
+    }
+
+    fn wait(&mut self, deadline_ns: Option<u64>) {
+        let deadline = deadline_ns.map(|ns| self.instant_at(ns));
+        self.queue.wait(deadline);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn live_inputs_give_time_first_then_queued_causes_in_order() {
+        let kicks = Arc::new(AtomicUsize::new(0));
+        let k = kicks.clone();
+        let queue = CauseQueue::new(Arc::new(move || {
+            k.fetch_add(1, Ordering::SeqCst);
+        }));
+        let mut inputs = LiveInputs::new(Instant::now(), queue.clone());
+        queue.push(Cause::SerialInput(b"a".to_vec()));
+        queue.push(Cause::NetRx {
+            device: 0,
+            frame: vec![1, 2],
+        });
+        assert_eq!(kicks.load(Ordering::SeqCst), 2);
+        std::thread::sleep(Duration::from_millis(2));
+        let mut out = Vec::new();
+        inputs.collect(1, &mut out);
+        assert!(matches!(out[0], Cause::Time(t) if t >= 2_000_000));
+        assert_eq!(out[1], Cause::SerialInput(b"a".to_vec()));
+        assert_eq!(out.len(), 3);
+        // Time is reported only when it advanced.
+        out.clear();
+        inputs.collect(2, &mut out);
+        assert!(out.len() <= 1);
+    }
+
+    #[test]
+    fn wait_returns_at_the_deadline_or_on_a_push() {
+        let queue = CauseQueue::new(Arc::new(|| {}));
+        let mut inputs = LiveInputs::new(Instant::now(), queue.clone());
+        let t0 = Instant::now();
+        inputs.wait(Some(20_000_000));
+        assert!(t0.elapsed() >= Duration::from_millis(15));
+        let pusher = queue.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            pusher.push(Cause::SerialInput(vec![1]));
+        });
+        inputs.wait(None);
+        t.join().unwrap();
+    }
+}
