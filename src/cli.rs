@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::Args;
-use tandem_vmm::kick::{EventQueue, ExternalEvent};
+use tandem_replay::{Cause, CauseQueue};
 use tandem_vmm::{RunOutcome, Vm, VmConfig, DEFAULT_KVM_PATH};
 use tracing::info;
 
@@ -81,7 +81,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
     if matches!(args.serial, SerialTarget::Stdio) {
-        spawn_stdin_reader(vm.events());
+        spawn_stdin_reader(vm.cause_queue());
     }
     match vm.run() {
         Ok((outcome, stats)) => {
@@ -130,7 +130,7 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
 /// Feeds stdin to the guest's UART. The thread ends at EOF; it is never joined
 /// (a blocking read cannot be interrupted portably), which is fine for a
 /// thread that owns nothing but stdin.
-fn spawn_stdin_reader(events: EventQueue) {
+fn spawn_stdin_reader(causes: CauseQueue) {
     let spawned = std::thread::Builder::new()
         .name("tandem-stdin".into())
         .spawn(move || {
@@ -139,7 +139,7 @@ fn spawn_stdin_reader(events: EventQueue) {
             loop {
                 match stdin.read(&mut buf) {
                     Ok(0) | Err(_) => return,
-                    Ok(n) => events.push(ExternalEvent::SerialInput(buf[..n].to_vec())),
+                    Ok(n) => causes.push(Cause::SerialInput(buf[..n].to_vec())),
                 }
             }
         });

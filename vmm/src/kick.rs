@@ -5,10 +5,9 @@
 //! *kicked*: a real-time signal, blocked on every other thread, whose handler
 //! (running on the vCPU thread itself) sets `kvm_run.immediate_exit`, so
 //! `KVM_RUN` returns `EINTR` now or refuses to enter the guest if it was not
-//! in it yet. The vCPU thread then applies the queue at that stop.
+//! in it yet. The vCPU thread then collects its inputs at that stop.
 
 use std::cell::Cell;
-use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -102,69 +101,6 @@ impl Kicker {
     }
 }
 
-/// Something from outside the VM for the vCPU thread to apply at a stop.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ExternalEvent {
-    /// Bytes for the COM1 receiver.
-    SerialInput(Vec<u8>),
-}
-
-#[derive(Default)]
-struct Queue {
-    events: VecDeque<ExternalEvent>,
-}
-
-/// External events, queued by helper threads, applied by the vCPU thread.
-#[derive(Clone, Default)]
-pub struct EventQueue {
-    shared: Arc<(Mutex<Queue>, Condvar)>,
-    kicker: Kicker,
-}
-
-impl EventQueue {
-    /// A queue that kicks through `kicker`.
-    pub fn new(kicker: Kicker) -> Self {
-        Self {
-            shared: Arc::default(),
-            kicker,
-        }
-    }
-
-    /// Queues an event, wakes a halted vCPU and kicks a running one.
-    pub fn push(&self, event: ExternalEvent) {
-        let (queue, cond) = &*self.shared;
-        lock(queue).events.push_back(event);
-        cond.notify_all();
-        self.kicker.kick();
-    }
-
-    /// Takes everything queued.
-    pub fn drain(&self) -> Vec<ExternalEvent> {
-        lock(&self.shared.0).events.drain(..).collect()
-    }
-
-    /// Sleeps until an event is queued or `deadline` passes (forever if None).
-    pub fn wait(&self, deadline: Option<Instant>) {
-        let (queue, cond) = &*self.shared;
-        let mut q = lock(queue);
-        while q.events.is_empty() {
-            match deadline {
-                None => q = cond.wait(q).unwrap_or_else(|p| p.into_inner()),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return;
-                    }
-                    q = cond
-                        .wait_timeout(q, d - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
-            }
-        }
-    }
-}
-
 #[derive(Default)]
 struct TimerState {
     deadline: Option<Instant>,
@@ -238,34 +174,5 @@ fn timer_loop(shared: &(Mutex<TimerState>, Condvar), kicker: &Kicker) {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn queue_wakes_a_waiter_and_drains_in_order() {
-        let q = EventQueue::new(Kicker::default());
-        let producer = q.clone();
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            producer.push(ExternalEvent::SerialInput(b"a".to_vec()));
-            producer.push(ExternalEvent::SerialInput(b"b".to_vec()));
-        });
-        q.wait(None);
-        t.join().unwrap();
-        assert_eq!(
-            q.drain(),
-            vec![
-                ExternalEvent::SerialInput(b"a".to_vec()),
-                ExternalEvent::SerialInput(b"b".to_vec())
-            ]
-        );
-        let start = Instant::now();
-        q.wait(Some(start + Duration::from_millis(30)));
-        assert!(start.elapsed() >= Duration::from_millis(30));
     }
 }

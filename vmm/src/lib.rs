@@ -11,9 +11,11 @@
 //! the guest when time or the outside world needs a stop.
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod boot;
 pub mod bus;
 pub mod cpuid;
+pub mod device_manager;
 pub mod exit;
 pub mod kick;
 pub mod layout;

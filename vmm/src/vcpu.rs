@@ -7,18 +7,17 @@
 //! thread sleeps until the next device deadline or external event; it never
 //! busy-spins.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_interrupt;
 use kvm_ioctls::VcpuFd;
-use tandem_devices::lock;
+use tandem_replay::{Cause, Inputs};
 use tracing::{debug, trace};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
+use crate::device_manager::DeviceManager;
 use crate::exit::{handle_exit, ExitContext, ExitCounters, ExitOutcome, StopKind};
-use crate::kick::{DeadlineTimer, EventQueue, ExternalEvent, Kicker, VcpuKickTarget};
-use crate::legacy::LegacyDevices;
+use crate::kick::{DeadlineTimer, Kicker, VcpuKickTarget};
 
 /// KVM_INTERRUPT, which kvm-ioctls does not wrap (it only matters without an
 /// in-kernel irqchip).
@@ -129,21 +128,24 @@ pub struct VcpuStats {
 pub struct Vcpu {
     fd: VcpuFd,
     ctx: ExitContext,
-    devices: LegacyDevices,
-    events: EventQueue,
+    devices: DeviceManager,
+    inputs: Box<dyn Inputs>,
     kicker: Kicker,
     start: Instant,
-    pending_serial: VecDeque<u8>,
+    /// Stops so far; every logged event sits at a stop number.
+    stop: u64,
+    causes: Vec<Cause>,
     stats: VcpuStats,
 }
 
 impl Vcpu {
-    /// A vCPU ready to run. `start` is the instant guest time 0 corresponds to.
+    /// A vCPU ready to run. `start` is the host instant of guest time 0
+    /// (for the deadline timer).
     pub fn new(
         fd: VcpuFd,
         ctx: ExitContext,
-        devices: LegacyDevices,
-        events: EventQueue,
+        devices: DeviceManager,
+        inputs: Box<dyn Inputs>,
         kicker: Kicker,
         start: Instant,
     ) -> Self {
@@ -151,10 +153,11 @@ impl Vcpu {
             fd,
             ctx,
             devices,
-            events,
+            inputs,
             kicker,
             start,
-            pending_serial: VecDeque::new(),
+            stop: 0,
+            causes: Vec::new(),
             stats: VcpuStats::default(),
         }
     }
@@ -215,13 +218,14 @@ impl Vcpu {
             if stop.is_some() {
                 self.stats.stops += 1;
             }
+            self.stop += 1;
             if stop == Some(StopKind::Hlt) {
                 if let Some(crash) = self.halt()? {
                     return Ok(RunOutcome::Crashed(crash));
                 }
             }
             self.at_stop(stop.is_some_and(StopKind::needs_completion))?;
-            let deadline = lock(&self.devices.pit).next_deadline_ns();
+            let deadline = self.devices.next_deadline_ns();
             timer.set(deadline.map(|ns| self.start + Duration::from_nanos(ns)));
         }
     }
@@ -245,26 +249,16 @@ impl Vcpu {
         unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror }
     }
 
-    /// Moves guest time to now and lets time-driven devices act.
-    fn advance_time(&mut self) {
-        let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.ctx.clock.advance_to(now);
-        lock(&self.devices.pit).poll();
-    }
-
-    /// Applies queued external events; bytes the UART cannot take yet stay
-    /// queued for a later stop.
-    fn apply_events(&mut self) {
-        for event in self.events.drain() {
-            match event {
-                ExternalEvent::SerialInput(bytes) => self.pending_serial.extend(bytes),
-            }
+    /// Collects this stop's causes from the `Inputs` port and applies them,
+    /// in order, through the device models.
+    fn apply_causes(&mut self) {
+        let mut causes = std::mem::take(&mut self.causes);
+        self.inputs.collect(self.stop, &mut causes);
+        for cause in causes.drain(..) {
+            self.devices.apply(cause);
         }
-        if !self.pending_serial.is_empty() {
-            let taken =
-                lock(&self.devices.serial).enqueue_input(self.pending_serial.make_contiguous());
-            self.pending_serial.drain(..taken);
-        }
+        self.causes = causes;
+        self.devices.after_causes();
     }
 
     /// The stop sequence after the exit itself was handled.
@@ -272,8 +266,7 @@ impl Vcpu {
         // Every kick so far is answered by this stop (which looks at time and
         // the queue next); a later one sets `immediate_exit` again.
         self.clear_immediate_exit(VcpuKickTarget::kicks());
-        self.advance_time();
-        self.apply_events();
+        self.apply_causes();
         self.decide_injection(exit_pending)
     }
 
@@ -312,7 +305,7 @@ impl Vcpu {
     }
 
     fn decide_injection(&mut self, exit_pending: bool) -> Result<(), VcpuError> {
-        if !lock(&self.devices.pic).has_pending() {
+        if !self.devices.interrupt_pending() {
             self.fd.get_kvm_run().request_interrupt_window = 0;
             return Ok(());
         }
@@ -323,7 +316,7 @@ impl Vcpu {
             self.fd.get_kvm_run().request_interrupt_window = 1;
             return Ok(());
         }
-        let vector = lock(&self.devices.pic).acknowledge();
+        let vector = self.devices.acknowledge_interrupt();
         if let Some(vector) = vector {
             trace!(vector, "inject");
             let irq = kvm_interrupt {
@@ -342,7 +335,7 @@ impl Vcpu {
         }
         // Another IRQ may be waiting behind this one: come back when the
         // guest can take it.
-        let more = lock(&self.devices.pic).has_pending();
+        let more = self.devices.interrupt_pending();
         self.fd.get_kvm_run().request_interrupt_window = u8::from(more);
         Ok(())
     }
@@ -353,9 +346,8 @@ impl Vcpu {
         let regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         let since = Instant::now();
         loop {
-            self.advance_time();
-            self.apply_events();
-            if lock(&self.devices.pic).has_pending() {
+            self.apply_causes();
+            if self.devices.interrupt_pending() {
                 break;
             }
             if regs.rflags & RFLAGS_IF == 0 {
@@ -363,13 +355,11 @@ impl Vcpu {
                     rip: regs.rip,
                 }));
             }
-            let deadline = lock(&self.devices.pit)
-                .next_deadline_ns()
-                .map(|ns| self.start + Duration::from_nanos(ns));
-            if deadline.is_none() && self.pending_serial.is_empty() {
+            let deadline = self.devices.next_deadline_ns();
+            if deadline.is_none() {
                 debug!("halted with no timer armed: waiting for external input");
             }
-            self.events.wait(deadline);
+            self.inputs.wait(deadline);
         }
         self.stats.halted += since.elapsed();
         Ok(None)

@@ -6,16 +6,21 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use std::sync::Arc;
 use tandem_devices::GuestMemoryMmap;
-use tandem_replay::GuestClock;
+
+use tandem_replay::{CauseQueue, GuestClock, LiveInputs, Outputs};
 use tracing::info;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::backend::console::Console;
+use crate::backend::LiveOutputs;
 use crate::boot::{initial_state, BootError};
 use crate::bus::{Bus, BusError};
 use crate::cpuid::CpuidTable;
+use crate::device_manager::{DeviceManager, SerialOutput};
 use crate::exit::ExitContext;
-use crate::kick::{setup_kick_signal, EventQueue, Kicker};
+use crate::kick::{setup_kick_signal, Kicker};
 use crate::layout::{MAX_MEM_SIZE, MIN_MEM_SIZE};
 use crate::legacy::LegacyDevices;
 use crate::loader::{load_kernel, LoaderError};
@@ -129,7 +134,7 @@ pub struct Vm {
     _vm: VmFd,
     _kvm: Kvm,
     _memory: GuestMemoryMmap,
-    events: EventQueue,
+    causes: CauseQueue,
     cpuid: CpuidTable,
     msr_routing: MsrRouting,
 }
@@ -167,35 +172,36 @@ impl Vm {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let devices = LegacyDevices::new(&clock, rtc_base, config.serial_out);
+        let kicker = Kicker::default();
+        let notify = kicker.clone();
+        let causes = CauseQueue::new(Arc::new(move || notify.kick()));
+        let console = Console::start(config.serial_out)
+            .map_err(|e| VmError::Thread(format!("console thread: {e}")))?;
+        let outputs: Arc<dyn Outputs> = Arc::new(LiveOutputs::new(console, Vec::new(), Vec::new()));
+
+        let legacy = LegacyDevices::new(&clock, rtc_base, Box::new(SerialOutput(outputs)));
         let mut pio = Bus::new();
-        devices.register(&mut pio)?;
+        legacy.register(&mut pio)?;
+        let devices = DeviceManager::new(legacy, clock.clone());
         let ctx = ExitContext::new(pio, Bus::new(), clock, tsc_khz);
 
-        let kicker = Kicker::default();
-        let events = EventQueue::new(kicker.clone());
-        let vcpu = Vcpu::new(
-            vcpu_fd,
-            ctx,
-            devices,
-            events.clone(),
-            kicker,
-            Instant::now(),
-        );
+        let start = Instant::now();
+        let inputs = Box::new(LiveInputs::new(start, causes.clone()));
+        let vcpu = Vcpu::new(vcpu_fd, ctx, devices, inputs, kicker, start);
         Ok(Self {
             vcpu,
             _vm: vm,
             _kvm: kvm,
             _memory: memory,
-            events,
+            causes,
             cpuid,
             msr_routing,
         })
     }
 
-    /// The queue through which the outside world reaches the guest.
-    pub fn events(&self) -> EventQueue {
-        self.events.clone()
+    /// The queue through which the live world reaches the guest.
+    pub fn cause_queue(&self) -> CauseQueue {
+        self.causes.clone()
     }
 
     /// The CPUID table the guest sees.
