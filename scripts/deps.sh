@@ -11,6 +11,7 @@ command -v objcopy >/dev/null || missing+=(binutils)
 command -v make >/dev/null || missing+=(make)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v setpriv >/dev/null || missing+=(util-linux)
+command -v ping >/dev/null || missing+=(iputils-ping)
 
 if [ ${#missing[@]} -gt 0 ]; then
     echo "deps: installing ${missing[*]}"

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::bail;
 use clap::Args;
 use tandem_replay::{Cause, CauseQueue};
-use tandem_vmm::{RunOutcome, Vm, VmConfig, DEFAULT_KVM_PATH};
+use tandem_vmm::{DiskConfig, NetConfig, RunOutcome, Vm, VmConfig, DEFAULT_KVM_PATH};
 use tracing::info;
 
 use crate::{EXIT_GUEST_CRASH, EXIT_START_FAILED, EXIT_VMM_ERROR};
@@ -31,9 +31,70 @@ pub struct RunArgs {
     /// Where COM1 goes: `stdio` (output to stdout, stdin to the guest) or `file:PATH`.
     #[arg(long, value_name = "stdio|file:PATH", default_value = "stdio", value_parser = parse_serial)]
     serial: SerialTarget,
+    /// A virtio-blk disk backed by a raw image file; `,ro` makes it read-only.
+    /// Repeatable.
+    #[arg(long, value_name = "PATH[,ro]", value_parser = parse_disk)]
+    disk: Vec<DiskConfig>,
+    /// A virtio-net device on an existing tap; the guest MAC defaults to
+    /// 52:54:00:12:34:56 (+ the device index). Repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    net: Vec<NetConfig>,
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_KVM_PATH)]
     kvm_device: PathBuf,
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let (path, read_only) = match s.strip_suffix(",ro") {
+        Some(path) => (path, true),
+        None => (s, false),
+    };
+    if path.is_empty() {
+        return Err("expected PATH or PATH,ro".into());
+    }
+    Ok(DiskConfig {
+        path: path.into(),
+        read_only,
+    })
+}
+
+/// Parses `52:54:00:12:34:56`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("`{s}` is not a MAC address (like 52:54:00:12:34:56)");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let part = parts.next().ok_or_else(bad)?;
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "`{s}` is a multicast address; a NIC needs a unicast MAC"
+        ));
+    }
+    Ok(mac)
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = None;
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
+            Some(("mac", value)) => mac = Some(parse_mac(value)?),
+            _ => return Err(format!("unknown `{part}`: expected tap=NAME[,mac=MAC]")),
+        }
+    }
+    Ok(NetConfig {
+        tap: tap.ok_or("expected tap=NAME")?,
+        mac,
+    })
 }
 
 /// Where the guest console goes.
@@ -123,6 +184,8 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
         cmdline: args.cmdline.clone(),
         mem_size: args.mem,
         serial_out,
+        disks: args.disk.clone(),
+        nets: args.net.clone(),
     })?;
     Ok(vm)
 }
@@ -162,6 +225,30 @@ mod tests {
         assert!(parse_size("").is_err());
         assert!(parse_size("-1M").is_err());
         assert!(parse_size("99999999999999999G").is_err());
+    }
+
+    #[test]
+    fn disks_and_nets() {
+        let d = parse_disk("/img/a.raw,ro").unwrap();
+        assert_eq!((d.path.to_str(), d.read_only), (Some("/img/a.raw"), true));
+        assert!(!parse_disk("/img/b").unwrap().read_only);
+        assert!(parse_disk(",ro").is_err());
+        let n = parse_net("tap=tap0,mac=52:54:00:aa:bb:0c").unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0xaa, 0xbb, 0x0c]));
+        assert_eq!(parse_net("tap=t1").unwrap().mac, None);
+        for bad in [
+            "",
+            "mac=52:54:00:00:00:01",
+            "tap=",
+            "tap=t,mac=zz:00:00:00:00:00",
+            "tap=t,mac=01:00:00:00:00:00",
+            "tap=t,speed=10",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
+        assert!(parse_mac("52:54:00:12:34").is_err());
+        assert!(parse_mac("52:54:00:12:34:56:78").is_err());
     }
 
     #[test]

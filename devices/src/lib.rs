@@ -17,6 +17,7 @@ pub mod pit;
 pub mod rtc;
 pub mod scratch;
 pub mod serial;
+pub mod virtio;
 
 /// Something the guest asked of the whole VM through a device register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use tandem_devices::lock;
+use tandem_devices::virtio::mmio::MmioTransport;
 use tandem_replay::{Cause, GuestClock, Output, Outputs};
 
 use crate::legacy::LegacyDevices;
@@ -31,6 +32,10 @@ impl Write for SerialOutput {
 pub struct DeviceManager {
     /// PIC, PIT, RTC, UART and friends.
     pub legacy: LegacyDevices,
+    /// virtio-blk transports, by disk index.
+    pub blocks: Vec<Arc<std::sync::Mutex<MmioTransport>>>,
+    /// virtio-net transports, by net index.
+    pub nets: Vec<Arc<std::sync::Mutex<MmioTransport>>>,
     clock: GuestClock,
     /// Serial input the UART's FIFO could not take yet.
     pending_serial: VecDeque<u8>,
@@ -41,6 +46,8 @@ impl DeviceManager {
     pub fn new(legacy: LegacyDevices, clock: GuestClock) -> Self {
         Self {
             legacy,
+            blocks: Vec::new(),
+            nets: Vec::new(),
             clock,
             pending_serial: VecDeque::new(),
         }
@@ -54,12 +61,23 @@ impl DeviceManager {
                 lock(&self.legacy.pit).poll();
             }
             Cause::SerialInput(bytes) => self.pending_serial.extend(bytes),
-            Cause::NetRx { device, .. } => {
-                tracing::warn!("frame for absent net device {device} dropped")
-            }
-            Cause::BlockDone { device, .. } => {
-                tracing::warn!("completion for absent disk {device} dropped")
-            }
+            Cause::NetRx { device, frame } => match self.nets.get(usize::from(device)) {
+                Some(net) => {
+                    lock(net).apply_net_rx(&frame);
+                }
+                None => tracing::warn!("frame for absent net device {device} dropped"),
+            },
+            Cause::BlockDone {
+                device,
+                request,
+                status,
+                data,
+            } => match self.blocks.get(usize::from(device)) {
+                Some(block) => {
+                    lock(block).apply_block_done(request, status, &data);
+                }
+                None => tracing::warn!("completion for absent disk {device} dropped"),
+            },
         }
     }
 

@@ -35,6 +35,14 @@ pub const MIN_MEM_SIZE: u64 = 2 << 20;
 /// virtio-mmio windows live.
 pub const MAX_MEM_SIZE: u64 = 3 << 30;
 
+/// First virtio-mmio window, in the 32-bit MMIO hole above RAM.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of each virtio-mmio window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// ISA IRQs for virtio-mmio devices, in device order: none of 0 (PIT), 1
+/// (keyboard), 2 (cascade), 4 (COM1), 8 (RTC) or 12 (mouse).
+pub const VIRTIO_IRQS: [u8; 6] = [5, 6, 7, 9, 10, 11];
+
 /// e820 type: usable RAM.
 pub const E820_RAM: u32 = 1;
 /// e820 type: reserved.

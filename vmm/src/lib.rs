@@ -16,14 +16,16 @@ pub mod boot;
 pub mod bus;
 pub mod cpuid;
 pub mod device_manager;
+pub mod dirty;
 pub mod exit;
 pub mod kick;
 pub mod layout;
 pub mod legacy;
 pub mod loader;
 pub mod msr;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 
 pub use vcpu::{GuestCrash, RunOutcome, VcpuStats};
-pub use vm::{Vm, VmConfig, VmError, DEFAULT_KVM_PATH};
+pub use vm::{DiskConfig, NetConfig, Vm, VmConfig, VmError, DEFAULT_KVM_PATH};

@@ -6,14 +6,23 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use tandem_devices::pic::{PicBus, PicPort};
+use tandem_devices::virtio::block::Block;
+use tandem_devices::virtio::mmio::MmioTransport;
+use tandem_devices::virtio::net::Net;
+use tandem_devices::virtio::VirtioDevice;
 use tandem_devices::GuestMemoryMmap;
+use tandem_devices::{BusDevice, IrqLine};
 
 use tandem_replay::{CauseQueue, GuestClock, LiveInputs, Outputs};
 use tracing::info;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::backend::block::{BlockWorker, DiskError, DiskImage};
 use crate::backend::console::Console;
+use crate::backend::tap::{Tap, TapError, TapReader};
 use crate::backend::LiveOutputs;
 use crate::boot::{initial_state, BootError};
 use crate::bus::{Bus, BusError};
@@ -21,7 +30,7 @@ use crate::cpuid::CpuidTable;
 use crate::device_manager::{DeviceManager, SerialOutput};
 use crate::exit::ExitContext;
 use crate::kick::{setup_kick_signal, Kicker};
-use crate::layout::{MAX_MEM_SIZE, MIN_MEM_SIZE};
+use crate::layout::{MAX_MEM_SIZE, MIN_MEM_SIZE, VIRTIO_IRQS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::legacy::LegacyDevices;
 use crate::loader::{load_kernel, LoaderError};
 use crate::msr::{route_tsc_msrs, MsrRouting};
@@ -44,6 +53,28 @@ pub struct VmConfig {
     pub mem_size: u64,
     /// Where COM1 output goes.
     pub serial_out: Box<dyn Write + Send>,
+    /// virtio-blk disks, in device order.
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net devices, in device order (after the disks).
+    pub nets: Vec<NetConfig>,
+}
+
+/// A virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    pub read_only: bool,
+}
+
+/// A virtio-net device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The host tap it sends and receives on.
+    pub tap: String,
+    /// Guest MAC (default 52:54:00:12:34:56 + index).
+    pub mac: Option<[u8; 6]>,
 }
 
 /// Why a VM could not be built or run.
@@ -104,6 +135,15 @@ pub enum VmError {
     /// The vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// More virtio devices than tandem has IRQs for.
+    #[error("{0} virtio devices requested; tandem supports at most {max}", max = VIRTIO_IRQS.len())]
+    TooManyDevices(usize),
+    /// A disk image could not be opened.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// A tap could not be opened.
+    #[error(transparent)]
+    Tap(#[from] TapError),
     /// The vCPU thread could not be started or panicked.
     #[error("vCPU thread: {0}")]
     Thread(String),
@@ -135,6 +175,7 @@ pub struct Vm {
     _kvm: Kvm,
     _memory: GuestMemoryMmap,
     causes: CauseQueue,
+    _tap_readers: Vec<TapReader>,
     cpuid: CpuidTable,
     msr_routing: MsrRouting,
 }
@@ -149,16 +190,26 @@ impl Vm {
                 max: MAX_MEM_SIZE >> 20,
             });
         }
+        let virtio_count = config.disks.len() + config.nets.len();
+        if virtio_count > VIRTIO_IRQS.len() {
+            return Err(VmError::TooManyDevices(virtio_count));
+        }
+        let images = config
+            .disks
+            .iter()
+            .map(|d| DiskImage::open(&d.path, d.read_only))
+            .collect::<Result<Vec<_>, _>>()?;
+        let taps = config
+            .nets
+            .iter()
+            .map(|n| Tap::open(&n.tap).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cmdline = with_virtio_tokens(&config.cmdline, virtio_count);
         let kvm = open_kvm(&config.kvm_path)?;
         setup_kick_signal().map_err(kvm_err("kick signal handler"))?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let memory = create_memory(&vm, config.mem_size)?;
-        let entry = load_kernel(
-            &memory,
-            &config.kernel,
-            config.initrd.as_deref(),
-            &config.cmdline,
-        )?;
+        let entry = load_kernel(&memory, &config.kernel, config.initrd.as_deref(), &cmdline)?;
         let msr_routing = route_tsc_msrs(&kvm, &vm);
         info!("{msr_routing}");
 
@@ -177,13 +228,48 @@ impl Vm {
         let causes = CauseQueue::new(Arc::new(move || notify.kick()));
         let console = Console::start(config.serial_out)
             .map_err(|e| VmError::Thread(format!("console thread: {e}")))?;
-        let outputs: Arc<dyn Outputs> = Arc::new(LiveOutputs::new(console, Vec::new(), Vec::new()));
+        let mut disk_meta = Vec::new();
+        let mut workers = Vec::new();
+        for (index, image) in images.into_iter().enumerate() {
+            let id = image
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            disk_meta.push((image.capacity_sectors, image.read_only, id));
+            let worker = BlockWorker::start(index as u8, image, causes.clone())
+                .map_err(|e| VmError::Thread(format!("block worker: {e}")))?;
+            workers.push(worker);
+        }
+        let mut tap_readers = Vec::new();
+        for (index, tap) in taps.iter().enumerate() {
+            let reader = tap
+                .spawn_reader(index as u8, causes.clone())
+                .map_err(|e| VmError::Thread(format!("tap reader: {e}")))?;
+            tap_readers.push(reader);
+        }
+        let outputs: Arc<dyn Outputs> = Arc::new(LiveOutputs::new(console, taps, workers));
 
-        let legacy = LegacyDevices::new(&clock, rtc_base, Box::new(SerialOutput(outputs)));
+        let legacy = LegacyDevices::new(&clock, rtc_base, Box::new(SerialOutput(outputs.clone())));
         let mut pio = Bus::new();
         legacy.register(&mut pio)?;
-        let devices = DeviceManager::new(legacy, clock.clone());
-        let ctx = ExitContext::new(pio, Bus::new(), clock, tsc_khz);
+        let mut devices = DeviceManager::new(legacy, clock.clone());
+        let mut mmio = Bus::new();
+        let mut slot = 0usize;
+        for (index, (capacity, read_only, id)) in disk_meta.into_iter().enumerate() {
+            let block = Block::new(index as u8, capacity, read_only, id, outputs.clone());
+            let t = add_virtio(&mut mmio, &devices, &memory, slot, Box::new(block))?;
+            devices.blocks.push(t);
+            slot += 1;
+        }
+        for (index, net) in config.nets.iter().enumerate() {
+            let mac = net.mac.unwrap_or(default_mac(index));
+            let model = Net::new(index as u8, mac, outputs.clone());
+            let t = add_virtio(&mut mmio, &devices, &memory, slot, Box::new(model))?;
+            devices.nets.push(t);
+            slot += 1;
+        }
+        let ctx = ExitContext::new(pio, mmio, clock, tsc_khz);
 
         let start = Instant::now();
         let inputs = Box::new(LiveInputs::new(start, causes.clone()));
@@ -194,6 +280,7 @@ impl Vm {
             _kvm: kvm,
             _memory: memory,
             causes,
+            _tap_readers: tap_readers,
             cpuid,
             msr_routing,
         })
@@ -230,6 +317,66 @@ impl Vm {
     }
 }
 
+/// The guest MAC of net device `index` when none is given.
+fn default_mac(index: usize) -> [u8; 6] {
+    [
+        0x52,
+        0x54,
+        0x00,
+        0x12,
+        0x34,
+        0x56u8.wrapping_add(index as u8),
+    ]
+}
+
+/// Appends one `virtio_mmio.device=4K@BASE:IRQ` token per device (Linux's
+/// syntax; tandem's test guests parse the same tokens).
+fn with_virtio_tokens(cmdline: &str, count: usize) -> String {
+    let mut out = cmdline.to_string();
+    for (slot, irq) in VIRTIO_IRQS.iter().enumerate().take(count) {
+        let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(&format!(
+            "virtio_mmio.device={}K@{base:#x}:{irq}",
+            VIRTIO_MMIO_SIZE >> 10
+        ));
+    }
+    out
+}
+
+/// Puts a virtio device on the MMIO bus at window `slot`, with its IRQ made
+/// level-triggered in the ELCR (as firmware does for PCI/virtio lines).
+fn add_virtio(
+    mmio: &mut Bus,
+    devices: &DeviceManager,
+    memory: &GuestMemoryMmap,
+    slot: usize,
+    model: Box<dyn VirtioDevice>,
+) -> Result<Arc<Mutex<MmioTransport>>, VmError> {
+    let irq = VIRTIO_IRQS[slot];
+    let pic = devices.legacy.pic.clone();
+    {
+        let mut elcr = PicBus::new(pic.clone(), PicPort::Elcr);
+        let mut bytes = [0u8; 2];
+        elcr.read(0, &mut bytes[..1]);
+        elcr.read(1, &mut bytes[1..]);
+        let mask = u16::from_le_bytes(bytes) | (1 << irq);
+        let [lo, hi] = mask.to_le_bytes();
+        elcr.write(0, &[lo]);
+        elcr.write(1, &[hi]);
+    }
+    let transport = Arc::new(Mutex::new(MmioTransport::new(
+        model,
+        memory.clone(),
+        IrqLine::new(pic, irq),
+    )));
+    let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
+    mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+    Ok(transport)
+}
+
 fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
     let memory_err = |reason: String| VmError::Memory { size, reason };
     let len = usize::try_from(size).map_err(|e| memory_err(e.to_string()))?;
@@ -241,7 +388,8 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
-            flags: 0,
+            // The DirtyTracker harvests this log (sync points, epochs).
+            flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
         };
         // SAFETY: the region is a live mmap owned by `memory`, which the
         // returned value keeps alive for as long as the VM (Vm drops the VM fd

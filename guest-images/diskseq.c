@@ -1,0 +1,168 @@
+/* diskseq: sequential write / flush / read-back / verify on the first
+ * virtio-blk device (virtio-mmio v2, found via virtio_mmio.device= tokens).
+ *
+ * Options: seed= (1), start= (first sector, 0), count= (sectors, 256),
+ *          chunk= (sectors per request, 8; 1..2048), write= (1; 0 = skip the
+ *          write and flush and only read back + verify what an earlier run
+ *          wrote, e.g. on a read-only disk).
+ *
+ * Pattern (all u32 arithmetic wraps; s = sector number, j = 0..511):
+ *
+ *   x = seed ^ s;  if x == 0: x = 0x6d2b79f5
+ *   for j in 0..512:
+ *       x ^= x << 13;  x ^= x >> 17;  x ^= x << 5       (xorshift32)
+ *       byte[s][j] = x & 0xff
+ *
+ * Checksum: FNV-1a 32 (h = 0x811c9dc5; per byte h = (h ^ b) * 0x01000193)
+ * over all bytes read, sectors start..start+count-1 in order.
+ *
+ * Flow: write [start, start+count) in requests of `chunk` sectors (one
+ * request in flight), FLUSH (if VIRTIO_BLK_F_FLUSH was offered), read the
+ * range back in the same chunks, verify byte for byte, then print
+ * "diskseq: sectors=N checksum=0x%08x" and exit 0.
+ *
+ * Read-only disk (VIRTIO_BLK_F_RO offered) with write=1: one write request
+ * (sector `start`, `chunk` sectors of pattern) is sent; it must complete with
+ * IOERR: prints "diskseq: write rejected (read-only)" and exits 0 without the
+ * rest. A read-only disk with write=0 is read and verified normally.
+ *
+ * Exit codes: 0 ok; 2 verify mismatch ("diskseq: mismatch sector S byte J
+ * got 0xGG want 0xWW"); 3 unexpected request status or a request timeout
+ * (2 s) ("diskseq: <op> sector S status=N" / "... timeout"), also a write to
+ * a read-only disk that succeeds; 4 no usable virtio-blk device; 5 bad
+ * options (chunk out of range, range beyond the capacity).
+ */
+#include "common/lib.h"
+#include "common/virtio.h"
+
+#define BUF_BASE 0x400000u /* data buffer, chunk * 512 bytes (max 1 MiB) */
+#define CHUNK_MAX 2048u
+#define TIMEOUT_MS 2000
+
+static struct blk blk;
+
+/* Fill one 512-byte sector of pattern, 4 bytes per store. */
+static void gen_sector(u32 seed, u32 s, volatile u32 *out)
+{
+    u32 x = seed ^ s;
+    if (!x)
+        x = 0x6d2b79f5;
+    for (int j = 0; j < 128; j++) {
+        u32 w;
+        x ^= x << 13; x ^= x >> 17; x ^= x << 5;
+        w = x & 0xff;
+        x ^= x << 13; x ^= x >> 17; x ^= x << 5;
+        w |= (x & 0xff) << 8;
+        x ^= x << 13; x ^= x >> 17; x ^= x << 5;
+        w |= (x & 0xff) << 16;
+        x ^= x << 13; x ^= x >> 17; x ^= x << 5;
+        w |= x << 24;
+        out[j] = w;
+    }
+}
+
+/* Verify one sector against the pattern and fold it into the FNV hash. */
+static u32 check_sector(u32 seed, u32 s, const volatile u32 *in, u32 h)
+{
+    u32 x = seed ^ s;
+    if (!x)
+        x = 0x6d2b79f5;
+    for (int j = 0; j < 128; j++) {
+        u32 w = in[j];
+        for (int k = 0; k < 4; k++) {
+            x ^= x << 13; x ^= x >> 17; x ^= x << 5;
+            u32 b = (w >> (8 * k)) & 0xff;
+            if (b != (x & 0xff)) {
+                printf("diskseq: mismatch sector %u byte %u got 0x%02x want 0x%02x\n", s, (u32)(4 * j + k), b,
+                       x & 0xff);
+                exit(2);
+            }
+            h = (h ^ b) * 0x01000193u;
+        }
+    }
+    return h;
+}
+
+static void check_status(const char *op, u32 sector, int st)
+{
+    if (st == BLK_TIMEOUT) {
+        printf("diskseq: %s sector %u timeout\n", op, sector);
+        exit(3);
+    }
+    if (st != VIRTIO_BLK_S_OK) {
+        printf("diskseq: %s sector %u status=%d\n", op, sector, st);
+        exit(3);
+    }
+}
+
+int main(void)
+{
+    u32 seed = cmdline_u32("seed", 1);
+    u32 start = cmdline_u32("start", 0);
+    u32 count = cmdline_u32("count", 256);
+    u32 chunk = cmdline_u32("chunk", 8);
+    u32 do_write = cmdline_u32("write", 1);
+
+    pic_init();
+    virtio_timer_init();
+    sti();
+    virtio_probe();
+    struct virtio_dev *d = virtio_find(VIRTIO_ID_BLOCK, 0);
+    if (!d) {
+        printf("diskseq: no virtio-blk device\n");
+        return 4;
+    }
+    if (blk_init(&blk, d)) {
+        printf("diskseq: virtio-blk init failed\n");
+        return 4;
+    }
+    printf("diskseq: capacity=%llu ro=%d flush=%d\n", blk.capacity, blk.ro, blk.flush);
+    if (!chunk || chunk > CHUNK_MAX) {
+        printf("diskseq: chunk must be 1..%u\n", CHUNK_MAX);
+        return 5;
+    }
+    if ((u64)start + count > blk.capacity) {
+        printf("diskseq: range %u+%u beyond capacity %llu\n", start, count, blk.capacity);
+        return 5;
+    }
+
+    if (do_write && blk.ro) {
+        u32 n = chunk < count ? chunk : (count ? count : 1);
+        for (u32 i = 0; i < n; i++)
+            gen_sector(seed, start + i, (volatile u32 *)(uptr)(BUF_BASE + 512 * i));
+        int st = blk_rw(&blk, VIRTIO_BLK_T_OUT, start, BUF_BASE, 512 * n, TIMEOUT_MS);
+        if (st == VIRTIO_BLK_S_IOERR) {
+            printf("diskseq: write rejected (read-only)\n");
+            return 0;
+        }
+        if (st == BLK_TIMEOUT)
+            printf("diskseq: write to read-only disk: timeout\n");
+        else
+            printf("diskseq: write to read-only disk: status=%d (expected 1)\n", st);
+        return 3;
+    }
+
+    if (do_write) {
+        for (u32 s = start; s < start + count; s += chunk) {
+            u32 n = start + count - s < chunk ? start + count - s : chunk;
+            for (u32 i = 0; i < n; i++)
+                gen_sector(seed, s + i, (volatile u32 *)(uptr)(BUF_BASE + 512 * i));
+            check_status("write", s, blk_rw(&blk, VIRTIO_BLK_T_OUT, s, BUF_BASE, 512 * n, TIMEOUT_MS));
+        }
+        if (blk.flush)
+            check_status("flush", 0, blk_rw(&blk, VIRTIO_BLK_T_FLUSH, 0, 0, 0, TIMEOUT_MS));
+    }
+
+    u32 h = 0x811c9dc5u;
+    for (u32 s = start; s < start + count; s += chunk) {
+        u32 n = start + count - s < chunk ? start + count - s : chunk;
+        /* poison the buffer's first word per sector so a short read shows */
+        for (u32 i = 0; i < n; i++)
+            *(volatile u32 *)(uptr)(BUF_BASE + 512 * i) = 0xdeadbeef;
+        check_status("read", s, blk_rw(&blk, VIRTIO_BLK_T_IN, s, BUF_BASE, 512 * n, TIMEOUT_MS));
+        for (u32 i = 0; i < n; i++)
+            h = check_sector(seed, s + i, (const volatile u32 *)(uptr)(BUF_BASE + 512 * i), h);
+    }
+    printf("diskseq: sectors=%u checksum=0x%08x\n", count, h);
+    return 0;
+}
