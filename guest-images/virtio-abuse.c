@@ -7,13 +7,17 @@
  * windows found).
  *
  * Each step prints one line and then resets the device (Status = 0):
- *   virtio-abuse: step <id> <name> status=0x<SS> [used=<n>|timeout|-] [blk=0x<BB>] [extra] [reset=0x<RR>]
+ *   virtio-abuse: step <id> <name> status=0x<SS> used=<n>|timeout|- [blk=0x<BB>] [extra]
+ *                 [irq-stuck] [reset=0x<RR>]
  * status = the Status register after the attack (0x40 = DEVICE_NEEDS_RESET
  * is a fine answer), used = the queue's used index after the request
  * completed, timeout = no completion within 500 ms (also fine: what
  * matters is that nothing hangs or crashes), "-" = no request was sent,
  * blk = the request's status byte (0xff = never written; 0 OK, 1 IOERR,
- * 2 UNSUPP), reset = Status still nonzero after writing 0 (a device bug).
+ * 2 UNSUPP), irq-stuck = the device's level-triggered line kept interrupting
+ * with InterruptStatus 0 (64 times in a row) and was masked until the reset
+ * (QEMU does that once it marks a device broken), reset = Status still
+ * nonzero after writing 0 (a device bug).
  * Every wait is bounded (PIT ticks, 100 Hz).
  *
  * Steps: 1a QueueNum=3 (not a power of two) + QueueReady; 1b QueueNum >
@@ -121,6 +125,8 @@ static void rep(const char *id, const char *name, struct virtio_dev *dev, struct
 
 static void end(struct virtio_dev *dev)
 {
+    if (dev->irq_stuck)
+        printf(" irq-stuck");
     u32 r = virtio_reset(dev);
     if (r)
         printf(" reset=0x%02x", r);

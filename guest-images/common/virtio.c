@@ -125,6 +125,11 @@ u32 virtio_reset(struct virtio_dev *d)
         if (!s)
             break;
     }
+    if (d->irq_stuck) {
+        d->irq_stuck = 0;
+        d->irq_spurious = 0;
+        pic_unmask(d->irq);
+    }
     return s;
 }
 
@@ -243,8 +248,16 @@ static void virtio_irq(int irq)
     if (!d)
         return;
     u32 isr = vio_read(d, VIRTIO_MMIO_INTERRUPT_STATUS);
-    if (isr)
+    if (isr) {
         vio_write(d, VIRTIO_MMIO_INTERRUPT_ACK, isr);
+        d->irq_spurious = 0;
+    } else if (++d->irq_spurious >= 64) {
+        /* The line stays high with nothing to acknowledge (QEMU does this
+         * once a device is "broken"): without masking it every instruction
+         * would be interrupted. virtio_reset() unmasks it again. */
+        pic_mask(irq);
+        d->irq_stuck = 1;
+    }
     d->isr_seen |= isr;
     d->irq_count++;
 }

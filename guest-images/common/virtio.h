@@ -119,6 +119,8 @@ struct virtio_dev {
     u32 drv_features[2];  /* negotiated */
     volatile u32 isr_seen; /* OR of InterruptStatus values acked by the IRQ handler */
     volatile u32 irq_count;
+    volatile u32 irq_spurious; /* consecutive interrupts with InterruptStatus 0 */
+    volatile u32 irq_stuck;    /* line masked after 64 of them; virtio_reset() unmasks */
 };
 
 extern struct virtio_dev virtio_devs[VIRTIO_MAX_DEVS];
@@ -140,8 +142,9 @@ static inline void vio_write(struct virtio_dev *d, u32 off, u32 v)
 }
 static inline int feature_has(const u32 f[2], int bit) { return (f[bit >> 5] >> (bit & 31)) & 1; }
 
-/* Status = 0, then wait (bounded) until it reads back 0. Returns the last
- * Status value read (0 on success). */
+/* Status = 0, then wait (bounded) until it reads back 0; unmask the IRQ
+ * line if the handler masked it as stuck. Returns the last Status value
+ * read (0 on success). */
 u32 virtio_reset(struct virtio_dev *d);
 /* Reset, ACKNOWLEDGE, DRIVER, read features, write
  * (offered & want) | VERSION_1, FEATURES_OK and check it stuck.
@@ -172,7 +175,9 @@ int virtq_pop(struct virtq *q, u32 *id, u32 *len);
 
 /* Install a level-triggered IRQ handler for d (ELCR bit, handler that
  * reads InterruptStatus and writes it to InterruptACK, then the PIC EOI),
- * and unmask its line. pic_init() must have been called. */
+ * and unmask its line. pic_init() must have been called. A line that keeps
+ * interrupting with InterruptStatus 0 (64 times in a row) is masked and
+ * irq_stuck set, until virtio_reset(). */
 void virtio_irq_enable(struct virtio_dev *d);
 
 /* ---- timing: PIT ch0 at 100 Hz, IRQ0 unmasked only inside waits ---- */
