@@ -33,8 +33,9 @@
  * Output: "netecho: up ip=A.B.C.D mac=xx:xx:xx:xx:xx:xx counter=N" once
  * ready; then it sleeps in sti;hlt and handles RX interrupts.
  * Exit codes: 0 on "quit"; 2 bad ip= option; 3 disk request failed
- * ("netecho: disk <op> status=N" or "... timeout", 2 s); 4 no virtio-net
- * or no virtio-blk device, a read-only disk, or a device init failure.
+ * ("netecho: disk <op> status=N", "... timeout" (2 s) or "... needs-reset");
+ * 4 no virtio-net or no virtio-blk device, a read-only disk, or a device
+ * init failure.
  */
 #include "common/lib.h"
 #include "common/virtio.h"
@@ -192,8 +193,8 @@ static void turn_around(u8 *t, const u8 *f, u32 hl)
 
 static void __attribute__((noreturn)) disk_fail(const char *op, int st)
 {
-    if (st == BLK_TIMEOUT)
-        printf("netecho: disk %s timeout\n", op);
+    if (st == BLK_TIMEOUT || st == BLK_NEEDS_RESET)
+        printf("netecho: disk %s %s\n", op, st == BLK_TIMEOUT ? "timeout" : "needs-reset");
     else
         printf("netecho: disk %s status=%d\n", op, st);
     exit(3);

@@ -7,14 +7,16 @@
  * windows found).
  *
  * Each step prints one line and then resets the device (Status = 0):
- *   virtio-abuse: step <id> <name> status=0x<SS> used=<n>|timeout|- [blk=0x<BB>] [extra]
- *                 [irq-stuck] [reset=0x<RR>]
+ *   virtio-abuse: step <id> <name> status=0x<SS> used=<n>|needs-reset|timeout|-
+ *                 [blk=0x<BB>] isr=0x<I> [extra] [irq-stuck] [reset=0x<RR>]
  * status = the Status register after the attack (0x40 = DEVICE_NEEDS_RESET
  * is a fine answer), used = the queue's used index after the request
- * completed, timeout = no completion within 500 ms (also fine: what
- * matters is that nothing hangs or crashes), "-" = no request was sent,
- * blk = the request's status byte (0xff = never written; 0 OK, 1 IOERR,
- * 2 UNSUPP), irq-stuck = the device's level-triggered line kept interrupting
+ * completed, needs-reset = the device set DEVICE_NEEDS_RESET instead of
+ * completing, timeout = neither within 500 ms (also fine: what matters is
+ * that nothing hangs or crashes), "-" = no request was sent (or nothing
+ * waited for), blk = the request's status byte (0xff = never written; 0 OK,
+ * 1 IOERR, 2 UNSUPP), isr = the InterruptStatus bits the IRQ handler
+ * acknowledged during the step (1 used buffer, 2 config change), irq-stuck = the device's level-triggered line kept interrupting
  * with InterruptStatus 0 (64 times in a row) and was masked until the reset
  * (QEMU does that once it marks a device broken), reset = Status still
  * nonzero after writing 0 (a device bug).
@@ -60,6 +62,8 @@ static u64 capacity;
 static volatile struct virtio_blk_req_hdr *const hdr = (volatile struct virtio_blk_req_hdr *)VIRTIO_MEM_BLKREQ;
 static volatile u8 *const stb = (volatile u8 *)(VIRTIO_MEM_BLKREQ + 16);
 
+#define NOTHING_SENT (-2)
+
 static int used_cond(void *arg) { return virtq_has_used(arg); }
 
 static void d(struct virtq *vq, u32 i, u64 addr, u32 len, u16 flags, u16 next)
@@ -87,12 +91,13 @@ static void std_req(struct virtq *vq, u32 type, u64 sector, u64 data, u32 len, u
     d(vq, 2, VIRTIO_MEM_BLKREQ + 16, 1, VIRTQ_DESC_F_WRITE, 0);
 }
 
-/* Push head, notify, wait for a used entry. 1 = completed, 0 = timeout. */
+/* Push head, notify, wait: VQ_WAIT_USED, VQ_WAIT_TIMEOUT or
+ * VQ_WAIT_NEEDS_RESET. */
 static int kick(struct virtio_dev *dev, struct virtq *vq, u16 head)
 {
     virtq_push(vq, head);
     virtq_notify(dev, vq);
-    return virtio_wait(used_cond, vq, STEP_MS);
+    return virtq_wait_used(dev, vq, STEP_MS);
 }
 
 /* Negotiate + queue 0 (num 16) on the blk device; DRIVER_OK if ok. */
@@ -107,20 +112,23 @@ static int blk_up(int driver_ok)
     return 0;
 }
 
-/* completed: 1 done, 0 timeout, -1 nothing sent. Prints without newline. */
-static void rep(const char *id, const char *name, struct virtio_dev *dev, struct virtq *vq, int completed,
+/* completed: a VQ_WAIT_* value or NOTHING_SENT. Prints without newline. */
+static void report(const char *id, const char *name, struct virtio_dev *dev, struct virtq *vq, int completed,
                 int show_blk)
 {
     u32 s = vio_read(dev, VIRTIO_MMIO_STATUS);
     printf("virtio-abuse: step %s %s status=0x%02x", id, name, s);
-    if (completed > 0)
+    if (completed == VQ_WAIT_USED)
         printf(" used=%u", (u32)vq->used->idx);
-    else if (completed == 0)
+    else if (completed == VQ_WAIT_TIMEOUT)
         printf(" timeout");
+    else if (completed == VQ_WAIT_NEEDS_RESET)
+        printf(" needs-reset");
     else
         printf(" -");
     if (show_blk)
         printf(" blk=0x%02x", (u32)*stb);
+    printf(" isr=0x%x", dev->isr_seen);
 }
 
 static void end(struct virtio_dev *dev)
@@ -130,6 +138,7 @@ static void end(struct virtio_dev *dev)
     u32 r = virtio_reset(dev);
     if (r)
         printf(" reset=0x%02x", r);
+    dev->isr_seen = 0;
     serial_putc('\n');
 }
 
@@ -144,7 +153,7 @@ static void blk_step(const char *id, const char *name, void (*setup)(void))
     }
     setup();
     int c = kick(bd, &q, 0);
-    rep(id, name, bd, &q, c, 1);
+    report(id, name, bd, &q, c, 1);
     end(bd);
 }
 
@@ -227,7 +236,7 @@ static void steps_queue_num(void)
         u32 ready = vio_read(bd, VIRTIO_MMIO_QUEUE_READY);
         virtio_driver_ok(bd);
         vio_write(bd, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-        rep(ids[i], names[i], bd, &q, -1, 0);
+        report(ids[i], names[i], bd, &q, NOTHING_SENT, 0);
         printf(" num=%u max=%u ready=%u", num, max, ready);
         end(bd);
     }
@@ -239,11 +248,14 @@ static void steps_order(void)
     if (blk_up(0) == 0) {
         std_req(&q, VIRTIO_BLK_T_IN, 0, DATA, 512, VIRTQ_DESC_F_WRITE);
         int c1 = kick(bd, &q, 0);
-        virtio_driver_ok(bd);
-        virtq_notify(bd, &q);
-        int c2 = c1 || virtio_wait(used_cond, &q, STEP_MS);
-        rep("2a", "notify-before-driver-ok", bd, &q, c2, 1);
-        printf(" before=%s", c1 ? "done" : "none");
+        int c2 = c1;
+        if (c1 != VQ_WAIT_USED) {
+            virtio_driver_ok(bd);
+            virtq_notify(bd, &q);
+            c2 = virtq_wait_used(bd, &q, STEP_MS);
+        }
+        report("2a", "notify-before-driver-ok", bd, &q, c2, 1);
+        printf(" before=%s", c1 == VQ_WAIT_USED ? "done" : c1 == VQ_WAIT_TIMEOUT ? "none" : "needs-reset");
         end(bd);
     }
     /* 2b: DRIVER_OK without FEATURES_OK (no features written at all) */
@@ -253,7 +265,7 @@ static void steps_order(void)
     vio_write(bd, VIRTIO_MMIO_STATUS,
               VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_DRIVER_OK);
     vio_write(bd, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-    rep("2b", "driver-ok-without-features-ok", bd, &q, -1, 0);
+    report("2b", "driver-ok-without-features-ok", bd, &q, NOTHING_SENT, 0);
     end(bd);
     /* 2c: FEATURES_OK without VERSION_1 (a legacy driver) */
     vio_write(bd, VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
@@ -263,7 +275,7 @@ static void steps_order(void)
     }
     vio_write(bd, VIRTIO_MMIO_STATUS,
               VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK);
-    rep("2c", "features-ok-without-version-1", bd, &q, -1, 0);
+    report("2c", "features-ok-without-version-1", bd, &q, NOTHING_SENT, 0);
     end(bd);
     /* 2d: all feature bits written after FEATURES_OK, then a request */
     if (blk_up(0) == 0) {
@@ -274,7 +286,7 @@ static void steps_order(void)
         virtio_driver_ok(bd);
         std_req(&q, VIRTIO_BLK_T_IN, 0, DATA, 512, VIRTQ_DESC_F_WRITE);
         int c = kick(bd, &q, 0);
-        rep("2d", "features-after-features-ok", bd, &q, c, 1);
+        report("2d", "features-after-features-ok", bd, &q, c, 1);
         end(bd);
     }
     /* 2e: 8- and 16-bit accesses to 32-bit registers */
@@ -289,7 +301,7 @@ static void steps_order(void)
         b8[VIRTIO_MMIO_QUEUE_NUM] = 8;
         b8[VIRTIO_MMIO_QUEUE_NOTIFY] = 0;
         u32 s8 = b8[VIRTIO_MMIO_STATUS];
-        rep("2e", "narrow-access", bd, &q, -1, 0);
+        report("2e", "narrow-access", bd, &q, NOTHING_SENT, 0);
         printf(" magic8=0x%02x,0x%02x magic16=0x%04x,0x%04x status8=0x%02x", m8, m8h, m16, m16h, s8);
         end(bd);
     }
@@ -304,7 +316,7 @@ static void steps_order(void)
         u32 una = *(volatile u32 *)(bd->base + 0x102);
         u32 magic = vio_read(bd, VIRTIO_MMIO_MAGIC_VALUE), id = vio_read(bd, VIRTIO_MMIO_DEVICE_ID);
         u32 cap = vio_read(bd, VIRTIO_MMIO_CONFIG);
-        rep("2f", "odd-offsets", bd, &q, -1, 0);
+        report("2f", "odd-offsets", bd, &q, NOTHING_SENT, 0);
         printf(" r0f0=0x%08x rffc=0x%08x unaligned=0x%08x magic=0x%08x id=%u cap_lo=%u", r0f0, rffc, una, magic,
                id, cap);
         end(bd);
@@ -338,8 +350,8 @@ static void steps_rings(void)
         q.avail->idx = 1;
         q.avail_idx = 1;
         virtq_notify(bd, &q);
-        int c = virtio_wait(used_cond, &q, STEP_MS);
-        rep("7a", "head-out-of-range", bd, &q, c, 1);
+        int c = virtq_wait_used(bd, &q, STEP_MS);
+        report("7a", "head-out-of-range", bd, &q, c, 1);
         end(bd);
     }
     /* 7b: rings outside RAM */
@@ -355,7 +367,7 @@ static void steps_rings(void)
         vio_write(bd, VIRTIO_MMIO_QUEUE_READY, 1);
         virtio_driver_ok(bd);
         vio_write(bd, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-        rep("7b", "rings-outside-ram", bd, &q, -1, 0);
+        report("7b", "rings-outside-ram", bd, &q, NOTHING_SENT, 0);
         end(bd);
     }
     /* 7c: misaligned rings (desc 16-, avail 2-, used 4-byte alignment) */
@@ -372,7 +384,7 @@ static void steps_rings(void)
         *(volatile u16 *)((uptr)q.avail + 1 + 2) = 1; /* avail idx = 1 */
         vio_write(bd, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
         virtio_wait(used_cond, &q, 100); /* give it time to misbehave */
-        rep("7c", "misaligned-rings", bd, &q, -1, 0);
+        report("7c", "misaligned-rings", bd, &q, NOTHING_SENT, 0);
         end(bd);
     }
     /* 8: reset with a request in flight, then a clean device must work */
@@ -385,18 +397,20 @@ static void steps_rings(void)
         virtio_wait(used_cond, &q, 100);
         u16 idx_later = q.used->idx;
         u32 s = vio_read(bd, VIRTIO_MMIO_STATUS);
-        printf("virtio-abuse: step 8 reset-in-flight status=0x%02x - blk=0x%02x used_at_reset=%u used_later=%u",
-               s, (u32)*stb, (u32)idx_at_reset, (u32)idx_later);
+        printf("virtio-abuse: step 8 reset-in-flight status=0x%02x - blk=0x%02x isr=0x%x used_at_reset=%u "
+               "used_later=%u",
+               s, (u32)*stb, bd->isr_seen, (u32)idx_at_reset, (u32)idx_later);
         if (r)
             printf(" reset=0x%02x", r);
+        bd->isr_seen = 0;
         serial_putc('\n');
     }
     /* 9: InterruptACK with bits never raised */
     if (blk_up(1) == 0) {
         vio_write(bd, VIRTIO_MMIO_INTERRUPT_ACK, 0xffffffffu);
         u32 isr = vio_read(bd, VIRTIO_MMIO_INTERRUPT_STATUS);
-        rep("9", "spurious-interrupt-ack", bd, &q, -1, 0);
-        printf(" isr=0x%x", isr);
+        report("9", "spurious-interrupt-ack", bd, &q, NOTHING_SENT, 0);
+        printf(" isr_read=0x%x", isr);
         end(bd);
     }
 }
@@ -442,7 +456,7 @@ static void steps_net(void)
             virtio_reset(nd);
             continue;
         }
-        int c = -1;
+        int c = NOTHING_SENT;
         switch (i) {
         case 0:
             vio_write(nd, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
@@ -472,10 +486,10 @@ static void steps_net(void)
             q2.avail_idx = (u16)(q2.num + 1000);
             q2.avail->idx = q2.avail_idx;
             virtq_notify(nd, &q2);
-            c = virtio_wait(used_cond, &q2, STEP_MS);
+            c = virtq_wait_used(nd, &q2, STEP_MS);
             break;
         }
-        rep(ids[i], names[i], nd, &q2, c, 0);
+        report(ids[i], names[i], nd, &q2, c, 0);
         end(nd);
     }
 }

@@ -365,7 +365,32 @@ int blk_init(struct blk *b, struct virtio_dev *d)
     return 0;
 }
 
-static int blk_done(void *arg) { return virtq_has_used(arg); }
+struct used_wait {
+    struct virtio_dev *d;
+    struct virtq *q;
+    int broken;
+};
+
+/* Runs on each wake-up (an interrupt), so the Status read is cheap. */
+static int used_or_broken(void *arg)
+{
+    struct used_wait *w = arg;
+    if (virtq_has_used(w->q))
+        return 1;
+    if (vio_read(w->d, VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_NEEDS_RESET) {
+        w->broken = 1;
+        return 1;
+    }
+    return 0;
+}
+
+int virtq_wait_used(struct virtio_dev *d, struct virtq *q, u32 timeout_ms)
+{
+    struct used_wait w = { d, q, 0 };
+    if (!virtio_wait(used_or_broken, &w, timeout_ms))
+        return VQ_WAIT_TIMEOUT;
+    return w.broken ? VQ_WAIT_NEEDS_RESET : VQ_WAIT_USED;
+}
 
 int blk_rw(struct blk *b, u32 type, u64 sector, uptr buf, u32 len, u32 timeout_ms)
 {
@@ -392,8 +417,11 @@ int blk_rw(struct blk *b, u32 type, u64 sector, uptr buf, u32 len, u32 timeout_m
     q->desc[2].next = 0;
     virtq_push(q, 0);
     virtq_notify(b->dev, q);
-    if (!virtio_wait(blk_done, q, timeout_ms))
+    int w = virtq_wait_used(b->dev, q, timeout_ms);
+    if (w == VQ_WAIT_TIMEOUT)
         return BLK_TIMEOUT;
+    if (w == VQ_WAIT_NEEDS_RESET)
+        return BLK_NEEDS_RESET;
     u32 id, ulen;
     virtq_pop(q, &id, &ulen);
     barrier();

@@ -180,6 +180,14 @@ int virtq_pop(struct virtq *q, u32 *id, u32 *len);
  * irq_stuck set, until virtio_reset(). */
 void virtio_irq_enable(struct virtio_dev *d);
 
+/* Sleep until q has a used entry (VQ_WAIT_USED), the device sets
+ * DEVICE_NEEDS_RESET (VQ_WAIT_NEEDS_RESET; Status is read on each wake-up)
+ * or timeout_ms passed (VQ_WAIT_TIMEOUT). Needs virtio_timer_init(). */
+#define VQ_WAIT_USED 1
+#define VQ_WAIT_TIMEOUT 0
+#define VQ_WAIT_NEEDS_RESET (-1)
+int virtq_wait_used(struct virtio_dev *d, struct virtq *q, u32 timeout_ms);
+
 /* ---- timing: PIT ch0 at 100 Hz, IRQ0 unmasked only inside waits ---- */
 #define VIRTIO_TICK_HZ 100
 extern volatile u32 virtio_ticks;
@@ -197,8 +205,11 @@ int virtio_wait(int (*cond)(void *), void *arg, u32 timeout_ms);
 #define VIRTIO_BLK_S_OK 0
 #define VIRTIO_BLK_S_IOERR 1
 #define VIRTIO_BLK_S_UNSUPP 2
-/* virtio_blk_rw() result when no completion arrived in time */
+/* blk_rw() results besides the status byte: no completion in time; the
+ * device set DEVICE_NEEDS_RESET instead of completing. Either way the
+ * request may still be in flight: reset the device before reusing it. */
 #define BLK_TIMEOUT (-1)
+#define BLK_NEEDS_RESET (-2)
 
 struct virtio_blk_req_hdr {
     u32 type;
@@ -219,8 +230,8 @@ struct blk {
 int blk_init(struct blk *b, struct virtio_dev *d);
 /* One request: header, one data descriptor (buf/len; none if len == 0;
  * device-writable for IN and GET_ID), status byte. Waits for the
- * completion up to timeout_ms. Returns the status byte (0..255) or
- * BLK_TIMEOUT. */
+ * completion up to timeout_ms. Returns the status byte (0..255),
+ * BLK_TIMEOUT or BLK_NEEDS_RESET. */
 int blk_rw(struct blk *b, u32 type, u64 sector, uptr buf, u32 len, u32 timeout_ms);
 
 /* Fixed physical memory (below the guests' own buffers at 4 MiB+). */

@@ -133,12 +133,19 @@ impl Net {
     /// Applies a received frame (a `Cause::NetRx`); true when the used ring
     /// changed. See the module doc for queueing and drops.
     pub fn receive(&mut self, frame: &[u8]) -> Result<bool, DeviceError> {
-        if self.active.is_none() || !(MIN_FRAME..=MAX_FRAME).contains(&frame.len()) {
+        if self.active.is_none() {
+            // A NIC whose driver has not started drops traffic; hosts send
+            // some (IPv6 router solicitations) as soon as the tap is up.
             self.rx_dropped = self.rx_dropped.wrapping_add(1);
-            self.drop_warn(
-                "received frame before DRIVER_OK or of a bad size",
-                frame.len(),
+            tracing::debug!(
+                device = self.index,
+                "virtio-net: frame before DRIVER_OK dropped"
             );
+            return Ok(false);
+        }
+        if !(MIN_FRAME..=MAX_FRAME).contains(&frame.len()) {
+            self.rx_dropped = self.rx_dropped.wrapping_add(1);
+            self.drop_warn("received frame of a bad size", frame.len());
             return Ok(false);
         }
         self.pending.push_back(frame.to_vec());
