@@ -32,7 +32,8 @@
  * (next = itself, NEXT set); 4b 3-descriptor cycle; 4c next out of range;
  * 5a zero-length data; 5b 1 GiB data; 5c 8-byte header; 5d zero-length
  * status; 5e unknown request type (expect blk=0x02); 5f read at sector =
- * capacity (expect blk=0x01); 5g IN into a device-read-only buffer; 6a net
+ * capacity (expect blk=0x01); 5g IN into a device-read-only buffer (expect
+ * blk=0x01 data=intact); 6a net
  * TX and RX notified with no buffers; 6b TX buffer outside RAM; 6c TX
  * zero-length and header-only buffers; 6d TX 1 GiB buffer; 6e TX avail
  * index jumped by num + 1000; 7a avail ring head >= QueueNum; 7b rings
@@ -338,7 +339,24 @@ static void steps_requests(void)
     blk_step("5d", "zero-length-status", s5d);
     blk_step("5e", "unknown-type", s5e);
     blk_step("5f", "read-at-capacity", s5f);
-    blk_step("5g", "in-to-readonly-buffer", s5g);
+    /* 5g: the data buffer lacks VIRTQ_DESC_F_WRITE; expect blk=0x01 and
+     * the buffer untouched ("data=intact"; "data=written" otherwise). */
+    if (blk_up(1) == 0) {
+        volatile u8 *p = (volatile u8 *)DATA;
+        for (u32 i = 0; i < 512; i++)
+            p[i] = 0xa5;
+        s5g();
+        int c = kick(bd, &q, 0);
+        report("5g", "in-to-readonly-buffer", bd, &q, c, 1);
+        u32 changed = 0;
+        for (u32 i = 0; i < 512; i++)
+            changed |= p[i] ^ 0xa5u;
+        printf(" data=%s", changed ? "written" : "intact");
+        end(bd);
+    } else {
+        printf("virtio-abuse: step 5g in-to-readonly-buffer init failed\n");
+        virtio_reset(bd);
+    }
 }
 
 static void steps_rings(void)

@@ -7,11 +7,16 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::Args;
+use std::time::Duration;
 use tandem_replay::{Cause, CauseQueue};
-use tandem_vmm::{DiskConfig, NetConfig, RunOutcome, Vm, VmConfig, DEFAULT_KVM_PATH};
+use tandem_vmm::journal::RecordOptions;
+use tandem_vmm::vm::RunMode;
+use tandem_vmm::{
+    DiskConfig, NetConfig, ReplayEnd, RunOutcome, VcpuStats, Vm, VmConfig, DEFAULT_KVM_PATH,
+};
 use tracing::info;
 
-use crate::{EXIT_GUEST_CRASH, EXIT_START_FAILED, EXIT_VMM_ERROR};
+use crate::{EXIT_GUEST_CRASH, EXIT_REPLAY_TRUNCATED, EXIT_START_FAILED, EXIT_VMM_ERROR};
 
 /// Options of `tandem run`.
 #[derive(Args)]
@@ -39,6 +44,39 @@ pub struct RunArgs {
     /// 52:54:00:12:34:56 (+ the device index). Repeatable.
     #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
     net: Vec<NetConfig>,
+    /// The KVM device.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_KVM_PATH)]
+    kvm_device: PathBuf,
+    /// Record every input to this log file (replay it with `tandem replay`).
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
+    /// Stop recording (and the VM, with an error) before the log passes SIZE.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "record")]
+    record_max: Option<u64>,
+    /// Take a sync point at least this often, in milliseconds of guest time.
+    #[arg(long, value_name = "MS", default_value_t = 1000, requires = "record")]
+    sync_interval: u64,
+    /// Kick the vCPU out of the guest at most this often, in microseconds.
+    #[arg(long, value_name = "US", default_value_t = 500)]
+    min_kick_interval: u64,
+}
+
+/// Options of `tandem replay`.
+#[derive(Args)]
+pub struct ReplayArgs {
+    /// The log written by `tandem run --record`.
+    #[arg(value_name = "FILE")]
+    log: PathBuf,
+    /// The kernel image (default: the path recorded in the log). Its hash
+    /// must match the recorded one.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// The initrd the recording used.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Where the replayed console goes: `stdio` or `file:PATH`.
+    #[arg(long, value_name = "stdio|file:PATH", default_value = "stdio", value_parser = parse_serial)]
+    serial: SerialTarget,
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_KVM_PATH)]
     kvm_device: PathBuf,
@@ -144,7 +182,12 @@ pub fn run(args: RunArgs) -> ExitCode {
     if matches!(args.serial, SerialTarget::Stdio) {
         spawn_stdin_reader(vm.cause_queue());
     }
-    match vm.run() {
+    finish(vm.run())
+}
+
+/// Maps how a VM ended to the process exit status (the README's table).
+fn finish(result: Result<(RunOutcome, VcpuStats), tandem_vmm::VmError>) -> ExitCode {
+    match result {
         Ok((outcome, stats)) => {
             info!(?stats, "VM stopped");
             match outcome {
@@ -154,6 +197,18 @@ pub fn run(args: RunArgs) -> ExitCode {
                     eprintln!("tandem: {crash}");
                     ExitCode::from(EXIT_GUEST_CRASH)
                 }
+                RunOutcome::ReplayEnded(ReplayEnd::AtWatermark { stop }) => {
+                    eprintln!(
+                        "tandem: warning: the log was cut short (no End record); replayed up to its last watermark, stop {stop}"
+                    );
+                    ExitCode::from(EXIT_REPLAY_TRUNCATED)
+                }
+                RunOutcome::ReplayEnded(ReplayEnd::LogExhausted { stop }) => {
+                    eprintln!(
+                        "tandem: warning: the log ends while the guest is halted at stop {stop}; replayed all of it"
+                    );
+                    ExitCode::from(EXIT_REPLAY_TRUNCATED)
+                }
             }
         }
         Err(e) => {
@@ -161,6 +216,60 @@ pub fn run(args: RunArgs) -> ExitCode {
             ExitCode::from(EXIT_VMM_ERROR)
         }
     }
+}
+
+/// Runs `tandem replay`.
+pub fn replay(args: ReplayArgs) -> ExitCode {
+    match build_replay(&args) {
+        Ok(vm) => finish(vm.run()),
+        Err(e) => {
+            eprintln!("tandem: {e}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
+fn serial_sink(target: &SerialTarget) -> anyhow::Result<Box<dyn Write + Send>> {
+    Ok(match target {
+        SerialTarget::Stdio => Box::new(std::io::stdout()),
+        SerialTarget::File(path) => {
+            Box::new(File::create(path).map_err(|e| {
+                anyhow::anyhow!("cannot create serial output {}: {e}", path.display())
+            })?)
+        }
+    })
+}
+
+fn build_replay(args: &ReplayArgs) -> anyhow::Result<Vm> {
+    if !args.log.is_file() {
+        bail!("log {} does not exist or is not a file", args.log.display());
+    }
+    let kernel = match &args.kernel {
+        Some(k) => k.clone(),
+        None => {
+            let (identity, _) = tandem_vmm::journal::summarize(&args.log)?;
+            PathBuf::from(identity.image_name)
+        }
+    };
+    if !kernel.is_file() {
+        bail!(
+            "kernel {} does not exist (pass --kernel with the image the log recorded)",
+            kernel.display()
+        );
+    }
+    Ok(Vm::new(VmConfig {
+        kvm_path: args.kvm_device.clone(),
+        kernel,
+        initrd: args.initrd.clone(),
+        cmdline: String::new(),
+        mem_size: 0,
+        serial_out: serial_sink(&args.serial)?,
+        disks: Vec::new(),
+        nets: Vec::new(),
+        mode: RunMode::Replay {
+            log: args.log.clone(),
+        },
+    })?)
 }
 
 fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
@@ -186,6 +295,15 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
         serial_out,
         disks: args.disk.clone(),
         nets: args.net.clone(),
+        mode: match &args.record {
+            None => RunMode::Live,
+            Some(path) => RunMode::Record(RecordOptions {
+                path: path.clone(),
+                max_size: args.record_max,
+                sync_interval: Duration::from_millis(args.sync_interval.max(1)),
+                min_kick_interval: Duration::from_micros(args.min_kick_interval),
+            }),
+        },
     })?;
     Ok(vm)
 }

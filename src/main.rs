@@ -10,6 +10,8 @@ mod cli;
 pub const EXIT_GUEST_CRASH: u8 = 120;
 /// tandem or KVM failed while the guest ran.
 pub const EXIT_VMM_ERROR: u8 = 121;
+/// A replay stopped early: the log was cut short (torn tail, no End record).
+pub const EXIT_REPLAY_TRUNCATED: u8 = 122;
 /// The VM could not be started (bad kernel, bad option, no KVM).
 pub const EXIT_START_FAILED: u8 = 3;
 
@@ -29,8 +31,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a VM on this host (unprotected).
+    /// Run a VM on this host (unprotected), optionally recording it.
     Run(cli::RunArgs),
+    /// Replay a recorded log: the guest prints what it printed and exits as it exited.
+    Replay(cli::ReplayArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +42,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Run(args) => cli::run(args),
+        Command::Replay(args) => cli::replay(args),
     }
 }
 

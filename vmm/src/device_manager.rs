@@ -28,6 +28,43 @@ impl Write for SerialOutput {
     }
 }
 
+/// Why device state could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    /// The saved set of components differs from this VM's.
+    #[error("saved device state lists {saved:?}, this VM has {ours:?}")]
+    Components {
+        /// Names in the saved state.
+        saved: Vec<String>,
+        /// Names here.
+        ours: Vec<String>,
+    },
+    /// A component's bytes do not decode or were refused.
+    #[error("device {name}: {reason}")]
+    Component {
+        /// The component.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Plain state structs always encode; an empty blob would fail loudly on
+    // install rather than silently.
+    bincode::serde::encode_to_vec(value, bincode::config::standard()).unwrap_or_default()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<T, DeviceStateError> {
+    let config = bincode::config::standard().with_limit::<{ 64 << 20 }>();
+    bincode::serde::decode_from_slice(bytes, config)
+        .map(|(v, _)| v)
+        .map_err(|e| DeviceStateError::Component {
+            name: name.to_string(),
+            reason: e.to_string(),
+        })
+}
+
 /// All devices of one VM.
 pub struct DeviceManager {
     /// PIC, PIT, RTC, UART and friends.
@@ -98,6 +135,78 @@ impl DeviceManager {
     /// The INTA cycle: the vector to inject, if any.
     pub fn acknowledge_interrupt(&self) -> Option<u8> {
         lock(&self.legacy.pic).acknowledge()
+    }
+
+    /// Every device model's state, in a fixed order, as (component, bytes).
+    pub fn capture(&self) -> Vec<(String, Vec<u8>)> {
+        let l = &self.legacy;
+        let mut out = vec![
+            ("pic".to_string(), encode(&lock(&l.pic).state())),
+            ("pit".to_string(), encode(&lock(&l.pit).state())),
+            ("rtc".to_string(), encode(&lock(&l.rtc).state())),
+            ("serial".to_string(), encode(&lock(&l.serial).state())),
+            ("i8042".to_string(), encode(&lock(&l.i8042).state())),
+            (
+                "debug-exit".to_string(),
+                encode(&lock(&l.debug_exit).state()),
+            ),
+            ("scratch".to_string(), encode(&lock(&l.scratch).state())),
+            ("serial-pending".to_string(), encode(&self.pending_serial)),
+        ];
+        for (i, b) in self.blocks.iter().enumerate() {
+            out.push((format!("virtio-blk{i}"), encode(&lock(b).state())));
+        }
+        for (i, n) in self.nets.iter().enumerate() {
+            out.push((format!("virtio-net{i}"), encode(&lock(n).state())));
+        }
+        out
+    }
+
+    /// Installs states captured by [`capture`](Self::capture) on a VM of the
+    /// same shape.
+    pub fn install(&mut self, saved: &[(String, Vec<u8>)]) -> Result<(), DeviceStateError> {
+        let ours: Vec<String> = self.capture().into_iter().map(|(n, _)| n).collect();
+        let names: Vec<String> = saved.iter().map(|(n, _)| n.clone()).collect();
+        if names != ours {
+            return Err(DeviceStateError::Components { saved: names, ours });
+        }
+        let refused = |name: &str, reason: String| DeviceStateError::Component {
+            name: name.to_string(),
+            reason,
+        };
+        let l = &self.legacy;
+        for (name, bytes) in saved {
+            match name.as_str() {
+                "pic" => lock(&l.pic).set_state(decode(name, bytes)?),
+                "pit" => lock(&l.pit).set_state(decode(name, bytes)?),
+                "rtc" => lock(&l.rtc).set_state(decode(name, bytes)?),
+                "serial" => lock(&l.serial)
+                    .set_state(decode(name, bytes)?)
+                    .map_err(|e| refused(name, e.to_string()))?,
+                "i8042" => lock(&l.i8042).set_state(decode(name, bytes)?),
+                "debug-exit" => lock(&l.debug_exit).set_state(decode(name, bytes)?),
+                "scratch" => lock(&l.scratch).set_state(decode(name, bytes)?),
+                "serial-pending" => self.pending_serial = decode(name, bytes)?,
+                other => {
+                    let (list, index) = if let Some(i) = other.strip_prefix("virtio-blk") {
+                        (&self.blocks, i)
+                    } else if let Some(i) = other.strip_prefix("virtio-net") {
+                        (&self.nets, i)
+                    } else {
+                        return Err(refused(other, "unknown component".into()));
+                    };
+                    let device = index
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|i| list.get(i))
+                        .ok_or_else(|| refused(other, "no such device".into()))?;
+                    lock(device)
+                        .set_state(decode(name, bytes)?)
+                        .map_err(|e| refused(name, e.to_string()))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Guest time of the next device deadline.

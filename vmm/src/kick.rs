@@ -105,6 +105,9 @@ impl Kicker {
 struct TimerState {
     deadline: Option<Instant>,
     shutdown: bool,
+    /// Kick at most this often.
+    min_interval: std::time::Duration,
+    last_kick: Option<Instant>,
 }
 
 /// Kicks the vCPU when the next device deadline passes.
@@ -127,6 +130,11 @@ impl DeadlineTimer {
             current: None,
             thread: Some(thread),
         })
+    }
+
+    /// Never kick more often than `every`.
+    pub fn set_min_interval(&mut self, every: std::time::Duration) {
+        lock(&self.shared.0).min_interval = every;
     }
 
     /// Arms the timer for `deadline` (or disarms it).
@@ -163,8 +171,11 @@ fn timer_loop(shared: &(Mutex<TimerState>, Condvar), kicker: &Kicker) {
             None => s = cond.wait(s).unwrap_or_else(|p| p.into_inner()),
             Some(d) => {
                 let now = Instant::now();
+                let earliest = s.last_kick.map(|k| k + s.min_interval);
+                let d = earliest.map_or(d, |e| d.max(e));
                 if now >= d {
                     s.deadline = None;
+                    s.last_kick = Some(now);
                     kicker.kick();
                 } else {
                     s = cond

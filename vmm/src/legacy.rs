@@ -79,6 +79,12 @@ pub struct LegacyDevices {
     pub serial: Arc<Mutex<Serial>>,
     /// The CMOS RTC.
     pub rtc: Arc<Mutex<Rtc>>,
+    /// The i8042 (reset line only).
+    pub i8042: Arc<Mutex<I8042>>,
+    /// The debug-exit port.
+    pub debug_exit: Arc<Mutex<DebugExit>>,
+    /// The test scratch register.
+    pub scratch: Arc<Mutex<Scratch>>,
 }
 
 impl LegacyDevices {
@@ -97,6 +103,9 @@ impl LegacyDevices {
             pit: Arc::new(Mutex::new(pit)),
             serial: Arc::new(Mutex::new(serial)),
             rtc: Arc::new(Mutex::new(Rtc::new(clock, rtc_base_unix_secs))),
+            i8042: Arc::new(Mutex::new(I8042::new())),
+            debug_exit: Arc::new(Mutex::new(DebugExit::new())),
+            scratch: Arc::new(Mutex::new(Scratch::new())),
             pic,
         }
     }
@@ -109,15 +118,11 @@ impl LegacyDevices {
         bus.insert(pic_port(PicPort::Slave), PIC_SLAVE_BASE, PIC_PORTS)?;
         bus.insert(pic_port(PicPort::Elcr), ELCR_BASE, ELCR_PORTS)?;
         bus.insert(self.pit.clone(), PIT_BASE, PIT_PORTS)?;
-        bus.insert(Arc::new(Mutex::new(I8042::new())), I8042_BASE, I8042_PORTS)?;
+        bus.insert(self.i8042.clone(), I8042_BASE, I8042_PORTS)?;
         bus.insert(self.rtc.clone(), RTC_BASE, RTC_PORTS)?;
         bus.insert(Arc::new(Mutex::new(PostCode)), POST_CODE_PORT, 1)?;
-        bus.insert(Arc::new(Mutex::new(DebugExit::new())), DEBUG_EXIT_PORT, 1)?;
-        bus.insert(
-            Arc::new(Mutex::new(Scratch::new())),
-            SCRATCH_BASE,
-            SCRATCH_PORTS,
-        )?;
+        bus.insert(self.debug_exit.clone(), DEBUG_EXIT_PORT, 1)?;
+        bus.insert(self.scratch.clone(), SCRATCH_BASE, SCRATCH_PORTS)?;
         bus.insert(self.serial.clone(), COM1_BASE, COM1_PORTS)?;
         Ok(())
     }

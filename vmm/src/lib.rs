@@ -18,6 +18,7 @@ pub mod cpuid;
 pub mod device_manager;
 pub mod dirty;
 pub mod exit;
+pub mod journal;
 pub mod kick;
 pub mod layout;
 pub mod legacy;
@@ -27,5 +28,5 @@ pub mod state;
 pub mod vcpu;
 pub mod vm;
 
-pub use vcpu::{GuestCrash, RunOutcome, VcpuStats};
+pub use vcpu::{GuestCrash, ReplayEnd, RunOutcome, VcpuStats};
 pub use vm::{DiskConfig, NetConfig, Vm, VmConfig, VmError, DEFAULT_KVM_PATH};

@@ -43,28 +43,8 @@ pub fn saved_msrs(kvm: &Kvm) -> Vec<u32> {
         .collect()
 }
 
-/// A vCPU's complete state as plain data.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VcpuSnapshot {
-    /// `kvm_regs` bytes.
-    pub regs: Vec<u8>,
-    /// `kvm_sregs` bytes.
-    pub sregs: Vec<u8>,
-    /// `kvm_fpu` bytes.
-    pub fpu: Vec<u8>,
-    /// `kvm_xsave` bytes (empty where the host lacks XSAVE).
-    pub xsave: Vec<u8>,
-    /// `kvm_xcrs` bytes (empty where the host lacks XCRs).
-    pub xcrs: Vec<u8>,
-    /// `kvm_debugregs` bytes.
-    pub debugregs: Vec<u8>,
-    /// `kvm_vcpu_events` bytes.
-    pub events: Vec<u8>,
-    /// Saved MSRs.
-    pub msrs: Vec<(u32, u64)>,
-    /// The VMM's halted-at-stop flag.
-    pub halted: bool,
-}
+/// A vCPU's complete state as plain data (the log's form).
+pub use tandem_replay::log::VcpuState as VcpuSnapshot;
 
 /// Why state could not be captured or installed.
 #[derive(Debug, thiserror::Error)]

@@ -17,24 +17,32 @@ use tandem_devices::GuestMemoryMmap;
 use tandem_devices::{BusDevice, IrqLine};
 
 use tandem_replay::{CauseQueue, GuestClock, LiveInputs, Outputs};
+
 use tracing::info;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::backend::block::{BlockWorker, DiskError, DiskImage};
 use crate::backend::console::Console;
+use crate::backend::outputs::ReplayOutputs;
 use crate::backend::tap::{Tap, TapError, TapReader};
 use crate::backend::LiveOutputs;
 use crate::boot::{initial_state, BootError};
 use crate::bus::{Bus, BusError};
-use crate::cpuid::CpuidTable;
+use crate::cpuid::{CpuidEntry, CpuidTable};
 use crate::device_manager::{DeviceManager, SerialOutput};
+use crate::dirty::DirtyTracker;
 use crate::exit::ExitContext;
+use crate::journal::{self, Journal, JournalError, RecordOptions, Recorder, Replayer};
 use crate::kick::{setup_kick_signal, Kicker};
 use crate::layout::{MAX_MEM_SIZE, MIN_MEM_SIZE, VIRTIO_IRQS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::legacy::LegacyDevices;
 use crate::loader::{load_kernel, LoaderError};
 use crate::msr::{route_tsc_msrs, MsrRouting};
+use crate::state::saved_msrs;
+use crate::vcpu::{KickPolicy, SyncContext};
 use crate::vcpu::{RunOutcome, Vcpu, VcpuError, VcpuStats};
+use std::time::Duration;
+use tandem_replay::log::{image_hash, CpuidEntry as LogCpuidEntry, DeviceDesc, VmIdentity};
 
 /// Where KVM lives unless told otherwise.
 pub const DEFAULT_KVM_PATH: &str = "/dev/kvm";
@@ -57,6 +65,24 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices, in device order (after the disks).
     pub nets: Vec<NetConfig>,
+    /// Live, recording, or replaying.
+    pub mode: RunMode,
+}
+
+/// How the VM gets its inputs.
+#[derive(Clone, Debug)]
+pub enum RunMode {
+    /// From the world.
+    Live,
+    /// From the world, and logged.
+    Record(RecordOptions),
+    /// From a log. Memory, command line, devices, CPUID and RTC come from its
+    /// header; `disks`, `nets`, `cmdline` and `mem_size` of the config are
+    /// ignored.
+    Replay {
+        /// The log.
+        log: PathBuf,
+    },
 }
 
 /// A virtio-blk disk.
@@ -144,6 +170,12 @@ pub enum VmError {
     /// A tap could not be opened.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// The log's VM is not this VM.
+    #[error("this VM is not the one the log recorded: {0}")]
+    IdentityMismatch(String),
+    /// The log could not be created or read.
+    #[error(transparent)]
+    Journal(JournalError),
     /// The vCPU thread could not be started or panicked.
     #[error("vCPU thread: {0}")]
     Thread(String),
@@ -171,109 +203,275 @@ pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
 pub struct Vm {
     // Field order is drop order: the vCPU before the VM fd, the VM before memory.
     vcpu: Vcpu,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     _kvm: Kvm,
     _memory: GuestMemoryMmap,
     causes: CauseQueue,
     _tap_readers: Vec<TapReader>,
     cpuid: CpuidTable,
     msr_routing: MsrRouting,
+    identity: VmIdentity,
+}
+
+/// A virtio device as the VM sees it (the same live and in replay).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum VirtioSpec {
+    Block {
+        capacity: u64,
+        read_only: bool,
+        id: String,
+    },
+    Net {
+        mac: [u8; 6],
+    },
+}
+
+impl VirtioSpec {
+    fn desc(&self) -> DeviceDesc {
+        match self {
+            VirtioSpec::Block {
+                capacity,
+                read_only,
+                id,
+            } => DeviceDesc {
+                kind: "virtio-blk".into(),
+                detail: format!("capacity={capacity},ro={},id={id}", u8::from(*read_only)),
+            },
+            VirtioSpec::Net { mac } => DeviceDesc {
+                kind: "virtio-net".into(),
+                detail: format!(
+                    "mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
+                ),
+            },
+        }
+    }
+
+    fn from_desc(d: &DeviceDesc) -> Result<Self, VmError> {
+        let bad =
+            || VmError::IdentityMismatch(format!("unreadable device {} {:?}", d.kind, d.detail));
+        let field = |key: &str| {
+            d.detail
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        };
+        match d.kind.as_str() {
+            "virtio-blk" => Ok(VirtioSpec::Block {
+                capacity: field("capacity")
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(bad)?,
+                read_only: field("ro").ok_or_else(bad)? == "1",
+                id: field("id").unwrap_or_default().to_string(),
+            }),
+            "virtio-net" => {
+                let text = field("mac").ok_or_else(bad)?;
+                let mut mac = [0u8; 6];
+                let mut parts = text.split(':');
+                for byte in &mut mac {
+                    *byte = parts
+                        .next()
+                        .and_then(|p| u8::from_str_radix(p, 16).ok())
+                        .ok_or_else(bad)?;
+                }
+                Ok(VirtioSpec::Net { mac })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// Bumped whenever a device model changes guest-visible behaviour: logs
+/// record it and replay refuses a different one.
+pub const DEVICE_MODEL_VERSION: u32 = 1;
+
+/// What the live world contributes to a VM being built.
+struct LiveWorld {
+    images: Vec<DiskImage>,
+    taps: Vec<Arc<Tap>>,
 }
 
 impl Vm {
-    /// Builds the VM: memory, kernel, devices, vCPU state.
+    /// Builds the VM: memory, kernel, devices, vCPU state, and its journal
+    /// (live, recording, or replaying a log).
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
-        if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&config.mem_size) {
+        // What the guest will see: from the config and the host when live,
+        // from the log header when replaying.
+        let replay = match &config.mode {
+            RunMode::Replay { log } => Some(journal::summarize(log).map_err(VmError::Journal)?),
+            _ => None,
+        };
+        let (mem_size, cmdline, specs, world) = match &replay {
+            Some((identity, _)) => {
+                let specs = identity
+                    .devices
+                    .iter()
+                    .map(VirtioSpec::from_desc)
+                    .collect::<Result<Vec<_>, _>>()?;
+                (identity.mem_size, identity.cmdline.clone(), specs, None)
+            }
+            None => {
+                let (specs, world) = open_live_world(&config)?;
+                let cmdline = with_virtio_tokens(&config.cmdline, specs.len());
+                (config.mem_size, cmdline, specs, Some(world))
+            }
+        };
+        if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&mem_size) {
             return Err(VmError::MemSize {
-                size: config.mem_size,
+                size: mem_size,
                 min: MIN_MEM_SIZE >> 20,
                 max: MAX_MEM_SIZE >> 20,
             });
         }
-        let virtio_count = config.disks.len() + config.nets.len();
-        if virtio_count > VIRTIO_IRQS.len() {
-            return Err(VmError::TooManyDevices(virtio_count));
+        if specs.len() > VIRTIO_IRQS.len() {
+            return Err(VmError::TooManyDevices(specs.len()));
         }
-        let images = config
-            .disks
-            .iter()
-            .map(|d| DiskImage::open(&d.path, d.read_only))
-            .collect::<Result<Vec<_>, _>>()?;
-        let taps = config
-            .nets
-            .iter()
-            .map(|n| Tap::open(&n.tap).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
-        let cmdline = with_virtio_tokens(&config.cmdline, virtio_count);
+
         let kvm = open_kvm(&config.kvm_path)?;
         setup_kick_signal().map_err(kvm_err("kick signal handler"))?;
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let memory = create_memory(&vm, config.mem_size)?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        let memory = create_memory(&vm, mem_size)?;
         let entry = load_kernel(&memory, &config.kernel, config.initrd.as_deref(), &cmdline)?;
         let msr_routing = route_tsc_msrs(&kvm, &vm);
         info!("{msr_routing}");
 
-        let cpuid = CpuidTable::for_host(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let cpuid = match &replay {
+            // The secondary uses exactly the recorded table, or KVM refuses it.
+            Some((identity, _)) => CpuidTable {
+                entries: identity.cpuid.iter().map(cpuid_from_log).collect(),
+            },
+            None => CpuidTable::for_host(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?,
+        };
         let vcpu_fd = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         configure_vcpu(&vcpu_fd, &cpuid, &memory, entry)?;
         let tsc_khz = vcpu_fd.get_tsc_khz().unwrap_or(1_000_000);
+        let msrs = saved_msrs(&kvm);
+        let rtc_base = match &replay {
+            Some((identity, _)) => identity.rtc_base_unix_secs,
+            None => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let image = std::fs::read(&config.kernel).map_err(|source| {
+            VmError::Loader(LoaderError::Read {
+                path: config.kernel.clone(),
+                source,
+            })
+        })?;
+        let identity = VmIdentity {
+            image_hash: image_hash(&image),
+            image_name: config.kernel.display().to_string(),
+            cmdline: cmdline.clone(),
+            mem_size,
+            devices: specs.iter().map(VirtioSpec::desc).collect(),
+            cpuid: cpuid.entries.iter().map(cpuid_to_log).collect(),
+            msrs: msrs.clone(),
+            device_model_version: DEVICE_MODEL_VERSION,
+            tsc_khz,
+            rtc_base_unix_secs: rtc_base,
+        };
+        if let Some((recorded, _)) = &replay {
+            if let Some(what) = recorded.mismatch(&identity) {
+                return Err(VmError::IdentityMismatch(what));
+            }
+        }
 
         let clock = GuestClock::new();
-        let rtc_base = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
         let kicker = Kicker::default();
         let notify = kicker.clone();
         let causes = CauseQueue::new(Arc::new(move || notify.kick()));
         let console = Console::start(config.serial_out)
             .map_err(|e| VmError::Thread(format!("console thread: {e}")))?;
-        let mut disk_meta = Vec::new();
-        let mut workers = Vec::new();
-        for (index, image) in images.into_iter().enumerate() {
-            let id = image
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            disk_meta.push((image.capacity_sectors, image.read_only, id));
-            let worker = BlockWorker::start(index as u8, image, causes.clone())
-                .map_err(|e| VmError::Thread(format!("block worker: {e}")))?;
-            workers.push(worker);
-        }
         let mut tap_readers = Vec::new();
-        for (index, tap) in taps.iter().enumerate() {
-            let reader = tap
-                .spawn_reader(index as u8, causes.clone())
-                .map_err(|e| VmError::Thread(format!("tap reader: {e}")))?;
-            tap_readers.push(reader);
-        }
-        let outputs: Arc<dyn Outputs> = Arc::new(LiveOutputs::new(console, taps, workers));
+        let outputs: Arc<dyn Outputs> = match world {
+            Some(world) => {
+                let mut workers = Vec::new();
+                for (index, image) in world.images.into_iter().enumerate() {
+                    let worker = BlockWorker::start(index as u8, image, causes.clone())
+                        .map_err(|e| VmError::Thread(format!("block worker: {e}")))?;
+                    workers.push(worker);
+                }
+                for (index, tap) in world.taps.iter().enumerate() {
+                    let reader = tap
+                        .spawn_reader(index as u8, causes.clone())
+                        .map_err(|e| VmError::Thread(format!("tap reader: {e}")))?;
+                    tap_readers.push(reader);
+                }
+                Arc::new(LiveOutputs::new(console, world.taps, workers))
+            }
+            None => Arc::new(ReplayOutputs::new(console)),
+        };
 
         let legacy = LegacyDevices::new(&clock, rtc_base, Box::new(SerialOutput(outputs.clone())));
         let mut pio = Bus::new();
         legacy.register(&mut pio)?;
         let mut devices = DeviceManager::new(legacy, clock.clone());
         let mut mmio = Bus::new();
-        let mut slot = 0usize;
-        for (index, (capacity, read_only, id)) in disk_meta.into_iter().enumerate() {
-            let block = Block::new(index as u8, capacity, read_only, id, outputs.clone());
-            let t = add_virtio(&mut mmio, &devices, &memory, slot, Box::new(block))?;
-            devices.blocks.push(t);
-            slot += 1;
-        }
-        for (index, net) in config.nets.iter().enumerate() {
-            let mac = net.mac.unwrap_or(default_mac(index));
-            let model = Net::new(index as u8, mac, outputs.clone());
-            let t = add_virtio(&mut mmio, &devices, &memory, slot, Box::new(model))?;
-            devices.nets.push(t);
-            slot += 1;
+        let (mut disks, mut nets) = (0u8, 0u8);
+        for (slot, spec) in specs.iter().enumerate() {
+            let model: Box<dyn VirtioDevice> = match spec.clone() {
+                VirtioSpec::Block {
+                    capacity,
+                    read_only,
+                    id,
+                } => Box::new(Block::new(disks, capacity, read_only, id, outputs.clone())),
+                VirtioSpec::Net { mac } => Box::new(Net::new(nets, mac, outputs.clone())),
+            };
+            let transport = add_virtio(&mut mmio, &devices, &memory, slot, model)?;
+            match spec {
+                VirtioSpec::Block { .. } => {
+                    devices.blocks.push(transport);
+                    disks += 1;
+                }
+                VirtioSpec::Net { .. } => {
+                    devices.nets.push(transport);
+                    nets += 1;
+                }
+            }
         }
         let ctx = ExitContext::new(pio, mmio, clock, tsc_khz);
 
         let start = Instant::now();
-        let inputs = Box::new(LiveInputs::new(start, causes.clone()));
-        let vcpu = Vcpu::new(vcpu_fd, ctx, devices, inputs, kicker, start);
+        let live = LiveInputs::new(start, causes.clone());
+        let (journal, policy) = match config.mode {
+            RunMode::Live => (
+                Journal::Live(live),
+                KickPolicy {
+                    sync_interval: None,
+                    min_kick_interval: Duration::ZERO,
+                },
+            ),
+            RunMode::Record(options) => {
+                let policy = KickPolicy {
+                    sync_interval: Some(options.sync_interval),
+                    min_kick_interval: options.min_kick_interval,
+                };
+                let recorder =
+                    Recorder::start(options, &identity, live).map_err(VmError::Journal)?;
+                (Journal::Record(Box::new(recorder)), policy)
+            }
+            RunMode::Replay { log } => {
+                let summary = replay.map(|(_, s)| s).unwrap_or_default();
+                let replayer = Replayer::open(&log, &summary).map_err(VmError::Journal)?;
+                (
+                    Journal::Replay(Box::new(replayer)),
+                    KickPolicy {
+                        sync_interval: None,
+                        min_kick_interval: Duration::ZERO,
+                    },
+                )
+            }
+        };
+        let mut tracker = DirtyTracker::new(mem_size);
+        let consumer = tracker.register();
+        let sync = SyncContext {
+            vm: vm.clone(),
+            memory: memory.clone(),
+            tracker,
+            consumer,
+            msrs,
+        };
+        let vcpu = Vcpu::new(vcpu_fd, ctx, devices, journal, sync, policy, kicker, start);
         Ok(Self {
             vcpu,
             _vm: vm,
@@ -283,7 +481,13 @@ impl Vm {
             _tap_readers: tap_readers,
             cpuid,
             msr_routing,
+            identity,
         })
+    }
+
+    /// What makes this VM the same guest as another (the log header).
+    pub fn identity(&self) -> &VmIdentity {
+        &self.identity
     }
 
     /// The queue through which the live world reaches the guest.
@@ -375,6 +579,69 @@ fn add_virtio(
     let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
     mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
     Ok(transport)
+}
+
+fn open_live_world(config: &VmConfig) -> Result<(Vec<VirtioSpec>, LiveWorld), VmError> {
+    let count = config.disks.len() + config.nets.len();
+    if count > VIRTIO_IRQS.len() {
+        return Err(VmError::TooManyDevices(count));
+    }
+    let images = config
+        .disks
+        .iter()
+        .map(|d| DiskImage::open(&d.path, d.read_only))
+        .collect::<Result<Vec<_>, _>>()?;
+    let taps = config
+        .nets
+        .iter()
+        .map(|n| Tap::open(&n.tap).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut specs: Vec<VirtioSpec> = images
+        .iter()
+        .map(|image| VirtioSpec::Block {
+            capacity: image.capacity_sectors,
+            read_only: image.read_only,
+            id: image
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        })
+        .collect();
+    specs.extend(
+        config
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| VirtioSpec::Net {
+                mac: n.mac.unwrap_or(default_mac(i)),
+            }),
+    );
+    Ok((specs, LiveWorld { images, taps }))
+}
+
+fn cpuid_to_log(e: &CpuidEntry) -> LogCpuidEntry {
+    LogCpuidEntry {
+        function: e.function,
+        index: e.index,
+        flags: e.flags,
+        eax: e.eax,
+        ebx: e.ebx,
+        ecx: e.ecx,
+        edx: e.edx,
+    }
+}
+
+fn cpuid_from_log(e: &LogCpuidEntry) -> CpuidEntry {
+    CpuidEntry {
+        function: e.function,
+        index: e.index,
+        flags: e.flags,
+        eax: e.eax,
+        ebx: e.ebx,
+        ecx: e.ecx,
+        edx: e.edx,
+    }
 }
 
 fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {

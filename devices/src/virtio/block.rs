@@ -10,7 +10,15 @@
 //! the guest's buffers, the status byte written and the chain returned.
 //! GET_ID, unknown types and requests that fail validation (out of range,
 //! not whole sectors, larger than `seg_max × size_max`, a write to a
-//! read-only disk) complete at once, at the stop that saw them.
+//! read-only disk, data buffers of the wrong direction) complete at once, at
+//! the stop that saw them.
+//!
+//! The data of an IN request must be device-writable and that of an OUT
+//! request device-readable (§2.7.4.1): an IN whose data is (partly) in
+//! device-readable descriptors, i.e. more than the 16 header bytes are
+//! readable, or an OUT with device-writable bytes before the status byte,
+//! completes with `VIRTIO_BLK_S_IOERR`; nothing is read from or written to
+//! its data buffers and nothing goes to the backend.
 //!
 //! Overlapping requests are serialised in the device: a request whose
 //! sectors overlap an earlier in-flight or held write (or, for a write, any
@@ -336,10 +344,16 @@ impl Block {
         };
         let kind = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
         let sector = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+        // Data descriptors of the wrong direction (see the module doc).
+        let readable_data = bufs_len(&chain.readable) > HEADER_LEN as u64;
+        let writable_data = !data_bufs.is_empty();
         let op = match kind {
             VIRTIO_BLK_T_IN => {
                 let len = bufs_len(&data_bufs);
-                if let Some(status) = self.check_range(sector, len) {
+                if let Some(status) = readable_data
+                    .then_some(VIRTIO_BLK_S_IOERR)
+                    .or_else(|| self.check_range(sector, len))
+                {
                     self.finish(head, status_addr, status, 0)?;
                     return Ok(true);
                 }
@@ -348,8 +362,9 @@ impl Block {
             }
             VIRTIO_BLK_T_OUT => {
                 let len = bufs_len(&chain.readable).saturating_sub(HEADER_LEN as u64);
-                if let Some(status) = self
-                    .check_range(sector, len)
+                if let Some(status) = writable_data
+                    .then_some(VIRTIO_BLK_S_IOERR)
+                    .or_else(|| self.check_range(sector, len))
                     .or(self.read_only.then_some(VIRTIO_BLK_S_IOERR))
                 {
                     self.finish(head, status_addr, status, 0)?;

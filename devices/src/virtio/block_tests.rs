@@ -167,6 +167,107 @@ fn read_only_writes_and_out_of_range_requests_fail_at_once() {
 }
 
 #[test]
+fn in_with_device_readable_data_fails_without_writing() {
+    let (m, mut tq, rec, mut b) = setup(false);
+    let chains: [&[(u64, u32, bool)]; 3] = [
+        // Data descriptor not marked VIRTQ_DESC_F_WRITE (virtio-abuse 5g).
+        &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+        // Header and data in one device-readable buffer.
+        &[(HDR, 16 + 512, false), (STATUS, 1, true)],
+        // Half of the data readable, half writable.
+        &[
+            (HDR, 16, false),
+            (DATA, 512, false),
+            (DATA + 512, 512, true),
+            (STATUS, 1, true),
+        ],
+    ];
+    for (n, chain) in chains.into_iter().enumerate() {
+        header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+        m.write_slice(&[0x11u8; 1024], GuestAddress(DATA)).unwrap();
+        m.write_slice(&[0x11u8; 512], GuestAddress(HDR + 16))
+            .unwrap();
+        let head = tq.add_chain(chain);
+        assert_eq!(b.queue_notify(0), Ok(true), "chain {n}");
+        assert_eq!(status(&m, STATUS), VIRTIO_BLK_S_IOERR, "chain {n}");
+        assert_eq!(tq.used(n as u16), (u32::from(head), 1), "chain {n}");
+        let mut got = [0u8; 1024];
+        m.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got, [0x11; 1024], "chain {n}");
+        let mut got = [0u8; 512];
+        m.read_slice(&mut got, GuestAddress(HDR + 16)).unwrap();
+        assert_eq!(got, [0x11; 512], "chain {n}");
+    }
+    assert!(rec.take().is_empty());
+    assert!(b.in_flight_ids().is_empty());
+    let DeviceState::Block(st) = b.state() else {
+        panic!()
+    };
+    assert_eq!(st.next_request, 0);
+    // A well-formed read still works afterwards.
+    header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+    tq.add_chain(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+    assert_eq!(b.queue_notify(0), Ok(false));
+    assert_eq!(
+        submitted(&rec),
+        vec![(
+            0,
+            BlockOp::Read {
+                sector: 0,
+                len: 512
+            }
+        )]
+    );
+}
+
+#[test]
+fn out_with_device_writable_data_fails_without_reading() {
+    let (m, mut tq, rec, mut b) = setup(false);
+    let chains: [&[(u64, u32, bool)]; 3] = [
+        // Data descriptor marked VIRTQ_DESC_F_WRITE.
+        &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+        // Data and status in one device-writable buffer.
+        &[(HDR, 16, false), (DATA, 513, true)],
+        // Half of the data readable, half writable.
+        &[
+            (HDR, 16, false),
+            (DATA, 512, false),
+            (DATA + 512, 512, true),
+            (STATUS, 1, true),
+        ],
+    ];
+    for (n, chain) in chains.into_iter().enumerate() {
+        header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
+        m.write_slice(&[0x22u8; 1024], GuestAddress(DATA)).unwrap();
+        let status_addr = chain.last().map(|&(a, l, _)| a + u64::from(l) - 1).unwrap();
+        m.write_obj(0xffu8, GuestAddress(status_addr)).unwrap();
+        let head = tq.add_chain(chain);
+        assert_eq!(b.queue_notify(0), Ok(true), "chain {n}");
+        assert_eq!(status(&m, status_addr), VIRTIO_BLK_S_IOERR, "chain {n}");
+        assert_eq!(tq.used(n as u16), (u32::from(head), 1), "chain {n}");
+        let mut got = [0u8; 512];
+        m.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got, [0x22; 512], "chain {n}");
+    }
+    assert!(rec.take().is_empty());
+    assert!(b.in_flight_ids().is_empty());
+    // A well-formed write still works afterwards.
+    header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
+    tq.add_chain(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
+    assert_eq!(b.queue_notify(0), Ok(false));
+    assert_eq!(
+        submitted(&rec),
+        vec![(
+            0,
+            BlockOp::Write {
+                sector: 0,
+                data: vec![0x22; 512]
+            }
+        )]
+    );
+}
+
+#[test]
 fn overlapping_requests_are_serialised() {
     let (m, mut tq, rec, mut b) = setup(false);
     let req = |tq: &mut TestQueue, n: u64, kind: u32, sector: u64, len: u32| {

@@ -47,3 +47,24 @@ impl Outputs for LiveOutputs {
         }
     }
 }
+
+/// Outputs of a replay: the console prints what the recorded run printed;
+/// frames and block requests go nowhere (their effects come from the log).
+pub struct ReplayOutputs {
+    console: Console,
+}
+
+impl ReplayOutputs {
+    /// Replay outputs over a console.
+    pub fn new(console: Console) -> Self {
+        Self { console }
+    }
+}
+
+impl Outputs for ReplayOutputs {
+    fn emit(&self, output: Output) {
+        if let Output::Serial(bytes) = output {
+            self.console.write(bytes);
+        }
+    }
+}

@@ -1,0 +1,522 @@
+//! Where a VM's inputs come from and where its log goes: live, recording,
+//! or replaying.
+//!
+//! The vCPU loop talks only to a [`Journal`]. Live, it is the world
+//! ([`LiveInputs`]). Recording, it is the world plus a log: every cause is
+//! appended at the stop where it was applied, every kick-induced stop becomes
+//! a sync point, and a writer thread flushes the log every few hundred
+//! milliseconds behind a watermark ("the recorder has left stop S").
+//! Replaying, the log is the world: causes come from it at their stops, sync
+//! points are installed instead of executing the stretch they cover, HLT
+//! waits only on the log, and the vCPU may re-enter the guest from stop j
+//! only while j is below the watermark (or the log is complete).
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tandem_replay::log::{
+    Check, EndOutcome, LogError, LogFile, LogReader, MachineState, Page, Record, VmIdentity,
+};
+use tandem_replay::{Cause, Inputs, LiveInputs};
+
+/// How often the recorder's writer flushes, fsyncs and writes a watermark.
+pub const RECORD_SYNC_PERIOD: Duration = Duration::from_millis(200);
+
+/// Options of a recording.
+#[derive(Clone, Debug)]
+pub struct RecordOptions {
+    /// The log file.
+    pub path: PathBuf,
+    /// Size cap for the log file.
+    pub max_size: Option<u64>,
+    /// Take a sync point at least this often (guest time).
+    pub sync_interval: Duration,
+    /// Kick the vCPU at most this often.
+    pub min_kick_interval: Duration,
+}
+
+/// Why the log could not be written or followed.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// The log file could not be written.
+    #[error("recording to {path}: {source}")]
+    Write {
+        /// The log.
+        path: PathBuf,
+        /// Why.
+        source: LogError,
+    },
+    /// The log could not be read.
+    #[error("replaying {path}: {source}")]
+    Read {
+        /// The log.
+        path: PathBuf,
+        /// Why.
+        source: LogError,
+    },
+    /// The replayed guest did something the recorded one did not.
+    #[error("replay diverged at stop {stop}: {what}")]
+    Diverged {
+        /// Where.
+        stop: u64,
+        /// What differs.
+        what: String,
+    },
+}
+
+/// Shared between the vCPU thread and the writer thread.
+struct WriterShared {
+    /// "The vCPU has left stop S": every record for stops ≤ S is queued.
+    left: AtomicU64,
+    /// First error the writer hit (the log is then closed).
+    error: Mutex<Option<LogError>>,
+}
+
+/// A recording in progress.
+pub struct Recorder {
+    live: LiveInputs,
+    tx: Option<Sender<Record>>,
+    shared: Arc<WriterShared>,
+    writer: Option<JoinHandle<()>>,
+    path: PathBuf,
+    /// Guest time of the last sync point.
+    pub last_sync_ns: u64,
+    /// Options.
+    pub options: RecordOptions,
+}
+
+impl Recorder {
+    /// Creates the log (header = `identity`) and starts its writer thread.
+    pub fn start(
+        options: RecordOptions,
+        identity: &VmIdentity,
+        live: LiveInputs,
+    ) -> Result<Self, JournalError> {
+        let file =
+            LogFile::create(&options.path, identity, options.max_size).map_err(|source| {
+                JournalError::Write {
+                    path: options.path.clone(),
+                    source,
+                }
+            })?;
+        let (tx, rx) = channel();
+        let shared = Arc::new(WriterShared {
+            left: AtomicU64::new(0),
+            error: Mutex::new(None),
+        });
+        let theirs = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("tandem-log".into())
+            .spawn(move || write_loop(file, &rx, &theirs))
+            .map_err(|e| JournalError::Write {
+                path: options.path.clone(),
+                source: LogError::Io(e),
+            })?;
+        Ok(Self {
+            live,
+            tx: Some(tx),
+            shared,
+            writer: Some(writer),
+            path: options.path.clone(),
+            last_sync_ns: 0,
+            options,
+        })
+    }
+
+    fn send(&self, record: Record) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(record);
+        }
+    }
+
+    /// A failure of the writer so far, if any.
+    fn writer_error(&self) -> Option<JournalError> {
+        let mut slot = self.shared.error.lock().unwrap_or_else(|p| p.into_inner());
+        slot.take().map(|source| JournalError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Closes the log with its End record and waits until it is on disk.
+    fn finish(&mut self, stop: u64, outcome: EndOutcome) -> Result<(), JournalError> {
+        self.send(Record::End { stop, outcome });
+        self.tx.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        match self.writer_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// The writer thread: every [`RECORD_SYNC_PERIOD`] appends what the vCPU
+/// sent, with a watermark at the boundary of the stops it has left, and
+/// fsyncs.
+fn write_loop(mut file: LogFile, rx: &Receiver<Record>, shared: &WriterShared) {
+    let fail = |e: LogError| {
+        let mut slot = shared.error.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(e);
+    };
+    let mut last_watermark: Option<u64> = None;
+    let mut next_sync = Instant::now() + RECORD_SYNC_PERIOD;
+    let mut batch: Vec<Record> = Vec::new();
+    loop {
+        let wait = next_sync.saturating_duration_since(Instant::now());
+        let closed = match rx.recv_timeout(wait) {
+            Ok(r) => {
+                batch.push(r);
+                false
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        if Instant::now() < next_sync && !closed {
+            continue;
+        }
+        // Every record for stops ≤ `left` was sent before `left` was
+        // published, so after this drain they are all in the batch.
+        let left = shared.left.load(Ordering::Acquire);
+        batch.extend(rx.try_iter());
+        let mut watermark_due = last_watermark.is_none_or(|w| left > w);
+        for r in batch.drain(..) {
+            if watermark_due && r.stop() > left {
+                if let Err(e) = file.append(&Record::Watermark { stop: left }) {
+                    return fail(e);
+                }
+                last_watermark = Some(left);
+                watermark_due = false;
+            }
+            if matches!(r, Record::End { .. }) {
+                watermark_due = false;
+            }
+            if let Err(e) = file.append(&r) {
+                return fail(e);
+            }
+        }
+        if watermark_due && !closed {
+            if let Err(e) = file.append(&Record::Watermark { stop: left }) {
+                return fail(e);
+            }
+            last_watermark = Some(left);
+        }
+        if let Err(e) = file.sync() {
+            return fail(e);
+        }
+        if closed {
+            return;
+        }
+        next_sync = Instant::now() + RECORD_SYNC_PERIOD;
+    }
+}
+
+/// A replay in progress.
+pub struct Replayer {
+    reader: LogReader<BufReader<File>>,
+    path: PathBuf,
+    /// One record of lookahead.
+    next: Option<Record>,
+    /// The vCPU may enter the guest from stop j only while j < limit
+    /// (None: the log is complete, no limit).
+    limit: Option<u64>,
+    /// The recorded ending, once reached.
+    pub end: Option<(u64, EndOutcome)>,
+    /// Cross-checks that did not match.
+    pub check_mismatches: u64,
+    /// A torn tail or corruption met while reading (reported, then replay stops).
+    pub damage: Option<LogError>,
+}
+
+/// What a first pass over a log found.
+#[derive(Clone, Debug, Default)]
+pub struct LogSummary {
+    /// The End record's stop and outcome.
+    pub end: Option<(u64, EndOutcome)>,
+    /// The highest watermark.
+    pub watermark: Option<u64>,
+    /// Whether the log ends in a torn frame.
+    pub torn: bool,
+}
+
+/// Reads the whole log once: is it complete, and how far may replay go?
+pub fn summarize(path: &Path) -> Result<(VmIdentity, LogSummary), JournalError> {
+    let read_err = |source| JournalError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let (mut reader, identity) = LogFile::open(path).map_err(read_err)?;
+    let mut summary = LogSummary::default();
+    loop {
+        match reader.read_record() {
+            Ok(Some(Record::End { stop, outcome })) => summary.end = Some((stop, outcome)),
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) if e.is_torn_tail() => {
+                summary.torn = true;
+                break;
+            }
+            Err(e) => return Err(read_err(e)),
+        }
+    }
+    summary.watermark = reader.watermark();
+    Ok((identity, summary))
+}
+
+impl Replayer {
+    /// Opens `path` for replay, given what [`summarize`] found.
+    pub fn open(path: &Path, summary: &LogSummary) -> Result<Self, JournalError> {
+        let (reader, _) = LogFile::open(path).map_err(|source| JournalError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let limit = match summary.end {
+            Some(_) => None,
+            None => Some(summary.watermark.map_or(0, |w| w + 1)),
+        };
+        let mut replayer = Self {
+            reader,
+            path: path.to_path_buf(),
+            next: None,
+            limit,
+            end: None,
+            check_mismatches: 0,
+            damage: None,
+        };
+        replayer.advance();
+        Ok(replayer)
+    }
+
+    /// Loads the next non-watermark record into the lookahead.
+    fn advance(&mut self) {
+        self.next = None;
+        while self.damage.is_none() {
+            match self.reader.read_record() {
+                Ok(Some(Record::Watermark { .. })) => continue,
+                Ok(Some(Record::End { stop, outcome })) => {
+                    self.end = Some((stop, outcome));
+                    return;
+                }
+                Ok(Some(r)) => {
+                    self.next = Some(r);
+                    return;
+                }
+                Ok(None) => return,
+                Err(e) => self.damage = Some(e),
+            }
+        }
+    }
+
+    /// The log's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// May the vCPU re-enter the guest after stop `stop`?
+    pub fn may_enter(&self, stop: u64) -> bool {
+        self.limit.is_none_or(|limit| stop + 1 < limit)
+    }
+
+    /// The sync point recorded for `stop`, if the next record is one.
+    pub fn take_sync_point(&mut self, stop: u64) -> Option<(MachineState, Vec<Page>)> {
+        match self.next.take() {
+            Some(Record::SyncPoint {
+                stop: s,
+                state,
+                pages,
+            }) if s == stop => {
+                self.advance();
+                Some((state, pages))
+            }
+            other => {
+                self.next = other;
+                None
+            }
+        }
+    }
+
+    /// Compares a cross-check with the log.
+    pub fn check(&mut self, stop: u64, check: &Check) -> Result<(), JournalError> {
+        match self.next.take() {
+            Some(Record::Check { stop: s, check: c }) if s == stop => {
+                self.advance();
+                if c != *check {
+                    self.check_mismatches += 1;
+                    return Err(JournalError::Diverged {
+                        stop,
+                        what: format!("recorded {c:?}, replay saw {check:?}"),
+                    });
+                }
+                Ok(())
+            }
+            other => {
+                self.next = other;
+                self.check_mismatches += 1;
+                Err(JournalError::Diverged {
+                    stop,
+                    what: format!("replay saw {check:?}, which the recording did not"),
+                })
+            }
+        }
+    }
+
+    /// Records at a stop the replay has already left mean the two runs took
+    /// different paths.
+    pub fn stale_record(&self, stop: u64) -> Option<JournalError> {
+        let next = self.next.as_ref()?;
+        (next.stop() < stop).then(|| JournalError::Diverged {
+            stop,
+            what: format!(
+                "the log still holds a kind {} record for stop {}",
+                next.kind(),
+                next.stop()
+            ),
+        })
+    }
+
+    /// Whether anything at all is left in the log.
+    pub fn exhausted(&self) -> bool {
+        self.next.is_none()
+    }
+}
+
+impl Inputs for Replayer {
+    fn collect(&mut self, stop: u64, out: &mut Vec<Cause>) {
+        loop {
+            match self.next.take() {
+                Some(Record::Cause { stop: s, cause }) if s == stop => {
+                    out.push(cause);
+                    self.advance();
+                }
+                other => {
+                    self.next = other;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn wait(&mut self, _deadline_ns: Option<u64>) {
+        // Replay never waits on host time: HLT waits only on the log, and
+        // the vCPU loop ends the replay when the log has nothing more.
+    }
+}
+
+/// The source of a VM's inputs and the sink of its log.
+pub enum Journal {
+    /// Live, unrecorded.
+    Live(LiveInputs),
+    /// Live and recording.
+    Record(Box<Recorder>),
+    /// Replaying a log.
+    Replay(Box<Replayer>),
+}
+
+impl Journal {
+    /// Collects and (recording) logs the causes of `stop`.
+    pub fn collect(&mut self, stop: u64, out: &mut Vec<Cause>) {
+        match self {
+            Journal::Live(live) => live.collect(stop, out),
+            Journal::Record(rec) => {
+                let first = out.len();
+                rec.live.collect(stop, out);
+                for cause in &out[first..] {
+                    rec.send(Record::Cause {
+                        stop,
+                        cause: cause.clone(),
+                    });
+                }
+            }
+            Journal::Replay(rep) => rep.collect(stop, out),
+        }
+    }
+
+    /// Waits (live) until a cause may be there or `deadline_ns` passes.
+    pub fn wait(&mut self, deadline_ns: Option<u64>) {
+        match self {
+            Journal::Live(live) => live.wait(deadline_ns),
+            Journal::Record(rec) => rec.live.wait(deadline_ns),
+            Journal::Replay(rep) => rep.wait(deadline_ns),
+        }
+    }
+
+    /// Called as the vCPU re-enters the guest from `stop`: the recorder
+    /// publishes its watermark; false if a replay must stop here.
+    pub fn leave_stop(&mut self, stop: u64) -> Result<bool, JournalError> {
+        match self {
+            Journal::Live(_) => Ok(true),
+            Journal::Record(rec) => {
+                rec.shared.left.store(stop, Ordering::Release);
+                match rec.writer_error() {
+                    Some(e) => Err(e),
+                    None => Ok(true),
+                }
+            }
+            Journal::Replay(rep) => Ok(rep.may_enter(stop)),
+        }
+    }
+
+    /// A cross-check: logged when recording, compared when replaying.
+    pub fn check(&mut self, stop: u64, check: Check) -> Result<(), JournalError> {
+        match self {
+            Journal::Live(_) => Ok(()),
+            Journal::Record(rec) => {
+                rec.send(Record::Check { stop, check });
+                Ok(())
+            }
+            Journal::Replay(rep) => rep.check(stop, &check),
+        }
+    }
+
+    /// Logs a sync point (recording only).
+    pub fn sync_point(&mut self, stop: u64, state: MachineState, pages: Vec<Page>) {
+        if let Journal::Record(rec) = self {
+            rec.send(Record::SyncPoint { stop, state, pages });
+        }
+    }
+
+    /// Closes a recording with its outcome.
+    pub fn finish(&mut self, stop: u64, outcome: EndOutcome) -> Result<(), JournalError> {
+        match self {
+            Journal::Record(rec) => rec.finish(stop, outcome),
+            Journal::Live(_) | Journal::Replay(_) => Ok(()),
+        }
+    }
+
+    /// Is this a recording?
+    pub fn recording(&self) -> bool {
+        matches!(self, Journal::Record(_))
+    }
+
+    /// The replayer, when replaying (shared).
+    pub fn replayer_ref(&self) -> Option<&Replayer> {
+        match self {
+            Journal::Replay(rep) => Some(rep),
+            _ => None,
+        }
+    }
+
+    /// The replayer, when replaying.
+    pub fn replayer(&mut self) -> Option<&mut Replayer> {
+        match self {
+            Journal::Replay(rep) => Some(rep),
+            _ => None,
+        }
+    }
+}
