@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// Take a sync point at least this often, in milliseconds of guest time.
     #[arg(long, value_name = "MS", default_value_t = 1000, requires = "record")]
     sync_interval: u64,
+    /// The RTC's time at VM creation, in Unix seconds (default: the host's
+    /// clock). Like QEMU's `-rtc base=`.
+    #[arg(long, value_name = "UNIX_SECS")]
+    rtc_base: Option<u64>,
     /// Kick the vCPU out of the guest at most this often, in microseconds.
     #[arg(long, value_name = "US", default_value_t = 500)]
     min_kick_interval: u64,
@@ -266,6 +270,7 @@ fn build_replay(args: &ReplayArgs) -> anyhow::Result<Vm> {
         serial_out: serial_sink(&args.serial)?,
         disks: Vec::new(),
         nets: Vec::new(),
+        rtc_base: None,
         mode: RunMode::Replay {
             log: args.log.clone(),
         },
@@ -295,6 +300,7 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
         serial_out,
         disks: args.disk.clone(),
         nets: args.net.clone(),
+        rtc_base: args.rtc_base,
         mode: match &args.record {
             None => RunMode::Live,
             Some(path) => RunMode::Record(RecordOptions {

@@ -125,12 +125,18 @@ fn virtio_abuse_leaves_the_vm_alive() {
 struct NetechoVm {
     ns: NetNs,
     child: Option<Child>,
+    rest: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    head: Vec<String>,
 }
 
 const GUEST_IP: &str = "10.77.0.2";
 
 impl NetechoVm {
     fn start(ns: NetNs, disk: &str) -> Self {
+        Self::start_with(ns, disk, &[])
+    }
+
+    fn start_with(ns: NetNs, disk: &str, extra: &[&str]) -> Self {
         let mut cmd = ns.command(env!("CARGO_BIN_EXE_tandem"));
         cmd.args(["run", "--kernel"])
             .arg(guest("netecho"))
@@ -143,18 +149,23 @@ impl NetechoVm {
                 "tap=tap0,mac=52:54:00:00:77:02",
             ])
             .args(["--cmdline", &format!("ip={GUEST_IP}")])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut vm = Self {
             ns,
             child: Some(cmd.spawn().expect("spawn tandem")),
+            rest: Default::default(),
+            head: Vec::new(),
         };
-        vm.wait_for_line("netecho: up");
+        vm.head = vm.lines_until("netecho: up");
         vm
     }
 
-    fn wait_for_line(&mut self, prefix: &str) -> String {
+    /// Console lines up to and including the first starting with `prefix`;
+    /// the rest are collected in the background into `self.rest`.
+    fn lines_until(&mut self, prefix: &str) -> Vec<String> {
         use std::io::{BufRead, BufReader};
         let child = self.child.as_mut().unwrap();
         let out = child.stdout.take().unwrap();
@@ -167,15 +178,24 @@ impl NetechoVm {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => {
-                    // Keep draining so the guest never blocks on a full pipe.
-                    std::thread::spawn(move || while rx.recv().is_ok() {});
-                    return line;
+                Ok(line) => {
+                    let done = line.starts_with(prefix);
+                    seen.push(line);
+                    if done {
+                        let rest = self.rest.clone();
+                        // Keep draining so the guest never blocks on a full pipe.
+                        std::thread::spawn(move || {
+                            while let Ok(line) = rx.recv() {
+                                rest.lock().unwrap().push(line);
+                            }
+                        });
+                        return seen;
+                    }
                 }
-                Ok(_) => {}
                 Err(_) => panic!("netecho never printed {prefix:?}"),
             }
         }
@@ -273,4 +293,41 @@ fn netecho_answers_ping_udp_echo_and_a_persistent_counter() {
     assert!(next > last, "after restart: {next}, last served {last}");
     vm.stop();
     let _ = std::fs::remove_file(image);
+}
+
+#[test]
+fn netecho_with_client_traffic_replays_identically() {
+    let ns = NetNs::new("rec");
+    ns.add_tap("tap0", "10.77.0.1/24");
+    let image = temp_image("rec-counter", 64 << 10);
+    let disk = image.display().to_string();
+    let log = std::env::temp_dir().join(format!("tandem-{}-netecho.log", std::process::id()));
+    let log_arg = log.display().to_string();
+    let mut vm = NetechoVm::start_with(ns, &disk, &["--record", &log_arg]);
+    let s = vm.socket();
+    s.send_to(b"recorded", format!("{GUEST_IP}:7")).unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"recorded");
+    for request in 0..50 {
+        counter_request(&s, 9, request);
+    }
+    vm.stop();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut recorded = vm.head.join("\n");
+    for line in vm.rest.lock().unwrap().iter() {
+        recorded.push('\n');
+        recorded.push_str(line);
+    }
+    recorded.push('\n');
+    assert!(recorded.contains("netecho: bye"), "{recorded}");
+
+    // Replay needs neither the tap nor the disk: frames and reads are in the log.
+    std::fs::remove_file(&image).unwrap();
+    let mut cmd = common::tandem();
+    cmd.arg("replay").arg(&log);
+    let replayed = common::run_command(cmd, None, LIMIT);
+    assert_eq!(replayed.status, 0, "{replayed:?}");
+    assert_eq!(replayed.stdout, recorded);
+    let _ = std::fs::remove_file(log);
 }

@@ -390,6 +390,14 @@ impl Replayer {
         })
     }
 
+    /// What the next unconsumed record is, for divergence reports.
+    pub fn next_record(&self) -> Option<String> {
+        self.next.as_ref().map(|r| match r {
+            Record::Cause { stop, cause } => format!("a cause at stop {stop}: {}", brief(cause)),
+            other => format!("a kind {} record at stop {}", other.kind(), other.stop()),
+        })
+    }
+
     /// Whether anything at all is left in the log.
     pub fn exhausted(&self) -> bool {
         self.next.is_none()
@@ -518,5 +526,16 @@ impl Journal {
             Journal::Replay(rep) => Some(rep),
             _ => None,
         }
+    }
+}
+
+fn brief(cause: &Cause) -> String {
+    match cause {
+        Cause::Time(ns) => format!("time {ns} ns"),
+        Cause::SerialInput(b) => format!("{} serial bytes", b.len()),
+        Cause::NetRx { device, frame } => format!("net{device} frame of {} bytes", frame.len()),
+        Cause::BlockDone {
+            device, request, ..
+        } => format!("blk{device} completion of request {request}"),
     }
 }

@@ -218,6 +218,8 @@ pub struct Vcpu {
     stop: u64,
     /// Guest time of the last sync point.
     last_sync_ns: u64,
+    /// The current stop's PIO/MMIO/MSR exit is not finished in KVM yet.
+    exit_pending: bool,
     causes: Vec<Cause>,
     stats: VcpuStats,
 }
@@ -247,6 +249,7 @@ impl Vcpu {
             start,
             stop: 0,
             last_sync_ns: 0,
+            exit_pending: false,
             causes: Vec::new(),
             stats: VcpuStats::default(),
         }
@@ -313,6 +316,9 @@ impl Vcpu {
                 .and_then(|rep| rep.take_sync_point(next));
             // (a) the exit, or the sync point that stands for it.
             let kind = if let Some((state, pages)) = replayed_sync {
+                // KVM would otherwise finish the previous PIO/MMIO exit on
+                // top of the installed state.
+                self.complete_pending_exit()?;
                 self.install_sync_point(&state, &pages)?;
                 None
             } else {
@@ -355,7 +361,8 @@ impl Vcpu {
                     Halted::ReplayEnded(end) => return Ok(RunOutcome::ReplayEnded(end)),
                 }
             }
-            self.at_stop(kind.is_some_and(StopKind::needs_completion))?;
+            self.exit_pending = kind.is_some_and(StopKind::needs_completion);
+            self.at_stop()?;
             if let Some(stale) = self
                 .journal
                 .replayer()
@@ -489,17 +496,20 @@ impl Vcpu {
     }
 
     /// The stop sequence after the exit itself was handled.
-    fn at_stop(&mut self, exit_pending: bool) -> Result<(), VcpuError> {
+    fn at_stop(&mut self) -> Result<(), VcpuError> {
         // Every kick so far is answered by this stop (which looks at time and
         // the queue next); a later one sets `immediate_exit` again.
         self.clear_immediate_exit(VcpuKickTarget::kicks());
         self.apply_causes();
-        self.decide_injection(exit_pending)
+        self.decide_injection()
     }
 
     /// KVM finishes a PIO/MMIO/MSR exit only on the next KVM_RUN: re-enter
     /// with `immediate_exit` so the vCPU state is complete before we read it.
     fn complete_pending_exit(&mut self) -> Result<(), VcpuError> {
+        if !std::mem::take(&mut self.exit_pending) {
+            return Ok(());
+        }
         let kicks = VcpuKickTarget::kicks();
         self.fd.set_kvm_immediate_exit(1);
         let result = match self.fd.run() {
@@ -531,14 +541,12 @@ impl Vcpu {
             && events.nmi.injected == 0)
     }
 
-    fn decide_injection(&mut self, exit_pending: bool) -> Result<(), VcpuError> {
+    fn decide_injection(&mut self) -> Result<(), VcpuError> {
         if !self.devices.interrupt_pending() {
             self.fd.get_kvm_run().request_interrupt_window = 0;
             return Ok(());
         }
-        if exit_pending {
-            self.complete_pending_exit()?;
-        }
+        self.complete_pending_exit()?;
         if !self.guest_can_take_interrupt()? {
             self.fd.get_kvm_run().request_interrupt_window = 1;
             return Ok(());
@@ -590,9 +598,12 @@ impl Vcpu {
                         stop: self.stop,
                     }));
                 }
+                let next = rep.next_record().unwrap_or_default();
                 return Err(JournalError::Diverged {
                     stop: self.stop,
-                    what: "the guest halted and nothing logged for this stop wakes it".into(),
+                    what: format!(
+                        "the guest halted and nothing logged for this stop wakes it (the log continues with {next})"
+                    ),
                 }
                 .into());
             }

@@ -65,6 +65,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices, in device order (after the disks).
     pub nets: Vec<NetConfig>,
+    /// RTC time at creation (Unix seconds); None: the host's clock.
+    pub rtc_base: Option<u64>,
     /// Live, recording, or replaying.
     pub mode: RunMode,
 }
@@ -347,10 +349,12 @@ impl Vm {
         let msrs = saved_msrs(&kvm);
         let rtc_base = match &replay {
             Some((identity, _)) => identity.rtc_base_unix_secs,
-            None => SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            None => config.rtc_base.unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            }),
         };
         let image = std::fs::read(&config.kernel).map_err(|source| {
             VmError::Loader(LoaderError::Read {

@@ -1,0 +1,190 @@
+//! Record, then replay: the replayed guest prints exactly what the recorded
+//! one printed and exits the same way, with no host I/O of its own.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{guest, run_command, run_guest, tandem, Finished};
+
+const LIMIT: Duration = Duration::from_secs(120);
+const REPLAY_TRUNCATED: i32 = 122;
+
+fn temp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("tandem-replay-{}-{name}", std::process::id()))
+}
+
+fn replay(log: &PathBuf, extra: &[&str]) -> Finished {
+    let mut cmd = tandem();
+    cmd.arg("replay").arg(log).args(extra);
+    run_command(cmd, None, LIMIT)
+}
+
+/// Records `name` with `args`, replays it, and checks both runs agree.
+fn record_and_replay(name: &str, args: &[&str]) -> (Finished, Finished) {
+    let log = temp(&format!("{name}.log"));
+    let log_arg = log.display().to_string();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--record", &log_arg]);
+    let recorded = run_guest(name, &all, None, LIMIT);
+    assert!(recorded.stderr.is_empty(), "{name} recording: {recorded:?}");
+    let replayed = replay(&log, &[]);
+    assert_eq!(
+        replayed.stdout, recorded.stdout,
+        "{name}: replayed console differs"
+    );
+    assert_eq!(replayed.status, recorded.status, "{name}: {replayed:?}");
+    assert!(replayed.stderr.is_empty(), "{name} replay: {replayed:?}");
+    let _ = std::fs::remove_file(log);
+    (recorded, replayed)
+}
+
+#[test]
+fn hello_replays() {
+    let (r, _) = record_and_replay("hello", &[]);
+    assert_eq!(r.stdout, "hello from tandem\n");
+}
+
+#[test]
+fn compute_replays_through_sync_points() {
+    // At 1 kHz the exit-free hash loop is cut by a kick (a sync point) at
+    // every timer deadline.
+    let (r, _) = record_and_replay("compute", &["--cmdline", "size=16384 rounds=2 hz=1000"]);
+    assert!(r.stdout.contains("hash=0xafc65f4c2bf98d10"), "{r:?}");
+}
+
+#[test]
+fn piostorm_replays() {
+    record_and_replay("piostorm", &["--cmdline", "n=20000"]);
+}
+
+#[test]
+fn ticker_replay_reproduces_the_recorded_time_not_the_live_one() {
+    // The checksum folds in RTC and PIT reads. Record with the RTC set to
+    // 2001-09-09 (a known offset from now): a live run now gives another
+    // checksum, and the replay gives the recorded one.
+    let log = temp("ticker.log");
+    let log_arg = log.display().to_string();
+    let recorded = run_guest(
+        "ticker",
+        &["--rtc-base", "1000000000", "--record", &log_arg],
+        None,
+        LIMIT,
+    );
+    assert_eq!(recorded.status, 0, "{recorded:?}");
+    let live = run_guest("ticker", &[], None, LIMIT);
+    assert_ne!(
+        live.stdout, recorded.stdout,
+        "a live run matched the recording by chance"
+    );
+    let replayed = replay(&log, &[]);
+    assert_eq!(replayed.status, 0, "{replayed:?}");
+    assert_eq!(replayed.stdout, recorded.stdout);
+    // Replay never waits for host time: 2000 ticks take ~2 s live.
+    assert!(
+        replayed.wall < recorded.wall,
+        "{:?} vs {:?}",
+        replayed.wall,
+        recorded.wall
+    );
+    let _ = std::fs::remove_file(log);
+}
+
+#[test]
+fn serial_input_is_replayed_from_the_log() {
+    let log = temp("echo.log");
+    let log_arg = log.display().to_string();
+    let recorded = run_guest(
+        "echo",
+        &["--record", &log_arg],
+        Some(b"recorded words\nquit\n"),
+        LIMIT,
+    );
+    assert_eq!(recorded.status, 0, "{recorded:?}");
+    assert!(recorded.stdout.contains("echo: recorded words"));
+    // Replay reads no stdin: its input comes from the log.
+    let replayed = replay(&log, &[]);
+    assert_eq!(replayed.stdout, recorded.stdout);
+    assert_eq!(replayed.status, 0);
+    let _ = std::fs::remove_file(log);
+}
+
+#[test]
+fn diskseq_replays_without_touching_the_disk() {
+    let image = temp("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let disk = image.display().to_string();
+    let log = temp("diskseq.log");
+    let log_arg = log.display().to_string();
+    let recorded = run_guest(
+        "diskseq",
+        &[
+            "--disk",
+            &disk,
+            "--cmdline",
+            "count=64",
+            "--record",
+            &log_arg,
+        ],
+        None,
+        LIMIT,
+    );
+    assert_eq!(recorded.status, 0, "{recorded:?}");
+    // The replay gets its read data from the log: the image can go.
+    std::fs::remove_file(&image).unwrap();
+    let replayed = replay(&log, &[]);
+    assert_eq!(replayed.stdout, recorded.stdout);
+    assert_eq!(replayed.status, 0, "{replayed:?}");
+    let _ = std::fs::remove_file(log);
+}
+
+#[test]
+fn a_torn_log_replays_to_its_last_watermark_with_a_warning() {
+    let log = temp("torn.log");
+    let log_arg = log.display().to_string();
+    let recorded = run_guest("ticker", &["--record", &log_arg], None, LIMIT);
+    assert_eq!(recorded.status, 0);
+    let bytes = std::fs::read(&log).unwrap();
+    // Cut the log in the middle (a recorder killed mid-write).
+    std::fs::write(&log, &bytes[..bytes.len() / 2 + 3]).unwrap();
+    let replayed = replay(&log, &[]);
+    assert_eq!(replayed.status, REPLAY_TRUNCATED, "{replayed:?}");
+    assert!(replayed.stderr.contains("cut short"), "{replayed:?}");
+    assert!(!replayed.stderr.contains("panicked"));
+    assert!(
+        !replayed.stdout.contains("ticks=2000"),
+        "replayed past the cut"
+    );
+    let _ = std::fs::remove_file(log);
+}
+
+#[test]
+fn a_corrupt_or_foreign_log_is_refused_with_one_line() {
+    let log = temp("corrupt.log");
+    let log_arg = log.display().to_string();
+    assert_eq!(
+        run_guest("hello", &["--record", &log_arg], None, LIMIT).status,
+        0
+    );
+    let mut bytes = std::fs::read(&log).unwrap();
+    let at = bytes.len() - 5;
+    bytes[at] ^= 0x40;
+    std::fs::write(&log, &bytes).unwrap();
+    let f = replay(&log, &[]);
+    common::assert_clean_error(&f, 3, "corrupt log at byte");
+
+    std::fs::write(&log, b"definitely not a log").unwrap();
+    let f = replay(&log, &[]);
+    common::assert_clean_error(&f, 3, "not a tandem log");
+
+    // A log of one guest refuses another guest's image.
+    assert_eq!(
+        run_guest("hello", &["--record", &log_arg], None, LIMIT).status,
+        0
+    );
+    let ticker = guest("ticker").display().to_string();
+    let f = replay(&log, &["--kernel", &ticker]);
+    common::assert_clean_error(&f, 3, "not the one the log recorded");
+    let _ = std::fs::remove_file(log);
+}
