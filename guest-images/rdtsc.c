@@ -13,6 +13,7 @@
  *              deterministic, independent of the TSC)
  *   every 50 iterations (i % 50 == 0): "rdtsc: i=I state=0x%08x\n"
  *
+ * Then `tail=` (default 3) timer ticks of deterministic busy work.
  * Output (last line): "rdtsc: done n=N state=0x%08x ticks=T\n", exit 0.
  * state and T depend on time, so they vary run to run. */
 #include "common/lib.h"
@@ -73,6 +74,14 @@ int main(void)
         if (i % 50 == 0)
             printf("rdtsc: i=%u state=0x%08x\n", i, s);
     }
+
+    /* A deterministic tail of `tail=` timer ticks (default 3) of exit-free
+     * work: the recorder's kicks there give the replay sync points after
+     * the last RDTSC, so its divergence can be repaired before the end. */
+    u32 tail = cmdline_u32("tail", 3);
+    u32 t0 = ticks;
+    for (u32 j = 0; ticks - t0 < tail; j++)
+        busy(j);
 
     cli();
     printf("rdtsc: done n=%u state=0x%08x ticks=%u\n", n, state, ticks);

@@ -12,11 +12,13 @@ use tandem_replay::{Cause, CauseQueue};
 use tandem_vmm::journal::RecordOptions;
 use tandem_vmm::vm::RunMode;
 use tandem_vmm::{
-    DiskConfig, NetConfig, ReplayEnd, RunOutcome, VcpuStats, Vm, VmConfig, DEFAULT_KVM_PATH,
+    DiskConfig, NetConfig, ReplayEnd, RunOutcome, RunReport, Vm, VmConfig, DEFAULT_KVM_PATH,
 };
 use tracing::info;
 
-use crate::{EXIT_GUEST_CRASH, EXIT_REPLAY_TRUNCATED, EXIT_START_FAILED, EXIT_VMM_ERROR};
+use crate::{
+    EXIT_DIVERGED, EXIT_GUEST_CRASH, EXIT_REPLAY_TRUNCATED, EXIT_START_FAILED, EXIT_VMM_ERROR,
+};
 
 /// Options of `tandem run`.
 #[derive(Args)]
@@ -56,6 +58,10 @@ pub struct RunArgs {
     /// Take a sync point at least this often, in milliseconds of guest time.
     #[arg(long, value_name = "MS", default_value_t = 1000, requires = "record")]
     sync_interval: u64,
+    /// End a verified-lockstep epoch about this often (milliseconds): the
+    /// log then holds state hashes the replayer checks.
+    #[arg(long, value_name = "MS", default_value_t = 10, requires = "record")]
+    epoch_ms: u64,
     /// The RTC's time at VM creation, in Unix seconds (default: the host's
     /// clock). Like QEMU's `-rtc base=`.
     #[arg(long, value_name = "UNIX_SECS")]
@@ -84,6 +90,9 @@ pub struct ReplayArgs {
     /// The KVM device.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_KVM_PATH)]
     kvm_device: PathBuf,
+    /// Report divergences without repairing them (repair is the default).
+    #[arg(long)]
+    no_repair: bool,
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
@@ -190,9 +199,9 @@ pub fn run(args: RunArgs) -> ExitCode {
 }
 
 /// Maps how a VM ended to the process exit status (the README's table).
-fn finish(result: Result<(RunOutcome, VcpuStats), tandem_vmm::VmError>) -> ExitCode {
+fn finish(result: Result<RunReport, tandem_vmm::VmError>) -> ExitCode {
     match result {
-        Ok((outcome, stats)) => {
+        Ok(RunReport { outcome, stats, .. }) => {
             info!(?stats, "VM stopped");
             match outcome {
                 RunOutcome::GuestExit(code) => ExitCode::from(code),
@@ -224,13 +233,90 @@ fn finish(result: Result<(RunOutcome, VcpuStats), tandem_vmm::VmError>) -> ExitC
 
 /// Runs `tandem replay`.
 pub fn replay(args: ReplayArgs) -> ExitCode {
-    match build_replay(&args) {
-        Ok(vm) => finish(vm.run()),
+    let vm = match build_replay(&args) {
+        Ok(vm) => vm,
         Err(e) => {
             eprintln!("tandem: {e}");
-            ExitCode::from(EXIT_START_FAILED)
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    let report = match vm.run() {
+        Ok(report) => report,
+        Err(e) => return finish(Err(e)),
+    };
+    let s = &report.stats;
+    eprintln!(
+        "tandem: replay summary: {} stops, {} sync points, {} epochs ({} verified, {} transferred), {} divergences ({} repaired)",
+        s.stops + s.sync_points,
+        s.sync_points,
+        s.epochs,
+        s.epochs_verified,
+        s.epochs_transferred,
+        s.divergences,
+        s.repaired
+    );
+    if !report.divergences.is_empty() {
+        let dump = divergence_dump_path(&args.log);
+        match write_divergence_dump(&dump, &report.divergences) {
+            Ok(()) => eprintln!(
+                "tandem: divergences at epochs {} (details in {})",
+                report
+                    .divergences
+                    .iter()
+                    .map(|d| format!("{} (stop {}: {})", d.epoch, d.stop, d.components.join(", ")))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                dump.display()
+            ),
+            Err(e) => eprintln!(
+                "tandem: cannot write divergence dump {}: {e}",
+                dump.display()
+            ),
+        }
+        if s.divergences >= 3 && s.divergences * 10 > s.epochs {
+            eprintln!(
+                "tandem: this guest diverges again and again: it is checkpoint-protected, not lockstep"
+            );
         }
     }
+    if let Some(epoch) = report.unrepaired {
+        eprintln!(
+            "tandem: replay diverged at epoch {epoch} and the log holds no sync point after it to repair from"
+        );
+        return ExitCode::from(EXIT_DIVERGED);
+    }
+    finish(Ok(report))
+}
+
+fn divergence_dump_path(log: &std::path::Path) -> PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".divergence.txt");
+    PathBuf::from(name)
+}
+
+fn write_divergence_dump(
+    path: &std::path::Path,
+    divergences: &[tandem_vmm::vcpu::DivergenceReport],
+) -> std::io::Result<()> {
+    let mut out = String::new();
+    for d in divergences {
+        out.push_str(&format!(
+            "epoch {} stop {}\n  differs: {}\n",
+            d.epoch,
+            d.stop,
+            d.components.join(", ")
+        ));
+        let ours: std::collections::BTreeMap<_, _> = d.replayed.iter().cloned().collect();
+        for (name, hash) in &d.recorded {
+            let mine = ours
+                .get(name)
+                .map_or("-".to_string(), |h| format!("{h:016x}"));
+            out.push_str(&format!(
+                "  {name:<24} recorded {hash:016x} replayed {mine}\n"
+            ));
+        }
+    }
+    std::fs::write(path, out)
 }
 
 fn serial_sink(target: &SerialTarget) -> anyhow::Result<Box<dyn Write + Send>> {
@@ -271,6 +357,7 @@ fn build_replay(args: &ReplayArgs) -> anyhow::Result<Vm> {
         disks: Vec::new(),
         nets: Vec::new(),
         rtc_base: None,
+        repair: !args.no_repair,
         mode: RunMode::Replay {
             log: args.log.clone(),
         },
@@ -301,6 +388,7 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
         disks: args.disk.clone(),
         nets: args.net.clone(),
         rtc_base: args.rtc_base,
+        repair: false,
         mode: match &args.record {
             None => RunMode::Live,
             Some(path) => RunMode::Record(RecordOptions {
@@ -308,6 +396,7 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
                 max_size: args.record_max,
                 sync_interval: Duration::from_millis(args.sync_interval.max(1)),
                 min_kick_interval: Duration::from_micros(args.min_kick_interval),
+                epoch_interval: Duration::from_millis(args.epoch_ms.max(1)),
             }),
         },
     })?;

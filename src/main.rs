@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cli;
+mod log_inspect;
 
 /// The guest crashed: triple fault, emulation failure, HLT with interrupts off.
 pub const EXIT_GUEST_CRASH: u8 = 120;
@@ -12,6 +13,8 @@ pub const EXIT_GUEST_CRASH: u8 = 120;
 pub const EXIT_VMM_ERROR: u8 = 121;
 /// A replay stopped early: the log was cut short (torn tail, no End record).
 pub const EXIT_REPLAY_TRUNCATED: u8 = 122;
+/// A replay diverged and could not be repaired.
+pub const EXIT_DIVERGED: u8 = 123;
 /// The VM could not be started (bad kernel, bad option, no KVM).
 pub const EXIT_START_FAILED: u8 = 3;
 
@@ -35,6 +38,21 @@ enum Command {
     Run(cli::RunArgs),
     /// Replay a recorded log: the guest prints what it printed and exits as it exited.
     Replay(cli::ReplayArgs),
+    /// Look into record/replay logs.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Summarise a log: identity, records and bytes by kind, stops, damage.
+    Inspect {
+        /// The log file.
+        file: std::path::PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -43,6 +61,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => cli::run(args),
         Command::Replay(args) => cli::replay(args),
+        Command::Log(LogCommand::Inspect { file, json }) => log_inspect::run(&file, json),
     }
 }
 

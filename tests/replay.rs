@@ -15,6 +15,43 @@ fn temp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("tandem-replay-{}-{name}", std::process::id()))
 }
 
+/// The numbers of `tandem replay`'s summary line.
+#[derive(Debug)]
+struct Summary {
+    epochs: u64,
+    divergences: u64,
+    repaired: u64,
+}
+
+/// Parses the summary and checks nothing else is on stderr but divergence
+/// reports.
+fn summary(f: &Finished) -> Summary {
+    let line = f
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("tandem: replay summary: "))
+        .unwrap_or_else(|| panic!("no replay summary: {f:?}"));
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // "S stops, P sync points, E epochs (V verified, T transferred), D divergences (R repaired)"
+    assert_eq!(numbers.len(), 7, "{line}");
+    Summary {
+        epochs: numbers[2],
+        divergences: numbers[5],
+        repaired: numbers[6],
+    }
+}
+
+/// The replay verified every epoch: no divergence, nothing but the summary.
+fn assert_verified(f: &Finished) -> Summary {
+    let s = summary(f);
+    assert_eq!(s.divergences, 0, "{f:?}");
+    assert_eq!(f.stderr.lines().count(), 1, "{f:?}");
+    s
+}
+
 fn replay(log: &PathBuf, extra: &[&str]) -> Finished {
     let mut cmd = tandem();
     cmd.arg("replay").arg(log).args(extra);
@@ -35,7 +72,7 @@ fn record_and_replay(name: &str, args: &[&str]) -> (Finished, Finished) {
         "{name}: replayed console differs"
     );
     assert_eq!(replayed.status, recorded.status, "{name}: {replayed:?}");
-    assert!(replayed.stderr.is_empty(), "{name} replay: {replayed:?}");
+    assert_verified(&replayed);
     let _ = std::fs::remove_file(log);
     (recorded, replayed)
 }
@@ -50,8 +87,9 @@ fn hello_replays() {
 fn compute_replays_through_sync_points() {
     // At 1 kHz the exit-free hash loop is cut by a kick (a sync point) at
     // every timer deadline.
-    let (r, _) = record_and_replay("compute", &["--cmdline", "size=16384 rounds=2 hz=1000"]);
+    let (r, replayed) = record_and_replay("compute", &["--cmdline", "size=16384 rounds=2 hz=1000"]);
     assert!(r.stdout.contains("hash=0xafc65f4c2bf98d10"), "{r:?}");
+    assert!(summary(&replayed).epochs > 10, "{replayed:?}");
 }
 
 #[test]
@@ -81,6 +119,7 @@ fn ticker_replay_reproduces_the_recorded_time_not_the_live_one() {
     let replayed = replay(&log, &[]);
     assert_eq!(replayed.status, 0, "{replayed:?}");
     assert_eq!(replayed.stdout, recorded.stdout);
+    assert!(assert_verified(&replayed).epochs > 50, "{replayed:?}");
     // Replay never waits for host time: 2000 ticks take ~2 s live.
     assert!(
         replayed.wall < recorded.wall,
@@ -107,6 +146,7 @@ fn serial_input_is_replayed_from_the_log() {
     let replayed = replay(&log, &[]);
     assert_eq!(replayed.stdout, recorded.stdout);
     assert_eq!(replayed.status, 0);
+    assert_verified(&replayed);
     let _ = std::fs::remove_file(log);
 }
 
@@ -136,6 +176,7 @@ fn diskseq_replays_without_touching_the_disk() {
     let replayed = replay(&log, &[]);
     assert_eq!(replayed.stdout, recorded.stdout);
     assert_eq!(replayed.status, 0, "{replayed:?}");
+    assert_verified(&replayed);
     let _ = std::fs::remove_file(log);
 }
 
@@ -186,5 +227,53 @@ fn a_corrupt_or_foreign_log_is_refused_with_one_line() {
     let ticker = guest("ticker").display().to_string();
     let f = replay(&log, &["--kernel", &ticker]);
     common::assert_clean_error(&f, 3, "not the one the log recorded");
+    let _ = std::fs::remove_file(log);
+}
+
+/// The first epoch a replay reports as diverged.
+fn first_divergence(f: &Finished) -> u64 {
+    let line = f
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("tandem: divergences at epochs "))
+        .unwrap_or_else(|| panic!("no divergence reported: {f:?}"));
+    line["tandem: divergences at epochs ".len()..]
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"))
+}
+
+#[test]
+fn rdtsc_divergence_is_detected_at_its_epoch_and_repaired() {
+    // RDTSC cannot be trapped: the replay reads other values, so its memory
+    // differs from the recording's until a sync point repairs it.
+    let log = temp("rdtsc.log");
+    let log_arg = log.display().to_string();
+    let recorded = run_guest("rdtsc", &["--record", &log_arg], None, LIMIT);
+    assert_eq!(recorded.status, 0, "{recorded:?}");
+
+    // Without repair: the divergence is reported, naming the epoch and what
+    // differs, and the dump file is written.
+    let unrepaired = replay(&log, &["--no-repair"]);
+    let epoch = first_divergence(&unrepaired);
+    assert!(unrepaired.stderr.contains("mem@"), "{unrepaired:?}");
+    let dump = PathBuf::from(format!("{}.divergence.txt", log.display()));
+    let text = std::fs::read_to_string(&dump).unwrap();
+    assert!(text.starts_with(&format!("epoch {epoch} stop ")), "{text}");
+    assert!(
+        text.contains("recorded") && text.contains("replayed"),
+        "{text}"
+    );
+
+    // With repair (the default): the same epoch is found first, every
+    // divergence is repaired, and the output is the recording's.
+    let repaired = replay(&log, &[]);
+    assert_eq!(first_divergence(&repaired), epoch, "{repaired:?}");
+    let s = summary(&repaired);
+    assert!(s.divergences >= 1 && s.repaired == s.divergences, "{s:?}");
+    assert_eq!(repaired.status, 0, "{repaired:?}");
+    assert_eq!(repaired.stdout, recorded.stdout);
+    let _ = std::fs::remove_file(dump);
     let _ = std::fs::remove_file(log);
 }

@@ -329,5 +329,7 @@ fn netecho_with_client_traffic_replays_identically() {
     let replayed = common::run_command(cmd, None, LIMIT);
     assert_eq!(replayed.status, 0, "{replayed:?}");
     assert_eq!(replayed.stdout, recorded);
+    assert!(replayed.stderr.contains(" 0 divergences"), "{replayed:?}");
+    assert_eq!(replayed.stderr.lines().count(), 1, "{replayed:?}");
     let _ = std::fs::remove_file(log);
 }

@@ -10,17 +10,19 @@ use std::sync::Arc;
 
 use tandem_devices::lock;
 use tandem_devices::virtio::mmio::MmioTransport;
-use tandem_replay::{Cause, GuestClock, Output, Outputs};
+use tandem_replay::{Cause, GuestClock, Outputs};
 
 use crate::legacy::LegacyDevices;
 
-/// COM1 output as a `Write` for vm-superio: every byte becomes an
-/// [`Output::Serial`].
-pub struct SerialOutput(pub Arc<dyn Outputs>);
+/// COM1 output as a `Write` for vm-superio: the bytes of the current stop
+/// are collected here; the vCPU loop journals them and emits them as an
+/// [`Output::Serial`] (or, replaying, emits the recorded ones).
+#[derive(Clone, Default)]
+pub struct SerialOutput(pub Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl Write for SerialOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.emit(Output::Serial(buf.to_vec()));
+        lock(&self.0).extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -76,12 +78,24 @@ pub struct DeviceManager {
     clock: GuestClock,
     /// Serial input the UART's FIFO could not take yet.
     pending_serial: VecDeque<u8>,
+    /// Console bytes written at the current stop.
+    pub serial_out: SerialOutput,
+    /// Where outputs go.
+    pub outputs: Arc<dyn Outputs>,
 }
 
 impl DeviceManager {
-    /// A manager over the legacy devices, driving `clock`.
-    pub fn new(legacy: LegacyDevices, clock: GuestClock) -> Self {
+    /// A manager over the legacy devices, driving `clock`; `serial_out` is
+    /// the sink the UART was built with.
+    pub fn new(
+        legacy: LegacyDevices,
+        clock: GuestClock,
+        serial_out: SerialOutput,
+        outputs: Arc<dyn Outputs>,
+    ) -> Self {
         Self {
+            serial_out,
+            outputs,
             legacy,
             blocks: Vec::new(),
             nets: Vec::new(),
@@ -125,6 +139,11 @@ impl DeviceManager {
                 lock(&self.legacy.serial).enqueue_input(self.pending_serial.make_contiguous());
             self.pending_serial.drain(..taken);
         }
+    }
+
+    /// Takes the console bytes written at this stop.
+    pub fn take_serial_out(&self) -> Vec<u8> {
+        std::mem::take(&mut *lock(&self.serial_out.0))
     }
 
     /// Whether the PIC asserts INTR.

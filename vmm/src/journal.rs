@@ -39,6 +39,8 @@ pub struct RecordOptions {
     pub sync_interval: Duration,
     /// Kick the vCPU at most this often.
     pub min_kick_interval: Duration,
+    /// End an epoch (and log its hashes) about this often.
+    pub epoch_interval: Duration,
 }
 
 /// Why the log could not be written or followed.
@@ -244,6 +246,19 @@ pub struct Replayer {
     pub damage: Option<LogError>,
 }
 
+/// An epoch end as the recorder logged it.
+#[derive(Clone, Debug)]
+pub struct RecordedEpoch {
+    /// Epoch number.
+    pub epoch: u64,
+    /// Pages the recorder dirtied in the epoch, run-length encoded.
+    pub pages: Vec<(u64, u32)>,
+    /// Component hashes.
+    pub hashes: Vec<(String, u64)>,
+    /// The scrub slice.
+    pub scrub: tandem_replay::log::Scrub,
+}
+
 /// What a first pass over a log found.
 #[derive(Clone, Debug, Default)]
 pub struct LogSummary {
@@ -314,6 +329,7 @@ impl Replayer {
                     return;
                 }
                 Ok(Some(r)) => {
+                    tracing::trace!(kind = r.kind(), stop = r.stop(), "log record");
                     self.next = Some(r);
                     return;
                 }
@@ -351,6 +367,49 @@ impl Replayer {
         }
     }
 
+    /// The epoch end recorded at `stop`, if the next record is one:
+    /// (epoch, page runs, component hashes, scrub).
+    pub fn take_epoch_end(&mut self, stop: u64) -> Option<RecordedEpoch> {
+        match self.next.take() {
+            Some(Record::EpochEnd {
+                epoch,
+                stop: s,
+                pages,
+                hashes,
+                scrub,
+            }) if s == stop => {
+                self.advance();
+                Some(RecordedEpoch {
+                    epoch,
+                    pages,
+                    hashes,
+                    scrub,
+                })
+            }
+            other => {
+                self.next = other;
+                None
+            }
+        }
+    }
+
+    /// The console bytes recorded at `stop`, if the next record holds them.
+    pub fn take_serial_out(&mut self, stop: u64) -> Option<Vec<u8>> {
+        match self.next.take() {
+            Some(Record::Check {
+                stop: s,
+                check: Check::SerialOut { bytes },
+            }) if s == stop => {
+                self.advance();
+                Some(bytes)
+            }
+            other => {
+                self.next = other;
+                None
+            }
+        }
+    }
+
     /// Compares a cross-check with the log.
     pub fn check(&mut self, stop: u64, check: &Check) -> Result<(), JournalError> {
         match self.next.take() {
@@ -374,6 +433,25 @@ impl Replayer {
                 })
             }
         }
+    }
+
+    /// Consumes cross-checks left behind at stops before `stop` (the replay
+    /// did not do what the recording did there): returns how many, and the
+    /// console bytes among them, which still belong on the console.
+    pub fn skip_stale_checks(&mut self, stop: u64) -> (u64, Vec<u8>) {
+        let mut skipped = 0;
+        let mut console = Vec::new();
+        while let Some(Record::Check { stop: s, check }) = &self.next {
+            if *s >= stop {
+                break;
+            }
+            if let Check::SerialOut { bytes } = check {
+                console.extend_from_slice(bytes);
+            }
+            skipped += 1;
+            self.advance();
+        }
+        (skipped, console)
     }
 
     /// Records at a stop the replay has already left mean the two runs took
@@ -489,6 +567,13 @@ impl Journal {
                 Ok(())
             }
             Journal::Replay(rep) => rep.check(stop, &check),
+        }
+    }
+
+    /// Logs an epoch end (recording only).
+    pub fn epoch_end(&mut self, record: Record) {
+        if let Journal::Record(rec) = self {
+            rec.send(record);
         }
     }
 

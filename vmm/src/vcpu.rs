@@ -24,10 +24,14 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 use crate::device_manager::DeviceManager;
 use crate::device_manager::DeviceStateError;
 use crate::dirty::{ConsumerId, DirtyTracker};
+use crate::epoch::{decode_runs, differences, encode_runs, hash_state};
 use crate::exit::{handle_exit, ExitContext, ExitCounters, ExitOutcome, StopKind};
-use crate::journal::{Journal, JournalError};
+use crate::journal::{Journal, JournalError, RecordedEpoch};
 use crate::kick::{DeadlineTimer, Kicker, VcpuKickTarget};
+use crate::repair::Shadow;
 use crate::state::{self, StateError};
+use std::collections::BTreeSet;
+use tandem_replay::log::Record;
 
 /// KVM_INTERRUPT, which kvm-ioctls does not wrap (it only matters without an
 /// in-kernel irqchip).
@@ -174,6 +178,19 @@ pub struct VcpuStats {
     pub sync_points: u64,
     /// Pages carried by those sync points.
     pub sync_pages: u64,
+    /// Epoch ends logged (recording) or checked (replaying).
+    pub epochs: u64,
+    /// Replayed epochs whose hashes matched with no sync point inside.
+    pub epochs_verified: u64,
+    /// Replayed epochs that matched but held a sync point: transferred,
+    /// not verified.
+    pub epochs_transferred: u64,
+    /// Replayed epochs whose hashes differed.
+    pub divergences: u64,
+    /// Divergences repaired.
+    pub repaired: u64,
+    /// Cross-checks (injected vectors, console bytes) that differed.
+    pub check_mismatches: u64,
     /// Interrupts injected.
     pub interrupts: u64,
     /// Time spent halted.
@@ -191,6 +208,10 @@ pub struct SyncContext {
     pub tracker: DirtyTracker,
     /// The sync-point consumer of the tracker.
     pub consumer: ConsumerId,
+    /// The epoch consumer of the tracker.
+    pub epoch_consumer: ConsumerId,
+    /// The repair consumer of the tracker (replay).
+    pub repair_consumer: ConsumerId,
     /// MSRs saved with the vCPU.
     pub msrs: Vec<u32>,
 }
@@ -202,6 +223,22 @@ pub struct KickPolicy {
     pub sync_interval: Option<Duration>,
     /// Kick the vCPU at most this often.
     pub min_kick_interval: Duration,
+    /// End an epoch (and log its hashes) about this often, when recording.
+    pub epoch_interval: Duration,
+}
+
+/// Where the epochs stand.
+#[derive(Default)]
+struct Epochs {
+    /// The next epoch's number.
+    number: u64,
+    /// Recording: when the epoch timer fires.
+    deadline: Option<Instant>,
+    /// Replaying: pages written by sync-point installs this epoch (the
+    /// recorder dirtied them earlier; they are not the replay's own).
+    installed: BTreeSet<u64>,
+    /// A sync point was installed this epoch.
+    had_sync: bool,
 }
 
 /// The vCPU and everything its thread owns.
@@ -220,8 +257,28 @@ pub struct Vcpu {
     last_sync_ns: u64,
     /// The current stop's PIO/MMIO/MSR exit is not finished in KVM yet.
     exit_pending: bool,
+    epochs: Epochs,
+    /// Replay only: the last verified state, for repair (None: --no-repair).
+    shadow: Option<Shadow>,
     causes: Vec<Cause>,
     stats: VcpuStats,
+    /// Divergences found while replaying, in order.
+    pub divergence_reports: Vec<DivergenceReport>,
+}
+
+/// One epoch whose replayed state differed from the recorded one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DivergenceReport {
+    /// The epoch.
+    pub epoch: u64,
+    /// The stop it ended at.
+    pub stop: u64,
+    /// What differs: components, scrub, unlisted pages.
+    pub components: Vec<String>,
+    /// The recorder's component hashes.
+    pub recorded: Vec<(String, u64)>,
+    /// The replay's component hashes.
+    pub replayed: Vec<(String, u64)>,
 }
 
 impl Vcpu {
@@ -250,8 +307,11 @@ impl Vcpu {
             stop: 0,
             last_sync_ns: 0,
             exit_pending: false,
+            epochs: Epochs::default(),
+            shadow: None,
             causes: Vec::new(),
             stats: VcpuStats::default(),
+            divergence_reports: Vec::new(),
         }
     }
 
@@ -280,6 +340,17 @@ impl Vcpu {
         };
         self.stats.exits = self.ctx.counters;
         outcome.map(|o| (o, self.stats))
+    }
+
+    /// Keeps a shadow of the verified state so divergences can be repaired.
+    pub fn enable_repair(&mut self, size: u64) -> Result<(), VcpuError> {
+        self.shadow = Some(Shadow::new(&self.sync.memory, size).map_err(VcpuError::Memory)?);
+        Ok(())
+    }
+
+    /// An epoch diverged and no sync point came after it to repair from.
+    pub fn unrepaired(&self) -> Option<u64> {
+        self.shadow.as_ref().and_then(|s| s.pending)
     }
 
     /// Closes the log (recording) or compares with it (replaying).
@@ -324,6 +395,12 @@ impl Vcpu {
             } else {
                 match self.fd.run() {
                     Ok(exit) => match handle_exit(exit, &mut self.ctx) {
+                        // On KVMs that run the guest in the instruction
+                        // emulator (as on the development machines), the
+                        // interrupt-window exit lands wherever KVM's loop
+                        // next breaks, not at a fixed instruction: it is
+                        // not reproducible, so it is a sync point.
+                        ExitOutcome::Stop(StopKind::IrqWindow) => None,
                         ExitOutcome::Stop(kind) => Some(kind),
                         ended => {
                             self.stop = next;
@@ -348,11 +425,21 @@ impl Vcpu {
                 }
             };
             self.stop = next;
+            if tracing::enabled!(tracing::Level::TRACE) {
+                let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                trace!(stop = self.stop, ?kind, rip, "stop");
+            }
+            if kind == Some(StopKind::Pio) {
+                self.console_output()?;
+            }
             match kind {
                 Some(_) => self.stats.stops += 1,
                 // (c) A kick-induced stop is not reproducible: log the state.
                 None if self.journal.recording() => self.record_sync_point()?,
                 None => {}
+            }
+            if kind.is_some() {
+                self.maybe_end_epoch()?;
             }
             if kind == Some(StopKind::Hlt) {
                 match self.halt()? {
@@ -363,12 +450,17 @@ impl Vcpu {
             }
             self.exit_pending = kind.is_some_and(StopKind::needs_completion);
             self.at_stop()?;
-            if let Some(stale) = self
-                .journal
-                .replayer()
-                .and_then(|rep| rep.stale_record(self.stop + 1))
-            {
-                return Err(stale.into());
+            if let Some(rep) = self.journal.replayer() {
+                let (skipped, console) = rep.skip_stale_checks(self.stop + 1);
+                if let Some(stale) = rep.stale_record(self.stop + 1) {
+                    return Err(stale.into());
+                }
+                self.stats.check_mismatches += skipped;
+                if !console.is_empty() {
+                    self.devices
+                        .outputs
+                        .emit(tandem_replay::Output::Serial(console));
+                }
             }
             timer.set(self.next_kick_deadline());
         }
@@ -444,6 +536,185 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Console bytes the guest wrote at this stop: emitted live, journaled
+    /// when recording; replaying, the recorded bytes are emitted and the
+    /// replay's own are only compared with them.
+    fn console_output(&mut self) -> Result<(), VcpuError> {
+        let bytes = self.devices.take_serial_out();
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let stop = self.stop;
+        let emitted = match self.journal.replayer() {
+            Some(rep) => match rep.take_serial_out(stop) {
+                Some(recorded) => {
+                    if recorded != bytes {
+                        self.stats.check_mismatches += 1;
+                    }
+                    recorded
+                }
+                None => {
+                    self.stats.check_mismatches += 1;
+                    Vec::new()
+                }
+            },
+            None => {
+                if self.journal.recording() {
+                    self.journal.check(
+                        stop,
+                        Check::SerialOut {
+                            bytes: bytes.clone(),
+                        },
+                    )?;
+                }
+                bytes
+            }
+        };
+        if !emitted.is_empty() {
+            self.devices
+                .outputs
+                .emit(tandem_replay::Output::Serial(emitted));
+        }
+        Ok(())
+    }
+
+    /// (c) At a deterministic stop: end an epoch when the recorder's timer
+    /// fired, or check the one the log holds for this stop.
+    fn maybe_end_epoch(&mut self) -> Result<(), VcpuError> {
+        if self.journal.recording() {
+            let now = Instant::now();
+            let due = *self
+                .epochs
+                .deadline
+                .get_or_insert(now + self.policy.epoch_interval);
+            if now >= due {
+                self.record_epoch_end()?;
+                self.epochs.deadline = Some(now + self.policy.epoch_interval);
+            }
+            return Ok(());
+        }
+        let stop = self.stop;
+        if let Some(recorded) = self.journal.replayer().and_then(|r| r.take_epoch_end(stop)) {
+            self.verify_epoch_end(recorded)?;
+        }
+        Ok(())
+    }
+
+    /// The canonical state's ingredients, after completing the pending exit.
+    fn epoch_inputs(&mut self) -> Result<EpochInputs, VcpuError> {
+        self.complete_pending_exit()?;
+        let vcpu = state::capture(&self.fd, &self.sync.msrs, false)?;
+        let devices = self.devices.capture();
+        let sync = &mut self.sync;
+        sync.tracker
+            .harvest(&sync.vm, &sync.memory)
+            .map_err(|e| VcpuError::Memory(format!("KVM_GET_DIRTY_LOG: {e}")))?;
+        let dirtied = sync.tracker.take(sync.epoch_consumer);
+        Ok((vcpu, devices, dirtied))
+    }
+
+    fn mem_pages(&self) -> u64 {
+        use vm_memory::GuestMemoryBackend;
+        self.sync
+            .memory
+            .iter()
+            .map(|r| {
+                use vm_memory::GuestMemoryRegion;
+                r.len() / PAGE_SIZE as u64
+            })
+            .sum()
+    }
+
+    fn record_epoch_end(&mut self) -> Result<(), VcpuError> {
+        let (vcpu, devices, dirtied) = self.epoch_inputs()?;
+        let epoch = self.epochs.number;
+        let hashes = hash_state(
+            &vcpu,
+            &devices,
+            &self.sync.memory,
+            &dirtied,
+            epoch,
+            self.mem_pages(),
+        );
+        self.journal.epoch_end(Record::EpochEnd {
+            epoch,
+            stop: self.stop,
+            pages: encode_runs(&dirtied),
+            hashes: hashes.components,
+            scrub: hashes.scrub,
+        });
+        self.epochs.number += 1;
+        self.stats.epochs += 1;
+        Ok(())
+    }
+
+    fn verify_epoch_end(&mut self, recorded: RecordedEpoch) -> Result<(), VcpuError> {
+        let (vcpu, devices, own) = self.epoch_inputs()?;
+        let mem_pages = self.mem_pages();
+        let listed = decode_runs(&recorded.pages, mem_pages);
+        let ours = hash_state(
+            &vcpu,
+            &devices,
+            &self.sync.memory,
+            &listed,
+            recorded.epoch,
+            mem_pages,
+        );
+        let mut diffs = differences(&recorded.hashes, &recorded.scrub, &ours);
+        let listed_set: BTreeSet<u64> = listed.iter().copied().collect();
+        let extra: Vec<u64> = own
+            .iter()
+            .copied()
+            .filter(|g| !listed_set.contains(g) && !self.epochs.installed.contains(g))
+            .collect();
+        if !extra.is_empty() {
+            diffs.push(format!(
+                "{} pages dirtied by the replay but not the recording (first {:#x})",
+                extra.len(),
+                extra[0]
+            ));
+        }
+        self.stats.epochs += 1;
+        self.epochs.number = recorded.epoch + 1;
+        if let Some(shadow) = self.shadow.as_mut() {
+            shadow.wrote(own.iter().copied());
+        }
+        if diffs.is_empty() {
+            if self.epochs.had_sync {
+                self.stats.epochs_transferred += 1;
+            } else {
+                self.stats.epochs_verified += 1;
+            }
+            if let Some(shadow) = self.shadow.as_mut() {
+                if shadow.pending.is_none() {
+                    let installed = self.epochs.installed.iter().copied();
+                    shadow.verified(&self.sync.memory, listed.iter().copied().chain(installed));
+                }
+            }
+        } else {
+            if let Some(shadow) = self.shadow.as_mut() {
+                shadow.pending.get_or_insert(recorded.epoch);
+            }
+            self.stats.divergences += 1;
+            tracing::warn!(
+                "divergence at epoch {} (stop {}): {} differ",
+                recorded.epoch,
+                self.stop,
+                diffs.join(", ")
+            );
+            self.divergence_reports.push(DivergenceReport {
+                epoch: recorded.epoch,
+                stop: self.stop,
+                components: diffs,
+                recorded: recorded.hashes.clone(),
+                replayed: ours.components.clone(),
+            });
+        }
+        self.epochs.installed.clear();
+        self.epochs.had_sync = false;
+        Ok(())
+    }
+
     /// Installs a recorded sync point instead of executing the stretch it
     /// covers.
     fn install_sync_point(
@@ -451,6 +722,28 @@ impl Vcpu {
         state: &MachineState,
         pages: &[Page],
     ) -> Result<(), VcpuError> {
+        if let Some(shadow) = self.shadow.as_mut() {
+            if shadow.pending.is_some() {
+                let sync = &mut self.sync;
+                sync.tracker
+                    .harvest(&sync.vm, &sync.memory)
+                    .map_err(|e| VcpuError::Memory(format!("KVM_GET_DIRTY_LOG: {e}")))?;
+                shadow.wrote(sync.tracker.take(sync.repair_consumer));
+                let restored = shadow
+                    .repair(&sync.memory, pages)
+                    .map_err(VcpuError::Memory)?;
+                // These writes are the repair's, not the replay's own.
+                self.epochs.installed.extend(restored.iter().copied());
+                let restored = restored.len();
+                self.stats.repaired += 1;
+                tracing::warn!(
+                    "repaired at the sync point of stop {}: {restored} pages restored from the last verified state",
+                    self.stop
+                );
+            } else {
+                shadow.carried(pages);
+            }
+        }
         for page in pages {
             self.sync
                 .memory
@@ -459,6 +752,8 @@ impl Vcpu {
         }
         state::install(&self.fd, &state.vcpu)?;
         self.devices.install(&state.devices)?;
+        self.epochs.installed.extend(pages.iter().map(|p| p.gfn));
+        self.epochs.had_sync = true;
         self.stats.sync_points += 1;
         self.stats.sync_pages += pages.len() as u64;
         Ok(())
@@ -534,6 +829,13 @@ impl Vcpu {
             .fd
             .get_vcpu_events()
             .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        trace!(
+            rip = regs.rip,
+            rflags = regs.rflags,
+            shadow = events.interrupt.shadow,
+            injected = events.interrupt.injected,
+            "interrupt state"
+        );
         Ok(regs.rflags & RFLAGS_IF != 0
             && events.interrupt.shadow == 0
             && events.interrupt.injected == 0
@@ -547,8 +849,10 @@ impl Vcpu {
             return Ok(());
         }
         self.complete_pending_exit()?;
-        if !self.guest_can_take_interrupt()? {
-            self.fd.get_kvm_run().request_interrupt_window = 1;
+        let can = self.guest_can_take_interrupt()?;
+        trace!(stop = self.stop, can, "interrupt pending");
+        if !can {
+            self.request_window(true);
             return Ok(());
         }
         let vector = self.devices.acknowledge_interrupt();
@@ -567,13 +871,30 @@ impl Vcpu {
                 });
             }
             self.stats.interrupts += 1;
-            self.journal.check(self.stop, Check::Injected { vector })?;
+            match self.journal.check(self.stop, Check::Injected { vector }) {
+                Err(JournalError::Diverged { stop, what }) => {
+                    // A cross-check only: the epoch hashes say what differs
+                    // and repair fixes it.
+                    self.stats.check_mismatches += 1;
+                    tracing::warn!("cross-check failed at stop {stop}: {what}");
+                }
+                other => other?,
+            }
         }
         // Another IRQ may be waiting behind this one: come back when the
         // guest can take it.
         let more = self.devices.interrupt_pending();
-        self.fd.get_kvm_run().request_interrupt_window = u8::from(more);
+        self.request_window(more);
         Ok(())
+    }
+
+    /// Asks KVM for an interrupt-window exit. Never while replaying: the
+    /// recorder's window exits are sync points in the log, installed at the
+    /// right stop; a window exit of the replay's own would be a stop the
+    /// recording does not have.
+    fn request_window(&mut self, want: bool) {
+        let want = want && self.journal.replayer_ref().is_none();
+        self.fd.get_kvm_run().request_interrupt_window = u8::from(want);
     }
 
     /// The guest executed HLT: sleep until an interrupt is pending (live:
@@ -617,6 +938,9 @@ impl Vcpu {
         Ok(Halted::Woken)
     }
 }
+
+/// The vCPU state, the device states and the pages dirtied this epoch.
+type EpochInputs = (state::VcpuSnapshot, Vec<(String, Vec<u8>)>, Vec<u64>);
 
 /// How a HLT ended.
 enum Halted {

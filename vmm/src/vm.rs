@@ -39,10 +39,23 @@ use crate::legacy::LegacyDevices;
 use crate::loader::{load_kernel, LoaderError};
 use crate::msr::{route_tsc_msrs, MsrRouting};
 use crate::state::saved_msrs;
-use crate::vcpu::{KickPolicy, SyncContext};
+use crate::vcpu::{DivergenceReport, KickPolicy, SyncContext};
 use crate::vcpu::{RunOutcome, Vcpu, VcpuError, VcpuStats};
 use std::time::Duration;
 use tandem_replay::log::{image_hash, CpuidEntry as LogCpuidEntry, DeviceDesc, VmIdentity};
+
+/// How a run went.
+#[derive(Debug)]
+pub struct RunReport {
+    /// How the guest ended.
+    pub outcome: RunOutcome,
+    /// Counters.
+    pub stats: VcpuStats,
+    /// Replay: epochs that diverged.
+    pub divergences: Vec<DivergenceReport>,
+    /// Replay: the first diverged epoch no sync point came to repair.
+    pub unrepaired: Option<u64>,
+}
 
 /// Where KVM lives unless told otherwise.
 pub const DEFAULT_KVM_PATH: &str = "/dev/kvm";
@@ -65,6 +78,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices, in device order (after the disks).
     pub nets: Vec<NetConfig>,
+    /// Replay: keep a shadow of the verified state and repair divergences.
+    pub repair: bool,
     /// RTC time at creation (Unix seconds); None: the host's clock.
     pub rtc_base: Option<u64>,
     /// Live, recording, or replaying.
@@ -406,10 +421,11 @@ impl Vm {
             None => Arc::new(ReplayOutputs::new(console)),
         };
 
-        let legacy = LegacyDevices::new(&clock, rtc_base, Box::new(SerialOutput(outputs.clone())));
+        let serial_out = SerialOutput::default();
+        let legacy = LegacyDevices::new(&clock, rtc_base, Box::new(serial_out.clone()));
         let mut pio = Bus::new();
         legacy.register(&mut pio)?;
-        let mut devices = DeviceManager::new(legacy, clock.clone());
+        let mut devices = DeviceManager::new(legacy, clock.clone(), serial_out, outputs.clone());
         let mut mmio = Bus::new();
         let (mut disks, mut nets) = (0u8, 0u8);
         for (slot, spec) in specs.iter().enumerate() {
@@ -443,12 +459,14 @@ impl Vm {
                 KickPolicy {
                     sync_interval: None,
                     min_kick_interval: Duration::ZERO,
+                    epoch_interval: Duration::ZERO,
                 },
             ),
             RunMode::Record(options) => {
                 let policy = KickPolicy {
                     sync_interval: Some(options.sync_interval),
                     min_kick_interval: options.min_kick_interval,
+                    epoch_interval: options.epoch_interval,
                 };
                 let recorder =
                     Recorder::start(options, &identity, live).map_err(VmError::Journal)?;
@@ -462,20 +480,29 @@ impl Vm {
                     KickPolicy {
                         sync_interval: None,
                         min_kick_interval: Duration::ZERO,
+                        epoch_interval: Duration::ZERO,
                     },
                 )
             }
         };
         let mut tracker = DirtyTracker::new(mem_size);
         let consumer = tracker.register();
+        let epoch_consumer = tracker.register();
+        let repair_consumer = tracker.register();
         let sync = SyncContext {
             vm: vm.clone(),
             memory: memory.clone(),
             tracker,
             consumer,
+            epoch_consumer,
+            repair_consumer,
             msrs,
         };
-        let vcpu = Vcpu::new(vcpu_fd, ctx, devices, journal, sync, policy, kicker, start);
+        let replaying = matches!(journal, Journal::Replay(_));
+        let mut vcpu = Vcpu::new(vcpu_fd, ctx, devices, journal, sync, policy, kicker, start);
+        if replaying && config.repair {
+            vcpu.enable_repair(mem_size)?;
+        }
         Ok(Self {
             vcpu,
             _vm: vm,
@@ -510,12 +537,19 @@ impl Vm {
     }
 
     /// Runs the guest on a named vCPU thread until it exits, resets or crashes.
-    pub fn run(mut self) -> Result<(RunOutcome, VcpuStats), VmError> {
+    pub fn run(mut self) -> Result<RunReport, VmError> {
         std::thread::scope(|s| {
             let vcpu = &mut self.vcpu;
             let handle = std::thread::Builder::new()
                 .name("tandem-vcpu0".into())
-                .spawn_scoped(s, move || vcpu.run())
+                .spawn_scoped(s, move || {
+                    vcpu.run().map(|(outcome, stats)| RunReport {
+                        outcome,
+                        stats,
+                        divergences: std::mem::take(&mut vcpu.divergence_reports),
+                        unrepaired: vcpu.unrepaired(),
+                    })
+                })
                 .map_err(|e| VmError::Thread(e.to_string()))?;
             handle
                 .join()

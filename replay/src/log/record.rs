@@ -111,6 +111,12 @@ pub enum Check {
         /// The value returned.
         value: u64,
     },
+    /// The guest wrote these bytes to its console at this stop. Replay
+    /// prints the recorded bytes and compares its own.
+    SerialOut {
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
 }
 
 /// How a recording ended.
