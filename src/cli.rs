@@ -199,6 +199,10 @@ pub fn run(args: RunArgs) -> ExitCode {
 }
 
 /// Maps how a VM ended to the process exit status (the README's table).
+pub fn finish_report(result: Result<RunReport, tandem_vmm::VmError>) -> ExitCode {
+    finish(result)
+}
+
 fn finish(result: Result<RunReport, tandem_vmm::VmError>) -> ExitCode {
     match result {
         Ok(RunReport { outcome, stats, .. }) => {
@@ -397,6 +401,7 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
                 sync_interval: Duration::from_millis(args.sync_interval.max(1)),
                 min_kick_interval: Duration::from_micros(args.min_kick_interval),
                 epoch_interval: Duration::from_millis(args.epoch_ms.max(1)),
+                sync_period: tandem_vmm::journal::RECORD_SYNC_PERIOD,
             }),
         },
     })?;

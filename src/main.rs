@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cli;
+mod ft;
 mod log_inspect;
 
 /// The guest crashed: triple fault, emulation failure, HLT with interrupts off.
@@ -41,6 +42,8 @@ enum Command {
     /// Look into record/replay logs.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Serve as the arbiter (witness) of fault-tolerant pairs: grants VM generations.
+    Witness(ft::arbiter::WitnessArgs),
 }
 
 #[derive(Subcommand)]
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Command::Run(args) => cli::run(args),
         Command::Replay(args) => cli::replay(args),
         Command::Log(LogCommand::Inspect { file, json }) => log_inspect::run(&file, json),
+        Command::Witness(args) => ft::arbiter::witness_command(args),
     }
 }
 

@@ -110,6 +110,9 @@ pub trait Inputs: Send {
 pub struct CauseQueue {
     shared: Arc<(Mutex<VecDeque<Cause>>, Condvar)>,
     notify: Arc<dyn Fn() + Send + Sync>,
+    /// When false (a replaying secondary), pushes are dropped: its tap is
+    /// read and discarded.
+    accepting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CauseQueue {
@@ -118,7 +121,15 @@ impl CauseQueue {
         Self {
             shared: Arc::default(),
             notify,
+            accepting: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
+    }
+
+    /// Starts (true) or stops (false) taking causes; stopped, pushes are
+    /// dropped.
+    pub fn set_accepting(&self, accepting: bool) {
+        self.accepting
+            .store(accepting, std::sync::atomic::Ordering::Release);
     }
 
     fn queue(&self) -> MutexGuard<'_, VecDeque<Cause>> {
@@ -127,6 +138,9 @@ impl CauseQueue {
 
     /// Queues a cause, wakes a halted vCPU and kicks a running one.
     pub fn push(&self, cause: Cause) {
+        if !self.accepting.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         self.queue().push_back(cause);
         self.shared.1.notify_all();
         (self.notify)();

@@ -82,6 +82,9 @@ pub struct DeviceManager {
     pub serial_out: SerialOutput,
     /// Where outputs go.
     pub outputs: Arc<dyn Outputs>,
+    /// The current stop, for outputs that are held until the secondary has
+    /// the log up to the stop that produced them.
+    pub stop: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl DeviceManager {
@@ -96,6 +99,7 @@ impl DeviceManager {
         Self {
             serial_out,
             outputs,
+            stop: Arc::default(),
             legacy,
             blocks: Vec::new(),
             nets: Vec::new(),
@@ -139,6 +143,31 @@ impl DeviceManager {
                 lock(&self.legacy.serial).enqueue_input(self.pending_serial.make_contiguous());
             self.pending_serial.drain(..taken);
         }
+    }
+
+    /// Publishes the current stop.
+    pub fn set_stop(&self, stop: u64) {
+        self.stop.store(stop, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Issues again every disk request still in flight (after going live:
+    /// the old primary may never have performed them). Returns how many.
+    pub fn reissue_unfinished(&self) -> usize {
+        let mut count = 0;
+        for (index, block) in self.blocks.iter().enumerate() {
+            let state = lock(block).state();
+            if let tandem_devices::virtio::DeviceState::Block(b) = state.device {
+                for request in b.in_flight {
+                    self.outputs.emit(tandem_replay::Output::BlockSubmit {
+                        device: index as u8,
+                        request: request.id,
+                        op: request.op,
+                    });
+                    count += 1;
+                }
+            }
+        }
+        count
     }
 
     /// Takes the console bytes written at this stop.

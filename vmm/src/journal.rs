@@ -41,6 +41,8 @@ pub struct RecordOptions {
     pub min_kick_interval: Duration,
     /// End an epoch (and log its hashes) about this often.
     pub epoch_interval: Duration,
+    /// How often the writer flushes (and writes a watermark).
+    pub sync_period: Duration,
 }
 
 /// Why the log could not be written or followed.
@@ -70,6 +72,29 @@ pub enum JournalError {
         /// What differs.
         what: String,
     },
+}
+
+/// Where a recorder's writer thread puts records: a log file, or the
+/// replication channel to a secondary.
+pub trait RecordSink: Send {
+    /// Appends one record.
+    fn append(&mut self, record: &Record) -> Result<u64, LogError>;
+    /// Makes everything appended durable (file) or sent (channel).
+    fn sync(&mut self) -> Result<(), LogError>;
+    /// Whether to write a watermark every round even if it did not move
+    /// (a channel uses them as heartbeats).
+    fn wants_heartbeats(&self) -> bool {
+        false
+    }
+}
+
+impl RecordSink for LogFile {
+    fn append(&mut self, record: &Record) -> Result<u64, LogError> {
+        LogFile::append(self, record)
+    }
+    fn sync(&mut self) -> Result<(), LogError> {
+        LogFile::sync(self)
+    }
 }
 
 /// Shared between the vCPU thread and the writer thread.
@@ -107,6 +132,16 @@ impl Recorder {
                     source,
                 }
             })?;
+        Self::start_with_sink(options, Box::new(file), live)
+    }
+
+    /// Starts a recorder writing to `sink` (a file or the replication channel).
+    pub fn start_with_sink(
+        options: RecordOptions,
+        file: Box<dyn RecordSink>,
+        live: LiveInputs,
+    ) -> Result<Self, JournalError> {
+        let period = options.sync_period;
         let (tx, rx) = channel();
         let shared = Arc::new(WriterShared {
             left: AtomicU64::new(0),
@@ -115,7 +150,7 @@ impl Recorder {
         let theirs = shared.clone();
         let writer = std::thread::Builder::new()
             .name("tandem-log".into())
-            .spawn(move || write_loop(file, &rx, &theirs))
+            .spawn(move || write_loop(file, &rx, &theirs, period))
             .map_err(|e| JournalError::Write {
                 path: options.path.clone(),
                 source: LogError::Io(e),
@@ -172,13 +207,18 @@ impl Drop for Recorder {
 /// The writer thread: every [`RECORD_SYNC_PERIOD`] appends what the vCPU
 /// sent, with a watermark at the boundary of the stops it has left, and
 /// fsyncs.
-fn write_loop(mut file: LogFile, rx: &Receiver<Record>, shared: &WriterShared) {
+fn write_loop(
+    mut file: Box<dyn RecordSink>,
+    rx: &Receiver<Record>,
+    shared: &WriterShared,
+    period: Duration,
+) {
     let fail = |e: LogError| {
         let mut slot = shared.error.lock().unwrap_or_else(|p| p.into_inner());
         slot.get_or_insert(e);
     };
     let mut last_watermark: Option<u64> = None;
-    let mut next_sync = Instant::now() + RECORD_SYNC_PERIOD;
+    let mut next_sync = Instant::now() + period;
     let mut batch: Vec<Record> = Vec::new();
     loop {
         let wait = next_sync.saturating_duration_since(Instant::now());
@@ -197,7 +237,8 @@ fn write_loop(mut file: LogFile, rx: &Receiver<Record>, shared: &WriterShared) {
         // published, so after this drain they are all in the batch.
         let left = shared.left.load(Ordering::Acquire);
         batch.extend(rx.try_iter());
-        let mut watermark_due = last_watermark.is_none_or(|w| left > w);
+        let mut watermark_due =
+            last_watermark.is_none_or(|w| left > w || (left == w && file.wants_heartbeats()));
         for r in batch.drain(..) {
             if watermark_due && r.stop() > left {
                 if let Err(e) = file.append(&Record::Watermark { stop: left }) {
@@ -225,13 +266,94 @@ fn write_loop(mut file: LogFile, rx: &Receiver<Record>, shared: &WriterShared) {
         if closed {
             return;
         }
-        next_sync = Instant::now() + RECORD_SYNC_PERIOD;
+        next_sync = Instant::now() + period;
     }
+}
+
+/// Where a replayer's records come from.
+enum Source {
+    /// A log file (offline replay).
+    File(LogReader<BufReader<File>>),
+    /// Records arriving from a primary (a live secondary).
+    Live(LiveFeed),
+}
+
+/// Records arriving from the primary, with what has been seen so far.
+struct LiveFeed {
+    rx: Receiver<Record>,
+    buffered: std::collections::VecDeque<Record>,
+    disconnected: bool,
+    /// The highest stop of any record received.
+    max_stop: Option<u64>,
+    /// The highest watermark received.
+    watermark: Option<u64>,
+    /// The End record arrived.
+    ended: bool,
+}
+
+impl LiveFeed {
+    fn note(&mut self, record: Record) {
+        match record {
+            Record::Watermark { stop } => {
+                self.watermark = Some(self.watermark.map_or(stop, |w| w.max(stop)));
+            }
+            r => {
+                self.ended |= matches!(r, Record::End { .. });
+                self.max_stop = Some(self.max_stop.map_or(r.stop(), |m| m.max(r.stop())));
+                self.buffered.push_back(r);
+            }
+        }
+    }
+
+    /// Takes whatever has arrived, without waiting.
+    fn poll(&mut self) {
+        loop {
+            match self.rx.try_recv() {
+                Ok(r) => self.note(r),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    self.disconnected = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits for one more record; false once the primary is gone.
+    fn wait_one(&mut self) -> bool {
+        match self.rx.recv() {
+            Ok(r) => {
+                self.note(r);
+                true
+            }
+            Err(_) => {
+                self.disconnected = true;
+                false
+            }
+        }
+    }
+
+    /// Has the primary left `stop` (so all of its records are here)?
+    fn left(&self, stop: u64) -> bool {
+        self.ended || self.watermark.is_some_and(|w| w >= stop) || self.max_stop.is_some_and(|m| m > stop)
+    }
+}
+
+/// What the vCPU may do after a stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leave {
+    /// Re-enter the guest.
+    Enter,
+    /// An offline replay reached the end of a cut-short log.
+    ReplayEnd,
+    /// A live secondary has replayed everything its primary sent, and the
+    /// primary is gone: go live here.
+    GoLive,
 }
 
 /// A replay in progress.
 pub struct Replayer {
-    reader: LogReader<BufReader<File>>,
+    source: Source,
     path: PathBuf,
     /// One record of lookahead.
     next: Option<Record>,
@@ -306,7 +428,7 @@ impl Replayer {
             None => Some(summary.watermark.map_or(0, |w| w + 1)),
         };
         let mut replayer = Self {
-            reader,
+            source: Source::File(reader),
             path: path.to_path_buf(),
             next: None,
             limit,
@@ -318,11 +440,56 @@ impl Replayer {
         Ok(replayer)
     }
 
+    /// A replayer following a live primary: records arrive on `rx`, and the
+    /// channel closing means the primary is gone (the caller decided so).
+    pub fn live(rx: Receiver<Record>) -> Self {
+        let mut replayer = Self {
+            source: Source::Live(LiveFeed {
+                rx,
+                buffered: Default::default(),
+                disconnected: false,
+                max_stop: None,
+                watermark: None,
+                ended: false,
+            }),
+            path: PathBuf::from("<replication channel>"),
+            next: None,
+            limit: None,
+            end: None,
+            check_mismatches: 0,
+            damage: None,
+        };
+        replayer.advance();
+        replayer
+    }
+
+    /// Is this a live secondary?
+    pub fn is_live(&self) -> bool {
+        matches!(self.source, Source::Live(_))
+    }
+
     /// Loads the next non-watermark record into the lookahead.
     fn advance(&mut self) {
         self.next = None;
+        if let Source::Live(feed) = &mut self.source {
+            feed.poll();
+            while let Some(r) = feed.buffered.pop_front() {
+                match r {
+                    Record::End { stop, outcome } => self.end = Some((stop, outcome)),
+                    r => {
+                        tracing::trace!(kind = r.kind(), stop = r.stop(), "log record");
+                        self.next = Some(r);
+                        return;
+                    }
+                }
+            }
+            return;
+        }
+        let Source::File(reader) = &mut self.source else {
+            return;
+        };
         while self.damage.is_none() {
-            match self.reader.read_record() {
+            match reader.read_record() {
                 Ok(Some(Record::Watermark { .. })) => continue,
                 Ok(Some(Record::End { stop, outcome })) => {
                     self.end = Some((stop, outcome));
@@ -344,9 +511,67 @@ impl Replayer {
         &self.path
     }
 
-    /// May the vCPU re-enter the guest after stop `stop`?
-    pub fn may_enter(&self, stop: u64) -> bool {
-        self.limit.is_none_or(|limit| stop + 1 < limit)
+    /// May the vCPU re-enter the guest after stop `stop`? Live, this waits
+    /// until the primary has left stop `stop + 1` (all of its records are
+    /// here) or is gone.
+    pub fn may_enter(&mut self, stop: u64) -> Leave {
+        if !self.is_live() {
+            return if self.limit.is_none_or(|limit| stop + 1 < limit) {
+                Leave::Enter
+            } else {
+                Leave::ReplayEnd
+            };
+        }
+        loop {
+            if self.next.is_none() {
+                self.advance();
+            }
+            let Source::Live(feed) = &mut self.source else {
+                return Leave::Enter;
+            };
+            feed.poll();
+            let beyond = self.next.as_ref().is_some_and(|r| r.stop() > stop + 1);
+            if beyond || feed.left(stop + 1) {
+                return Leave::Enter;
+            }
+            if feed.disconnected || !feed.wait_one() {
+                return Leave::GoLive;
+            }
+        }
+    }
+
+    /// Live, while the guest is halted at `stop` and nothing logged so far
+    /// wakes it: waits for more from the primary. False when the primary is
+    /// gone (go live) ; an error when the primary has left this stop.
+    pub fn wait_at(&mut self, stop: u64) -> Result<bool, JournalError> {
+        let Source::Live(feed) = &mut self.source else {
+            return Ok(false);
+        };
+        if feed.left(stop) && self.next.as_ref().is_none_or(|r| r.stop() > stop) {
+            feed.poll();
+            if feed.left(stop) {
+                return Err(JournalError::Diverged {
+                    stop,
+                    what: "the guest halted and nothing the primary logged for this stop wakes it"
+                        .into(),
+                });
+            }
+        }
+        if feed.disconnected || !feed.wait_one() {
+            return Ok(false);
+        }
+        if self.next.is_none() {
+            self.advance();
+        }
+        Ok(true)
+    }
+
+    /// The highest watermark received from a live primary.
+    pub fn received_watermark(&self) -> Option<u64> {
+        match &self.source {
+            Source::Live(feed) => feed.watermark,
+            Source::File(reader) => reader.watermark(),
+        }
     }
 
     /// The sync point recorded for `stop`, if the next record is one.
@@ -543,15 +768,15 @@ impl Journal {
     }
 
     /// Called as the vCPU re-enters the guest from `stop`: the recorder
-    /// publishes its watermark; false if a replay must stop here.
-    pub fn leave_stop(&mut self, stop: u64) -> Result<bool, JournalError> {
+    /// publishes its watermark; a replay may have to stop or go live here.
+    pub fn leave_stop(&mut self, stop: u64) -> Result<Leave, JournalError> {
         match self {
-            Journal::Live(_) => Ok(true),
+            Journal::Live(_) => Ok(Leave::Enter),
             Journal::Record(rec) => {
                 rec.shared.left.store(stop, Ordering::Release);
                 match rec.writer_error() {
                     Some(e) => Err(e),
-                    None => Ok(true),
+                    None => Ok(Leave::Enter),
                 }
             }
             Journal::Replay(rep) => Ok(rep.may_enter(stop)),

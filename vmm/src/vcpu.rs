@@ -26,7 +26,7 @@ use crate::device_manager::DeviceStateError;
 use crate::dirty::{ConsumerId, DirtyTracker};
 use crate::epoch::{decode_runs, differences, encode_runs, hash_state};
 use crate::exit::{handle_exit, ExitContext, ExitCounters, ExitOutcome, StopKind};
-use crate::journal::{Journal, JournalError, RecordedEpoch};
+use crate::journal::{Journal, JournalError, Leave, RecordedEpoch};
 use crate::kick::{DeadlineTimer, Kicker, VcpuKickTarget};
 use crate::repair::Shadow;
 use crate::state::{self, StateError};
@@ -191,6 +191,8 @@ pub struct VcpuStats {
     pub repaired: u64,
     /// Cross-checks (injected vectors, console bytes) that differed.
     pub check_mismatches: u64,
+    /// A live secondary went live at this stop.
+    pub went_live_at: Option<u64>,
     /// Interrupts injected.
     pub interrupts: u64,
     /// Time spent halted.
@@ -264,6 +266,16 @@ pub struct Vcpu {
     stats: VcpuStats,
     /// Divergences found while replaying, in order.
     pub divergence_reports: Vec<DivergenceReport>,
+    go_live_hooks: Option<GoLiveHooks>,
+}
+
+/// What a live secondary needs to go live.
+pub struct GoLiveHooks {
+    /// The queue the live world (taps, disk workers, stdin) fills.
+    pub causes: tandem_replay::CauseQueue,
+    /// Switches outputs to the world (emitting buffered ones) and lets the
+    /// taps' frames in.
+    pub switch: Box<dyn FnOnce() + Send>,
 }
 
 /// One epoch whose replayed state differed from the recorded one.
@@ -312,6 +324,7 @@ impl Vcpu {
             causes: Vec::new(),
             stats: VcpuStats::default(),
             divergence_reports: Vec::new(),
+            go_live_hooks: None,
         }
     }
 
@@ -340,6 +353,40 @@ impl Vcpu {
         };
         self.stats.exits = self.ctx.counters;
         outcome.map(|o| (o, self.stats))
+    }
+
+    /// Makes a live secondary able to go live: its cause queue and what to
+    /// switch when it does.
+    pub fn set_go_live(&mut self, hooks: GoLiveHooks) {
+        self.go_live_hooks = Some(hooks);
+    }
+
+    /// The secondary becomes the primary at the current stop: guest time
+    /// continues from the last logged time, inputs come from the world,
+    /// outputs go to it (buffered ones first), and disk requests the old
+    /// primary never completed are issued again.
+    fn go_live(&mut self) -> Result<(), VcpuError> {
+        let Some(hooks) = self.go_live_hooks.take() else {
+            return Err(VcpuError::Journal(JournalError::Diverged {
+                stop: self.stop,
+                what: "the log ended but this replay cannot go live".into(),
+            }));
+        };
+        let now_ns = self.ctx.clock.now_ns();
+        let start = Instant::now()
+            .checked_sub(Duration::from_nanos(now_ns))
+            .unwrap_or_else(Instant::now);
+        self.start = start;
+        self.journal = Journal::Live(tandem_replay::LiveInputs::new(start, hooks.causes));
+        self.shadow = None;
+        (hooks.switch)();
+        let reissued = self.devices.reissue_unfinished();
+        self.stats.went_live_at = Some(self.stop);
+        tracing::warn!(
+            "going live at stop {} (guest time {now_ns} ns); {reissued} disk requests issued again",
+            self.stop
+        );
+        Ok(())
     }
 
     /// Keeps a shadow of the verified state so divergences can be repaired.
@@ -375,10 +422,17 @@ impl Vcpu {
     fn run_loop(&mut self, timer: &mut DeadlineTimer) -> Result<RunOutcome, VcpuError> {
         loop {
             // (f) re-enter from the current stop, if the log allows it.
-            if !self.journal.leave_stop(self.stop)? {
-                return Ok(RunOutcome::ReplayEnded(ReplayEnd::AtWatermark {
-                    stop: self.stop,
-                }));
+            match self.journal.leave_stop(self.stop)? {
+                Leave::Enter => {}
+                Leave::ReplayEnd => {
+                    return Ok(RunOutcome::ReplayEnded(ReplayEnd::AtWatermark {
+                        stop: self.stop,
+                    }))
+                }
+                Leave::GoLive => {
+                    self.go_live()?;
+                    continue;
+                }
             }
             let next = self.stop + 1;
             let replayed_sync = self
@@ -425,6 +479,7 @@ impl Vcpu {
                 }
             };
             self.stop = next;
+            self.devices.set_stop(next);
             if tracing::enabled!(tracing::Level::TRACE) {
                 let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
                 trace!(stop = self.stop, ?kind, rip, "stop");
@@ -913,6 +968,14 @@ impl Vcpu {
                 }));
             }
             if let Some(rep) = self.journal.replayer() {
+                if rep.is_live() {
+                    // The primary may still be halted here too: wait for
+                    // what it logs next, or go live if it is gone.
+                    if !rep.wait_at(self.stop)? {
+                        self.go_live()?;
+                    }
+                    continue;
+                }
                 // Everything logged for this stop has been applied.
                 if rep.exhausted() {
                     return Ok(Halted::ReplayEnded(ReplayEnd::LogExhausted {

@@ -23,7 +23,10 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::backend::block::{BlockWorker, DiskError, DiskImage};
 use crate::backend::console::Console;
+use crate::backend::gate::{FollowerOutputs, GatedOutputs};
 use crate::backend::outputs::ReplayOutputs;
+use crate::journal::RecordSink;
+use crate::vcpu::GoLiveHooks;
 use crate::backend::tap::{Tap, TapError, TapReader};
 use crate::backend::LiveOutputs;
 use crate::boot::{initial_state, BootError};
@@ -87,12 +90,28 @@ pub struct VmConfig {
 }
 
 /// How the VM gets its inputs.
-#[derive(Clone, Debug)]
 pub enum RunMode {
     /// From the world.
     Live,
     /// From the world, and logged.
     Record(RecordOptions),
+    /// The primary of a pair: from the world, logged to `sink` (the
+    /// replication channel), outputs held until the secondary acknowledges.
+    Primary {
+        /// Kicks, sync points, epochs.
+        options: RecordOptions,
+        /// Where the log goes.
+        sink: Box<dyn RecordSink>,
+    },
+    /// The secondary of a pair: replays what the primary sends, and goes
+    /// live when the channel closes. Memory, command line, CPUID and RTC
+    /// come from the primary's identity; disks and taps from the config.
+    Follow {
+        /// The primary's identity (the log header it sent).
+        identity: VmIdentity,
+        /// The records as they arrive.
+        feed: std::sync::mpsc::Receiver<tandem_replay::log::Record>,
+    },
     /// From a log. Memory, command line, devices, CPUID and RTC come from its
     /// header; `disks`, `nets`, `cmdline` and `mem_size` of the config are
     /// ignored.
@@ -228,6 +247,8 @@ pub struct Vm {
     cpuid: CpuidTable,
     msr_routing: MsrRouting,
     identity: VmIdentity,
+    gate: Option<Arc<GatedOutputs>>,
+    follower: Option<Arc<FollowerOutputs>>,
 }
 
 /// A virtio device as the VM sees it (the same live and in replay).
@@ -315,8 +336,10 @@ impl Vm {
         // from the log header when replaying.
         let replay = match &config.mode {
             RunMode::Replay { log } => Some(journal::summarize(log).map_err(VmError::Journal)?),
+            RunMode::Follow { identity, .. } => Some((identity.clone(), Default::default())),
             _ => None,
         };
+        let following = matches!(config.mode, RunMode::Follow { .. });
         let (mem_size, cmdline, specs, world) = match &replay {
             Some((identity, _)) => {
                 let specs = identity
@@ -324,7 +347,21 @@ impl Vm {
                     .iter()
                     .map(VirtioSpec::from_desc)
                     .collect::<Result<Vec<_>, _>>()?;
-                (identity.mem_size, identity.cmdline.clone(), specs, None)
+                // A follower has the real disks and taps, for when it goes live.
+                let world = if following {
+                    let (ours, world) = open_live_world(&config)?;
+                    if ours != specs {
+                        return Err(VmError::IdentityMismatch(format!(
+                            "the primary's devices are {:?}, this host's {:?}",
+                            identity.devices,
+                            ours.iter().map(VirtioSpec::desc).collect::<Vec<_>>()
+                        )));
+                    }
+                    Some(world)
+                } else {
+                    None
+                };
+                (identity.mem_size, identity.cmdline.clone(), specs, world)
             }
             None => {
                 let (specs, world) = open_live_world(&config)?;
@@ -402,6 +439,8 @@ impl Vm {
         let console = Console::start(config.serial_out)
             .map_err(|e| VmError::Thread(format!("console thread: {e}")))?;
         let mut tap_readers = Vec::new();
+        let stop = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut world_taps = Vec::new();
         let outputs: Arc<dyn Outputs> = match world {
             Some(world) => {
                 let mut workers = Vec::new();
@@ -416,9 +455,27 @@ impl Vm {
                         .map_err(|e| VmError::Thread(format!("tap reader: {e}")))?;
                     tap_readers.push(reader);
                 }
+                world_taps = world.taps.clone();
                 Arc::new(LiveOutputs::new(console, world.taps, workers))
             }
             None => Arc::new(ReplayOutputs::new(console)),
+        };
+        let mut gate = None;
+        let mut follower = None;
+        let outputs: Arc<dyn Outputs> = match &config.mode {
+            RunMode::Primary { .. } => {
+                let g = Arc::new(GatedOutputs::new(outputs, stop.clone()));
+                gate = Some(g.clone());
+                g
+            }
+            RunMode::Follow { .. } => {
+                // A replaying secondary reads and discards its tap.
+                causes.set_accepting(false);
+                let f = Arc::new(FollowerOutputs::new(outputs, stop.clone()));
+                follower = Some(f.clone());
+                f
+            }
+            _ => outputs,
         };
 
         let serial_out = SerialOutput::default();
@@ -426,6 +483,7 @@ impl Vm {
         let mut pio = Bus::new();
         legacy.register(&mut pio)?;
         let mut devices = DeviceManager::new(legacy, clock.clone(), serial_out, outputs.clone());
+        devices.stop = stop;
         let mut mmio = Bus::new();
         let (mut disks, mut nets) = (0u8, 0u8);
         for (slot, spec) in specs.iter().enumerate() {
@@ -472,6 +530,24 @@ impl Vm {
                     Recorder::start(options, &identity, live).map_err(VmError::Journal)?;
                 (Journal::Record(Box::new(recorder)), policy)
             }
+            RunMode::Primary { options, sink } => {
+                let policy = KickPolicy {
+                    sync_interval: Some(options.sync_interval),
+                    min_kick_interval: options.min_kick_interval,
+                    epoch_interval: options.epoch_interval,
+                };
+                let recorder = Recorder::start_with_sink(options, sink, live)
+                    .map_err(VmError::Journal)?;
+                (Journal::Record(Box::new(recorder)), policy)
+            }
+            RunMode::Follow { feed, .. } => (
+                Journal::Replay(Box::new(Replayer::live(feed))),
+                KickPolicy {
+                    sync_interval: None,
+                    min_kick_interval: Duration::ZERO,
+                    epoch_interval: Duration::ZERO,
+                },
+            ),
             RunMode::Replay { log } => {
                 let summary = replay.map(|(_, s)| s).unwrap_or_default();
                 let replayer = Replayer::open(&log, &summary).map_err(VmError::Journal)?;
@@ -503,6 +579,26 @@ impl Vm {
         if replaying && config.repair {
             vcpu.enable_repair(mem_size)?;
         }
+        if let Some(f) = follower.clone() {
+            let queue = causes.clone();
+            let macs: Vec<[u8; 6]> = specs
+                .iter()
+                .filter_map(|s| match s {
+                    VirtioSpec::Net { mac } => Some(*mac),
+                    VirtioSpec::Block { .. } => None,
+                })
+                .collect();
+            let taps = world_taps.clone();
+            vcpu.set_go_live(GoLiveHooks {
+                causes: causes.clone(),
+                switch: Box::new(move || {
+                    let emitted = f.go_live();
+                    queue.set_accepting(true);
+                    info!("live: {emitted} buffered outputs emitted");
+                    crate::backend::announce::spawn(taps, macs);
+                }),
+            });
+        }
         Ok(Self {
             vcpu,
             _vm: vm,
@@ -513,7 +609,19 @@ impl Vm {
             cpuid,
             msr_routing,
             identity,
+            gate,
+            follower,
         })
+    }
+
+    /// The primary's output gate (pair mode).
+    pub fn gate(&self) -> Option<Arc<GatedOutputs>> {
+        self.gate.clone()
+    }
+
+    /// The secondary's output buffer (pair mode).
+    pub fn follower(&self) -> Option<Arc<FollowerOutputs>> {
+        self.follower.clone()
     }
 
     /// What makes this VM the same guest as another (the log header).

@@ -242,7 +242,7 @@ impl Record {
     }
 
     /// Encodes the record as a whole frame.
-    pub(crate) fn encode_frame(&self) -> Result<Vec<u8>, LogError> {
+    pub fn encode_frame(&self) -> Result<Vec<u8>, LogError> {
         self.validate().map_err(LogError::Invalid)?;
         let v = VERSION_1;
         match self {

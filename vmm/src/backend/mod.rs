@@ -5,8 +5,10 @@
 //! produce for the guest goes into the [`CauseQueue`](tandem_replay::CauseQueue)
 //! and reaches guest memory only when the vCPU thread applies it at a stop.
 
+pub mod announce;
 pub mod block;
 pub mod console;
+pub mod gate;
 pub mod outputs;
 pub mod tap;
 

@@ -1,0 +1,380 @@
+//! Arbitration: who may run a VM live.
+//!
+//! Running the guest live requires a **generation** per VM, won by
+//! compare-and-set: `claim(vm, expected: g, holder)` is granted only if the
+//! VM's current generation is exactly `g`; the generation then becomes `g + 1`
+//! with that holder. The generation is the fencing token: it travels in every
+//! replication frame and ack, and anything older is rejected. A VM that was
+//! never claimed has generation 0 and no holder.
+//!
+//! Two implementations sit behind the [`Arbiter`] trait:
+//!
+//! * [`TcpArbiter`], the client of `tandem witness` ([`WitnessServer`]), a small
+//!   process on a third host that keeps `vm -> (generation, holder)` and
+//!   persists (and fsyncs) every grant before it answers;
+//! * [`FileArbiter`], for a directory on shared storage: generation `g + 1` is
+//!   won by creating `DIR/<vm>/gen-<g+1>` with `O_CREAT|O_EXCL`. Never a lock:
+//!   a frozen holder would keep a lock forever.
+//!
+//! Neither implementation ever grants the same generation twice, not even
+//! across a crash or restart of the witness. Neither retries a claim on its
+//! own: when a claim fails with an error (not a refusal), its outcome is
+//! unknown (the witness may have granted it and the reply been lost), so the
+//! caller must [`Arbiter::query`] before it acts on the generation.
+
+// Until the pair/failover code calls the clients, only `tandem witness` uses
+// this module in the binary.
+#![allow(dead_code, unused_imports)]
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+mod file;
+mod witness;
+
+pub use file::FileArbiter;
+pub use witness::{TcpArbiter, WitnessHandle, WitnessServer};
+
+/// Longest VM or holder name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Longest protocol line the witness accepts, newline included.
+pub const MAX_LINE_LEN: usize = 1024;
+
+/// What an arbiter knows about one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The current generation: 0 if the VM was never claimed.
+    pub generation: u64,
+    /// Who won `generation`; `None` if the VM was never claimed (or, for a
+    /// file arbiter, if the winner crashed before it wrote its name).
+    pub holder: Option<String>,
+}
+
+impl Grant {
+    /// The state of a VM that was never claimed.
+    pub const fn unclaimed() -> Self {
+        Grant {
+            generation: 0,
+            holder: None,
+        }
+    }
+}
+
+impl fmt::Display for Grant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.holder {
+            Some(h) => write!(f, "generation {} held by {h}", self.generation),
+            None => write!(f, "generation {} (no holder)", self.generation),
+        }
+    }
+}
+
+/// The answer to a claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The claim won: this is the new generation (`expected + 1`).
+    Granted(u64),
+    /// The VM's generation was not `expected`: this is what it is now.
+    Refused(Grant),
+}
+
+/// An arbiter failed to answer. A refused claim is not an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ArbiterError {
+    /// A VM or holder name breaks the naming rule.
+    #[error(
+        "invalid {what} name {name:?}: 1 to 64 characters of [A-Za-z0-9._-], starting with a letter or digit"
+    )]
+    InvalidName {
+        /// `vm` or `holder`.
+        what: &'static str,
+        /// The offending name.
+        name: String,
+    },
+    /// `expected` is the largest generation; there is no next one.
+    #[error("generation {0} is the last one; the VM cannot be claimed again")]
+    GenerationExhausted(u64),
+    /// The witness could not be reached at all.
+    #[error("witness {addr} unreachable: {reason}")]
+    Unreachable {
+        /// The witness address.
+        addr: SocketAddr,
+        /// Why, e.g. `connection refused`, `timed out after 2s`.
+        reason: String,
+    },
+    /// The connection broke (or timed out) after the request may have been
+    /// sent: for a claim, its outcome is unknown.
+    #[error("witness {addr}: {op} failed: {reason}")]
+    Connection {
+        /// The witness address.
+        addr: SocketAddr,
+        /// What was being done: `sending the request`, `reading the reply`.
+        op: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The witness answered something that is not the protocol.
+    #[error("witness {addr} sent a malformed reply: {reply:?}")]
+    BadReply {
+        /// The witness address.
+        addr: SocketAddr,
+        /// The reply (truncated).
+        reply: String,
+    },
+    /// The witness answered `ERROR <reason>`.
+    #[error("witness {addr} refused to answer: {reason}")]
+    Remote {
+        /// The witness address.
+        addr: SocketAddr,
+        /// Its reason.
+        reason: String,
+    },
+    /// The witness could not listen.
+    #[error("witness: cannot listen on {addr}: {source}")]
+    Bind {
+        /// The listen address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The witness state file exists but is not a valid state file. The
+    /// witness never starts over from generation 0 on its own: that could
+    /// grant a generation twice.
+    #[error("witness state file {path} is corrupt: {reason} (restore it from a backup; starting over from empty could grant a generation twice)")]
+    CorruptState {
+        /// The state file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Another witness process uses this state file.
+    #[error("witness state file {path} is in use by another witness (lock file {lock} is held)")]
+    StateLocked {
+        /// The state file.
+        path: PathBuf,
+        /// Its lock file.
+        lock: PathBuf,
+    },
+    /// A file-system operation failed (witness state, file arbiter).
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done, e.g. `cannot create`.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A file arbiter directory holds something it did not write.
+    #[error("file arbiter {path}: {reason}")]
+    CorruptDir {
+        /// The offending path.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl ArbiterError {
+    pub(crate) fn io(op: &'static str, path: &Path, source: io::Error) -> Self {
+        ArbiterError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// An arbiter: a compare-and-set register of `(generation, holder)` per VM.
+pub trait Arbiter: Send + Sync {
+    /// The VM's current generation and holder (generation 0, no holder, if
+    /// it was never claimed).
+    fn query(&self, vm: &str) -> Result<Grant, ArbiterError>;
+
+    /// Wins generation `expected + 1` for `holder` if the VM's generation is
+    /// exactly `expected`; otherwise refuses with the current state.
+    ///
+    /// On `Err` the outcome is unknown: query before acting.
+    fn claim(&self, vm: &str, expected: u64, holder: &str) -> Result<ClaimOutcome, ArbiterError>;
+}
+
+/// A client of the `tandem witness` at `addr`; every request connects anew,
+/// and connecting, sending and reading each wait at most `timeout`.
+pub fn tcp(addr: SocketAddr, timeout: Duration) -> TcpArbiter {
+    TcpArbiter::new(addr, timeout)
+}
+
+/// An arbiter on the shared directory `dir` (`file:DIR`).
+pub fn file(dir: &Path) -> FileArbiter {
+    FileArbiter::new(dir)
+}
+
+/// Opens the witness state (`state`, created if missing), listens on
+/// `listen`, and serves forever.
+pub fn serve(listen: SocketAddr, state: &Path) -> Result<(), ArbiterError> {
+    bind(listen, state)?.run()
+}
+
+/// Opens the witness state (`state`, created if missing) and listens on
+/// `listen` (port 0 picks one: see [`WitnessServer::local_addr`]); serve
+/// with [`WitnessServer::run`] or [`WitnessServer::spawn`].
+pub fn bind(listen: SocketAddr, state: &Path) -> Result<WitnessServer, ArbiterError> {
+    WitnessServer::bind(listen, state)
+}
+
+/// Checks a VM or holder name: 1 to [`MAX_NAME_LEN`] characters of
+/// `[A-Za-z0-9._-]`, the first a letter or digit (so no `.`, `..` or `-`,
+/// which are a path or the protocol's "no holder").
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), ArbiterError> {
+    if is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(ArbiterError::InvalidName {
+            what,
+            name: name.chars().take(2 * MAX_NAME_LEN).collect(),
+        })
+    }
+}
+
+fn is_valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_NAME_LEN
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+/// Options of `tandem witness`.
+#[derive(clap::Args, Debug)]
+pub struct WitnessArgs {
+    /// Address to listen on, e.g. `0.0.0.0:7500`.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// The state file: every grant is written and fsynced here before it is
+    /// answered. Created if missing; a corrupt one stops the witness.
+    #[arg(long, value_name = "FILE")]
+    pub state: PathBuf,
+}
+
+/// `tandem witness`: serves until killed. Prints `listening on ADDR` on
+/// stdout once it accepts connections; exit status 3 if it cannot start.
+pub fn witness_command(args: WitnessArgs) -> ExitCode {
+    let server = match bind(args.listen, &args.state) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tandem witness: {e}");
+            return ExitCode::from(crate::EXIT_START_FAILED);
+        }
+    };
+    println!("listening on {}", server.local_addr());
+    // Best effort: the line is for scripts and tests waiting for the port.
+    let _ = io::Write::flush(&mut io::stdout());
+    match server.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tandem witness: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Maps an I/O error to a short lowercase reason: `connection refused`,
+/// `timed out after 2s`, ...
+pub(crate) fn describe_io(e: &io::Error, timeout: Duration) -> String {
+    use io::ErrorKind::*;
+    match e.kind() {
+        WouldBlock | TimedOut => format!("timed out after {timeout:?}"),
+        ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected | BrokenPipe
+        | AddrNotAvailable | UnexpectedEof => e.kind().to_string(),
+        _ => match e.raw_os_error() {
+            Some(libc::EHOSTUNREACH) => "no route to host".into(),
+            Some(libc::ENETUNREACH) => "network unreachable".into(),
+            _ => e.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub fn new(tag: &str) -> Self {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            let p = std::env::temp_dir().join(format!(
+                "tandem-arbiter-{tag}-{}-{}-{nanos}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["vm1", "a", "web-01.prod_x", "0", &"x".repeat(64)] {
+            assert!(validate_name("vm", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-",
+            ".",
+            "..",
+            "-x",
+            ".hidden",
+            "a b",
+            "a/b",
+            "a\nb",
+            "é",
+            &"x".repeat(65),
+        ] {
+            assert!(validate_name("vm", bad).is_err(), "{bad:?}");
+        }
+        let e = validate_name("holder", "a b").unwrap_err().to_string();
+        assert!(e.contains("invalid holder name \"a b\""), "{e}");
+    }
+
+    #[test]
+    fn describe() {
+        let e = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            describe_io(&e, Duration::from_secs(1)),
+            "connection refused"
+        );
+        let e = io::Error::from(io::ErrorKind::WouldBlock);
+        assert_eq!(
+            describe_io(&e, Duration::from_secs(2)),
+            "timed out after 2s"
+        );
+    }
+}

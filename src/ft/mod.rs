@@ -1,0 +1,5 @@
+//! Fault tolerance: the arbiter, the replication channel and the pair.
+
+pub mod arbiter;
+pub mod pair;
+pub mod wire;

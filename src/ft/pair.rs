@@ -1,0 +1,411 @@
+//! A protected pair: the primary runs and ships its log, the secondary
+//! replays it and takes over when the primary is gone.
+//!
+//! Threads, on each side, besides the vCPU: one reading the peer, one
+//! writing to it (log, releases, acks, heartbeats — a heartbeat never waits
+//! behind bulk data for longer than a frame), and a monitor that declares
+//! the peer gone after `failover_timeout` without any message (EOF is only a
+//! hint). Before running the guest live a side must win the next generation
+//! from the arbiter; a side that loses fences itself: it stops and exits
+//! with [`EXIT_FENCED`] without releasing anything more.
+
+use std::io::Write;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use tandem_replay::log::{LogError, LogReader, LogWriter, Record};
+use tandem_vmm::journal::{RecordOptions, RecordSink};
+use tandem_vmm::vm::RunMode;
+use tandem_vmm::{Vm, VmConfig};
+use tracing::{info, warn};
+
+use super::arbiter::{Arbiter, ClaimOutcome};
+use super::wire::{self, Message, PROTOCOL_MAX, PROTOCOL_MIN};
+
+/// A side that lost the arbitration stopped itself.
+pub const EXIT_FENCED: u8 = 124;
+
+/// What both sides of a pair need to know.
+pub struct PairParams {
+    /// The VM's name at the arbiter.
+    pub vm_name: String,
+    /// This host's id ("a" or "b").
+    pub me: String,
+    /// This host's replication address (the primary listens here).
+    pub listen: SocketAddr,
+    /// The peer's replication address (the secondary connects there).
+    pub peer: SocketAddr,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// No message for this long: the peer is gone.
+    pub failover_timeout: Duration,
+    /// Who decides who is live (None: `--i-accept-split-brain`).
+    pub arbiter: Option<Arc<dyn Arbiter>>,
+    /// Run without waiting for a secondary.
+    pub alone: bool,
+}
+
+impl PairParams {
+    /// Wins the generation after `expected`; Ok(None) when another side has it.
+    fn claim(&self, expected: u64) -> anyhow::Result<Option<u64>> {
+        let Some(arbiter) = &self.arbiter else {
+            // Split brain accepted: every side believes it won.
+            return Ok(Some(expected + 1));
+        };
+        match arbiter.claim(&self.vm_name, expected, &self.me)? {
+            ClaimOutcome::Granted(g) => Ok(Some(g)),
+            ClaimOutcome::Refused(current) => {
+                warn!("claim of generation {} refused: {current}", expected + 1);
+                Ok(None)
+            }
+        }
+    }
+
+    fn current_generation(&self) -> anyhow::Result<u64> {
+        match &self.arbiter {
+            Some(a) => Ok(a.query(&self.vm_name)?.generation),
+            None => Ok(0),
+        }
+    }
+}
+
+/// Milliseconds since `base`, for last-heard bookkeeping.
+fn millis(base: Instant) -> u64 {
+    u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn fence(reason: &str) -> ! {
+    eprintln!("tandem: fenced: {reason}");
+    // Process exit stops the vCPU and closes taps, disks and sockets:
+    // nothing more leaves this side.
+    std::process::exit(i32::from(EXIT_FENCED));
+}
+
+/// A record sink that ships frames to the replication thread.
+struct ShipSink {
+    frames: Sender<Vec<u8>>,
+}
+
+impl RecordSink for ShipSink {
+    fn append(&mut self, record: &Record) -> Result<u64, LogError> {
+        let frame = record.encode_frame()?;
+        let len = frame.len() as u64;
+        // A closed channel means the secondary is gone; the monitor decides
+        // what that means.
+        let _ = self.frames.send(frame);
+        Ok(len)
+    }
+    fn sync(&mut self) -> Result<(), LogError> {
+        Ok(())
+    }
+    fn wants_heartbeats(&self) -> bool {
+        true
+    }
+}
+
+/// Recording options for a pair: watermarks flow every half heartbeat.
+fn pair_record_options(params: &PairParams) -> RecordOptions {
+    RecordOptions {
+        path: std::path::PathBuf::from("<replication channel>"),
+        max_size: None,
+        sync_interval: Duration::from_secs(1),
+        min_kick_interval: Duration::from_micros(500),
+        epoch_interval: Duration::from_millis(10),
+        sync_period: (params.heartbeat / 2).max(Duration::from_millis(2)),
+    }
+}
+
+/// Runs the primary: wins a generation, waits for the secondary, runs the
+/// guest shipping its log, holds output until acked, and carries on alone
+/// (after winning the next generation) if the secondary goes away.
+pub fn run_primary(params: PairParams, vm_config: impl FnOnce(RunMode) -> VmConfig) -> anyhow::Result<ExitCode> {
+    let current = params.current_generation()?;
+    let Some(generation) = params.claim(current)? else {
+        bail!(
+            "another side holds the VM {} at the arbiter; start this host with `tandem pair` or as secondary",
+            params.vm_name
+        );
+    };
+    info!("primary: generation {generation}");
+    let (frames_tx, frames_rx) = channel::<Vec<u8>>();
+    let sink = ShipSink { frames: frames_tx };
+    let options = pair_record_options(&params);
+
+    let stream = if params.alone {
+        None
+    } else {
+        let listener = TcpListener::bind(params.listen)
+            .with_context(|| format!("cannot listen on {}", params.listen))?;
+        eprintln!("tandem: primary waiting for the secondary on {}", params.listen);
+        let (mut stream, from) = listener.accept()?;
+        stream.set_nodelay(true)?;
+        handshake_as_primary(&mut stream, generation, &params.vm_name)
+            .with_context(|| format!("handshake with the secondary at {from}"))?;
+        info!("secondary connected from {from}");
+        Some(stream)
+    };
+
+    let vm = Vm::new(vm_config(RunMode::Primary {
+        options,
+        sink: Box::new(sink),
+    }))?;
+    let gate = vm.gate().ok_or_else(|| anyhow!("primary VM has no output gate"))?;
+    let header = LogWriter::new(Vec::new(), vm.identity())?.into_inner();
+    match stream {
+        None => {
+            gate.open();
+            drop(frames_rx);
+        }
+        Some(stream) => {
+            let base = Instant::now();
+            let last_heard = Arc::new(AtomicU64::new(0));
+            // Writer: header, frames, releases, heartbeats.
+            let mut out = stream.try_clone()?;
+            let g2 = gate.clone();
+            let heartbeat = params.heartbeat;
+            std::thread::Builder::new().name("tandem-ship".into()).spawn(move || {
+                if wire::write(&mut out, generation, &Message::Log(header)).is_err() {
+                    return;
+                }
+                let mut next_beat = Instant::now();
+                loop {
+                    match frames_rx.recv_timeout(heartbeat) {
+                        Ok(frame) => {
+                            if wire::write(&mut out, generation, &Message::Log(frame)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                    if Instant::now() >= next_beat {
+                        let released = Message::Released(g2.released());
+                        if wire::write(&mut out, generation, &released).is_err()
+                            || wire::write(&mut out, generation, &Message::Heartbeat).is_err()
+                        {
+                            return;
+                        }
+                        next_beat = Instant::now() + heartbeat;
+                    }
+                }
+            })?;
+            // Reader: acks release output.
+            let mut input = stream.try_clone()?;
+            let (g3, heard) = (gate.clone(), last_heard.clone());
+            std::thread::Builder::new().name("tandem-acks".into()).spawn(move || loop {
+                match wire::read(&mut input) {
+                    Ok((g, _)) if g < generation => warn!("message from old generation {g} ignored"),
+                    Ok((_, Message::Ack(stop))) => {
+                        heard.store(millis(base), Ordering::Release);
+                        g3.release(stop);
+                    }
+                    Ok(_) => heard.store(millis(base), Ordering::Release),
+                    Err(_) => return,
+                }
+            })?;
+            // Monitor: a silent secondary is gone; win the next generation
+            // before releasing anything unprotected.
+            let g4 = gate.clone();
+            let timeout = params.failover_timeout;
+            let params = Arc::new(params);
+            std::thread::Builder::new().name("tandem-monitor".into()).spawn(move || loop {
+                std::thread::sleep(heartbeat);
+                let silent = millis(base).saturating_sub(last_heard.load(Ordering::Acquire));
+                if silent < timeout.as_millis() as u64 {
+                    continue;
+                }
+                let _ = stream.shutdown(Shutdown::Both);
+                match params.claim(generation) {
+                    Ok(Some(g)) => {
+                        eprintln!(
+                            "tandem: secondary silent for {silent} ms; running unprotected as generation {g}"
+                        );
+                        g4.open();
+                    }
+                    Ok(None) => fence("the secondary took over (lost the arbitration)"),
+                    Err(e) => fence(&format!("cannot reach the arbiter after losing the secondary: {e}")),
+                }
+                return;
+            })?;
+        }
+    }
+    Ok(crate::cli::finish_report(vm.run()))
+}
+
+fn handshake_as_primary(stream: &mut TcpStream, generation: u64, vm: &str) -> anyhow::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (_, hello) = wire::read(stream)?;
+    let Message::Hello { min, max, vm: theirs } = hello else {
+        bail!("expected a hello, got {hello:?}");
+    };
+    if theirs != vm {
+        wire::write(stream, generation, &Message::Refuse { reason: format!("this primary runs {vm}, not {theirs}") })?;
+        bail!("the secondary follows {theirs}, this primary runs {vm}");
+    }
+    let Some(version) = wire::negotiate(min, max) else {
+        let reason = format!("no common protocol version: secondary speaks {min}–{max}, primary {PROTOCOL_MIN}–{PROTOCOL_MAX}");
+        wire::write(stream, generation, &Message::Refuse { reason: reason.clone() })?;
+        bail!(reason);
+    };
+    wire::write(stream, generation, &Message::Welcome { version })?;
+    stream.set_read_timeout(None)?;
+    Ok(())
+}
+
+/// Runs the secondary: follows the primary's log, replaying it, and when the
+/// primary falls silent wins the next generation and goes live.
+pub fn run_secondary(params: PairParams, vm_config: impl FnOnce(RunMode) -> VmConfig) -> anyhow::Result<ExitCode> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut stream = loop {
+        match TcpStream::connect_timeout(&params.peer, Duration::from_secs(2)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                info!("primary {} not reachable yet: {e}", params.peer);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => bail!("cannot reach the primary at {}: {e}", params.peer),
+        }
+    };
+    stream.set_nodelay(true)?;
+    wire::write(&mut stream, 0, &Message::Hello { min: PROTOCOL_MIN, max: PROTOCOL_MAX, vm: params.vm_name.clone() })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (generation, welcome) = wire::read(&mut stream)?;
+    match welcome {
+        Message::Welcome { version } => info!("following generation {generation}, protocol {version}"),
+        Message::Refuse { reason } => bail!("the primary refused this secondary: {reason}"),
+        other => bail!("expected a welcome, got {other:?}"),
+    }
+    stream.set_read_timeout(None)?;
+
+    // Log bytes go through a socket pair into a log reader on its own
+    // thread; closing our end is how the secondary stops taking the log.
+    let (pipe_in, pipe_out) = UnixStream::pair()?;
+    let pipe_closer = pipe_in.try_clone()?;
+    let base = Instant::now();
+    let last_heard = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(AtomicU64::new(0));
+    let follower_slot: Arc<OnceLock<Arc<tandem_vmm::backend::gate::FollowerOutputs>>> = Arc::default();
+    let gone = Arc::new(AtomicBool::new(false));
+
+    // Reader: log bytes into the pipe, releases to the follower.
+    let mut input = stream.try_clone()?;
+    let (heard, slot, gone_r) = (last_heard.clone(), follower_slot.clone(), gone.clone());
+    let pipe_in = Mutex::new(pipe_in);
+    std::thread::Builder::new().name("tandem-follow".into()).spawn(move || loop {
+        let msg = wire::read(&mut input);
+        if gone_r.load(Ordering::Acquire) {
+            return;
+        }
+        match msg {
+            Ok((g, _)) if g < generation => warn!("message from old generation {g} ignored"),
+            Ok((_, m)) => {
+                heard.store(millis(base), Ordering::Release);
+                match m {
+                    Message::Log(bytes) => {
+                        let mut p = pipe_in.lock().unwrap_or_else(|e| e.into_inner());
+                        if p.write_all(&bytes).is_err() {
+                            return;
+                        }
+                    }
+                    Message::Released(stop) => {
+                        if let Some(f) = slot.get() {
+                            f.primary_released(stop);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Err(_) => return,
+        }
+    })?;
+
+    // Decoder: the log reader turns bytes into records for the replay.
+    let (identity_tx, identity_rx) = channel();
+    let (feed_tx, feed_rx) = channel::<Record>();
+    let received_d = received.clone();
+    std::thread::Builder::new().name("tandem-decode".into()).spawn(move || {
+        let (mut reader, identity) = match LogReader::open(pipe_out) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = identity_tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = identity_tx.send(Ok(identity));
+        decode_loop(&mut reader, &feed_tx, &received_d);
+    })?;
+    let identity = identity_rx
+        .recv()
+        .map_err(|_| anyhow!("the primary closed the channel before sending its log header"))??;
+
+    let vm = Vm::new(vm_config(RunMode::Follow { identity, feed: feed_rx }))?;
+    if let Some(f) = vm.follower() {
+        let _ = follower_slot.set(f);
+    }
+
+    // Acks and heartbeats.
+    let mut out = stream.try_clone()?;
+    let heartbeat = params.heartbeat;
+    let gone_a = gone.clone();
+    std::thread::Builder::new().name("tandem-ack".into()).spawn(move || {
+        while !gone_a.load(Ordering::Acquire) {
+            let ack = Message::Ack(received.load(Ordering::Acquire));
+            if wire::write(&mut out, generation, &ack).is_err()
+                || wire::write(&mut out, generation, &Message::Heartbeat).is_err()
+            {
+                return;
+            }
+            std::thread::sleep(heartbeat);
+        }
+    })?;
+
+    // Monitor: a silent primary is gone; win the next generation, stop
+    // taking its log, replay what arrived, go live.
+    let timeout = params.failover_timeout;
+    std::thread::Builder::new().name("tandem-monitor".into()).spawn(move || loop {
+        std::thread::sleep(heartbeat);
+        let silent = millis(base).saturating_sub(last_heard.load(Ordering::Acquire));
+        if silent < timeout.as_millis() as u64 {
+            continue;
+        }
+        gone.store(true, Ordering::Release);
+        let _ = stream.shutdown(Shutdown::Both);
+        match params.claim(generation) {
+            Ok(Some(g)) => {
+                eprintln!("tandem: primary silent for {silent} ms; going live as generation {g}");
+                let _ = pipe_closer.shutdown(Shutdown::Write);
+            }
+            Ok(None) => fence("another side won the arbitration"),
+            Err(e) => fence(&format!("cannot reach the arbiter to take over: {e}")),
+        }
+        return;
+    })?;
+    Ok(crate::cli::finish_report(vm.run()))
+}
+
+fn decode_loop(reader: &mut LogReader<UnixStream>, feed: &Sender<Record>, received: &AtomicU64) {
+    loop {
+        match reader.read_record() {
+            Ok(Some(record)) => {
+                if let Record::Watermark { stop } = record {
+                    received.fetch_max(stop, Ordering::AcqRel);
+                }
+                if feed.send(record).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                warn!("replication log: {e}");
+                return;
+            }
+        }
+    }
+}
+

@@ -1,0 +1,204 @@
+//! The replication channel's wire format.
+//!
+//! One TCP connection per pair. Every message is
+//! `[u8 tag][u64 LE generation][u32 LE length][payload]`; a message from an
+//! older generation than the receiver's is rejected. The primary sends the
+//! log itself (the header, then whole log frames, exactly as
+//! `tandem run --record` writes them to a file), the stop up to which it has
+//! released output, and heartbeats; the secondary sends acks of the
+//! watermark it has received, and heartbeats. Any message counts as
+//! liveness. The handshake picks the highest protocol version both speak.
+
+use std::io::{self, Read, Write};
+
+/// This build's replication protocol versions.
+pub const PROTOCOL_MIN: u16 = 1;
+/// The newest replication protocol version this build speaks.
+pub const PROTOCOL_MAX: u16 = 1;
+/// Largest payload accepted (a log frame is at most 256 MiB plus header).
+pub const MAX_PAYLOAD: u32 = (256 << 20) + 64;
+
+/// A message on the replication channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Secondary → primary: the versions it speaks and the VM it follows.
+    Hello {
+        /// Oldest version.
+        min: u16,
+        /// Newest version.
+        max: u16,
+        /// The VM's name.
+        vm: String,
+    },
+    /// Primary → secondary: the version chosen.
+    Welcome {
+        /// The chosen version.
+        version: u16,
+    },
+    /// Either way: why the connection is refused; then it closes.
+    Refuse {
+        /// The reason.
+        reason: String,
+    },
+    /// Primary → secondary: log bytes (the header, then whole frames).
+    Log(Vec<u8>),
+    /// Primary → secondary: output produced at stops ≤ this has left.
+    Released(u64),
+    /// Secondary → primary: the secondary has the log up to this watermark.
+    Ack(u64),
+    /// Either way: still here.
+    Heartbeat,
+}
+
+const TAG_HELLO: u8 = 1;
+const TAG_WELCOME: u8 = 2;
+const TAG_REFUSE: u8 = 3;
+const TAG_LOG: u8 = 4;
+const TAG_RELEASED: u8 = 5;
+const TAG_ACK: u8 = 6;
+const TAG_HEARTBEAT: u8 = 7;
+
+/// Writes one message.
+pub fn write(w: &mut impl Write, generation: u64, m: &Message) -> io::Result<()> {
+    let (tag, payload): (u8, Vec<u8>) = match m {
+        Message::Hello { min, max, vm } => {
+            let mut p = Vec::new();
+            p.extend_from_slice(&min.to_le_bytes());
+            p.extend_from_slice(&max.to_le_bytes());
+            p.extend_from_slice(vm.as_bytes());
+            (TAG_HELLO, p)
+        }
+        Message::Welcome { version } => (TAG_WELCOME, version.to_le_bytes().to_vec()),
+        Message::Refuse { reason } => (TAG_REFUSE, reason.as_bytes().to_vec()),
+        Message::Log(bytes) => (TAG_LOG, bytes.clone()),
+        Message::Released(stop) => (TAG_RELEASED, stop.to_le_bytes().to_vec()),
+        Message::Ack(stop) => (TAG_ACK, stop.to_le_bytes().to_vec()),
+        Message::Heartbeat => (TAG_HEARTBEAT, Vec::new()),
+    };
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|&l| l <= MAX_PAYLOAD)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "message too large"))?;
+    let mut head = [0u8; 13];
+    head[0] = tag;
+    head[1..9].copy_from_slice(&generation.to_le_bytes());
+    head[9..13].copy_from_slice(&len.to_le_bytes());
+    w.write_all(&head)?;
+    w.write_all(&payload)?;
+    w.flush()
+}
+
+fn bad(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
+}
+
+fn u64_of(p: &[u8]) -> io::Result<u64> {
+    p.try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| bad("bad u64 payload"))
+}
+
+/// Reads one message: (generation, message). Never trusts a length beyond
+/// [`MAX_PAYLOAD`].
+pub fn read(r: &mut impl Read) -> io::Result<(u64, Message)> {
+    let mut head = [0u8; 13];
+    r.read_exact(&mut head)?;
+    let generation = u64::from_le_bytes(head[1..9].try_into().unwrap_or([0; 8]));
+    let len = u32::from_le_bytes(head[9..13].try_into().unwrap_or([0; 4]));
+    if len > MAX_PAYLOAD {
+        return Err(bad(format!("message of {len} bytes is over the limit")));
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload)?;
+    let text = |p: Vec<u8>| String::from_utf8(p).map_err(|_| bad("text is not UTF-8"));
+    let m = match head[0] {
+        TAG_HELLO => {
+            if payload.len() < 4 {
+                return Err(bad("short hello"));
+            }
+            Message::Hello {
+                min: u16::from_le_bytes([payload[0], payload[1]]),
+                max: u16::from_le_bytes([payload[2], payload[3]]),
+                vm: text(payload[4..].to_vec())?,
+            }
+        }
+        TAG_WELCOME => Message::Welcome {
+            version: u16::from_le_bytes(
+                payload
+                    .get(..2)
+                    .and_then(|p| p.try_into().ok())
+                    .ok_or_else(|| bad("short welcome"))?,
+            ),
+        },
+        TAG_REFUSE => Message::Refuse {
+            reason: text(payload)?,
+        },
+        TAG_LOG => Message::Log(payload),
+        TAG_RELEASED => Message::Released(u64_of(&payload)?),
+        TAG_ACK => Message::Ack(u64_of(&payload)?),
+        TAG_HEARTBEAT => Message::Heartbeat,
+        tag => return Err(bad(format!("unknown message tag {tag}"))),
+    };
+    Ok((generation, m))
+}
+
+/// The version both sides speak, if any.
+pub fn negotiate(min: u16, max: u16) -> Option<u16> {
+    let top = max.min(PROTOCOL_MAX);
+    (top >= min.max(PROTOCOL_MIN)).then_some(top)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let all = [
+            Message::Hello {
+                min: 1,
+                max: 3,
+                vm: "web1".into(),
+            },
+            Message::Welcome { version: 1 },
+            Message::Refuse {
+                reason: "no".into(),
+            },
+            Message::Log(vec![1, 2, 3]),
+            Message::Released(77),
+            Message::Ack(99),
+            Message::Heartbeat,
+        ];
+        let mut buf = Vec::new();
+        for m in &all {
+            write(&mut buf, 5, m).unwrap();
+        }
+        let mut r = &buf[..];
+        for m in &all {
+            assert_eq!(read(&mut r).unwrap(), (5, m.clone()));
+        }
+        assert!(read(&mut r).is_err());
+    }
+
+    #[test]
+    fn hostile_input_is_an_error_not_a_panic() {
+        let mut head = vec![TAG_LOG];
+        head.extend_from_slice(&1u64.to_le_bytes());
+        head.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read(&mut &head[..]).is_err());
+        let mut unknown = vec![99u8];
+        unknown.extend_from_slice(&[0; 12]);
+        assert!(read(&mut &unknown[..]).is_err());
+        let mut short = vec![TAG_ACK];
+        short.extend_from_slice(&[0; 8]);
+        short.extend_from_slice(&3u32.to_le_bytes());
+        short.extend_from_slice(&[1, 2, 3]);
+        assert!(read(&mut &short[..]).is_err());
+    }
+
+    #[test]
+    fn negotiation_picks_the_highest_common_version() {
+        assert_eq!(negotiate(1, 5), Some(PROTOCOL_MAX));
+        assert_eq!(negotiate(PROTOCOL_MAX + 1, PROTOCOL_MAX + 2), None);
+    }
+}

@@ -1,0 +1,139 @@
+//! `tandem witness` end to end: the process serves the line protocol on
+//! loopback, keeps its grants across a restart (even after SIGKILL), refuses
+//! to start on a damaged state file. The arbiter logic itself is unit tested
+//! in `src/ft/arbiter/`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// `EXIT_START_FAILED` in src/main.rs.
+const EXIT_START_FAILED: i32 = 3;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("tandem-witness-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `tandem witness`, killed on drop.
+struct Witness {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn witness_command(state: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
+    cmd.args(["witness", "--listen", "127.0.0.1:0", "--state"])
+        .arg(state);
+    cmd
+}
+
+fn not_wired(stderr: &str) {
+    assert!(
+        !stderr.contains("unrecognized subcommand 'witness'"),
+        "`tandem witness` is not wired into src/main.rs yet (ft::arbiter::witness_command)"
+    );
+}
+
+/// Starts a witness and waits for its `listening on ADDR` line.
+fn start(state: &Path) -> Witness {
+    let mut child = witness_command(state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+    let Some(addr) = line.trim().strip_prefix("listening on ") else {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        not_wired(&stderr);
+        panic!("witness did not start: stdout {line:?}, stderr {stderr}");
+    };
+    Witness {
+        addr: addr.parse().unwrap(),
+        child,
+    }
+}
+
+/// One request on a fresh connection: the reply line without newline.
+fn ask(addr: SocketAddr, req: &str) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("{req}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line.trim_end_matches('\n').to_string()
+}
+
+#[test]
+fn witness_serves_and_survives_kill() {
+    let dir = TempDir::new("serve");
+    let state = dir.0.join("state");
+    let w = start(&state);
+    assert_eq!(ask(w.addr, "QUERY vm1"), "STATE 0 -");
+    for g in 0..3 {
+        assert_eq!(
+            ask(w.addr, &format!("CLAIM vm1 {g} host-a")),
+            format!("GRANTED {}", g + 1)
+        );
+    }
+    assert_eq!(ask(w.addr, "CLAIM vm1 1 host-b"), "REFUSED 3 host-a");
+    assert!(ask(w.addr, "FROB").starts_with("ERROR "));
+    assert_eq!(ask(w.addr, "QUERY vm1"), "STATE 3 host-a");
+    drop(w); // SIGKILL: every answered grant is already on disk
+
+    let w = start(&state);
+    assert_eq!(ask(w.addr, "CLAIM vm1 2 host-b"), "REFUSED 3 host-a");
+    assert_eq!(ask(w.addr, "CLAIM vm1 3 host-b"), "GRANTED 4");
+    assert_eq!(ask(w.addr, "QUERY vm1"), "STATE 4 host-b");
+}
+
+#[test]
+fn witness_refuses_damaged_state() {
+    let dir = TempDir::new("damaged");
+    let state = dir.0.join("state");
+    std::fs::write(&state, "tandem-witness-state 1\nvm vm1 3 a\n").unwrap();
+    let out = witness_command(&state).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    not_wired(&stderr);
+    assert_eq!(out.status.code(), Some(EXIT_START_FAILED), "{stderr}");
+    assert!(
+        stderr.contains("corrupt") && stderr.contains(&*state.to_string_lossy()),
+        "{stderr}"
+    );
+    // Left alone for a human to look at.
+    assert_eq!(
+        std::fs::read_to_string(&state).unwrap(),
+        "tandem-witness-state 1\nvm vm1 3 a\n"
+    );
+}

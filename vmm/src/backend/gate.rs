@@ -1,0 +1,240 @@
+//! The output rule of a protected pair (DESIGN "Fault tolerance").
+//!
+//! On the primary, [`GatedOutputs`] holds every network frame, console byte
+//! and disk write until the secondary has acknowledged the log position
+//! (the stop) that produced it; disk reads go out at once (their data
+//! travels in the log). On the secondary, [`FollowerOutputs`] drops disk
+//! I/O (only the live side touches shared storage), discards its own output
+//! the primary already released, buffers the rest (bounded), and at go-live
+//! emits the buffer and forwards everything from then on. Output is
+//! at-least-once: a reply may be seen twice, never contradicted.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tandem_devices::lock;
+use tandem_replay::{BlockOp, Output, Outputs};
+
+/// Outputs held by the primary until the secondary has what produced them.
+pub struct GatedOutputs {
+    inner: Arc<dyn Outputs>,
+    stop: Arc<AtomicU64>,
+    held: Mutex<VecDeque<(u64, Output)>>,
+    /// Everything produced at stops ≤ this may leave.
+    acked: AtomicU64,
+    /// Everything up to this stop has left (piggybacked to the secondary).
+    released: AtomicU64,
+}
+
+impl GatedOutputs {
+    /// Gates `inner`; `stop` is the vCPU's current stop.
+    pub fn new(inner: Arc<dyn Outputs>, stop: Arc<AtomicU64>) -> Self {
+        Self {
+            inner,
+            stop,
+            held: Mutex::new(VecDeque::new()),
+            acked: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+        }
+    }
+
+    /// The secondary has the log up to stop `acked`: release what it covers.
+    pub fn release(&self, acked: u64) {
+        let previous = self.acked.fetch_max(acked, Ordering::AcqRel);
+        if acked <= previous && acked != u64::MAX {
+            return;
+        }
+        let mut held = lock(&self.held);
+        while held.front().is_some_and(|(s, _)| *s <= acked) {
+            if let Some((_, output)) = held.pop_front() {
+                self.inner.emit(output);
+            }
+        }
+        self.released.fetch_max(acked.min(self.stop.load(Ordering::Acquire)), Ordering::AcqRel);
+    }
+
+    /// No secondary any more (this side won the arbitration): release
+    /// everything, now and from now on.
+    pub fn open(&self) {
+        self.release(u64::MAX);
+    }
+
+    /// The highest stop whose outputs have all left.
+    pub fn released(&self) -> u64 {
+        self.released.load(Ordering::Acquire)
+    }
+
+    /// Outputs waiting for an ack.
+    pub fn held(&self) -> usize {
+        lock(&self.held).len()
+    }
+}
+
+impl Outputs for GatedOutputs {
+    fn emit(&self, output: Output) {
+        let stop = self.stop.load(Ordering::Acquire);
+        let immediate = matches!(
+            output,
+            Output::BlockSubmit {
+                op: BlockOp::Read { .. },
+                ..
+            }
+        );
+        if immediate || stop <= self.acked.load(Ordering::Acquire) {
+            self.inner.emit(output);
+            return;
+        }
+        lock(&self.held).push_back((stop, output));
+        // An ack may have raced in between: release again under the lock.
+        let acked = self.acked.load(Ordering::Acquire);
+        if stop <= acked {
+            let mut held = lock(&self.held);
+            while held.front().is_some_and(|(s, _)| *s <= acked) {
+                if let Some((_, o)) = held.pop_front() {
+                    self.inner.emit(o);
+                }
+            }
+        }
+    }
+}
+
+/// Most outputs a replaying secondary buffers for go-live.
+pub const FOLLOWER_BUFFER_MAX: usize = 4096;
+
+/// A replaying secondary's outputs.
+pub struct FollowerOutputs {
+    inner: Arc<dyn Outputs>,
+    stop: Arc<AtomicU64>,
+    /// The primary has released everything produced at stops ≤ this.
+    released: AtomicU64,
+    buffer: Mutex<VecDeque<(u64, Output)>>,
+    live: std::sync::atomic::AtomicBool,
+    dropped: AtomicU64,
+}
+
+impl FollowerOutputs {
+    /// Follows, emitting to `inner` once live.
+    pub fn new(inner: Arc<dyn Outputs>, stop: Arc<AtomicU64>) -> Self {
+        Self {
+            inner,
+            stop,
+            released: AtomicU64::new(0),
+            buffer: Mutex::new(VecDeque::new()),
+            live: Default::default(),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// The primary says it released everything up to stop `released`.
+    pub fn primary_released(&self, released: u64) {
+        self.released.fetch_max(released, Ordering::AcqRel);
+        let mut buffer = lock(&self.buffer);
+        while buffer.front().is_some_and(|(s, _)| *s <= released) {
+            buffer.pop_front();
+        }
+    }
+
+    /// Go live: emit what the primary may not have released, then forward.
+    pub fn go_live(&self) -> usize {
+        let mut buffer = lock(&self.buffer);
+        let released = self.released.load(Ordering::Acquire);
+        let mut emitted = 0;
+        for (stop, output) in buffer.drain(..) {
+            if stop > released {
+                self.inner.emit(output);
+                emitted += 1;
+            }
+        }
+        self.live.store(true, Ordering::Release);
+        emitted
+    }
+
+    /// Outputs lost to the buffer bound.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Outputs for FollowerOutputs {
+    fn emit(&self, output: Output) {
+        if self.live.load(Ordering::Acquire) {
+            self.inner.emit(output);
+            return;
+        }
+        if matches!(output, Output::BlockSubmit { .. }) {
+            // Shared storage: only the live side does disk I/O.
+            return;
+        }
+        let stop = self.stop.load(Ordering::Acquire);
+        if stop <= self.released.load(Ordering::Acquire) {
+            return;
+        }
+        let mut buffer = lock(&self.buffer);
+        if buffer.len() >= FOLLOWER_BUFFER_MAX {
+            buffer.pop_front();
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        buffer.push_back((stop, output));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Sink(Mutex<Vec<Output>>);
+    impl Outputs for Sink {
+        fn emit(&self, output: Output) {
+            lock(&self.0).push(output);
+        }
+    }
+
+    fn frame(n: u8) -> Output {
+        Output::NetTx {
+            device: 0,
+            frame: vec![n],
+        }
+    }
+
+    #[test]
+    fn primary_holds_output_until_acked() {
+        let sink = Arc::new(Sink::default());
+        let stop = Arc::new(AtomicU64::new(5));
+        let gate = GatedOutputs::new(sink.clone(), stop.clone());
+        gate.emit(frame(1));
+        gate.emit(Output::BlockSubmit {
+            device: 0,
+            request: 0,
+            op: BlockOp::Read { sector: 0, len: 512 },
+        });
+        assert_eq!(lock(&sink.0).len(), 1, "reads go out at once");
+        stop.store(7, Ordering::Release);
+        gate.emit(frame(2));
+        gate.release(5);
+        assert_eq!(lock(&sink.0).len(), 2);
+        assert_eq!(gate.held(), 1);
+        gate.release(7);
+        assert_eq!(lock(&sink.0).len(), 3);
+        gate.open();
+        gate.emit(frame(3));
+        assert_eq!(lock(&sink.0).len(), 4);
+    }
+
+    #[test]
+    fn follower_discards_released_and_emits_the_rest_at_go_live() {
+        let sink = Arc::new(Sink::default());
+        let stop = Arc::new(AtomicU64::new(3));
+        let f = FollowerOutputs::new(sink.clone(), stop.clone());
+        f.emit(frame(1));
+        stop.store(9, Ordering::Release);
+        f.emit(frame(2));
+        f.primary_released(5);
+        assert!(lock(&sink.0).is_empty());
+        assert_eq!(f.go_live(), 1);
+        assert_eq!(*lock(&sink.0), vec![frame(2)]);
+        f.emit(frame(3));
+        assert_eq!(lock(&sink.0).len(), 2);
+    }
+}
