@@ -250,7 +250,14 @@ fn rdtsc_divergence_is_detected_at_its_epoch_and_repaired() {
     // differs from the recording's until a sync point repairs it.
     let log = temp("rdtsc.log");
     let log_arg = log.display().to_string();
-    let recorded = run_guest("rdtsc", &["--record", &log_arg], None, LIMIT);
+    // Few timer ticks (so few kick-induced sync points) and short epochs:
+    // epochs end between an RDTSC and the next sync point.
+    let recorded = run_guest(
+        "rdtsc",
+        &["--cmdline", "hz=20", "--epoch-ms", "2", "--record", &log_arg],
+        None,
+        LIMIT,
+    );
     assert_eq!(recorded.status, 0, "{recorded:?}");
 
     // Without repair: the divergence is reported, naming the epoch and what

@@ -262,6 +262,8 @@ pub struct Vcpu {
     epochs: Epochs,
     /// Replay only: the last verified state, for repair (None: --no-repair).
     shadow: Option<Shadow>,
+    /// Divergences found since the last repair.
+    unrepaired: u64,
     causes: Vec<Cause>,
     stats: VcpuStats,
     /// Divergences found while replaying, in order.
@@ -321,6 +323,7 @@ impl Vcpu {
             exit_pending: false,
             epochs: Epochs::default(),
             shadow: None,
+            unrepaired: 0,
             causes: Vec::new(),
             stats: VcpuStats::default(),
             divergence_reports: Vec::new(),
@@ -749,6 +752,7 @@ impl Vcpu {
         } else {
             if let Some(shadow) = self.shadow.as_mut() {
                 shadow.pending.get_or_insert(recorded.epoch);
+                self.unrepaired += 1;
             }
             self.stats.divergences += 1;
             tracing::warn!(
@@ -790,7 +794,7 @@ impl Vcpu {
                 // These writes are the repair's, not the replay's own.
                 self.epochs.installed.extend(restored.iter().copied());
                 let restored = restored.len();
-                self.stats.repaired += 1;
+                self.stats.repaired += std::mem::take(&mut self.unrepaired);
                 tracing::warn!(
                     "repaired at the sync point of stop {}: {restored} pages restored from the last verified state",
                     self.stop
