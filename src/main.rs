@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cli;
+mod config;
 mod ft;
 mod log_inspect;
 
@@ -44,6 +45,10 @@ enum Command {
     Log(LogCommand),
     /// Serve as the arbiter (witness) of fault-tolerant pairs: grants VM generations.
     Witness(ft::arbiter::WitnessArgs),
+    /// Start this host as the primary of a fresh pair.
+    Primary(ft::cmd::PairArgs),
+    /// Start this host as the secondary of a fresh pair.
+    Secondary(ft::cmd::PairArgs),
 }
 
 #[derive(Subcommand)]
@@ -66,6 +71,8 @@ fn main() -> ExitCode {
         Command::Replay(args) => cli::replay(args),
         Command::Log(LogCommand::Inspect { file, json }) => log_inspect::run(&file, json),
         Command::Witness(args) => ft::arbiter::witness_command(args),
+        Command::Primary(args) => ft::cmd::run(ft::cmd::Role::Primary, args),
+        Command::Secondary(args) => ft::cmd::run(ft::cmd::Role::Secondary, args),
     }
 }
 

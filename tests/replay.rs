@@ -254,7 +254,14 @@ fn rdtsc_divergence_is_detected_at_its_epoch_and_repaired() {
     // epochs end between an RDTSC and the next sync point.
     let recorded = run_guest(
         "rdtsc",
-        &["--cmdline", "hz=20", "--epoch-ms", "2", "--record", &log_arg],
+        &[
+            "--cmdline",
+            "hz=20",
+            "--epoch-ms",
+            "2",
+            "--record",
+            &log_arg,
+        ],
         None,
         LIMIT,
     );

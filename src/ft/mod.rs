@@ -1,5 +1,6 @@
 //! Fault tolerance: the arbiter, the replication channel and the pair.
 
 pub mod arbiter;
+pub mod cmd;
 pub mod pair;
 pub mod wire;

@@ -14,7 +14,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -104,9 +104,6 @@ impl RecordSink for ShipSink {
     fn sync(&mut self) -> Result<(), LogError> {
         Ok(())
     }
-    fn wants_heartbeats(&self) -> bool {
-        true
-    }
 }
 
 /// Recording options for a pair: watermarks flow every half heartbeat.
@@ -124,7 +121,10 @@ fn pair_record_options(params: &PairParams) -> RecordOptions {
 /// Runs the primary: wins a generation, waits for the secondary, runs the
 /// guest shipping its log, holds output until acked, and carries on alone
 /// (after winning the next generation) if the secondary goes away.
-pub fn run_primary(params: PairParams, vm_config: impl FnOnce(RunMode) -> VmConfig) -> anyhow::Result<ExitCode> {
+pub fn run_primary(
+    params: PairParams,
+    vm_config: impl FnOnce(RunMode) -> VmConfig,
+) -> anyhow::Result<ExitCode> {
     let current = params.current_generation()?;
     let Some(generation) = params.claim(current)? else {
         bail!(
@@ -142,7 +142,10 @@ pub fn run_primary(params: PairParams, vm_config: impl FnOnce(RunMode) -> VmConf
     } else {
         let listener = TcpListener::bind(params.listen)
             .with_context(|| format!("cannot listen on {}", params.listen))?;
-        eprintln!("tandem: primary waiting for the secondary on {}", params.listen);
+        eprintln!(
+            "tandem: primary waiting for the secondary on {}",
+            params.listen
+        );
         let (mut stream, from) = listener.accept()?;
         stream.set_nodelay(true)?;
         handshake_as_primary(&mut stream, generation, &params.vm_name)
@@ -155,7 +158,9 @@ pub fn run_primary(params: PairParams, vm_config: impl FnOnce(RunMode) -> VmConf
         options,
         sink: Box::new(sink),
     }))?;
-    let gate = vm.gate().ok_or_else(|| anyhow!("primary VM has no output gate"))?;
+    let gate = vm
+        .gate()
+        .ok_or_else(|| anyhow!("primary VM has no output gate"))?;
     let header = LogWriter::new(Vec::new(), vm.identity())?.into_inner();
     match stream {
         None => {
@@ -169,46 +174,53 @@ pub fn run_primary(params: PairParams, vm_config: impl FnOnce(RunMode) -> VmConf
             let mut out = stream.try_clone()?;
             let g2 = gate.clone();
             let heartbeat = params.heartbeat;
-            std::thread::Builder::new().name("tandem-ship".into()).spawn(move || {
-                if wire::write(&mut out, generation, &Message::Log(header)).is_err() {
-                    return;
-                }
-                let mut next_beat = Instant::now();
-                loop {
-                    match frames_rx.recv_timeout(heartbeat) {
-                        Ok(frame) => {
-                            if wire::write(&mut out, generation, &Message::Log(frame)).is_err() {
+            std::thread::Builder::new()
+                .name("tandem-ship".into())
+                .spawn(move || {
+                    if wire::write(&mut out, generation, &Message::Log(header)).is_err() {
+                        return;
+                    }
+                    let mut next_beat = Instant::now();
+                    loop {
+                        match frames_rx.recv_timeout(heartbeat) {
+                            Ok(frame) => {
+                                if wire::write(&mut out, generation, &Message::Log(frame)).is_err()
+                                {
+                                    return;
+                                }
+                            }
+                            Err(RecvTimeoutError::Timeout) => {}
+                            Err(RecvTimeoutError::Disconnected) => return,
+                        }
+                        if Instant::now() >= next_beat {
+                            let released = Message::Released(g2.released());
+                            if wire::write(&mut out, generation, &released).is_err()
+                                || wire::write(&mut out, generation, &Message::Heartbeat).is_err()
+                            {
                                 return;
                             }
+                            next_beat = Instant::now() + heartbeat;
                         }
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => return,
                     }
-                    if Instant::now() >= next_beat {
-                        let released = Message::Released(g2.released());
-                        if wire::write(&mut out, generation, &released).is_err()
-                            || wire::write(&mut out, generation, &Message::Heartbeat).is_err()
-                        {
-                            return;
-                        }
-                        next_beat = Instant::now() + heartbeat;
-                    }
-                }
-            })?;
+                })?;
             // Reader: acks release output.
             let mut input = stream.try_clone()?;
             let (g3, heard) = (gate.clone(), last_heard.clone());
-            std::thread::Builder::new().name("tandem-acks".into()).spawn(move || loop {
-                match wire::read(&mut input) {
-                    Ok((g, _)) if g < generation => warn!("message from old generation {g} ignored"),
-                    Ok((_, Message::Ack(stop))) => {
-                        heard.store(millis(base), Ordering::Release);
-                        g3.release(stop);
+            std::thread::Builder::new()
+                .name("tandem-acks".into())
+                .spawn(move || loop {
+                    match wire::read(&mut input) {
+                        Ok((g, _)) if g < generation => {
+                            warn!("message from old generation {g} ignored")
+                        }
+                        Ok((_, Message::Ack(stop))) => {
+                            heard.store(millis(base), Ordering::Release);
+                            g3.release(stop);
+                        }
+                        Ok(_) => heard.store(millis(base), Ordering::Release),
+                        Err(_) => return,
                     }
-                    Ok(_) => heard.store(millis(base), Ordering::Release),
-                    Err(_) => return,
-                }
-            })?;
+                })?;
             // Monitor: a silent secondary is gone; win the next generation
             // before releasing anything unprotected.
             let g4 = gate.clone();
@@ -241,16 +253,33 @@ pub fn run_primary(params: PairParams, vm_config: impl FnOnce(RunMode) -> VmConf
 fn handshake_as_primary(stream: &mut TcpStream, generation: u64, vm: &str) -> anyhow::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let (_, hello) = wire::read(stream)?;
-    let Message::Hello { min, max, vm: theirs } = hello else {
+    let Message::Hello {
+        min,
+        max,
+        vm: theirs,
+    } = hello
+    else {
         bail!("expected a hello, got {hello:?}");
     };
     if theirs != vm {
-        wire::write(stream, generation, &Message::Refuse { reason: format!("this primary runs {vm}, not {theirs}") })?;
+        wire::write(
+            stream,
+            generation,
+            &Message::Refuse {
+                reason: format!("this primary runs {vm}, not {theirs}"),
+            },
+        )?;
         bail!("the secondary follows {theirs}, this primary runs {vm}");
     }
     let Some(version) = wire::negotiate(min, max) else {
         let reason = format!("no common protocol version: secondary speaks {min}–{max}, primary {PROTOCOL_MIN}–{PROTOCOL_MAX}");
-        wire::write(stream, generation, &Message::Refuse { reason: reason.clone() })?;
+        wire::write(
+            stream,
+            generation,
+            &Message::Refuse {
+                reason: reason.clone(),
+            },
+        )?;
         bail!(reason);
     };
     wire::write(stream, generation, &Message::Welcome { version })?;
@@ -260,7 +289,10 @@ fn handshake_as_primary(stream: &mut TcpStream, generation: u64, vm: &str) -> an
 
 /// Runs the secondary: follows the primary's log, replaying it, and when the
 /// primary falls silent wins the next generation and goes live.
-pub fn run_secondary(params: PairParams, vm_config: impl FnOnce(RunMode) -> VmConfig) -> anyhow::Result<ExitCode> {
+pub fn run_secondary(
+    params: PairParams,
+    vm_config: impl FnOnce(RunMode) -> VmConfig,
+) -> anyhow::Result<ExitCode> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut stream = loop {
         match TcpStream::connect_timeout(&params.peer, Duration::from_secs(2)) {
@@ -273,11 +305,21 @@ pub fn run_secondary(params: PairParams, vm_config: impl FnOnce(RunMode) -> VmCo
         }
     };
     stream.set_nodelay(true)?;
-    wire::write(&mut stream, 0, &Message::Hello { min: PROTOCOL_MIN, max: PROTOCOL_MAX, vm: params.vm_name.clone() })?;
+    wire::write(
+        &mut stream,
+        0,
+        &Message::Hello {
+            min: PROTOCOL_MIN,
+            max: PROTOCOL_MAX,
+            vm: params.vm_name.clone(),
+        },
+    )?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let (generation, welcome) = wire::read(&mut stream)?;
     match welcome {
-        Message::Welcome { version } => info!("following generation {generation}, protocol {version}"),
+        Message::Welcome { version } => {
+            info!("following generation {generation}, protocol {version}")
+        }
         Message::Refuse { reason } => bail!("the primary refused this secondary: {reason}"),
         other => bail!("expected a welcome, got {other:?}"),
     }
@@ -290,61 +332,69 @@ pub fn run_secondary(params: PairParams, vm_config: impl FnOnce(RunMode) -> VmCo
     let base = Instant::now();
     let last_heard = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicU64::new(0));
-    let follower_slot: Arc<OnceLock<Arc<tandem_vmm::backend::gate::FollowerOutputs>>> = Arc::default();
+    let follower_slot: Arc<OnceLock<Arc<tandem_vmm::backend::gate::FollowerOutputs>>> =
+        Arc::default();
     let gone = Arc::new(AtomicBool::new(false));
 
     // Reader: log bytes into the pipe, releases to the follower.
     let mut input = stream.try_clone()?;
     let (heard, slot, gone_r) = (last_heard.clone(), follower_slot.clone(), gone.clone());
     let pipe_in = Mutex::new(pipe_in);
-    std::thread::Builder::new().name("tandem-follow".into()).spawn(move || loop {
-        let msg = wire::read(&mut input);
-        if gone_r.load(Ordering::Acquire) {
-            return;
-        }
-        match msg {
-            Ok((g, _)) if g < generation => warn!("message from old generation {g} ignored"),
-            Ok((_, m)) => {
-                heard.store(millis(base), Ordering::Release);
-                match m {
-                    Message::Log(bytes) => {
-                        let mut p = pipe_in.lock().unwrap_or_else(|e| e.into_inner());
-                        if p.write_all(&bytes).is_err() {
-                            return;
-                        }
-                    }
-                    Message::Released(stop) => {
-                        if let Some(f) = slot.get() {
-                            f.primary_released(stop);
-                        }
-                    }
-                    _ => {}
-                }
+    std::thread::Builder::new()
+        .name("tandem-follow".into())
+        .spawn(move || loop {
+            let msg = wire::read(&mut input);
+            if gone_r.load(Ordering::Acquire) {
+                return;
             }
-            Err(_) => return,
-        }
-    })?;
+            match msg {
+                Ok((g, _)) if g < generation => warn!("message from old generation {g} ignored"),
+                Ok((_, m)) => {
+                    heard.store(millis(base), Ordering::Release);
+                    match m {
+                        Message::Log(bytes) => {
+                            let mut p = pipe_in.lock().unwrap_or_else(|e| e.into_inner());
+                            if p.write_all(&bytes).is_err() {
+                                return;
+                            }
+                        }
+                        Message::Released(stop) => {
+                            if let Some(f) = slot.get() {
+                                f.primary_released(stop);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Err(_) => return,
+            }
+        })?;
 
     // Decoder: the log reader turns bytes into records for the replay.
     let (identity_tx, identity_rx) = channel();
     let (feed_tx, feed_rx) = channel::<Record>();
     let received_d = received.clone();
-    std::thread::Builder::new().name("tandem-decode".into()).spawn(move || {
-        let (mut reader, identity) = match LogReader::open(pipe_out) {
-            Ok(x) => x,
-            Err(e) => {
-                let _ = identity_tx.send(Err(e));
-                return;
-            }
-        };
-        let _ = identity_tx.send(Ok(identity));
-        decode_loop(&mut reader, &feed_tx, &received_d);
-    })?;
+    std::thread::Builder::new()
+        .name("tandem-decode".into())
+        .spawn(move || {
+            let (mut reader, identity) = match LogReader::open(pipe_out) {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = identity_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = identity_tx.send(Ok(identity));
+            decode_loop(&mut reader, &feed_tx, &received_d);
+        })?;
     let identity = identity_rx
         .recv()
         .map_err(|_| anyhow!("the primary closed the channel before sending its log header"))??;
 
-    let vm = Vm::new(vm_config(RunMode::Follow { identity, feed: feed_rx }))?;
+    let vm = Vm::new(vm_config(RunMode::Follow {
+        identity,
+        feed: feed_rx,
+    }))?;
     if let Some(f) = vm.follower() {
         let _ = follower_slot.set(f);
     }
@@ -353,39 +403,45 @@ pub fn run_secondary(params: PairParams, vm_config: impl FnOnce(RunMode) -> VmCo
     let mut out = stream.try_clone()?;
     let heartbeat = params.heartbeat;
     let gone_a = gone.clone();
-    std::thread::Builder::new().name("tandem-ack".into()).spawn(move || {
-        while !gone_a.load(Ordering::Acquire) {
-            let ack = Message::Ack(received.load(Ordering::Acquire));
-            if wire::write(&mut out, generation, &ack).is_err()
-                || wire::write(&mut out, generation, &Message::Heartbeat).is_err()
-            {
-                return;
+    std::thread::Builder::new()
+        .name("tandem-ack".into())
+        .spawn(move || {
+            while !gone_a.load(Ordering::Acquire) {
+                let ack = Message::Ack(received.load(Ordering::Acquire));
+                if wire::write(&mut out, generation, &ack).is_err()
+                    || wire::write(&mut out, generation, &Message::Heartbeat).is_err()
+                {
+                    return;
+                }
+                std::thread::sleep(heartbeat);
             }
-            std::thread::sleep(heartbeat);
-        }
-    })?;
+        })?;
 
     // Monitor: a silent primary is gone; win the next generation, stop
     // taking its log, replay what arrived, go live.
     let timeout = params.failover_timeout;
-    std::thread::Builder::new().name("tandem-monitor".into()).spawn(move || loop {
-        std::thread::sleep(heartbeat);
-        let silent = millis(base).saturating_sub(last_heard.load(Ordering::Acquire));
-        if silent < timeout.as_millis() as u64 {
-            continue;
-        }
-        gone.store(true, Ordering::Release);
-        let _ = stream.shutdown(Shutdown::Both);
-        match params.claim(generation) {
-            Ok(Some(g)) => {
-                eprintln!("tandem: primary silent for {silent} ms; going live as generation {g}");
-                let _ = pipe_closer.shutdown(Shutdown::Write);
+    std::thread::Builder::new()
+        .name("tandem-monitor".into())
+        .spawn(move || loop {
+            std::thread::sleep(heartbeat);
+            let silent = millis(base).saturating_sub(last_heard.load(Ordering::Acquire));
+            if silent < timeout.as_millis() as u64 {
+                continue;
             }
-            Ok(None) => fence("another side won the arbitration"),
-            Err(e) => fence(&format!("cannot reach the arbiter to take over: {e}")),
-        }
-        return;
-    })?;
+            gone.store(true, Ordering::Release);
+            let _ = stream.shutdown(Shutdown::Both);
+            match params.claim(generation) {
+                Ok(Some(g)) => {
+                    eprintln!(
+                        "tandem: primary silent for {silent} ms; going live as generation {g}"
+                    );
+                    let _ = pipe_closer.shutdown(Shutdown::Write);
+                }
+                Ok(None) => fence("another side won the arbitration"),
+                Err(e) => fence(&format!("cannot reach the arbiter to take over: {e}")),
+            }
+            return;
+        })?;
     Ok(crate::cli::finish_report(vm.run()))
 }
 
@@ -400,12 +456,12 @@ fn decode_loop(reader: &mut LogReader<UnixStream>, feed: &Sender<Record>, receiv
                     return;
                 }
             }
+            // EOF: the monitor closed the pipe after winning the next
+            // generation; dropping the feed lets the replay go live.
             Ok(None) => return,
-            Err(e) => {
-                warn!("replication log: {e}");
-                return;
-            }
+            // A secondary that cannot follow must not go live on its own:
+            // it stops, and the primary carries on unprotected.
+            Err(e) => fence(&format!("the replication stream is damaged: {e}")),
         }
     }
 }
-

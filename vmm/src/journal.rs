@@ -335,7 +335,9 @@ impl LiveFeed {
 
     /// Has the primary left `stop` (so all of its records are here)?
     fn left(&self, stop: u64) -> bool {
-        self.ended || self.watermark.is_some_and(|w| w >= stop) || self.max_stop.is_some_and(|m| m > stop)
+        self.ended
+            || self.watermark.is_some_and(|w| w >= stop)
+            || self.max_stop.is_some_and(|m| m > stop)
     }
 }
 

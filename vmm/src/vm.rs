@@ -25,8 +25,6 @@ use crate::backend::block::{BlockWorker, DiskError, DiskImage};
 use crate::backend::console::Console;
 use crate::backend::gate::{FollowerOutputs, GatedOutputs};
 use crate::backend::outputs::ReplayOutputs;
-use crate::journal::RecordSink;
-use crate::vcpu::GoLiveHooks;
 use crate::backend::tap::{Tap, TapError, TapReader};
 use crate::backend::LiveOutputs;
 use crate::boot::{initial_state, BootError};
@@ -35,6 +33,7 @@ use crate::cpuid::{CpuidEntry, CpuidTable};
 use crate::device_manager::{DeviceManager, SerialOutput};
 use crate::dirty::DirtyTracker;
 use crate::exit::ExitContext;
+use crate::journal::RecordSink;
 use crate::journal::{self, Journal, JournalError, RecordOptions, Recorder, Replayer};
 use crate::kick::{setup_kick_signal, Kicker};
 use crate::layout::{MAX_MEM_SIZE, MIN_MEM_SIZE, VIRTIO_IRQS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
@@ -42,6 +41,7 @@ use crate::legacy::LegacyDevices;
 use crate::loader::{load_kernel, LoaderError};
 use crate::msr::{route_tsc_msrs, MsrRouting};
 use crate::state::saved_msrs;
+use crate::vcpu::GoLiveHooks;
 use crate::vcpu::{DivergenceReport, KickPolicy, SyncContext};
 use crate::vcpu::{RunOutcome, Vcpu, VcpuError, VcpuStats};
 use std::time::Duration;
@@ -536,8 +536,8 @@ impl Vm {
                     min_kick_interval: options.min_kick_interval,
                     epoch_interval: options.epoch_interval,
                 };
-                let recorder = Recorder::start_with_sink(options, sink, live)
-                    .map_err(VmError::Journal)?;
+                let recorder =
+                    Recorder::start_with_sink(options, sink, live).map_err(VmError::Journal)?;
                 (Journal::Record(Box::new(recorder)), policy)
             }
             RunMode::Follow { feed, .. } => (

@@ -51,7 +51,10 @@ impl GatedOutputs {
                 self.inner.emit(output);
             }
         }
-        self.released.fetch_max(acked.min(self.stop.load(Ordering::Acquire)), Ordering::AcqRel);
+        self.released.fetch_max(
+            acked.min(self.stop.load(Ordering::Acquire)),
+            Ordering::AcqRel,
+        );
     }
 
     /// No secondary any more (this side won the arbitration): release
@@ -207,7 +210,10 @@ mod tests {
         gate.emit(Output::BlockSubmit {
             device: 0,
             request: 0,
-            op: BlockOp::Read { sector: 0, len: 512 },
+            op: BlockOp::Read {
+                sector: 0,
+                len: 512,
+            },
         });
         assert_eq!(lock(&sink.0).len(), 1, "reads go out at once");
         stop.store(7, Ordering::Release);

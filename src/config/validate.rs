@@ -1,0 +1,538 @@
+//! `validate()`: from the spanned raw file to typed runtime values, with
+//! defaults applied and every refusal pointing at its line.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tandem_vmm::layout::{MAX_MEM_SIZE, MIN_MEM_SIZE};
+use tandem_vmm::DiskConfig;
+use toml::Spanned;
+
+use super::error::{ConfigError, Ctx};
+use super::raw::{RawFt, RawHost, RawHosts, RawSize, RawVm};
+use super::{
+    Announce, FtConfig, HostEntry, HostId, Nic, OutputCommit, Storage, VmConfigSection, Witness,
+    DEFAULT_ANNOUNCE, DEFAULT_FAILOVER_TIMEOUT_MS, DEFAULT_HEARTBEAT_MS, DEFAULT_MAC,
+    DEFAULT_MAX_LAG_MS, DEFAULT_MAX_UNACKED_BYTES, DEFAULT_MEM, DEFAULT_STATE_ROOT, MAX_TAP_NAME,
+    MIN_MAX_UNACKED_BYTES,
+};
+
+/// A field's value (or `default`) and where to point at it (its own span, or
+/// `fallback` for a defaulted one).
+fn or_default<T: Clone>(
+    field: &Option<Spanned<T>>,
+    default: T,
+    fallback: &Range<usize>,
+) -> (T, Range<usize>) {
+    match field {
+        Some(v) => (v.get_ref().clone(), v.span()),
+        None => (default, fallback.clone()),
+    }
+}
+
+/// A string value as written in TOML, for error messages.
+fn quoted(value: &Spanned<String>) -> String {
+    format!("{:?}", value.get_ref())
+}
+
+/// A `"unix:PATH"` field (a unix socket) as its path.
+fn unix_socket(
+    ctx: &Ctx,
+    field: &Option<Spanned<String>>,
+    section: &'static str,
+    key: String,
+    problem: &str,
+) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(value) = field else {
+        return Ok(None);
+    };
+    match value.get_ref().strip_prefix("unix:") {
+        Some(path) if !path.is_empty() => Ok(Some(path.into())),
+        _ => Err(ctx.invalid(&value.span(), section, key, quoted(value), problem)),
+    }
+}
+
+/// `64M`, `1G`, `65536K` or plain bytes: the syntax of `tandem run --mem`.
+fn parse_size(size: &RawSize) -> Result<u64, String> {
+    let s = match size {
+        RawSize::Bytes(n) => return Ok(*n),
+        RawSize::Text(s) => s.trim(),
+    };
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "is not a size (examples: \"64M\", \"1G\", 67108864)".to_owned())?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| "is too large".to_owned())
+}
+
+/// `52:54:00:12:34:56`: a unicast MAC.
+fn parse_mac(s: &str) -> Result<[u8; 6], &'static str> {
+    const BAD: &str = "is not a MAC address (like \"52:54:00:12:34:56\")";
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2).ok_or(BAD)?;
+        *byte = u8::from_str_radix(part, 16).map_err(|_| BAD)?;
+    }
+    if parts.next().is_some() {
+        return Err(BAD);
+    }
+    if mac[0] & 1 != 0 {
+        return Err("is a multicast address; a NIC needs a unicast MAC");
+    }
+    if mac == [0; 6] {
+        return Err("is all zeros; a NIC needs a real MAC");
+    }
+    Ok(mac)
+}
+
+/// `IP:PORT` that a peer can connect to.
+fn parse_address(s: &str) -> Result<SocketAddr, &'static str> {
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|_| "is not IP:PORT (like \"10.10.0.1:7400\"; host names are not accepted)")?;
+    if addr.port() == 0 {
+        return Err("needs a port other than 0");
+    }
+    if addr.ip().is_unspecified() || addr.ip().is_multicast() {
+        return Err("is not an address a peer can connect to");
+    }
+    Ok(addr)
+}
+
+pub(super) fn validate_vm(ctx: &Ctx, raw: Spanned<RawVm>) -> Result<VmConfigSection, ConfigError> {
+    const S: &str = "vm";
+    let sec = raw.span();
+    let raw = raw.into_inner();
+
+    let (name, name_at, defaulted) = match &raw.name {
+        Some(n) => (n.get_ref().clone(), n.span(), false),
+        None => {
+            let stem = Path::new(ctx.file).file_stem().unwrap_or_default();
+            (stem.to_string_lossy().into_owned(), sec.clone(), true)
+        }
+    };
+    let name_ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        || !name.chars().all(name_ok)
+        || name.len() > 64
+    {
+        let from = if defaulted {
+            " (from the file name)"
+        } else {
+            ""
+        };
+        return Err(ctx.invalid(
+            &name_at,
+            S,
+            "name",
+            format!("{name:?}{from}"),
+            "must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        ));
+    }
+
+    let kernel = raw
+        .kernel
+        .ok_or_else(|| ctx.missing(&sec, S, "kernel", "the guest kernel image to boot"))?;
+    if kernel.get_ref().is_empty() {
+        return Err(ctx.invalid(&kernel.span(), S, "kernel", "\"\"", "is empty"));
+    }
+    let initrd = match raw.initrd {
+        Some(i) if i.get_ref().is_empty() => {
+            return Err(ctx.invalid(&i.span(), S, "initrd", "\"\"", "is empty"))
+        }
+        i => i.map(|i| PathBuf::from(i.into_inner())),
+    };
+    let cmdline = raw.cmdline.map(Spanned::into_inner).unwrap_or_default();
+
+    let mem = match &raw.mem {
+        None => DEFAULT_MEM,
+        Some(m) => {
+            let bad = |problem: String| ctx.invalid(&m.span(), S, "mem", m.get_ref(), problem);
+            let mem = parse_size(m.get_ref()).map_err(bad)?;
+            if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&mem) {
+                return Err(bad(format!(
+                    "is out of range ({}M to {}G)",
+                    MIN_MEM_SIZE >> 20,
+                    MAX_MEM_SIZE >> 30
+                )));
+            }
+            mem
+        }
+    };
+
+    let mut disks = Vec::with_capacity(raw.disk.len());
+    for (i, d) in raw.disk.iter().enumerate() {
+        let (path, read_only) = match d.get_ref().strip_suffix(",ro") {
+            Some(path) => (path, true),
+            None => (d.get_ref().as_str(), false),
+        };
+        if path.is_empty() {
+            let key = format!("disk[{i}]");
+            return Err(ctx.invalid(
+                &d.span(),
+                S,
+                key,
+                quoted(d),
+                "is not \"PATH\" or \"PATH,ro\"",
+            ));
+        }
+        disks.push(DiskConfig {
+            path: path.into(),
+            read_only,
+        });
+    }
+
+    let mut nics = Vec::with_capacity(raw.net.len());
+    for (i, n) in raw.net.iter().enumerate() {
+        let mac = match &n.get_ref().mac {
+            None => {
+                let mut mac = DEFAULT_MAC;
+                mac[5] = mac[5].wrapping_add(i as u8);
+                mac
+            }
+            Some(m) => parse_mac(m.get_ref()).map_err(|problem| {
+                let key = format!("net[{i}].mac");
+                ctx.invalid(&m.span(), S, key, quoted(m), problem)
+            })?,
+        };
+        nics.push(Nic { mac });
+    }
+    for (i, nic) in nics.iter().enumerate() {
+        if let Some(j) = nics[..i].iter().position(|other| other.mac == nic.mac) {
+            let at = raw.net[i].span();
+            let key = format!("net[{i}]");
+            let mac = nic.mac.map(|b| format!("{b:02x}")).join(":");
+            return Err(ctx.invalid(
+                &at,
+                S,
+                key,
+                format!("{{ mac = {mac:?} }}"),
+                format!("has the same MAC as net[{j}]"),
+            ));
+        }
+    }
+
+    let console = unix_socket(
+        ctx,
+        &raw.console,
+        S,
+        "console".into(),
+        "must be \"unix:PATH\" (a socket the live side serves)",
+    )?;
+
+    Ok(VmConfigSection {
+        name,
+        kernel: kernel.into_inner().into(),
+        initrd,
+        cmdline,
+        mem,
+        disks,
+        nics,
+        console,
+    })
+}
+
+pub(super) fn validate_hosts(
+    ctx: &Ctx,
+    raw: Spanned<RawHosts>,
+    nic_count: usize,
+) -> Result<[HostEntry; 2], ConfigError> {
+    let sec = raw.span();
+    let raw = raw.into_inner();
+    let a = validate_host(ctx, HostId::A, raw.a.as_ref(), &sec, nic_count)?;
+    let b = validate_host(ctx, HostId::B, raw.b.as_ref(), &sec, nic_count)?;
+    if a.address == b.address {
+        let at = raw
+            .b
+            .as_ref()
+            .and_then(|b| b.get_ref().address.as_ref())
+            .map_or(sec, Spanned::span);
+        return Err(ctx.invalid(
+            &at,
+            "hosts",
+            "b.address",
+            format!("\"{}\"", b.address),
+            "is also a.address; the two hosts need distinct addresses",
+        ));
+    }
+    Ok([a, b])
+}
+
+fn validate_host(
+    ctx: &Ctx,
+    id: HostId,
+    raw: Option<&Spanned<RawHost>>,
+    sec: &Range<usize>,
+    nic_count: usize,
+) -> Result<HostEntry, ConfigError> {
+    const S: &str = "hosts";
+    let key = |k: &str| format!("{id}.{k}");
+    let raw = raw.ok_or_else(|| {
+        ctx.missing(
+            sec,
+            S,
+            id.name(),
+            "each host needs an entry like { address = \"IP:PORT\" }",
+        )
+    })?;
+    let at = raw.span();
+    let raw = raw.get_ref();
+
+    let addr = raw.address.as_ref().ok_or_else(|| {
+        ctx.missing(
+            &at,
+            S,
+            key("address"),
+            "where the peer reaches this host, IP:PORT",
+        )
+    })?;
+    let address = parse_address(addr.get_ref())
+        .map_err(|p| ctx.invalid(&addr.span(), S, key("address"), quoted(addr), p))?;
+
+    let taps = match &raw.tap {
+        None if nic_count > 0 => {
+            return Err(ctx.missing(&at, S, key("tap"), "[vm] net needs a tap on each host"))
+        }
+        None => Vec::new(),
+        Some(t) => {
+            let bad = |p: String| ctx.invalid(&t.span(), S, key("tap"), t.get_ref(), p);
+            let names = &t.get_ref().names;
+            for name in names {
+                if name.is_empty() {
+                    return Err(bad("names an empty tap".into()));
+                }
+                if name.len() > MAX_TAP_NAME
+                    || name.contains(|c: char| c == '/' || c.is_whitespace())
+                {
+                    return Err(bad(format!(
+                        "{name:?} is not an interface name \
+                         (at most {MAX_TAP_NAME} bytes, no '/' or spaces)"
+                    )));
+                }
+            }
+            if names.len() != nic_count {
+                return Err(bad(format!(
+                    "names {} tap(s) but [vm] net has {nic_count} NIC(s); give one tap per NIC",
+                    names.len()
+                )));
+            }
+            names.clone()
+        }
+    };
+
+    let control = unix_socket(
+        ctx,
+        &raw.control,
+        S,
+        key("control"),
+        "must be \"unix:PATH\"",
+    )?;
+
+    Ok(HostEntry {
+        address,
+        taps,
+        control,
+    })
+}
+
+pub(super) fn validate_ft(
+    ctx: &Ctx,
+    raw: Option<Spanned<RawFt>>,
+    vm_name: &str,
+) -> Result<FtConfig, ConfigError> {
+    const S: &str = "ft";
+    let (sec, raw) = match raw {
+        Some(raw) => (raw.span(), raw.into_inner()),
+        None => (0..0, RawFt::default()),
+    };
+    let millis = |field: &Option<Spanned<u64>>, key: &str, default: u64, min: u64| {
+        let (ms, at) = or_default(field, default, &sec);
+        if ms < min {
+            return Err(ctx.invalid(&at, S, key, ms, format!("must be at least {min}")));
+        }
+        Ok((ms, at))
+    };
+
+    let (heartbeat_ms, hb_at) = millis(&raw.heartbeat_ms, "heartbeat_ms", DEFAULT_HEARTBEAT_MS, 1)?;
+    let (timeout_ms, _) = millis(
+        &raw.failover_timeout_ms,
+        "failover_timeout_ms",
+        DEFAULT_FAILOVER_TIMEOUT_MS,
+        1,
+    )?;
+    if timeout_ms <= heartbeat_ms.saturating_mul(2) {
+        // Point at the timeout if written, else at the heartbeat that made
+        // the default too small.
+        let at = raw
+            .failover_timeout_ms
+            .as_ref()
+            .map_or(hb_at, Spanned::span);
+        let value = match raw.failover_timeout_ms {
+            Some(_) => timeout_ms.to_string(),
+            None => format!("{timeout_ms} (the default)"),
+        };
+        return Err(ctx.invalid(
+            &at,
+            S,
+            "failover_timeout_ms",
+            value,
+            format!("must be more than twice heartbeat_ms ({heartbeat_ms})"),
+        ));
+    }
+
+    let output_commit = match &raw.output_commit {
+        None => OutputCommit::default(),
+        Some(o) => match o.get_ref().as_str() {
+            "received" => OutputCommit::Received,
+            "replayed" => OutputCommit::Replayed,
+            other => {
+                return Err(ctx.invalid(
+                    &o.span(),
+                    S,
+                    "output_commit",
+                    format!("{other:?}"),
+                    "must be \"received\" or \"replayed\"",
+                ))
+            }
+        },
+    };
+
+    let storage = match &raw.storage {
+        None => Storage::default(),
+        Some(s) => match s.get_ref().as_str() {
+            "shared" => Storage::Shared,
+            "mirrored" => {
+                return Err(ctx.invalid(
+                    &s.span(),
+                    S,
+                    "storage",
+                    "\"mirrored\"",
+                    "is not supported yet (it comes with the mirrored-storage work); \
+                     use \"shared\"",
+                ))
+            }
+            other => {
+                return Err(ctx.invalid(
+                    &s.span(),
+                    S,
+                    "storage",
+                    format!("{other:?}"),
+                    "must be \"shared\" or \"mirrored\"",
+                ))
+            }
+        },
+    };
+
+    let witness = match &raw.witness {
+        None => None,
+        Some(w) => Some(
+            parse_witness(w.get_ref())
+                .map_err(|p| ctx.invalid(&w.span(), S, "witness", quoted(w), p))?,
+        ),
+    };
+
+    let state_dir = match &raw.state_dir {
+        None => Path::new(DEFAULT_STATE_ROOT).join(vm_name),
+        Some(d) if d.get_ref().is_empty() => {
+            return Err(ctx.invalid(&d.span(), S, "state_dir", "\"\"", "is empty"))
+        }
+        Some(d) => PathBuf::from(d.get_ref()),
+    };
+
+    let fence_command = match &raw.fence_command {
+        None => None,
+        Some(f) if f.get_ref().trim().is_empty() => {
+            return Err(ctx.invalid(
+                &f.span(),
+                S,
+                "fence_command",
+                quoted(f),
+                "is empty (leave the key out for no fencing)",
+            ))
+        }
+        Some(f) => Some(f.get_ref().clone()),
+    };
+
+    let max_unacked_bytes = match &raw.max_unacked_bytes {
+        None => DEFAULT_MAX_UNACKED_BYTES,
+        Some(m) => {
+            let bad = |p: String| ctx.invalid(&m.span(), S, "max_unacked_bytes", m.get_ref(), p);
+            let n = parse_size(m.get_ref()).map_err(bad)?;
+            if n < MIN_MAX_UNACKED_BYTES {
+                return Err(bad(format!(
+                    "must be at least {}M",
+                    MIN_MAX_UNACKED_BYTES >> 20
+                )));
+            }
+            n
+        }
+    };
+
+    let (max_lag_ms, _) = millis(&raw.max_lag_ms, "max_lag_ms", DEFAULT_MAX_LAG_MS, 1)?;
+
+    let d = DEFAULT_ANNOUNCE;
+    let (rounds, rounds_at) = or_default(&raw.announce_rounds, d.rounds, &sec);
+    if rounds == 0 {
+        return Err(ctx.invalid(&rounds_at, S, "announce_rounds", 0, "must be at least 1"));
+    }
+    let ms = |x: Duration| x.as_millis() as u64;
+    let (initial, initial_at) = millis(
+        &raw.announce_initial_ms,
+        "announce_initial_ms",
+        ms(d.initial),
+        0,
+    )?;
+    let (step, _) = millis(&raw.announce_step_ms, "announce_step_ms", ms(d.step), 0)?;
+    let (max, max_at) = millis(&raw.announce_max_ms, "announce_max_ms", ms(d.max), 1)?;
+    if max < initial {
+        let at = raw.announce_max_ms.as_ref().map_or(initial_at, |_| max_at);
+        return Err(ctx.invalid(
+            &at,
+            S,
+            "announce_max_ms",
+            max,
+            format!("must be at least announce_initial_ms ({initial})"),
+        ));
+    }
+
+    Ok(FtConfig {
+        heartbeat: Duration::from_millis(heartbeat_ms),
+        failover_timeout: Duration::from_millis(timeout_ms),
+        output_commit,
+        storage,
+        witness,
+        state_dir,
+        fence_command,
+        max_unacked_bytes,
+        max_lag: Duration::from_millis(max_lag_ms),
+        announce: Announce {
+            rounds,
+            initial: Duration::from_millis(initial),
+            step: Duration::from_millis(step),
+            max: Duration::from_millis(max),
+        },
+    })
+}
+
+/// `tcp://IP:PORT` or `file:/ABSOLUTE/PATH`.
+fn parse_witness(s: &str) -> Result<Witness, &'static str> {
+    if let Some(addr) = s.strip_prefix("tcp://") {
+        return parse_address(addr).map(Witness::Tcp);
+    }
+    if let Some(path) = s.strip_prefix("file:") {
+        return match Path::new(path) {
+            p if p.is_absolute() => Ok(Witness::File(p.to_owned())),
+            _ => Err("needs an absolute path on storage both hosts reach (\"file:/PATH\")"),
+        };
+    }
+    Err("must be \"tcp://IP:PORT\" or \"file:/PATH\"")
+}

@@ -1,0 +1,119 @@
+//! `tandem primary` and `tandem secondary`: one host of a pair, from the
+//! pair file both hosts share.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use tandem_vmm::vm::RunMode;
+use tandem_vmm::{VmConfig, DEFAULT_KVM_PATH};
+
+use super::arbiter::{self, Arbiter};
+use super::pair::{run_primary, run_secondary, PairParams};
+use crate::config::{self, HostId, PairConfig, Witness};
+use crate::EXIT_START_FAILED;
+
+/// Options of `tandem primary` / `tandem secondary`.
+#[derive(Args)]
+pub struct PairArgs {
+    /// The pair file (the same on both hosts).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Which host of the file this is (default: found from local addresses).
+    #[arg(long, value_name = "a|b")]
+    host: Option<String>,
+    /// Primary only: run without waiting for a secondary (after winning the
+    /// arbitration).
+    #[arg(long)]
+    alone: bool,
+    /// Run a pair with no arbiter configured: both sides may go live at once.
+    #[arg(long)]
+    i_accept_split_brain: bool,
+}
+
+/// Which role to start in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Run the guest and ship its log.
+    Primary,
+    /// Follow a primary and take over when it is gone.
+    Secondary,
+}
+
+extern "C" fn freeze(_: libc::c_int) {
+    // SAFETY: raise is async-signal-safe; SIGSTOP freezes the whole process
+    // with its sockets open and nothing more sent: a host hang as the peer
+    // sees it (test failover). SIGCONT resumes it.
+    unsafe { libc::raise(libc::SIGSTOP) };
+}
+
+fn install_freeze_on_usr1() {
+    // SAFETY: installs a handler that only calls an async-signal-safe function.
+    unsafe { libc::signal(libc::SIGUSR1, freeze as *const () as libc::sighandler_t) };
+}
+
+/// Runs one host of a pair in `role`.
+pub fn run(role: Role, args: PairArgs) -> ExitCode {
+    match start(role, args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tandem: {e:#}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
+fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
+    let cfg = config::load(&args.config)?;
+    let me = config::which_host(&cfg, args.host.as_deref(), &config::local_addresses())?;
+    if !cfg.vm.kernel.is_file() {
+        anyhow::bail!(
+            "{}: kernel {} does not exist",
+            args.config.display(),
+            cfg.vm.kernel.display()
+        );
+    }
+    let arbiter: Option<Arc<dyn Arbiter>> = match &cfg.ft.witness {
+        Some(Witness::Tcp(addr)) => Some(Arc::new(arbiter::tcp(*addr, Duration::from_secs(2)))),
+        Some(Witness::File(dir)) => Some(Arc::new(arbiter::file(dir))),
+        None if args.i_accept_split_brain => None,
+        None => anyhow::bail!(
+            "{}: no [ft] witness is configured, so both hosts could go live at once; configure one or pass --i-accept-split-brain",
+            args.config.display()
+        ),
+    };
+    install_freeze_on_usr1();
+    let params = PairParams {
+        vm_name: cfg.vm.name.clone(),
+        me: me.name().to_string(),
+        listen: cfg.host(me).address,
+        peer: cfg.host(me.peer()).address,
+        heartbeat: cfg.ft.heartbeat,
+        failover_timeout: cfg.ft.failover_timeout,
+        arbiter,
+        alone: args.alone,
+    };
+    let vm_config = move |mode: RunMode| vm_config(&cfg, me, mode);
+    match role {
+        Role::Primary => run_primary(params, vm_config),
+        Role::Secondary => run_secondary(params, vm_config),
+    }
+}
+
+fn vm_config(cfg: &PairConfig, me: HostId, mode: RunMode) -> VmConfig {
+    VmConfig {
+        kvm_path: PathBuf::from(DEFAULT_KVM_PATH),
+        kernel: cfg.vm.kernel.clone(),
+        initrd: cfg.vm.initrd.clone(),
+        cmdline: cfg.vm.cmdline.clone(),
+        mem_size: cfg.vm.mem,
+        serial_out: Box::new(std::io::stdout()),
+        disks: cfg.vm.disks.clone(),
+        nets: cfg.net_configs(me),
+        rtc_base: None,
+        repair: false,
+        mode,
+    }
+}

@@ -1,0 +1,262 @@
+//! A protected pair under real faults: primary and secondary processes in a
+//! network namespace, the guest's NIC on a tap per host, both taps on one
+//! bridge the client sits on, a witness arbiter, shared storage for the
+//! guest's disk, and `kill -9` of the primary mid-stream.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::guest;
+use common::netns::NetNs;
+
+const GUEST_IP: &str = "10.78.0.2";
+
+fn ip(ns: &NetNs, args: &[&str]) {
+    let out = Command::new("ip")
+        .arg("-n")
+        .arg(&ns.name)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A process whose console lines are collected in the background.
+struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn spawn(ns: &NetNs, args: &[&str]) -> Self {
+        let mut cmd = ns.command(env!("CARGO_BIN_EXE_tandem"));
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn tandem");
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+        for (pipe, sink) in [
+            (
+                Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+                lines.clone(),
+            ),
+            (Box::new(child.stderr.take().unwrap()), errors.clone()),
+        ] {
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push(line);
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            errors,
+        }
+    }
+
+    fn wait_for(&self, what: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.lines.lock().unwrap().iter().any(|l| l.contains(what)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "never saw {what:?}; stdout {:?} stderr {:?}",
+            self.lines.lock().unwrap(),
+            self.errors.lock().unwrap()
+        );
+    }
+
+    fn stderr(&self) -> String {
+        self.errors.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Topology {
+    ns: NetNs,
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+fn topology(tag: &str, failover_ms: u64) -> Topology {
+    let ns = NetNs::new(tag);
+    ip(&ns, &["link", "add", "br0", "type", "bridge"]);
+    for tap in ["tapa", "tapb"] {
+        ip(&ns, &["tuntap", "add", "dev", tap, "mode", "tap"]);
+        ip(&ns, &["link", "set", tap, "master", "br0"]);
+        ip(&ns, &["link", "set", tap, "up"]);
+    }
+    ip(&ns, &["addr", "add", "10.78.0.1/24", "dev", "br0"]);
+    ip(&ns, &["link", "set", "br0", "up"]);
+    let dir = std::env::temp_dir().join(format!("tandem-pair-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
+    let config = dir.join("pair.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[vm]
+name = "counter"
+kernel = "{kernel}"
+cmdline = "ip={GUEST_IP}"
+mem = "32M"
+disk = ["{disk}"]
+net = [{{ mac = "52:54:00:00:78:02" }}]
+
+[hosts]
+a = {{ address = "127.0.0.1:7401", tap = "tapa" }}
+b = {{ address = "127.0.0.2:7402", tap = "tapb" }}
+
+[ft]
+heartbeat_ms = 50
+failover_timeout_ms = {failover_ms}
+witness = "tcp://127.0.0.1:7500"
+state_dir = "{state}"
+"#,
+            kernel = guest("netecho").display(),
+            disk = disk.display(),
+            state = dir.join("state").display(),
+        ),
+    )
+    .unwrap();
+    Topology { ns, dir, config }
+}
+
+fn counter(s: &UdpSocket, client: u32, request: u32, wait: Duration) -> Vec<(u32, u64)> {
+    let mut req = [0u8; 8];
+    req[..4].copy_from_slice(&client.to_le_bytes());
+    req[4..].copy_from_slice(&request.to_le_bytes());
+    s.send_to(&req, format!("{GUEST_IP}:9000")).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let deadline = Instant::now() + wait;
+    let mut replies = Vec::new();
+    let mut buf = [0u8; 64];
+    while Instant::now() < deadline {
+        if let Ok(n) = s.recv(&mut buf) {
+            if n == 16 {
+                let id = u32::from_le_bytes(buf[4..8].try_into().unwrap());
+                replies.push((id, u64::from_le_bytes(buf[8..16].try_into().unwrap())));
+                if id == request {
+                    break;
+                }
+            }
+        }
+    }
+    replies
+}
+
+#[test]
+fn kill_9_of_the_primary_hands_over_without_reusing_a_counter_value() {
+    let t = topology("k9", 1500);
+    let config = t.config.display().to_string();
+    let state = t.dir.join("witness.state").display().to_string();
+    let _witness = Proc::spawn(
+        &t.ns,
+        &["witness", "--listen", "127.0.0.1:7500", "--state", &state],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let mut primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let secondary = Proc::spawn(&t.ns, &["secondary", "--config", &config, "--host", "b"]);
+    primary.wait_for("netecho: up", Duration::from_secs(60));
+
+    let s = t.ns.udp_socket("10.78.0.1:0");
+    let mut replies: Vec<(u32, u64)> = Vec::new();
+    let mut request = 0u32;
+    for _ in 0..60 {
+        replies.extend(counter(&s, 1, request, Duration::from_secs(2)));
+        request += 1;
+    }
+    let before_kill = replies.iter().map(|r| r.1).max().unwrap_or(0);
+    assert!(
+        replies.len() >= 60,
+        "the protected VM did not answer: {replies:?}\n{}",
+        primary.stderr()
+    );
+
+    primary.child.kill().unwrap(); // SIGKILL
+    let killed = Instant::now();
+    let mut first_after: Option<Duration> = None;
+    while Instant::now() - killed < Duration::from_secs(30) && request < 1000 {
+        let got = counter(&s, 1, request, Duration::from_millis(300));
+        if first_after.is_none() && got.iter().any(|(id, _)| *id == request) {
+            first_after = Some(killed.elapsed());
+        }
+        replies.extend(got);
+        request += 1;
+        if first_after.is_some()
+            && request % 20 == 0
+            && replies.iter().filter(|(id, _)| *id > 60).count() > 40
+        {
+            break;
+        }
+    }
+    let first_after = first_after.unwrap_or_else(|| {
+        panic!(
+            "no reply after failover; secondary stderr:\n{}",
+            secondary.stderr()
+        )
+    });
+    eprintln!(
+        "first reply {first_after:?} after kill -9\nsecondary: {}",
+        secondary.stderr()
+    );
+
+    // No value handed to two different requests; repeats are exact duplicates.
+    let mut by_value: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut by_request: BTreeMap<u32, u64> = BTreeMap::new();
+    for &(id, value) in &replies {
+        if let Some(other) = by_value.insert(value, id) {
+            assert_eq!(
+                other, id,
+                "value {value} handed to requests {other} and {id}"
+            );
+        }
+        if let Some(v) = by_request.insert(id, value) {
+            assert_eq!(v, value, "request {id} answered {v} and {value}");
+        }
+    }
+    // The new primary continues above everything the client saw.
+    let after: Vec<u64> = replies
+        .iter()
+        .filter(|(id, _)| *id >= 60)
+        .map(|r| r.1)
+        .collect();
+    assert!(!after.is_empty());
+    assert!(
+        after.iter().all(|&v| v > before_kill),
+        "after failover {after:?}, before {before_kill}"
+    );
+    assert!(
+        secondary.stderr().contains("going live"),
+        "{}",
+        secondary.stderr()
+    );
+    let _ = std::fs::remove_dir_all(&t.dir);
+}
