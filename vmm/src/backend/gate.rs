@@ -13,8 +13,11 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tandem_devices::lock;
 use tandem_replay::{BlockOp, Output, Outputs};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Outputs held by the primary until the secondary has what produced them.
 pub struct GatedOutputs {
