@@ -171,20 +171,276 @@ fn counter(s: &UdpSocket, client: u32, request: u32, wait: Duration) -> Vec<(u32
     replies
 }
 
-#[test]
-fn kill_9_of_the_primary_hands_over_without_reusing_a_counter_value() {
-    let t = topology("k9", 1500);
+/// A running pair: witness, primary on host a, secondary on host b.
+struct Pair {
+    t: Topology,
+    _witness: Proc,
+    primary: Proc,
+    secondary: Proc,
+}
+
+fn start_pair(tag: &str, failover_ms: u64) -> Pair {
+    let t = topology(tag, failover_ms);
     let config = t.config.display().to_string();
     let state = t.dir.join("witness.state").display().to_string();
-    let _witness = Proc::spawn(
+    let witness = Proc::spawn(
         &t.ns,
         &["witness", "--listen", "127.0.0.1:7500", "--state", &state],
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let mut primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
+    witness.wait_for("listening on", Duration::from_secs(10));
+    let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
     std::thread::sleep(Duration::from_millis(300));
     let secondary = Proc::spawn(&t.ns, &["secondary", "--config", &config, "--host", "b"]);
     primary.wait_for("netecho: up", Duration::from_secs(60));
+    Pair {
+        t,
+        _witness: witness,
+        primary,
+        secondary,
+    }
+}
+
+fn signal(p: &Proc, sig: libc::c_int) {
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(p.child.id() as libc::pid_t, sig) }, 0);
+}
+
+/// Frames a tap has carried from its VM (the tap's rx side).
+fn frames_from_vm(ns: &NetNs, tap: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["-n", &ns.name, "-s", "-o", "link", "show", tap])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let rx = fields.iter().position(|f| *f == "RX:").expect("RX stats");
+    let values: Vec<u64> = fields[rx..].iter().filter_map(|f| f.parse().ok()).collect();
+    values[1]
+}
+
+/// Checks the counter invariants over every reply the client saw.
+fn assert_counter_invariants(replies: &[(u32, u64)], split: u32) {
+    let mut by_value: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut by_request: BTreeMap<u32, u64> = BTreeMap::new();
+    for &(id, value) in replies {
+        if let Some(other) = by_value.insert(value, id) {
+            assert_eq!(
+                other, id,
+                "value {value} handed to requests {other} and {id}"
+            );
+        }
+        if let Some(v) = by_request.insert(id, value) {
+            assert_eq!(v, value, "request {id} answered {v} and {value}");
+        }
+    }
+    let before = replies
+        .iter()
+        .filter(|(id, _)| *id < split)
+        .map(|r| r.1)
+        .max()
+        .unwrap_or(0);
+    let after: Vec<u64> = replies
+        .iter()
+        .filter(|(id, _)| *id >= split)
+        .map(|r| r.1)
+        .collect();
+    assert!(!after.is_empty(), "nothing answered after the fault");
+    assert!(
+        after.iter().all(|&v| v > before),
+        "after the fault {after:?}, before {before}"
+    );
+}
+
+/// Sends requests until `count` of them (from `first`) were answered or
+/// `limit` passes; returns the next request id and when the first answer came.
+fn serve(
+    s: &UdpSocket,
+    first: u32,
+    count: usize,
+    limit: Duration,
+    replies: &mut Vec<(u32, u64)>,
+) -> (u32, Option<Duration>) {
+    let start = Instant::now();
+    let mut request = first;
+    let mut answered = 0;
+    let mut first_reply = None;
+    while start.elapsed() < limit && answered < count {
+        let got = counter(s, 1, request, Duration::from_millis(300));
+        if got.iter().any(|(id, _)| *id == request) {
+            answered += 1;
+            first_reply.get_or_insert(start.elapsed());
+        }
+        replies.extend(got);
+        request += 1;
+    }
+    (request, first_reply)
+}
+
+fn wait_exit(p: &mut Proc, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn kill_usr1_of_the_secondary_leaves_the_primary_serving_unprotected() {
+    let p = start_pair("u2", 1500);
+    let s = p.t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, _) = serve(&s, 0, 20, Duration::from_secs(30), &mut replies);
+    signal(&p.secondary, libc::SIGUSR1);
+    let (_, first) = serve(&s, next, 20, Duration::from_secs(30), &mut replies);
+    assert!(
+        first.is_some(),
+        "primary stopped serving: {}",
+        p.primary.stderr()
+    );
+    assert_counter_invariants(&replies, next);
+    assert!(
+        p.primary.stderr().contains("running unprotected"),
+        "{}",
+        p.primary.stderr()
+    );
+    let _ = std::fs::remove_dir_all(&p.t.dir);
+}
+
+#[test]
+fn a_frozen_primary_is_replaced_and_fences_itself_when_it_thaws() {
+    let mut p = start_pair("u1", 1500);
+    let s = p.t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, _) = serve(&s, 0, 20, Duration::from_secs(30), &mut replies);
+    signal(&p.primary, libc::SIGUSR1); // freezes it with its sockets open
+    let (next2, first) = serve(&s, next, 20, Duration::from_secs(30), &mut replies);
+    let first = first.unwrap_or_else(|| panic!("no takeover: {}", p.secondary.stderr()));
+    eprintln!("first reply {first:?} after freezing the primary");
+    assert_counter_invariants(&replies, next);
+
+    // Thaw the old primary: it sends nothing and ends fenced.
+    let frames_before = frames_from_vm(&p.t.ns, "tapa");
+    signal(&p.primary, libc::SIGCONT);
+    let status = wait_exit(&mut p.primary, Duration::from_secs(20));
+    assert_eq!(status, Some(124), "old primary: {}", p.primary.stderr());
+    assert!(
+        p.primary.stderr().contains("fenced"),
+        "{}",
+        p.primary.stderr()
+    );
+    assert_eq!(
+        frames_from_vm(&p.t.ns, "tapa"),
+        frames_before,
+        "the fenced primary sent frames"
+    );
+    let (_, again) = serve(&s, next2, 5, Duration::from_secs(20), &mut replies);
+    assert!(again.is_some(), "the new primary stopped serving");
+    assert_counter_invariants(&replies, next);
+    let _ = std::fs::remove_dir_all(&p.t.dir);
+}
+
+#[test]
+fn output_waits_for_the_secondary() {
+    // A failover timeout far longer than the stall: no failover, held output.
+    let p = start_pair("out", 20_000);
+    let s = p.t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, _) = serve(&s, 0, 5, Duration::from_secs(30), &mut replies);
+    signal(&p.secondary, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(200));
+    let held = counter(&s, 1, next, Duration::from_millis(1500));
+    assert!(
+        held.is_empty(),
+        "a reply left before the secondary had its log: {held:?}"
+    );
+    signal(&p.secondary, libc::SIGCONT);
+    let released = counter(&s, 1, next + 1, Duration::from_secs(5));
+    assert!(
+        released.iter().any(|(id, _)| *id == next),
+        "the held reply never arrived: {released:?}"
+    );
+    let _ = std::fs::remove_dir_all(&p.t.dir);
+}
+
+#[test]
+fn bad_pair_files_get_one_line_errors() {
+    let dir = std::env::temp_dir().join(format!("tandem-badpair-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ns = NetNs::new("bad");
+    let kernel = guest("hello").display().to_string();
+    let hosts = |a: &str, b: &str| {
+        format!("[hosts]\na = {{ address = \"{a}\" }}\nb = {{ address = \"{b}\" }}\n")
+    };
+    let vm = format!("[vm]\nkernel = \"{kernel}\"\n");
+    let witness = "[ft]\nwitness = \"tcp://127.0.0.1:9\"\n";
+    let cases = [
+        ("no-hosts", vm.clone(), "missing section [hosts]"),
+        (
+            "unknown-key",
+            format!("{vm}kernal = 1\n{}", hosts("127.0.0.1:1", "127.0.0.2:1")),
+            ":3:",
+        ),
+        (
+            "bad-address",
+            format!("{vm}{}", hosts("nowhere", "127.0.0.2:1")),
+            ":4:",
+        ),
+        (
+            "same-address",
+            format!("{vm}{}", hosts("127.0.0.1:1", "127.0.0.1:1")),
+            "127.0.0.1:1",
+        ),
+        (
+            "neither-host",
+            format!("{vm}{}{witness}", hosts("192.0.2.1:1", "192.0.2.2:1")),
+            "--host",
+        ),
+        (
+            "no-witness",
+            format!("{vm}{}", hosts("127.0.0.1:7401", "127.0.0.2:7402")),
+            "--i-accept-split-brain",
+        ),
+        (
+            "witness-down",
+            format!("{vm}{}{witness}", hosts("127.0.0.1:7401", "127.0.0.2:7402")),
+            "witness 127.0.0.1:9 unreachable",
+        ),
+    ];
+    for (name, text, needle) in cases {
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let f = if name == "neither-host" {
+            // In a namespace with only loopback, so neither address is local.
+            let mut cmd = ns.command(env!("CARGO_BIN_EXE_tandem"));
+            cmd.arg("primary").arg("--config").arg(&path);
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            common::run_command(cmd, None, Duration::from_secs(30))
+        } else {
+            let mut cmd = common::tandem();
+            cmd.arg("primary")
+                .arg("--config")
+                .arg(&path)
+                .args(["--host", "a"]);
+            common::run_command(cmd, None, Duration::from_secs(30))
+        };
+        common::assert_clean_error(&f, 3, needle);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn kill_9_of_the_primary_hands_over_without_reusing_a_counter_value() {
+    let Pair {
+        t,
+        _witness,
+        mut primary,
+        secondary,
+    } = start_pair("k9", 1500);
 
     let s = t.ns.udp_socket("10.78.0.1:0");
     let mut replies: Vec<(u32, u64)> = Vec::new();

@@ -1,0 +1,590 @@
+//! tandem workloads, unprotected vs recorded, interleaved run by run; each
+//! recording is then replayed and inspected.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::ctx::{make_image, Ctx};
+use crate::json::Json;
+use crate::netecho::{self, NetNs};
+use crate::proc::{self, Outcome};
+use crate::stats::{percentile, summary_json};
+
+/// How a workload's work rate is measured.
+#[derive(Clone, Debug)]
+pub enum Kind {
+    /// Fixed work, the guest exits when done: rate = work / wall time.
+    Batch,
+    /// netecho under a closed-loop UDP echo client (`requests` requests,
+    /// one outstanding): rate = requests / client time.
+    NetEcho { requests: usize },
+}
+
+/// One guest + options, measured live and recorded.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub name: String,
+    pub guest: &'static str,
+    pub cmdline: String,
+    /// Work per run, in `unit`.
+    pub work: f64,
+    pub unit: &'static str,
+    /// stdout must contain this for the run to count.
+    pub expect: &'static str,
+    pub disk_bytes: Option<u64>,
+    /// Extra recorded configurations: (name, extra `tandem run` options).
+    pub variants: Vec<(&'static str, Vec<String>)>,
+    pub kind: Kind,
+    pub note: &'static str,
+}
+
+/// The workload list for this mode.
+pub fn workloads(ctx: &Ctx) -> Vec<Workload> {
+    let q = ctx.quick;
+    let (csize, crounds) = if q { (16384, 4) } else { (65536, 4) };
+    let compute = |hz: u32, variants| Workload {
+        name: format!("compute-{}", if hz >= 1000 { "1kHz".into() } else { format!("{hz}Hz") }),
+        guest: "compute",
+        cmdline: format!("size={csize} rounds={crounds} hz={hz}"),
+        work: f64::from(csize * crounds),
+        unit: "B hashed",
+        expect: "compute: size=",
+        disk_bytes: None,
+        variants,
+        kind: Kind::Batch,
+        note: "CPU-bound; a sync point at every timer interrupt",
+    };
+    let pio_n: u32 = if q { 20_000 } else { 100_000 };
+    let disk_count: u64 = if q { 96 } else { 512 };
+    let requests = if q { 200 } else { 2000 };
+    vec![
+        compute(
+            100,
+            vec![(
+                "record-epoch1000",
+                vec!["--epoch-ms".to_string(), "1000".to_string()],
+            )],
+        ),
+        compute(1000, Vec::new()),
+        Workload {
+            name: "piostorm".into(),
+            guest: "piostorm",
+            cmdline: format!("n={pio_n}"),
+            work: f64::from(2 * pio_n),
+            unit: "port accesses",
+            expect: "piostorm: n=",
+            disk_bytes: None,
+            variants: Vec::new(),
+            kind: Kind::Batch,
+            note: "I/O exit-bound: one stop per port access",
+        },
+        Workload {
+            name: "ticker".into(),
+            guest: "ticker",
+            cmdline: String::new(),
+            work: 2000.0,
+            unit: "timer ticks",
+            expect: "ticks=2000",
+            disk_bytes: None,
+            variants: Vec::new(),
+            kind: Kind::Batch,
+            note: "idle, timer-bound (2000 ticks at 1 kHz): wall ratio is ~1 by construction; see the CPU ratio",
+        },
+        Workload {
+            name: "diskseq".into(),
+            guest: "diskseq",
+            cmdline: format!("count={disk_count} chunk=8"),
+            work: (2 * disk_count) as f64,
+            unit: "sectors written+read",
+            expect: "diskseq: sectors=",
+            disk_bytes: Some((disk_count * 512).max(1 << 20)),
+            variants: Vec::new(),
+            kind: Kind::Batch,
+            note: "virtio-blk write, flush, read back, verify (about 9 ms of guest CPU per sector)",
+        },
+        Workload {
+            name: "netecho".into(),
+            guest: "netecho",
+            cmdline: format!("ip={}", netecho::GUEST_IP),
+            work: requests as f64,
+            unit: "UDP echoes",
+            expect: "netecho: bye",
+            disk_bytes: Some(64 << 10),
+            variants: Vec::new(),
+            kind: Kind::NetEcho { requests },
+            note: "closed-loop UDP echo (64 B, one outstanding) from a client in the tap's network namespace",
+        },
+    ]
+}
+
+/// Runs this many measured runs per rep (for the progress count).
+pub fn runs_per_rep(w: &Workload) -> usize {
+    3 + w.variants.len()
+}
+
+/// One run of the VMM.
+#[derive(Clone, Debug, Default)]
+pub struct Sample {
+    pub out: Outcome,
+    pub ok: bool,
+    pub error: String,
+    /// Work per second.
+    pub rate: f64,
+    /// `VcpuStats` fields of the `-v` stats line.
+    pub stats: Vec<(String, f64)>,
+    /// `tandem log inspect --json` of the recording.
+    pub inspect: Option<Json>,
+    /// Round-trip times in ms (netecho).
+    pub rtts: Vec<f64>,
+    /// The seven numbers of the replay summary line (replay runs).
+    pub summary: Vec<f64>,
+}
+
+impl Sample {
+    fn stat(&self, key: &str) -> Option<f64> {
+        self.stats.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+}
+
+/// `name: number` pairs of the `VM stopped stats=VcpuStats { .. }` line.
+pub fn parse_stats(stderr: &str) -> Vec<(String, f64)> {
+    let clean = strip_ansi(stderr);
+    let Some(line) = clean.lines().rev().find(|l| l.contains("VcpuStats {")) else {
+        return Vec::new();
+    };
+    let body = &line[line.find("VcpuStats {").unwrap_or(0)..];
+    let mut out = Vec::new();
+    for part in body.split([',', '{', '}']) {
+        if let Some((k, v)) = part.split_once(':') {
+            let (k, v) = (k.trim(), v.trim());
+            let num: String = v.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+            if k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !num.is_empty() {
+                let mut n: f64 = num.parse().unwrap_or(f64::NAN);
+                if v.ends_with("ms") {
+                    n /= 1e3;
+                } else if v.ends_with("µs") || v.ends_with("us") {
+                    n /= 1e6;
+                } else if v.ends_with("ns") {
+                    n /= 1e9;
+                }
+                out.push((k.to_string(), n));
+            }
+        }
+    }
+    out
+}
+
+/// The numbers of the last `replay summary:` line, in order.
+pub fn parse_summary(stderr: &str) -> Vec<f64> {
+    let clean = strip_ansi(stderr);
+    let Some(line) = clean.lines().rev().find(|l| l.contains("replay summary:")) else {
+        return Vec::new();
+    };
+    let tail = &line[line.find("summary:").unwrap_or(0)..];
+    tail.split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+const LIMIT: Duration = Duration::from_secs(180);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Config {
+    Live,
+    Record,
+}
+
+struct Runner<'a> {
+    ctx: &'a Ctx,
+    w: &'a Workload,
+    ns: Option<&'a NetNs>,
+}
+
+impl Runner<'_> {
+    fn command(&self, disk: Option<&Path>, record: Option<&Path>, extra: &[String]) -> Command {
+        let tandem = self.ctx.tandem.display().to_string();
+        let mut cmd = match self.ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name, "taskset", "-c"])
+                    .arg(self.ctx.cpu.to_string())
+                    .arg(&tandem);
+                c
+            }
+            None => self.ctx.pinned(&tandem),
+        };
+        cmd.args(["run", "-v", "--mem", "32M", "--kernel"])
+            .arg(self.ctx.guest(self.w.guest))
+            .args(["--cmdline", &self.w.cmdline]);
+        if let Some(d) = disk {
+            cmd.arg("--disk").arg(d);
+        }
+        if self.ns.is_some() {
+            cmd.args(["--net", &format!("tap={},mac={}", netecho::TAP, netecho::GUEST_MAC)]);
+        }
+        if let Some(log) = record {
+            cmd.arg("--record").arg(log);
+        }
+        cmd.args(extra).env("NO_COLOR", "1");
+        cmd
+    }
+
+    /// One live or recorded run; a recording is inspected afterwards.
+    fn run(&self, tag: &str, record: Option<&Path>, extra: &[String]) -> Sample {
+        let disk = self.w.disk_bytes.map(|bytes| {
+            let path = self.ctx.tmp.join(format!("{}-{tag}.img", self.w.name));
+            if let Err(e) = make_image(&path, bytes) {
+                eprintln!("tandem-bench: cannot create {}: {e}", path.display());
+            }
+            path
+        });
+        if let Some(log) = record {
+            let _ = std::fs::remove_file(log);
+        }
+        let cmd = self.command(disk.as_deref(), record, extra);
+        let mut s = Sample::default();
+        match &self.w.kind {
+            Kind::Batch => {
+                s.out = proc::run(cmd, LIMIT);
+                s.rate = self.w.work / s.out.wall;
+            }
+            Kind::NetEcho { requests } => {
+                let ns = self.ns.expect("netecho needs its namespace");
+                match netecho::drive(ns, cmd, *requests, LIMIT) {
+                    Ok(r) => {
+                        s.out = r.out;
+                        s.rate = *requests as f64 / r.client_secs;
+                        s.rtts = r.rtts;
+                    }
+                    Err((out, e)) => {
+                        s.out = out;
+                        s.error = e;
+                    }
+                }
+            }
+        }
+        if let Some(d) = disk {
+            let _ = std::fs::remove_file(d);
+        }
+        s.stats = parse_stats(&s.out.stderr);
+        s.ok = s.error.is_empty() && s.out.status == 0 && s.out.stdout.contains(self.w.expect);
+        if !s.ok && s.error.is_empty() {
+            s.error = failure(&s.out);
+        }
+        if let (Some(log), true) = (record, s.ok) {
+            s.inspect = inspect(self.ctx, log);
+        }
+        s
+    }
+
+    fn replay(&self, log: &Path, recorded: &Sample) -> Sample {
+        let mut cmd = self.ctx.pinned(&self.ctx.tandem.display().to_string());
+        cmd.arg("replay").arg(log).env("NO_COLOR", "1");
+        let out = proc::run(cmd, LIMIT);
+        let mut s = Sample {
+            summary: parse_summary(&out.stderr),
+            ..Sample::default()
+        };
+        s.ok = out.status == 0 && s.summary.len() >= 7;
+        if !s.ok {
+            s.error = failure(&out);
+        } else if out.stdout != recorded.out.stdout {
+            s.error = "replayed console differs from the recorded one".into();
+        }
+        s.out = out;
+        s
+    }
+}
+
+fn failure(out: &Outcome) -> String {
+    let tail: Vec<&str> = out.stderr.lines().rev().take(2).collect();
+    format!(
+        "exit {}{}; stdout ends {:?}; stderr ends {:?}",
+        out.status,
+        if out.timed_out { " (timed out)" } else { "" },
+        out.last_line(),
+        tail.join(" | ")
+    )
+}
+
+/// `tandem log inspect LOG --json`.
+pub fn inspect(ctx: &Ctx, log: &Path) -> Option<Json> {
+    let mut cmd = Command::new(&ctx.tandem);
+    cmd.args(["log", "inspect"]).arg(log).arg("--json");
+    let out = proc::run(cmd, Duration::from_secs(120));
+    Json::parse(&out.stdout).ok()
+}
+
+/// Every run of one workload.
+#[derive(Default)]
+pub struct Runs {
+    pub live: Vec<Sample>,
+    pub record: Vec<Sample>,
+    pub replay: Vec<Sample>,
+    pub variants: Vec<(String, Vec<Sample>)>,
+}
+
+/// Measures `w` `reps` times, interleaving live and recorded runs (ABBA
+/// order) and replaying each recording. `keep` keeps the last log there.
+pub fn measure(ctx: &Ctx, w: &Workload, reps: usize, ns: Option<&NetNs>, keep: Option<&Path>) -> Runs {
+    let r = Runner { ctx, w, ns };
+    let mut runs = Runs {
+        variants: w.variants.iter().map(|(n, _)| (n.to_string(), Vec::new())).collect(),
+        ..Runs::default()
+    };
+    for rep in 0..reps {
+        let log = ctx.tmp.join(format!("{}-{rep}.log", w.name));
+        let order = if rep % 2 == 0 {
+            [Config::Live, Config::Record]
+        } else {
+            [Config::Record, Config::Live]
+        };
+        for cfg in order {
+            let s = match cfg {
+                Config::Live => r.run(&format!("live{rep}"), None, &[]),
+                Config::Record => r.run(&format!("rec{rep}"), Some(&log), &[]),
+            };
+            let label = if cfg == Config::Live { "live    " } else { "recorded" };
+            report(ctx, w, rep, reps, label, &s);
+            match cfg {
+                Config::Live => runs.live.push(s),
+                Config::Record => runs.record.push(s),
+            }
+        }
+        for (i, (name, extra)) in w.variants.iter().enumerate() {
+            let vlog = ctx.tmp.join(format!("{}-{rep}-{name}.log", w.name));
+            let s = r.run(&format!("{name}{rep}"), Some(&vlog), extra);
+            let _ = std::fs::remove_file(&vlog);
+            report(ctx, w, rep, reps, name, &s);
+            runs.variants[i].1.push(s);
+        }
+        let recorded = runs.record.last().cloned().unwrap_or_default();
+        let s = if recorded.ok {
+            r.replay(&log, &recorded)
+        } else {
+            Sample {
+                error: "nothing to replay (the recorded run failed)".into(),
+                ..Sample::default()
+            }
+        };
+        report(ctx, w, rep, reps, "replay  ", &s);
+        runs.replay.push(s);
+        match keep {
+            Some(dest) if rep + 1 == reps => {
+                let _ = std::fs::rename(&log, dest);
+            }
+            _ => {
+                let _ = std::fs::remove_file(&log);
+            }
+        }
+    }
+    runs
+}
+
+fn report(ctx: &Ctx, w: &Workload, rep: usize, reps: usize, label: &str, s: &Sample) {
+    let what = format!("{:<14} rep {}/{} {label}", w.name, rep + 1, reps);
+    if !s.ok || !s.error.is_empty() {
+        ctx.progress(&format!("{what} FAILED: {}", s.error));
+        return;
+    }
+    let mut line = format!("{what} {:>7.3} s wall {:>7.3} s cpu", s.out.wall, s.out.cpu);
+    if !s.summary.is_empty() {
+        line += &format!("  (summary {:?})", s.summary);
+    } else {
+        line += &format!("  {:.4e} {}/s", s.rate, w.unit);
+    }
+    if let Some(j) = &s.inspect {
+        let mbit = j.num("guest_time.mbit_per_second").unwrap_or(f64::NAN);
+        let sp = j.num("sync_points.count").unwrap_or(f64::NAN);
+        line += &format!("  log {mbit:.2} Mbit/s, {sp} sync points");
+    }
+    if let Some(p50) = percentile(&s.rtts, 50.0) {
+        line += &format!("  RTT p50 {p50:.2} ms");
+    }
+    ctx.progress(&line);
+}
+
+/// Per-rep pairs (a, b) of successful samples.
+fn pairs<'a>(a: &'a [Sample], b: &'a [Sample]) -> impl Iterator<Item = (&'a Sample, &'a Sample)> {
+    a.iter().zip(b).filter(|(x, y)| x.ok && y.ok)
+}
+
+fn oks(v: &[Sample]) -> impl Iterator<Item = &Sample> {
+    v.iter().filter(|s| s.ok)
+}
+
+fn inspect_num(s: &Sample, path: &str) -> Option<f64> {
+    s.inspect.as_ref()?.num(path)
+}
+
+/// Log figures of the recorded samples.
+fn log_json(record: &[Sample]) -> Json {
+    let with = |f: &dyn Fn(&Sample) -> Option<f64>| -> Vec<f64> {
+        oks(record).filter_map(f).collect()
+    };
+    let secs = |s: &Sample| inspect_num(s, "guest_time.seconds");
+    let per_sec = |path: &'static str| {
+        move |s: &Sample| Some(inspect_num(s, path)? / secs(s)?)
+    };
+    let mut kinds = Json::obj();
+    let names: Vec<String> = record
+        .iter()
+        .find_map(|s| s.inspect.as_ref())
+        .map(|j| j.fields("records").iter().map(|(k, _)| k.clone()).collect())
+        .unwrap_or_default();
+    for kind in names.iter().filter(|k| *k != "total") {
+        let path = format!("records.{kind}.bytes");
+        let v = with(&|s| Some(inspect_num(s, &path)? * 8.0 / 1e6 / secs(s)?));
+        kinds.set(kind, summary_json(&v, "Mbit/s"));
+    }
+    Json::obj()
+        .with("mbit_per_s", summary_json(&with(&|s| inspect_num(s, "guest_time.mbit_per_second")), "Mbit/s"))
+        .with("bytes", summary_json(&with(&|s| inspect_num(s, "file_bytes")), "B"))
+        .with("guest_seconds", summary_json(&with(&secs), "s"))
+        .with("sync_points", summary_json(&with(&|s| inspect_num(s, "sync_points.count")), "count"))
+        .with("sync_points_per_s", summary_json(&with(&per_sec("sync_points.count")), "1/s"))
+        .with("sync_pages_per_point", summary_json(
+            &with(&|s| Some(inspect_num(s, "sync_points.pages")? / inspect_num(s, "sync_points.count")?)),
+            "pages",
+        ))
+        .with("epochs", summary_json(&with(&|s| inspect_num(s, "epochs.count")), "count"))
+        .with("epochs_per_s", summary_json(&with(&per_sec("epochs.count")), "1/s"))
+        .with("stops_per_s", summary_json(&with(&|s| {
+            Some((inspect_num(s, "stops.last")? - inspect_num(s, "stops.first")?) / secs(s)?)
+        }), "1/s"))
+        .with("mbit_per_s_by_kind", kinds)
+}
+
+/// The workload's figures as JSON.
+pub fn to_json(w: &Workload, runs: &Runs) -> Json {
+    let ratio: Vec<f64> = pairs(&runs.live, &runs.record).map(|(l, r)| r.rate / l.rate).collect();
+    let cpu_ratio: Vec<f64> = pairs(&runs.live, &runs.record)
+        .map(|(l, r)| l.out.cpu / r.out.cpu)
+        .collect();
+    let side = |v: &[Sample]| {
+        let mut j = Json::obj()
+            .with("wall_s", summary_json(&oks(v).map(|s| s.out.wall).collect::<Vec<_>>(), "s"))
+            .with("cpu_s", summary_json(&oks(v).map(|s| s.out.cpu).collect::<Vec<_>>(), "s"))
+            .with("rate", summary_json(&oks(v).map(|s| s.rate).collect::<Vec<_>>(), &format!("{}/s", w.unit)))
+            .with("failures", v.iter().filter(|s| !s.ok).count());
+        let mut stats = Json::obj();
+        for key in ["stops", "kicked_stops", "sync_points", "epochs", "interrupts", "pio", "mmio", "hlt", "irq_window", "msr"] {
+            let vals: Vec<f64> = oks(v).filter_map(|s| s.stat(key)).collect();
+            if !vals.is_empty() {
+                stats.set(key, summary_json(&vals, "count"));
+            }
+        }
+        j.set("vcpu_stats", stats);
+        if v.iter().any(|s| !s.rtts.is_empty()) {
+            let p = |q: f64| oks(v).filter_map(|s| percentile(&s.rtts, q)).collect::<Vec<_>>();
+            j.set("rtt_p50_ms", summary_json(&p(50.0), "ms"));
+            j.set("rtt_p99_ms", summary_json(&p(99.0), "ms"));
+        }
+        if let Some(e) = v.iter().find(|s| !s.ok) {
+            j.set("first_error", e.error.as_str());
+        }
+        j
+    };
+    let replay_ratio: Vec<f64> = pairs(&runs.live, &runs.replay)
+        .map(|(l, r)| r.out.wall / l.out.wall)
+        .collect();
+    let summ = |i: usize| -> Vec<f64> { oks(&runs.replay).filter_map(|s| s.summary.get(i).copied()).collect() };
+    let replay = Json::obj()
+        .with("wall_s", summary_json(&oks(&runs.replay).map(|s| s.out.wall).collect::<Vec<_>>(), "s"))
+        .with("replay_over_live_wall", summary_json(&replay_ratio, "ratio"))
+        .with("epochs_verified", summary_json(&summ(3), "count"))
+        .with("epochs_transferred", summary_json(&summ(4), "count"))
+        .with("divergences", summary_json(&summ(5), "count"))
+        .with("console_matches", runs.replay.iter().filter(|s| s.ok && s.error.is_empty()).count())
+        .with("failures", runs.replay.iter().filter(|s| !s.ok || !s.error.is_empty()).count())
+        .with("first_error", runs.replay.iter().find(|s| !s.error.is_empty()).map(|s| s.error.clone()));
+    let mut variants = Json::obj();
+    for (name, samples) in &runs.variants {
+        let ratio: Vec<f64> = pairs(&runs.live, samples).map(|(l, v)| v.rate / l.rate).collect();
+        variants.set(
+            name,
+            side(samples)
+                .with("ratio_vs_live", summary_json(&ratio, "ratio"))
+                .with("log", log_json(samples)),
+        );
+    }
+    Json::obj()
+        .with("name", w.name.as_str())
+        .with("guest", w.guest)
+        .with("cmdline", w.cmdline.as_str())
+        .with("work", w.work)
+        .with("unit", w.unit)
+        .with("note", w.note)
+        .with("live", side(&runs.live))
+        .with("recorded", side(&runs.record))
+        .with("ratio_recorded_over_live", summary_json(&ratio, "ratio"))
+        .with("cpu_ratio_live_over_recorded", summary_json(&cpu_ratio, "ratio"))
+        .with("log", log_json(&runs.record))
+        .with("replay", replay)
+        .with("variants", variants)
+}
+
+/// What a sync point and an epoch end cost, from the compute workloads:
+/// per rep, (overhead at 1 kHz - overhead at 100 Hz) / (extra sync points),
+/// overhead = recorded wall - live wall; and (recorded wall at 10 ms epochs
+/// - at 1000 ms epochs) / (extra epochs).
+pub fn costs(c100: &Runs, c1k: &Runs) -> Json {
+    let sp = |s: &Sample| inspect_num(s, "sync_points.count");
+    let ep = |s: &Sample| inspect_num(s, "epochs.count");
+    let mut sync_cost = Vec::new();
+    let mut naive = Vec::new();
+    for i in 0..c100.live.len().min(c1k.live.len()) {
+        let (l1, r1, l2, r2) = (&c100.live[i], &c100.record[i], &c1k.live[i], &c1k.record[i]);
+        if [l1, r1, l2, r2].iter().all(|s| s.ok) {
+            let (d1, d2) = (r1.out.wall - l1.out.wall, r2.out.wall - l2.out.wall);
+            if let (Some(n1), Some(n2)) = (sp(r1), sp(r2)) {
+                if n2 > n1 {
+                    sync_cost.push((d2 - d1) / (n2 - n1) * 1e3);
+                }
+                if n1 > 0.0 {
+                    naive.push(d1 / n1 * 1e3);
+                }
+            }
+        }
+    }
+    let mut epoch_cost = Vec::new();
+    if let Some((_, long)) = c100.variants.iter().find(|(n, _)| n == "record-epoch1000") {
+        for (r, v) in c100.record.iter().zip(long) {
+            if let (true, true, Some(e1), Some(e2)) = (r.ok, v.ok, ep(r), ep(v)) {
+                if e1 > e2 {
+                    epoch_cost.push((r.out.wall - v.out.wall) / (e1 - e2) * 1e3);
+                }
+            }
+        }
+    }
+    Json::obj()
+        .with("sync_point_ms", summary_json(&sync_cost, "ms"))
+        .with("sync_point_method", "per rep: ((rec-live wall) at 1 kHz - (rec-live wall) at 100 Hz) / (sync points at 1 kHz - at 100 Hz), compute guest")
+        .with("overhead_per_sync_point_100hz_ms", summary_json(&naive, "ms"))
+        .with("epoch_end_ms", summary_json(&epoch_cost, "ms"))
+        .with("epoch_end_method", "per rep: (recorded wall at --epoch-ms 10 - at --epoch-ms 1000) / (epochs at 10 - at 1000), compute 100 Hz")
+}
+
+/// Where the kept log for the micro-benchmarks goes.
+pub fn kept_log(ctx: &Ctx) -> PathBuf {
+    ctx.tmp.join("kept.log")
+}
