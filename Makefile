@@ -8,7 +8,7 @@ CARGO ?= cargo
 GUEST_OUT := $(CURDIR)/target/guests
 TANDEM := target/release/tandem
 
-.PHONY: all deps guests build demo test lint clean
+.PHONY: all deps guests build demo test lint clean bench
 
 all: build guests
 
@@ -37,3 +37,11 @@ lint: deps
 clean:
 	$(CARGO) clean
 	$(MAKE) -C guest-images OUT=$(GUEST_OUT) clean
+
+# Benchmarks (not tests: nothing here fails on a timing). Writes
+# bench/results.json and regenerates the tables in BENCHMARKS.md.
+# BENCH_QUICK=1 make bench: fewer repetitions, smaller sizes (< 2 minutes).
+bench: build guests
+	./bench/setup.sh
+	$(CARGO) build --release --locked -p tandem-bench
+	./target/release/tandem-bench

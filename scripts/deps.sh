@@ -12,6 +12,7 @@ command -v make >/dev/null || missing+=(make)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v ping >/dev/null || missing+=(iputils-ping)
+command -v nft >/dev/null || missing+=(nftables)
 
 if [ ${#missing[@]} -gt 0 ]; then
     echo "deps: installing ${missing[*]}"

@@ -49,6 +49,8 @@ enum Command {
     Primary(ft::cmd::PairArgs),
     /// Start this host as the secondary of a fresh pair.
     Secondary(ft::cmd::PairArgs),
+    /// (Re)start this host in whatever role the arbiter's record gives it.
+    Pair(ft::cmd::PairArgs),
 }
 
 #[derive(Subcommand)]
@@ -73,6 +75,7 @@ fn main() -> ExitCode {
         Command::Witness(args) => ft::arbiter::witness_command(args),
         Command::Primary(args) => ft::cmd::run(ft::cmd::Role::Primary, args),
         Command::Secondary(args) => ft::cmd::run(ft::cmd::Role::Secondary, args),
+        Command::Pair(args) => ft::cmd::run(ft::cmd::Role::FromArbiter, args),
     }
 }
 

@@ -516,3 +516,54 @@ fn kill_9_of_the_primary_hands_over_without_reusing_a_counter_value() {
     );
     let _ = std::fs::remove_dir_all(&t.dir);
 }
+
+#[test]
+fn a_partitioned_replication_link_leaves_exactly_one_side_live() {
+    let mut p = start_pair("part", 1500);
+    let s = p.t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, _) = serve(&s, 0, 10, Duration::from_secs(30), &mut replies);
+    // Drop the replication link both ways; the witness stays reachable.
+    let nft = |args: &str| {
+        let out =
+            p.t.ns
+                .command("nft")
+                .args(args.split(' '))
+                .output()
+                .unwrap();
+        assert!(
+            out.status.success(),
+            "nft {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    nft("add table inet tdm");
+    nft("add chain inet tdm out { type filter hook output priority 0 ; }");
+    nft("add rule inet tdm out tcp dport 7401 drop");
+    nft("add rule inet tdm out tcp sport 7401 drop");
+    let (next2, first) = serve(&s, next, 20, Duration::from_secs(40), &mut replies);
+    assert!(first.is_some(), "the client stopped being served");
+    // Exactly one side fenced itself.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut a, mut b) = (None, None);
+    while Instant::now() < deadline && a.is_none() && b.is_none() {
+        a = p.primary.child.try_wait().unwrap().map(|s| s.code());
+        b = p.secondary.child.try_wait().unwrap().map(|s| s.code());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    a = a.or_else(|| p.primary.child.try_wait().unwrap().map(|s| s.code()));
+    b = b.or_else(|| p.secondary.child.try_wait().unwrap().map(|s| s.code()));
+    match (a, b) {
+        (Some(Some(124)), None) | (None, Some(Some(124))) => {}
+        other => panic!(
+            "expected exactly one fenced side, got {other:?}\nprimary: {}\nsecondary: {}",
+            p.primary.stderr(),
+            p.secondary.stderr()
+        ),
+    }
+    let (_, again) = serve(&s, next2, 5, Duration::from_secs(20), &mut replies);
+    assert!(again.is_some(), "the surviving side stopped serving");
+    assert_counter_invariants(&replies, next);
+    let _ = std::fs::remove_dir_all(&p.t.dir);
+}

@@ -323,12 +323,17 @@ impl Parser<'_> {
             Some(c) if *c == b'-' || c.is_ascii_digit() => {
                 let start = self.i;
                 while self.i < self.s.len()
-                    && matches!(self.s[self.i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                    && matches!(
+                        self.s[self.i],
+                        b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'
+                    )
                 {
                     self.i += 1;
                 }
                 let text = std::str::from_utf8(&self.s[start..self.i]).unwrap_or("");
-                text.parse().map(Json::Num).or_else(|_| self.err("bad number"))
+                text.parse()
+                    .map(Json::Num)
+                    .or_else(|_| self.err("bad number"))
             }
             Some(_) => self.err("unexpected character"),
         }

@@ -71,7 +71,8 @@ pub fn spawn(mut cmd: Command) -> std::io::Result<Running> {
         loop {
             // SAFETY: waits for our own child; both pointers are valid locals.
             let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-            if r == pid || (r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR))
+            if r == pid
+                || (r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR))
             {
                 break;
             }
@@ -119,17 +120,12 @@ impl Running {
             Ok(x) => (false, x),
             Err(_) => {
                 self.kill();
-                let x = self
-                    .exited
-                    .recv()
-                    .unwrap_or((Instant::now(), 137, 0.0));
+                let x = self.exited.recv().unwrap_or((Instant::now(), 137, 0.0));
                 (true, x)
             }
         };
         let (end, status, cpu) = got;
-        let stdout = out_reader
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
+        let stdout = out_reader.and_then(|h| h.join().ok()).unwrap_or_default();
         let stderr = self
             .err
             .recv_timeout(Duration::from_secs(5))

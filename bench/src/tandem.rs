@@ -44,7 +44,14 @@ pub fn workloads(ctx: &Ctx) -> Vec<Workload> {
     let q = ctx.quick;
     let (csize, crounds) = if q { (16384, 4) } else { (65536, 4) };
     let compute = |hz: u32, variants| Workload {
-        name: format!("compute-{}", if hz >= 1000 { "1kHz".into() } else { format!("{hz}Hz") }),
+        name: format!(
+            "compute-{}",
+            if hz >= 1000 {
+                "1kHz".into()
+            } else {
+                format!("{hz}Hz")
+            }
+        ),
         guest: "compute",
         cmdline: format!("size={csize} rounds={crounds} hz={hz}"),
         work: f64::from(csize * crounds),
@@ -158,7 +165,10 @@ pub fn parse_stats(stderr: &str) -> Vec<(String, f64)> {
     for part in body.split([',', '{', '}']) {
         if let Some((k, v)) = part.split_once(':') {
             let (k, v) = (k.trim(), v.trim());
-            let num: String = v.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+            let num: String = v
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
             if k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !num.is_empty() {
                 let mut n: f64 = num.parse().unwrap_or(f64::NAN);
                 if v.ends_with("ms") {
@@ -239,7 +249,10 @@ impl Runner<'_> {
             cmd.arg("--disk").arg(d);
         }
         if self.ns.is_some() {
-            cmd.args(["--net", &format!("tap={},mac={}", netecho::TAP, netecho::GUEST_MAC)]);
+            cmd.args([
+                "--net",
+                &format!("tap={},mac={}", netecho::TAP, netecho::GUEST_MAC),
+            ]);
         }
         if let Some(log) = record {
             cmd.arg("--record").arg(log);
@@ -345,10 +358,20 @@ pub struct Runs {
 
 /// Measures `w` `reps` times, interleaving live and recorded runs (ABBA
 /// order) and replaying each recording. `keep` keeps the last log there.
-pub fn measure(ctx: &Ctx, w: &Workload, reps: usize, ns: Option<&NetNs>, keep: Option<&Path>) -> Runs {
+pub fn measure(
+    ctx: &Ctx,
+    w: &Workload,
+    reps: usize,
+    ns: Option<&NetNs>,
+    keep: Option<&Path>,
+) -> Runs {
     let r = Runner { ctx, w, ns };
     let mut runs = Runs {
-        variants: w.variants.iter().map(|(n, _)| (n.to_string(), Vec::new())).collect(),
+        variants: w
+            .variants
+            .iter()
+            .map(|(n, _)| (n.to_string(), Vec::new()))
+            .collect(),
         ..Runs::default()
     };
     for rep in 0..reps {
@@ -363,7 +386,11 @@ pub fn measure(ctx: &Ctx, w: &Workload, reps: usize, ns: Option<&NetNs>, keep: O
                 Config::Live => r.run(&format!("live{rep}"), None, &[]),
                 Config::Record => r.run(&format!("rec{rep}"), Some(&log), &[]),
             };
-            let label = if cfg == Config::Live { "live    " } else { "recorded" };
+            let label = if cfg == Config::Live {
+                "live    "
+            } else {
+                "recorded"
+            };
             report(ctx, w, rep, reps, label, &s);
             match cfg {
                 Config::Live => runs.live.push(s),
@@ -438,13 +465,10 @@ fn inspect_num(s: &Sample, path: &str) -> Option<f64> {
 
 /// Log figures of the recorded samples.
 fn log_json(record: &[Sample]) -> Json {
-    let with = |f: &dyn Fn(&Sample) -> Option<f64>| -> Vec<f64> {
-        oks(record).filter_map(f).collect()
-    };
+    let with =
+        |f: &dyn Fn(&Sample) -> Option<f64>| -> Vec<f64> { oks(record).filter_map(f).collect() };
     let secs = |s: &Sample| inspect_num(s, "guest_time.seconds");
-    let per_sec = |path: &'static str| {
-        move |s: &Sample| Some(inspect_num(s, path)? / secs(s)?)
-    };
+    let per_sec = |path: &'static str| move |s: &Sample| Some(inspect_num(s, path)? / secs(s)?);
     let mut kinds = Json::obj();
     let names: Vec<String> = record
         .iter()
@@ -457,37 +481,98 @@ fn log_json(record: &[Sample]) -> Json {
         kinds.set(kind, summary_json(&v, "Mbit/s"));
     }
     Json::obj()
-        .with("mbit_per_s", summary_json(&with(&|s| inspect_num(s, "guest_time.mbit_per_second")), "Mbit/s"))
-        .with("bytes", summary_json(&with(&|s| inspect_num(s, "file_bytes")), "B"))
+        .with(
+            "mbit_per_s",
+            summary_json(
+                &with(&|s| inspect_num(s, "guest_time.mbit_per_second")),
+                "Mbit/s",
+            ),
+        )
+        .with(
+            "bytes",
+            summary_json(&with(&|s| inspect_num(s, "file_bytes")), "B"),
+        )
         .with("guest_seconds", summary_json(&with(&secs), "s"))
-        .with("sync_points", summary_json(&with(&|s| inspect_num(s, "sync_points.count")), "count"))
-        .with("sync_points_per_s", summary_json(&with(&per_sec("sync_points.count")), "1/s"))
-        .with("sync_pages_per_point", summary_json(
-            &with(&|s| Some(inspect_num(s, "sync_points.pages")? / inspect_num(s, "sync_points.count")?)),
-            "pages",
-        ))
-        .with("epochs", summary_json(&with(&|s| inspect_num(s, "epochs.count")), "count"))
-        .with("epochs_per_s", summary_json(&with(&per_sec("epochs.count")), "1/s"))
-        .with("stops_per_s", summary_json(&with(&|s| {
-            Some((inspect_num(s, "stops.last")? - inspect_num(s, "stops.first")?) / secs(s)?)
-        }), "1/s"))
+        .with(
+            "sync_points",
+            summary_json(&with(&|s| inspect_num(s, "sync_points.count")), "count"),
+        )
+        .with(
+            "sync_points_per_s",
+            summary_json(&with(&per_sec("sync_points.count")), "1/s"),
+        )
+        .with(
+            "sync_pages_per_point",
+            summary_json(
+                &with(&|s| {
+                    Some(
+                        inspect_num(s, "sync_points.pages")? / inspect_num(s, "sync_points.count")?,
+                    )
+                }),
+                "pages",
+            ),
+        )
+        .with(
+            "epochs",
+            summary_json(&with(&|s| inspect_num(s, "epochs.count")), "count"),
+        )
+        .with(
+            "epochs_per_s",
+            summary_json(&with(&per_sec("epochs.count")), "1/s"),
+        )
+        .with(
+            "stops_per_s",
+            summary_json(
+                &with(&|s| {
+                    Some(
+                        (inspect_num(s, "stops.last")? - inspect_num(s, "stops.first")?) / secs(s)?,
+                    )
+                }),
+                "1/s",
+            ),
+        )
         .with("mbit_per_s_by_kind", kinds)
 }
 
 /// The workload's figures as JSON.
 pub fn to_json(w: &Workload, runs: &Runs) -> Json {
-    let ratio: Vec<f64> = pairs(&runs.live, &runs.record).map(|(l, r)| r.rate / l.rate).collect();
+    let ratio: Vec<f64> = pairs(&runs.live, &runs.record)
+        .map(|(l, r)| r.rate / l.rate)
+        .collect();
     let cpu_ratio: Vec<f64> = pairs(&runs.live, &runs.record)
         .map(|(l, r)| l.out.cpu / r.out.cpu)
         .collect();
     let side = |v: &[Sample]| {
         let mut j = Json::obj()
-            .with("wall_s", summary_json(&oks(v).map(|s| s.out.wall).collect::<Vec<_>>(), "s"))
-            .with("cpu_s", summary_json(&oks(v).map(|s| s.out.cpu).collect::<Vec<_>>(), "s"))
-            .with("rate", summary_json(&oks(v).map(|s| s.rate).collect::<Vec<_>>(), &format!("{}/s", w.unit)))
+            .with(
+                "wall_s",
+                summary_json(&oks(v).map(|s| s.out.wall).collect::<Vec<_>>(), "s"),
+            )
+            .with(
+                "cpu_s",
+                summary_json(&oks(v).map(|s| s.out.cpu).collect::<Vec<_>>(), "s"),
+            )
+            .with(
+                "rate",
+                summary_json(
+                    &oks(v).map(|s| s.rate).collect::<Vec<_>>(),
+                    &format!("{}/s", w.unit),
+                ),
+            )
             .with("failures", v.iter().filter(|s| !s.ok).count());
         let mut stats = Json::obj();
-        for key in ["stops", "kicked_stops", "sync_points", "epochs", "interrupts", "pio", "mmio", "hlt", "irq_window", "msr"] {
+        for key in [
+            "stops",
+            "kicked_stops",
+            "sync_points",
+            "epochs",
+            "interrupts",
+            "pio",
+            "mmio",
+            "hlt",
+            "irq_window",
+            "msr",
+        ] {
             let vals: Vec<f64> = oks(v).filter_map(|s| s.stat(key)).collect();
             if !vals.is_empty() {
                 stats.set(key, summary_json(&vals, "count"));
@@ -495,7 +580,11 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Json {
         }
         j.set("vcpu_stats", stats);
         if v.iter().any(|s| !s.rtts.is_empty()) {
-            let p = |q: f64| oks(v).filter_map(|s| percentile(&s.rtts, q)).collect::<Vec<_>>();
+            let p = |q: f64| {
+                oks(v)
+                    .filter_map(|s| percentile(&s.rtts, q))
+                    .collect::<Vec<_>>()
+            };
             j.set("rtt_p50_ms", summary_json(&p(50.0), "ms"));
             j.set("rtt_p99_ms", summary_json(&p(99.0), "ms"));
         }
@@ -507,19 +596,52 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Json {
     let replay_ratio: Vec<f64> = pairs(&runs.live, &runs.replay)
         .map(|(l, r)| r.out.wall / l.out.wall)
         .collect();
-    let summ = |i: usize| -> Vec<f64> { oks(&runs.replay).filter_map(|s| s.summary.get(i).copied()).collect() };
+    let summ = |i: usize| -> Vec<f64> {
+        oks(&runs.replay)
+            .filter_map(|s| s.summary.get(i).copied())
+            .collect()
+    };
     let replay = Json::obj()
-        .with("wall_s", summary_json(&oks(&runs.replay).map(|s| s.out.wall).collect::<Vec<_>>(), "s"))
-        .with("replay_over_live_wall", summary_json(&replay_ratio, "ratio"))
+        .with(
+            "wall_s",
+            summary_json(
+                &oks(&runs.replay).map(|s| s.out.wall).collect::<Vec<_>>(),
+                "s",
+            ),
+        )
+        .with(
+            "replay_over_live_wall",
+            summary_json(&replay_ratio, "ratio"),
+        )
         .with("epochs_verified", summary_json(&summ(3), "count"))
         .with("epochs_transferred", summary_json(&summ(4), "count"))
         .with("divergences", summary_json(&summ(5), "count"))
-        .with("console_matches", runs.replay.iter().filter(|s| s.ok && s.error.is_empty()).count())
-        .with("failures", runs.replay.iter().filter(|s| !s.ok || !s.error.is_empty()).count())
-        .with("first_error", runs.replay.iter().find(|s| !s.error.is_empty()).map(|s| s.error.clone()));
+        .with(
+            "console_matches",
+            runs.replay
+                .iter()
+                .filter(|s| s.ok && s.error.is_empty())
+                .count(),
+        )
+        .with(
+            "failures",
+            runs.replay
+                .iter()
+                .filter(|s| !s.ok || !s.error.is_empty())
+                .count(),
+        )
+        .with(
+            "first_error",
+            runs.replay
+                .iter()
+                .find(|s| !s.error.is_empty())
+                .map(|s| s.error.clone()),
+        );
     let mut variants = Json::obj();
     for (name, samples) in &runs.variants {
-        let ratio: Vec<f64> = pairs(&runs.live, samples).map(|(l, v)| v.rate / l.rate).collect();
+        let ratio: Vec<f64> = pairs(&runs.live, samples)
+            .map(|(l, v)| v.rate / l.rate)
+            .collect();
         variants.set(
             name,
             side(samples)
@@ -537,7 +659,10 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Json {
         .with("live", side(&runs.live))
         .with("recorded", side(&runs.record))
         .with("ratio_recorded_over_live", summary_json(&ratio, "ratio"))
-        .with("cpu_ratio_live_over_recorded", summary_json(&cpu_ratio, "ratio"))
+        .with(
+            "cpu_ratio_live_over_recorded",
+            summary_json(&cpu_ratio, "ratio"),
+        )
         .with("log", log_json(&runs.record))
         .with("replay", replay)
         .with("variants", variants)

@@ -40,6 +40,8 @@ pub enum Role {
     Primary,
     /// Follow a primary and take over when it is gone.
     Secondary,
+    /// Whatever the arbiter's record says (`tandem pair`).
+    FromArbiter,
 }
 
 extern "C" fn freeze(_: libc::c_int) {
@@ -94,10 +96,29 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         failover_timeout: cfg.ft.failover_timeout,
         arbiter,
         alone: args.alone,
+        state_dir: cfg.ft.state_dir.clone(),
+        fence_command: cfg.ft.fence_command.clone(),
+    };
+    let role = match role {
+        Role::FromArbiter => match &params.arbiter {
+            Some(a) => {
+                let grant = a.query(&params.vm_name)?;
+                let peer = me.peer().name();
+                if grant.holder.as_deref() == Some(peer) {
+                    eprintln!("tandem: the arbiter shows host {peer} live ({grant}): joining as secondary");
+                    Role::Secondary
+                } else {
+                    eprintln!("tandem: the arbiter shows no other live host ({grant}): starting as primary");
+                    Role::Primary
+                }
+            }
+            None => anyhow::bail!("`tandem pair` needs an arbiter ([ft] witness) to know its role"),
+        },
+        other => other,
     };
     let vm_config = move |mode: RunMode| vm_config(&cfg, me, mode);
     match role {
-        Role::Primary => run_primary(params, vm_config),
+        Role::Primary | Role::FromArbiter => run_primary(params, vm_config),
         Role::Secondary => run_secondary(params, vm_config),
     }
 }

@@ -49,6 +49,10 @@ pub struct PairParams {
     pub arbiter: Option<Arc<dyn Arbiter>>,
     /// Run without waiting for a secondary.
     pub alone: bool,
+    /// Where this host keeps its event journal.
+    pub state_dir: std::path::PathBuf,
+    /// STONITH: run before going live (must succeed).
+    pub fence_command: Option<String>,
 }
 
 impl PairParams {
@@ -67,11 +71,54 @@ impl PairParams {
         }
     }
 
-    fn current_generation(&self) -> anyhow::Result<u64> {
+    fn current(&self) -> anyhow::Result<super::arbiter::Grant> {
         match &self.arbiter {
-            Some(a) => Ok(a.query(&self.vm_name)?.generation),
-            None => Ok(0),
+            Some(a) => Ok(a.query(&self.vm_name)?),
+            None => Ok(super::arbiter::Grant::unclaimed()),
         }
+    }
+
+    /// Appends one line to `state_dir/events.log` (generations won,
+    /// failovers, fencing); a journal that cannot be written is reported,
+    /// never fatal.
+    pub fn event(&self, what: &str) {
+        let line = format!(
+            "{} host={} vm={} {what}\n",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            self.me,
+            self.vm_name
+        );
+        let write = std::fs::create_dir_all(&self.state_dir).and_then(|()| {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.state_dir.join("events.log"))?;
+            f.write_all(line.as_bytes())?;
+            f.sync_data()
+        });
+        if let Err(e) = write {
+            warn!("event journal {}: {e}", self.state_dir.display());
+        }
+    }
+
+    /// Runs the configured fence command (STONITH) before going live.
+    fn run_fence_command(&self) -> anyhow::Result<()> {
+        let Some(cmd) = &self.fence_command else {
+            return Ok(());
+        };
+        let status = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .env("TANDEM_VM", &self.vm_name)
+            .env("TANDEM_HOST", &self.me)
+            .status()
+            .with_context(|| format!("fence_command `{cmd}`"))?;
+        if !status.success() {
+            bail!("fence_command `{cmd}` failed ({status})");
+        }
+        Ok(())
     }
 }
 
@@ -125,14 +172,21 @@ pub fn run_primary(
     params: PairParams,
     vm_config: impl FnOnce(RunMode) -> VmConfig,
 ) -> anyhow::Result<ExitCode> {
-    let current = params.current_generation()?;
-    let Some(generation) = params.claim(current)? else {
+    let current = params.current()?;
+    if let Some(holder) = current.holder.as_deref().filter(|h| *h != params.me) {
+        bail!(
+            "the arbiter shows host {holder} live for {} ({current}); start this host with `tandem pair`",
+            params.vm_name
+        );
+    }
+    let Some(generation) = params.claim(current.generation)? else {
         bail!(
             "another side holds the VM {} at the arbiter; start this host with `tandem pair` or as secondary",
             params.vm_name
         );
     };
     info!("primary: generation {generation}");
+    params.event(&format!("primary generation={generation}"));
     let (frames_tx, frames_rx) = channel::<Vec<u8>>();
     let sink = ShipSink { frames: frames_tx };
     let options = pair_record_options(&params);
@@ -225,7 +279,6 @@ pub fn run_primary(
             // before releasing anything unprotected.
             let g4 = gate.clone();
             let timeout = params.failover_timeout;
-            let params = Arc::new(params);
             std::thread::Builder::new().name("tandem-monitor".into()).spawn(move || loop {
                 std::thread::sleep(heartbeat);
                 let silent = millis(base).saturating_sub(last_heard.load(Ordering::Acquire));
@@ -238,10 +291,17 @@ pub fn run_primary(
                         eprintln!(
                             "tandem: secondary silent for {silent} ms; running unprotected as generation {g}"
                         );
+                        params.event(&format!("secondary-lost generation={g} unprotected"));
                         g4.open();
                     }
-                    Ok(None) => fence("the secondary took over (lost the arbitration)"),
-                    Err(e) => fence(&format!("cannot reach the arbiter after losing the secondary: {e}")),
+                    Ok(None) => {
+                        params.event("fenced lost-arbitration");
+                        fence("the secondary took over (lost the arbitration)")
+                    }
+                    Err(e) => {
+                        params.event("fenced arbiter-unreachable");
+                        fence(&format!("cannot reach the arbiter after losing the secondary: {e}"))
+                    }
                 }
                 return;
             })?;
@@ -432,13 +492,26 @@ pub fn run_secondary(
             let _ = stream.shutdown(Shutdown::Both);
             match params.claim(generation) {
                 Ok(Some(g)) => {
+                    if let Err(e) = params.run_fence_command() {
+                        params.event("fenced fence-command-failed");
+                        fence(&format!("{e:#}; not going live"));
+                    }
                     eprintln!(
                         "tandem: primary silent for {silent} ms; going live as generation {g}"
                     );
+                    params.event(&format!(
+                        "failover generation={g} primary-silent-ms={silent}"
+                    ));
                     let _ = pipe_closer.shutdown(Shutdown::Write);
                 }
-                Ok(None) => fence("another side won the arbitration"),
-                Err(e) => fence(&format!("cannot reach the arbiter to take over: {e}")),
+                Ok(None) => {
+                    params.event("fenced lost-arbitration");
+                    fence("another side won the arbitration")
+                }
+                Err(e) => {
+                    params.event("fenced arbiter-unreachable");
+                    fence(&format!("cannot reach the arbiter to take over: {e}"))
+                }
             }
             return;
         })?;

@@ -1,0 +1,326 @@
+//! `tandem-bench`: tandem's macro benchmark harness (`make bench`).
+//!
+//! Runs the test guests unprotected and recorded, side by side and
+//! interleaved, replays and inspects every recording, runs the same images
+//! under QEMU (plain TCG vs `-icount rr=record/replay`), and a few
+//! micro-benchmarks; writes `bench/results.json` and regenerates the
+//! tables in `BENCHMARKS.md`. `tandem-bench report` only regenerates the
+//! tables from an existing `bench/results.json`.
+//!
+//! `BENCH_QUICK=1` (or `--quick`): fewer repetitions, smaller sizes.
+
+mod ctx;
+mod json;
+mod micro;
+mod netecho;
+mod proc;
+mod qemu;
+mod report;
+mod stats;
+mod tandem;
+
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use ctx::Ctx;
+use json::Json;
+
+fn usage() -> ExitCode {
+    eprintln!("usage: tandem-bench [--quick] [--no-qemu] [--no-net] | tandem-bench report");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    let results = root.join("bench/results.json");
+    let md = root.join("BENCHMARKS.md");
+    if args.first().map(String::as_str) == Some("report") {
+        return match regenerate(&results, &md) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tandem-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let mut quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+    let (mut no_qemu, mut no_net) = (false, false);
+    for a in &args {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--no-qemu" => no_qemu = true,
+            "--no-net" => no_net = true,
+            _ => return usage(),
+        }
+    }
+    match run(&root, quick, no_qemu, no_net) {
+        Ok(json) => {
+            if let Err(e) = std::fs::write(&results, json.pretty()) {
+                eprintln!("tandem-bench: cannot write {}: {e}", results.display());
+                return ExitCode::FAILURE;
+            }
+            if let Err(e) = regenerate(&results, &md) {
+                eprintln!("tandem-bench: {e}");
+                return ExitCode::FAILURE;
+            }
+            eprintln!(
+                "tandem-bench: wrote {} and {}",
+                results.display(),
+                md.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tandem-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The current directory if it is the workspace root, else this crate's parent.
+fn workspace_root() -> PathBuf {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    if cwd.join("bench/Cargo.toml").exists() {
+        return cwd;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or(cwd)
+}
+
+fn regenerate(results: &Path, md: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(results)
+        .map_err(|e| format!("cannot read {}: {e}", results.display()))?;
+    let json = Json::parse(&text).map_err(|e| format!("{}: {e}", results.display()))?;
+    let old = std::fs::read_to_string(md).unwrap_or_default();
+    let new = report::merge(&old, &report::render(&json));
+    std::fs::write(md, new).map_err(|e| format!("cannot write {}: {e}", md.display()))
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it in.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 = this thread; the size and pointer describe `set`.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    if r != 0 {
+        return vec![0];
+    }
+    // SAFETY: CPU_ISSET only reads the set.
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// Keeps the harness itself off `cpu` when another CPU is allowed.
+fn move_off(cpu: usize, allowed: &[usize]) {
+    let others: Vec<usize> = allowed.iter().copied().filter(|&c| c != cpu).collect();
+    if others.is_empty() {
+        return;
+    }
+    // SAFETY: cpu_set_t is plain data.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for c in others {
+        // SAFETY: c < CPU_SETSIZE (it came from CPU_ISSET over that range).
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: pid 0 = this thread (threads spawned later inherit it).
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+}
+
+fn machine(cpu: usize) -> Json {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let vmx_svm = has("vmx") || has("svm");
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok());
+    Json::obj()
+        .with("nproc", proc::capture("nproc", &[]).parse::<u64>().ok())
+        .with("cpus_online", cpuinfo.lines().filter(|l| l.starts_with("processor")).count())
+        .with("cpu_model", field("model name"))
+        .with("kernel", proc::capture("uname", &["-r"]))
+        .with("mem_gib", mem_kib.map(|k| k as f64 / (1 << 20) as f64))
+        .with("hypervisor_flag", has("hypervisor"))
+        .with("vmx_or_svm_flag", vmx_svm)
+        .with("kvm_nested", has("hypervisor") && !vmx_svm)
+        .with("kvm_note", if vmx_svm {
+            "VMX/SVM visible: hardware-backed KVM"
+        } else {
+            "no VMX/SVM flags: nested, paravirtual KVM running guest code in its instruction emulator (see shared/GUEST-NOTES.md)"
+        })
+        .with("dev_kvm", Path::new("/dev/kvm").exists())
+        .with("pinned_cpu", cpu)
+}
+
+fn git(root: &Path) -> Json {
+    let r = root.display().to_string();
+    let commit = proc::capture("git", &["-C", &r, "rev-parse", "HEAD"]);
+    let dirty = !proc::capture(
+        "git",
+        &["-C", &r, "status", "--porcelain", "--untracked-files=no"],
+    )
+    .is_empty();
+    let subject = proc::capture("git", &["-C", &r, "log", "-1", "--format=%s"]);
+    Json::obj()
+        .with("commit", commit)
+        .with("dirty", dirty)
+        .with("subject", subject.chars().take(100).collect::<String>())
+}
+
+fn run(root: &Path, quick: bool, no_qemu: bool, no_net: bool) -> Result<Json, String> {
+    let tandem_bin = root.join("target/release/tandem");
+    let guests = root.join("target/guests");
+    if !tandem_bin.exists() {
+        return Err(format!(
+            "{} missing: run `make build` first",
+            tandem_bin.display()
+        ));
+    }
+    for g in [
+        "compute", "piostorm", "ticker", "diskseq", "netecho", "hello",
+    ] {
+        if !guests.join(format!("{g}.elf")).exists() {
+            return Err(format!(
+                "guest {g}.elf missing in {}: run `make guests` first",
+                guests.display()
+            ));
+        }
+    }
+    let allowed = allowed_cpus();
+    let cpu = allowed.first().copied().unwrap_or(0);
+    move_off(cpu, &allowed);
+    let tmp = std::env::temp_dir().join(format!("tandem-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let ctx = Ctx {
+        root: root.to_path_buf(),
+        tandem: tandem_bin,
+        guests,
+        tmp: tmp.clone(),
+        quick,
+        cpu,
+        done: Cell::new(0),
+        planned: Cell::new(0),
+        started: Instant::now(),
+    };
+    let result = measure_all(&ctx, no_qemu, no_net);
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+fn measure_all(ctx: &Ctx, no_qemu: bool, no_net: bool) -> Result<Json, String> {
+    let started_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let reps = ctx.reps(7, 3);
+    let qreps = ctx.reps(5, 2);
+    let mut skipped: Vec<(String, String)> = Vec::new();
+
+    // The network namespace for netecho (root only).
+    let mut workloads = tandem::workloads(ctx);
+    let ns = if no_net {
+        skipped.push(("netecho".into(), "--no-net given".into()));
+        None
+    } else {
+        match netecho::NetNs::new() {
+            Ok(ns) => Some(ns),
+            Err(e) => {
+                skipped.push((
+                    "netecho".into(),
+                    format!("no network namespace with a tap: {e}"),
+                ));
+                None
+            }
+        }
+    };
+    if ns.is_none() {
+        workloads.retain(|w| !matches!(w.kind, tandem::Kind::NetEcho { .. }));
+    }
+    let qemu_ok = !no_qemu && !proc::capture(qemu::QEMU, &["--version"]).is_empty();
+    if !qemu_ok {
+        let why = if no_qemu {
+            "--no-qemu given"
+        } else {
+            "qemu-system-x86_64 not installed (bench/setup.sh installs it)"
+        };
+        skipped.push(("qemu".into(), why.into()));
+    }
+    let planned = workloads
+        .iter()
+        .map(|w| reps * tandem::runs_per_rep(w))
+        .sum::<usize>()
+        + if qemu_ok {
+            qemu::workloads(ctx).len() * qreps * qemu::runs_per_rep()
+        } else {
+            0
+        }
+        + 2;
+    ctx.planned.set(planned);
+    ctx.note(&format!(
+        "tandem-bench: {} mode, {reps} reps per tandem figure, {qreps} per QEMU figure, {planned} runs; VMM pinned to CPU {}",
+        if ctx.quick { "quick" } else { "full" },
+        ctx.cpu
+    ));
+
+    let mut tjson = Vec::new();
+    let mut all_runs = Vec::new();
+    let keep = tandem::kept_log(ctx);
+    for w in &workloads {
+        let keep_here = (w.name == "compute-1kHz").then_some(keep.as_path());
+        let runs = tandem::measure(ctx, w, reps, ns.as_ref(), keep_here);
+        tjson.push(tandem::to_json(w, &runs));
+        all_runs.push((w.name.clone(), runs));
+    }
+    drop(ns);
+    let find = |n: &str| all_runs.iter().find(|(name, _)| name == n).map(|(_, r)| r);
+    let costs = match (find("compute-100Hz"), find("compute-1kHz")) {
+        (Some(a), Some(b)) => tandem::costs(a, b),
+        _ => Json::Null,
+    };
+    let qjson = if qemu_ok {
+        qemu::measure(ctx, qreps)
+    } else {
+        Json::Null
+    };
+    let micro = micro::measure(ctx, &keep);
+    let duration = ctx.started.elapsed().as_secs_f64();
+    ctx.note(&format!("tandem-bench: done in {duration:.1} s"));
+
+    let skipped: Vec<Json> = skipped
+        .into_iter()
+        .map(|(what, why)| Json::obj().with("what", what).with("why", why))
+        .collect();
+    Ok(Json::obj()
+        .with("schema", 1u32)
+        .with("mode", if ctx.quick { "quick" } else { "full" })
+        .with("started_unix", started_unix)
+        .with("duration_s", duration)
+        .with("machine", machine(ctx.cpu))
+        .with("git", git(&ctx.root))
+        .with("method", Json::obj()
+            .with("reps", reps)
+            .with("qemu_reps", qreps)
+            .with("pinning", format!("every measured VMM process runs under `taskset -c {}`; the harness runs on the other CPUs", ctx.cpu))
+            .with("interleaving", "live and recorded runs alternate within each rep (ABBA order across reps); each ratio is per rep, from the pair")
+            .with("ratio", "recorded work rate / live work rate (1.0 = no overhead, like VMware FT's published 0.94-0.98)"))
+        .with("tandem", Json::obj().with("workloads", Json::Arr(tjson)).with("costs", costs))
+        .with("qemu", qjson)
+        .with("micro", micro)
+        .with("skipped", Json::Arr(skipped)))
+}

@@ -1,0 +1,94 @@
+//! Micro-benchmarks (std timers, no criterion): log decode/encode
+//! throughput on a real recorded log, and xxh3 state-hash throughput.
+
+use std::hint::black_box;
+use std::io::Cursor;
+use std::path::Path;
+use std::time::Instant;
+
+use tandem_replay::log::{LogReader, LogWriter, Record};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::ctx::Ctx;
+use crate::json::Json;
+use crate::stats::summary_json;
+
+/// Runs the micro-benchmarks; `log` is a recording from this run.
+pub fn measure(ctx: &Ctx, log: &Path) -> Json {
+    let reps = ctx.reps(7, 3);
+    let mut j = Json::obj();
+    match std::fs::read(log) {
+        Ok(bytes) if !bytes.is_empty() => {
+            let (mut dec_mb, mut dec_rec, mut enc_mb, mut enc_rec) =
+                (vec![], vec![], vec![], vec![]);
+            let mut records: Vec<Record> = Vec::new();
+            let mut identity = None;
+            for _ in 0..reps {
+                let t = Instant::now();
+                let Ok((reader, id)) = LogReader::open(Cursor::new(&bytes)) else {
+                    break;
+                };
+                records = reader.map_while(Result::ok).collect();
+                let secs = t.elapsed().as_secs_f64();
+                identity = Some(id);
+                dec_mb.push(bytes.len() as f64 / 1e6 / secs);
+                dec_rec.push(records.len() as f64 / secs);
+            }
+            if let Some(id) = identity {
+                for _ in 0..reps {
+                    let t = Instant::now();
+                    let Ok(mut w) = LogWriter::new(Vec::with_capacity(bytes.len()), &id) else {
+                        break;
+                    };
+                    for r in &records {
+                        let _ = black_box(w.append(r));
+                    }
+                    let out = w.into_inner();
+                    let secs = t.elapsed().as_secs_f64();
+                    enc_mb.push(out.len() as f64 / 1e6 / secs);
+                    enc_rec.push(records.len() as f64 / secs);
+                }
+            }
+            ctx.progress(&format!(
+                "micro log codec on a {} B log of {} records",
+                bytes.len(),
+                records.len()
+            ));
+            j.set(
+                "log_source",
+                "the last compute-1kHz recording of this run (sync points dominate)",
+            )
+            .set("log_bytes", bytes.len())
+            .set("log_records", records.len())
+            .set("decode_mb_per_s", summary_json(&dec_mb, "MB/s"))
+            .set("decode_records_per_s", summary_json(&dec_rec, "records/s"))
+            .set("encode_mb_per_s", summary_json(&enc_mb, "MB/s"))
+            .set("encode_records_per_s", summary_json(&enc_rec, "records/s"));
+        }
+        _ => {
+            j.set("log_source", "none (no recording was kept)");
+        }
+    }
+    // State hash: xxh3-64 as the epoch hashes use it, over 32 MiB of
+    // pseudo-random bytes, whole and per 4 KiB page.
+    let mem: Vec<u8> = (0..32u64 << 20)
+        .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
+        .collect();
+    let (mut whole, mut paged) = (vec![], vec![]);
+    for _ in 0..reps {
+        let t = Instant::now();
+        black_box(xxh3_64(black_box(&mem)));
+        whole.push(mem.len() as f64 / 1e9 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let mut acc = 0u64;
+        for page in mem.chunks(4096) {
+            acc ^= xxh3_64(black_box(page));
+        }
+        black_box(acc);
+        paged.push(mem.len() as f64 / 1e9 / t.elapsed().as_secs_f64());
+    }
+    ctx.progress("micro xxh3 state hash over 32 MiB");
+    j.set("xxh3_gb_per_s", summary_json(&whole, "GB/s"))
+        .set("xxh3_per_page_gb_per_s", summary_json(&paged, "GB/s"));
+    j
+}
