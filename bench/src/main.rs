@@ -204,6 +204,8 @@ fn run(root: &Path, quick: bool, no_qemu: bool, no_net: bool) -> Result<Json, St
     }
     let allowed = allowed_cpus();
     let cpu = allowed.first().copied().unwrap_or(0);
+    // Describe the machine before the harness narrows its own affinity.
+    let machine = machine(cpu);
     move_off(cpu, &allowed);
     let tmp = std::env::temp_dir().join(format!("tandem-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
@@ -218,12 +220,12 @@ fn run(root: &Path, quick: bool, no_qemu: bool, no_net: bool) -> Result<Json, St
         planned: Cell::new(0),
         started: Instant::now(),
     };
-    let result = measure_all(&ctx, no_qemu, no_net);
+    let result = measure_all(&ctx, machine, no_qemu, no_net);
     let _ = std::fs::remove_dir_all(&tmp);
     result
 }
 
-fn measure_all(ctx: &Ctx, no_qemu: bool, no_net: bool) -> Result<Json, String> {
+fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<Json, String> {
     let started_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -311,7 +313,7 @@ fn measure_all(ctx: &Ctx, no_qemu: bool, no_net: bool) -> Result<Json, String> {
         .with("mode", if ctx.quick { "quick" } else { "full" })
         .with("started_unix", started_unix)
         .with("duration_s", duration)
-        .with("machine", machine(ctx.cpu))
+        .with("machine", machine)
         .with("git", git(&ctx.root))
         .with("method", Json::obj()
             .with("reps", reps)

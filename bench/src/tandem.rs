@@ -217,6 +217,12 @@ fn strip_ansi(s: &str) -> String {
 
 const LIMIT: Duration = Duration::from_secs(180);
 
+/// The configurations measured side by side. The fault-tolerant pair slots
+/// in here as two more (`Pair { mode: Received | Replayed }`, the primary
+/// pinned to CPU 0 and the secondary to CPU 1): `Runner::command` builds its
+/// command line, `measure` adds it to the rep's order, and `to_json` /
+/// `report::render` fill the "protected pair" columns that now say "not yet
+/// measured".
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Config {
     Live,

@@ -161,7 +161,10 @@ fn pair_record_options(params: &PairParams) -> RecordOptions {
         sync_interval: Duration::from_secs(1),
         min_kick_interval: Duration::from_micros(500),
         epoch_interval: Duration::from_millis(10),
-        sync_period: (params.heartbeat / 2).max(Duration::from_millis(2)),
+        // Held output waits for the secondary's ack of the watermark that
+        // covers it: flush often so that wait is one round trip, not a
+        // heartbeat.
+        sync_period: Duration::from_millis(1).min(params.heartbeat),
     }
 }
 
@@ -391,7 +394,7 @@ pub fn run_secondary(
     let pipe_closer = pipe_in.try_clone()?;
     let base = Instant::now();
     let last_heard = Arc::new(AtomicU64::new(0));
-    let received = Arc::new(AtomicU64::new(0));
+    let received: Arc<(Mutex<u64>, std::sync::Condvar)> = Arc::default();
     let follower_slot: Arc<OnceLock<Arc<tandem_vmm::backend::gate::FollowerOutputs>>> =
         Arc::default();
     let gone = Arc::new(AtomicBool::new(false));
@@ -459,21 +462,38 @@ pub fn run_secondary(
         let _ = follower_slot.set(f);
     }
 
-    // Acks and heartbeats.
+    // Acks (as soon as the received watermark moves: the primary's held
+    // output waits on them) and heartbeats.
     let mut out = stream.try_clone()?;
     let heartbeat = params.heartbeat;
     let gone_a = gone.clone();
     std::thread::Builder::new()
         .name("tandem-ack".into())
         .spawn(move || {
+            let (lock, moved) = &*received;
+            let mut acked = u64::MAX;
+            let mut next_beat = Instant::now();
             while !gone_a.load(Ordering::Acquire) {
-                let ack = Message::Ack(received.load(Ordering::Acquire));
-                if wire::write(&mut out, generation, &ack).is_err()
-                    || wire::write(&mut out, generation, &Message::Heartbeat).is_err()
-                {
-                    return;
+                let current = {
+                    let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    let wait = next_beat.saturating_duration_since(Instant::now());
+                    let (guard, _) = moved
+                        .wait_timeout_while(guard, wait, |w| *w == acked)
+                        .unwrap_or_else(|p| p.into_inner());
+                    *guard
+                };
+                if current != acked {
+                    if wire::write(&mut out, generation, &Message::Ack(current)).is_err() {
+                        return;
+                    }
+                    acked = current;
                 }
-                std::thread::sleep(heartbeat);
+                if Instant::now() >= next_beat {
+                    if wire::write(&mut out, generation, &Message::Heartbeat).is_err() {
+                        return;
+                    }
+                    next_beat = Instant::now() + heartbeat;
+                }
             }
         })?;
 
@@ -518,12 +538,18 @@ pub fn run_secondary(
     Ok(crate::cli::finish_report(vm.run()))
 }
 
-fn decode_loop(reader: &mut LogReader<UnixStream>, feed: &Sender<Record>, received: &AtomicU64) {
+fn decode_loop(
+    reader: &mut LogReader<UnixStream>,
+    feed: &Sender<Record>,
+    received: &(Mutex<u64>, std::sync::Condvar),
+) {
     loop {
         match reader.read_record() {
             Ok(Some(record)) => {
                 if let Record::Watermark { stop } = record {
-                    received.fetch_max(stop, Ordering::AcqRel);
+                    let mut w = received.0.lock().unwrap_or_else(|p| p.into_inner());
+                    *w = (*w).max(stop);
+                    received.1.notify_one();
                 }
                 if feed.send(record).is_err() {
                     return;
