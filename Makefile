@@ -8,7 +8,7 @@ CARGO ?= cargo
 GUEST_OUT := $(CURDIR)/target/guests
 TANDEM := target/release/tandem
 
-.PHONY: all deps guests build demo test lint clean bench
+.PHONY: all deps guests build demo test lint clean fuzz bench
 
 all: build guests
 
@@ -45,3 +45,9 @@ bench: build guests
 	./bench/setup.sh
 	$(CARGO) build --release --locked -p tandem-bench
 	./target/release/tandem-bench
+
+# Long randomized runs of the log decoder (bit flips, truncation, random
+# frames). cargo fuzz needs a nightly toolchain, which this project's
+# machines do not have; the same targets run as proptests with many cases.
+fuzz: deps
+	PROPTEST_CASES=$${FUZZ_CASES:-1000000} $(CARGO) test --release --locked -p tandem-replay --test log_damage -- never_panic

@@ -331,7 +331,11 @@ fn header() -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    // 256 cases in `make test`; `make fuzz` sets PROPTEST_CASES far higher.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn arbitrary_bytes_after_the_header_never_panic(tail in prop::collection::vec(any::<u8>(), 0..512)) {
