@@ -595,7 +595,7 @@ impl Vm {
                     let emitted = f.go_live();
                     queue.set_accepting(true);
                     info!("live: {emitted} buffered outputs emitted");
-                    crate::backend::announce::spawn(taps, macs);
+                    crate::backend::announce::spawn(taps, macs, f.addresses());
                 }),
             });
         }

@@ -117,6 +117,9 @@ pub struct FollowerOutputs {
     buffer: Mutex<VecDeque<(u64, Output)>>,
     live: std::sync::atomic::AtomicBool,
     dropped: AtomicU64,
+    /// IPv4 addresses the guest used in its own (suppressed) frames, per
+    /// NIC, for gratuitous ARP at go-live.
+    addresses: Mutex<Vec<(u8, [u8; 4])>>,
 }
 
 impl FollowerOutputs {
@@ -129,6 +132,21 @@ impl FollowerOutputs {
             buffer: Mutex::new(VecDeque::new()),
             live: Default::default(),
             dropped: AtomicU64::new(0),
+            addresses: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The guest's IPv4 addresses seen so far, as (NIC, address).
+    pub fn addresses(&self) -> Vec<(u8, [u8; 4])> {
+        lock(&self.addresses).clone()
+    }
+
+    fn snoop(&self, device: u8, frame: &[u8]) {
+        if let Some(ip) = source_ipv4(frame) {
+            let mut seen = lock(&self.addresses);
+            if !seen.contains(&(device, ip)) && seen.len() < 64 {
+                seen.push((device, ip));
+            }
         }
     }
 
@@ -172,6 +190,9 @@ impl Outputs for FollowerOutputs {
             // Shared storage: only the live side does disk I/O.
             return;
         }
+        if let Output::NetTx { device, frame } = &output {
+            self.snoop(*device, frame);
+        }
         let stop = self.stop.load(Ordering::Acquire);
         if stop <= self.released.load(Ordering::Acquire) {
             return;
@@ -183,6 +204,18 @@ impl Outputs for FollowerOutputs {
         }
         buffer.push_back((stop, output));
     }
+}
+
+/// The IPv4 source address of an ARP or IPv4 frame, if it has a usable one.
+pub fn source_ipv4(frame: &[u8]) -> Option<[u8; 4]> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let ip: [u8; 4] = match ethertype {
+        0x0806 => frame.get(28..32)?.try_into().ok()?,
+        0x0800 => frame.get(26..30)?.try_into().ok()?,
+        _ => return None,
+    };
+    // Not 0.0.0.0, not multicast/broadcast.
+    (ip != [0; 4] && ip[0] < 224).then_some(ip)
 }
 
 #[cfg(test)]
@@ -229,6 +262,22 @@ mod tests {
         gate.open();
         gate.emit(frame(3));
         assert_eq!(lock(&sink.0).len(), 4);
+    }
+
+    #[test]
+    fn snooping_finds_ipv4_sources() {
+        let mut arp = vec![0u8; 42];
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        arp[28..32].copy_from_slice(&[10, 0, 0, 2]);
+        assert_eq!(source_ipv4(&arp), Some([10, 0, 0, 2]));
+        let mut ip = vec![0u8; 34];
+        ip[12..14].copy_from_slice(&[0x08, 0x00]);
+        ip[26..30].copy_from_slice(&[10, 0, 0, 3]);
+        assert_eq!(source_ipv4(&ip), Some([10, 0, 0, 3]));
+        assert_eq!(source_ipv4(&ip[..20]), None);
+        ip[26] = 0;
+        ip[27..30].copy_from_slice(&[0, 0, 0]);
+        assert_eq!(source_ipv4(&ip), None);
     }
 
     #[test]
