@@ -73,6 +73,14 @@ pub fn workloads(ctx: &Ctx) -> Vec<QWorkload> {
             devices: Vec::new(),
             disk_bytes: Some(1 << 20),
         },
+        QWorkload {
+            name: "diskio",
+            guest: "diskseq",
+            append: format!("lapic_extint=1 count={count} chunk=64 bench=1"),
+            expect: "diskseq: bench sectors=",
+            devices: Vec::new(),
+            disk_bytes: Some(1 << 20),
+        },
     ]
 }
 

@@ -90,7 +90,7 @@ fn anchor(name: &str) -> Anchor {
             target_mbit: "< 0.2 (idle)",
             target_mbit_max: Some(0.2),
         },
-        "diskseq" => Anchor {
+        "diskseq" | "diskio" => Anchor {
             vmware_ratio: "0.94 (DVD Store), 0.99 (Swingbench)",
             target_ratio: "≥ 0.90",
             target_min: Some(0.90),
