@@ -1,5 +1,5 @@
 # tandem: build, test and demo entry points. See README.md.
-#   make demo    build everything and run the demo guest
+#   make demo    build everything and run the demo: a protected VM survives kill -9 of its host
 #   make test    unit + integration tests (real KVM, real guests)
 #   make lint    rustfmt --check and clippy -D warnings
 #   make deps    install what a fresh Debian 12 machine lacks (idempotent)
@@ -21,9 +21,10 @@ guests: deps
 build: deps
 	$(CARGO) build --release --locked
 
+# A protected VM survives kill -9 of its primary (scripts/demo.sh, all
+# inside a network namespace it creates and deletes).
 demo: build guests
-	@echo "== tandem demo: the ticker guest (1 kHz PIT through the userspace PIC, 2000 interrupts)"
-	$(TANDEM) run --kernel $(GUEST_OUT)/ticker.elf --mem 32M
+	./scripts/demo.sh
 
 # The integration tests find the guests in target/guests and the release
 # binary in target/release (built above), so they run the same binary a user runs.
