@@ -102,7 +102,7 @@ struct Topology {
     config: PathBuf,
 }
 
-fn topology(tag: &str, failover_ms: u64) -> Topology {
+fn topology(tag: &str, failover_ms: u64, commit: &str) -> Topology {
     let ns = NetNs::new(tag);
     ip(&ns, &["link", "add", "br0", "type", "bridge"]);
     for tap in ["tapa", "tapb"] {
@@ -136,6 +136,7 @@ b = {{ address = "127.0.0.2:7402", tap = "tapb" }}
 [ft]
 heartbeat_ms = 50
 failover_timeout_ms = {failover_ms}
+output_commit = "{commit}"
 witness = "tcp://127.0.0.1:7500"
 state_dir = "{state}"
 "#,
@@ -180,7 +181,11 @@ struct Pair {
 }
 
 fn start_pair(tag: &str, failover_ms: u64) -> Pair {
-    let t = topology(tag, failover_ms);
+    start_pair_committing(tag, failover_ms, "received")
+}
+
+fn start_pair_committing(tag: &str, failover_ms: u64, commit: &str) -> Pair {
+    let t = topology(tag, failover_ms, commit);
     let config = t.config.display().to_string();
     let state = t.dir.join("witness.state").display().to_string();
     let witness = Proc::spawn(
@@ -285,6 +290,25 @@ fn wait_exit(p: &mut Proc, limit: Duration) -> Option<i32> {
         std::thread::sleep(Duration::from_millis(20));
     }
     None
+}
+
+#[test]
+fn replayed_commit_serves_and_fails_over_too() {
+    // Output leaves only once the secondary has replayed and verified it.
+    let mut p = start_pair_committing("rep", 1500, "replayed");
+    let s = p.t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, first) = serve(&s, 0, 20, Duration::from_secs(30), &mut replies);
+    assert!(
+        first.is_some(),
+        "nothing answered in replayed mode: {}",
+        p.primary.stderr()
+    );
+    p.primary.child.kill().unwrap();
+    let (_, after) = serve(&s, next, 10, Duration::from_secs(30), &mut replies);
+    assert!(after.is_some(), "no takeover: {}", p.secondary.stderr());
+    assert_counter_invariants(&replies, next);
+    let _ = std::fs::remove_dir_all(&p.t.dir);
 }
 
 #[test]

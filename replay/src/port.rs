@@ -94,6 +94,13 @@ pub enum Output {
 pub trait Outputs: Send + Sync {
     /// Emits one output.
     fn emit(&self, output: Output);
+
+    /// Whether output is being held back (a protected primary waiting for
+    /// its secondary): the recorder then ends the current epoch early, so
+    /// output committed on a verified epoch does not wait a whole epoch.
+    fn pending(&self) -> bool {
+        false
+    }
 }
 
 /// Where the causes of each stop come from.

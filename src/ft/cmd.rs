@@ -98,6 +98,7 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         alone: args.alone,
         state_dir: cfg.ft.state_dir.clone(),
         fence_command: cfg.ft.fence_command.clone(),
+        replayed_commit: cfg.ft.output_commit == config::OutputCommit::Replayed,
     };
     let role = match role {
         Role::FromArbiter => match &params.arbiter {

@@ -53,6 +53,9 @@ pub struct PairParams {
     pub state_dir: std::path::PathBuf,
     /// STONITH: run before going live (must succeed).
     pub fence_command: Option<String>,
+    /// Release output only once the secondary has replayed and verified
+    /// it (`output_commit = "replayed"`), not merely received it.
+    pub replayed_commit: bool,
 }
 
 impl PairParams {
@@ -263,6 +266,7 @@ pub fn run_primary(
             // Reader: acks release output.
             let mut input = stream.try_clone()?;
             let (g3, heard) = (gate.clone(), last_heard.clone());
+            let replayed_commit = params.replayed_commit;
             std::thread::Builder::new()
                 .name("tandem-acks".into())
                 .spawn(move || loop {
@@ -272,7 +276,15 @@ pub fn run_primary(
                         }
                         Ok((_, Message::Ack(stop))) => {
                             heard.store(millis(base), Ordering::Release);
-                            g3.release(stop);
+                            if !replayed_commit {
+                                g3.release(stop);
+                            }
+                        }
+                        Ok((_, Message::Verified(stop))) => {
+                            heard.store(millis(base), Ordering::Release);
+                            if replayed_commit {
+                                g3.release(stop);
+                            }
                         }
                         Ok(_) => heard.store(millis(base), Ordering::Release),
                         Err(_) => return,
@@ -467,16 +479,29 @@ pub fn run_secondary(
     let mut out = stream.try_clone()?;
     let heartbeat = params.heartbeat;
     let gone_a = gone.clone();
+    let verified = vm.verified_stop();
     std::thread::Builder::new()
         .name("tandem-ack".into())
         .spawn(move || {
             let (lock, moved) = &*received;
             let mut acked = u64::MAX;
+            let mut reported = 0u64;
             let mut next_beat = Instant::now();
             while !gone_a.load(Ordering::Acquire) {
+                let v = verified.load(Ordering::Acquire);
+                if v > reported {
+                    if wire::write(&mut out, generation, &Message::Verified(v)).is_err() {
+                        return;
+                    }
+                    reported = v;
+                }
                 let current = {
                     let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-                    let wait = next_beat.saturating_duration_since(Instant::now());
+                    // Wake at least every millisecond to report verified
+                    // epochs (they do not move the received watermark).
+                    let wait = next_beat
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(1));
                     let (guard, _) = moved
                         .wait_timeout_while(guard, wait, |w| *w == acked)
                         .unwrap_or_else(|p| p.into_inner());

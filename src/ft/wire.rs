@@ -48,6 +48,9 @@ pub enum Message {
     Ack(u64),
     /// Either way: still here.
     Heartbeat,
+    /// Secondary → primary: it has replayed up to this stop and the epoch
+    /// ending there verified (`output_commit = "replayed"`).
+    Verified(u64),
 }
 
 const TAG_HELLO: u8 = 1;
@@ -57,6 +60,7 @@ const TAG_LOG: u8 = 4;
 const TAG_RELEASED: u8 = 5;
 const TAG_ACK: u8 = 6;
 const TAG_HEARTBEAT: u8 = 7;
+const TAG_VERIFIED: u8 = 8;
 
 /// Writes one message.
 pub fn write(w: &mut impl Write, generation: u64, m: &Message) -> io::Result<()> {
@@ -74,6 +78,7 @@ pub fn write(w: &mut impl Write, generation: u64, m: &Message) -> io::Result<()>
         Message::Released(stop) => (TAG_RELEASED, stop.to_le_bytes().to_vec()),
         Message::Ack(stop) => (TAG_ACK, stop.to_le_bytes().to_vec()),
         Message::Heartbeat => (TAG_HEARTBEAT, Vec::new()),
+        Message::Verified(stop) => (TAG_VERIFIED, stop.to_le_bytes().to_vec()),
     };
     let len = u32::try_from(payload.len())
         .ok()
@@ -137,6 +142,7 @@ pub fn read(r: &mut impl Read) -> io::Result<(u64, Message)> {
         TAG_RELEASED => Message::Released(u64_of(&payload)?),
         TAG_ACK => Message::Ack(u64_of(&payload)?),
         TAG_HEARTBEAT => Message::Heartbeat,
+        TAG_VERIFIED => Message::Verified(u64_of(&payload)?),
         tag => return Err(bad(format!("unknown message tag {tag}"))),
     };
     Ok((generation, m))
@@ -168,6 +174,7 @@ mod tests {
             Message::Released(77),
             Message::Ack(99),
             Message::Heartbeat,
+            Message::Verified(12),
         ];
         let mut buf = Vec::new();
         for m in &all {

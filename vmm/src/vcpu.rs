@@ -241,6 +241,8 @@ struct Epochs {
     installed: BTreeSet<u64>,
     /// A sync point was installed this epoch.
     had_sync: bool,
+    /// Recording: when the last epoch ended.
+    last_end: Option<Instant>,
 }
 
 /// The vCPU and everything its thread owns.
@@ -264,6 +266,9 @@ pub struct Vcpu {
     shadow: Option<Shadow>,
     /// Divergences found since the last repair.
     unrepaired: u64,
+    /// Replay: the stop of the last epoch whose hashes matched (a live
+    /// secondary reports it for `output_commit = "replayed"`).
+    verified_stop: Arc<std::sync::atomic::AtomicU64>,
     causes: Vec<Cause>,
     stats: VcpuStats,
     /// Divergences found while replaying, in order.
@@ -324,6 +329,7 @@ impl Vcpu {
             epochs: Epochs::default(),
             shadow: None,
             unrepaired: 0,
+            verified_stop: Arc::default(),
             causes: Vec::new(),
             stats: VcpuStats::default(),
             divergence_reports: Vec::new(),
@@ -390,6 +396,11 @@ impl Vcpu {
             self.stop
         );
         Ok(())
+    }
+
+    /// The stop of the last epoch the replay verified.
+    pub fn verified_stop(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.verified_stop.clone()
     }
 
     /// Keeps a shadow of the verified state so divergences can be repaired.
@@ -645,7 +656,15 @@ impl Vcpu {
                 .epochs
                 .deadline
                 .get_or_insert(now + self.policy.epoch_interval);
-            if now >= due {
+            // Held output (replayed commit) shortens the epoch, at most to
+            // a millisecond.
+            let shortened = self.devices.outputs.pending()
+                && self
+                    .epochs
+                    .last_end
+                    .is_none_or(|t| now - t >= Duration::from_millis(1));
+            if now >= due || shortened {
+                self.epochs.last_end = Some(now);
                 self.record_epoch_end()?;
                 self.epochs.deadline = Some(now + self.policy.epoch_interval);
             }
@@ -738,6 +757,8 @@ impl Vcpu {
             shadow.wrote(own.iter().copied());
         }
         if diffs.is_empty() {
+            self.verified_stop
+                .fetch_max(self.stop, std::sync::atomic::Ordering::AcqRel);
             if self.epochs.had_sync {
                 self.stats.epochs_transferred += 1;
             } else {

@@ -619,6 +619,11 @@ impl Vm {
         self.gate.clone()
     }
 
+    /// The stop of the last epoch a replay verified.
+    pub fn verified_stop(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.vcpu.verified_stop()
+    }
+
     /// The secondary's output buffer (pair mode).
     pub fn follower(&self) -> Option<Arc<FollowerOutputs>> {
         self.follower.clone()

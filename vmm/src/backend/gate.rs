@@ -78,6 +78,10 @@ impl GatedOutputs {
 }
 
 impl Outputs for GatedOutputs {
+    fn pending(&self) -> bool {
+        !lock(&self.held).is_empty()
+    }
+
     fn emit(&self, output: Output) {
         let stop = self.stop.load(Ordering::Acquire);
         let immediate = matches!(
