@@ -402,6 +402,7 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
                 min_kick_interval: Duration::from_micros(args.min_kick_interval),
                 epoch_interval: Duration::from_millis(args.epoch_ms.max(1)),
                 sync_period: tandem_vmm::journal::RECORD_SYNC_PERIOD,
+                throttle: None,
             }),
         },
     })?;

@@ -99,6 +99,10 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         state_dir: cfg.ft.state_dir.clone(),
         fence_command: cfg.ft.fence_command.clone(),
         replayed_commit: cfg.ft.output_commit == config::OutputCommit::Replayed,
+        throttle: Arc::new(tandem_vmm::journal::Throttle::new(
+            cfg.ft.max_unacked_bytes,
+            cfg.ft.max_lag,
+        )),
     };
     let role = match role {
         Role::FromArbiter => match &params.arbiter {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use tandem_replay::log::{LogError, LogReader, LogWriter, Record};
-use tandem_vmm::journal::{RecordOptions, RecordSink};
+use tandem_vmm::journal::{RecordOptions, RecordSink, Throttle};
 use tandem_vmm::vm::RunMode;
 use tandem_vmm::{Vm, VmConfig};
 use tracing::{info, warn};
@@ -56,6 +56,8 @@ pub struct PairParams {
     /// Release output only once the secondary has replayed and verified
     /// it (`output_commit = "replayed"`), not merely received it.
     pub replayed_commit: bool,
+    /// The primary's brake (`max_unacked_bytes`, `max_lag_ms`).
+    pub throttle: Arc<Throttle>,
 }
 
 impl PairParams {
@@ -140,12 +142,14 @@ fn fence(reason: &str) -> ! {
 /// A record sink that ships frames to the replication thread.
 struct ShipSink {
     frames: Sender<Vec<u8>>,
+    throttle: Arc<Throttle>,
 }
 
 impl RecordSink for ShipSink {
     fn append(&mut self, record: &Record) -> Result<u64, LogError> {
         let frame = record.encode_frame()?;
         let len = frame.len() as u64;
+        self.throttle.shipped(record.stop(), len);
         // A closed channel means the secondary is gone; the monitor decides
         // what that means.
         let _ = self.frames.send(frame);
@@ -168,6 +172,7 @@ fn pair_record_options(params: &PairParams) -> RecordOptions {
         // covers it: flush often so that wait is one round trip, not a
         // heartbeat.
         sync_period: Duration::from_millis(1).min(params.heartbeat),
+        throttle: Some(params.throttle.clone()),
     }
 }
 
@@ -194,7 +199,10 @@ pub fn run_primary(
     info!("primary: generation {generation}");
     params.event(&format!("primary generation={generation}"));
     let (frames_tx, frames_rx) = channel::<Vec<u8>>();
-    let sink = ShipSink { frames: frames_tx };
+    let sink = ShipSink {
+        frames: frames_tx,
+        throttle: params.throttle.clone(),
+    };
     let options = pair_record_options(&params);
 
     let stream = if params.alone {
@@ -225,6 +233,7 @@ pub fn run_primary(
     match stream {
         None => {
             gate.open();
+            params.throttle.open();
             drop(frames_rx);
         }
         Some(stream) => {
@@ -267,6 +276,7 @@ pub fn run_primary(
             let mut input = stream.try_clone()?;
             let (g3, heard) = (gate.clone(), last_heard.clone());
             let replayed_commit = params.replayed_commit;
+            let throttle = params.throttle.clone();
             std::thread::Builder::new()
                 .name("tandem-acks".into())
                 .spawn(move || loop {
@@ -276,6 +286,7 @@ pub fn run_primary(
                         }
                         Ok((_, Message::Ack(stop))) => {
                             heard.store(millis(base), Ordering::Release);
+                            throttle.acked(stop);
                             if !replayed_commit {
                                 g3.release(stop);
                             }
@@ -293,6 +304,7 @@ pub fn run_primary(
             // Monitor: a silent secondary is gone; win the next generation
             // before releasing anything unprotected.
             let g4 = gate.clone();
+            let brake = params.throttle.clone();
             let timeout = params.failover_timeout;
             std::thread::Builder::new().name("tandem-monitor".into()).spawn(move || loop {
                 std::thread::sleep(heartbeat);
@@ -308,6 +320,7 @@ pub fn run_primary(
                         );
                         params.event(&format!("secondary-lost generation={g} unprotected"));
                         g4.open();
+                        brake.open();
                     }
                     Ok(None) => {
                         params.event("fenced lost-arbitration");

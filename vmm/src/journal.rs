@@ -43,6 +43,115 @@ pub struct RecordOptions {
     pub epoch_interval: Duration,
     /// How often the writer flushes (and writes a watermark).
     pub sync_period: Duration,
+    /// A protected primary's brake: its vCPU waits at a stop while the
+    /// secondary is too far behind.
+    pub throttle: Option<Arc<Throttle>>,
+}
+
+/// The primary's brake on its own vCPU (DESIGN "The log": pair logs live in
+/// memory under a hard byte cap; when it is full the primary's vCPU waits at
+/// a stop; when the secondary lags the primary slows, as VMware FT does).
+#[derive(Debug)]
+pub struct Throttle {
+    /// Log bytes shipped, and acknowledged.
+    shipped: AtomicU64,
+    acked: AtomicU64,
+    /// (stop, bytes shipped up to and including it), for mapping acks.
+    marks: Mutex<std::collections::VecDeque<(u64, u64)>>,
+    /// When the acknowledged position last moved.
+    progress: Mutex<Instant>,
+    /// Most unacknowledged bytes.
+    cap: u64,
+    /// Longest the secondary may leave shipped data unacknowledged.
+    max_lag: Duration,
+    /// No secondary any more: never wait.
+    open: std::sync::atomic::AtomicBool,
+    /// Times and total time the vCPU waited.
+    pub waits: AtomicU64,
+    /// Microseconds the vCPU spent waiting.
+    pub waited_us: AtomicU64,
+}
+
+impl Throttle {
+    /// A brake at `cap` unacknowledged bytes and `max_lag`.
+    pub fn new(cap: u64, max_lag: Duration) -> Self {
+        Self {
+            shipped: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            marks: Mutex::new(Default::default()),
+            progress: Mutex::new(Instant::now()),
+            cap,
+            max_lag,
+            open: Default::default(),
+            waits: AtomicU64::new(0),
+            waited_us: AtomicU64::new(0),
+        }
+    }
+
+    /// A record for `stop` of `bytes` was shipped.
+    pub fn shipped(&self, stop: u64, bytes: u64) {
+        let total = self.shipped.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        match marks.back_mut() {
+            Some((s, t)) if *s == stop => *t = total,
+            _ => marks.push_back((stop, total)),
+        }
+    }
+
+    /// The secondary has everything up to stop `stop`.
+    pub fn acked(&self, stop: u64) {
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut covered = None;
+        while marks.front().is_some_and(|(s, _)| *s <= stop) {
+            covered = marks.pop_front().map(|(_, t)| t);
+        }
+        drop(marks);
+        if let Some(bytes) = covered {
+            if self.acked.fetch_max(bytes, Ordering::AcqRel) < bytes {
+                *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            }
+        }
+    }
+
+    /// Never brake again (the secondary is gone and this side won).
+    pub fn open(&self) {
+        self.open.store(true, Ordering::Release);
+    }
+
+    /// Unacknowledged bytes.
+    pub fn unacked(&self) -> u64 {
+        self.shipped
+            .load(Ordering::Acquire)
+            .saturating_sub(self.acked.load(Ordering::Acquire))
+    }
+
+    fn must_wait(&self) -> bool {
+        if self.open.load(Ordering::Acquire) {
+            return false;
+        }
+        let unacked = self.unacked();
+        let stale = self
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed();
+        unacked > self.cap || (unacked > 0 && stale > self.max_lag)
+    }
+
+    /// Called by the vCPU at a stop: waits while the secondary is too far
+    /// behind (the only place the vCPU waits on the network).
+    pub fn wait(&self) {
+        if !self.must_wait() {
+            return;
+        }
+        let start = Instant::now();
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        while self.must_wait() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.waited_us.fetch_add(us, Ordering::Relaxed);
+    }
 }
 
 /// Why the log could not be written or followed.
@@ -776,6 +885,9 @@ impl Journal {
             Journal::Live(_) => Ok(Leave::Enter),
             Journal::Record(rec) => {
                 rec.shared.left.store(stop, Ordering::Release);
+                if let Some(throttle) = &rec.options.throttle {
+                    throttle.wait();
+                }
                 match rec.writer_error() {
                     Some(e) => Err(e),
                     None => Ok(Leave::Enter),
@@ -849,5 +961,32 @@ fn brief(cause: &Cause) -> String {
         Cause::BlockDone {
             device, request, ..
         } => format!("blk{device} completion of request {request}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_brakes_on_the_byte_cap_and_on_a_lagging_secondary() {
+        let t = Throttle::new(1000, Duration::from_millis(30));
+        t.shipped(1, 600);
+        t.shipped(2, 300);
+        assert!(!t.must_wait(), "under the cap and fresh");
+        t.shipped(3, 200);
+        assert_eq!(t.unacked(), 1100);
+        assert!(t.must_wait(), "over the cap");
+        t.acked(2);
+        assert_eq!(t.unacked(), 200);
+        assert!(!t.must_wait());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(t.must_wait(), "the secondary sat on shipped data too long");
+        t.acked(3);
+        assert!(!t.must_wait(), "all acked");
+        t.shipped(4, 5000);
+        t.open();
+        assert!(!t.must_wait(), "an open brake never waits");
+        t.wait();
     }
 }
