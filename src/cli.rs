@@ -361,6 +361,7 @@ fn build_replay(args: &ReplayArgs) -> anyhow::Result<Vm> {
         disks: Vec::new(),
         nets: Vec::new(),
         rtc_base: None,
+        on_live: None,
         repair: !args.no_repair,
         mode: RunMode::Replay {
             log: args.log.clone(),
@@ -392,6 +393,7 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
         disks: args.disk.clone(),
         nets: args.net.clone(),
         rtc_base: args.rtc_base,
+        on_live: None,
         repair: false,
         mode: match &args.record {
             None => RunMode::Live,

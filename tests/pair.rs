@@ -103,6 +103,10 @@ struct Topology {
 }
 
 fn topology(tag: &str, failover_ms: u64, commit: &str) -> Topology {
+    topology_with(tag, failover_ms, commit, "")
+}
+
+fn topology_with(tag: &str, failover_ms: u64, commit: &str, vm_extra: &str) -> Topology {
     let ns = NetNs::new(tag);
     ip(&ns, &["link", "add", "br0", "type", "bridge"]);
     for tap in ["tapa", "tapb"] {
@@ -128,6 +132,7 @@ cmdline = "ip={GUEST_IP}"
 mem = "32M"
 disk = ["{disk}"]
 net = [{{ mac = "52:54:00:00:78:02" }}]
+{vm_extra}
 
 [hosts]
 a = {{ address = "127.0.0.1:7401", tap = "tapa" }}
@@ -590,4 +595,76 @@ fn a_partitioned_replication_link_leaves_exactly_one_side_live() {
     assert!(again.is_some(), "the surviving side stopped serving");
     assert_counter_invariants(&replies, next);
     let _ = std::fs::remove_dir_all(&p.t.dir);
+}
+
+#[test]
+fn the_console_socket_is_served_by_the_live_side() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let dir = std::env::temp_dir().join(format!("tandem-pair-con-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("console.sock");
+    let t = topology_with(
+        "con",
+        1500,
+        "received",
+        &format!("console = \"unix:{}\"", sock.display()),
+    );
+    let config = t.config.display().to_string();
+    let state = t.dir.join("witness.state").display().to_string();
+    let witness = Proc::spawn(
+        &t.ns,
+        &["witness", "--listen", "127.0.0.1:7500", "--state", &state],
+    );
+    witness.wait_for("listening on", Duration::from_secs(10));
+    let mut primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let secondary = Proc::spawn(&t.ns, &["secondary", "--config", &config, "--host", "b"]);
+    let (p_err, s_err) = (primary.errors.clone(), secondary.errors.clone());
+    let connect = |limit: Duration| {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(s) = UnixStream::connect(&sock) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "console socket never served\nprimary: {:?}\nsecondary: {:?}",
+                p_err.lock().unwrap(),
+                s_err.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // The console shows what the guest printed, once released.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = String::new();
+    while !seen.contains("netecho: up") {
+        assert!(
+            Instant::now() < deadline,
+            "console never showed the guest: {seen:?}"
+        );
+        let mut c = connect(Duration::from_secs(30));
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = c.read(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    // After a failover the new live side serves the same path.
+    primary.child.kill().unwrap();
+    let _ = primary.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !secondary.stderr().contains("going live") {
+        assert!(
+            Instant::now() < deadline,
+            "no failover: {}",
+            secondary.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    connect(Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&t.dir);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,6 +11,7 @@ use tandem_vmm::vm::RunMode;
 use tandem_vmm::{VmConfig, DEFAULT_KVM_PATH};
 
 use super::arbiter::{self, Arbiter};
+use super::console::ConsoleSocket;
 use super::pair::{run_primary, run_secondary, PairParams};
 use crate::config::{self, HostId, PairConfig, Witness};
 use crate::EXIT_START_FAILED;
@@ -99,6 +100,11 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         state_dir: cfg.ft.state_dir.clone(),
         fence_command: cfg.ft.fence_command.clone(),
         replayed_commit: cfg.ft.output_commit == config::OutputCommit::Replayed,
+        console: cfg
+            .vm
+            .console
+            .clone()
+            .map(|path| (ConsoleSocket::new(), path)),
         throttle: Arc::new(tandem_vmm::journal::Throttle::new(
             cfg.ft.max_unacked_bytes,
             cfg.ft.max_lag,
@@ -121,25 +127,35 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         },
         other => other,
     };
-    let vm_config = move |mode: RunMode| vm_config(&cfg, me, mode);
+    let console = params.console.as_ref().map(|(socket, _)| socket.clone());
+    let vm_config = move |mode: RunMode| vm_config(&cfg, me, mode, &console);
     match role {
         Role::Primary | Role::FromArbiter => run_primary(params, vm_config),
         Role::Secondary => run_secondary(params, vm_config),
     }
 }
 
-fn vm_config(cfg: &PairConfig, me: HostId, mode: RunMode) -> VmConfig {
+fn vm_config(
+    cfg: &PairConfig,
+    me: HostId,
+    mode: RunMode,
+    console: &Option<ConsoleSocket>,
+) -> VmConfig {
     VmConfig {
         kvm_path: PathBuf::from(DEFAULT_KVM_PATH),
         kernel: cfg.vm.kernel.clone(),
         initrd: cfg.vm.initrd.clone(),
         cmdline: cfg.vm.cmdline.clone(),
         mem_size: cfg.vm.mem,
-        serial_out: Box::new(std::io::stdout()),
+        serial_out: match console {
+            Some(socket) => Box::new(socket.clone()),
+            None => Box::new(std::io::stdout()),
+        },
         disks: cfg.vm.disks.clone(),
         nets: cfg.net_configs(me),
         rtc_base: None,
         repair: false,
         mode,
+        on_live: None,
     }
 }

@@ -2,5 +2,6 @@
 
 pub mod arbiter;
 pub mod cmd;
+pub mod console;
 pub mod pair;
 pub mod wire;

@@ -58,6 +58,8 @@ pub struct PairParams {
     pub replayed_commit: bool,
     /// The primary's brake (`max_unacked_bytes`, `max_lag_ms`).
     pub throttle: Arc<Throttle>,
+    /// The console socket and its path, served by the live side.
+    pub console: Option<(super::console::ConsoleSocket, std::path::PathBuf)>,
 }
 
 impl PairParams {
@@ -229,6 +231,12 @@ pub fn run_primary(
     let gate = vm
         .gate()
         .ok_or_else(|| anyhow!("primary VM has no output gate"))?;
+    if let Some((socket, path)) = &params.console {
+        socket.set_input(vm.cause_queue());
+        socket
+            .serve(path)
+            .with_context(|| format!("cannot serve the console on {}", path.display()))?;
+    }
     let header = LogWriter::new(Vec::new(), vm.identity())?.into_inner();
     match stream {
         None => {
@@ -479,10 +487,21 @@ pub fn run_secondary(
         .recv()
         .map_err(|_| anyhow!("the primary closed the channel before sending its log header"))??;
 
-    let vm = Vm::new(vm_config(RunMode::Follow {
+    let mut config = vm_config(RunMode::Follow {
         identity,
         feed: feed_rx,
-    }))?;
+    });
+    if let Some((socket, path)) = params.console.clone() {
+        config.on_live = Some(Box::new(move || {
+            if let Err(e) = socket.serve(&path) {
+                warn!("cannot serve the console on {}: {e}", path.display());
+            }
+        }));
+    }
+    let vm = Vm::new(config)?;
+    if let Some((socket, _)) = &params.console {
+        socket.set_input(vm.cause_queue());
+    }
     if let Some(f) = vm.follower() {
         let _ = follower_slot.set(f);
     }

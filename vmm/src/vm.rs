@@ -87,6 +87,9 @@ pub struct VmConfig {
     pub rtc_base: Option<u64>,
     /// Live, recording, or replaying.
     pub mode: RunMode,
+    /// A following secondary runs this when it goes live (after its
+    /// outputs switched), e.g. to start serving the console.
+    pub on_live: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// How the VM gets its inputs.
@@ -589,6 +592,7 @@ impl Vm {
                 })
                 .collect();
             let taps = world_taps.clone();
+            let on_live = config.on_live;
             vcpu.set_go_live(GoLiveHooks {
                 causes: causes.clone(),
                 switch: Box::new(move || {
@@ -596,6 +600,9 @@ impl Vm {
                     queue.set_accepting(true);
                     info!("live: {emitted} buffered outputs emitted");
                     crate::backend::announce::spawn(taps, macs, f.addresses());
+                    if let Some(hook) = on_live {
+                        hook();
+                    }
                 }),
             });
         }
