@@ -668,3 +668,71 @@ fn the_console_socket_is_served_by_the_live_side() {
     let _ = std::fs::remove_dir_all(&t.dir);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_live_secondary_repairs_a_divergence_with_a_sync_point_from_the_primary() {
+    // The rdtsc guest reads the TSC, which replay cannot reproduce: the
+    // secondary's epochs diverge, it asks for a sync point, the primary
+    // kicks its vCPU (a sync point) and commits on verified epochs
+    // meanwhile, and the secondary repairs from it.
+    let ns = NetNs::new("rep2");
+    let dir = std::env::temp_dir().join(format!("tandem-pair-rdtsc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pair.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[vm]
+name = "rdtsc"
+kernel = "{kernel}"
+cmdline = "hz=20 n=300"
+mem = "32M"
+
+[hosts]
+a = {{ address = "127.0.0.1:7401" }}
+b = {{ address = "127.0.0.2:7402" }}
+
+[ft]
+heartbeat_ms = 50
+failover_timeout_ms = 5000
+witness = "tcp://127.0.0.1:7500"
+state_dir = "{state}"
+"#,
+            kernel = guest("rdtsc").display(),
+            state = dir.join("state").display(),
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let state = dir.join("witness.state").display().to_string();
+    let witness = Proc::spawn(
+        &ns,
+        &["witness", "--listen", "127.0.0.1:7500", "--state", &state],
+    );
+    witness.wait_for("listening on", Duration::from_secs(10));
+    let mut primary = Proc::spawn(&ns, &["primary", "--config", &config, "--host", "a"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut secondary = Proc::spawn(&ns, &["secondary", "--config", &config, "--host", "b"]);
+    assert_eq!(
+        wait_exit(&mut primary, Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        primary.stderr()
+    );
+    assert_eq!(
+        wait_exit(&mut secondary, Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        secondary.stderr()
+    );
+    let s = secondary.stderr();
+    assert!(s.contains("asking the primary for a sync point"), "{s}");
+    assert!(s.contains("repaired at the sync point"), "{s}");
+    assert!(
+        primary.stderr().contains("reports epoch"),
+        "{}",
+        primary.stderr()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -285,6 +285,8 @@ pub fn run_primary(
             let (g3, heard) = (gate.clone(), last_heard.clone());
             let replayed_commit = params.replayed_commit;
             let throttle = params.throttle.clone();
+            let kicker = vm.kicker();
+            let mut repairing = false;
             std::thread::Builder::new()
                 .name("tandem-acks".into())
                 .spawn(move || loop {
@@ -295,15 +297,24 @@ pub fn run_primary(
                         Ok((_, Message::Ack(stop))) => {
                             heard.store(millis(base), Ordering::Release);
                             throttle.acked(stop);
-                            if !replayed_commit {
+                            if !replayed_commit && !repairing {
                                 g3.release(stop);
                             }
                         }
                         Ok((_, Message::Verified(stop))) => {
                             heard.store(millis(base), Ordering::Release);
-                            if replayed_commit {
+                            if replayed_commit || repairing {
                                 g3.release(stop);
                             }
+                            // A verified epoch after the repair: back to the
+                            // configured commit mode.
+                            repairing = false;
+                        }
+                        Ok((_, Message::RepairRequest(epoch))) => {
+                            heard.store(millis(base), Ordering::Release);
+                            warn!("the secondary reports epoch {epoch} diverged: committing on verified epochs until one verifies");
+                            repairing = true;
+                            kicker.kick();
                         }
                         Ok(_) => heard.store(millis(base), Ordering::Release),
                         Err(_) => return,
@@ -512,14 +523,27 @@ pub fn run_secondary(
     let heartbeat = params.heartbeat;
     let gone_a = gone.clone();
     let verified = vm.verified_stop();
+    let diverged = vm.divergence_epoch();
     std::thread::Builder::new()
         .name("tandem-ack".into())
         .spawn(move || {
             let (lock, moved) = &*received;
             let mut acked = u64::MAX;
             let mut reported = 0u64;
+            let mut reported_divergence = 0u64;
             let mut next_beat = Instant::now();
             while !gone_a.load(Ordering::Acquire) {
+                let d = diverged.load(Ordering::Acquire);
+                if d > reported_divergence {
+                    warn!(
+                        "epoch {} diverged: asking the primary for a sync point",
+                        d - 1
+                    );
+                    if wire::write(&mut out, generation, &Message::RepairRequest(d - 1)).is_err() {
+                        return;
+                    }
+                    reported_divergence = d;
+                }
                 let v = verified.load(Ordering::Acquire);
                 if v > reported {
                     if wire::write(&mut out, generation, &Message::Verified(v)).is_err() {

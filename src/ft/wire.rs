@@ -51,6 +51,9 @@ pub enum Message {
     /// Secondary → primary: it has replayed up to this stop and the epoch
     /// ending there verified (`output_commit = "replayed"`).
     Verified(u64),
+    /// Secondary → primary: epoch `n` diverged; commit on verified epochs
+    /// until one verifies, and take a sync point now so it can repair.
+    RepairRequest(u64),
 }
 
 const TAG_HELLO: u8 = 1;
@@ -61,6 +64,7 @@ const TAG_RELEASED: u8 = 5;
 const TAG_ACK: u8 = 6;
 const TAG_HEARTBEAT: u8 = 7;
 const TAG_VERIFIED: u8 = 8;
+const TAG_REPAIR: u8 = 9;
 
 /// Writes one message.
 pub fn write(w: &mut impl Write, generation: u64, m: &Message) -> io::Result<()> {
@@ -79,6 +83,7 @@ pub fn write(w: &mut impl Write, generation: u64, m: &Message) -> io::Result<()>
         Message::Ack(stop) => (TAG_ACK, stop.to_le_bytes().to_vec()),
         Message::Heartbeat => (TAG_HEARTBEAT, Vec::new()),
         Message::Verified(stop) => (TAG_VERIFIED, stop.to_le_bytes().to_vec()),
+        Message::RepairRequest(epoch) => (TAG_REPAIR, epoch.to_le_bytes().to_vec()),
     };
     let len = u32::try_from(payload.len())
         .ok()
@@ -143,6 +148,7 @@ pub fn read(r: &mut impl Read) -> io::Result<(u64, Message)> {
         TAG_ACK => Message::Ack(u64_of(&payload)?),
         TAG_HEARTBEAT => Message::Heartbeat,
         TAG_VERIFIED => Message::Verified(u64_of(&payload)?),
+        TAG_REPAIR => Message::RepairRequest(u64_of(&payload)?),
         tag => return Err(bad(format!("unknown message tag {tag}"))),
     };
     Ok((generation, m))
@@ -175,6 +181,7 @@ mod tests {
             Message::Ack(99),
             Message::Heartbeat,
             Message::Verified(12),
+            Message::RepairRequest(3),
         ];
         let mut buf = Vec::new();
         for m in &all {

@@ -269,6 +269,9 @@ pub struct Vcpu {
     /// Replay: the stop of the last epoch whose hashes matched (a live
     /// secondary reports it for `output_commit = "replayed"`).
     verified_stop: Arc<std::sync::atomic::AtomicU64>,
+    /// Replay: 1 + the last diverged epoch (0: none), for a live secondary
+    /// to report.
+    divergence_epoch: Arc<std::sync::atomic::AtomicU64>,
     causes: Vec<Cause>,
     stats: VcpuStats,
     /// Divergences found while replaying, in order.
@@ -330,6 +333,7 @@ impl Vcpu {
             shadow: None,
             unrepaired: 0,
             verified_stop: Arc::default(),
+            divergence_epoch: Arc::default(),
             causes: Vec::new(),
             stats: VcpuStats::default(),
             divergence_reports: Vec::new(),
@@ -396,6 +400,16 @@ impl Vcpu {
             self.stop
         );
         Ok(())
+    }
+
+    /// 1 + the last epoch the replay found diverged (0: none yet).
+    pub fn divergence_epoch(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.divergence_epoch.clone()
+    }
+
+    /// The kicker of this vCPU (a kick-induced stop is a sync point).
+    pub fn kicker(&self) -> Kicker {
+        self.kicker.clone()
     }
 
     /// The stop of the last epoch the replay verified.
@@ -776,6 +790,8 @@ impl Vcpu {
                 self.unrepaired += 1;
             }
             self.stats.divergences += 1;
+            self.divergence_epoch
+                .store(recorded.epoch + 1, std::sync::atomic::Ordering::Release);
             tracing::warn!(
                 "divergence at epoch {} (stop {}): {} differ",
                 recorded.epoch,

@@ -579,7 +579,7 @@ impl Vm {
         };
         let replaying = matches!(journal, Journal::Replay(_));
         let mut vcpu = Vcpu::new(vcpu_fd, ctx, devices, journal, sync, policy, kicker, start);
-        if replaying && config.repair {
+        if replaying && (config.repair || following) {
             vcpu.enable_repair(mem_size)?;
         }
         if let Some(f) = follower.clone() {
@@ -624,6 +624,17 @@ impl Vm {
     /// The primary's output gate (pair mode).
     pub fn gate(&self) -> Option<Arc<GatedOutputs>> {
         self.gate.clone()
+    }
+
+    /// 1 + the last epoch a replay found diverged (0: none).
+    pub fn divergence_epoch(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.vcpu.divergence_epoch()
+    }
+
+    /// Kicks the vCPU out of the guest: when recording, the stop it makes
+    /// is a sync point (how a primary answers a repair request).
+    pub fn kicker(&self) -> crate::kick::Kicker {
+        self.vcpu.kicker()
     }
 
     /// The stop of the last epoch a replay verified.
