@@ -736,3 +736,66 @@ state_dir = "{state}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_new_secondary_joins_a_running_primary_and_takes_over_later() {
+    // Lose the secondary (frozen, then killed): the primary runs
+    // unprotected. `tandem pair` on that host brings a new secondary back:
+    // the arbiter says host a is live, so it joins a's running VM at a full
+    // sync point. Then the primary dies and the new secondary takes over;
+    // the counter invariants hold across both faults.
+    let mut p = start_pair("join", 1500);
+    let config = p.t.config.display().to_string();
+    let s = p.t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, _) = serve(&s, 0, 15, Duration::from_secs(30), &mut replies);
+    signal(&p.secondary, libc::SIGUSR1);
+    let (next, first) = serve(&s, next, 15, Duration::from_secs(30), &mut replies);
+    assert!(first.is_some());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !p.primary.stderr().contains("running unprotected") {
+        assert!(Instant::now() < deadline, "{}", p.primary.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p.secondary.child.kill().unwrap();
+    let _ = p.secondary.child.wait();
+
+    let joined = Proc::spawn(&p.t.ns, &["pair", "--config", &config, "--host", "b"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !p.primary.stderr().contains("secondary joined at stop") {
+        assert!(
+            Instant::now() < deadline,
+            "no join\nprimary: {}\nnew secondary: {}",
+            p.primary.stderr(),
+            joined.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        joined.stderr().contains("joining as secondary"),
+        "{}",
+        joined.stderr()
+    );
+    let (next2, again) = serve(&s, next, 15, Duration::from_secs(30), &mut replies);
+    assert!(again.is_some(), "the re-protected primary stopped serving");
+
+    p.primary.child.kill().unwrap();
+    let (_, after) = serve(&s, next2, 15, Duration::from_secs(30), &mut replies);
+    assert!(
+        after.is_some(),
+        "the joined secondary did not take over: {}",
+        joined.stderr()
+    );
+    assert!(
+        joined.stderr().contains("going live"),
+        "{}",
+        joined.stderr()
+    );
+    assert!(
+        joined.stderr().contains("joining the primary at its stop"),
+        "{}",
+        joined.stderr()
+    );
+    assert_counter_invariants(&replies, next2);
+    let _ = std::fs::remove_dir_all(&p.t.dir);
+}

@@ -101,6 +101,10 @@ pub trait Outputs: Send + Sync {
     fn pending(&self) -> bool {
         false
     }
+
+    /// A new secondary has the state as of `stop`: output produced after it
+    /// waits for that secondary again (a re-protected primary).
+    fn protect_from(&self, _stop: u64) {}
 }
 
 /// Where the causes of each stop come from.
@@ -120,6 +124,8 @@ pub struct CauseQueue {
     /// When false (a replaying secondary), pushes are dropped: its tap is
     /// read and discarded.
     accepting: Arc<std::sync::atomic::AtomicBool>,
+    /// A wake without a cause is pending.
+    woken: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CauseQueue {
@@ -129,7 +135,15 @@ impl CauseQueue {
             shared: Arc::default(),
             notify,
             accepting: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            woken: Arc::default(),
         }
+    }
+
+    /// Wakes a waiting vCPU without a cause (it has other work at its stop).
+    pub fn wake(&self) {
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
+        let _q = self.queue();
+        self.shared.1.notify_all();
     }
 
     /// Starts (true) or stops (false) taking causes; stopped, pushes are
@@ -162,6 +176,9 @@ impl CauseQueue {
     pub fn wait(&self, deadline: Option<Instant>) {
         let mut q = self.queue();
         while q.is_empty() {
+            if self.woken.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                return;
+            }
             let now = Instant::now();
             q = match deadline {
                 None => self.shared.1.wait(q).unwrap_or_else(|p| p.into_inner()),

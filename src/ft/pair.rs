@@ -14,7 +14,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -143,8 +143,11 @@ fn fence(reason: &str) -> ! {
 
 /// A record sink that ships frames to the replication thread.
 struct ShipSink {
-    frames: Sender<Vec<u8>>,
+    frames: Sender<ShipFrame>,
     throttle: Arc<Throttle>,
+    /// The stop of the last full sync point (a joining secondary's start),
+    /// the vCPU's own counter, set once the VM exists.
+    full_sync_stop: Arc<OnceLock<Arc<AtomicU64>>>,
 }
 
 impl RecordSink for ShipSink {
@@ -152,9 +155,13 @@ impl RecordSink for ShipSink {
         let frame = record.encode_frame()?;
         let len = frame.len() as u64;
         self.throttle.shipped(record.stop(), len);
-        // A closed channel means the secondary is gone; the monitor decides
-        // what that means.
-        let _ = self.frames.send(frame);
+        let full = matches!(record, Record::SyncPoint { stop, .. }
+            if self.full_sync_stop.get().is_some_and(|s| *stop == s.load(Ordering::Acquire)));
+        let _ = self.frames.send(ShipFrame {
+            stop: record.stop(),
+            full,
+            bytes: frame,
+        });
         Ok(len)
     }
     fn sync(&mut self) -> Result<(), LogError> {
@@ -178,9 +185,258 @@ fn pair_record_options(params: &PairParams) -> RecordOptions {
     }
 }
 
-/// Runs the primary: wins a generation, waits for the secondary, runs the
-/// guest shipping its log, holds output until acked, and carries on alone
-/// (after winning the next generation) if the secondary goes away.
+/// A frame for the replication thread: the record's stop, whether it is a
+/// full sync point (where a joining secondary starts), and its bytes.
+struct ShipFrame {
+    stop: u64,
+    full: bool,
+    bytes: Vec<u8>,
+}
+
+/// Where the primary's log goes right now.
+enum Link {
+    /// No secondary: frames are dropped, output flows unprotected.
+    Detached,
+    /// A secondary connected; it starts at the next full sync point.
+    Joining(TcpStream),
+    /// A secondary follows.
+    Attached(TcpStream),
+}
+
+/// The primary's replication state, shared by its threads.
+struct Replicator {
+    params: PairParams,
+    link: Mutex<Link>,
+    generation: AtomicU64,
+    base: Instant,
+    last_heard: AtomicU64,
+    header: Vec<u8>,
+    gate: Arc<tandem_vmm::backend::gate::GatedOutputs>,
+    full_sync: Arc<AtomicBool>,
+    kicker: tandem_vmm::kick::Kicker,
+    causes: tandem_replay::CauseQueue,
+}
+
+impl Replicator {
+    fn link(&self) -> std::sync::MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn heard(&self) {
+        self.last_heard.store(millis(self.base), Ordering::Release);
+    }
+
+    /// The ship thread: frames to the secondary, with releases and
+    /// heartbeats; a joining secondary gets the header and then everything
+    /// from the full sync point on.
+    fn ship(self: &Arc<Self>, frames: Receiver<ShipFrame>) {
+        let heartbeat = self.params.heartbeat;
+        let mut next_beat = Instant::now();
+        loop {
+            let frame = match frames.recv_timeout(heartbeat) {
+                Ok(f) => Some(f),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let generation = self.generation.load(Ordering::Acquire);
+            let mut link = self.link();
+            let mut broken = false;
+            if let Some(frame) = frame {
+                match &mut *link {
+                    Link::Detached => {}
+                    Link::Joining(stream) => {
+                        if frame.full {
+                            let mut w = &*stream;
+                            broken =
+                                wire::write(&mut w, generation, &Message::Log(self.header.clone()))
+                                    .and_then(|()| {
+                                        wire::write(&mut w, generation, &Message::Log(frame.bytes))
+                                    })
+                                    .is_err();
+                            if !broken {
+                                eprintln!(
+                                    "tandem: secondary joined at stop {}; protected again",
+                                    frame.stop
+                                );
+                                self.params.throttle.protect();
+                                self.params
+                                    .event(&format!("secondary-joined stop={}", frame.stop));
+                                let stream = std::mem::replace(&mut *link, Link::Detached);
+                                if let Link::Joining(s) = stream {
+                                    *link = Link::Attached(s);
+                                }
+                            }
+                        }
+                    }
+                    Link::Attached(stream) => {
+                        let mut w = &*stream;
+                        broken =
+                            wire::write(&mut w, generation, &Message::Log(frame.bytes)).is_err();
+                    }
+                }
+            }
+            if let Link::Attached(stream) = &*link {
+                if Instant::now() >= next_beat {
+                    let mut w = stream;
+                    let released = Message::Released(self.gate.released());
+                    broken |= wire::write(&mut w, generation, &released).is_err()
+                        || wire::write(&mut w, generation, &Message::Heartbeat).is_err();
+                    next_beat = Instant::now() + heartbeat;
+                }
+            }
+            if broken {
+                // The monitor decides what a silent secondary means.
+                info!("replication link write failed");
+            }
+        }
+    }
+
+    /// Reads one secondary's acks, verifications and repair requests.
+    fn read_acks(self: &Arc<Self>, mut input: TcpStream, kicker: tandem_vmm::kick::Kicker) {
+        let replayed_commit = self.params.replayed_commit;
+        let mut repairing = false;
+        loop {
+            let generation = self.generation.load(Ordering::Acquire);
+            match wire::read(&mut input) {
+                Ok((g, _)) if g < generation => warn!("message from old generation {g} ignored"),
+                Ok((_, Message::Ack(stop))) => {
+                    self.heard();
+                    self.params.throttle.acked(stop);
+                    if !replayed_commit && !repairing {
+                        self.gate.release(stop);
+                    }
+                }
+                Ok((_, Message::Verified(stop))) => {
+                    self.heard();
+                    if replayed_commit || repairing {
+                        self.gate.release(stop);
+                    }
+                    repairing = false;
+                }
+                Ok((_, Message::RepairRequest(epoch))) => {
+                    self.heard();
+                    warn!("the secondary reports epoch {epoch} diverged: committing on verified epochs until one verifies");
+                    repairing = true;
+                    kicker.kick();
+                }
+                Ok(_) => self.heard(),
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Takes a secondary: handshake, then it joins at the next full sync
+    /// point (the very first one at stop 0 follows from the start).
+    fn attach(
+        self: &Arc<Self>,
+        mut stream: TcpStream,
+        from: SocketAddr,
+        fresh: bool,
+    ) -> anyhow::Result<()> {
+        stream.set_nodelay(true)?;
+        let generation = self.generation.load(Ordering::Acquire);
+        handshake_as_primary(&mut stream, generation, &self.params.vm_name)
+            .with_context(|| format!("handshake with the secondary at {from}"))?;
+        if fresh {
+            // The first secondary follows from stop 0: the header now.
+            let mut w = &stream;
+            wire::write(&mut w, generation, &Message::Log(self.header.clone()))?;
+        }
+        let input = stream.try_clone()?;
+        self.heard();
+        *self.link() = if fresh {
+            Link::Attached(stream)
+        } else {
+            Link::Joining(stream)
+        };
+        let me = self.clone();
+        let kicker = self.kicker.clone();
+        std::thread::Builder::new()
+            .name("tandem-acks".into())
+            .spawn(move || me.read_acks(input, kicker))?;
+        if !fresh {
+            // The secondary starts from a full sync point at the next kick,
+            // or at once if the guest is halted.
+            self.full_sync.store(true, Ordering::Release);
+            self.kicker.kick();
+            self.causes.wake();
+        }
+        info!("secondary connected from {from}");
+        Ok(())
+    }
+
+    /// Accepts secondaries for as long as the primary runs (re-protection).
+    fn accept(self: &Arc<Self>, listener: TcpListener) {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let from = stream
+                .peer_addr()
+                .map_or_else(|_| "?".to_string(), |a| a.to_string());
+            if !matches!(*self.link(), Link::Detached) {
+                let generation = self.generation.load(Ordering::Acquire);
+                let _ = wire::write(
+                    &mut stream,
+                    generation,
+                    &Message::Refuse {
+                        reason: "this primary already has a secondary".into(),
+                    },
+                );
+                continue;
+            }
+            let addr = stream.peer_addr().unwrap_or_else(|_| self.params.peer);
+            if let Err(e) = self.attach(stream, addr, false) {
+                warn!("secondary {from}: {e:#}");
+            }
+        }
+    }
+
+    /// A silent secondary is gone: win the next generation before releasing
+    /// anything unprotected (or fence), then wait for a new secondary.
+    fn monitor(self: &Arc<Self>) {
+        let timeout = self.params.failover_timeout.as_millis() as u64;
+        loop {
+            std::thread::sleep(self.params.heartbeat);
+            if matches!(*self.link(), Link::Detached) {
+                continue;
+            }
+            let silent = millis(self.base).saturating_sub(self.last_heard.load(Ordering::Acquire));
+            if silent < timeout {
+                continue;
+            }
+            let old = std::mem::replace(&mut *self.link(), Link::Detached);
+            if let Link::Joining(s) | Link::Attached(s) = old {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            let generation = self.generation.load(Ordering::Acquire);
+            match self.params.claim(generation) {
+                Ok(Some(g)) => {
+                    eprintln!("tandem: secondary silent for {silent} ms; running unprotected as generation {g}");
+                    self.params
+                        .event(&format!("secondary-lost generation={g} unprotected"));
+                    self.generation.store(g, Ordering::Release);
+                    self.gate.open();
+                    self.params.throttle.open();
+                }
+                Ok(None) => {
+                    self.params.event("fenced lost-arbitration");
+                    fence("the secondary took over (lost the arbitration)")
+                }
+                Err(e) => {
+                    self.params.event("fenced arbiter-unreachable");
+                    fence(&format!(
+                        "cannot reach the arbiter after losing the secondary: {e}"
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Runs the primary: wins a generation, waits for the secondary (unless
+/// `--alone`), runs the guest shipping its log, holds output until acked,
+/// carries on alone (after winning the next generation) if the secondary
+/// goes away, and takes a new secondary at any time (re-protection: it
+/// joins at a full sync point).
 pub fn run_primary(
     params: PairParams,
     vm_config: impl FnOnce(RunMode) -> VmConfig,
@@ -200,28 +456,25 @@ pub fn run_primary(
     };
     info!("primary: generation {generation}");
     params.event(&format!("primary generation={generation}"));
-    let (frames_tx, frames_rx) = channel::<Vec<u8>>();
+    let (frames_tx, frames_rx) = channel::<ShipFrame>();
+    let full_sync_stop: Arc<OnceLock<Arc<AtomicU64>>> = Arc::default();
     let sink = ShipSink {
         frames: frames_tx,
         throttle: params.throttle.clone(),
+        full_sync_stop: full_sync_stop.clone(),
     };
     let options = pair_record_options(&params);
 
-    let stream = if params.alone {
+    let listener = TcpListener::bind(params.listen)
+        .with_context(|| format!("cannot listen on {}", params.listen))?;
+    let first = if params.alone {
         None
     } else {
-        let listener = TcpListener::bind(params.listen)
-            .with_context(|| format!("cannot listen on {}", params.listen))?;
         eprintln!(
             "tandem: primary waiting for the secondary on {}",
             params.listen
         );
-        let (mut stream, from) = listener.accept()?;
-        stream.set_nodelay(true)?;
-        handshake_as_primary(&mut stream, generation, &params.vm_name)
-            .with_context(|| format!("handshake with the secondary at {from}"))?;
-        info!("secondary connected from {from}");
-        Some(stream)
+        Some(listener.accept()?)
     };
 
     let vm = Vm::new(vm_config(RunMode::Primary {
@@ -237,123 +490,41 @@ pub fn run_primary(
             .serve(path)
             .with_context(|| format!("cannot serve the console on {}", path.display()))?;
     }
-    let header = LogWriter::new(Vec::new(), vm.identity())?.into_inner();
-    match stream {
+    let (full_sync, vcpu_full_stop) = vm.full_sync_handles();
+    // The vCPU publishes the stop of each full sync point before it logs
+    // it; the sink tags that record for the ship thread.
+    let _ = full_sync_stop.set(vcpu_full_stop);
+    let replicator = Arc::new(Replicator {
+        header: LogWriter::new(Vec::new(), vm.identity())?.into_inner(),
+        params,
+        link: Mutex::new(Link::Detached),
+        generation: AtomicU64::new(generation),
+        base: Instant::now(),
+        last_heard: AtomicU64::new(0),
+        gate: gate.clone(),
+        full_sync,
+        kicker: vm.kicker(),
+        causes: vm.cause_queue(),
+    });
+    match first {
+        Some((stream, from)) => replicator.attach(stream, from, true)?,
         None => {
             gate.open();
-            params.throttle.open();
-            drop(frames_rx);
-        }
-        Some(stream) => {
-            let base = Instant::now();
-            let last_heard = Arc::new(AtomicU64::new(0));
-            // Writer: header, frames, releases, heartbeats.
-            let mut out = stream.try_clone()?;
-            let g2 = gate.clone();
-            let heartbeat = params.heartbeat;
-            std::thread::Builder::new()
-                .name("tandem-ship".into())
-                .spawn(move || {
-                    if wire::write(&mut out, generation, &Message::Log(header)).is_err() {
-                        return;
-                    }
-                    let mut next_beat = Instant::now();
-                    loop {
-                        match frames_rx.recv_timeout(heartbeat) {
-                            Ok(frame) => {
-                                if wire::write(&mut out, generation, &Message::Log(frame)).is_err()
-                                {
-                                    return;
-                                }
-                            }
-                            Err(RecvTimeoutError::Timeout) => {}
-                            Err(RecvTimeoutError::Disconnected) => return,
-                        }
-                        if Instant::now() >= next_beat {
-                            let released = Message::Released(g2.released());
-                            if wire::write(&mut out, generation, &released).is_err()
-                                || wire::write(&mut out, generation, &Message::Heartbeat).is_err()
-                            {
-                                return;
-                            }
-                            next_beat = Instant::now() + heartbeat;
-                        }
-                    }
-                })?;
-            // Reader: acks release output.
-            let mut input = stream.try_clone()?;
-            let (g3, heard) = (gate.clone(), last_heard.clone());
-            let replayed_commit = params.replayed_commit;
-            let throttle = params.throttle.clone();
-            let kicker = vm.kicker();
-            let mut repairing = false;
-            std::thread::Builder::new()
-                .name("tandem-acks".into())
-                .spawn(move || loop {
-                    match wire::read(&mut input) {
-                        Ok((g, _)) if g < generation => {
-                            warn!("message from old generation {g} ignored")
-                        }
-                        Ok((_, Message::Ack(stop))) => {
-                            heard.store(millis(base), Ordering::Release);
-                            throttle.acked(stop);
-                            if !replayed_commit && !repairing {
-                                g3.release(stop);
-                            }
-                        }
-                        Ok((_, Message::Verified(stop))) => {
-                            heard.store(millis(base), Ordering::Release);
-                            if replayed_commit || repairing {
-                                g3.release(stop);
-                            }
-                            // A verified epoch after the repair: back to the
-                            // configured commit mode.
-                            repairing = false;
-                        }
-                        Ok((_, Message::RepairRequest(epoch))) => {
-                            heard.store(millis(base), Ordering::Release);
-                            warn!("the secondary reports epoch {epoch} diverged: committing on verified epochs until one verifies");
-                            repairing = true;
-                            kicker.kick();
-                        }
-                        Ok(_) => heard.store(millis(base), Ordering::Release),
-                        Err(_) => return,
-                    }
-                })?;
-            // Monitor: a silent secondary is gone; win the next generation
-            // before releasing anything unprotected.
-            let g4 = gate.clone();
-            let brake = params.throttle.clone();
-            let timeout = params.failover_timeout;
-            std::thread::Builder::new().name("tandem-monitor".into()).spawn(move || loop {
-                std::thread::sleep(heartbeat);
-                let silent = millis(base).saturating_sub(last_heard.load(Ordering::Acquire));
-                if silent < timeout.as_millis() as u64 {
-                    continue;
-                }
-                let _ = stream.shutdown(Shutdown::Both);
-                match params.claim(generation) {
-                    Ok(Some(g)) => {
-                        eprintln!(
-                            "tandem: secondary silent for {silent} ms; running unprotected as generation {g}"
-                        );
-                        params.event(&format!("secondary-lost generation={g} unprotected"));
-                        g4.open();
-                        brake.open();
-                    }
-                    Ok(None) => {
-                        params.event("fenced lost-arbitration");
-                        fence("the secondary took over (lost the arbitration)")
-                    }
-                    Err(e) => {
-                        params.event("fenced arbiter-unreachable");
-                        fence(&format!("cannot reach the arbiter after losing the secondary: {e}"))
-                    }
-                }
-                return;
-            })?;
+            replicator.params.throttle.open();
         }
     }
+    let r = replicator.clone();
+    std::thread::Builder::new()
+        .name("tandem-ship".into())
+        .spawn(move || r.ship(frames_rx))?;
+    let r = replicator.clone();
+    std::thread::Builder::new()
+        .name("tandem-accept".into())
+        .spawn(move || r.accept(listener))?;
+    let r = replicator.clone();
+    std::thread::Builder::new()
+        .name("tandem-monitor".into())
+        .spawn(move || r.monitor())?;
     Ok(crate::cli::finish_report(vm.run()))
 }
 

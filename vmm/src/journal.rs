@@ -118,6 +118,15 @@ impl Throttle {
         self.open.store(true, Ordering::Release);
     }
 
+    /// A new secondary joined: brake again, counting from what is shipped now.
+    pub fn protect(&self) {
+        self.marks.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.acked
+            .store(self.shipped.load(Ordering::Acquire), Ordering::Release);
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.open.store(false, Ordering::Release);
+    }
+
     /// Unacknowledged bytes.
     pub fn unacked(&self) -> u64 {
         self.shipped
@@ -572,6 +581,27 @@ impl Replayer {
         };
         replayer.advance();
         replayer
+    }
+
+    /// Live: waits for the first record; if it is a sync point at stop S,
+    /// the primary was already running and this replay starts at S.
+    pub fn joined_at(&mut self) -> Option<u64> {
+        if !self.is_live() {
+            return None;
+        }
+        while self.next.is_none() {
+            let Source::Live(feed) = &mut self.source else {
+                return None;
+            };
+            if !feed.wait_one() {
+                return None;
+            }
+            self.advance();
+        }
+        match &self.next {
+            Some(Record::SyncPoint { stop, .. }) => Some(*stop),
+            _ => None,
+        }
     }
 
     /// Is this a live secondary?

@@ -272,6 +272,10 @@ pub struct Vcpu {
     /// Replay: 1 + the last diverged epoch (0: none), for a live secondary
     /// to report.
     divergence_epoch: Arc<std::sync::atomic::AtomicU64>,
+    /// Recording: the next sync point carries all of memory.
+    full_sync: Arc<std::sync::atomic::AtomicBool>,
+    /// Recording: the stop of the last full sync point.
+    full_sync_stop: Arc<std::sync::atomic::AtomicU64>,
     causes: Vec<Cause>,
     stats: VcpuStats,
     /// Divergences found while replaying, in order.
@@ -334,6 +338,8 @@ impl Vcpu {
             unrepaired: 0,
             verified_stop: Arc::default(),
             divergence_epoch: Arc::default(),
+            full_sync: Arc::default(),
+            full_sync_stop: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
             causes: Vec::new(),
             stats: VcpuStats::default(),
             divergence_reports: Vec::new(),
@@ -355,6 +361,16 @@ impl Vcpu {
             source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EAGAIN)),
         })?;
         timer.set_min_interval(self.policy.min_kick_interval);
+        // A secondary joining a running primary starts at the primary's
+        // full sync point, not at stop 0.
+        if let Some(rep) = self.journal.replayer() {
+            if let Some(stop) = rep.joined_at() {
+                if stop > 1 {
+                    tracing::warn!("joining the primary at its stop {stop}");
+                    self.stop = stop - 1;
+                }
+            }
+        }
         let outcome = match self.run_loop(&mut timer) {
             Ok(outcome) => self.end(outcome),
             Err(e) => {
@@ -473,6 +489,20 @@ impl Vcpu {
                 // top of the installed state.
                 self.complete_pending_exit()?;
                 self.install_sync_point(&state, &pages)?;
+                if state.vcpu.halted {
+                    // Captured while the guest slept in HLT: sleep on here
+                    // as the recording did.
+                    self.stop = next;
+                    self.devices.set_stop(next);
+                    match self.halt()? {
+                        Halted::Woken => {}
+                        Halted::Crashed(crash) => return Ok(RunOutcome::Crashed(crash)),
+                        Halted::ReplayEnded(end) => return Ok(RunOutcome::ReplayEnded(end)),
+                    }
+                    self.at_stop()?;
+                    timer.set(self.next_kick_deadline());
+                    continue;
+                }
                 None
             } else {
                 match self.fd.run() {
@@ -518,7 +548,7 @@ impl Vcpu {
             match kind {
                 Some(_) => self.stats.stops += 1,
                 // (c) A kick-induced stop is not reproducible: log the state.
-                None if self.journal.recording() => self.record_sync_point()?,
+                None if self.journal.recording() => self.record_sync_point(false)?,
                 None => {}
             }
             if kind.is_some() {
@@ -596,15 +626,25 @@ impl Vcpu {
 
     /// Logs the complete machine state and the pages dirtied since the last
     /// sync point (DESIGN point 6).
-    fn record_sync_point(&mut self) -> Result<(), VcpuError> {
-        let vcpu = state::capture(&self.fd, &self.sync.msrs, false)?;
+    fn record_sync_point(&mut self, halted: bool) -> Result<(), VcpuError> {
+        let vcpu = state::capture(&self.fd, &self.sync.msrs, halted)?;
         let devices = self.devices.capture();
         let sync = &mut self.sync;
         sync.tracker
             .harvest(&sync.vm, &sync.memory)
             .map_err(|e| VcpuError::Memory(format!("KVM_GET_DIRTY_LOG: {e}")))?;
+        let mut gfns = sync.tracker.take(sync.consumer);
+        // A new secondary joining a running primary needs all of memory.
+        let full = self
+            .full_sync
+            .swap(false, std::sync::atomic::Ordering::AcqRel);
+        if full {
+            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+            let pages: u64 = sync.memory.iter().map(|r| r.len() / PAGE_SIZE as u64).sum();
+            gfns = (0..pages).collect();
+        }
         let mut pages = Vec::new();
-        for gfn in sync.tracker.take(sync.consumer) {
+        for gfn in gfns {
             let mut data = vec![0u8; PAGE_SIZE];
             sync.memory
                 .read_slice(&mut data, GuestAddress(gfn * PAGE_SIZE as u64))
@@ -614,9 +654,31 @@ impl Vcpu {
         self.stats.sync_points += 1;
         self.stats.sync_pages += pages.len() as u64;
         self.last_sync_ns = self.ctx.clock.now_ns();
+        if full {
+            self.full_sync_stop
+                .store(self.stop, std::sync::atomic::Ordering::Release);
+            // Output from here on waits for the new secondary again.
+            self.devices.outputs.protect_from(self.stop);
+            tracing::warn!(
+                "full sync point at stop {} ({} pages) for a joining secondary",
+                self.stop,
+                pages.len()
+            );
+        }
         self.journal
             .sync_point(self.stop, MachineState { vcpu, devices }, pages);
         Ok(())
+    }
+
+    /// Ask for a full sync point (all of memory) at the next kick (or now,
+    /// if the guest is halted: wake it with the cause queue).
+    pub fn full_sync_handles(
+        &self,
+    ) -> (
+        Arc<std::sync::atomic::AtomicBool>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        (self.full_sync.clone(), self.full_sync_stop.clone())
     }
 
     /// Console bytes the guest wrote at this stop: emitted live, journaled
@@ -999,6 +1061,12 @@ impl Vcpu {
         let regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         let since = Instant::now();
         loop {
+            // A secondary joining while the guest sleeps starts from here:
+            // a full sync point of the halted vCPU.
+            if self.journal.recording() && self.full_sync.load(std::sync::atomic::Ordering::Acquire)
+            {
+                self.record_sync_point(true)?;
+            }
             self.apply_causes();
             if self.devices.interrupt_pending() {
                 break;

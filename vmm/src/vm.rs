@@ -637,6 +637,16 @@ impl Vm {
         self.vcpu.kicker()
     }
 
+    /// (request a full sync point, stop of the last full sync point).
+    pub fn full_sync_handles(
+        &self,
+    ) -> (
+        Arc<std::sync::atomic::AtomicBool>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        self.vcpu.full_sync_handles()
+    }
+
     /// The stop of the last epoch a replay verified.
     pub fn verified_stop(&self) -> Arc<std::sync::atomic::AtomicU64> {
         self.vcpu.verified_stop()

@@ -48,6 +48,7 @@ impl GatedOutputs {
         if acked <= previous && acked != u64::MAX {
             return;
         }
+        let acked = self.acked.load(Ordering::Acquire);
         let mut held = lock(&self.held);
         while held.front().is_some_and(|(s, _)| *s <= acked) {
             if let Some((_, output)) = held.pop_front() {
@@ -78,6 +79,11 @@ impl GatedOutputs {
 }
 
 impl Outputs for GatedOutputs {
+    fn protect_from(&self, stop: u64) {
+        let _held = lock(&self.held);
+        self.acked.store(stop.saturating_sub(1), Ordering::Release);
+    }
+
     fn pending(&self) -> bool {
         !lock(&self.held).is_empty()
     }
