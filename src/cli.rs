@@ -362,6 +362,7 @@ fn build_replay(args: &ReplayArgs) -> anyhow::Result<Vm> {
         nets: Vec::new(),
         rtc_base: None,
         on_live: None,
+        go_live_record: None,
         repair: !args.no_repair,
         mode: RunMode::Replay {
             log: args.log.clone(),
@@ -394,6 +395,7 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
         nets: args.net.clone(),
         rtc_base: args.rtc_base,
         on_live: None,
+        go_live_record: None,
         repair: false,
         mode: match &args.record {
             None => RunMode::Live,

@@ -799,3 +799,52 @@ fn a_new_secondary_joins_a_running_primary_and_takes_over_later() {
     assert_counter_invariants(&replies, next2);
     let _ = std::fs::remove_dir_all(&p.t.dir);
 }
+
+#[test]
+fn fail_over_re_protect_and_fail_back() {
+    // Kill the primary (a): b goes live. Restart a with `tandem pair`: the
+    // arbiter says b is live, so a joins b as its secondary. Kill b: a
+    // takes the VM back. The counter invariants hold across both failovers.
+    let mut p = start_pair("back", 1500);
+    let config = p.t.config.display().to_string();
+    let s = p.t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, _) = serve(&s, 0, 15, Duration::from_secs(30), &mut replies);
+    p.primary.child.kill().unwrap();
+    let _ = p.primary.child.wait();
+    let (next2, first) = serve(&s, next, 15, Duration::from_secs(30), &mut replies);
+    assert!(
+        first.is_some(),
+        "b did not take over: {}",
+        p.secondary.stderr()
+    );
+
+    let mut a = Proc::spawn(&p.t.ns, &["pair", "--config", &config, "--host", "a"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !p.secondary.stderr().contains("secondary joined at stop") {
+        assert!(
+            Instant::now() < deadline,
+            "a never joined b\nb: {}\na: {}",
+            p.secondary.stderr(),
+            a.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        a.stderr().contains("joining as secondary"),
+        "{}",
+        a.stderr()
+    );
+    let (next3, again) = serve(&s, next2, 15, Duration::from_secs(30), &mut replies);
+    assert!(again.is_some(), "b stopped serving after a joined");
+
+    p.secondary.child.kill().unwrap();
+    let _ = p.secondary.child.wait();
+    let (_, back) = serve(&s, next3, 15, Duration::from_secs(30), &mut replies);
+    assert!(back.is_some(), "a did not take the VM back: {}", a.stderr());
+    assert!(a.stderr().contains("going live"), "{}", a.stderr());
+    assert_counter_invariants(&replies, next);
+    assert_counter_invariants(&replies, next3);
+    let _ = a.child.kill();
+    let _ = std::fs::remove_dir_all(&p.t.dir);
+}

@@ -157,5 +157,6 @@ fn vm_config(
         repair: false,
         mode,
         on_live: None,
+        go_live_record: None,
     }
 }

@@ -32,6 +32,7 @@ use super::wire::{self, Message, PROTOCOL_MAX, PROTOCOL_MIN};
 pub const EXIT_FENCED: u8 = 124;
 
 /// What both sides of a pair need to know.
+#[derive(Clone)]
 pub struct PairParams {
     /// The VM's name at the arbiter.
     pub vm_name: String,
@@ -390,6 +391,28 @@ impl Replicator {
         }
     }
 
+    /// Starts the ship, accept and monitor threads (a secondary that went
+    /// live becomes a primary that takes a new secondary).
+    fn start(self: &Arc<Self>, frames: Option<Receiver<ShipFrame>>) -> anyhow::Result<()> {
+        let listener = TcpListener::bind(self.params.listen)
+            .with_context(|| format!("cannot listen on {}", self.params.listen))?;
+        if let Some(frames) = frames {
+            let r = self.clone();
+            std::thread::Builder::new()
+                .name("tandem-ship".into())
+                .spawn(move || r.ship(frames))?;
+        }
+        let r = self.clone();
+        std::thread::Builder::new()
+            .name("tandem-accept".into())
+            .spawn(move || r.accept(listener))?;
+        let r = self.clone();
+        std::thread::Builder::new()
+            .name("tandem-monitor".into())
+            .spawn(move || r.monitor())?;
+        Ok(())
+    }
+
     /// A silent secondary is gone: win the next generation before releasing
     /// anything unprotected (or fence), then wait for a new secondary.
     fn monitor(self: &Arc<Self>) {
@@ -673,6 +696,15 @@ pub fn run_secondary(
         identity,
         feed: feed_rx,
     });
+    // Once live, this side records for a secondary of its own.
+    let (frames_tx, frames_rx) = channel::<ShipFrame>();
+    let full_sync_stop: Arc<OnceLock<Arc<AtomicU64>>> = Arc::default();
+    let sink = ShipSink {
+        frames: frames_tx,
+        throttle: params.throttle.clone(),
+        full_sync_stop: full_sync_stop.clone(),
+    };
+    config.go_live_record = Some((pair_record_options(&params), Box::new(sink)));
     if let Some((socket, path)) = params.console.clone() {
         config.on_live = Some(Box::new(move || {
             if let Err(e) = socket.serve(&path) {
@@ -687,6 +719,25 @@ pub fn run_secondary(
     if let Some(f) = vm.follower() {
         let _ = follower_slot.set(f);
     }
+    let (full_sync, vcpu_full_stop) = vm.full_sync_handles();
+    let _ = full_sync_stop.set(vcpu_full_stop);
+    // The replicator this side will run as the new primary.
+    params.throttle.open();
+    let successor = Arc::new(Replicator {
+        header: LogWriter::new(Vec::new(), vm.identity())?.into_inner(),
+        params: params.clone(),
+        link: Mutex::new(Link::Detached),
+        generation: AtomicU64::new(generation),
+        base: Instant::now(),
+        last_heard: AtomicU64::new(0),
+        gate: vm
+            .gate()
+            .ok_or_else(|| anyhow!("secondary VM has no output gate"))?,
+        full_sync,
+        kicker: vm.kicker(),
+        causes: vm.cause_queue(),
+    });
+    let mut frames_rx = Some(frames_rx);
 
     // Acks (as soon as the received watermark moves: the primary's held
     // output waits on them) and heartbeats.
@@ -774,6 +825,10 @@ pub fn run_secondary(
                     params.event(&format!(
                         "failover generation={g} primary-silent-ms={silent}"
                     ));
+                    successor.generation.store(g, Ordering::Release);
+                    if let Err(e) = successor.start(frames_rx.take()) {
+                        warn!("live, but cannot take a new secondary: {e:#}");
+                    }
                     let _ = pipe_closer.shutdown(Shutdown::Write);
                 }
                 Ok(None) => {

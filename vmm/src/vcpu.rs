@@ -290,6 +290,12 @@ pub struct GoLiveHooks {
     /// Switches outputs to the world (emitting buffered ones) and lets the
     /// taps' frames in.
     pub switch: Box<dyn FnOnce() + Send>,
+    /// Going live, record from then on to this sink (a new primary ready
+    /// to take its own secondary), with these options.
+    pub record: Option<(
+        crate::journal::RecordOptions,
+        Box<dyn crate::journal::RecordSink>,
+    )>,
 }
 
 /// One epoch whose replayed state differed from the recorded one.
@@ -406,7 +412,21 @@ impl Vcpu {
             .checked_sub(Duration::from_nanos(now_ns))
             .unwrap_or_else(Instant::now);
         self.start = start;
-        self.journal = Journal::Live(tandem_replay::LiveInputs::new(start, hooks.causes));
+        let live = tandem_replay::LiveInputs::new(start, hooks.causes);
+        self.journal = match hooks.record {
+            Some((options, sink)) => {
+                self.policy = KickPolicy {
+                    sync_interval: Some(options.sync_interval),
+                    min_kick_interval: options.min_kick_interval,
+                    epoch_interval: options.epoch_interval,
+                };
+                self.last_sync_ns = now_ns;
+                Journal::Record(Box::new(crate::journal::Recorder::start_with_sink(
+                    options, sink, live,
+                )?))
+            }
+            None => Journal::Live(live),
+        };
         self.shadow = None;
         (hooks.switch)();
         let reissued = self.devices.reissue_unfinished();

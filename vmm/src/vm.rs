@@ -90,6 +90,9 @@ pub struct VmConfig {
     /// A following secondary runs this when it goes live (after its
     /// outputs switched), e.g. to start serving the console.
     pub on_live: Option<Box<dyn FnOnce() + Send>>,
+    /// A following secondary records from go-live on to this sink, so a
+    /// new secondary can join it.
+    pub go_live_record: Option<(RecordOptions, Box<dyn RecordSink>)>,
 }
 
 /// How the VM gets its inputs.
@@ -472,9 +475,14 @@ impl Vm {
                 g
             }
             RunMode::Follow { .. } => {
-                // A replaying secondary reads and discards its tap.
+                // A replaying secondary reads and discards its tap. Once
+                // live it is a primary: its output goes through a gate,
+                // open until a new secondary joins.
                 causes.set_accepting(false);
-                let f = Arc::new(FollowerOutputs::new(outputs, stop.clone()));
+                let g = Arc::new(GatedOutputs::new(outputs, stop.clone()));
+                g.open();
+                gate = Some(g.clone());
+                let f = Arc::new(FollowerOutputs::new(g, stop.clone()));
                 follower = Some(f.clone());
                 f
             }
@@ -594,6 +602,7 @@ impl Vm {
             let taps = world_taps.clone();
             let on_live = config.on_live;
             vcpu.set_go_live(GoLiveHooks {
+                record: config.go_live_record,
                 causes: causes.clone(),
                 switch: Box::new(move || {
                     let emitted = f.go_live();

@@ -191,6 +191,14 @@ impl FollowerOutputs {
 }
 
 impl Outputs for FollowerOutputs {
+    fn protect_from(&self, stop: u64) {
+        self.inner.protect_from(stop);
+    }
+
+    fn pending(&self) -> bool {
+        self.live.load(Ordering::Acquire) && self.inner.pending()
+    }
+
     fn emit(&self, output: Output) {
         if self.live.load(Ordering::Acquire) {
             self.inner.emit(output);
