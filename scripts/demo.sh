@@ -40,7 +40,7 @@ cat > "$D/pair.toml" <<TOML
 name = "demo"
 kernel = "$G/netecho.elf"
 cmdline = "ip=10.79.0.2"
-mem = "32M"
+mem = "${DEMO_MEM:-32M}"
 disk = ["$D/disk.img"]
 net = [{ mac = "52:54:00:00:79:02" }]
 

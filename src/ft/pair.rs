@@ -153,7 +153,17 @@ struct ShipSink {
 
 impl RecordSink for ShipSink {
     fn append(&mut self, record: &Record) -> Result<u64, LogError> {
-        let frame = record.encode_frame()?;
+        let frame = match record.encode_frame() {
+            Ok(frame) => frame,
+            // Only a sync point can be too big (a huge full one for a
+            // joining secondary): drop it; the joiner times out and the
+            // primary carries on unprotected rather than stopping.
+            Err(e) if matches!(record, Record::SyncPoint { .. }) => {
+                warn!("cannot ship the sync point at stop {}: {e}", record.stop());
+                return Ok(0);
+            }
+            Err(e) => return Err(e),
+        };
         let len = frame.len() as u64;
         self.throttle.shipped(record.stop(), len);
         let full = matches!(record, Record::SyncPoint { stop, .. }

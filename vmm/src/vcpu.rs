@@ -374,6 +374,8 @@ impl Vcpu {
                 if stop > 1 {
                     tracing::warn!("joining the primary at its stop {stop}");
                     self.stop = stop - 1;
+                    // The full sync point carries only non-zero pages.
+                    self.zero_memory()?;
                 }
             }
         }
@@ -647,6 +649,7 @@ impl Vcpu {
     /// Logs the complete machine state and the pages dirtied since the last
     /// sync point (DESIGN point 6).
     fn record_sync_point(&mut self, halted: bool) -> Result<(), VcpuError> {
+        let began = Instant::now();
         let vcpu = state::capture(&self.fd, &self.sync.msrs, halted)?;
         let devices = self.devices.capture();
         let sync = &mut self.sync;
@@ -669,6 +672,11 @@ impl Vcpu {
             sync.memory
                 .read_slice(&mut data, GuestAddress(gfn * PAGE_SIZE as u64))
                 .map_err(|e| VcpuError::Memory(format!("page {gfn:#x}: {e}")))?;
+            // A full sync point leaves out zero pages: the joiner starts
+            // from zeroed memory.
+            if full && data.iter().all(|&b| b == 0) {
+                continue;
+            }
             pages.push(Page { gfn, data });
         }
         self.stats.sync_points += 1;
@@ -680,13 +688,33 @@ impl Vcpu {
             // Output from here on waits for the new secondary again.
             self.devices.outputs.protect_from(self.stop);
             tracing::warn!(
-                "full sync point at stop {} ({} pages) for a joining secondary",
+                "full sync point at stop {} ({} pages) for a joining secondary; guest paused {} ms",
                 self.stop,
-                pages.len()
+                pages.len(),
+                began.elapsed().as_millis()
             );
         }
         self.journal
             .sync_point(self.stop, MachineState { vcpu, devices }, pages);
+        Ok(())
+    }
+
+    /// Zeroes all guest memory (before installing a full sync point).
+    fn zero_memory(&mut self) -> Result<(), VcpuError> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let zero = vec![0u8; 1 << 20];
+        for region in self.sync.memory.iter() {
+            let (start, len) = (region.start_addr().0, region.len());
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(zero.len() as u64) as usize;
+                self.sync
+                    .memory
+                    .write_slice(&zero[..n], GuestAddress(start + at))
+                    .map_err(|e| VcpuError::Memory(format!("zeroing: {e}")))?;
+                at += n as u64;
+            }
+        }
         Ok(())
     }
 
