@@ -220,6 +220,7 @@ fn finish(result: Result<RunReport, tandem_vmm::VmError>) -> ExitCode {
                     );
                     ExitCode::from(EXIT_REPLAY_TRUNCATED)
                 }
+                RunOutcome::Stopped => ExitCode::SUCCESS,
                 RunOutcome::ReplayEnded(ReplayEnd::LogExhausted { stop }) => {
                     eprintln!(
                         "tandem: warning: the log ends while the guest is halted at stop {stop}; replayed all of it"

@@ -51,6 +51,8 @@ enum Command {
     Secondary(ft::cmd::PairArgs),
     /// (Re)start this host in whatever role the arbiter's record gives it.
     Pair(ft::cmd::PairArgs),
+    /// Where each host of a pair stands (role, generation, peer, figures).
+    Status(ft::cmd::StatusArgs),
 }
 
 #[derive(Subcommand)]
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
         Command::Primary(args) => ft::cmd::run(ft::cmd::Role::Primary, args),
         Command::Secondary(args) => ft::cmd::run(ft::cmd::Role::Secondary, args),
         Command::Pair(args) => ft::cmd::run(ft::cmd::Role::FromArbiter, args),
+        Command::Status(args) => ft::cmd::status(args),
     }
 }
 

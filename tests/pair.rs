@@ -286,6 +286,32 @@ fn serve(
     (request, first_reply)
 }
 
+/// A host's status JSON from its control socket (`state_dir/<host>.ctl`).
+fn status(t: &Topology, host: &str) -> Option<String> {
+    use std::io::Read;
+    let path = t.dir.join("state").join(format!("{host}.ctl"));
+    let mut s = std::os::unix::net::UnixStream::connect(path).ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// Waits until `host` reports itself fenced.
+fn wait_fenced(t: &Topology, host: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = status(t, host).filter(|s| s.contains("\"role\":\"fenced\"")) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host {host} never fenced: {:?}",
+            status(t, host)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn wait_exit(p: &mut Proc, limit: Duration) -> Option<i32> {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -350,21 +376,21 @@ fn a_frozen_primary_is_replaced_and_fences_itself_when_it_thaws() {
     eprintln!("first reply {first:?} after freezing the primary");
     assert_counter_invariants(&replies, next);
 
-    // Thaw the old primary: it sends nothing and ends fenced.
+    // Thaw the old primary: it sends nothing, ends fenced and says so on
+    // its control socket until terminated.
     let frames_before = frames_from_vm(&p.t.ns, "tapa");
     signal(&p.primary, libc::SIGCONT);
-    let status = wait_exit(&mut p.primary, Duration::from_secs(20));
-    assert_eq!(status, Some(124), "old primary: {}", p.primary.stderr());
-    assert!(
-        p.primary.stderr().contains("fenced"),
-        "{}",
-        p.primary.stderr()
-    );
+    let fenced = wait_fenced(&p.t, "a", Duration::from_secs(20));
+    assert!(fenced.contains("reason"), "{fenced}");
+    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         frames_from_vm(&p.t.ns, "tapa"),
         frames_before,
         "the fenced primary sent frames"
     );
+    signal(&p.primary, libc::SIGTERM);
+    let code = wait_exit(&mut p.primary, Duration::from_secs(20));
+    assert_eq!(code, Some(124), "old primary: {}", p.primary.stderr());
     let (_, again) = serve(&s, next2, 5, Duration::from_secs(20), &mut replies);
     assert!(again.is_some(), "the new primary stopped serving");
     assert_counter_invariants(&replies, next);
@@ -548,7 +574,7 @@ fn kill_9_of_the_primary_hands_over_without_reusing_a_counter_value() {
 
 #[test]
 fn a_partitioned_replication_link_leaves_exactly_one_side_live() {
-    let mut p = start_pair("part", 1500);
+    let p = start_pair("part", 1500);
     let s = p.t.ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();
     let (next, _) = serve(&s, 0, 10, Duration::from_secs(30), &mut replies);
@@ -572,25 +598,30 @@ fn a_partitioned_replication_link_leaves_exactly_one_side_live() {
     nft("add rule inet tdm out tcp sport 7401 drop");
     let (next2, first) = serve(&s, next, 20, Duration::from_secs(40), &mut replies);
     assert!(first.is_some(), "the client stopped being served");
-    // Exactly one side fenced itself.
+    // Exactly one side fenced itself (its control socket says so); the
+    // other is live.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let (mut a, mut b) = (None, None);
-    while Instant::now() < deadline && a.is_none() && b.is_none() {
-        a = p.primary.child.try_wait().unwrap().map(|s| s.code());
-        b = p.secondary.child.try_wait().unwrap().map(|s| s.code());
+    let fenced = |h: &str| status(&p.t, h).is_some_and(|s| s.contains("\"role\":\"fenced\""));
+    while Instant::now() < deadline && !fenced("a") && !fenced("b") {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(500));
-    a = a.or_else(|| p.primary.child.try_wait().unwrap().map(|s| s.code()));
-    b = b.or_else(|| p.secondary.child.try_wait().unwrap().map(|s| s.code()));
-    match (a, b) {
-        (Some(Some(124)), None) | (None, Some(Some(124))) => {}
+    match (fenced("a"), fenced("b")) {
+        (true, false) | (false, true) => {}
         other => panic!(
-            "expected exactly one fenced side, got {other:?}\nprimary: {}\nsecondary: {}",
+            "expected exactly one fenced side, got {other:?}\na: {:?}\nb: {:?}\nprimary: {}\nsecondary: {}",
+            status(&p.t, "a"),
+            status(&p.t, "b"),
             p.primary.stderr(),
             p.secondary.stderr()
         ),
     }
+    let live = if fenced("a") { "b" } else { "a" };
+    assert!(
+        status(&p.t, live).is_some_and(|s| s.contains("\"role\":\"primary\"")),
+        "{:?}",
+        status(&p.t, live)
+    );
     let (_, again) = serve(&s, next2, 5, Duration::from_secs(20), &mut replies);
     assert!(again.is_some(), "the surviving side stopped serving");
     assert_counter_invariants(&replies, next);
@@ -846,5 +877,34 @@ fn fail_over_re_protect_and_fail_back() {
     assert_counter_invariants(&replies, next);
     assert_counter_invariants(&replies, next3);
     let _ = a.child.kill();
+    let _ = std::fs::remove_dir_all(&p.t.dir);
+}
+
+#[test]
+fn tandem_status_reports_both_sides() {
+    let p = start_pair("stat", 1500);
+    let config = p.t.config.display().to_string();
+    let mut cmd = common::tandem();
+    cmd.args(["status", "--config", &config, "--json"]);
+    let f = common::run_command(cmd, None, Duration::from_secs(20));
+    assert_eq!(f.status, 0, "{f:?}");
+    let lines: Vec<&str> = f.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{f:?}");
+    assert!(
+        lines[0].contains("\"host\":\"a\"") && lines[0].contains("\"role\":\"primary\""),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("\"host\":\"b\"") && lines[1].contains("\"role\":\"secondary\""),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[0].contains("\"generation\":1") && lines[0].contains("held_outputs"),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1].contains("last_heartbeat_ms"), "{}", lines[1]);
     let _ = std::fs::remove_dir_all(&p.t.dir);
 }

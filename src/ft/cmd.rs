@@ -88,6 +88,12 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     install_freeze_on_usr1();
+    super::status::handle_term();
+    let control = super::status::control_path(
+        cfg.host(me).control.as_deref(),
+        &cfg.ft.state_dir,
+        me.name(),
+    );
     let params = PairParams {
         vm_name: cfg.vm.name.clone(),
         me: me.name().to_string(),
@@ -105,6 +111,8 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
             .console
             .clone()
             .map(|path| (ConsoleSocket::new(), path)),
+        board: Arc::default(),
+        control,
         throttle: Arc::new(tandem_vmm::journal::Throttle::new(
             cfg.ft.max_unacked_bytes,
             cfg.ft.max_lag,
@@ -158,5 +166,61 @@ fn vm_config(
         mode,
         on_live: None,
         go_live_record: None,
+    }
+}
+
+/// Options of `tandem status`.
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The pair file.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// One JSON object per host instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `tandem status`: asks each host's control socket where it stands.
+pub fn status(args: StatusArgs) -> ExitCode {
+    let cfg = match config::load(&args.config) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("tandem: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    let mut any = false;
+    for host in [HostId::A, HostId::B] {
+        let path = super::status::control_path(
+            cfg.host(host).control.as_deref(),
+            &cfg.ft.state_dir,
+            host.name(),
+        );
+        match super::status::query(&path) {
+            Ok(json) => {
+                any = true;
+                if args.json {
+                    println!("{{\"host\":\"{}\",\"status\":{json}}}", host.name());
+                } else {
+                    let text = json
+                        .trim_matches(|c| c == '{' || c == '}')
+                        .replace('"', "")
+                        .replace(',', " ")
+                        .replace(':', "=");
+                    println!("host {}: {text}", host.name());
+                }
+            }
+            Err(e) if args.json => println!(
+                "{{\"host\":\"{}\",\"error\":\"{}\"}}",
+                host.name(),
+                e.replace('"', "'")
+            ),
+            Err(e) => println!("host {}: {e}", host.name()),
+        }
+    }
+    if any {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }

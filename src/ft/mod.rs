@@ -4,4 +4,5 @@ pub mod arbiter;
 pub mod cmd;
 pub mod console;
 pub mod pair;
+pub mod status;
 pub mod wire;

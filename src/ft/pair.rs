@@ -28,8 +28,7 @@ use tracing::{info, warn};
 use super::arbiter::{Arbiter, ClaimOutcome};
 use super::wire::{self, Message, PROTOCOL_MAX, PROTOCOL_MIN};
 
-/// A side that lost the arbitration stopped itself.
-pub const EXIT_FENCED: u8 = 124;
+use super::status::{fence, StatusBoard};
 
 /// What both sides of a pair need to know.
 #[derive(Clone)]
@@ -61,6 +60,10 @@ pub struct PairParams {
     pub throttle: Arc<Throttle>,
     /// The console socket and its path, served by the live side.
     pub console: Option<(super::console::ConsoleSocket, std::path::PathBuf)>,
+    /// This side's status, served on `control`.
+    pub board: Arc<StatusBoard>,
+    /// This side's control socket.
+    pub control: std::path::PathBuf,
 }
 
 impl PairParams {
@@ -133,13 +136,6 @@ impl PairParams {
 /// Milliseconds since `base`, for last-heard bookkeeping.
 fn millis(base: Instant) -> u64 {
     u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
-fn fence(reason: &str) -> ! {
-    eprintln!("tandem: fenced: {reason}");
-    // Process exit stops the vCPU and closes taps, disks and sockets:
-    // nothing more leaves this side.
-    std::process::exit(i32::from(EXIT_FENCED));
 }
 
 /// A record sink that ships frames to the replication thread.
@@ -360,6 +356,11 @@ impl Replicator {
         } else {
             Link::Joining(stream)
         };
+        self.params.board.set(
+            "primary",
+            generation,
+            if fresh { "attached" } else { "joining" },
+        );
         let me = self.clone();
         let kicker = self.kicker.clone();
         std::thread::Builder::new()
@@ -447,6 +448,7 @@ impl Replicator {
                     self.params
                         .event(&format!("secondary-lost generation={g} unprotected"));
                     self.generation.store(g, Ordering::Release);
+                    self.params.board.set("primary", g, "none (unprotected)");
                     self.gate.open();
                     self.params.throttle.open();
                 }
@@ -539,11 +541,21 @@ pub fn run_primary(
         kicker: vm.kicker(),
         causes: vm.cause_queue(),
     });
+    publish(&replicator.params, &vm, "primary", generation)?;
+    let r = replicator.clone();
+    replicator.params.board.probe(
+        "last_heartbeat_ms",
+        Arc::new(move || millis(r.base).saturating_sub(r.last_heard.load(Ordering::Acquire))),
+    );
     match first {
         Some((stream, from)) => replicator.attach(stream, from, true)?,
         None => {
             gate.open();
             replicator.params.throttle.open();
+            replicator
+                .params
+                .board
+                .set("primary", generation, "none (alone)");
         }
     }
     let r = replicator.clone();
@@ -558,7 +570,9 @@ pub fn run_primary(
     std::thread::Builder::new()
         .name("tandem-monitor".into())
         .spawn(move || r.monitor())?;
-    Ok(crate::cli::finish_report(vm.run()))
+    let code = crate::cli::finish_report(vm.run());
+    super::status::linger_if_fenced();
+    Ok(code)
 }
 
 fn handshake_as_primary(stream: &mut TcpStream, generation: u64, vm: &str) -> anyhow::Result<()> {
@@ -596,6 +610,36 @@ fn handshake_as_primary(stream: &mut TcpStream, generation: u64, vm: &str) -> an
     wire::write(stream, generation, &Message::Welcome { version })?;
     stream.set_read_timeout(None)?;
     Ok(())
+}
+
+/// Registers this side for fencing and shutdown and serves its control
+/// socket with the figures every role has.
+fn publish(params: &PairParams, vm: &Vm, role: &str, generation: u64) -> anyhow::Result<()> {
+    super::status::register(super::status::Side {
+        board: params.board.clone(),
+        stopper: vm.stopper(),
+    });
+    params.board.set(role, generation, "connected");
+    if let Some(gate) = vm.gate() {
+        params
+            .board
+            .probe("held_outputs", Arc::new(move || gate.held() as u64));
+    }
+    let throttle = params.throttle.clone();
+    params
+        .board
+        .probe("unacked_bytes", Arc::new(move || throttle.unacked()));
+    let diverged = vm.divergence_epoch();
+    params.board.probe(
+        "last_diverged_epoch",
+        Arc::new(move || diverged.load(Ordering::Acquire).saturating_sub(1)),
+    );
+    params.board.serve(&params.control).with_context(|| {
+        format!(
+            "cannot serve the control socket {}",
+            params.control.display()
+        )
+    })
 }
 
 /// Runs the secondary: follows the primary's log, replaying it, and when the
@@ -731,6 +775,17 @@ pub fn run_secondary(
     }
     let (full_sync, vcpu_full_stop) = vm.full_sync_handles();
     let _ = full_sync_stop.set(vcpu_full_stop);
+    publish(&params, &vm, "secondary", generation)?;
+    let verified_probe = vm.verified_stop();
+    params.board.probe(
+        "verified_stop",
+        Arc::new(move || verified_probe.load(Ordering::Acquire)),
+    );
+    let heard_probe = last_heard.clone();
+    params.board.probe(
+        "last_heartbeat_ms",
+        super::status::age_probe(base, heard_probe),
+    );
     // The replicator this side will run as the new primary.
     params.throttle.open();
     let successor = Arc::new(Replicator {
@@ -836,6 +891,7 @@ pub fn run_secondary(
                         "failover generation={g} primary-silent-ms={silent}"
                     ));
                     successor.generation.store(g, Ordering::Release);
+                    params.board.set("primary", g, "none (took over)");
                     if let Err(e) = successor.start(frames_rx.take()) {
                         warn!("live, but cannot take a new secondary: {e:#}");
                     }
@@ -852,7 +908,9 @@ pub fn run_secondary(
             }
             return;
         })?;
-    Ok(crate::cli::finish_report(vm.run()))
+    let code = crate::cli::finish_report(vm.run());
+    super::status::linger_if_fenced();
+    Ok(code)
 }
 
 fn decode_loop(

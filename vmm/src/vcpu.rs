@@ -103,6 +103,8 @@ pub enum RunOutcome {
     Crashed(GuestCrash),
     /// A replay ran out of log before the guest ended.
     ReplayEnded(ReplayEnd),
+    /// The VMM was asked to stop the VM (a fenced or shut-down pair side).
+    Stopped,
 }
 
 /// Why a replay stopped before the guest ended.
@@ -128,7 +130,7 @@ impl RunOutcome {
             RunOutcome::GuestExit(code) => EndOutcome::GuestExit(*code),
             RunOutcome::Reset => EndOutcome::Reset,
             RunOutcome::Crashed(crash) => EndOutcome::Crashed(crash.to_string()),
-            RunOutcome::ReplayEnded(_) => EndOutcome::Stopped,
+            RunOutcome::ReplayEnded(_) | RunOutcome::Stopped => EndOutcome::Stopped,
         }
     }
 }
@@ -274,6 +276,8 @@ pub struct Vcpu {
     divergence_epoch: Arc<std::sync::atomic::AtomicU64>,
     /// Recording: the next sync point carries all of memory.
     full_sync: Arc<std::sync::atomic::AtomicBool>,
+    /// Stop the VM at the next stop (fencing, shutdown).
+    stop_request: Arc<std::sync::atomic::AtomicBool>,
     /// Recording: the stop of the last full sync point.
     full_sync_stop: Arc<std::sync::atomic::AtomicU64>,
     causes: Vec<Cause>,
@@ -345,6 +349,7 @@ impl Vcpu {
             verified_stop: Arc::default(),
             divergence_epoch: Arc::default(),
             full_sync: Arc::default(),
+            stop_request: Arc::default(),
             full_sync_stop: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
             causes: Vec::new(),
             stats: VcpuStats::default(),
@@ -487,6 +492,9 @@ impl Vcpu {
 
     fn run_loop(&mut self, timer: &mut DeadlineTimer) -> Result<RunOutcome, VcpuError> {
         loop {
+            if self.stop_request.load(std::sync::atomic::Ordering::Acquire) {
+                return Ok(RunOutcome::Stopped);
+            }
             // (f) re-enter from the current stop, if the log allows it.
             match self.journal.leave_stop(self.stop)? {
                 Leave::Enter => {}
@@ -520,6 +528,7 @@ impl Vcpu {
                         Halted::Woken => {}
                         Halted::Crashed(crash) => return Ok(RunOutcome::Crashed(crash)),
                         Halted::ReplayEnded(end) => return Ok(RunOutcome::ReplayEnded(end)),
+                        Halted::Stopped => return Ok(RunOutcome::Stopped),
                     }
                     self.at_stop()?;
                     timer.set(self.next_kick_deadline());
@@ -581,6 +590,7 @@ impl Vcpu {
                     Halted::Woken => {}
                     Halted::Crashed(crash) => return Ok(RunOutcome::Crashed(crash)),
                     Halted::ReplayEnded(end) => return Ok(RunOutcome::ReplayEnded(end)),
+                    Halted::Stopped => return Ok(RunOutcome::Stopped),
                 }
             }
             self.exit_pending = kind.is_some_and(StopKind::needs_completion);
@@ -697,6 +707,12 @@ impl Vcpu {
         self.journal
             .sync_point(self.stop, MachineState { vcpu, devices }, pages);
         Ok(())
+    }
+
+    /// The flag that stops the VM at its next stop (set it, then kick the
+    /// vCPU and wake the cause queue).
+    pub fn stop_request(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.stop_request.clone()
     }
 
     /// Zeroes all guest memory (before installing a full sync point).
@@ -1109,6 +1125,9 @@ impl Vcpu {
         let regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         let since = Instant::now();
         loop {
+            if self.stop_request.load(std::sync::atomic::Ordering::Acquire) {
+                return Ok(Halted::Stopped);
+            }
             // A secondary joining while the guest sleeps starts from here:
             // a full sync point of the halted vCPU.
             if self.journal.recording() && self.full_sync.load(std::sync::atomic::Ordering::Acquire)
@@ -1170,4 +1189,6 @@ enum Halted {
     Crashed(GuestCrash),
     /// The replay has no more log.
     ReplayEnded(ReplayEnd),
+    /// The VM was asked to stop.
+    Stopped,
 }

@@ -47,6 +47,23 @@ use crate::vcpu::{RunOutcome, Vcpu, VcpuError, VcpuStats};
 use std::time::Duration;
 use tandem_replay::log::{image_hash, CpuidEntry as LogCpuidEntry, DeviceDesc, VmIdentity};
 
+/// Stops a running VM from another thread.
+#[derive(Clone)]
+pub struct VmStopper {
+    flag: Arc<std::sync::atomic::AtomicBool>,
+    kicker: crate::kick::Kicker,
+    causes: CauseQueue,
+}
+
+impl VmStopper {
+    /// Asks the vCPU to stop at its next stop (also when halted).
+    pub fn stop(&self) {
+        self.flag.store(true, std::sync::atomic::Ordering::Release);
+        self.kicker.kick();
+        self.causes.wake();
+    }
+}
+
 /// How a run went.
 #[derive(Debug)]
 pub struct RunReport {
@@ -644,6 +661,16 @@ impl Vm {
     /// is a sync point (how a primary answers a repair request).
     pub fn kicker(&self) -> crate::kick::Kicker {
         self.vcpu.kicker()
+    }
+
+    /// Stops the VM at its next stop, from any thread; `run` then returns
+    /// `RunOutcome::Stopped`.
+    pub fn stopper(&self) -> VmStopper {
+        VmStopper {
+            flag: self.vcpu.stop_request(),
+            kicker: self.vcpu.kicker(),
+            causes: self.causes.clone(),
+        }
     }
 
     /// (request a full sync point, stop of the last full sync point).
