@@ -201,7 +201,17 @@ pub struct LiveInputs {
     start: Instant,
     last_time_ns: u64,
     queue: CauseQueue,
+    /// Guest time of the next device deadline: time is always advanced
+    /// once it is reached.
+    deadline_ns: Option<u64>,
 }
+
+/// Guest time advances in steps of at least this much between device
+/// deadlines: an exit-heavy guest would otherwise log a time cause at every
+/// one of its ~100k stops a second. Devices still see every deadline on
+/// time (the step ends at a deadline), only reads between deadlines are
+/// this coarse.
+pub const TIME_QUANTUM_NS: u64 = 50_000;
 
 impl LiveInputs {
     /// Live inputs whose guest time 0 is `start`.
@@ -210,7 +220,13 @@ impl LiveInputs {
             start,
             last_time_ns: 0,
             queue,
+            deadline_ns: None,
         }
+    }
+
+    /// The next device deadline in guest time (None: none armed).
+    pub fn set_deadline(&mut self, deadline_ns: Option<u64>) {
+        self.deadline_ns = deadline_ns;
     }
 
     /// The host instant at which guest time reaches `ns`.
@@ -222,7 +238,10 @@ impl LiveInputs {
 impl Inputs for LiveInputs {
     fn collect(&mut self, _stop: u64, out: &mut Vec<Cause>) {
         let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        if now > self.last_time_ns {
+        let due = self.deadline_ns.is_some_and(|d| now >= d);
+        if now > self.last_time_ns
+            && (due || now - self.last_time_ns >= TIME_QUANTUM_NS || self.last_time_ns == 0)
+        {
             self.last_time_ns = now;
             out.push(Cause::Time(now));
         }
@@ -230,6 +249,7 @@ impl Inputs for LiveInputs {
     }
 
     fn wait(&mut self, deadline_ns: Option<u64>) {
+        self.deadline_ns = deadline_ns;
         let deadline = deadline_ns.map(|ns| self.instant_at(ns));
         self.queue.wait(deadline);
     }
@@ -264,6 +284,31 @@ mod tests {
         out.clear();
         inputs.collect(2, &mut out);
         assert!(out.len() <= 1);
+    }
+
+    #[test]
+    fn time_advances_in_quanta_but_always_reaches_a_deadline() {
+        let queue = CauseQueue::new(Arc::new(|| {}));
+        let start = Instant::now() - Duration::from_millis(1);
+        let mut inputs = LiveInputs::new(start, queue);
+        let mut out = Vec::new();
+        inputs.collect(1, &mut out);
+        let Some(Cause::Time(t0)) = out.first().cloned() else {
+            panic!("{out:?}")
+        };
+        out.clear();
+        inputs.collect(2, &mut out);
+        assert!(
+            out.is_empty(),
+            "time advanced by less than a quantum: {out:?}"
+        );
+        inputs.set_deadline(Some(t0 + 1));
+        std::thread::sleep(Duration::from_micros(10));
+        inputs.collect(3, &mut out);
+        assert!(
+            matches!(out.as_slice(), [Cause::Time(t)] if *t > t0),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -899,6 +899,16 @@ impl Journal {
         }
     }
 
+    /// Tells live inputs the next device deadline (time always advances
+    /// to it once reached).
+    pub fn set_deadline(&mut self, deadline_ns: Option<u64>) {
+        match self {
+            Journal::Live(live) => live.set_deadline(deadline_ns),
+            Journal::Record(rec) => rec.live.set_deadline(deadline_ns),
+            Journal::Replay(_) => {}
+        }
+    }
+
     /// Waits (live) until a cause may be there or `deadline_ns` passes.
     pub fn wait(&mut self, deadline_ns: Option<u64>) {
         match self {

@@ -638,11 +638,12 @@ impl Vcpu {
 
     /// When the deadline timer should kick next: the next device deadline
     /// and, when recording, the next forced sync point. Replay takes no kicks.
-    fn next_kick_deadline(&self) -> Option<Instant> {
+    fn next_kick_deadline(&mut self) -> Option<Instant> {
         if self.journal.replayer_ref().is_some() {
             return None;
         }
         let device = self.devices.next_deadline_ns();
+        self.journal.set_deadline(device);
         let sync = match (self.journal.recording(), self.policy.sync_interval) {
             (true, Some(every)) => {
                 Some(self.last_sync_ns + u64::try_from(every.as_nanos()).unwrap_or(u64::MAX))
