@@ -906,5 +906,16 @@ fn tandem_status_reports_both_sides() {
         lines[0]
     );
     assert!(lines[1].contains("last_heartbeat_ms"), "{}", lines[1]);
+    for field in [
+        "sync_points",
+        "epochs_verified",
+        "divergences",
+        "log_bytes_shipped",
+    ] {
+        assert!(
+            lines[0].contains(field) && lines[1].contains(field),
+            "{field}: {lines:?}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&p.t.dir);
 }

@@ -629,6 +629,26 @@ fn publish(params: &PairParams, vm: &Vm, role: &str, generation: u64) -> anyhow:
     params
         .board
         .probe("unacked_bytes", Arc::new(move || throttle.unacked()));
+    let counters = vm.live_counters();
+    macro_rules! counter {
+        ($name:literal, $field:ident) => {{
+            let c = counters.clone();
+            params
+                .board
+                .probe($name, Arc::new(move || c.$field.load(Ordering::Relaxed)));
+        }};
+    }
+    counter!("stops", stops);
+    counter!("sync_points", sync_points);
+    counter!("epochs", epochs);
+    counter!("epochs_verified", epochs_verified);
+    counter!("epochs_transferred", epochs_transferred);
+    counter!("divergences", divergences);
+    let shipped = params.throttle.clone();
+    params.board.probe(
+        "log_bytes_shipped",
+        Arc::new(move || shipped.shipped_bytes()),
+    );
     let diverged = vm.divergence_epoch();
     params.board.probe(
         "last_diverged_epoch",

@@ -127,6 +127,11 @@ impl Throttle {
         self.open.store(false, Ordering::Release);
     }
 
+    /// Log bytes shipped so far.
+    pub fn shipped_bytes(&self) -> u64 {
+        self.shipped.load(Ordering::Acquire)
+    }
+
     /// Unacknowledged bytes.
     pub fn unacked(&self) -> u64 {
         self.shipped

@@ -278,6 +278,8 @@ pub struct Vcpu {
     full_sync: Arc<std::sync::atomic::AtomicBool>,
     /// Stop the VM at the next stop (fencing, shutdown).
     stop_request: Arc<std::sync::atomic::AtomicBool>,
+    /// Counters readable while the VM runs (`tandem status`).
+    live_counters: Arc<LiveCounters>,
     /// Recording: the stop of the last full sync point.
     full_sync_stop: Arc<std::sync::atomic::AtomicU64>,
     causes: Vec<Cause>,
@@ -285,6 +287,23 @@ pub struct Vcpu {
     /// Divergences found while replaying, in order.
     pub divergence_reports: Vec<DivergenceReport>,
     go_live_hooks: Option<GoLiveHooks>,
+}
+
+/// Counters other threads may read while the VM runs.
+#[derive(Debug, Default)]
+pub struct LiveCounters {
+    /// Deterministic stops.
+    pub stops: std::sync::atomic::AtomicU64,
+    /// Sync points logged or installed.
+    pub sync_points: std::sync::atomic::AtomicU64,
+    /// Epoch ends logged or checked.
+    pub epochs: std::sync::atomic::AtomicU64,
+    /// Epochs verified with no sync point inside.
+    pub epochs_verified: std::sync::atomic::AtomicU64,
+    /// Epochs that matched but held a sync point.
+    pub epochs_transferred: std::sync::atomic::AtomicU64,
+    /// Epochs that diverged.
+    pub divergences: std::sync::atomic::AtomicU64,
 }
 
 /// What a live secondary needs to go live.
@@ -350,6 +369,7 @@ impl Vcpu {
             divergence_epoch: Arc::default(),
             full_sync: Arc::default(),
             stop_request: Arc::default(),
+            live_counters: Arc::default(),
             full_sync_stop: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
             causes: Vec::new(),
             stats: VcpuStats::default(),
@@ -577,7 +597,12 @@ impl Vcpu {
                 self.console_output()?;
             }
             match kind {
-                Some(_) => self.stats.stops += 1,
+                Some(_) => {
+                    self.stats.stops += 1;
+                    self.live_counters
+                        .stops
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 // (c) A kick-induced stop is not reproducible: log the state.
                 None if self.journal.recording() => self.record_sync_point(false)?,
                 None => {}
@@ -691,6 +716,9 @@ impl Vcpu {
             pages.push(Page { gfn, data });
         }
         self.stats.sync_points += 1;
+        self.live_counters
+            .sync_points
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.stats.sync_pages += pages.len() as u64;
         self.last_sync_ns = self.ctx.clock.now_ns();
         if full {
@@ -708,6 +736,11 @@ impl Vcpu {
         self.journal
             .sync_point(self.stop, MachineState { vcpu, devices }, pages);
         Ok(())
+    }
+
+    /// Counters readable while the VM runs.
+    pub fn live_counters(&self) -> Arc<LiveCounters> {
+        self.live_counters.clone()
     }
 
     /// The flag that stops the VM at its next stop (set it, then kick the
@@ -863,6 +896,9 @@ impl Vcpu {
         });
         self.epochs.number += 1;
         self.stats.epochs += 1;
+        self.live_counters
+            .epochs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -893,6 +929,9 @@ impl Vcpu {
             ));
         }
         self.stats.epochs += 1;
+        self.live_counters
+            .epochs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.epochs.number = recorded.epoch + 1;
         if let Some(shadow) = self.shadow.as_mut() {
             shadow.wrote(own.iter().copied());
@@ -902,8 +941,14 @@ impl Vcpu {
                 .fetch_max(self.stop, std::sync::atomic::Ordering::AcqRel);
             if self.epochs.had_sync {
                 self.stats.epochs_transferred += 1;
+                self.live_counters
+                    .epochs_transferred
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             } else {
                 self.stats.epochs_verified += 1;
+                self.live_counters
+                    .epochs_verified
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             if let Some(shadow) = self.shadow.as_mut() {
                 if shadow.pending.is_none() {
@@ -917,6 +962,9 @@ impl Vcpu {
                 self.unrepaired += 1;
             }
             self.stats.divergences += 1;
+            self.live_counters
+                .divergences
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.divergence_epoch
                 .store(recorded.epoch + 1, std::sync::atomic::Ordering::Release);
             tracing::warn!(
@@ -978,6 +1026,9 @@ impl Vcpu {
         self.epochs.installed.extend(pages.iter().map(|p| p.gfn));
         self.epochs.had_sync = true;
         self.stats.sync_points += 1;
+        self.live_counters
+            .sync_points
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.stats.sync_pages += pages.len() as u64;
         Ok(())
     }

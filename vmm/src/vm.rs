@@ -663,6 +663,11 @@ impl Vm {
         self.vcpu.kicker()
     }
 
+    /// Counters readable while the VM runs.
+    pub fn live_counters(&self) -> Arc<crate::vcpu::LiveCounters> {
+        self.vcpu.live_counters()
+    }
+
     /// Stops the VM at its next stop, from any thread; `run` then returns
     /// `RunOutcome::Stopped`.
     pub fn stopper(&self) -> VmStopper {
