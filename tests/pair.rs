@@ -919,3 +919,56 @@ fn tandem_status_reports_both_sides() {
     }
     let _ = std::fs::remove_dir_all(&p.t.dir);
 }
+
+#[test]
+fn the_last_output_is_released_when_the_guest_ends() {
+    // hello prints one line and exits at once: the primary must hold that
+    // line until the secondary has (received / replayed) it, and must not
+    // exit before releasing it, in both commit modes.
+    for commit in ["received", "replayed"] {
+        let ns = NetNs::new(&format!("end{}", &commit[..3]));
+        let dir =
+            std::env::temp_dir().join(format!("tandem-pair-end-{commit}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("pair.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[vm]\nname = \"hello\"\nkernel = \"{}\"\nmem = \"16M\"\n\n[hosts]\na = {{ address = \"127.0.0.1:7401\" }}\nb = {{ address = \"127.0.0.2:7402\" }}\n\n[ft]\nheartbeat_ms = 50\nfailover_timeout_ms = 5000\noutput_commit = \"{commit}\"\nwitness = \"tcp://127.0.0.1:7500\"\nstate_dir = \"{}\"\n",
+                guest("hello").display(),
+                dir.join("state").display()
+            ),
+        )
+        .unwrap();
+        let config = config.display().to_string();
+        let state = dir.join("witness.state").display().to_string();
+        let witness = Proc::spawn(
+            &ns,
+            &["witness", "--listen", "127.0.0.1:7500", "--state", &state],
+        );
+        witness.wait_for("listening on", Duration::from_secs(10));
+        let mut primary = Proc::spawn(&ns, &["primary", "--config", &config, "--host", "a"]);
+        std::thread::sleep(Duration::from_millis(300));
+        let mut secondary = Proc::spawn(&ns, &["secondary", "--config", &config, "--host", "b"]);
+        assert_eq!(
+            wait_exit(&mut primary, Duration::from_secs(30)),
+            Some(0),
+            "{commit}: {}",
+            primary.stderr()
+        );
+        assert_eq!(
+            wait_exit(&mut secondary, Duration::from_secs(30)),
+            Some(0),
+            "{commit}: {}",
+            secondary.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let out = primary.lines.lock().unwrap().join("\n");
+        assert_eq!(
+            out, "hello from tandem",
+            "{commit}: primary printed {out:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

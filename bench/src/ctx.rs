@@ -16,6 +16,9 @@ pub struct Ctx {
     pub quick: bool,
     /// The CPU the measured VMM runs on (`taskset -c`).
     pub cpu: usize,
+    /// The CPU of a pair's secondary (and its witness): the next allowed
+    /// CPU, or `cpu` on a one-CPU machine.
+    pub cpu2: usize,
     /// Runs done / planned, for the progress lines.
     pub done: Cell<usize>,
     pub planned: Cell<usize>,

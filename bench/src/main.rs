@@ -8,11 +8,14 @@
 //! tables from an existing `bench/results.json`.
 //!
 //! `BENCH_QUICK=1` (or `--quick`): fewer repetitions, smaller sizes.
+//! `BENCH_ONLY=netecho,failover` (a development aid): only those tandem
+//! workloads and, with `failover`, the failover trials.
 
 mod ctx;
 mod json;
 mod micro;
 mod netecho;
+mod pair;
 mod proc;
 mod qemu;
 mod report;
@@ -204,6 +207,7 @@ fn run(root: &Path, quick: bool, no_qemu: bool, no_net: bool) -> Result<Json, St
     }
     let allowed = allowed_cpus();
     let cpu = allowed.first().copied().unwrap_or(0);
+    let cpu2 = allowed.get(1).copied().unwrap_or(cpu);
     // Describe the machine before the harness narrows its own affinity.
     let machine = machine(cpu);
     move_off(cpu, &allowed);
@@ -216,6 +220,7 @@ fn run(root: &Path, quick: bool, no_qemu: bool, no_net: bool) -> Result<Json, St
         tmp: tmp.clone(),
         quick,
         cpu,
+        cpu2,
         done: Cell::new(0),
         planned: Cell::new(0),
         started: Instant::now(),
@@ -225,6 +230,46 @@ fn run(root: &Path, quick: bool, no_qemu: bool, no_net: bool) -> Result<Json, St
     result
 }
 
+/// Failover (SIGSTOP of the primary) and re-protection trials, 32 MiB and
+/// 256 MiB netecho guests interleaved.
+fn failover(ctx: &Ctx, (n32, n256): (usize, usize)) -> Json {
+    let mut t32 = Vec::new();
+    let mut t256 = Vec::new();
+    for i in 0..n32.max(n256) {
+        for (mem, n, out) in [("32M", n32, &mut t32), ("256M", n256, &mut t256)] {
+            if i >= n {
+                continue;
+            }
+            let t = pair::failover_trial(ctx, mem);
+            let what = format!("failover {mem:<5} trial {}/{n}", i + 1);
+            if t.error.is_empty() {
+                ctx.progress(&format!(
+                    "{what} detect {:.0} ms (silence {:.0}), catch-up {:.1} ms, go-live→reply {:.1} ms, total {:.0} ms; re-protect {} ms, pause {} ms ({} pages)",
+                    t.detect_ms,
+                    t.silent_ms,
+                    t.catch_up_ms,
+                    t.go_live_ms,
+                    t.total_ms,
+                    t.reprotect_ms.map_or("?".into(), |x| format!("{x:.0}")),
+                    t.pause_ms.map_or("?".into(), |x| format!("{x:.0}")),
+                    t.pages.map_or("?".into(), |x| format!("{x:.0}")),
+                ));
+            } else {
+                ctx.progress(&format!("{what} FAILED: {}", t.error));
+            }
+            out.push(t);
+        }
+    }
+    Json::obj()
+        .with("failover_timeout_ms", pair::FAILOVER_MS)
+        .with("heartbeat_ms", 100u32)
+        .with("fault", "SIGSTOP of the primary (its sockets stay open, as a hung host looks to its peer)")
+        .with("guest", "netecho, output_commit = received, shared disk, one NIC on a bridge with the client")
+        .with("method", "detect = SIGSTOP → the secondary's stderr line `primary silent for N ms`; catch-up = that line → `going live at stop`; go-live = that line → the first reply to an echo (64 B, a new one every 2 ms, all sent after the SIGSTOP); lines timed as they arrive on the harness's pipe. Re-protect = `tandem pair --host a` started (after kill -9 of the frozen primary) → the live side's `secondary joined at stop`; pause from its `full sync point ... guest paused X ms` line")
+        .with("mem_32m", pair::trials_json("32M", &t32))
+        .with("mem_256m", pair::trials_json("256M", &t256))
+}
+
 fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<Json, String> {
     let started_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -232,10 +277,21 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
         .unwrap_or(0);
     let reps = ctx.reps(7, 3);
     let qreps = ctx.reps(5, 2);
+    // Failover + re-protection trials: (32 MiB guest, 256 MiB guest).
+    let fo_reps = (ctx.reps(20, 3), ctx.reps(5, 2));
     let mut skipped: Vec<(String, String)> = Vec::new();
 
+    // Namespaces of an earlier, interrupted harness.
+    netecho::sweep_stale();
     // The network namespace for netecho (root only).
     let mut workloads = tandem::workloads(ctx);
+    let only: Option<Vec<String>> = std::env::var("BENCH_ONLY")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
+    workloads.retain(|w| wanted(&w.name));
+    let fo_reps = if wanted("failover") { fo_reps } else { (0, 0) };
     let ns = if no_net {
         skipped.push(("netecho".into(), "--no-net given".into()));
         None
@@ -272,7 +328,12 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
         } else {
             0
         }
-        + 2;
+        + 2
+        + if ns.is_some() {
+            fo_reps.0 + fo_reps.1
+        } else {
+            0
+        };
     ctx.planned.set(planned);
     ctx.note(&format!(
         "tandem-bench: {} mode, {reps} reps per tandem figure, {qreps} per QEMU figure, {planned} runs; VMM pinned to CPU {}",
@@ -289,6 +350,11 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
         tjson.push(tandem::to_json(w, &runs));
         all_runs.push((w.name.clone(), runs));
     }
+    let failover = if ns.is_some() && fo_reps != (0, 0) {
+        failover(ctx, fo_reps)
+    } else {
+        Json::Null
+    };
     drop(ns);
     let find = |n: &str| all_runs.iter().find(|(name, _)| name == n).map(|(_, r)| r);
     let costs = match (find("compute-100Hz"), find("compute-1kHz")) {
@@ -320,8 +386,10 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
             .with("qemu_reps", qreps)
             .with("pinning", format!("every measured VMM process runs under `taskset -c {}`; the harness runs on the other CPUs", ctx.cpu))
             .with("interleaving", "live and recorded runs alternate within each rep (ABBA order across reps); each ratio is per rep, from the pair")
-            .with("ratio", "recorded work rate / live work rate (1.0 = no overhead, like VMware FT's published 0.94-0.98)"))
+            .with("ratio", "recorded work rate / live work rate (1.0 = no overhead, like VMware FT's published 0.94-0.98)")
+            .with("pair_pinning", format!("a protected pair's primary runs under `taskset -c {}`, its secondary and witness under `taskset -c {}`; each pair runs in a fresh network namespace", ctx.cpu, ctx.cpu2)))
         .with("tandem", Json::obj().with("workloads", Json::Arr(tjson)).with("costs", costs))
+        .with("pair", failover)
         .with("qemu", qjson)
         .with("micro", micro)
         .with("skipped", Json::Arr(skipped)))

@@ -1,9 +1,10 @@
-//! netecho under UDP load: a network namespace with a tap, tandem inside it,
-//! and a closed-loop UDP echo client bound in the same namespace.
+//! netecho under UDP load: a network namespace with a bridge and the taps,
+//! tandem inside it, and a closed-loop UDP echo client bound on the bridge.
 
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::process::Command;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,9 +16,30 @@ pub const HOST_IP: &str = "10.78.0.1";
 pub const GUEST_IP: &str = "10.78.0.2";
 pub const GUEST_MAC: &str = "52:54:00:00:78:02";
 
-/// A network namespace holding the tap, deleted on drop.
+/// A network namespace (lo up, and a bridge with taps), deleted on drop.
 pub struct NetNs {
     pub name: String,
+}
+
+/// The prefix of every namespace this harness creates (`tdm-bench-PID...`).
+const PREFIX: &str = "tdm-bench-";
+
+/// Deletes namespaces left by an earlier harness that is gone (killed before
+/// its drops ran).
+pub fn sweep_stale() {
+    let Ok(dir) = std::fs::read_dir("/var/run/netns") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = ip(&["netns", "del", &name]);
+        }
+    }
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -37,18 +59,50 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 impl NetNs {
-    /// `tdm-bench-<pid>` with lo up and tap0 at 10.78.0.1/24.
+    /// `tdm-bench-<pid>` with lo up and tap0 on bridge br0 at 10.78.0.1/24
+    /// (the same path as the pair's, whose two taps share one bridge).
     pub fn new() -> Result<Self, String> {
-        let name = format!("tdm-bench-{}", std::process::id());
+        Self::create("", &[TAP])
+    }
+
+    /// `tdm-bench-<pid><tag>` with lo up and, if `taps` is not empty, those
+    /// taps on bridge br0, which has 10.78.0.1/24.
+    pub fn create(tag: &str, taps: &[&str]) -> Result<Self, String> {
+        let name = format!("{PREFIX}{}{tag}", std::process::id());
         let _ = ip(&["netns", "del", &name]);
         ip(&["netns", "add", &name])?;
         let ns = Self { name };
         let n = ns.name.as_str();
         ip(&["-n", n, "link", "set", "lo", "up"])?;
-        ip(&["-n", n, "tuntap", "add", "dev", TAP, "mode", "tap"])?;
-        ip(&["-n", n, "addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
-        ip(&["-n", n, "link", "set", TAP, "up"])?;
+        if taps.is_empty() {
+            return Ok(ns);
+        }
+        ip(&["-n", n, "link", "add", "br0", "type", "bridge"])?;
+        for tap in taps {
+            ip(&["-n", n, "tuntap", "add", "dev", tap, "mode", "tap"])?;
+            ip(&["-n", n, "link", "set", tap, "master", "br0"])?;
+            ip(&["-n", n, "link", "set", tap, "up"])?;
+        }
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{HOST_IP}/24"),
+            "dev",
+            "br0",
+        ])?;
+        ip(&["-n", n, "link", "set", "br0", "up"])?;
         Ok(ns)
+    }
+
+    /// `ip netns exec NS taskset -c CPU program`.
+    pub fn pinned(&self, cpu: usize, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, "taskset", "-c"])
+            .arg(cpu.to_string())
+            .arg(program);
+        c
     }
 
     /// A UDP socket bound inside the namespace.
@@ -95,10 +149,19 @@ pub fn drive(
     requests: usize,
     limit: Duration,
 ) -> Result<Driven, (Outcome, String)> {
-    let mut running = match proc::spawn(cmd) {
-        Ok(r) => r,
-        Err(e) => return Err((Outcome::default(), format!("spawn: {e}"))),
-    };
+    match proc::spawn(cmd) {
+        Ok(r) => drive_running(ns, r, requests, limit),
+        Err(e) => Err((Outcome::default(), format!("spawn: {e}"))),
+    }
+}
+
+/// `drive` for an already started tandem (a pair's primary).
+pub fn drive_running(
+    ns: &NetNs,
+    mut running: proc::Running,
+    requests: usize,
+    limit: Duration,
+) -> Result<Driven, (Outcome, String)> {
     let text = Arc::new(Mutex::new(String::new()));
     let (tx, rx) = mpsc::channel();
     let reader = running.stdout.take().map(|o| {
@@ -118,7 +181,7 @@ pub fn drive(
         out.stdout = text.lock().unwrap_or_else(|e| e.into_inner()).clone();
         Err((out, e))
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(line) if line.starts_with("netecho: up") => break,
@@ -130,10 +193,12 @@ pub fn drive(
         Ok(c) => c,
         Err(e) => return fail(running, e),
     };
-    // Ask it to quit until it says bye.
+    // Ask it to quit until it says bye (or exits: a pair's primary may end
+    // before its last console line is released).
     let sock = ns.udp_socket(&format!("{HOST_IP}:0"));
     let bye = Instant::now() + Duration::from_secs(10);
     while Instant::now() < bye
+        && !running.exited()
         && !text
             .lock()
             .map(|t| t.contains("netecho: bye"))
@@ -157,8 +222,39 @@ pub fn drive(
     })
 }
 
+/// Sends a new tagged 64-byte echo every `every` until one of them is
+/// answered: when that first reply arrived, or `None` at `deadline`.
+pub fn first_reply(
+    ns: &NetNs,
+    every: Duration,
+    deadline: Instant,
+) -> Result<Option<Instant>, String> {
+    let s = ns.udp_socket(&format!("{HOST_IP}:0"))?;
+    s.set_read_timeout(Some(every)).map_err(|e| e.to_string())?;
+    let to = format!("{GUEST_IP}:7");
+    let mut buf = [0u8; 2048];
+    let mut seq = 0u32;
+    while Instant::now() < deadline {
+        let mut msg = [0u8; 64];
+        msg[..4].copy_from_slice(&seq.to_le_bytes());
+        msg[4..12].copy_from_slice(b"tdmfailo");
+        seq += 1;
+        // A frozen primary's tap may refuse more frames: ignore send errors.
+        let _ = s.send_to(&msg, &to);
+        let next = Instant::now() + every;
+        while Instant::now() < next {
+            match s.recv(&mut buf) {
+                Ok(n) if n == 64 && &buf[4..12] == b"tdmfailo" => return Ok(Some(Instant::now())),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Closed-loop echo: returns (seconds for all requests, RTTs in ms).
-fn client(ns: &NetNs, requests: usize) -> Result<(f64, Vec<f64>), String> {
+pub fn client(ns: &NetNs, requests: usize) -> Result<(f64, Vec<f64>), String> {
     let s = ns.udp_socket(&format!("{HOST_IP}:0"))?;
     s.set_read_timeout(Some(Duration::from_millis(200)))
         .map_err(|e| e.to_string())?;

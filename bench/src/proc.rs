@@ -1,10 +1,15 @@
 //! Running one measured process: wall time, CPU time (its own rusage, not
 //! the harness's), exit status and output, with a hard time limit.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Lines of a stream with the time each one arrived.
+pub type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
 
 /// What one run gave.
 #[derive(Clone, Debug, Default)]
@@ -36,30 +41,53 @@ pub struct Running {
     pub pid: libc::pid_t,
     pub start: Instant,
     pub stdout: Option<std::process::ChildStdout>,
+    /// stderr line by line as it arrives (also returned whole by `finish`).
+    pub err_lines: Lines,
+    exited_flag: Arc<AtomicBool>,
     err: mpsc::Receiver<String>,
     exited: mpsc::Receiver<(Instant, i32, f64)>,
 }
 
-/// Spawns `cmd` with stdin closed and stdout/stderr piped.
+/// Spawns `cmd` with stdin closed and stdout/stderr piped. The child is
+/// killed if the harness dies first (`PR_SET_PDEATHSIG`), so no measured
+/// process outlives an interrupted run.
 pub fn spawn(mut cmd: Command) -> std::io::Result<Running> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours; it
+    // runs in the forked child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            Ok(())
+        });
+    }
     let start = Instant::now();
     let mut child = cmd.spawn()?;
     let pid = child.id() as libc::pid_t;
     let stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
+    let stderr = child.stderr.take();
     let (etx, err) = mpsc::channel();
+    let err_lines: Lines = Arc::default();
+    let lines = err_lines.clone();
     std::thread::spawn(move || {
         let mut s = String::new();
-        if let Some(e) = stderr.as_mut() {
-            let mut buf = Vec::new();
-            let _ = e.read_to_end(&mut buf);
-            s = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(e) = stderr {
+            for line in BufReader::new(e).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line).into_owned();
+                s.push_str(&line);
+                s.push('\n');
+                lines
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((Instant::now(), line));
+            }
         }
         let _ = etx.send(s);
     });
+    let exited_flag = Arc::new(AtomicBool::new(false));
+    let flag = exited_flag.clone();
     let (xtx, exited) = mpsc::channel();
     std::thread::spawn(move || {
         // The std Child is forgotten: this thread reaps the pid itself so
@@ -85,12 +113,15 @@ pub fn spawn(mut cmd: Command) -> std::io::Result<Running> {
         } else {
             128 + libc::WTERMSIG(status)
         };
+        flag.store(true, Ordering::Release);
         let _ = xtx.send((end, code, cpu));
     });
     Ok(Running {
         pid,
         start,
         stdout,
+        err_lines,
+        exited_flag,
         err,
         exited,
     })
@@ -99,10 +130,53 @@ pub fn spawn(mut cmd: Command) -> std::io::Result<Running> {
 impl Running {
     /// Sends SIGKILL to the child.
     pub fn kill(&self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    /// Sends `sig` to the child, unless it has already been reaped.
+    pub fn signal(&self, sig: libc::c_int) {
+        if self.exited() {
+            return;
+        }
         // SAFETY: kill(2) has no memory effects. The pid is our own child,
-        // called only before its waiter thread has reported it reaped.
+        // not yet reaped (checked just above; a zombie keeps its pid).
         unsafe {
-            libc::kill(self.pid, libc::SIGKILL);
+            libc::kill(self.pid, sig);
+        }
+    }
+
+    /// Whether the child has exited (and been reaped).
+    pub fn exited(&self) -> bool {
+        self.exited_flag.load(Ordering::Acquire)
+    }
+
+    /// The first stderr line containing `pat` (with its arrival time),
+    /// waiting for it until `deadline` or the child's exit.
+    pub fn wait_err(&self, pat: &str, deadline: Instant) -> Option<(Instant, String)> {
+        loop {
+            let done = self.exited();
+            let found = self
+                .err_lines
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .find(|(_, l)| l.contains(pat))
+                .cloned();
+            if found.is_some() || Instant::now() >= deadline {
+                return found;
+            }
+            if done {
+                // One more look: the reader may lag the exit slightly.
+                std::thread::sleep(Duration::from_millis(50));
+                return self
+                    .err_lines
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .find(|(_, l)| l.contains(pat))
+                    .cloned();
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
 

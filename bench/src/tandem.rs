@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::ctx::{make_image, Ctx};
 use crate::json::Json;
 use crate::netecho::{self, NetNs};
+use crate::pair::{Pair, PairSpec};
 use crate::proc::{self, Outcome};
 use crate::stats::{percentile, summary_json};
 
@@ -37,6 +38,8 @@ pub struct Workload {
     pub variants: Vec<(&'static str, Vec<String>)>,
     pub kind: Kind,
     pub note: &'static str,
+    /// Also measured as a protected pair, in both output-commit modes.
+    pub pair: bool,
 }
 
 /// The workload list for this mode.
@@ -61,6 +64,7 @@ pub fn workloads(ctx: &Ctx) -> Vec<Workload> {
         variants,
         kind: Kind::Batch,
         note: "CPU-bound; a sync point at every timer interrupt",
+        pair: hz == 100,
     };
     let pio_n: u32 = if q { 20_000 } else { 100_000 };
     let disk_count: u64 = if q { 64 } else { 512 };
@@ -86,6 +90,7 @@ pub fn workloads(ctx: &Ctx) -> Vec<Workload> {
             variants: Vec::new(),
             kind: Kind::Batch,
             note: "I/O exit-bound: one stop per port access",
+            pair: true,
         },
         Workload {
             name: "ticker".into(),
@@ -98,6 +103,7 @@ pub fn workloads(ctx: &Ctx) -> Vec<Workload> {
             variants: Vec::new(),
             kind: Kind::Batch,
             note: "idle, timer-bound (2000 ticks at 1 kHz): wall ratio is ~1 by construction; see the CPU ratio",
+            pair: false,
         },
         Workload {
             name: "diskseq".into(),
@@ -110,6 +116,7 @@ pub fn workloads(ctx: &Ctx) -> Vec<Workload> {
             variants: Vec::new(),
             kind: Kind::Batch,
             note: "virtio-blk write, flush, read back, verify (about 9 ms of guest CPU per sector)",
+            pair: false,
         },
         Workload {
             name: "diskio".into(),
@@ -122,6 +129,7 @@ pub fn workloads(ctx: &Ctx) -> Vec<Workload> {
             variants: Vec::new(),
             kind: Kind::Batch,
             note: "diskseq `bench=1`: the same 4 KiB requests without generating or checking the pattern, so the block path, not guest CPU, sets the pace",
+            pair: false,
         },
         Workload {
             name: "netecho".into(),
@@ -133,14 +141,15 @@ pub fn workloads(ctx: &Ctx) -> Vec<Workload> {
             disk_bytes: Some(64 << 10),
             variants: Vec::new(),
             kind: Kind::NetEcho { requests },
-            note: "closed-loop UDP echo (64 B, one outstanding) from a client in the tap's network namespace",
+            note: "closed-loop UDP echo (64 B, one outstanding) from a client on the taps' bridge in their network namespace",
+            pair: true,
         },
     ]
 }
 
 /// Runs this many measured runs per rep (for the progress count).
 pub fn runs_per_rep(w: &Workload) -> usize {
-    3 + w.variants.len()
+    3 + w.variants.len() + if w.pair { 2 } else { 0 }
 }
 
 /// One run of the VMM.
@@ -159,6 +168,17 @@ pub struct Sample {
     pub rtts: Vec<f64>,
     /// The seven numbers of the replay summary line (replay runs).
     pub summary: Vec<f64>,
+    /// Seconds the VM ran, from the VMM's own log timestamps (the VM built,
+    /// or the secondary attached, to "VM stopped"): excludes process start
+    /// and, for a pair, waiting for the secondary.
+    pub span: Option<f64>,
+    /// Batch work / `span`.
+    pub span_rate: Option<f64>,
+    /// A pair's secondary: its exit status.
+    pub secondary_status: Option<i32>,
+    /// The guest's expected last line reached stdout (a pair's primary may
+    /// exit before releasing its last console bytes).
+    pub console_complete: bool,
 }
 
 impl Sample {
@@ -198,6 +218,36 @@ pub fn parse_stats(stderr: &str) -> Vec<(String, f64)> {
     out
 }
 
+/// Seconds of day of a tracing timestamp at the start of `line`
+/// (`2026-11-26T12:57:19.119970Z ...`).
+fn timestamp(line: &str) -> Option<f64> {
+    let t = line.get(11..)?.split('Z').next()?;
+    let mut parts = t.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let sec: f64 = parts.next()?.parse().ok()?;
+    (line.as_bytes().get(10) == Some(&b'T')).then_some(h * 3600.0 + m * 60.0 + sec)
+}
+
+/// The VM's run time from a `-v` stderr: from the later of "TSC MSRs ..."
+/// (logged as the VM is built) and "secondary connected from" (a primary
+/// starts its guest once its secondary attached) to "VM stopped".
+pub fn parse_span(stderr: &str) -> Option<f64> {
+    let clean = strip_ansi(stderr);
+    let at = |pat: &str| clean.lines().find(|l| l.contains(pat)).and_then(timestamp);
+    let start = match (at("TSC MSRs"), at("secondary connected from")) {
+        (Some(a), Some(b)) => a.max(b),
+        (a, b) => a.or(b)?,
+    };
+    let end = at("VM stopped")?;
+    let span = if end < start {
+        end + 86400.0 - start
+    } else {
+        end - start
+    };
+    (span > 0.0).then_some(span)
+}
+
 /// The numbers of the last `replay summary:` line, in order.
 pub fn parse_summary(stderr: &str) -> Vec<f64> {
     let clean = strip_ansi(stderr);
@@ -230,16 +280,16 @@ fn strip_ansi(s: &str) -> String {
 
 const LIMIT: Duration = Duration::from_secs(180);
 
-/// The configurations measured side by side. The fault-tolerant pair slots
-/// in here as two more (`Pair { mode: Received | Replayed }`, the primary
-/// pinned to CPU 0 and the secondary to CPU 1): `Runner::command` builds its
-/// command line, `measure` adds it to the rep's order, and `to_json` /
-/// `report::render` fill the "protected pair" columns that now say "not yet
-/// measured".
+/// The configurations measured side by side: unprotected, recorded, and
+/// (for workloads with `pair`) the protected pair in each output-commit
+/// mode, its primary pinned to `ctx.cpu` and its secondary to `ctx.cpu2`
+/// (`Runner::pair`, `crate::pair`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Config {
     Live,
     Record,
+    PairReceived,
+    PairReplayed,
 }
 
 struct Runner<'a> {
@@ -318,12 +368,91 @@ impl Runner<'_> {
             let _ = std::fs::remove_file(d);
         }
         s.stats = parse_stats(&s.out.stderr);
-        s.ok = s.error.is_empty() && s.out.status == 0 && s.out.stdout.contains(self.w.expect);
+        s.span = parse_span(&s.out.stderr);
+        if matches!(self.w.kind, Kind::Batch) {
+            s.span_rate = s.span.map(|t| self.w.work / t);
+        }
+        s.console_complete = s.out.stdout.contains(self.w.expect);
+        s.ok = s.error.is_empty() && s.out.status == 0 && s.console_complete;
         if !s.ok && s.error.is_empty() {
             s.error = failure(&s.out);
         }
         if let (Some(log), true) = (record, s.ok) {
             s.inspect = inspect(self.ctx, log);
+        }
+        s
+    }
+
+    /// One run as a protected pair: primary on `ctx.cpu`, secondary on
+    /// `ctx.cpu2`, with `output_commit = commit`. The guest's exit ends the
+    /// primary; the secondary replays to the same end and exits too.
+    fn pair(&self, tag: &str, commit: &str) -> Sample {
+        let disk = self.w.disk_bytes.map(|bytes| {
+            let path = self.ctx.tmp.join(format!("{}-{tag}.img", self.w.name));
+            if let Err(e) = make_image(&path, bytes) {
+                eprintln!("tandem-bench: cannot create {}: {e}", path.display());
+            }
+            path
+        });
+        let guest = self.ctx.guest(self.w.guest);
+        let spec = PairSpec {
+            guest: &guest,
+            cmdline: &self.w.cmdline,
+            mem: "32M",
+            disk: disk.as_deref(),
+            net: matches!(self.w.kind, Kind::NetEcho { .. }),
+            commit,
+            failover_ms: None,
+        };
+        let mut s = Sample::default();
+        match Pair::start(self.ctx, &spec) {
+            Err(e) => s.error = e,
+            Ok(mut pair) => {
+                if let Some(primary) = pair.primary.take() {
+                    match &self.w.kind {
+                        Kind::Batch => {
+                            s.out = primary.finish(LIMIT);
+                            s.rate = self.w.work / s.out.wall;
+                        }
+                        Kind::NetEcho { requests } => {
+                            match netecho::drive_running(&pair.ns, primary, *requests, LIMIT) {
+                                Ok(r) => {
+                                    s.out = r.out;
+                                    s.rate = *requests as f64 / r.client_secs;
+                                    s.rtts = r.rtts;
+                                }
+                                Err((out, e)) => {
+                                    s.out = out;
+                                    s.error = e;
+                                }
+                            }
+                        }
+                    }
+                }
+                if let Some(sec) = pair.secondary.take() {
+                    let limit = sec.start.elapsed() + Duration::from_secs(30);
+                    let out = sec.finish(limit);
+                    s.secondary_status = Some(out.status);
+                    if s.error.is_empty() && out.status != 0 {
+                        s.error = format!("secondary: {}", failure(&out));
+                    }
+                }
+            }
+        }
+        if let Some(d) = disk {
+            let _ = std::fs::remove_file(d);
+        }
+        s.stats = parse_stats(&s.out.stderr);
+        s.span = parse_span(&s.out.stderr);
+        if matches!(self.w.kind, Kind::Batch) {
+            s.span_rate = s.span.map(|t| self.w.work / t);
+        }
+        s.console_complete = s.out.stdout.contains(self.w.expect);
+        // The guest's exit status (the primary's) says it finished its work;
+        // a missing last console line is counted apart, not a failure.
+        s.ok = s.error.is_empty() && s.out.status == 0 && s.secondary_status == Some(0);
+        if !s.ok && s.error.is_empty() {
+            s.error = failure(&s.out);
         }
         s
     }
@@ -371,6 +500,8 @@ pub fn inspect(ctx: &Ctx, log: &Path) -> Option<Json> {
 pub struct Runs {
     pub live: Vec<Sample>,
     pub record: Vec<Sample>,
+    pub pair_received: Vec<Sample>,
+    pub pair_replayed: Vec<Sample>,
     pub replay: Vec<Sample>,
     pub variants: Vec<(String, Vec<Sample>)>,
 }
@@ -395,25 +526,32 @@ pub fn measure(
     };
     for rep in 0..reps {
         let log = ctx.tmp.join(format!("{}-{rep}.log", w.name));
-        let order = if rep % 2 == 0 {
-            [Config::Live, Config::Record]
-        } else {
-            [Config::Record, Config::Live]
-        };
+        let mut order = vec![Config::Live, Config::Record];
+        if w.pair {
+            order.extend([Config::PairReceived, Config::PairReplayed]);
+        }
+        if rep % 2 == 1 {
+            order.reverse();
+        }
         for cfg in order {
             let s = match cfg {
                 Config::Live => r.run(&format!("live{rep}"), None, &[]),
                 Config::Record => r.run(&format!("rec{rep}"), Some(&log), &[]),
+                Config::PairReceived => r.pair(&format!("prcv{rep}"), "received"),
+                Config::PairReplayed => r.pair(&format!("prep{rep}"), "replayed"),
             };
-            let label = if cfg == Config::Live {
-                "live    "
-            } else {
-                "recorded"
+            let label = match cfg {
+                Config::Live => "live    ",
+                Config::Record => "recorded",
+                Config::PairReceived => "pair rcv",
+                Config::PairReplayed => "pair rep",
             };
             report(ctx, w, rep, reps, label, &s);
             match cfg {
                 Config::Live => runs.live.push(s),
                 Config::Record => runs.record.push(s),
+                Config::PairReceived => runs.pair_received.push(s),
+                Config::PairReplayed => runs.pair_replayed.push(s),
             }
         }
         for (i, (name, extra)) in w.variants.iter().enumerate() {
@@ -453,6 +591,12 @@ fn report(ctx: &Ctx, w: &Workload, rep: usize, reps: usize, label: &str, s: &Sam
         return;
     }
     let mut line = format!("{what} {:>7.3} s wall {:>7.3} s cpu", s.out.wall, s.out.cpu);
+    if let Some(span) = s.span {
+        line += &format!(" {span:>7.3} s VM");
+    }
+    if s.secondary_status.is_some() && !s.console_complete {
+        line += " (console cut short)";
+    }
     if !s.summary.is_empty() {
         line += &format!("  (summary {:?})", s.summary);
     } else {
@@ -578,6 +722,10 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Json {
                     &format!("{}/s", w.unit),
                 ),
             )
+            .with(
+                "vm_seconds",
+                summary_json(&oks(v).filter_map(|s| s.span).collect::<Vec<_>>(), "s"),
+            )
             .with("failures", v.iter().filter(|s| !s.ok).count());
         let mut stats = Json::obj();
         for key in [
@@ -656,6 +804,60 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Json {
                 .find(|s| !s.error.is_empty())
                 .map(|s| s.error.clone()),
         );
+    let mut j = Json::obj()
+        .with("name", w.name.as_str())
+        .with("guest", w.guest)
+        .with("cmdline", w.cmdline.as_str())
+        .with("work", w.work)
+        .with("unit", w.unit)
+        .with("note", w.note)
+        .with("live", side(&runs.live))
+        .with("recorded", side(&runs.record))
+        .with("ratio_recorded_over_live", summary_json(&ratio, "ratio"));
+    if matches!(w.kind, Kind::Batch) {
+        j.set(
+            "ratio_recorded_over_live_vm_time",
+            summary_json(&vm_ratio(&runs.live, &runs.record), "ratio"),
+        );
+    }
+    if w.pair {
+        let batch = matches!(w.kind, Kind::Batch);
+        for (key, samples) in [
+            ("pair_received", &runs.pair_received),
+            ("pair_replayed", &runs.pair_replayed),
+        ] {
+            let ratio = if batch {
+                vm_ratio(&runs.live, samples)
+            } else {
+                pairs(&runs.live, samples)
+                    .map(|(l, p)| p.rate / l.rate)
+                    .collect()
+            };
+            let added: Vec<f64> = pairs(&runs.live, samples)
+                .map(|(l, p)| p.out.wall - l.out.wall)
+                .collect();
+            let cut = oks(samples).filter(|s| !s.console_complete).count();
+            let mut side = side(samples)
+                .with("ratio_over_live", summary_json(&ratio, "ratio"))
+                .with(
+                    "ratio_method",
+                    if batch {
+                        "per rep: (work / VM run time) of the pair's primary over the same of the unprotected run; VM run time from the VMM's own log timestamps (VM built, or secondary attached, to VM stopped)"
+                    } else {
+                        "per rep: UDP echoes/s of the client against the pair over the same against the unprotected run"
+                    },
+                )
+                .with("primary_wall_minus_live_wall_s", summary_json(&added, "s"))
+                .with("console_cut_short", cut);
+            if cut > 0 {
+                side.set(
+                    "console_note",
+                    format!("{cut} successful run(s) (guest exit status 0, secondary exit 0) where the primary exited without releasing the guest's last console line `{}`", w.expect),
+                );
+            }
+            j.set(key, side);
+        }
+    }
     let mut variants = Json::obj();
     for (name, samples) in &runs.variants {
         let ratio: Vec<f64> = pairs(&runs.live, samples)
@@ -668,23 +870,20 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Json {
                 .with("log", log_json(samples)),
         );
     }
-    Json::obj()
-        .with("name", w.name.as_str())
-        .with("guest", w.guest)
-        .with("cmdline", w.cmdline.as_str())
-        .with("work", w.work)
-        .with("unit", w.unit)
-        .with("note", w.note)
-        .with("live", side(&runs.live))
-        .with("recorded", side(&runs.record))
-        .with("ratio_recorded_over_live", summary_json(&ratio, "ratio"))
-        .with(
-            "cpu_ratio_live_over_recorded",
-            summary_json(&cpu_ratio, "ratio"),
-        )
-        .with("log", log_json(&runs.record))
-        .with("replay", replay)
-        .with("variants", variants)
+    j.with(
+        "cpu_ratio_live_over_recorded",
+        summary_json(&cpu_ratio, "ratio"),
+    )
+    .with("log", log_json(&runs.record))
+    .with("replay", replay)
+    .with("variants", variants)
+}
+
+/// Per rep, (work / VM run time) of `b` over the same of `a`.
+fn vm_ratio(a: &[Sample], b: &[Sample]) -> Vec<f64> {
+    pairs(a, b)
+        .filter_map(|(x, y)| Some(y.span_rate? / x.span_rate?))
+        .collect()
 }
 
 /// What a sync point and an epoch end cost, from the compute workloads:

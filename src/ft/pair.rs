@@ -570,7 +570,15 @@ pub fn run_primary(
     std::thread::Builder::new()
         .name("tandem-monitor".into())
         .spawn(move || r.monitor())?;
-    let code = crate::cli::finish_report(vm.run());
+    let report = vm.run();
+    // The guest ended: what it said last is still held until the secondary
+    // has it (it acks the End record); wait for that, within the failover
+    // timeout.
+    let deadline = Instant::now() + replicator.params.failover_timeout;
+    while gate.held() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let code = crate::cli::finish_report(report);
     super::status::linger_if_fenced();
     Ok(code)
 }
@@ -828,6 +836,7 @@ pub fn run_secondary(
     // output waits on them) and heartbeats.
     let mut out = stream.try_clone()?;
     let heartbeat = params.heartbeat;
+    let params_heartbeat = params.heartbeat;
     let gone_a = gone.clone();
     let verified = vm.verified_stop();
     let diverged = vm.divergence_epoch();
@@ -928,7 +937,15 @@ pub fn run_secondary(
             }
             return;
         })?;
-    let code = crate::cli::finish_report(vm.run());
+    let verified_end = vm.verified_stop();
+    let report = vm.run();
+    if matches!(&report, Ok(r) if r.stats.went_live_at.is_none()) {
+        // The replay reached the recorded end: everything is replayed
+        // (`replayed` commit releases the last output on this).
+        verified_end.store(u64::MAX, Ordering::Release);
+        std::thread::sleep(params_heartbeat * 3);
+    }
+    let code = crate::cli::finish_report(report);
     super::status::linger_if_fenced();
     Ok(code)
 }
@@ -941,7 +958,14 @@ fn decode_loop(
     loop {
         match reader.read_record() {
             Ok(Some(record)) => {
-                if let Record::Watermark { stop } = record {
+                // The End record means the secondary has the whole log: it
+                // acks everything, so the primary releases its last output.
+                let covered = match record {
+                    Record::Watermark { stop } => Some(stop),
+                    Record::End { .. } => Some(u64::MAX),
+                    _ => None,
+                };
+                if let Some(stop) = covered {
                     let mut w = received.0.lock().unwrap_or_else(|p| p.into_inner());
                     *w = (*w).max(stop);
                     received.1.notify_one();

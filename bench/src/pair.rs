@@ -1,0 +1,411 @@
+//! The protected pair under the bench: a fresh network namespace per pair
+//! (lo up; with a bridge and one tap per host when the guest has a NIC), a
+//! witness, `tandem primary` pinned to `ctx.cpu` and `tandem secondary`
+//! pinned to `ctx.cpu2`, hosts on 127.0.0.1 / 127.0.0.2 inside the
+//! namespace so ports never clash. Everything started here is killed and
+//! the namespace deleted when the `Pair` drops, on every path.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::ctx::Ctx;
+use crate::json::Json;
+use crate::netecho::{self, NetNs};
+use crate::proc::{self, Lines, Running};
+use crate::stats::summary_json;
+
+/// What a pair runs and how it is protected.
+pub struct PairSpec<'a> {
+    pub guest: &'a Path,
+    pub cmdline: &'a str,
+    pub mem: &'a str,
+    pub disk: Option<&'a Path>,
+    /// One NIC (netecho's MAC), on tapa / tapb.
+    pub net: bool,
+    /// `output_commit`: "received" or "replayed".
+    pub commit: &'a str,
+    /// `failover_timeout_ms`; `None` keeps the default (2000).
+    pub failover_ms: Option<u64>,
+}
+
+/// A running pair; dropping it kills every process and deletes the namespace.
+pub struct Pair {
+    pub ns: NetNs,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub witness: Option<Running>,
+    pub primary: Option<Running>,
+    pub secondary: Option<Running>,
+    /// A `tandem pair` that re-protects the VM.
+    pub joiner: Option<Running>,
+}
+
+static SERIAL: AtomicUsize = AtomicUsize::new(0);
+
+const WITNESS: &str = "127.0.0.1:7500";
+
+/// Reads `r`'s stdout in the background (so that it never blocks on a full
+/// pipe), line by line with arrival times.
+pub fn watch_stdout(r: &mut Running) -> Lines {
+    let lines: Lines = Default::default();
+    if let Some(out) = r.stdout.take() {
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((Instant::now(), line));
+            }
+        });
+    }
+    lines
+}
+
+fn wait_line(lines: &Lines, pat: &str, deadline: Instant) -> bool {
+    while Instant::now() < deadline {
+        if lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(_, l)| l.contains(pat))
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// The last lines of a process's stderr, for an error message.
+pub fn err_tail(r: &Running) -> String {
+    let lines = r.err_lines.lock().unwrap_or_else(|e| e.into_inner());
+    let tail: Vec<&str> = lines
+        .iter()
+        .rev()
+        .take(2)
+        .map(|(_, l)| l.as_str())
+        .collect();
+    tail.join(" | ")
+}
+
+impl Pair {
+    /// Starts witness, primary (waiting for its secondary), then secondary.
+    pub fn start(ctx: &Ctx, spec: &PairSpec) -> Result<Pair, String> {
+        let n = SERIAL.fetch_add(1, Ordering::Relaxed);
+        let taps: &[&str] = if spec.net { &["tapa", "tapb"] } else { &[] };
+        let ns = NetNs::create(&format!("-p{n}"), taps)?;
+        let dir = ctx.tmp.join(format!("pair{n}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = dir.join("pair.toml");
+        let mut pair = Pair {
+            ns,
+            dir,
+            config,
+            witness: None,
+            primary: None,
+            secondary: None,
+            joiner: None,
+        };
+        std::fs::create_dir_all(&pair.dir).map_err(|e| format!("{}: {e}", pair.dir.display()))?;
+        std::fs::write(&pair.config, toml(spec, &pair.dir))
+            .map_err(|e| format!("{}: {e}", pair.config.display()))?;
+
+        let mut cmd = pair.ns.pinned(ctx.cpu2, &ctx.tandem);
+        cmd.args(["witness", "--listen", WITNESS, "--state"])
+            .arg(pair.dir.join("witness.state"));
+        let mut witness = proc::spawn(cmd).map_err(|e| format!("spawn witness: {e}"))?;
+        let out = watch_stdout(&mut witness);
+        pair.witness = Some(witness);
+        if !wait_line(
+            &out,
+            "listening on",
+            Instant::now() + Duration::from_secs(10),
+        ) {
+            return Err("the witness never said `listening on`".into());
+        }
+
+        let primary = proc::spawn(pair.command(ctx, ctx.cpu, "primary"))
+            .map_err(|e| format!("spawn primary: {e}"))?;
+        let waiting = primary.wait_err(
+            "primary waiting for the secondary",
+            Instant::now() + Duration::from_secs(20),
+        );
+        let tail = err_tail(&primary);
+        pair.primary = Some(primary);
+        if waiting.is_none() {
+            return Err(format!(
+                "the primary never waited for its secondary: {tail}"
+            ));
+        }
+        let mut secondary = proc::spawn(pair.command(ctx, ctx.cpu2, "secondary"))
+            .map_err(|e| format!("spawn secondary: {e}"))?;
+        watch_stdout(&mut secondary);
+        pair.secondary = Some(secondary);
+        Ok(pair)
+    }
+
+    /// `tandem ROLE -v --config C --host a|b` in the namespace, pinned.
+    pub fn command(&self, ctx: &Ctx, cpu: usize, role: &str) -> Command {
+        let host = if role == "secondary" { "b" } else { "a" };
+        let mut cmd = self.ns.pinned(cpu, &ctx.tandem);
+        cmd.args([role, "-v", "--config"])
+            .arg(&self.config)
+            .args(["--host", host])
+            .env("NO_COLOR", "1");
+        cmd
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for r in [
+            self.primary.take(),
+            self.joiner.take(),
+            self.secondary.take(),
+            self.witness.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            r.kill();
+            let _ = r.finish(Duration::ZERO);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // `ns` drops next: the namespace goes.
+    }
+}
+
+fn toml(spec: &PairSpec, dir: &Path) -> String {
+    let mut vm = format!(
+        "[vm]\nname = \"bench\"\nkernel = \"{}\"\ncmdline = \"{}\"\nmem = \"{}\"\n",
+        spec.guest.display(),
+        spec.cmdline,
+        spec.mem
+    );
+    if let Some(d) = spec.disk {
+        vm += &format!("disk = [\"{}\"]\n", d.display());
+    }
+    let tap = |t: &str| {
+        if spec.net {
+            format!(", tap = \"{t}\"")
+        } else {
+            String::new()
+        }
+    };
+    if spec.net {
+        vm += &format!("net = [{{ mac = \"{}\" }}]\n", netecho::GUEST_MAC);
+    }
+    let mut ft = format!(
+        "[ft]\noutput_commit = \"{}\"\nwitness = \"tcp://{WITNESS}\"\nstate_dir = \"{}\"\n",
+        spec.commit,
+        dir.join("state").display()
+    );
+    if let Some(ms) = spec.failover_ms {
+        ft += &format!("failover_timeout_ms = {ms}\n");
+    }
+    format!(
+        "{vm}\n[hosts]\na = {{ address = \"127.0.0.1:7401\"{} }}\nb = {{ address = \"127.0.0.2:7402\"{} }}\n\n{ft}",
+        tap("tapa"),
+        tap("tapb")
+    )
+}
+
+/// One failover + re-protection trial.
+#[derive(Clone, Debug, Default)]
+pub struct Trial {
+    /// SIGSTOP of the primary → the secondary's "primary silent" line (ms).
+    pub detect_ms: f64,
+    /// The silence the secondary reported in that line (ms).
+    pub silent_ms: f64,
+    /// "primary silent" → "going live at stop" (ms).
+    pub catch_up_ms: f64,
+    /// "going live at stop" → the first echo reply (ms).
+    pub go_live_ms: f64,
+    /// SIGSTOP → the first echo reply (ms).
+    pub total_ms: f64,
+    /// `tandem pair` started → "secondary joined at stop" on the live side (ms).
+    pub reprotect_ms: Option<f64>,
+    /// "guest paused X ms" of the full sync point.
+    pub pause_ms: Option<f64>,
+    /// Pages in that full sync point.
+    pub pages: Option<f64>,
+    /// The guest answered an echo after re-protection.
+    pub served_after: bool,
+    pub error: String,
+}
+
+/// The number after `key` in `line` ("silent for 1016 ms" → 1016).
+fn number_after(line: &str, key: &str) -> Option<f64> {
+    let rest = &line[line.find(key)? + key.len()..];
+    let num: String = rest
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    num.parse().ok()
+}
+
+fn ms(a: Instant, b: Instant) -> f64 {
+    b.saturating_duration_since(a).as_secs_f64() * 1e3
+}
+
+/// The failover timeout of the failover trials.
+pub const FAILOVER_MS: u64 = 1000;
+
+/// Starts a netecho pair with `mem`, freezes the primary (SIGSTOP), times
+/// the takeover from the client's side and the secondary's stderr, then
+/// kills the frozen primary and times `tandem pair --host a` re-protecting.
+pub fn failover_trial(ctx: &Ctx, mem: &str) -> Trial {
+    let mut t = Trial::default();
+    if let Err(e) = trial(ctx, mem, &mut t) {
+        t.error = e;
+    }
+    t
+}
+
+fn trial(ctx: &Ctx, mem: &str, t: &mut Trial) -> Result<(), String> {
+    let disk = ctx.tmp.join(format!("failover-{mem}.img"));
+    crate::ctx::make_image(&disk, 64 << 10).map_err(|e| e.to_string())?;
+    let guest = ctx.guest("netecho");
+    let cmdline = format!("ip={}", netecho::GUEST_IP);
+    let spec = PairSpec {
+        guest: &guest,
+        cmdline: &cmdline,
+        mem,
+        disk: Some(&disk),
+        net: true,
+        commit: "received",
+        failover_ms: Some(FAILOVER_MS),
+    };
+    let result = trial_in(ctx, &spec, t);
+    let _ = std::fs::remove_file(&disk);
+    result
+}
+
+fn trial_in(ctx: &Ctx, spec: &PairSpec, t: &mut Trial) -> Result<(), String> {
+    let mut pair = Pair::start(ctx, spec)?;
+    let out = watch_stdout(pair.primary.as_mut().ok_or("no primary")?);
+    if !wait_line(
+        &out,
+        "netecho: up",
+        Instant::now() + Duration::from_secs(60),
+    ) {
+        return Err(format!(
+            "netecho never came up: {}",
+            pair.primary.as_ref().map(err_tail).unwrap_or_default()
+        ));
+    }
+    // The path works and the bridge has learnt the guest's MAC on tapa.
+    netecho::client(&pair.ns, 20)?;
+    std::thread::sleep(Duration::from_millis(100));
+
+    let primary = pair.primary.as_ref().ok_or("no primary")?;
+    let stopped = Instant::now();
+    primary.signal(libc::SIGSTOP);
+    let reply = netecho::first_reply(
+        &pair.ns,
+        Duration::from_millis(2),
+        stopped + Duration::from_secs(20),
+    )?
+    .ok_or("no echo answered within 20 s of the SIGSTOP")?;
+    let secondary = pair.secondary.as_ref().ok_or("no secondary")?;
+    let soon = Instant::now() + Duration::from_secs(5);
+    let (detected, line) = secondary
+        .wait_err("primary silent for", soon)
+        .ok_or_else(|| format!("no `primary silent` line: {}", err_tail(secondary)))?;
+    let (live, _) = secondary
+        .wait_err("going live at stop", soon)
+        .ok_or_else(|| format!("no `going live at stop` line: {}", err_tail(secondary)))?;
+    t.detect_ms = ms(stopped, detected);
+    t.silent_ms = number_after(&line, "silent for").unwrap_or(f64::NAN);
+    t.catch_up_ms = ms(detected, live);
+    t.go_live_ms = ms(live, reply);
+    t.total_ms = ms(stopped, reply);
+
+    // Re-protection: the frozen host is lost; its replacement starts with
+    // `tandem pair` and joins the new primary.
+    if let Some(p) = pair.primary.take() {
+        p.kill();
+        let _ = p.finish(Duration::ZERO);
+    }
+    let started = Instant::now();
+    let mut joiner = proc::spawn(pair.command(ctx, ctx.cpu, "pair"))
+        .map_err(|e| format!("spawn tandem pair: {e}"))?;
+    watch_stdout(&mut joiner);
+    pair.joiner = Some(joiner);
+    let secondary = pair.secondary.as_ref().ok_or("no secondary")?;
+    let joined = secondary.wait_err(
+        "secondary joined at stop",
+        started + Duration::from_secs(60),
+    );
+    let Some((joined, _)) = joined else {
+        return Err(format!(
+            "no `secondary joined` line within 60 s: {} / joiner: {}",
+            err_tail(secondary),
+            pair.joiner.as_ref().map(err_tail).unwrap_or_default()
+        ));
+    };
+    t.reprotect_ms = Some(ms(started, joined));
+    if let Some((_, l)) = secondary.wait_err("full sync point at stop", Instant::now()) {
+        t.pause_ms = number_after(&l, "guest paused");
+        t.pages = l.find(" (").and_then(|i| number_after(&l[i..], "("));
+    }
+    t.served_after = netecho::client(&pair.ns, 5).is_ok();
+    Ok(())
+}
+
+/// Failover and re-protection figures over the trials at one memory size.
+pub fn trials_json(mem: &str, trials: &[Trial]) -> Json {
+    let ok: Vec<&Trial> = trials.iter().filter(|t| t.error.is_empty()).collect();
+    let col = |f: &dyn Fn(&Trial) -> Option<f64>| -> Vec<f64> {
+        ok.iter().filter_map(|t| f(t)).collect()
+    };
+    Json::obj()
+        .with("mem", mem)
+        .with("trials", trials.len())
+        .with("failures", trials.len() - ok.len())
+        .with(
+            "first_error",
+            trials
+                .iter()
+                .find(|t| !t.error.is_empty())
+                .map(|t| t.error.clone()),
+        )
+        .with(
+            "detect_ms",
+            summary_json(&col(&|t| Some(t.detect_ms)), "ms"),
+        )
+        .with(
+            "reported_silence_ms",
+            summary_json(&col(&|t| Some(t.silent_ms)), "ms"),
+        )
+        .with(
+            "catch_up_ms",
+            summary_json(&col(&|t| Some(t.catch_up_ms)), "ms"),
+        )
+        .with(
+            "go_live_to_reply_ms",
+            summary_json(&col(&|t| Some(t.go_live_ms)), "ms"),
+        )
+        .with(
+            "after_detection_ms",
+            summary_json(&col(&|t| Some(t.catch_up_ms + t.go_live_ms)), "ms"),
+        )
+        .with("total_ms", summary_json(&col(&|t| Some(t.total_ms)), "ms"))
+        .with(
+            "reprotect_ms",
+            summary_json(&col(&|t| t.reprotect_ms), "ms"),
+        )
+        .with(
+            "reprotect_pause_ms",
+            summary_json(&col(&|t| t.pause_ms), "ms"),
+        )
+        .with("reprotect_pages", summary_json(&col(&|t| t.pages), "pages"))
+        .with(
+            "served_after_reprotect",
+            ok.iter().filter(|t| t.served_after).count(),
+        )
+}
