@@ -152,6 +152,9 @@ pub struct FtConfig {
     pub state_dir: PathBuf,
     /// Shell command (STONITH) run before going live.
     pub fence_command: Option<String>,
+    /// Shell command the live side runs to start a fresh secondary after
+    /// losing one.
+    pub respawn: Option<String>,
     /// Cap of the primary's in-memory log of unacknowledged records, bytes.
     pub max_unacked_bytes: u64,
     /// Secondary lag beyond which the primary slows its vCPU.

@@ -103,10 +103,16 @@ struct Topology {
 }
 
 fn topology(tag: &str, failover_ms: u64, commit: &str) -> Topology {
-    topology_with(tag, failover_ms, commit, "")
+    topology_with(tag, failover_ms, commit, "", "")
 }
 
-fn topology_with(tag: &str, failover_ms: u64, commit: &str, vm_extra: &str) -> Topology {
+fn topology_with(
+    tag: &str,
+    failover_ms: u64,
+    commit: &str,
+    vm_extra: &str,
+    ft_extra: &str,
+) -> Topology {
     let ns = NetNs::new(tag);
     ip(&ns, &["link", "add", "br0", "type", "bridge"]);
     for tap in ["tapa", "tapb"] {
@@ -142,6 +148,7 @@ b = {{ address = "127.0.0.2:7402", tap = "tapb" }}
 heartbeat_ms = 50
 failover_timeout_ms = {failover_ms}
 output_commit = "{commit}"
+{ft_extra}
 witness = "tcp://127.0.0.1:7500"
 state_dir = "{state}"
 "#,
@@ -190,7 +197,10 @@ fn start_pair(tag: &str, failover_ms: u64) -> Pair {
 }
 
 fn start_pair_committing(tag: &str, failover_ms: u64, commit: &str) -> Pair {
-    let t = topology(tag, failover_ms, commit);
+    start_topology(topology(tag, failover_ms, commit))
+}
+
+fn start_topology(t: Topology) -> Pair {
     let config = t.config.display().to_string();
     let state = t.dir.join("witness.state").display().to_string();
     let witness = Proc::spawn(
@@ -344,7 +354,19 @@ fn replayed_commit_serves_and_fails_over_too() {
 
 #[test]
 fn kill_usr1_of_the_secondary_leaves_the_primary_serving_unprotected() {
-    let p = start_pair("u2", 1500);
+    // With `respawn`, the primary also starts a fresh secondary's command.
+    let marker = std::env::temp_dir().join(format!("tandem-respawned-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let p = start_topology(topology_with(
+        "u2",
+        1500,
+        "received",
+        "",
+        &format!(
+            "respawn = \"echo $TANDEM_VM $TANDEM_HOST $TANDEM_PEER > {}\"",
+            marker.display()
+        ),
+    ));
     let s = p.t.ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();
     let (next, _) = serve(&s, 0, 20, Duration::from_secs(30), &mut replies);
@@ -361,6 +383,10 @@ fn kill_usr1_of_the_secondary_leaves_the_primary_serving_unprotected() {
         "{}",
         p.primary.stderr()
     );
+    std::thread::sleep(Duration::from_millis(300));
+    let respawned = std::fs::read_to_string(&marker).unwrap_or_default();
+    assert_eq!(respawned.trim(), "counter a b", "respawn did not run");
+    let _ = std::fs::remove_file(&marker);
     let _ = std::fs::remove_dir_all(&p.t.dir);
 }
 
@@ -640,6 +666,7 @@ fn the_console_socket_is_served_by_the_live_side() {
         1500,
         "received",
         &format!("console = \"unix:{}\"", sock.display()),
+        "",
     );
     let config = t.config.display().to_string();
     let state = t.dir.join("witness.state").display().to_string();

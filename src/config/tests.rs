@@ -121,6 +121,7 @@ fn full_file_gives_typed_values() {
             witness: Some(Witness::Tcp(addr("10.10.0.3:7500"))),
             state_dir: "/srv/tandem/web1".into(),
             fence_command: Some("ipmitool -H bmc-peer power off".into()),
+            respawn: None,
             max_unacked_bytes: 128 << 20,
             max_lag: Duration::from_millis(250),
             announce: Announce {

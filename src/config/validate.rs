@@ -462,6 +462,20 @@ pub(super) fn validate_ft(
         Some(f) => Some(f.get_ref().clone()),
     };
 
+    let respawn = match &raw.respawn {
+        None => None,
+        Some(f) if f.get_ref().trim().is_empty() => {
+            return Err(ctx.invalid(
+                &f.span(),
+                S,
+                "respawn",
+                quoted(f),
+                "is empty (leave the key out to start secondaries by hand)",
+            ))
+        }
+        Some(f) => Some(f.get_ref().clone()),
+    };
+
     let max_unacked_bytes = match &raw.max_unacked_bytes {
         None => DEFAULT_MAX_UNACKED_BYTES,
         Some(m) => {
@@ -512,6 +526,7 @@ pub(super) fn validate_ft(
         witness,
         state_dir,
         fence_command,
+        respawn,
         max_unacked_bytes,
         max_lag: Duration::from_millis(max_lag_ms),
         announce: Announce {

@@ -105,6 +105,8 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         alone: args.alone,
         state_dir: cfg.ft.state_dir.clone(),
         fence_command: cfg.ft.fence_command.clone(),
+        respawn: cfg.ft.respawn.clone(),
+        peer_name: me.peer().name().to_string(),
         replayed_commit: cfg.ft.output_commit == config::OutputCommit::Replayed,
         console: cfg
             .vm

@@ -53,6 +53,10 @@ pub struct PairParams {
     pub state_dir: std::path::PathBuf,
     /// STONITH: run before going live (must succeed).
     pub fence_command: Option<String>,
+    /// Run to start a fresh secondary after losing one.
+    pub respawn: Option<String>,
+    /// The peer's host id ("a" or "b").
+    pub peer_name: String,
     /// Release output only once the secondary has replayed and verified
     /// it (`output_commit = "replayed"`), not merely received it.
     pub replayed_commit: bool,
@@ -112,6 +116,28 @@ impl PairParams {
         });
         if let Err(e) = write {
             warn!("event journal {}: {e}", self.state_dir.display());
+        }
+    }
+
+    /// Starts the configured `respawn` command in the background.
+    fn respawn(&self) {
+        let Some(cmd) = &self.respawn else {
+            return;
+        };
+        let spawned = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .env("TANDEM_VM", &self.vm_name)
+            .env("TANDEM_HOST", &self.me)
+            .env("TANDEM_PEER", &self.peer_name)
+            .spawn();
+        match spawned {
+            Ok(mut child) => {
+                self.event("respawn started");
+                std::thread::spawn(move || {
+                    let _ = child.wait();
+                });
+            }
+            Err(e) => warn!("respawn `{cmd}`: {e}"),
         }
     }
 
@@ -451,6 +477,7 @@ impl Replicator {
                     self.params.board.set("primary", g, "none (unprotected)");
                     self.gate.open();
                     self.params.throttle.open();
+                    self.params.respawn();
                 }
                 Ok(None) => {
                     self.params.event("fenced lost-arbitration");
@@ -921,6 +948,7 @@ pub fn run_secondary(
                     ));
                     successor.generation.store(g, Ordering::Release);
                     params.board.set("primary", g, "none (took over)");
+                    params.respawn();
                     if let Err(e) = successor.start(frames_rx.take()) {
                         warn!("live, but cannot take a new secondary: {e:#}");
                     }
