@@ -993,9 +993,70 @@ fn the_last_output_is_released_when_the_guest_ends() {
         std::thread::sleep(Duration::from_millis(100));
         let out = primary.lines.lock().unwrap().join("\n");
         assert_eq!(
-            out, "hello from tandem",
-            "{commit}: primary printed {out:?}"
+            out,
+            "hello from tandem",
+            "{commit}: primary printed {out:?}\nprimary: {}\nsecondary: {}",
+            primary.stderr(),
+            secondary.stderr()
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+#[test]
+fn a_broken_replication_connection_resumes_without_a_failover() {
+    // Abort the replication TCP connection (ss -K): the secondary reconnects
+    // within the failover timeout and resumes from the frames it has; no
+    // side goes live or fences, and a later failover still works.
+    let mut p = start_pair("res", 3000);
+    let s = p.t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, _) = serve(&s, 0, 10, Duration::from_secs(30), &mut replies);
+    let out =
+        p.t.ns
+            .command("ss")
+            .args(["-K", "dst", "127.0.0.1", "dport", "7401"])
+            .output()
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "ss -K: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (next2, more) = serve(&s, next, 10, Duration::from_secs(30), &mut replies);
+    assert!(
+        more.is_some(),
+        "the pair stopped serving after the connection broke"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.secondary.stderr().contains("resuming from frame") {
+        assert!(
+            Instant::now() < deadline,
+            "no resume\nprimary: {}\nsecondary: {}",
+            p.primary.stderr(),
+            p.secondary.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(
+        !p.secondary.stderr().contains("going live"),
+        "{}",
+        p.secondary.stderr()
+    );
+    assert!(
+        !p.primary.stderr().contains("unprotected"),
+        "{}",
+        p.primary.stderr()
+    );
+    // The resumed secondary still holds the VM: take over from it.
+    p.primary.child.kill().unwrap();
+    let (_, after) = serve(&s, next2, 10, Duration::from_secs(30), &mut replies);
+    assert!(
+        after.is_some(),
+        "no takeover after the resume: {}",
+        p.secondary.stderr()
+    );
+    assert_counter_invariants(&replies, next2);
+    let _ = std::fs::remove_dir_all(&p.t.dir);
 }

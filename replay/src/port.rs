@@ -105,6 +105,10 @@ pub trait Outputs: Send + Sync {
     /// A new secondary has the state as of `stop`: output produced after it
     /// waits for that secondary again (a re-protected primary).
     fn protect_from(&self, _stop: u64) {}
+
+    /// Blocks until everything emitted so far has reached its sink (the
+    /// console bytes a process prints just before it exits).
+    fn flush(&self) {}
 }
 
 /// Where the causes of each stop come from.

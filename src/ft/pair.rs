@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use tandem_replay::log::{LogError, LogReader, LogWriter, Record};
+use tandem_replay::Outputs as _;
 use tandem_vmm::journal::{RecordOptions, RecordSink, Throttle};
 use tandem_vmm::vm::RunMode;
 use tandem_vmm::{Vm, VmConfig};
@@ -248,6 +249,11 @@ struct Replicator {
     full_sync: Arc<AtomicBool>,
     kicker: tandem_vmm::kick::Kicker,
     causes: tandem_replay::CauseQueue,
+    /// Frames sent on the current link and not yet acknowledged, as
+    /// (index, stop, bytes): a secondary that reconnects resumes from them.
+    sent: Mutex<std::collections::VecDeque<(u64, u64, Vec<u8>)>>,
+    /// Index of the next frame on the current link.
+    next_index: AtomicU64,
 }
 
 impl Replicator {
@@ -279,6 +285,7 @@ impl Replicator {
                     Link::Detached => {}
                     Link::Joining(stream) => {
                         if frame.full {
+                            self.remember(frame.stop, &frame.bytes);
                             let mut w = &*stream;
                             broken =
                                 wire::write(&mut w, generation, &Message::Log(self.header.clone()))
@@ -302,6 +309,7 @@ impl Replicator {
                         }
                     }
                     Link::Attached(stream) => {
+                        self.remember(frame.stop, &frame.bytes);
                         let mut w = &*stream;
                         broken =
                             wire::write(&mut w, generation, &Message::Log(frame.bytes)).is_err();
@@ -324,6 +332,82 @@ impl Replicator {
         }
     }
 
+    /// Keeps a frame sent on the current link until it is acknowledged.
+    fn remember(&self, stop: u64, bytes: &[u8]) {
+        let index = self.next_index.fetch_add(1, Ordering::AcqRel);
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((index, stop, bytes.to_vec()));
+    }
+
+    /// The secondary has everything up to stop `stop`.
+    fn forget_acked(&self, stop: u64) {
+        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        while sent.front().is_some_and(|(_, s, _)| *s <= stop) {
+            sent.pop_front();
+        }
+    }
+
+    /// A secondary whose connection broke comes back: resend what it lacks
+    /// on the new connection and carry on — not a failover.
+    fn resume(self: &Arc<Self>, mut stream: TcpStream, frames: u64) -> anyhow::Result<()> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut link = self.link();
+        if !matches!(*link, Link::Attached(_)) {
+            wire::write(
+                &mut stream,
+                generation,
+                &Message::Refuse {
+                    reason: "nothing to resume".into(),
+                },
+            )?;
+            bail!("a resume with no secondary attached");
+        }
+        let sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        let next = self.next_index.load(Ordering::Acquire);
+        let oldest = sent.front().map_or(next, |(i, _, _)| *i);
+        if frames < oldest || frames > next {
+            wire::write(
+                &mut stream,
+                generation,
+                &Message::Refuse {
+                    reason: format!(
+                        "cannot resume from frame {frames}: this primary keeps {oldest}..{next}"
+                    ),
+                },
+            )?;
+            bail!("resume from frame {frames} impossible ({oldest}..{next} kept)");
+        }
+        wire::write(
+            &mut stream,
+            generation,
+            &Message::Welcome {
+                version: PROTOCOL_MAX,
+            },
+        )?;
+        let mut resent = 0;
+        for (_, _, bytes) in sent.iter().filter(|(i, _, _)| *i >= frames) {
+            wire::write(&mut stream, generation, &Message::Log(bytes.clone()))?;
+            resent += 1;
+        }
+        drop(sent);
+        stream.set_nodelay(true)?;
+        let input = stream.try_clone()?;
+        *link = Link::Attached(stream);
+        drop(link);
+        self.heard();
+        eprintln!("tandem: secondary reconnected; resumed from frame {frames} ({resent} frames sent again)");
+        self.params
+            .event(&format!("secondary-resumed frame={frames}"));
+        let me = self.clone();
+        let kicker = self.kicker.clone();
+        std::thread::Builder::new()
+            .name("tandem-acks".into())
+            .spawn(move || me.read_acks(input, kicker))?;
+        Ok(())
+    }
+
     /// Reads one secondary's acks, verifications and repair requests.
     fn read_acks(self: &Arc<Self>, mut input: TcpStream, kicker: tandem_vmm::kick::Kicker) {
         let replayed_commit = self.params.replayed_commit;
@@ -335,6 +419,7 @@ impl Replicator {
                 Ok((_, Message::Ack(stop))) => {
                     self.heard();
                     self.params.throttle.acked(stop);
+                    self.forget_acked(stop);
                     if !replayed_commit && !repairing {
                         self.gate.release(stop);
                     }
@@ -365,11 +450,14 @@ impl Replicator {
         mut stream: TcpStream,
         from: SocketAddr,
         fresh: bool,
+        hello: Message,
     ) -> anyhow::Result<()> {
         stream.set_nodelay(true)?;
         let generation = self.generation.load(Ordering::Acquire);
-        handshake_as_primary(&mut stream, generation, &self.params.vm_name)
+        handshake_as_primary(&mut stream, generation, &self.params.vm_name, hello)
             .with_context(|| format!("handshake with the secondary at {from}"))?;
+        self.sent.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.next_index.store(0, Ordering::Release);
         if fresh {
             // The first secondary follows from stop 0: the header now.
             let mut w = &stream;
@@ -410,6 +498,25 @@ impl Replicator {
             let from = stream
                 .peer_addr()
                 .map_or_else(|_| "?".to_string(), |a| a.to_string());
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let first = match wire::read(&mut stream) {
+                Ok((_, m)) => m,
+                Err(e) => {
+                    warn!("secondary {from}: {e}");
+                    continue;
+                }
+            };
+            let _ = stream.set_read_timeout(None);
+            if let Message::Resume { vm, frames } = first {
+                if vm != self.params.vm_name {
+                    warn!("secondary {from} resumes {vm}, not {}", self.params.vm_name);
+                    continue;
+                }
+                if let Err(e) = self.resume(stream, frames) {
+                    warn!("secondary {from}: {e:#}");
+                }
+                continue;
+            }
             if !matches!(*self.link(), Link::Detached) {
                 let generation = self.generation.load(Ordering::Acquire);
                 let _ = wire::write(
@@ -422,7 +529,7 @@ impl Replicator {
                 continue;
             }
             let addr = stream.peer_addr().unwrap_or_else(|_| self.params.peer);
-            if let Err(e) = self.attach(stream, addr, false) {
+            if let Err(e) = self.attach(stream, addr, false, first) {
                 warn!("secondary {from}: {e:#}");
             }
         }
@@ -467,28 +574,34 @@ impl Replicator {
             if let Link::Joining(s) | Link::Attached(s) = old {
                 let _ = s.shutdown(Shutdown::Both);
             }
-            let generation = self.generation.load(Ordering::Acquire);
-            match self.params.claim(generation) {
-                Ok(Some(g)) => {
-                    eprintln!("tandem: secondary silent for {silent} ms; running unprotected as generation {g}");
-                    self.params
-                        .event(&format!("secondary-lost generation={g} unprotected"));
-                    self.generation.store(g, Ordering::Release);
-                    self.params.board.set("primary", g, "none (unprotected)");
-                    self.gate.open();
-                    self.params.throttle.open();
-                    self.params.respawn();
-                }
-                Ok(None) => {
-                    self.params.event("fenced lost-arbitration");
-                    fence("the secondary took over (lost the arbitration)")
-                }
-                Err(e) => {
-                    self.params.event("fenced arbiter-unreachable");
-                    fence(&format!(
-                        "cannot reach the arbiter after losing the secondary: {e}"
-                    ))
-                }
+            self.go_unprotected(&format!("secondary silent for {silent} ms"));
+        }
+    }
+
+    /// The secondary is gone (or will not ack): win the next generation and
+    /// release everything held, or fence if the other side won.
+    fn go_unprotected(&self, why: &str) {
+        let generation = self.generation.load(Ordering::Acquire);
+        match self.params.claim(generation) {
+            Ok(Some(g)) => {
+                eprintln!("tandem: {why}; running unprotected as generation {g}");
+                self.params
+                    .event(&format!("secondary-lost generation={g} unprotected"));
+                self.generation.store(g, Ordering::Release);
+                self.params.board.set("primary", g, "none (unprotected)");
+                self.gate.open();
+                self.params.throttle.open();
+                self.params.respawn();
+            }
+            Ok(None) => {
+                self.params.event("fenced lost-arbitration");
+                fence("the secondary took over (lost the arbitration)")
+            }
+            Err(e) => {
+                self.params.event("fenced arbiter-unreachable");
+                fence(&format!(
+                    "cannot reach the arbiter after losing the secondary: {e}"
+                ))
             }
         }
     }
@@ -567,6 +680,8 @@ pub fn run_primary(
         full_sync,
         kicker: vm.kicker(),
         causes: vm.cause_queue(),
+        sent: Mutex::default(),
+        next_index: AtomicU64::new(0),
     });
     publish(&replicator.params, &vm, "primary", generation)?;
     let r = replicator.clone();
@@ -575,7 +690,13 @@ pub fn run_primary(
         Arc::new(move || millis(r.base).saturating_sub(r.last_heard.load(Ordering::Acquire))),
     );
     match first {
-        Some((stream, from)) => replicator.attach(stream, from, true)?,
+        Some((mut stream, from)) => {
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let (_, hello) = wire::read(&mut stream)
+                .with_context(|| format!("handshake with the secondary at {from}"))?;
+            stream.set_read_timeout(None)?;
+            replicator.attach(stream, from, true, hello)?
+        }
         None => {
             gate.open();
             replicator.params.throttle.open();
@@ -605,14 +726,25 @@ pub fn run_primary(
     while gate.held() > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
+    if gate.held() > 0 {
+        // Never drop what the guest said: without an ack in time, release it
+        // the way a lost secondary does (after winning the arbitration).
+        replicator.go_unprotected("no ack for the guest's last output");
+    }
+    // Released console bytes pass through a writer thread: let them out
+    // before the process exits.
+    gate.flush();
     let code = crate::cli::finish_report(report);
     super::status::linger_if_fenced();
     Ok(code)
 }
 
-fn handshake_as_primary(stream: &mut TcpStream, generation: u64, vm: &str) -> anyhow::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let (_, hello) = wire::read(stream)?;
+fn handshake_as_primary(
+    stream: &mut TcpStream,
+    generation: u64,
+    vm: &str,
+    hello: Message,
+) -> anyhow::Result<()> {
     let Message::Hello {
         min,
         max,
@@ -746,37 +878,61 @@ pub fn run_secondary(
         Arc::default();
     let gone = Arc::new(AtomicBool::new(false));
 
-    // Reader: log bytes into the pipe, releases to the follower.
+    // Reader: log bytes into the pipe, releases to the follower. If the
+    // connection breaks, reconnect and resume from the frames already here
+    // (not a failover, as long as it comes back within the timeout).
+    let link_out = Arc::new(Mutex::new(stream.try_clone()?));
     let mut input = stream.try_clone()?;
     let (heard, slot, gone_r) = (last_heard.clone(), follower_slot.clone(), gone.clone());
     let pipe_in = Mutex::new(pipe_in);
+    let (peer, vm_name, out_r) = (params.peer, params.vm_name.clone(), link_out.clone());
     std::thread::Builder::new()
         .name("tandem-follow".into())
-        .spawn(move || loop {
-            let msg = wire::read(&mut input);
-            if gone_r.load(Ordering::Acquire) {
-                return;
-            }
-            match msg {
-                Ok((g, _)) if g < generation => warn!("message from old generation {g} ignored"),
-                Ok((_, m)) => {
-                    heard.store(millis(base), Ordering::Release);
-                    match m {
-                        Message::Log(bytes) => {
-                            let mut p = pipe_in.lock().unwrap_or_else(|e| e.into_inner());
-                            if p.write_all(&bytes).is_err() {
-                                return;
-                            }
-                        }
-                        Message::Released(stop) => {
-                            if let Some(f) = slot.get() {
-                                f.primary_released(stop);
-                            }
-                        }
-                        _ => {}
-                    }
+        .spawn(move || {
+            let mut header_seen = false;
+            let mut frames = 0u64;
+            loop {
+                let msg = wire::read(&mut input);
+                if gone_r.load(Ordering::Acquire) {
+                    return;
                 }
-                Err(_) => return,
+                match msg {
+                    Ok((g, _)) if g < generation => warn!("message from old generation {g} ignored"),
+                    Ok((_, m)) => {
+                        heard.store(millis(base), Ordering::Release);
+                        match m {
+                            Message::Log(bytes) => {
+                                let mut p = pipe_in.lock().unwrap_or_else(|e| e.into_inner());
+                                if p.write_all(&bytes).is_err() {
+                                    return;
+                                }
+                                if header_seen {
+                                    frames += 1;
+                                }
+                                header_seen = true;
+                            }
+                            Message::Released(stop) => {
+                                if let Some(f) = slot.get() {
+                                    f.primary_released(stop);
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    Err(_) => match reconnect(peer, &vm_name, generation, frames, &gone_r) {
+                        Some(stream) => {
+                            eprintln!("tandem: reconnected to the primary; resuming from frame {frames}");
+                            match stream.try_clone() {
+                                Ok(s) => input = s,
+                                Err(_) => return,
+                            }
+                            *out_r.lock().unwrap_or_else(|p| p.into_inner()) = stream;
+                        }
+                        // The monitor decides what a primary that cannot be
+                        // reached means.
+                        None => return,
+                    },
+                }
             }
         })?;
 
@@ -856,12 +1012,15 @@ pub fn run_secondary(
         full_sync,
         kicker: vm.kicker(),
         causes: vm.cause_queue(),
+        sent: Mutex::default(),
+        next_index: AtomicU64::new(0),
     });
     let mut frames_rx = Some(frames_rx);
 
     // Acks (as soon as the received watermark moves: the primary's held
-    // output waits on them) and heartbeats.
-    let mut out = stream.try_clone()?;
+    // output waits on them) and heartbeats, on whatever connection is
+    // current.
+    let out = link_out.clone();
     let heartbeat = params.heartbeat;
     let params_heartbeat = params.heartbeat;
     let gone_a = gone.clone();
@@ -875,6 +1034,11 @@ pub fn run_secondary(
             let mut reported = 0u64;
             let mut reported_divergence = 0u64;
             let mut next_beat = Instant::now();
+            let send = |m: &Message| {
+                let mut link = out.lock().unwrap_or_else(|p| p.into_inner());
+                // A failed write is the reader's to notice (it reconnects).
+                let _ = wire::write(&mut *link, generation, m);
+            };
             while !gone_a.load(Ordering::Acquire) {
                 let d = diverged.load(Ordering::Acquire);
                 if d > reported_divergence {
@@ -882,16 +1046,12 @@ pub fn run_secondary(
                         "epoch {} diverged: asking the primary for a sync point",
                         d - 1
                     );
-                    if wire::write(&mut out, generation, &Message::RepairRequest(d - 1)).is_err() {
-                        return;
-                    }
+                    send(&Message::RepairRequest(d - 1));
                     reported_divergence = d;
                 }
                 let v = verified.load(Ordering::Acquire);
                 if v > reported {
-                    if wire::write(&mut out, generation, &Message::Verified(v)).is_err() {
-                        return;
-                    }
+                    send(&Message::Verified(v));
                     reported = v;
                 }
                 let current = {
@@ -907,15 +1067,11 @@ pub fn run_secondary(
                     *guard
                 };
                 if current != acked {
-                    if wire::write(&mut out, generation, &Message::Ack(current)).is_err() {
-                        return;
-                    }
+                    send(&Message::Ack(current));
                     acked = current;
                 }
                 if Instant::now() >= next_beat {
-                    if wire::write(&mut out, generation, &Message::Heartbeat).is_err() {
-                        return;
-                    }
+                    send(&Message::Heartbeat);
                     next_beat = Instant::now() + heartbeat;
                 }
             }
@@ -933,7 +1089,10 @@ pub fn run_secondary(
                 continue;
             }
             gone.store(true, Ordering::Release);
-            let _ = stream.shutdown(Shutdown::Both);
+            let _ = link_out
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .shutdown(Shutdown::Both);
             match params.claim(generation) {
                 Ok(Some(g)) => {
                     if let Err(e) = params.run_fence_command() {
@@ -973,9 +1132,51 @@ pub fn run_secondary(
         verified_end.store(u64::MAX, Ordering::Release);
         std::thread::sleep(params_heartbeat * 3);
     }
+    // Console bytes pass through a writer thread: let them out before the
+    // process exits.
+    if let Some(f) = follower_slot.get() {
+        f.flush();
+    }
     let code = crate::cli::finish_report(report);
     super::status::linger_if_fenced();
     Ok(code)
+}
+
+/// Reconnects to the primary after the replication connection broke and
+/// asks to resume after `frames` frames; None when it will not (or the side
+/// decided the primary is gone).
+fn reconnect(
+    peer: SocketAddr,
+    vm: &str,
+    generation: u64,
+    frames: u64,
+    gone: &AtomicBool,
+) -> Option<TcpStream> {
+    while !gone.load(Ordering::Acquire) {
+        if let Ok(mut s) = TcpStream::connect_timeout(&peer, Duration::from_millis(500)) {
+            let _ = s.set_nodelay(true);
+            let resume = Message::Resume {
+                vm: vm.to_string(),
+                frames,
+            };
+            if wire::write(&mut s, generation, &resume).is_ok() {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                match wire::read(&mut s) {
+                    Ok((g, Message::Welcome { .. })) if g == generation => {
+                        let _ = s.set_read_timeout(None);
+                        return Some(s);
+                    }
+                    Ok((_, Message::Refuse { reason })) => {
+                        warn!("the primary will not resume: {reason}");
+                        return None;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
 }
 
 fn decode_loop(

@@ -54,6 +54,14 @@ pub enum Message {
     /// Secondary → primary: epoch `n` diverged; commit on verified epochs
     /// until one verifies, and take a sync point now so it can repair.
     RepairRequest(u64),
+    /// Secondary → primary, on a new connection after the old one broke:
+    /// it has `frames` log frames (after the header); send the rest.
+    Resume {
+        /// The VM's name.
+        vm: String,
+        /// Frames the secondary has.
+        frames: u64,
+    },
 }
 
 const TAG_HELLO: u8 = 1;
@@ -65,6 +73,7 @@ const TAG_ACK: u8 = 6;
 const TAG_HEARTBEAT: u8 = 7;
 const TAG_VERIFIED: u8 = 8;
 const TAG_REPAIR: u8 = 9;
+const TAG_RESUME: u8 = 10;
 
 /// Writes one message.
 pub fn write(w: &mut impl Write, generation: u64, m: &Message) -> io::Result<()> {
@@ -84,6 +93,11 @@ pub fn write(w: &mut impl Write, generation: u64, m: &Message) -> io::Result<()>
         Message::Heartbeat => (TAG_HEARTBEAT, Vec::new()),
         Message::Verified(stop) => (TAG_VERIFIED, stop.to_le_bytes().to_vec()),
         Message::RepairRequest(epoch) => (TAG_REPAIR, epoch.to_le_bytes().to_vec()),
+        Message::Resume { vm, frames } => {
+            let mut p = frames.to_le_bytes().to_vec();
+            p.extend_from_slice(vm.as_bytes());
+            (TAG_RESUME, p)
+        }
     };
     let len = u32::try_from(payload.len())
         .ok()
@@ -149,6 +163,15 @@ pub fn read(r: &mut impl Read) -> io::Result<(u64, Message)> {
         TAG_HEARTBEAT => Message::Heartbeat,
         TAG_VERIFIED => Message::Verified(u64_of(&payload)?),
         TAG_REPAIR => Message::RepairRequest(u64_of(&payload)?),
+        TAG_RESUME => {
+            if payload.len() < 8 {
+                return Err(bad("short resume"));
+            }
+            Message::Resume {
+                frames: u64_of(&payload[..8])?,
+                vm: text(payload[8..].to_vec())?,
+            }
+        }
         tag => return Err(bad(format!("unknown message tag {tag}"))),
     };
     Ok((generation, m))
@@ -182,6 +205,10 @@ mod tests {
             Message::Heartbeat,
             Message::Verified(12),
             Message::RepairRequest(3),
+            Message::Resume {
+                vm: "web1".into(),
+                frames: 42,
+            },
         ];
         let mut buf = Vec::new();
         for m in &all {

@@ -88,6 +88,10 @@ impl Outputs for GatedOutputs {
         !lock(&self.held).is_empty()
     }
 
+    fn flush(&self) {
+        self.inner.flush();
+    }
+
     fn emit(&self, output: Output) {
         let stop = self.stop.load(Ordering::Acquire);
         let immediate = matches!(
@@ -197,6 +201,10 @@ impl Outputs for FollowerOutputs {
 
     fn pending(&self) -> bool {
         self.live.load(Ordering::Acquire) && self.inner.pending()
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
     }
 
     fn emit(&self, output: Output) {

@@ -46,6 +46,10 @@ impl Outputs for LiveOutputs {
             },
         }
     }
+
+    fn flush(&self) {
+        self.console.flush();
+    }
 }
 
 /// Outputs of a replay: the console prints what the recorded run printed;
@@ -66,5 +70,9 @@ impl Outputs for ReplayOutputs {
         if let Output::Serial(bytes) = output {
             self.console.write(bytes);
         }
+    }
+
+    fn flush(&self) {
+        self.console.flush();
     }
 }
