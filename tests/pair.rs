@@ -910,6 +910,8 @@ fn fail_over_re_protect_and_fail_back() {
 #[test]
 fn tandem_status_reports_both_sides() {
     let p = start_pair("stat", 1500);
+    // Rates are sampled each second: give the sampler a full one.
+    std::thread::sleep(Duration::from_millis(2500));
     let config = p.t.config.display().to_string();
     let mut cmd = common::tandem();
     cmd.args(["status", "--config", &config, "--json"]);
@@ -938,12 +940,22 @@ fn tandem_status_reports_both_sides() {
         "epochs_verified",
         "divergences",
         "log_bytes_shipped",
+        "log_kbit_s",
+        "sync_points_per_s",
     ] {
         assert!(
             lines[0].contains(field) && lines[1].contains(field),
             "{field}: {lines:?}"
         );
     }
+    // The primary ships log all the time (timer stops at least).
+    let rate: u64 = lines[0]
+        .split("\"log_kbit_s\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no log_kbit_s: {}", lines[0]));
+    assert!(rate > 0, "log rate 0 while the guest runs: {}", lines[0]);
     let _ = std::fs::remove_dir_all(&p.t.dir);
 }
 

@@ -816,6 +816,40 @@ fn publish(params: &PairParams, vm: &Vm, role: &str, generation: u64) -> anyhow:
         "log_bytes_shipped",
         Arc::new(move || shipped.shipped_bytes()),
     );
+    // Rates over the last second, from a sampler thread (a probe answers
+    // many clients; deltas between queries would depend on who asked).
+    let log_kbit_s = Arc::new(AtomicU64::new(0));
+    let sync_points_per_s = Arc::new(AtomicU64::new(0));
+    {
+        let (shipped, counters) = (params.throttle.clone(), counters.clone());
+        let (kbit, syncs) = (log_kbit_s.clone(), sync_points_per_s.clone());
+        std::thread::Builder::new()
+            .name("tandem-rates".into())
+            .spawn(move || {
+                let mut last = (
+                    shipped.shipped_bytes(),
+                    counters.sync_points.load(Ordering::Relaxed),
+                );
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let now = (
+                        shipped.shipped_bytes(),
+                        counters.sync_points.load(Ordering::Relaxed),
+                    );
+                    kbit.store(now.0.saturating_sub(last.0) * 8 / 1000, Ordering::Relaxed);
+                    syncs.store(now.1.saturating_sub(last.1), Ordering::Relaxed);
+                    last = now;
+                }
+            })?;
+    }
+    params.board.probe(
+        "log_kbit_s",
+        Arc::new(move || log_kbit_s.load(Ordering::Relaxed)),
+    );
+    params.board.probe(
+        "sync_points_per_s",
+        Arc::new(move || sync_points_per_s.load(Ordering::Relaxed)),
+    );
     let diverged = vm.divergence_epoch();
     params.board.probe(
         "last_diverged_epoch",
