@@ -437,6 +437,21 @@ fn output_waits_for_the_secondary() {
         held.is_empty(),
         "a reply left before the secondary had its log: {held:?}"
     );
+    // The operator sees how long the reply has waited.
+    let mut cmd = common::tandem();
+    let config = p.t.config.display().to_string();
+    cmd.args(["status", "--config", &config, "--json"]);
+    let f = common::run_command(cmd, None, Duration::from_secs(20));
+    let primary = f
+        .stdout
+        .lines()
+        .find(|l| l.contains("\"host\":\"a\""))
+        .unwrap_or_else(|| panic!("no status from the primary: {f:?}"));
+    assert!(status_figure(primary, "held_outputs") > 0, "{primary}");
+    assert!(
+        status_figure(primary, "oldest_held_ms") >= 1000,
+        "{primary}"
+    );
     signal(&p.secondary, libc::SIGCONT);
     let released = counter(&s, 1, next + 1, Duration::from_secs(5));
     assert!(
@@ -907,6 +922,15 @@ fn fail_over_re_protect_and_fail_back() {
     let _ = std::fs::remove_dir_all(&p.t.dir);
 }
 
+/// A number from one `tandem status --json` line.
+fn status_figure(line: &str, name: &str) -> u64 {
+    line.split(&format!("\"{name}\":"))
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+}
+
 #[test]
 fn tandem_status_reports_both_sides() {
     let p = start_pair("stat", 1500);
@@ -949,12 +973,7 @@ fn tandem_status_reports_both_sides() {
         );
     }
     // The primary ships log all the time (timer stops at least).
-    let rate: u64 = lines[0]
-        .split("\"log_kbit_s\":")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no log_kbit_s: {}", lines[0]));
+    let rate = status_figure(lines[0], "log_kbit_s");
     assert!(rate > 0, "log rate 0 while the guest runs: {}", lines[0]);
     let _ = std::fs::remove_dir_all(&p.t.dir);
 }

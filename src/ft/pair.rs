@@ -788,9 +788,13 @@ fn publish(params: &PairParams, vm: &Vm, role: &str, generation: u64) -> anyhow:
     });
     params.board.set(role, generation, "connected");
     if let Some(gate) = vm.gate() {
+        let oldest = gate.clone();
         params
             .board
             .probe("held_outputs", Arc::new(move || gate.held() as u64));
+        params
+            .board
+            .probe("oldest_held_ms", Arc::new(move || oldest.oldest_held_ms()));
     }
     let throttle = params.throttle.clone();
     params

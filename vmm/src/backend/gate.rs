@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tandem_replay::{BlockOp, Output, Outputs};
 
@@ -23,7 +24,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct GatedOutputs {
     inner: Arc<dyn Outputs>,
     stop: Arc<AtomicU64>,
-    held: Mutex<VecDeque<(u64, Output)>>,
+    /// (stop, when held, output), oldest first.
+    held: Mutex<VecDeque<(u64, Instant, Output)>>,
     /// Everything produced at stops ≤ this may leave.
     acked: AtomicU64,
     /// Everything up to this stop has left (piggybacked to the secondary).
@@ -50,8 +52,8 @@ impl GatedOutputs {
         }
         let acked = self.acked.load(Ordering::Acquire);
         let mut held = lock(&self.held);
-        while held.front().is_some_and(|(s, _)| *s <= acked) {
-            if let Some((_, output)) = held.pop_front() {
+        while held.front().is_some_and(|(s, _, _)| *s <= acked) {
+            if let Some((_, _, output)) = held.pop_front() {
                 self.inner.emit(output);
             }
         }
@@ -75,6 +77,14 @@ impl GatedOutputs {
     /// Outputs waiting for an ack.
     pub fn held(&self) -> usize {
         lock(&self.held).len()
+    }
+
+    /// How long the oldest output still held has waited, in milliseconds
+    /// (0 when nothing is held).
+    pub fn oldest_held_ms(&self) -> u64 {
+        lock(&self.held)
+            .front()
+            .map_or(0, |(_, since, _)| since.elapsed().as_millis() as u64)
     }
 }
 
@@ -105,13 +115,13 @@ impl Outputs for GatedOutputs {
             self.inner.emit(output);
             return;
         }
-        lock(&self.held).push_back((stop, output));
+        lock(&self.held).push_back((stop, Instant::now(), output));
         // An ack may have raced in between: release again under the lock.
         let acked = self.acked.load(Ordering::Acquire);
         if stop <= acked {
             let mut held = lock(&self.held);
-            while held.front().is_some_and(|(s, _)| *s <= acked) {
-                if let Some((_, o)) = held.pop_front() {
+            while held.front().is_some_and(|(s, _, _)| *s <= acked) {
+                if let Some((_, _, o)) = held.pop_front() {
                     self.inner.emit(o);
                 }
             }
