@@ -929,8 +929,25 @@ pub fn run_secondary(
         .spawn(move || {
             let mut header_seen = false;
             let mut frames = 0u64;
+            let mut shown = Instant::now();
             loop {
-                let msg = wire::read(&mut input);
+                let started = Instant::now();
+                // A large message (a joiner's full sync point) counts as
+                // hearing from the primary while it arrives, and shows
+                // progress on the joining side.
+                let msg = wire::read_with_progress(&mut input, &mut |done, total| {
+                    heard.store(millis(base), Ordering::Release);
+                    if total >= STATE_PROGRESS_MIN && (shown.elapsed() >= Duration::from_millis(500) || done == total) {
+                        shown = Instant::now();
+                        let secs = started.elapsed().as_secs_f64().max(1e-3);
+                        eprintln!(
+                            "tandem: receiving state: {} / {} MiB ({:.0} MiB/s)",
+                            done >> 20,
+                            total >> 20,
+                            done as f64 / secs / f64::from(1u32 << 20)
+                        );
+                    }
+                });
                 if gone_r.load(Ordering::Acquire) {
                     return;
                 }
@@ -1179,6 +1196,9 @@ pub fn run_secondary(
     super::status::linger_if_fenced();
     Ok(code)
 }
+
+/// Messages at least this big show progress as they arrive.
+const STATE_PROGRESS_MIN: u64 = 16 << 20;
 
 /// Reconnects to the primary after the replication connection broke and
 /// asks to resume after `frames` frames; None when it will not (or the side

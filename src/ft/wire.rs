@@ -125,6 +125,18 @@ fn u64_of(p: &[u8]) -> io::Result<u64> {
 /// Reads one message: (generation, message). Never trusts a length beyond
 /// [`MAX_PAYLOAD`].
 pub fn read(r: &mut impl Read) -> io::Result<(u64, Message)> {
+    read_with_progress(r, &mut |_, _| {})
+}
+
+/// Bytes read between progress reports of a large message.
+const PROGRESS_CHUNK: usize = 1 << 20;
+
+/// [`read`], calling `progress(done, total)` as a message's payload arrives
+/// (every MiB and at the end): a full sync point can be hundreds of MiB.
+pub fn read_with_progress(
+    r: &mut impl Read,
+    progress: &mut dyn FnMut(u64, u64),
+) -> io::Result<(u64, Message)> {
     let mut head = [0u8; 13];
     r.read_exact(&mut head)?;
     let generation = u64::from_le_bytes(head[1..9].try_into().unwrap_or([0; 8]));
@@ -133,7 +145,12 @@ pub fn read(r: &mut impl Read) -> io::Result<(u64, Message)> {
         return Err(bad(format!("message of {len} bytes is over the limit")));
     }
     let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload)?;
+    let mut done = 0u64;
+    for chunk in payload.chunks_mut(PROGRESS_CHUNK) {
+        r.read_exact(chunk)?;
+        done += chunk.len() as u64;
+        progress(done, u64::from(len));
+    }
     let text = |p: Vec<u8>| String::from_utf8(p).map_err(|_| bad("text is not UTF-8"));
     let m = match head[0] {
         TAG_HELLO => {
@@ -186,6 +203,24 @@ pub fn negotiate(min: u16, max: u16) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_message_reports_its_progress_up_to_the_whole() {
+        let payload: Vec<u8> = (0..(3 * PROGRESS_CHUNK + 5)).map(|i| i as u8).collect();
+        let mut bytes = Vec::new();
+        write(&mut bytes, 7, &Message::Log(payload.clone())).unwrap();
+        let mut seen = Vec::new();
+        let (generation, m) = read_with_progress(&mut bytes.as_slice(), &mut |done, total| {
+            seen.push((done, total))
+        })
+        .unwrap();
+        assert_eq!(generation, 7);
+        assert!(matches!(m, Message::Log(p) if p == payload));
+        let total = seen[0].1;
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "{seen:?}");
+        assert_eq!(seen.last(), Some(&(total, total)));
+    }
 
     #[test]
     fn messages_round_trip() {
