@@ -452,6 +452,8 @@ fn output_waits_for_the_secondary() {
         status_figure(primary, "oldest_held_ms") >= 1000,
         "{primary}"
     );
+    assert!(status_figure(primary, "unacked_frames") > 0, "{primary}");
+    assert!(status_figure(primary, "lag_ms") >= 1000, "{primary}");
     signal(&p.secondary, libc::SIGCONT);
     let released = counter(&s, 1, next + 1, Duration::from_secs(5));
     assert!(

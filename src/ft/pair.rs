@@ -249,9 +249,9 @@ struct Replicator {
     full_sync: Arc<AtomicBool>,
     kicker: tandem_vmm::kick::Kicker,
     causes: tandem_replay::CauseQueue,
-    /// Frames sent on the current link and not yet acknowledged, as
-    /// (index, stop, bytes): a secondary that reconnects resumes from them.
-    sent: Mutex<std::collections::VecDeque<(u64, u64, Vec<u8>)>>,
+    /// Frames sent on the current link and not yet acknowledged: a
+    /// secondary that reconnects resumes from them.
+    sent: Mutex<std::collections::VecDeque<SentFrame>>,
     /// Index of the next frame on the current link.
     next_index: AtomicU64,
 }
@@ -338,13 +338,23 @@ impl Replicator {
         self.sent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push_back((index, stop, bytes.to_vec()));
+            .push_back((index, stop, Instant::now(), bytes.to_vec()));
+    }
+
+    /// Log lag: frames shipped and not yet acknowledged, and how long the
+    /// oldest of them has waited (ms).
+    fn lag(&self) -> (u64, u64) {
+        let sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        let age = sent
+            .front()
+            .map_or(0, |(_, _, at, _)| at.elapsed().as_millis() as u64);
+        (sent.len() as u64, age)
     }
 
     /// The secondary has everything up to stop `stop`.
     fn forget_acked(&self, stop: u64) {
         let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-        while sent.front().is_some_and(|(_, s, _)| *s <= stop) {
+        while sent.front().is_some_and(|(_, s, _, _)| *s <= stop) {
             sent.pop_front();
         }
     }
@@ -366,7 +376,7 @@ impl Replicator {
         }
         let sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
         let next = self.next_index.load(Ordering::Acquire);
-        let oldest = sent.front().map_or(next, |(i, _, _)| *i);
+        let oldest = sent.front().map_or(next, |(i, _, _, _)| *i);
         if frames < oldest || frames > next {
             wire::write(
                 &mut stream,
@@ -387,7 +397,7 @@ impl Replicator {
             },
         )?;
         let mut resent = 0;
-        for (_, _, bytes) in sent.iter().filter(|(i, _, _)| *i >= frames) {
+        for (_, _, _, bytes) in sent.iter().filter(|(i, _, _, _)| *i >= frames) {
             wire::write(&mut stream, generation, &Message::Log(bytes.clone()))?;
             resent += 1;
         }
@@ -684,6 +694,16 @@ pub fn run_primary(
         next_index: AtomicU64::new(0),
     });
     publish(&replicator.params, &vm, "primary", generation)?;
+    let r = replicator.clone();
+    replicator
+        .params
+        .board
+        .probe("unacked_frames", Arc::new(move || r.lag().0));
+    let r = replicator.clone();
+    replicator
+        .params
+        .board
+        .probe("lag_ms", Arc::new(move || r.lag().1));
     let r = replicator.clone();
     replicator.params.board.probe(
         "last_heartbeat_ms",
@@ -1196,6 +1216,10 @@ pub fn run_secondary(
     super::status::linger_if_fenced();
     Ok(code)
 }
+
+/// A shipped frame kept until acked: (index on the link, stop, when sent,
+/// bytes).
+type SentFrame = (u64, u64, Instant, Vec<u8>);
 
 /// Messages at least this big show progress as they arrive.
 const STATE_PROGRESS_MIN: u64 = 16 << 20;
