@@ -847,9 +847,11 @@ fn publish(params: &PairParams, vm: &Vm, role: &str, generation: u64) -> anyhow:
     {
         let (shipped, counters) = (params.throttle.clone(), counters.clone());
         let (kbit, syncs) = (log_kbit_s.clone(), sync_points_per_s.clone());
+        let board = params.board.clone();
         std::thread::Builder::new()
             .name("tandem-rates".into())
             .spawn(move || {
+                let mut seconds = 0u64;
                 let mut last = (
                     shipped.shipped_bytes(),
                     counters.sync_points.load(Ordering::Relaxed),
@@ -862,6 +864,12 @@ fn publish(params: &PairParams, vm: &Vm, role: &str, generation: u64) -> anyhow:
                     );
                     kbit.store(now.0.saturating_sub(last.0) * 8 / 1000, Ordering::Relaxed);
                     syncs.store(now.1.saturating_sub(last.1), Ordering::Relaxed);
+                    // The status figures as a tracing event every 10 s
+                    // (TANDEM_LOG=debug), for log collectors.
+                    seconds += 1;
+                    if seconds % 10 == 0 {
+                        tracing::debug!(target: "tandem::status", status = %board.render());
+                    }
                     last = now;
                 }
             })?;
