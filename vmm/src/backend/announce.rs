@@ -48,15 +48,23 @@ pub fn spawn(taps: Vec<Arc<Tap>>, macs: Vec<[u8; 6]>, addresses: Vec<(u8, [u8; 4
     let spawned = std::thread::Builder::new()
         .name("tandem-announce".into())
         .spawn(move || {
+            let started = std::time::Instant::now();
             let mut delay = Duration::from_millis(50);
-            for _round in 0..5 {
+            for round in 1..=5 {
                 std::thread::sleep(delay);
+                let mut frames = 0;
                 for (nic, (tap, mac)) in taps.iter().zip(&macs).enumerate() {
                     tap.send(&rarp_frame(*mac));
+                    frames += 1;
                     for (_, ip) in addresses.iter().filter(|(d, _)| usize::from(*d) == nic) {
                         tap.send(&garp_frame(*mac, *ip));
+                        frames += 1;
                     }
                 }
+                tracing::info!(
+                    "announce round {round}/5: {frames} frames at {} ms after go-live",
+                    started.elapsed().as_millis()
+                );
                 delay = (delay + Duration::from_millis(100)).min(Duration::from_millis(550));
             }
         });
