@@ -364,6 +364,7 @@ fn build_replay(args: &ReplayArgs) -> anyhow::Result<Vm> {
         rtc_base: None,
         on_live: None,
         go_live_record: None,
+        announce: Default::default(),
         repair: !args.no_repair,
         mode: RunMode::Replay {
             log: args.log.clone(),
@@ -397,6 +398,7 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
         rtc_base: args.rtc_base,
         on_live: None,
         go_live_record: None,
+        announce: Default::default(),
         repair: false,
         mode: match &args.record {
             None => RunMode::Live,

@@ -168,6 +168,12 @@ fn vm_config(
         mode,
         on_live: None,
         go_live_record: None,
+        announce: tandem_vmm::backend::announce::AnnounceSchedule {
+            rounds: cfg.ft.announce.rounds,
+            initial: cfg.ft.announce.initial,
+            step: cfg.ft.announce.step,
+            max: cfg.ft.announce.max,
+        },
     }
 }
 

@@ -110,6 +110,8 @@ pub struct VmConfig {
     /// A following secondary records from go-live on to this sink, so a
     /// new secondary can join it.
     pub go_live_record: Option<(RecordOptions, Box<dyn RecordSink>)>,
+    /// When a secondary that goes live announces the VM's MACs.
+    pub announce: crate::backend::announce::AnnounceSchedule,
 }
 
 /// How the VM gets its inputs.
@@ -618,6 +620,7 @@ impl Vm {
                 .collect();
             let taps = world_taps.clone();
             let on_live = config.on_live;
+            let announce = config.announce;
             vcpu.set_go_live(GoLiveHooks {
                 record: config.go_live_record,
                 causes: causes.clone(),
@@ -625,7 +628,7 @@ impl Vm {
                     let emitted = f.go_live();
                     queue.set_accepting(true);
                     info!("live: {emitted} buffered outputs emitted");
-                    crate::backend::announce::spawn(taps, macs, f.addresses());
+                    crate::backend::announce::spawn(taps, macs, f.addresses(), announce);
                     if let Some(hook) = on_live {
                         hook();
                     }

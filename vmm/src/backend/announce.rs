@@ -1,8 +1,9 @@
 //! Announcing the VM after go-live, as QEMU's announce-self does: a RARP
 //! frame per NIC and a gratuitous ARP for every IPv4 address the guest used
-//! (snooped from its own suppressed frames), repeated on a backoff (first after 50 ms, 5 rounds,
-//! +100 ms a round, capped at 550 ms), so bridges re-learn which port the
-//! guest's MAC is behind.
+//! (snooped from its own suppressed frames), at once and then on a backoff
+//! (QEMU's defaults: 5 rounds, 50 ms apart, +100 ms a round, capped at
+//! 550 ms; `[ft] announce_*`), so bridges re-learn which port the guest's MAC
+//! is behind.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,9 +40,49 @@ pub fn garp_frame(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
     f
 }
 
+/// When the announce rounds go out (QEMU's announce-self parameters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnnounceSchedule {
+    /// How many rounds (at least 1 is sent).
+    pub rounds: u32,
+    /// The wait after the first round.
+    pub initial: Duration,
+    /// Added to the wait after each further round.
+    pub step: Duration,
+    /// The wait never exceeds this.
+    pub max: Duration,
+}
+
+impl Default for AnnounceSchedule {
+    /// QEMU's defaults: 5 rounds, 50 ms, +100 ms a round, at most 550 ms.
+    fn default() -> Self {
+        Self {
+            rounds: 5,
+            initial: Duration::from_millis(50),
+            step: Duration::from_millis(100),
+            max: Duration::from_millis(550),
+        }
+    }
+}
+
+impl AnnounceSchedule {
+    /// The wait after round `round` (0-based) before the next one.
+    pub fn delay_after(&self, round: u32) -> Duration {
+        self.initial
+            .saturating_add(self.step.saturating_mul(round))
+            .min(self.max)
+    }
+}
+
 /// Announces each NIC's MAC (RARP) and the guest's IPv4 addresses on it
-/// (gratuitous ARP) on its tap, in the background.
-pub fn spawn(taps: Vec<Arc<Tap>>, macs: Vec<[u8; 6]>, addresses: Vec<(u8, [u8; 4])>) {
+/// (gratuitous ARP) on its tap, in the background: the first round at once,
+/// the rest on `schedule`.
+pub fn spawn(
+    taps: Vec<Arc<Tap>>,
+    macs: Vec<[u8; 6]>,
+    addresses: Vec<(u8, [u8; 4])>,
+    schedule: AnnounceSchedule,
+) {
     if taps.is_empty() {
         return;
     }
@@ -49,9 +90,11 @@ pub fn spawn(taps: Vec<Arc<Tap>>, macs: Vec<[u8; 6]>, addresses: Vec<(u8, [u8; 4
         .name("tandem-announce".into())
         .spawn(move || {
             let started = std::time::Instant::now();
-            let mut delay = Duration::from_millis(50);
-            for round in 1..=5 {
-                std::thread::sleep(delay);
+            let rounds = schedule.rounds.max(1);
+            for round in 0..rounds {
+                if round > 0 {
+                    std::thread::sleep(schedule.delay_after(round - 1));
+                }
                 let mut frames = 0;
                 for (nic, (tap, mac)) in taps.iter().zip(&macs).enumerate() {
                     tap.send(&rarp_frame(*mac));
@@ -62,10 +105,10 @@ pub fn spawn(taps: Vec<Arc<Tap>>, macs: Vec<[u8; 6]>, addresses: Vec<(u8, [u8; 4
                     }
                 }
                 tracing::info!(
-                    "announce round {round}/5: {frames} frames at {} ms after go-live",
+                    "announce round {}/{rounds}: {frames} frames at {} ms after go-live",
+                    round + 1,
                     started.elapsed().as_millis()
                 );
-                delay = (delay + Duration::from_millis(100)).min(Duration::from_millis(550));
             }
         });
     if let Err(e) = spawned {
@@ -76,6 +119,20 @@ pub fn spawn(taps: Vec<Arc<Tap>>, macs: Vec<[u8; 6]>, addresses: Vec<(u8, [u8; 4
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_schedule_is_qemus() {
+        let s = AnnounceSchedule::default();
+        let gaps: Vec<u64> = (0..4)
+            .map(|r| s.delay_after(r).as_millis() as u64)
+            .collect();
+        assert_eq!(gaps, [50, 150, 250, 350]);
+        let capped = AnnounceSchedule {
+            max: Duration::from_millis(200),
+            ..s
+        };
+        assert_eq!(capped.delay_after(3), Duration::from_millis(200));
+    }
 
     #[test]
     fn rarp_frame_layout() {
