@@ -545,11 +545,19 @@ impl Replicator {
         }
     }
 
-    /// Starts the ship, accept and monitor threads (a secondary that went
-    /// live becomes a primary that takes a new secondary).
+    /// Listens for a secondary and starts the ship, accept and monitor
+    /// threads (a secondary that went live becomes a primary that takes a
+    /// new secondary).
     fn start(self: &Arc<Self>, frames: Option<Receiver<ShipFrame>>) -> anyhow::Result<()> {
-        let listener = TcpListener::bind(self.params.listen)
-            .with_context(|| format!("cannot listen on {}", self.params.listen))?;
+        self.start_on(listen(&self.params)?, frames)
+    }
+
+    /// Starts the ship (when given frames), accept and monitor threads.
+    fn start_on(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        frames: Option<Receiver<ShipFrame>>,
+    ) -> anyhow::Result<()> {
         if let Some(frames) = frames {
             let r = self.clone();
             std::thread::Builder::new()
@@ -617,6 +625,11 @@ impl Replicator {
     }
 }
 
+/// The socket a secondary connects to.
+fn listen(params: &PairParams) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(params.listen).with_context(|| format!("cannot listen on {}", params.listen))
+}
+
 /// Runs the primary: wins a generation, waits for the secondary (unless
 /// `--alone`), runs the guest shipping its log, holds output until acked,
 /// carries on alone (after winning the next generation) if the secondary
@@ -650,8 +663,7 @@ pub fn run_primary(
     };
     let options = pair_record_options(&params);
 
-    let listener = TcpListener::bind(params.listen)
-        .with_context(|| format!("cannot listen on {}", params.listen))?;
+    let listener = listen(&params)?;
     let first = if params.alone {
         None
     } else {
@@ -726,18 +738,7 @@ pub fn run_primary(
                 .set("primary", generation, "none (alone)");
         }
     }
-    let r = replicator.clone();
-    std::thread::Builder::new()
-        .name("tandem-ship".into())
-        .spawn(move || r.ship(frames_rx))?;
-    let r = replicator.clone();
-    std::thread::Builder::new()
-        .name("tandem-accept".into())
-        .spawn(move || r.accept(listener))?;
-    let r = replicator.clone();
-    std::thread::Builder::new()
-        .name("tandem-monitor".into())
-        .spawn(move || r.monitor())?;
+    replicator.start_on(listener, Some(frames_rx))?;
     let report = vm.run();
     // The guest ended: what it said last is still held until the secondary
     // has it (it acks the End record); wait for that, within the failover
