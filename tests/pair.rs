@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -201,16 +201,7 @@ fn start_pair_committing(tag: &str, failover_ms: u64, commit: &str) -> Pair {
 }
 
 fn start_topology(t: Topology) -> Pair {
-    let config = t.config.display().to_string();
-    let state = t.dir.join("witness.state").display().to_string();
-    let witness = Proc::spawn(
-        &t.ns,
-        &["witness", "--listen", "127.0.0.1:7500", "--state", &state],
-    );
-    witness.wait_for("listening on", Duration::from_secs(10));
-    let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
-    std::thread::sleep(Duration::from_millis(300));
-    let secondary = Proc::spawn(&t.ns, &["secondary", "--config", &config, "--host", "b"]);
+    let (witness, primary, secondary) = spawn_pair(&t.ns, &t.dir, &t.config);
     primary.wait_for("netecho: up", Duration::from_secs(60));
     Pair {
         t,
@@ -218,6 +209,22 @@ fn start_topology(t: Topology) -> Pair {
         primary,
         secondary,
     }
+}
+
+/// Starts the witness, then the primary (host a) and, 300 ms later, the
+/// secondary (host b) of the pair file `config`, in `ns`.
+fn spawn_pair(ns: &NetNs, dir: &Path, config: &Path) -> (Proc, Proc, Proc) {
+    let config = config.display().to_string();
+    let state = dir.join("witness.state").display().to_string();
+    let witness = Proc::spawn(
+        ns,
+        &["witness", "--listen", "127.0.0.1:7500", "--state", &state],
+    );
+    witness.wait_for("listening on", Duration::from_secs(10));
+    let primary = Proc::spawn(ns, &["primary", "--config", &config, "--host", "a"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let secondary = Proc::spawn(ns, &["secondary", "--config", &config, "--host", "b"]);
+    (witness, primary, secondary)
 }
 
 fn signal(p: &Proc, sig: libc::c_int) {
@@ -685,16 +692,7 @@ fn the_console_socket_is_served_by_the_live_side() {
         &format!("console = \"unix:{}\"", sock.display()),
         "",
     );
-    let config = t.config.display().to_string();
-    let state = t.dir.join("witness.state").display().to_string();
-    let witness = Proc::spawn(
-        &t.ns,
-        &["witness", "--listen", "127.0.0.1:7500", "--state", &state],
-    );
-    witness.wait_for("listening on", Duration::from_secs(10));
-    let mut primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
-    std::thread::sleep(Duration::from_millis(300));
-    let secondary = Proc::spawn(&t.ns, &["secondary", "--config", &config, "--host", "b"]);
+    let (_witness, mut primary, secondary) = spawn_pair(&t.ns, &t.dir, &t.config);
     let (p_err, s_err) = (primary.errors.clone(), secondary.errors.clone());
     let connect = |limit: Duration| {
         let deadline = Instant::now() + limit;
@@ -779,16 +777,7 @@ state_dir = "{state}"
         ),
     )
     .unwrap();
-    let config = config.display().to_string();
-    let state = dir.join("witness.state").display().to_string();
-    let witness = Proc::spawn(
-        &ns,
-        &["witness", "--listen", "127.0.0.1:7500", "--state", &state],
-    );
-    witness.wait_for("listening on", Duration::from_secs(10));
-    let mut primary = Proc::spawn(&ns, &["primary", "--config", &config, "--host", "a"]);
-    std::thread::sleep(Duration::from_millis(300));
-    let mut secondary = Proc::spawn(&ns, &["secondary", "--config", &config, "--host", "b"]);
+    let (_witness, mut primary, mut secondary) = spawn_pair(&ns, &dir, &config);
     assert_eq!(
         wait_exit(&mut primary, Duration::from_secs(60)),
         Some(0),
@@ -1001,16 +990,7 @@ fn the_last_output_is_released_when_the_guest_ends() {
             ),
         )
         .unwrap();
-        let config = config.display().to_string();
-        let state = dir.join("witness.state").display().to_string();
-        let witness = Proc::spawn(
-            &ns,
-            &["witness", "--listen", "127.0.0.1:7500", "--state", &state],
-        );
-        witness.wait_for("listening on", Duration::from_secs(10));
-        let mut primary = Proc::spawn(&ns, &["primary", "--config", &config, "--host", "a"]);
-        std::thread::sleep(Duration::from_millis(300));
-        let mut secondary = Proc::spawn(&ns, &["secondary", "--config", &config, "--host", "b"]);
+        let (_witness, mut primary, mut secondary) = spawn_pair(&ns, &dir, &config);
         assert_eq!(
             wait_exit(&mut primary, Duration::from_secs(30)),
             Some(0),
