@@ -158,13 +158,40 @@ const char *cmdline(void)
     return (const char *)(uptr)si->cmdline_paddr;
 }
 
-static int is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+int cmdline_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
+int parse_u32(const char **pp, u32 *out)
+{
+    const char *t = *pp;
+    u32 v = 0, base = 10;
+    int digits = 0;
+    if (t[0] == '0' && (t[1] == 'x' || t[1] == 'X')) {
+        base = 16;
+        t += 2;
+    }
+    for (;; t++) {
+        u32 d;
+        if (*t >= '0' && *t <= '9')
+            d = (u32)(*t - '0');
+        else if (base == 16 && *t >= 'a' && *t <= 'f')
+            d = (u32)(*t - 'a' + 10);
+        else if (base == 16 && *t >= 'A' && *t <= 'F')
+            d = (u32)(*t - 'A' + 10);
+        else
+            break;
+        v = v * base + d;
+        digits++;
+    }
+    *pp = t;
+    *out = v;
+    return digits > 0;
+}
 
 u32 cmdline_u32(const char *key, u32 def)
 {
     const char *p = cmdline();
     while (*p) {
-        while (is_space(*p))
+        while (cmdline_space(*p))
             p++;
         const char *k = key, *t = p;
         while (*k && *t == *k) {
@@ -173,29 +200,11 @@ u32 cmdline_u32(const char *key, u32 def)
         }
         if (!*k && *t == '=') {
             t++;
-            u32 v = 0, base = 10;
-            int digits = 0;
-            if (t[0] == '0' && (t[1] == 'x' || t[1] == 'X')) {
-                base = 16;
-                t += 2;
-            }
-            for (;; t++) {
-                u32 d;
-                if (*t >= '0' && *t <= '9')
-                    d = (u32)(*t - '0');
-                else if (base == 16 && *t >= 'a' && *t <= 'f')
-                    d = (u32)(*t - 'a' + 10);
-                else if (base == 16 && *t >= 'A' && *t <= 'F')
-                    d = (u32)(*t - 'A' + 10);
-                else
-                    break;
-                v = v * base + d;
-                digits++;
-            }
-            if (digits && (!*t || is_space(*t)))
+            u32 v;
+            if (parse_u32(&t, &v) && (!*t || cmdline_space(*t)))
                 return v;
         }
-        while (*p && !is_space(*p))
+        while (*p && !cmdline_space(*p))
             p++;
     }
     return def;

@@ -62,6 +62,11 @@ void exit(u8 code) __attribute__((noreturn));
 const char *cmdline(void);
 /* Value of key=N on the command line (decimal or 0x-hex), else def. */
 u32 cmdline_u32(const char *key, u32 def);
+/* Command-line separators: space, tab, CR, LF. */
+int cmdline_space(char c);
+/* Parse a number (decimal or 0x-hex) at *pp and advance *pp; 0 if no
+ * digits. */
+int parse_u32(const char **pp, u32 *out);
 
 /* Descriptor tables (the start code loads the GDT; idt_init fills and
  * loads the IDT: exceptions 0..31 and IRQ vectors 0x20..0x2f). */

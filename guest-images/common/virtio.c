@@ -17,42 +17,12 @@ void copy32(void *d, const void *s, u32 n)
 
 /* ---- command-line discovery ---- */
 
-static int is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
-
-/* Parse a number (decimal or 0x-hex) at *pp; advance *pp. */
-static int parse_num(const char **pp, u32 *out)
-{
-    const char *t = *pp;
-    u32 v = 0, base = 10;
-    int digits = 0;
-    if (t[0] == '0' && (t[1] == 'x' || t[1] == 'X')) {
-        base = 16;
-        t += 2;
-    }
-    for (;; t++) {
-        u32 dg;
-        if (*t >= '0' && *t <= '9')
-            dg = (u32)(*t - '0');
-        else if (base == 16 && *t >= 'a' && *t <= 'f')
-            dg = (u32)(*t - 'a' + 10);
-        else if (base == 16 && *t >= 'A' && *t <= 'F')
-            dg = (u32)(*t - 'A' + 10);
-        else
-            break;
-        v = v * base + dg;
-        digits++;
-    }
-    *pp = t;
-    *out = v;
-    return digits > 0;
-}
-
 static const char TOKEN[] = "virtio_mmio.device=";
 
 /* "<size>[K|M]@<base>:<irq>" */
 static int parse_token(const char *t, u32 *size, u32 *base, u32 *irq)
 {
-    if (!parse_num(&t, size))
+    if (!parse_u32(&t, size))
         return 0;
     if (*t == 'K' || *t == 'k') {
         *size <<= 10;
@@ -61,9 +31,9 @@ static int parse_token(const char *t, u32 *size, u32 *base, u32 *irq)
         *size <<= 20;
         t++;
     }
-    if (*t++ != '@' || !parse_num(&t, base) || *t++ != ':' || !parse_num(&t, irq))
+    if (*t++ != '@' || !parse_u32(&t, base) || *t++ != ':' || !parse_u32(&t, irq))
         return 0;
-    return !*t || is_space(*t);
+    return !*t || cmdline_space(*t);
 }
 
 int virtio_probe(void)
@@ -74,7 +44,7 @@ int virtio_probe(void)
     if (debug)
         printf("virtio: cmdline \"%s\"\n", p);
     while (*p) {
-        while (is_space(*p))
+        while (cmdline_space(*p))
             p++;
         const char *k = TOKEN, *t = p;
         while (*k && *t == *k) {
@@ -100,7 +70,7 @@ int virtio_probe(void)
                 printf("virtio: window 0x%08x: bad magic\n", base);
             }
         }
-        while (*p && !is_space(*p))
+        while (*p && !cmdline_space(*p))
             p++;
     }
     return virtio_ndevs;
