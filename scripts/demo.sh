@@ -53,10 +53,13 @@ heartbeat_ms = 50
 failover_timeout_ms = 1000
 witness = "tcp://127.0.0.1:7500"
 state_dir = "$D/state"
+psk_file = "$D/pair.psk"
 TOML
+# One key for both hosts and the witness: replication is authenticated.
+"$T" keygen "$D/pair.psk"
 
 echo "== starting the witness, the primary (host a) and the secondary (host b)"
-ip netns exec "$NS" "$T" witness --listen 127.0.0.1:7500 --state "$D/witness.state" > "$D/witness.log" 2>&1 &
+ip netns exec "$NS" "$T" witness --listen 127.0.0.1:7500 --state "$D/witness.state" --psk-file "$D/pair.psk" > "$D/witness.log" 2>&1 &
 pids+=($!)
 disown
 sleep 0.5

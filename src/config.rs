@@ -161,6 +161,9 @@ pub struct FtConfig {
     pub max_lag: Duration,
     /// Gratuitous ARP/RARP at go-live.
     pub announce: Announce,
+    /// The pre-shared key of the replication channel and the witness (None:
+    /// the hosts must be started with `--insecure`).
+    pub psk_file: Option<PathBuf>,
 }
 
 /// When the primary may release an output (network frame, console byte).

@@ -53,6 +53,12 @@ enum Command {
     Pair(ft::cmd::PairArgs),
     /// Where each host of a pair stands (role, generation, peer, figures).
     Status(ft::cmd::StatusArgs),
+    /// Write a new random pre-shared key for `[ft] psk_file` (mode 0600;
+    /// copy the same file to both hosts and the witness).
+    Keygen {
+        /// Where to write it (never overwritten).
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -79,6 +85,16 @@ fn main() -> ExitCode {
         Command::Secondary(args) => ft::cmd::run(ft::cmd::Role::Secondary, args),
         Command::Pair(args) => ft::cmd::run(ft::cmd::Role::FromArbiter, args),
         Command::Status(args) => ft::cmd::status(args),
+        Command::Keygen { file } => match ft::auth::keygen(&file) {
+            Ok(()) => {
+                println!("wrote a new key to {}", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tandem: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

@@ -45,8 +45,14 @@ impl Drop for Witness {
 
 fn witness_command(state: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
-    cmd.args(["witness", "--listen", "127.0.0.1:0", "--state"])
-        .arg(state);
+    cmd.args([
+        "witness",
+        "--insecure",
+        "--listen",
+        "127.0.0.1:0",
+        "--state",
+    ])
+    .arg(state);
     cmd
 }
 
@@ -136,4 +142,22 @@ fn witness_refuses_damaged_state() {
         std::fs::read_to_string(&state).unwrap(),
         "tandem-witness-state 1\nvm vm1 3 a\n"
     );
+}
+
+#[test]
+fn witness_without_a_key_needs_insecure() {
+    let dir = TempDir::new("keyless");
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["witness", "--listen", "127.0.0.1:0", "--state"])
+        .arg(dir.0.join("state"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(EXIT_START_FAILED), "{stderr}");
+    assert!(
+        stderr.contains("--psk-file") && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+    // Nothing was created: it never started.
+    assert!(!dir.0.join("state").exists());
 }

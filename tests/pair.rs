@@ -6,339 +6,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::net::UdpSocket;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::guest;
 use common::netns::NetNs;
-
-const GUEST_IP: &str = "10.78.0.2";
-
-fn ip(ns: &NetNs, args: &[&str]) {
-    let out = Command::new("ip")
-        .arg("-n")
-        .arg(&ns.name)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A process whose console lines are collected in the background.
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    errors: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(ns: &NetNs, args: &[&str]) -> Self {
-        let mut cmd = ns.command(env!("CARGO_BIN_EXE_tandem"));
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn tandem");
-        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
-        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
-        for (pipe, sink) in [
-            (
-                Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-                lines.clone(),
-            ),
-            (Box::new(child.stderr.take().unwrap()), errors.clone()),
-        ] {
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    sink.lock().unwrap().push(line);
-                }
-            });
-        }
-        Self {
-            child,
-            lines,
-            errors,
-        }
-    }
-
-    fn wait_for(&self, what: &str, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if self.lines.lock().unwrap().iter().any(|l| l.contains(what)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!(
-            "never saw {what:?}; stdout {:?} stderr {:?}",
-            self.lines.lock().unwrap(),
-            self.errors.lock().unwrap()
-        );
-    }
-
-    fn stderr(&self) -> String {
-        self.errors.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Topology {
-    ns: NetNs,
-    dir: PathBuf,
-    config: PathBuf,
-}
-
-fn topology(tag: &str, failover_ms: u64, commit: &str) -> Topology {
-    topology_with(tag, failover_ms, commit, "", "")
-}
-
-fn topology_with(
-    tag: &str,
-    failover_ms: u64,
-    commit: &str,
-    vm_extra: &str,
-    ft_extra: &str,
-) -> Topology {
-    let ns = NetNs::new(tag);
-    ip(&ns, &["link", "add", "br0", "type", "bridge"]);
-    for tap in ["tapa", "tapb"] {
-        ip(&ns, &["tuntap", "add", "dev", tap, "mode", "tap"]);
-        ip(&ns, &["link", "set", tap, "master", "br0"]);
-        ip(&ns, &["link", "set", tap, "up"]);
-    }
-    ip(&ns, &["addr", "add", "10.78.0.1/24", "dev", "br0"]);
-    ip(&ns, &["link", "set", "br0", "up"]);
-    let dir = std::env::temp_dir().join(format!("tandem-pair-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
-    let config = dir.join("pair.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[vm]
-name = "counter"
-kernel = "{kernel}"
-cmdline = "ip={GUEST_IP}"
-mem = "32M"
-disk = ["{disk}"]
-net = [{{ mac = "52:54:00:00:78:02" }}]
-{vm_extra}
-
-[hosts]
-a = {{ address = "127.0.0.1:7401", tap = "tapa" }}
-b = {{ address = "127.0.0.2:7402", tap = "tapb" }}
-
-[ft]
-heartbeat_ms = 50
-failover_timeout_ms = {failover_ms}
-output_commit = "{commit}"
-{ft_extra}
-witness = "tcp://127.0.0.1:7500"
-state_dir = "{state}"
-"#,
-            kernel = guest("netecho").display(),
-            disk = disk.display(),
-            state = dir.join("state").display(),
-        ),
-    )
-    .unwrap();
-    Topology { ns, dir, config }
-}
-
-fn counter(s: &UdpSocket, client: u32, request: u32, wait: Duration) -> Vec<(u32, u64)> {
-    let mut req = [0u8; 8];
-    req[..4].copy_from_slice(&client.to_le_bytes());
-    req[4..].copy_from_slice(&request.to_le_bytes());
-    s.send_to(&req, format!("{GUEST_IP}:9000")).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-    let deadline = Instant::now() + wait;
-    let mut replies = Vec::new();
-    let mut buf = [0u8; 64];
-    while Instant::now() < deadline {
-        if let Ok(n) = s.recv(&mut buf) {
-            if n == 16 {
-                let id = u32::from_le_bytes(buf[4..8].try_into().unwrap());
-                replies.push((id, u64::from_le_bytes(buf[8..16].try_into().unwrap())));
-                if id == request {
-                    break;
-                }
-            }
-        }
-    }
-    replies
-}
-
-/// A running pair: witness, primary on host a, secondary on host b.
-struct Pair {
-    t: Topology,
-    _witness: Proc,
-    primary: Proc,
-    secondary: Proc,
-}
-
-fn start_pair(tag: &str, failover_ms: u64) -> Pair {
-    start_pair_committing(tag, failover_ms, "received")
-}
-
-fn start_pair_committing(tag: &str, failover_ms: u64, commit: &str) -> Pair {
-    start_topology(topology(tag, failover_ms, commit))
-}
-
-fn start_topology(t: Topology) -> Pair {
-    let (witness, primary, secondary) = spawn_pair(&t.ns, &t.dir, &t.config);
-    primary.wait_for("netecho: up", Duration::from_secs(60));
-    Pair {
-        t,
-        _witness: witness,
-        primary,
-        secondary,
-    }
-}
-
-/// Starts the witness, then the primary (host a) and, 300 ms later, the
-/// secondary (host b) of the pair file `config`, in `ns`.
-fn spawn_pair(ns: &NetNs, dir: &Path, config: &Path) -> (Proc, Proc, Proc) {
-    let config = config.display().to_string();
-    let state = dir.join("witness.state").display().to_string();
-    let witness = Proc::spawn(
-        ns,
-        &["witness", "--listen", "127.0.0.1:7500", "--state", &state],
-    );
-    witness.wait_for("listening on", Duration::from_secs(10));
-    let primary = Proc::spawn(ns, &["primary", "--config", &config, "--host", "a"]);
-    std::thread::sleep(Duration::from_millis(300));
-    let secondary = Proc::spawn(ns, &["secondary", "--config", &config, "--host", "b"]);
-    (witness, primary, secondary)
-}
-
-fn signal(p: &Proc, sig: libc::c_int) {
-    // SAFETY: sending a signal to our own child process.
-    assert_eq!(unsafe { libc::kill(p.child.id() as libc::pid_t, sig) }, 0);
-}
-
-/// Frames a tap has carried from its VM (the tap's rx side).
-fn frames_from_vm(ns: &NetNs, tap: &str) -> u64 {
-    let out = Command::new("ip")
-        .args(["-n", &ns.name, "-s", "-o", "link", "show", tap])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let fields: Vec<&str> = text.split_whitespace().collect();
-    let rx = fields.iter().position(|f| *f == "RX:").expect("RX stats");
-    let values: Vec<u64> = fields[rx..].iter().filter_map(|f| f.parse().ok()).collect();
-    values[1]
-}
-
-/// Checks the counter invariants over every reply the client saw.
-fn assert_counter_invariants(replies: &[(u32, u64)], split: u32) {
-    let mut by_value: BTreeMap<u64, u32> = BTreeMap::new();
-    let mut by_request: BTreeMap<u32, u64> = BTreeMap::new();
-    for &(id, value) in replies {
-        if let Some(other) = by_value.insert(value, id) {
-            assert_eq!(
-                other, id,
-                "value {value} handed to requests {other} and {id}"
-            );
-        }
-        if let Some(v) = by_request.insert(id, value) {
-            assert_eq!(v, value, "request {id} answered {v} and {value}");
-        }
-    }
-    let before = replies
-        .iter()
-        .filter(|(id, _)| *id < split)
-        .map(|r| r.1)
-        .max()
-        .unwrap_or(0);
-    let after: Vec<u64> = replies
-        .iter()
-        .filter(|(id, _)| *id >= split)
-        .map(|r| r.1)
-        .collect();
-    assert!(!after.is_empty(), "nothing answered after the fault");
-    assert!(
-        after.iter().all(|&v| v > before),
-        "after the fault {after:?}, before {before}"
-    );
-}
-
-/// Sends requests until `count` of them (from `first`) were answered or
-/// `limit` passes; returns the next request id and when the first answer came.
-fn serve(
-    s: &UdpSocket,
-    first: u32,
-    count: usize,
-    limit: Duration,
-    replies: &mut Vec<(u32, u64)>,
-) -> (u32, Option<Duration>) {
-    let start = Instant::now();
-    let mut request = first;
-    let mut answered = 0;
-    let mut first_reply = None;
-    while start.elapsed() < limit && answered < count {
-        let got = counter(s, 1, request, Duration::from_millis(300));
-        if got.iter().any(|(id, _)| *id == request) {
-            answered += 1;
-            first_reply.get_or_insert(start.elapsed());
-        }
-        replies.extend(got);
-        request += 1;
-    }
-    (request, first_reply)
-}
-
-/// A host's status JSON from its control socket (`state_dir/<host>.ctl`).
-fn status(t: &Topology, host: &str) -> Option<String> {
-    use std::io::Read;
-    let path = t.dir.join("state").join(format!("{host}.ctl"));
-    let mut s = std::os::unix::net::UnixStream::connect(path).ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    Some(text)
-}
-
-/// Waits until `host` reports itself fenced.
-fn wait_fenced(t: &Topology, host: &str, limit: Duration) -> String {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(s) = status(t, host).filter(|s| s.contains("\"role\":\"fenced\"")) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "host {host} never fenced: {:?}",
-            status(t, host)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn wait_exit(p: &mut Proc, limit: Duration) -> Option<i32> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = p.child.try_wait() {
-            return status.code();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
+use common::pair::*;
 
 #[test]
 fn replayed_commit_serves_and_fails_over_too() {
@@ -481,6 +154,43 @@ fn bad_pair_files_get_one_line_errors() {
     };
     let vm = format!("[vm]\nkernel = \"{kernel}\"\n");
     let witness = "[ft]\nwitness = \"tcp://127.0.0.1:9\"\n";
+    let psk = write_psk(&dir).display().to_string();
+    let keyed = format!("[ft]\nwitness = \"tcp://127.0.0.1:9\"\npsk_file = \"{psk}\"\n");
+    let open_key = dir.join("open.psk");
+    std::fs::write(&open_key, "a key that others can read\n").unwrap();
+    let open_key = format!("[ft]\npsk_file = \"{}\"\n", open_key.display());
+    // Without --insecure: a pair needs a key, a private one.
+    let secure_cases = [
+        (
+            "no-key",
+            format!("{vm}{}{witness}", hosts("127.0.0.1:7401", "127.0.0.2:7402")),
+            "no [ft] psk_file is configured",
+        ),
+        (
+            "open-key",
+            format!(
+                "{vm}{}{open_key}",
+                hosts("127.0.0.1:7401", "127.0.0.2:7402")
+            ),
+            "chmod 600",
+        ),
+        (
+            "keyed-witness-down",
+            format!("{vm}{}{keyed}", hosts("127.0.0.1:7401", "127.0.0.2:7402")),
+            "witness 127.0.0.1:9 unreachable",
+        ),
+    ];
+    for (name, text, needle) in secure_cases {
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let mut cmd = common::tandem();
+        cmd.arg("primary")
+            .arg("--config")
+            .arg(&path)
+            .args(["--host", "a"]);
+        let f = common::run_command(cmd, None, Duration::from_secs(30));
+        common::assert_clean_error(&f, 3, needle);
+    }
     let cases = [
         ("no-hosts", vm.clone(), "missing section [hosts]"),
         (
@@ -508,11 +218,6 @@ fn bad_pair_files_get_one_line_errors() {
             format!("{vm}{}", hosts("127.0.0.1:7401", "127.0.0.2:7402")),
             "--i-accept-split-brain",
         ),
-        (
-            "witness-down",
-            format!("{vm}{}{witness}", hosts("127.0.0.1:7401", "127.0.0.2:7402")),
-            "witness 127.0.0.1:9 unreachable",
-        ),
     ];
     for (name, text, needle) in cases {
         let path = dir.join(format!("{name}.toml"));
@@ -520,7 +225,10 @@ fn bad_pair_files_get_one_line_errors() {
         let f = if name == "neither-host" {
             // In a namespace with only loopback, so neither address is local.
             let mut cmd = ns.command(env!("CARGO_BIN_EXE_tandem"));
-            cmd.arg("primary").arg("--config").arg(&path);
+            cmd.arg("primary")
+                .arg("--config")
+                .arg(&path)
+                .arg("--insecure");
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
@@ -530,7 +238,7 @@ fn bad_pair_files_get_one_line_errors() {
             cmd.arg("primary")
                 .arg("--config")
                 .arg(&path)
-                .args(["--host", "a"]);
+                .args(["--host", "a", "--insecure"]);
             common::run_command(cmd, None, Duration::from_secs(30))
         };
         common::assert_clean_error(&f, 3, needle);
@@ -771,9 +479,11 @@ heartbeat_ms = 50
 failover_timeout_ms = 5000
 witness = "tcp://127.0.0.1:7500"
 state_dir = "{state}"
+psk_file = "{psk}"
 "#,
             kernel = guest("rdtsc").display(),
             state = dir.join("state").display(),
+            psk = write_psk(&dir).display(),
         ),
     )
     .unwrap();
@@ -914,13 +624,6 @@ fn fail_over_re_protect_and_fail_back() {
 }
 
 /// A number from one `tandem status --json` line.
-fn status_figure(line: &str, name: &str) -> u64 {
-    line.split(&format!("\"{name}\":"))
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {line}"))
-}
 
 #[test]
 fn tandem_status_reports_both_sides() {
@@ -984,9 +687,10 @@ fn the_last_output_is_released_when_the_guest_ends() {
         std::fs::write(
             &config,
             format!(
-                "[vm]\nname = \"hello\"\nkernel = \"{}\"\nmem = \"16M\"\n\n[hosts]\na = {{ address = \"127.0.0.1:7401\" }}\nb = {{ address = \"127.0.0.2:7402\" }}\n\n[ft]\nheartbeat_ms = 50\nfailover_timeout_ms = 5000\noutput_commit = \"{commit}\"\nwitness = \"tcp://127.0.0.1:7500\"\nstate_dir = \"{}\"\n",
+                "[vm]\nname = \"hello\"\nkernel = \"{}\"\nmem = \"16M\"\n\n[hosts]\na = {{ address = \"127.0.0.1:7401\" }}\nb = {{ address = \"127.0.0.2:7402\" }}\n\n[ft]\nheartbeat_ms = 50\nfailover_timeout_ms = 5000\noutput_commit = \"{commit}\"\nwitness = \"tcp://127.0.0.1:7500\"\nstate_dir = \"{}\"\npsk_file = \"{}\"\n",
                 guest("hello").display(),
-                dir.join("state").display()
+                dir.join("state").display(),
+                write_psk(&dir).display()
             ),
         )
         .unwrap();

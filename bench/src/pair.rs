@@ -112,10 +112,25 @@ impl Pair {
         std::fs::create_dir_all(&pair.dir).map_err(|e| format!("{}: {e}", pair.dir.display()))?;
         std::fs::write(&pair.config, toml(spec, &pair.dir))
             .map_err(|e| format!("{}: {e}", pair.config.display()))?;
+        // The pair's key, as in production (authentication is measured).
+        let psk = pair.dir.join("pair.psk");
+        let keygen = Command::new(&ctx.tandem)
+            .arg("keygen")
+            .arg(&psk)
+            .output()
+            .map_err(|e| format!("tandem keygen: {e}"))?;
+        if !keygen.status.success() {
+            return Err(format!(
+                "tandem keygen: {}",
+                String::from_utf8_lossy(&keygen.stderr)
+            ));
+        }
 
         let mut cmd = pair.ns.pinned(ctx.cpu2, &ctx.tandem);
         cmd.args(["witness", "--listen", WITNESS, "--state"])
-            .arg(pair.dir.join("witness.state"));
+            .arg(pair.dir.join("witness.state"))
+            .arg("--psk-file")
+            .arg(&psk);
         let mut witness = proc::spawn(cmd).map_err(|e| format!("spawn witness: {e}"))?;
         let out = watch_stdout(&mut witness);
         pair.witness = Some(witness);
@@ -199,9 +214,10 @@ fn toml(spec: &PairSpec, dir: &Path) -> String {
         vm += &format!("net = [{{ mac = \"{}\" }}]\n", netecho::GUEST_MAC);
     }
     let mut ft = format!(
-        "[ft]\noutput_commit = \"{}\"\nwitness = \"tcp://{WITNESS}\"\nstate_dir = \"{}\"\n",
+        "[ft]\noutput_commit = \"{}\"\nwitness = \"tcp://{WITNESS}\"\nstate_dir = \"{}\"\npsk_file = \"{}\"\n",
         spec.commit,
-        dir.join("state").display()
+        dir.join("state").display(),
+        dir.join("pair.psk").display()
     );
     if let Some(ms) = spec.failover_ms {
         ft += &format!("failover_timeout_ms = {ms}\n");

@@ -122,6 +122,7 @@ fn full_file_gives_typed_values() {
             state_dir: "/srv/tandem/web1".into(),
             fence_command: Some("ipmitool -H bmc-peer power off".into()),
             respawn: None,
+            psk_file: None,
             max_unacked_bytes: 128 << 20,
             max_lag: Duration::from_millis(250),
             announce: Announce {

@@ -476,6 +476,20 @@ pub(super) fn validate_ft(
         Some(f) => Some(f.get_ref().clone()),
     };
 
+    let psk_file = match &raw.psk_file {
+        None => None,
+        Some(f) if f.get_ref().trim().is_empty() => {
+            return Err(ctx.invalid(
+                &f.span(),
+                S,
+                "psk_file",
+                quoted(f),
+                "is empty (make a key with `tandem keygen FILE`)",
+            ))
+        }
+        Some(f) => Some(PathBuf::from(f.get_ref())),
+    };
+
     let max_unacked_bytes = match &raw.max_unacked_bytes {
         None => DEFAULT_MAX_UNACKED_BYTES,
         Some(m) => {
@@ -527,6 +541,7 @@ pub(super) fn validate_ft(
         state_dir,
         fence_command,
         respawn,
+        psk_file,
         max_unacked_bytes,
         max_lag: Duration::from_millis(max_lag_ms),
         announce: Announce {

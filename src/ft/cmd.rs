@@ -11,6 +11,7 @@ use tandem_vmm::vm::RunMode;
 use tandem_vmm::{VmConfig, DEFAULT_KVM_PATH};
 
 use super::arbiter::{self, Arbiter};
+use super::auth::Psk;
 use super::console::ConsoleSocket;
 use super::pair::{run_primary, run_secondary, PairParams};
 use crate::config::{self, HostId, PairConfig, Witness};
@@ -32,6 +33,11 @@ pub struct PairArgs {
     /// Run a pair with no arbiter configured: both sides may go live at once.
     #[arg(long)]
     i_accept_split_brain: bool,
+    /// Run with no `[ft] psk_file`: the replication channel and the witness
+    /// are then unauthenticated (anyone reaching the port could feed or
+    /// impersonate a side).
+    #[arg(long)]
+    insecure: bool,
 }
 
 /// Which role to start in.
@@ -78,8 +84,20 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
             cfg.vm.kernel.display()
         );
     }
+    let psk = match &cfg.ft.psk_file {
+        Some(path) => Some(Arc::new(
+            Psk::load(path).map_err(|e| anyhow::anyhow!("{}: [ft] psk_file: {e}", args.config.display()))?,
+        )),
+        None if args.insecure => None,
+        None => anyhow::bail!(
+            "{}: no [ft] psk_file is configured, so anyone who reaches the replication port could feed this host a VM; make a key with `tandem keygen FILE`, set psk_file on both hosts, or pass --insecure",
+            args.config.display()
+        ),
+    };
     let arbiter: Option<Arc<dyn Arbiter>> = match &cfg.ft.witness {
-        Some(Witness::Tcp(addr)) => Some(Arc::new(arbiter::tcp(*addr, Duration::from_secs(2)))),
+        Some(Witness::Tcp(addr)) => Some(Arc::new(
+            arbiter::tcp(*addr, Duration::from_secs(2)).with_psk(psk.clone()),
+        )),
         Some(Witness::File(dir)) => Some(Arc::new(arbiter::file(dir))),
         None if args.i_accept_split_brain => None,
         None => anyhow::bail!(
@@ -87,6 +105,9 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
             args.config.display()
         ),
     };
+    if psk.is_none() {
+        eprintln!("tandem: WARNING: no [ft] psk_file: replication and witness traffic is unauthenticated (--insecure)");
+    }
     install_freeze_on_usr1();
     super::status::handle_term();
     let control = super::status::control_path(
@@ -115,6 +136,7 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
             .map(|path| (ConsoleSocket::new(), path)),
         board: Arc::default(),
         control,
+        psk,
         throttle: Arc::new(tandem_vmm::journal::Throttle::new(
             cfg.ft.max_unacked_bytes,
             cfg.ft.max_lag,

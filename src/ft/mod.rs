@@ -1,6 +1,8 @@
 //! Fault tolerance: the arbiter, the replication channel and the pair.
 
 pub mod arbiter;
+pub mod auth;
+pub mod channel;
 pub mod cmd;
 pub mod console;
 pub mod pair;

@@ -27,6 +27,8 @@ use tandem_vmm::{Vm, VmConfig};
 use tracing::{info, warn};
 
 use super::arbiter::{Arbiter, ClaimOutcome};
+use super::auth::Psk;
+use super::channel::{self, FrameReceiver, FrameSender};
 use super::wire::{self, Message, PROTOCOL_MAX, PROTOCOL_MIN};
 
 use super::status::{fence, StatusBoard};
@@ -69,6 +71,8 @@ pub struct PairParams {
     pub board: Arc<StatusBoard>,
     /// This side's control socket.
     pub control: std::path::PathBuf,
+    /// The pair's key (None: `--insecure`, an unauthenticated channel).
+    pub psk: Option<Arc<Psk>>,
 }
 
 impl PairParams {
@@ -232,9 +236,9 @@ enum Link {
     /// No secondary: frames are dropped, output flows unprotected.
     Detached,
     /// A secondary connected; it starts at the next full sync point.
-    Joining(TcpStream),
+    Joining(FrameSender),
     /// A secondary follows.
-    Attached(TcpStream),
+    Attached(FrameSender),
 }
 
 /// The primary's replication state, shared by its threads.
@@ -283,16 +287,13 @@ impl Replicator {
             if let Some(frame) = frame {
                 match &mut *link {
                     Link::Detached => {}
-                    Link::Joining(stream) => {
+                    Link::Joining(tx) => {
                         if frame.full {
                             self.remember(frame.stop, &frame.bytes);
-                            let mut w = &*stream;
-                            broken =
-                                wire::write(&mut w, generation, &Message::Log(self.header.clone()))
-                                    .and_then(|()| {
-                                        wire::write(&mut w, generation, &Message::Log(frame.bytes))
-                                    })
-                                    .is_err();
+                            broken = tx
+                                .send(generation, &Message::Log(self.header.clone()))
+                                .and_then(|()| tx.send(generation, &Message::Log(frame.bytes)))
+                                .is_err();
                             if !broken {
                                 eprintln!(
                                     "tandem: secondary joined at stop {}; protected again",
@@ -308,20 +309,17 @@ impl Replicator {
                             }
                         }
                     }
-                    Link::Attached(stream) => {
+                    Link::Attached(tx) => {
                         self.remember(frame.stop, &frame.bytes);
-                        let mut w = &*stream;
-                        broken =
-                            wire::write(&mut w, generation, &Message::Log(frame.bytes)).is_err();
+                        broken = tx.send(generation, &Message::Log(frame.bytes)).is_err();
                     }
                 }
             }
-            if let Link::Attached(stream) = &*link {
+            if let Link::Attached(tx) = &mut *link {
                 if Instant::now() >= next_beat {
-                    let mut w = stream;
                     let released = Message::Released(self.gate.released());
-                    broken |= wire::write(&mut w, generation, &released).is_err()
-                        || wire::write(&mut w, generation, &Message::Heartbeat).is_err();
+                    broken |= tx.send(generation, &released).is_err()
+                        || tx.send(generation, &Message::Heartbeat).is_err();
                     next_beat = Instant::now() + heartbeat;
                 }
             }
@@ -361,12 +359,16 @@ impl Replicator {
 
     /// A secondary whose connection broke comes back: resend what it lacks
     /// on the new connection and carry on — not a failover.
-    fn resume(self: &Arc<Self>, mut stream: TcpStream, frames: u64) -> anyhow::Result<()> {
+    fn resume(
+        self: &Arc<Self>,
+        mut tx: FrameSender,
+        input: FrameReceiver,
+        frames: u64,
+    ) -> anyhow::Result<()> {
         let generation = self.generation.load(Ordering::Acquire);
         let mut link = self.link();
         if !matches!(*link, Link::Attached(_)) {
-            wire::write(
-                &mut stream,
+            tx.send(
                 generation,
                 &Message::Refuse {
                     reason: "nothing to resume".into(),
@@ -378,8 +380,7 @@ impl Replicator {
         let next = self.next_index.load(Ordering::Acquire);
         let oldest = sent.front().map_or(next, |(i, _, _, _)| *i);
         if frames < oldest || frames > next {
-            wire::write(
-                &mut stream,
+            tx.send(
                 generation,
                 &Message::Refuse {
                     reason: format!(
@@ -389,8 +390,7 @@ impl Replicator {
             )?;
             bail!("resume from frame {frames} impossible ({oldest}..{next} kept)");
         }
-        wire::write(
-            &mut stream,
+        tx.send(
             generation,
             &Message::Welcome {
                 version: PROTOCOL_MAX,
@@ -398,13 +398,11 @@ impl Replicator {
         )?;
         let mut resent = 0;
         for (_, _, _, bytes) in sent.iter().filter(|(i, _, _, _)| *i >= frames) {
-            wire::write(&mut stream, generation, &Message::Log(bytes.clone()))?;
+            tx.send(generation, &Message::Log(bytes.clone()))?;
             resent += 1;
         }
         drop(sent);
-        stream.set_nodelay(true)?;
-        let input = stream.try_clone()?;
-        *link = Link::Attached(stream);
+        *link = Link::Attached(tx);
         drop(link);
         self.heard();
         eprintln!("tandem: secondary reconnected; resumed from frame {frames} ({resent} frames sent again)");
@@ -419,12 +417,12 @@ impl Replicator {
     }
 
     /// Reads one secondary's acks, verifications and repair requests.
-    fn read_acks(self: &Arc<Self>, mut input: TcpStream, kicker: tandem_vmm::kick::Kicker) {
+    fn read_acks(self: &Arc<Self>, mut input: FrameReceiver, kicker: tandem_vmm::kick::Kicker) {
         let replayed_commit = self.params.replayed_commit;
         let mut repairing = false;
         loop {
             let generation = self.generation.load(Ordering::Acquire);
-            match wire::read(&mut input) {
+            match input.recv() {
                 Ok((g, _)) if g < generation => warn!("message from old generation {g} ignored"),
                 Ok((_, Message::Ack(stop))) => {
                     self.heard();
@@ -448,7 +446,15 @@ impl Replicator {
                     kicker.kick();
                 }
                 Ok(_) => self.heard(),
-                Err(_) => return,
+                Err(e) => {
+                    // A broken or forged message ends this connection: the
+                    // secondary sees it close, reconnects and resumes.
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        warn!("replication connection reset: {e}");
+                    }
+                    input.shutdown();
+                    return;
+                }
             }
         }
     }
@@ -457,28 +463,25 @@ impl Replicator {
     /// point (the very first one at stop 0 follows from the start).
     fn attach(
         self: &Arc<Self>,
-        mut stream: TcpStream,
+        (mut tx, input): (FrameSender, FrameReceiver),
         from: SocketAddr,
         fresh: bool,
         hello: Message,
     ) -> anyhow::Result<()> {
-        stream.set_nodelay(true)?;
         let generation = self.generation.load(Ordering::Acquire);
-        handshake_as_primary(&mut stream, generation, &self.params.vm_name, hello)
+        handshake_as_primary(&mut tx, generation, &self.params.vm_name, hello)
             .with_context(|| format!("handshake with the secondary at {from}"))?;
         self.sent.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.next_index.store(0, Ordering::Release);
         if fresh {
             // The first secondary follows from stop 0: the header now.
-            let mut w = &stream;
-            wire::write(&mut w, generation, &Message::Log(self.header.clone()))?;
+            tx.send(generation, &Message::Log(self.header.clone()))?;
         }
-        let input = stream.try_clone()?;
         self.heard();
         *self.link() = if fresh {
-            Link::Attached(stream)
+            Link::Attached(tx)
         } else {
-            Link::Joining(stream)
+            Link::Joining(tx)
         };
         self.params.board.set(
             "primary",
@@ -504,33 +507,28 @@ impl Replicator {
     /// Accepts secondaries for as long as the primary runs (re-protection).
     fn accept(self: &Arc<Self>, listener: TcpListener) {
         for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let from = stream
-                .peer_addr()
-                .map_or_else(|_| "?".to_string(), |a| a.to_string());
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-            let first = match wire::read(&mut stream) {
-                Ok((_, m)) => m,
+            let Ok(stream) = stream else { continue };
+            let addr = stream.peer_addr().unwrap_or(self.params.peer);
+            let (mut tx, rx, first) = match greet(stream, self.params.psk.as_ref()) {
+                Ok(x) => x,
                 Err(e) => {
-                    warn!("secondary {from}: {e}");
+                    warn!("secondary {addr}: {e:#}");
                     continue;
                 }
             };
-            let _ = stream.set_read_timeout(None);
             if let Message::Resume { vm, frames } = first {
                 if vm != self.params.vm_name {
-                    warn!("secondary {from} resumes {vm}, not {}", self.params.vm_name);
+                    warn!("secondary {addr} resumes {vm}, not {}", self.params.vm_name);
                     continue;
                 }
-                if let Err(e) = self.resume(stream, frames) {
-                    warn!("secondary {from}: {e:#}");
+                if let Err(e) = self.resume(tx, rx, frames) {
+                    warn!("secondary {addr}: {e:#}");
                 }
                 continue;
             }
             if !matches!(*self.link(), Link::Detached) {
                 let generation = self.generation.load(Ordering::Acquire);
-                let _ = wire::write(
-                    &mut stream,
+                let _ = tx.send(
                     generation,
                     &Message::Refuse {
                         reason: "this primary already has a secondary".into(),
@@ -538,9 +536,8 @@ impl Replicator {
                 );
                 continue;
             }
-            let addr = stream.peer_addr().unwrap_or_else(|_| self.params.peer);
-            if let Err(e) = self.attach(stream, addr, false, first) {
-                warn!("secondary {from}: {e:#}");
+            if let Err(e) = self.attach((tx, rx), addr, false, first) {
+                warn!("secondary {addr}: {e:#}");
             }
         }
     }
@@ -590,7 +587,7 @@ impl Replicator {
             }
             let old = std::mem::replace(&mut *self.link(), Link::Detached);
             if let Link::Joining(s) | Link::Attached(s) = old {
-                let _ = s.shutdown(Shutdown::Both);
+                s.shutdown();
             }
             self.go_unprotected(&format!("secondary silent for {silent} ms"));
         }
@@ -623,6 +620,28 @@ impl Replicator {
             }
         }
     }
+}
+
+/// Authenticates a new connection (when the pair has a key) and reads
+/// its first message: the secondary's hello or resume.
+fn greet(
+    stream: TcpStream,
+    psk: Option<&Arc<Psk>>,
+) -> anyhow::Result<(FrameSender, FrameReceiver, Message)> {
+    let (mut tx, mut rx) = channel::accept(stream, psk)?;
+    rx.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (_, first) = rx.recv().context("no hello")?;
+    rx.set_read_timeout(None)?;
+    if let Message::AuthHello { .. } = first {
+        let _ = tx.send(
+            0,
+            &Message::Refuse {
+                reason: "this host has no key (started with --insecure); give both hosts the same [ft] psk_file".into(),
+            },
+        );
+        bail!("the peer authenticates but this host has no key (--insecure): refused");
+    }
+    Ok((tx, rx, first))
 }
 
 /// The socket a secondary connects to.
@@ -671,7 +690,14 @@ pub fn run_primary(
             "tandem: primary waiting for the secondary on {}",
             params.listen
         );
-        Some(listener.accept()?)
+        // Wait for a secondary that authenticates; others are refused.
+        Some(loop {
+            let (stream, from) = listener.accept()?;
+            match greet(stream, params.psk.as_ref()) {
+                Ok((tx, rx, hello)) => break (tx, rx, hello, from),
+                Err(e) => warn!("secondary {from}: {e:#}"),
+            }
+        })
     };
 
     let vm = Vm::new(vm_config(RunMode::Primary {
@@ -722,13 +748,7 @@ pub fn run_primary(
         Arc::new(move || millis(r.base).saturating_sub(r.last_heard.load(Ordering::Acquire))),
     );
     match first {
-        Some((mut stream, from)) => {
-            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-            let (_, hello) = wire::read(&mut stream)
-                .with_context(|| format!("handshake with the secondary at {from}"))?;
-            stream.set_read_timeout(None)?;
-            replicator.attach(stream, from, true, hello)?
-        }
+        Some((tx, rx, hello, from)) => replicator.attach((tx, rx), from, true, hello)?,
         None => {
             gate.open();
             replicator.params.throttle.open();
@@ -761,7 +781,7 @@ pub fn run_primary(
 }
 
 fn handshake_as_primary(
-    stream: &mut TcpStream,
+    tx: &mut FrameSender,
     generation: u64,
     vm: &str,
     hello: Message,
@@ -775,8 +795,7 @@ fn handshake_as_primary(
         bail!("expected a hello, got {hello:?}");
     };
     if theirs != vm {
-        wire::write(
-            stream,
+        tx.send(
             generation,
             &Message::Refuse {
                 reason: format!("this primary runs {vm}, not {theirs}"),
@@ -786,8 +805,7 @@ fn handshake_as_primary(
     }
     let Some(version) = wire::negotiate(min, max) else {
         let reason = format!("no common protocol version: secondary speaks {min}–{max}, primary {PROTOCOL_MIN}–{PROTOCOL_MAX}");
-        wire::write(
-            stream,
+        tx.send(
             generation,
             &Message::Refuse {
                 reason: reason.clone(),
@@ -795,8 +813,7 @@ fn handshake_as_primary(
         )?;
         bail!(reason);
     };
-    wire::write(stream, generation, &Message::Welcome { version })?;
-    stream.set_read_timeout(None)?;
+    tx.send(generation, &Message::Welcome { version })?;
     Ok(())
 }
 
@@ -903,7 +920,7 @@ pub fn run_secondary(
     vm_config: impl FnOnce(RunMode) -> VmConfig,
 ) -> anyhow::Result<ExitCode> {
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut stream = loop {
+    let stream = loop {
         match TcpStream::connect_timeout(&params.peer, Duration::from_secs(2)) {
             Ok(s) => break s,
             Err(e) if Instant::now() < deadline => {
@@ -913,9 +930,8 @@ pub fn run_secondary(
             Err(e) => bail!("cannot reach the primary at {}: {e}", params.peer),
         }
     };
-    stream.set_nodelay(true)?;
-    wire::write(
-        &mut stream,
+    let (mut tx, mut input) = channel::connect(stream, params.psk.as_ref())?;
+    tx.send(
         0,
         &Message::Hello {
             min: PROTOCOL_MIN,
@@ -923,8 +939,8 @@ pub fn run_secondary(
             vm: params.vm_name.clone(),
         },
     )?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let (generation, welcome) = wire::read(&mut stream)?;
+    input.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (generation, welcome) = input.recv()?;
     match welcome {
         Message::Welcome { version } => {
             info!("following generation {generation}, protocol {version}")
@@ -932,7 +948,7 @@ pub fn run_secondary(
         Message::Refuse { reason } => bail!("the primary refused this secondary: {reason}"),
         other => bail!("expected a welcome, got {other:?}"),
     }
-    stream.set_read_timeout(None)?;
+    input.set_read_timeout(None)?;
 
     // Log bytes go through a socket pair into a log reader on its own
     // thread; closing our end is how the secondary stops taking the log.
@@ -948,11 +964,11 @@ pub fn run_secondary(
     // Reader: log bytes into the pipe, releases to the follower. If the
     // connection breaks, reconnect and resume from the frames already here
     // (not a failover, as long as it comes back within the timeout).
-    let link_out = Arc::new(Mutex::new(stream.try_clone()?));
-    let mut input = stream.try_clone()?;
+    let link_out = Arc::new(Mutex::new(tx));
     let (heard, slot, gone_r) = (last_heard.clone(), follower_slot.clone(), gone.clone());
     let pipe_in = Mutex::new(pipe_in);
     let (peer, vm_name, out_r) = (params.peer, params.vm_name.clone(), link_out.clone());
+    let psk = params.psk.clone();
     std::thread::Builder::new()
         .name("tandem-follow".into())
         .spawn(move || {
@@ -964,9 +980,11 @@ pub fn run_secondary(
                 // A large message (a joiner's full sync point) counts as
                 // hearing from the primary while it arrives, and shows
                 // progress on the joining side.
-                let msg = wire::read_with_progress(&mut input, &mut |done, total| {
+                let msg = input.recv_with_progress(&mut |done, total| {
                     heard.store(millis(base), Ordering::Release);
-                    if total >= STATE_PROGRESS_MIN && (shown.elapsed() >= Duration::from_millis(500) || done == total) {
+                    if total >= STATE_PROGRESS_MIN
+                        && (shown.elapsed() >= Duration::from_millis(500) || done == total)
+                    {
                         shown = Instant::now();
                         let secs = started.elapsed().as_secs_f64().max(1e-3);
                         eprintln!(
@@ -981,7 +999,9 @@ pub fn run_secondary(
                     return;
                 }
                 match msg {
-                    Ok((g, _)) if g < generation => warn!("message from old generation {g} ignored"),
+                    Ok((g, _)) if g < generation => {
+                        warn!("message from old generation {g} ignored")
+                    }
                     Ok((_, m)) => {
                         heard.store(millis(base), Ordering::Release);
                         match m {
@@ -1003,19 +1023,24 @@ pub fn run_secondary(
                             _ => {}
                         }
                     }
-                    Err(_) => match reconnect(peer, &vm_name, generation, frames, &gone_r) {
-                        Some(stream) => {
-                            eprintln!("tandem: reconnected to the primary; resuming from frame {frames}");
-                            match stream.try_clone() {
-                                Ok(s) => input = s,
-                                Err(_) => return,
-                            }
-                            *out_r.lock().unwrap_or_else(|p| p.into_inner()) = stream;
+                    Err(e) => {
+                        // Close this connection for good (a forged message
+                        // must not be followed by more from the same one).
+                        if e.kind() == std::io::ErrorKind::InvalidData {
+                            warn!("replication connection reset: {e}");
                         }
-                        // The monitor decides what a primary that cannot be
-                        // reached means.
-                        None => return,
-                    },
+                        input.shutdown();
+                        let resumed =
+                            reconnect(peer, &vm_name, generation, frames, &gone_r, psk.as_ref());
+                        // None: the monitor decides what a primary that
+                        // cannot be reached means.
+                        let Some((tx, rx)) = resumed else { return };
+                        eprintln!(
+                            "tandem: reconnected to the primary; resuming from frame {frames}"
+                        );
+                        input = rx;
+                        *out_r.lock().unwrap_or_else(|p| p.into_inner()) = tx;
+                    }
                 }
             }
         })?;
@@ -1121,7 +1146,7 @@ pub fn run_secondary(
             let send = |m: &Message| {
                 let mut link = out.lock().unwrap_or_else(|p| p.into_inner());
                 // A failed write is the reader's to notice (it reconnects).
-                let _ = wire::write(&mut *link, generation, m);
+                let _ = link.send(generation, m);
             };
             while !gone_a.load(Ordering::Acquire) {
                 let d = diverged.load(Ordering::Acquire);
@@ -1173,10 +1198,10 @@ pub fn run_secondary(
                 continue;
             }
             gone.store(true, Ordering::Release);
-            let _ = link_out
+            link_out
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .shutdown(Shutdown::Both);
+                .shutdown();
             match params.claim(generation) {
                 Ok(Some(g)) => {
                     if let Err(e) = params.run_fence_command() {
@@ -1242,20 +1267,26 @@ fn reconnect(
     generation: u64,
     frames: u64,
     gone: &AtomicBool,
-) -> Option<TcpStream> {
+    psk: Option<&Arc<Psk>>,
+) -> Option<(FrameSender, FrameReceiver)> {
     while !gone.load(Ordering::Acquire) {
-        if let Ok(mut s) = TcpStream::connect_timeout(&peer, Duration::from_millis(500)) {
-            let _ = s.set_nodelay(true);
+        let connected = TcpStream::connect_timeout(&peer, Duration::from_millis(500))
+            .map_err(anyhow::Error::from)
+            .and_then(|s| channel::connect(s, psk));
+        if let Err(e) = &connected {
+            info!("reconnecting to {peer}: {e:#}");
+        }
+        if let Ok((mut tx, mut rx)) = connected {
             let resume = Message::Resume {
                 vm: vm.to_string(),
                 frames,
             };
-            if wire::write(&mut s, generation, &resume).is_ok() {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                match wire::read(&mut s) {
+            if tx.send(generation, &resume).is_ok() {
+                let _ = rx.set_read_timeout(Some(Duration::from_secs(2)));
+                match rx.recv() {
                     Ok((g, Message::Welcome { .. })) if g == generation => {
-                        let _ = s.set_read_timeout(None);
-                        return Some(s);
+                        let _ = rx.set_read_timeout(None);
+                        return Some((tx, rx));
                     }
                     Ok((_, Message::Refuse { reason })) => {
                         warn!("the primary will not resume: {reason}");

@@ -8,8 +8,12 @@
 //! released output, and heartbeats; the secondary sends acks of the
 //! watermark it has received, and heartbeats. Any message counts as
 //! liveness. The handshake picks the highest protocol version both speak.
+//! With a pre-shared key every message is followed by its MAC, and the
+//! connection starts with the `Auth*` messages ([`super::channel`]).
 
 use std::io::{self, Read, Write};
+
+use super::auth::{MAC_LEN, NONCE_LEN};
 
 /// This build's replication protocol versions.
 pub const PROTOCOL_MIN: u16 = 1;
@@ -62,6 +66,23 @@ pub enum Message {
         /// Frames the secondary has.
         frames: u64,
     },
+    /// Connecting side, first (authenticated channels): its nonce.
+    AuthHello {
+        /// Fresh random bytes.
+        nonce: [u8; NONCE_LEN],
+    },
+    /// Accepting side: its nonce and its proof of the key.
+    AuthChallenge {
+        /// Fresh random bytes.
+        nonce: [u8; NONCE_LEN],
+        /// HMAC(psk, "server" ‖ both nonces).
+        proof: [u8; MAC_LEN],
+    },
+    /// Connecting side: its proof of the key.
+    AuthProof {
+        /// HMAC(psk, "client" ‖ both nonces).
+        proof: [u8; MAC_LEN],
+    },
 }
 
 const TAG_HELLO: u8 = 1;
@@ -74,9 +95,21 @@ const TAG_HEARTBEAT: u8 = 7;
 const TAG_VERIFIED: u8 = 8;
 const TAG_REPAIR: u8 = 9;
 const TAG_RESUME: u8 = 10;
+const TAG_AUTH_HELLO: u8 = 11;
+const TAG_AUTH_CHALLENGE: u8 = 12;
+const TAG_AUTH_PROOF: u8 = 13;
+
+/// Bytes of a message header: tag, generation, payload length.
+pub const HEAD_LEN: usize = 13;
 
 /// Writes one message.
 pub fn write(w: &mut impl Write, generation: u64, m: &Message) -> io::Result<()> {
+    w.write_all(&encode(generation, m)?)?;
+    w.flush()
+}
+
+/// One message as it goes on the wire: header, then payload.
+pub fn encode(generation: u64, m: &Message) -> io::Result<Vec<u8>> {
     let (tag, payload): (u8, Vec<u8>) = match m {
         Message::Hello { min, max, vm } => {
             let mut p = Vec::new();
@@ -98,18 +131,22 @@ pub fn write(w: &mut impl Write, generation: u64, m: &Message) -> io::Result<()>
             p.extend_from_slice(vm.as_bytes());
             (TAG_RESUME, p)
         }
+        Message::AuthHello { nonce } => (TAG_AUTH_HELLO, nonce.to_vec()),
+        Message::AuthChallenge { nonce, proof } => {
+            (TAG_AUTH_CHALLENGE, [&nonce[..], &proof[..]].concat())
+        }
+        Message::AuthProof { proof } => (TAG_AUTH_PROOF, proof.to_vec()),
     };
     let len = u32::try_from(payload.len())
         .ok()
         .filter(|&l| l <= MAX_PAYLOAD)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "message too large"))?;
-    let mut head = [0u8; 13];
-    head[0] = tag;
-    head[1..9].copy_from_slice(&generation.to_le_bytes());
-    head[9..13].copy_from_slice(&len.to_le_bytes());
-    w.write_all(&head)?;
-    w.write_all(&payload)?;
-    w.flush()
+    let mut bytes = Vec::with_capacity(HEAD_LEN + payload.len());
+    bytes.push(tag);
+    bytes.extend_from_slice(&generation.to_le_bytes());
+    bytes.extend_from_slice(&len.to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    Ok(bytes)
 }
 
 fn bad(what: impl Into<String>) -> io::Error {
@@ -137,9 +174,18 @@ pub fn read_with_progress(
     r: &mut impl Read,
     progress: &mut dyn FnMut(u64, u64),
 ) -> io::Result<(u64, Message)> {
-    let mut head = [0u8; 13];
+    let (head, payload) = read_raw(r, progress)?;
+    decode(&head, payload)
+}
+
+/// Reads one message's header and payload without decoding it (an
+/// authenticated channel checks the MAC over these bytes first).
+pub fn read_raw(
+    r: &mut impl Read,
+    progress: &mut dyn FnMut(u64, u64),
+) -> io::Result<([u8; HEAD_LEN], Vec<u8>)> {
+    let mut head = [0u8; HEAD_LEN];
     r.read_exact(&mut head)?;
-    let generation = u64::from_le_bytes(head[1..9].try_into().unwrap_or([0; 8]));
     let len = u32::from_le_bytes(head[9..13].try_into().unwrap_or([0; 4]));
     if len > MAX_PAYLOAD {
         return Err(bad(format!("message of {len} bytes is over the limit")));
@@ -151,6 +197,16 @@ pub fn read_with_progress(
         done += chunk.len() as u64;
         progress(done, u64::from(len));
     }
+    Ok((head, payload))
+}
+
+fn fixed<const N: usize>(p: &[u8], what: &str) -> io::Result<[u8; N]> {
+    p.try_into().map_err(|_| bad(format!("bad {what}")))
+}
+
+/// Decodes a message read by [`read_raw`]: (generation, message).
+pub fn decode(head: &[u8; HEAD_LEN], payload: Vec<u8>) -> io::Result<(u64, Message)> {
+    let generation = u64::from_le_bytes(head[1..9].try_into().unwrap_or([0; 8]));
     let text = |p: Vec<u8>| String::from_utf8(p).map_err(|_| bad("text is not UTF-8"));
     let m = match head[0] {
         TAG_HELLO => {
@@ -189,6 +245,21 @@ pub fn read_with_progress(
                 vm: text(payload[8..].to_vec())?,
             }
         }
+        TAG_AUTH_HELLO => Message::AuthHello {
+            nonce: fixed(&payload, "auth hello")?,
+        },
+        TAG_AUTH_CHALLENGE => {
+            if payload.len() != NONCE_LEN + MAC_LEN {
+                return Err(bad("bad auth challenge"));
+            }
+            Message::AuthChallenge {
+                nonce: fixed(&payload[..NONCE_LEN], "auth challenge")?,
+                proof: fixed(&payload[NONCE_LEN..], "auth challenge")?,
+            }
+        }
+        TAG_AUTH_PROOF => Message::AuthProof {
+            proof: fixed(&payload, "auth proof")?,
+        },
         tag => return Err(bad(format!("unknown message tag {tag}"))),
     };
     Ok((generation, m))
@@ -244,6 +315,12 @@ mod tests {
                 vm: "web1".into(),
                 frames: 42,
             },
+            Message::AuthHello { nonce: [3; 32] },
+            Message::AuthChallenge {
+                nonce: [4; 32],
+                proof: [5; 32],
+            },
+            Message::AuthProof { proof: [6; 32] },
         ];
         let mut buf = Vec::new();
         for m in &all {

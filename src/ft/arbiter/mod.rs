@@ -126,6 +126,15 @@ pub enum ArbiterError {
         /// The reply (truncated).
         reply: String,
     },
+    /// The witness or this client failed the other's authentication (no
+    /// key, another key, or a reply that was tampered with).
+    #[error("witness {addr}: authentication failed: {reason}")]
+    Auth {
+        /// The witness address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
     /// The witness answered `ERROR <reason>`.
     #[error("witness {addr} refused to answer: {reason}")]
     Remote {
@@ -260,13 +269,39 @@ pub struct WitnessArgs {
     /// answered. Created if missing; a corrupt one stops the witness.
     #[arg(long, value_name = "FILE")]
     pub state: PathBuf,
+    /// The pre-shared key clients must prove they hold (the pair's
+    /// `[ft] psk_file`).
+    #[arg(long, value_name = "FILE")]
+    pub psk_file: Option<PathBuf>,
+    /// Serve without a key: any client may claim generations.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// `tandem witness`: serves until killed. Prints `listening on ADDR` on
 /// stdout once it accepts connections; exit status 3 if it cannot start.
 pub fn witness_command(args: WitnessArgs) -> ExitCode {
+    let psk = match (&args.psk_file, args.insecure) {
+        (Some(path), _) => match crate::ft::auth::Psk::load(path) {
+            Ok(k) => Some(std::sync::Arc::new(k)),
+            Err(e) => {
+                eprintln!("tandem witness: --psk-file: {e}");
+                return ExitCode::from(crate::EXIT_START_FAILED);
+            }
+        },
+        (None, true) => {
+            eprintln!(
+                "tandem witness: WARNING: no key: any client may claim generations (--insecure)"
+            );
+            None
+        }
+        (None, false) => {
+            eprintln!("tandem witness: no --psk-file given, so anyone who reaches it could claim a VM; give the pair's key (`tandem keygen FILE` makes one) or pass --insecure");
+            return ExitCode::from(crate::EXIT_START_FAILED);
+        }
+    };
     let server = match bind(args.listen, &args.state) {
-        Ok(s) => s,
+        Ok(s) => s.with_psk(psk),
         Err(e) => {
             eprintln!("tandem witness: {e}");
             return ExitCode::from(crate::EXIT_START_FAILED);

@@ -14,6 +14,19 @@
 //! Lines are at most [`MAX_LINE_LEN`] bytes; names follow
 //! [`validate_name`]. `-` stands for "no holder".
 //!
+//! A witness with a key (`--psk-file`) first authenticates each connection
+//! with the scheme of the replication channel ([`crate::ft::auth`]), in
+//! lines:
+//!
+//! ```text
+//! AUTH <nonce_c hex>                ->  CHALLENGE <nonce_s hex> <server proof hex>
+//! PROOF <client proof hex>          (then every line in both directions ends
+//!                                    with " <HMAC hex>" under the session key)
+//! ```
+//!
+//! A request without a valid MAC is answered `ERROR` and the connection
+//! closed; a keyless witness answers `AUTH` with `ERROR`.
+//!
 //! The state file is rewritten whole for every grant: `FILE.tmp` is written
 //! and fsynced, renamed over `FILE`, and the directory fsynced, all before the
 //! reply is sent, so a witness restarted on the same file never grants a
@@ -34,6 +47,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tracing::{error, info, warn};
+
+use crate::ft::auth::{
+    self, from_hex, to_hex, FrameMac, Psk, CLIENT_TO_SERVER, MAC_LEN, NONCE_LEN, SERVER_TO_CLIENT,
+};
 
 use super::{
     describe_io, is_valid_name, validate_name, Arbiter, ArbiterError, ClaimOutcome, Grant,
@@ -392,7 +409,78 @@ fn read_line(r: &mut impl BufRead) -> io::Result<Option<(Vec<u8>, bool)>> {
     }
 }
 
-fn serve_connection(stream: TcpStream, shared: &Shared) {
+/// One authenticated witness connection, on either end: each line carries
+/// the MAC of its direction.
+struct LineSession {
+    incoming: FrameMac,
+    outgoing: FrameMac,
+}
+
+impl LineSession {
+    /// Both directions under `key`; `client` picks which one is ours.
+    fn new(key: [u8; 32], client: bool) -> Self {
+        let (incoming, outgoing) = if client {
+            (SERVER_TO_CLIENT, CLIENT_TO_SERVER)
+        } else {
+            (CLIENT_TO_SERVER, SERVER_TO_CLIENT)
+        };
+        Self {
+            incoming: FrameMac::new(key, incoming),
+            outgoing: FrameMac::new(key, outgoing),
+        }
+    }
+
+    /// The body of a received `line` if its MAC holds.
+    fn open<'a>(&mut self, line: &'a [u8]) -> Option<&'a [u8]> {
+        let at = line.iter().rposition(|&b| b == b' ')?;
+        let mac = from_hex::<MAC_LEN>(std::str::from_utf8(&line[at + 1..]).ok()?)?;
+        let body = &line[..at];
+        self.incoming.open(&[body], &mac).then_some(body)
+    }
+
+    /// `line` (with or without its newline) with its MAC, newline-ended.
+    fn seal(&mut self, line: &str) -> String {
+        let body = line.trim_end_matches('\n');
+        let mac = self.outgoing.seal(&[body.as_bytes()]);
+        format!("{body} {}\n", to_hex(&mac))
+    }
+}
+
+/// The witness side of the handshake; Err is the reason to answer.
+fn authenticate(
+    reader: &mut impl BufRead,
+    writer: &mut impl Write,
+    psk: &Psk,
+) -> Result<LineSession, String> {
+    let mut line = || match read_line(reader) {
+        Ok(Some((l, true))) => String::from_utf8(l).map_err(|_| "not text".to_string()),
+        Ok(_) => Err("connection closed during authentication".to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let hello = line()?;
+    let Some(client) = hello.strip_prefix("AUTH ").and_then(from_hex::<NONCE_LEN>) else {
+        return Err(
+            "authentication required: give the client this witness's key ([ft] psk_file)".into(),
+        );
+    };
+    let server = auth::nonce().map_err(|e| format!("no random bytes: {e}"))?;
+    let challenge = format!(
+        "CHALLENGE {} {}\n",
+        to_hex(&server),
+        to_hex(&psk.server_proof(&client, &server))
+    );
+    writer
+        .write_all(challenge.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let proof = line()?;
+    match proof.strip_prefix("PROOF ").and_then(from_hex::<MAC_LEN>) {
+        Some(p) if psk.check_client_proof(&client, &server, &p) => {}
+        _ => return Err("authentication failed: the keys differ".into()),
+    }
+    Ok(LineSession::new(psk.session_key(&client, &server), false))
+}
+
+fn serve_connection(stream: TcpStream, shared: &Shared, psk: Option<&Psk>) {
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
@@ -404,6 +492,15 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
     };
     let mut reader = BufReader::new(read_half);
     let mut writer = stream;
+    let mut session = match psk.map(|k| authenticate(&mut reader, &mut writer, k)) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(reason)) => {
+            warn!("witness: {peer} refused: {reason}");
+            let _ = writer.write_all(error_line(&reason).as_bytes());
+            return;
+        }
+    };
     loop {
         let (line, complete) = match read_line(&mut reader) {
             Ok(Some(l)) => l,
@@ -419,7 +516,26 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
             let _ = writer.write_all(msg.as_bytes());
             return; // cannot find the next line boundary reliably
         }
-        let reply = shared.handle_line(&line);
+        let reply = match &mut session {
+            None if line.starts_with(b"AUTH ") => {
+                let reason = "this witness has no key (started with --insecure)";
+                warn!("witness: {peer} authenticates: refused, {reason}");
+                let _ = writer.write_all(error_line(reason).as_bytes());
+                return;
+            }
+            None => shared.handle_line(&line),
+            Some(session) => {
+                match session.open(&line) {
+                    Some(request) => session.seal(&shared.handle_line(request)),
+                    None => {
+                        warn!("witness: a request from {peer} failed authentication: connection closed");
+                        let _ = writer
+                            .write_all(error_line("request failed authentication").as_bytes());
+                        return;
+                    }
+                }
+            }
+        };
         if reply.starts_with("ERROR") {
             warn!("witness: {peer}: {}", reply.trim_end());
         }
@@ -438,7 +554,12 @@ impl Drop for ConnectionSlot {
     }
 }
 
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>, lock: File) -> Result<(), ArbiterError> {
+fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    lock: File,
+    psk: Option<Arc<Psk>>,
+) -> Result<(), ArbiterError> {
     for conn in listener.incoming() {
         if shared.stopping.load(Ordering::SeqCst) {
             break;
@@ -459,10 +580,11 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, lock: File) -> Result
             continue;
         }
         let slot = ConnectionSlot(shared.clone());
+        let psk = psk.clone();
         let spawned = std::thread::Builder::new()
             .name("witness-conn".into())
             .spawn(move || {
-                serve_connection(stream, &slot.0);
+                serve_connection(stream, &slot.0, psk.as_deref());
                 drop(slot);
             });
         if let Err(e) = spawned {
@@ -480,6 +602,7 @@ pub struct WitnessServer {
     listener: TcpListener,
     shared: Arc<Shared>,
     lock: File,
+    psk: Option<Arc<Psk>>,
 }
 
 impl WitnessServer {
@@ -512,7 +635,14 @@ impl WitnessServer {
                 connections: AtomicUsize::new(0),
             }),
             lock,
+            psk: None,
         })
+    }
+
+    /// Authenticates every client with `psk` (None: serves anyone).
+    pub fn with_psk(mut self, psk: Option<Arc<Psk>>) -> Self {
+        self.psk = psk;
+        self
     }
 
     /// The address it listens on (with the port picked for port 0).
@@ -526,7 +656,7 @@ impl WitnessServer {
     /// Serves on this thread, each connection on its own thread. Returns
     /// only when a [`WitnessHandle`] of it stops it (never, via `run`).
     pub fn run(self) -> Result<(), ArbiterError> {
-        accept_loop(self.listener, self.shared, self.lock)
+        accept_loop(self.listener, self.shared, self.lock, self.psk)
     }
 
     /// Serves on a background thread until the handle is shut down or
@@ -602,6 +732,7 @@ impl Drop for WitnessHandle {
 pub struct TcpArbiter {
     addr: SocketAddr,
     timeout: Duration,
+    psk: Option<Arc<Psk>>,
 }
 
 impl TcpArbiter {
@@ -611,7 +742,14 @@ impl TcpArbiter {
         TcpArbiter {
             addr,
             timeout: timeout.max(Duration::from_millis(1)),
+            psk: None,
         }
+    }
+
+    /// Authenticates to the witness with `psk` (None: no authentication).
+    pub fn with_psk(mut self, psk: Option<Arc<Psk>>) -> Self {
+        self.psk = psk;
+        self
     }
 
     /// The witness address.
@@ -639,10 +777,19 @@ impl TcpArbiter {
             .set_read_timeout(Some(timeout))
             .and_then(|()| stream.set_write_timeout(Some(timeout)))
             .map_err(|e| conn_err("setting timeouts", &e))?;
+        let reader_half = stream.try_clone().map_err(|e| conn_err("setting up", &e))?;
+        let mut reader = BufReader::new(reader_half);
+        let mut session = match &self.psk {
+            Some(psk) => Some(self.authenticate(&mut reader, &mut stream, psk)?),
+            None => None,
+        };
+        let request = match &mut session {
+            Some(s) => s.seal(line),
+            None => format!("{line}\n"),
+        };
         stream
-            .write_all(format!("{line}\n").as_bytes())
+            .write_all(request.as_bytes())
             .map_err(|e| conn_err("sending the request", &e))?;
-        let mut reader = BufReader::new(&mut stream);
         let reply = match read_line(&mut reader) {
             Ok(Some((reply, true))) => reply,
             Ok(Some((reply, false))) if reply.len() >= MAX_LINE_LEN => {
@@ -665,6 +812,20 @@ impl TcpArbiter {
             reply: truncate(&String::from_utf8_lossy(e.as_bytes())),
         })?;
         let reply = reply.strip_suffix('\r').unwrap_or(&reply).to_string();
+        let reply = match &mut session {
+            None => reply,
+            Some(s) => match s.open(reply.as_bytes()) {
+                Some(body) => String::from_utf8_lossy(body).into_owned(),
+                // An unsealed ERROR can only refuse, never grant.
+                None if reply.starts_with("ERROR ") => reply,
+                None => {
+                    return Err(ArbiterError::Auth {
+                        addr,
+                        reason: "a reply failed authentication (tampered with?)".into(),
+                    })
+                }
+            },
+        };
         if let Some(reason) = reply.strip_prefix("ERROR ") {
             return Err(ArbiterError::Remote {
                 addr,
@@ -672,6 +833,48 @@ impl TcpArbiter {
             });
         }
         Ok(reply)
+    }
+
+    /// The client side of the handshake.
+    fn authenticate(
+        &self,
+        reader: &mut impl BufRead,
+        writer: &mut impl Write,
+        psk: &Psk,
+    ) -> Result<LineSession, ArbiterError> {
+        let addr = self.addr;
+        let fail = |reason: String| ArbiterError::Auth { addr, reason };
+        let io_fail = |e: io::Error| fail(describe_io(&e, self.timeout));
+        let client = auth::nonce().map_err(io_fail)?;
+        writer
+            .write_all(format!("AUTH {}\n", to_hex(&client)).as_bytes())
+            .map_err(io_fail)?;
+        let reply = match read_line(reader).map_err(io_fail)? {
+            Some((l, true)) => String::from_utf8_lossy(&l).into_owned(),
+            _ => return Err(fail("connection closed during authentication".into())),
+        };
+        if let Some(reason) = reply.strip_prefix("ERROR ") {
+            return Err(fail(reason.to_string()));
+        }
+        let parts: Vec<&str> = reply.split(' ').collect();
+        let (server, proof) = match parts[..] {
+            ["CHALLENGE", n, p] => (from_hex::<NONCE_LEN>(n), from_hex::<MAC_LEN>(p)),
+            _ => (None, None),
+        };
+        let (Some(server), Some(proof)) = (server, proof) else {
+            return Err(self.bad_reply(&reply));
+        };
+        if !psk.check_server_proof(&client, &server, &proof) {
+            return Err(fail(format!(
+                "the witness's key differs from {}",
+                psk.path().display()
+            )));
+        }
+        let proof = psk.client_proof(&client, &server);
+        writer
+            .write_all(format!("PROOF {}\n", to_hex(&proof)).as_bytes())
+            .map_err(io_fail)?;
+        Ok(LineSession::new(psk.session_key(&client, &server), true))
     }
 
     fn bad_reply(&self, reply: &str) -> ArbiterError {
@@ -795,6 +998,47 @@ mod tests {
         let edited = text.replacen("vm vm1 3", "vm vm1 2", 1);
         let e = decode(edited.as_bytes()).unwrap_err();
         assert!(e.contains("checksum"), "{e}");
+    }
+
+    #[test]
+    fn an_authenticated_witness_serves_only_clients_with_its_key() {
+        let dir = TempDir::new("witness-auth");
+        let key = |k: &str| Some(Arc::new(Psk::from_bytes(k.as_bytes())));
+        let server =
+            bind_witness(&dir.path().join("state")).with_psk(key("the witness key, long enough"));
+        let addr = server.local_addr();
+        let _w = server.spawn();
+        let good = TcpArbiter::new(addr, T).with_psk(key("the witness key, long enough"));
+        assert_eq!(good.claim("vm1", 0, "a").unwrap(), granted(1));
+        assert_eq!(good.query("vm1").unwrap().generation, 1);
+        let wrong = TcpArbiter::new(addr, T).with_psk(key("another key, just as long"));
+        let e = wrong.claim("vm1", 1, "b").unwrap_err();
+        assert!(matches!(e, ArbiterError::Auth { .. }), "{e}");
+        assert!(e.to_string().contains("key differs"), "{e}");
+        let keyless = TcpArbiter::new(addr, T);
+        let e = keyless.claim("vm1", 1, "b").unwrap_err();
+        assert!(e.to_string().contains("authentication required"), "{e}");
+        // A request line with a forged MAC after a real handshake.
+        let mut conn = TcpStream::connect(addr).unwrap();
+        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        let psk = Psk::from_bytes(b"the witness key, long enough");
+        let mut session = good.authenticate(&mut reader, &mut conn, &psk).unwrap();
+        let sealed = session.seal("CLAIM vm1 1 b");
+        let forged = sealed.replacen("CLAIM vm1 1 b", "CLAIM vm1 1 c", 1);
+        conn.write_all(forged.as_bytes()).unwrap();
+        let mut reply = String::new();
+        reader.read_line(&mut reply).unwrap();
+        assert!(reply.contains("failed authentication"), "{reply}");
+        // Nothing was granted to anyone but the key holder.
+        assert_eq!(good.query("vm1").unwrap().holder.as_deref(), Some("a"));
+        // A keyed client meeting a keyless witness is told so.
+        let open = TempDir::new("witness-open");
+        let (open_witness, _) = start(&open.path().join("state"));
+        let e = TcpArbiter::new(open_witness.local_addr(), T)
+            .with_psk(key("the witness key, long enough"))
+            .query("vm1")
+            .unwrap_err();
+        assert!(e.to_string().contains("no key"), "{e}");
     }
 
     #[test]
