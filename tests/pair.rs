@@ -330,6 +330,93 @@ fn kill_9_of_the_primary_hands_over_without_reusing_a_counter_value() {
     let _ = std::fs::remove_dir_all(&t.dir);
 }
 
+/// The bridge port the guest MAC is learned on, if any.
+fn fdb_port(ns: &NetNs, mac: &str) -> Option<String> {
+    let out = std::process::Command::new("bridge")
+        .args(["-n", &ns.name, "fdb", "show", "br", "br0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut words = l.split_whitespace();
+        (words.next() == Some(mac) && words.next() == Some("dev"))
+            .then(|| words.next().map(str::to_string))
+            .flatten()
+    })
+}
+
+#[test]
+fn the_announce_moves_the_bridge_port_and_a_client_with_a_full_arp_cache_carries_on() {
+    const MAC: &str = "52:54:00:00:78:02";
+    let Pair {
+        t,
+        _witness,
+        mut primary,
+        secondary,
+    } = start_pair("fdb", 1500);
+    // The client never asks ARP again: its entry for the guest is permanent.
+    ip(
+        &t.ns,
+        &[
+            "neigh",
+            "replace",
+            GUEST_IP,
+            "lladdr",
+            MAC,
+            "dev",
+            "br0",
+            "nud",
+            "permanent",
+        ],
+    );
+    let s = t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, first) = serve(&s, 0, 5, Duration::from_secs(20), &mut replies);
+    assert!(first.is_some(), "{}", primary.stderr());
+    assert_eq!(fdb_port(&t.ns, MAC).as_deref(), Some("tapa"));
+
+    // The client stays silent through the failover, and the guest sends
+    // nothing unasked: only the new primary's announce can move the entry.
+    primary.child.kill().unwrap();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(20);
+    while !secondary.stderr().contains("going live") {
+        assert!(
+            Instant::now() < deadline,
+            "no go-live: {}",
+            secondary.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let live_seen = Instant::now();
+    while fdb_port(&t.ns, MAC).as_deref() != Some("tapb") {
+        assert!(
+            live_seen.elapsed() < Duration::from_millis(500),
+            "the bridge still forwards {MAC} to {:?} {:?} after go-live",
+            fdb_port(&t.ns, MAC),
+            live_seen.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!(
+        "go-live seen {:?} after kill -9; bridge entry on tapb {:?} after that",
+        live_seen - killed,
+        live_seen.elapsed()
+    );
+    let (_, after) = serve(&s, next, 10, Duration::from_secs(20), &mut replies);
+    assert!(
+        after.is_some(),
+        "the client got no reply: {}",
+        secondary.stderr()
+    );
+    assert_counter_invariants(&replies, next);
+    let _ = std::fs::remove_dir_all(&t.dir);
+}
+
 #[test]
 fn a_partitioned_replication_link_leaves_exactly_one_side_live() {
     let p = start_pair("part", 1500);
