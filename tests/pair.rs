@@ -658,6 +658,17 @@ fn a_new_secondary_joins_a_running_primary_and_takes_over_later() {
         joined.stderr()
     );
     assert_counter_invariants(&replies, next2);
+    // Memory went over in pre-copy rounds; the stop carried only what
+    // changed since, and the joiner's memory matched the primary's at every
+    // epoch (a wrong page would show up as a divergence).
+    let joined_err = joined.stderr();
+    assert!(joined_err.contains("pre-copy round 0: "), "{joined_err}");
+    assert!(!joined_err.contains("diverged"), "{joined_err}");
+    assert!(
+        p.primary.stderr().contains("changed since pre-copy"),
+        "{}",
+        p.primary.stderr()
+    );
     let _ = std::fs::remove_dir_all(&p.t.dir);
 }
 
@@ -863,4 +874,104 @@ fn a_broken_replication_connection_resumes_without_a_failover() {
     );
     assert_counter_invariants(&replies, next2);
     let _ = std::fs::remove_dir_all(&p.t.dir);
+}
+
+/// The compute guest's result for `size` bytes and `rounds` rounds (the
+/// algorithm in guest-images/compute.c).
+fn compute_hash(size: usize, rounds: u32) -> u64 {
+    let mut buf: Vec<u8> = (0..size).map(|i| (i * 31) as u8).collect();
+    let mut state = 0u64;
+    for r in 0..rounds {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for &b in &buf {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        state = state.rotate_left(13) ^ h;
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (*b ^ (state >> (8 * (i & 7))) as u8).wrapping_add(r as u8);
+        }
+    }
+    state
+}
+
+#[test]
+fn a_joiner_gets_memory_in_pre_copy_rounds_while_the_guest_writes_it() {
+    // The primary runs the compute guest alone, rewriting a 256 KiB buffer;
+    // a secondary joins it mid-run (pre-copy rounds while the guest
+    // runs, then a short stop), the primary is killed, and the joiner
+    // finishes the computation with the right result.
+    const SIZE: usize = 256 << 10;
+    const ROUNDS: u32 = 3;
+    let ns = NetNs::new("pcopy");
+    let dir = std::env::temp_dir().join(format!("tandem-pair-pcopy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pair.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[vm]\nname = \"compute\"\nkernel = \"{}\"\ncmdline = \"size={SIZE} rounds={ROUNDS}\"\nmem = \"32M\"\n\n[hosts]\na = {{ address = \"127.0.0.1:7401\" }}\nb = {{ address = \"127.0.0.2:7402\" }}\n\n[ft]\nheartbeat_ms = 50\nfailover_timeout_ms = 1500\nwitness = \"tcp://127.0.0.1:7500\"\nstate_dir = \"{}\"\npsk_file = \"{}\"\n",
+            guest("compute").display(),
+            dir.join("state").display(),
+            write_psk(&dir).display()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let _witness = spawn_witness(&ns, &dir);
+    let mut primary = Proc::spawn(
+        &ns,
+        &["primary", "--config", &config, "--host", "a", "--alone"],
+    );
+    // Let it fill and start rewriting the buffer.
+    std::thread::sleep(Duration::from_millis(1500));
+    let joiner = Proc::spawn(&ns, &["secondary", "--config", &config, "--host", "b"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !primary.stderr().contains("secondary joined at stop") {
+        assert!(
+            Instant::now() < deadline,
+            "no join\nprimary: {}\njoiner: {}",
+            primary.stderr(),
+            joiner.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = joiner.stderr();
+    assert!(err.contains("pre-copy round 0: "), "{err}");
+    assert!(err.contains("pre-copy round 1: "), "{err}");
+    assert!(
+        primary.stderr().contains("changed since pre-copy"),
+        "{}",
+        primary.stderr()
+    );
+    // Run protected for a while (the joiner verifies every epoch), then
+    // lose the primary before the guest is done.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        !primary
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("compute:")),
+        "the guest finished before the failover; make it longer"
+    );
+    primary.child.kill().unwrap();
+    let _ = primary.child.wait();
+    joiner.wait_for("compute: ", Duration::from_secs(60));
+    let line = joiner
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.contains("compute: "))
+        .cloned()
+        .unwrap();
+    let want = format!("hash={:#018x}", compute_hash(SIZE, ROUNDS));
+    assert!(line.contains(&want), "{line} (want {want})");
+    let err = joiner.stderr();
+    assert!(err.contains("going live"), "{err}");
+    assert!(!err.contains("diverged"), "{err}");
+    eprintln!("joiner:\n{err}\nprimary:\n{}", primary.stderr());
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -258,6 +258,9 @@ struct Replicator {
     sent: Mutex<std::collections::VecDeque<SentFrame>>,
     /// Index of the next frame on the current link.
     next_index: AtomicU64,
+    /// Pre-copy rounds for a joining secondary, and the memory they copy.
+    precopy: Arc<tandem_vmm::precopy::PrecopyPort>,
+    memory: tandem_vmm::precopy::MemoryReader,
 }
 
 impl Replicator {
@@ -494,14 +497,105 @@ impl Replicator {
             .name("tandem-acks".into())
             .spawn(move || me.read_acks(input, kicker))?;
         if !fresh {
-            // The secondary starts from a full sync point at the next kick,
-            // or at once if the guest is halted.
-            self.full_sync.store(true, Ordering::Release);
-            self.kicker.kick();
-            self.causes.wake();
+            // Memory goes over in rounds while the guest runs; then the
+            // secondary starts from a full sync point that carries only
+            // what changed since.
+            let me = self.clone();
+            std::thread::Builder::new()
+                .name("tandem-precopy".into())
+                .spawn(move || me.precopy())?;
         }
         info!("secondary connected from {from}");
         Ok(())
+    }
+
+    /// Asks the vCPU for its next stop: a pre-copy round, or (`full`) the
+    /// full sync point a joiner starts from.
+    fn ask_vcpu(&self, full: bool) {
+        if full {
+            self.full_sync.store(true, Ordering::Release);
+        }
+        self.kicker.kick();
+        self.causes.wake();
+    }
+
+    /// Pre-copy to a joining secondary: round 0 sends every non-zero page,
+    /// each later round the pages written during the previous one, while
+    /// the guest runs; when a round is small (or stops shrinking) the
+    /// joiner is started from a full sync point carrying only the pages
+    /// written since the last round.
+    fn precopy(self: &Arc<Self>) {
+        let started = Instant::now();
+        let mut previous = u64::MAX;
+        for round in 0..PRECOPY_MAX_ROUNDS {
+            self.precopy.request_round(round == 0);
+            self.ask_vcpu(false);
+            let Some(gfns) = self.precopy.wait_round(Duration::from_secs(10)) else {
+                warn!("pre-copy: the vCPU did not answer round {round}; copying all of memory at the stop");
+                return self.ask_vcpu(true);
+            };
+            let pages = gfns.len() as u64;
+            match self.send_round(round, &gfns) {
+                Ok((sent, bytes)) => info!(
+                    "pre-copy round {round}: {sent} of {pages} pages ({} KiB) at {} ms",
+                    bytes >> 10,
+                    started.elapsed().as_millis()
+                ),
+                Err(e) => {
+                    warn!("pre-copy round {round}: {e:#}; the joining secondary is dropped");
+                    return;
+                }
+            }
+            if round > 0 && (pages <= PRECOPY_SMALL_ROUND || pages >= previous) {
+                break;
+            }
+            previous = pages;
+        }
+        self.precopy.finish_with_delta();
+        self.ask_vcpu(true);
+    }
+
+    /// Reads the pages `gfns` of guest memory and sends them to the joining
+    /// secondary in messages of at most [`PRECOPY_CHUNK`] pages; round 0
+    /// leaves out zero pages. Returns (pages sent, bytes sent).
+    fn send_round(&self, round: u32, gfns: &[u64]) -> anyhow::Result<(u64, u64)> {
+        let total = gfns.len() as u64;
+        let mut page = vec![0u8; tandem_replay::log::PAGE_SIZE];
+        let (mut sent, mut bytes, mut scanned) = (0u64, 0u64, 0u64);
+        // An empty round still sends one message: the joiner sees it end.
+        let chunks: Vec<&[u64]> = if gfns.is_empty() {
+            vec![&[]]
+        } else {
+            gfns.chunks(PRECOPY_CHUNK).collect()
+        };
+        for chunk in chunks {
+            let mut pages = Vec::with_capacity(chunk.len() * wire::PAGE_ENTRY);
+            for &gfn in chunk {
+                self.memory
+                    .read_page(gfn, &mut page)
+                    .map_err(|e| anyhow!("reading guest memory: {e}"))?;
+                if round == 0 && page.iter().all(|&b| b == 0) {
+                    continue;
+                }
+                pages.extend_from_slice(&gfn.to_le_bytes());
+                pages.extend_from_slice(&page);
+                sent += 1;
+            }
+            scanned += chunk.len() as u64;
+            bytes += pages.len() as u64;
+            let generation = self.generation.load(Ordering::Acquire);
+            let message = Message::Memory {
+                round,
+                total,
+                scanned,
+                pages,
+            };
+            match &mut *self.link() {
+                Link::Joining(tx) => tx.send(generation, &message)?,
+                _ => bail!("the secondary is gone"),
+            }
+        }
+        Ok((sent, bytes))
     }
 
     /// Accepts secondaries for as long as the primary runs (re-protection).
@@ -730,6 +824,8 @@ pub fn run_primary(
         causes: vm.cause_queue(),
         sent: Mutex::default(),
         next_index: AtomicU64::new(0),
+        precopy: vm.precopy().0,
+        memory: vm.precopy().1,
     });
     publish(&replicator.params, &vm, "primary", generation)?;
     let r = replicator.clone();
@@ -965,6 +1061,9 @@ pub fn run_secondary(
     // connection breaks, reconnect and resume from the frames already here
     // (not a failover, as long as it comes back within the timeout).
     let link_out = Arc::new(Mutex::new(tx));
+    // A joiner's memory, pre-copied by the primary before the log starts.
+    let precopied: Arc<Mutex<Vec<tandem_replay::log::Page>>> = Arc::default();
+    let precopied_f = precopied.clone();
     let (heard, slot, gone_r) = (last_heard.clone(), follower_slot.clone(), gone.clone());
     let pipe_in = Mutex::new(pipe_in);
     let (peer, vm_name, out_r) = (params.peer, params.vm_name.clone(), link_out.clone());
@@ -975,6 +1074,7 @@ pub fn run_secondary(
             let mut header_seen = false;
             let mut frames = 0u64;
             let mut shown = Instant::now();
+            let mut progress = PrecopyProgress::default();
             loop {
                 let started = Instant::now();
                 // A large message (a joiner's full sync point) counts as
@@ -1019,6 +1119,28 @@ pub fn run_secondary(
                                 if let Some(f) = slot.get() {
                                     f.primary_released(stop);
                                 }
+                            }
+                            Message::Memory {
+                                round,
+                                total,
+                                scanned,
+                                pages,
+                            } if !header_seen => {
+                                progress.update(round, total, scanned, pages.len());
+                                let mut kept =
+                                    precopied_f.lock().unwrap_or_else(|p| p.into_inner());
+                                for entry in pages.chunks_exact(wire::PAGE_ENTRY) {
+                                    let (gfn, data) = entry.split_at(8);
+                                    kept.push(tandem_replay::log::Page {
+                                        gfn: u64::from_le_bytes(gfn.try_into().unwrap_or_default()),
+                                        data: data.to_vec(),
+                                    });
+                                }
+                                drop(kept);
+                                // The acks thread starts with the replay:
+                                // until then, say we are here.
+                                let mut out = out_r.lock().unwrap_or_else(|p| p.into_inner());
+                                let _ = out.send(generation, &Message::Heartbeat);
                             }
                             _ => {}
                         }
@@ -1066,9 +1188,12 @@ pub fn run_secondary(
         .recv()
         .map_err(|_| anyhow!("the primary closed the channel before sending its log header"))??;
 
+    // Later rounds resend pages: the last copy of each wins.
+    let base_pages = std::mem::take(&mut *precopied.lock().unwrap_or_else(|p| p.into_inner()));
     let mut config = vm_config(RunMode::Follow {
         identity,
         feed: feed_rx,
+        base_pages,
     });
     // Once live, this side records for a secondary of its own.
     let (frames_tx, frames_rx) = channel::<ShipFrame>();
@@ -1123,6 +1248,8 @@ pub fn run_secondary(
         causes: vm.cause_queue(),
         sent: Mutex::default(),
         next_index: AtomicU64::new(0),
+        precopy: vm.precopy().0,
+        memory: vm.precopy().1,
     });
     let mut frames_rx = Some(frames_rx);
 
@@ -1254,6 +1381,58 @@ pub fn run_secondary(
 /// A shipped frame kept until acked: (index on the link, stop, when sent,
 /// bytes).
 type SentFrame = (u64, u64, Instant, Vec<u8>);
+
+/// The joining side's view of pre-copy: a progress bar per round (on a
+/// terminal) and a line when each round ends.
+#[derive(Default)]
+struct PrecopyProgress {
+    round: Option<u32>,
+    bar: Option<indicatif::ProgressBar>,
+    started: Option<Instant>,
+    bytes: u64,
+}
+
+impl PrecopyProgress {
+    fn update(&mut self, round: u32, total: u64, scanned: u64, bytes: usize) {
+        let page = tandem_replay::log::PAGE_SIZE as u64;
+        if self.round != Some(round) {
+            self.round = Some(round);
+            self.started = Some(Instant::now());
+            self.bytes = 0;
+            let bar = indicatif::ProgressBar::new(total * page);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_prefix(format!("pre-copy round {round}"));
+            self.bar = Some(bar);
+        }
+        self.bytes += bytes as u64;
+        if let Some(bar) = &self.bar {
+            bar.set_position(scanned * page);
+        }
+        if scanned >= total {
+            if let Some(bar) = self.bar.take() {
+                bar.finish_and_clear();
+            }
+            let ms = self.started.map_or(0, |s| s.elapsed().as_millis());
+            eprintln!(
+                "tandem: pre-copy round {round}: {} pages received ({} KiB) of {total} looked at, in {ms} ms",
+                self.bytes / wire::PAGE_ENTRY as u64,
+                self.bytes >> 10
+            );
+        }
+    }
+}
+
+/// Pre-copy gives up converging after this many rounds.
+const PRECOPY_MAX_ROUNDS: u32 = 8;
+/// A round this small (pages) is the last before the stop.
+const PRECOPY_SMALL_ROUND: u64 = 256;
+/// Pages per pre-copy message (8 MiB).
+const PRECOPY_CHUNK: usize = 2048;
 
 /// Messages at least this big show progress as they arrive.
 const STATE_PROGRESS_MIN: u64 = 16 << 20;

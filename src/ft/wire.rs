@@ -66,6 +66,20 @@ pub enum Message {
         /// Frames the secondary has.
         frames: u64,
     },
+    /// Primary → joining secondary, before the log: guest pages copied
+    /// while the guest runs (pre-copy round `round`, which has `total`
+    /// pages to look at, `scanned` of them looked at so far). `pages` is a
+    /// run of `[u64 LE gfn][PAGE bytes]` entries.
+    Memory {
+        /// Round number (0: all of memory).
+        round: u32,
+        /// Pages in this round.
+        total: u64,
+        /// Pages of the round looked at up to the end of this message.
+        scanned: u64,
+        /// The pages (zero pages of round 0 are left out).
+        pages: Vec<u8>,
+    },
     /// Connecting side, first (authenticated channels): its nonce.
     AuthHello {
         /// Fresh random bytes.
@@ -98,6 +112,10 @@ const TAG_RESUME: u8 = 10;
 const TAG_AUTH_HELLO: u8 = 11;
 const TAG_AUTH_CHALLENGE: u8 = 12;
 const TAG_AUTH_PROOF: u8 = 13;
+const TAG_MEMORY: u8 = 14;
+
+/// Bytes of one page entry of [`Message::Memory`]: gfn, then the page.
+pub const PAGE_ENTRY: usize = 8 + tandem_replay::log::PAGE_SIZE;
 
 /// Bytes of a message header: tag, generation, payload length.
 pub const HEAD_LEN: usize = 13;
@@ -136,6 +154,19 @@ pub fn encode(generation: u64, m: &Message) -> io::Result<Vec<u8>> {
             (TAG_AUTH_CHALLENGE, [&nonce[..], &proof[..]].concat())
         }
         Message::AuthProof { proof } => (TAG_AUTH_PROOF, proof.to_vec()),
+        Message::Memory {
+            round,
+            total,
+            scanned,
+            pages,
+        } => {
+            let mut p = Vec::with_capacity(20 + pages.len());
+            p.extend_from_slice(&round.to_le_bytes());
+            p.extend_from_slice(&total.to_le_bytes());
+            p.extend_from_slice(&scanned.to_le_bytes());
+            p.extend_from_slice(pages);
+            (TAG_MEMORY, p)
+        }
     };
     let len = u32::try_from(payload.len())
         .ok()
@@ -260,6 +291,17 @@ pub fn decode(head: &[u8; HEAD_LEN], payload: Vec<u8>) -> io::Result<(u64, Messa
         TAG_AUTH_PROOF => Message::AuthProof {
             proof: fixed(&payload, "auth proof")?,
         },
+        TAG_MEMORY => {
+            if payload.len() < 20 || (payload.len() - 20) % PAGE_ENTRY != 0 {
+                return Err(bad("bad memory message"));
+            }
+            Message::Memory {
+                round: u32::from_le_bytes(fixed(&payload[..4], "memory round")?),
+                total: u64_of(&payload[4..12])?,
+                scanned: u64_of(&payload[12..20])?,
+                pages: payload[20..].to_vec(),
+            }
+        }
         tag => return Err(bad(format!("unknown message tag {tag}"))),
     };
     Ok((generation, m))
@@ -321,6 +363,12 @@ mod tests {
                 proof: [5; 32],
             },
             Message::AuthProof { proof: [6; 32] },
+            Message::Memory {
+                round: 2,
+                total: 9,
+                scanned: 1,
+                pages: vec![7; PAGE_ENTRY],
+            },
         ];
         let mut buf = Vec::new();
         for m in &all {

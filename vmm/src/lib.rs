@@ -25,6 +25,7 @@ pub mod layout;
 pub mod legacy;
 pub mod loader;
 pub mod msr;
+pub mod precopy;
 pub mod repair;
 pub mod state;
 pub mod vcpu;

@@ -216,6 +216,8 @@ pub struct SyncContext {
     pub epoch_consumer: ConsumerId,
     /// The repair consumer of the tracker (replay).
     pub repair_consumer: ConsumerId,
+    /// The pre-copy consumer of the tracker (recording, for a joiner).
+    pub precopy_consumer: ConsumerId,
     /// MSRs saved with the vCPU.
     pub msrs: Vec<u32>,
 }
@@ -282,6 +284,11 @@ pub struct Vcpu {
     live_counters: Arc<LiveCounters>,
     /// Recording: the stop of the last full sync point.
     full_sync_stop: Arc<std::sync::atomic::AtomicU64>,
+    /// Recording: pre-copy rounds for a joining secondary.
+    precopy: Arc<crate::precopy::PrecopyPort>,
+    /// Joining: memory pre-copied from the primary, installed before its
+    /// full sync point (which carries only what changed since).
+    base_pages: Vec<Page>,
     causes: Vec<Cause>,
     stats: VcpuStats,
     /// Divergences found while replaying, in order.
@@ -371,6 +378,8 @@ impl Vcpu {
             stop_request: Arc::default(),
             live_counters: Arc::default(),
             full_sync_stop: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
+            precopy: Arc::default(),
+            base_pages: Vec::new(),
             causes: Vec::new(),
             stats: VcpuStats::default(),
             divergence_reports: Vec::new(),
@@ -399,8 +408,16 @@ impl Vcpu {
                 if stop > 1 {
                     tracing::warn!("joining the primary at its stop {stop}");
                     self.stop = stop - 1;
-                    // The full sync point carries only non-zero pages.
+                    // The full sync point carries only non-zero pages, or
+                    // only what changed since the pre-copied memory.
                     self.zero_memory()?;
+                    self.install_base_pages()?;
+                    // Every page was written by the join, not by the replay:
+                    // the first epoch checks them against the primary's
+                    // hashes, and once it verifies the repair shadow takes
+                    // them all as its baseline.
+                    let all = all_gfns(&self.sync.memory);
+                    self.epochs.installed.extend(all);
                 }
             }
         }
@@ -686,6 +703,7 @@ impl Vcpu {
     /// sync point (DESIGN point 6).
     fn record_sync_point(&mut self, halted: bool) -> Result<(), VcpuError> {
         let began = Instant::now();
+        self.serve_precopy()?;
         let vcpu = state::capture(&self.fd, &self.sync.msrs, halted)?;
         let devices = self.devices.capture();
         let sync = &mut self.sync;
@@ -693,14 +711,18 @@ impl Vcpu {
             .harvest(&sync.vm, &sync.memory)
             .map_err(|e| VcpuError::Memory(format!("KVM_GET_DIRTY_LOG: {e}")))?;
         let mut gfns = sync.tracker.take(sync.consumer);
-        // A new secondary joining a running primary needs all of memory.
+        // A new secondary joining a running primary needs all of memory: all
+        // of it, or (after pre-copy rounds) what changed since the last.
         let full = self
             .full_sync
             .swap(false, std::sync::atomic::Ordering::AcqRel);
-        if full {
-            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-            let pages: u64 = sync.memory.iter().map(|r| r.len() / PAGE_SIZE as u64).sum();
-            gfns = (0..pages).collect();
+        let delta = full && self.precopy.take_final_delta();
+        if delta {
+            gfns.extend(sync.tracker.take(sync.precopy_consumer));
+            gfns.sort_unstable();
+            gfns.dedup();
+        } else if full {
+            gfns = all_gfns(&sync.memory);
         }
         let mut pages = Vec::new();
         for gfn in gfns {
@@ -709,8 +731,8 @@ impl Vcpu {
                 .read_slice(&mut data, GuestAddress(gfn * PAGE_SIZE as u64))
                 .map_err(|e| VcpuError::Memory(format!("page {gfn:#x}: {e}")))?;
             // A full sync point leaves out zero pages: the joiner starts
-            // from zeroed memory.
-            if full && data.iter().all(|&b| b == 0) {
+            // from zeroed memory (a delta keeps them: they were not zero).
+            if full && !delta && data.iter().all(|&b| b == 0) {
                 continue;
             }
             pages.push(Page { gfn, data });
@@ -727,9 +749,10 @@ impl Vcpu {
             // Output from here on waits for the new secondary again.
             self.devices.outputs.protect_from(self.stop);
             tracing::warn!(
-                "full sync point at stop {} ({} pages) for a joining secondary; guest paused {} ms",
+                "full sync point at stop {} ({} pages{}) for a joining secondary; guest paused {} ms",
                 self.stop,
                 pages.len(),
+                if delta { " changed since pre-copy" } else { "" },
                 began.elapsed().as_millis()
             );
         }
@@ -747,6 +770,53 @@ impl Vcpu {
     /// vCPU and wake the cause queue).
     pub fn stop_request(&self) -> Arc<std::sync::atomic::AtomicBool> {
         self.stop_request.clone()
+    }
+
+    /// Answers a pre-copy round asked for by the replication side: the
+    /// pages to send (all of them for round 0; then those written since).
+    fn serve_precopy(&mut self) -> Result<(), VcpuError> {
+        let Some(all) = self.precopy.requested() else {
+            return Ok(());
+        };
+        let sync = &mut self.sync;
+        sync.tracker
+            .harvest(&sync.vm, &sync.memory)
+            .map_err(|e| VcpuError::Memory(format!("KVM_GET_DIRTY_LOG: {e}")))?;
+        let dirtied = sync.tracker.take(sync.precopy_consumer);
+        self.precopy
+            .deliver(if all { all_gfns(&sync.memory) } else { dirtied });
+        Ok(())
+    }
+
+    /// Joining: writes the pre-copied memory (after zeroing, before the
+    /// full sync point's pages).
+    fn install_base_pages(&mut self) -> Result<(), VcpuError> {
+        for page in std::mem::take(&mut self.base_pages) {
+            self.sync
+                .memory
+                .write_slice(&page.data, GuestAddress(page.gfn * PAGE_SIZE as u64))
+                .map_err(|e| VcpuError::Memory(format!("pre-copied page {:#x}: {e}", page.gfn)))?;
+        }
+        Ok(())
+    }
+
+    /// The pre-copy port of this (recording) vCPU, and a reader of guest
+    /// memory for the thread that copies it.
+    pub fn precopy(
+        &self,
+    ) -> (
+        Arc<crate::precopy::PrecopyPort>,
+        crate::precopy::MemoryReader,
+    ) {
+        (
+            self.precopy.clone(),
+            crate::precopy::MemoryReader::new(self.sync.memory.clone()),
+        )
+    }
+
+    /// Joining: memory the primary pre-copied, installed at the join.
+    pub fn set_base_pages(&mut self, pages: Vec<Page>) {
+        self.base_pages = pages;
     }
 
     /// Zeroes all guest memory (before installing a full sync point).
@@ -1186,6 +1256,9 @@ impl Vcpu {
             {
                 self.record_sync_point(true)?;
             }
+            if self.journal.recording() {
+                self.serve_precopy()?;
+            }
             self.apply_causes();
             if self.devices.interrupt_pending() {
                 break;
@@ -1243,4 +1316,16 @@ enum Halted {
     ReplayEnded(ReplayEnd),
     /// The VM was asked to stop.
     Stopped,
+}
+
+/// Every guest frame number of `memory`.
+fn all_gfns(memory: &GuestMemoryMmap) -> Vec<u64> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    memory
+        .iter()
+        .flat_map(|r| {
+            let first = r.start_addr().0 / PAGE_SIZE as u64;
+            first..first + r.len() / PAGE_SIZE as u64
+        })
+        .collect()
 }

@@ -136,6 +136,9 @@ pub enum RunMode {
         identity: VmIdentity,
         /// The records as they arrive.
         feed: std::sync::mpsc::Receiver<tandem_replay::log::Record>,
+        /// Joining a running primary: the memory it pre-copied (installed
+        /// before its full sync point, which carries what changed since).
+        base_pages: Vec<tandem_replay::log::Page>,
     },
     /// From a log. Memory, command line, devices, CPUID and RTC come from its
     /// header; `disks`, `nets`, `cmdline` and `mem_size` of the config are
@@ -541,6 +544,7 @@ impl Vm {
 
         let start = Instant::now();
         let live = LiveInputs::new(start, causes.clone());
+        let mut base_pages = Vec::new();
         let (journal, policy) = match config.mode {
             RunMode::Live => (
                 Journal::Live(live),
@@ -570,14 +574,21 @@ impl Vm {
                     Recorder::start_with_sink(options, sink, live).map_err(VmError::Journal)?;
                 (Journal::Record(Box::new(recorder)), policy)
             }
-            RunMode::Follow { feed, .. } => (
-                Journal::Replay(Box::new(Replayer::live(feed))),
-                KickPolicy {
-                    sync_interval: None,
-                    min_kick_interval: Duration::ZERO,
-                    epoch_interval: Duration::ZERO,
-                },
-            ),
+            RunMode::Follow {
+                feed,
+                base_pages: pages,
+                ..
+            } => {
+                base_pages = pages;
+                (
+                    Journal::Replay(Box::new(Replayer::live(feed))),
+                    KickPolicy {
+                        sync_interval: None,
+                        min_kick_interval: Duration::ZERO,
+                        epoch_interval: Duration::ZERO,
+                    },
+                )
+            }
             RunMode::Replay { log } => {
                 let summary = replay.map(|(_, s)| s).unwrap_or_default();
                 let replayer = Replayer::open(&log, &summary).map_err(VmError::Journal)?;
@@ -595,6 +606,7 @@ impl Vm {
         let consumer = tracker.register();
         let epoch_consumer = tracker.register();
         let repair_consumer = tracker.register();
+        let precopy_consumer = tracker.register();
         let sync = SyncContext {
             vm: vm.clone(),
             memory: memory.clone(),
@@ -602,10 +614,12 @@ impl Vm {
             consumer,
             epoch_consumer,
             repair_consumer,
+            precopy_consumer,
             msrs,
         };
         let replaying = matches!(journal, Journal::Replay(_));
         let mut vcpu = Vcpu::new(vcpu_fd, ctx, devices, journal, sync, policy, kicker, start);
+        vcpu.set_base_pages(base_pages);
         if replaying && (config.repair || following) {
             vcpu.enable_repair(mem_size)?;
         }
@@ -679,6 +693,17 @@ impl Vm {
             kicker: self.vcpu.kicker(),
             causes: self.causes.clone(),
         }
+    }
+
+    /// Pre-copy rounds for a joining secondary: where to ask for them, and
+    /// a reader of guest memory to copy the pages with.
+    pub fn precopy(
+        &self,
+    ) -> (
+        Arc<crate::precopy::PrecopyPort>,
+        crate::precopy::MemoryReader,
+    ) {
+        self.vcpu.precopy()
     }
 
     /// (request a full sync point, stop of the last full sync point).
