@@ -122,8 +122,9 @@ t1=$(date +%s%N)
 ip netns exec "$NS" "$T" pair --config "$D/pair.toml" --host a > "$D/a2.log" 2>&1 &
 pids+=($!)
 disown
-for _ in $(seq 300); do grep -q "secondary joined" "$D/secondary.log" && break; sleep 0.1; done
+for _ in $(seq 3000); do grep -q "secondary joined" "$D/secondary.log" && break; sleep 0.01; done
 t2=$(date +%s%N)
+grep -E "pre-copy round" "$D/a2.log" | sed 's/^/   a: /' || true
 sed 's/\x1b\[[0-9;]*m//g' "$D/secondary.log" | grep -E "full sync point|secondary joined" | sed 's/^/   b: /' || true
 echo "   re-protected in $(( (t2 - t1) / 1000000 )) ms"
 ip netns exec "$NS" python3 "$D/client.py" 20 "$(next_request)" "$D/seen.json"
