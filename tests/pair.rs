@@ -975,3 +975,33 @@ fn a_joiner_gets_memory_in_pre_copy_rounds_while_the_guest_writes_it() {
     eprintln!("joiner:\n{err}\nprimary:\n{}", primary.stderr());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_primary_frozen_for_half_the_timeout_holds_output_until_it_re_validates() {
+    // Frozen for longer than half the failover timeout but less than all of
+    // it: no failover, but the thawed primary must not release anything on
+    // the strength of acks read late; it holds until a fresh echo from the
+    // secondary and the arbiter confirm it still holds its generation.
+    let p = start_pair("lease", 3000);
+    let s = p.t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, _) = serve(&s, 0, 5, Duration::from_secs(20), &mut replies);
+    signal(&p.primary, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(2000));
+    signal(&p.primary, libc::SIGCONT);
+    let (_, more) = serve(&s, next, 10, Duration::from_secs(20), &mut replies);
+    assert!(more.is_some(), "{}", p.primary.stderr());
+    let err = p.primary.stderr();
+    let held = err
+        .find("holding output")
+        .unwrap_or_else(|| panic!("{err}"));
+    let revalidated = err.find("re-validated").unwrap_or_else(|| panic!("{err}"));
+    assert!(held < revalidated, "{err}");
+    assert!(
+        !p.secondary.stderr().contains("going live"),
+        "{}",
+        p.secondary.stderr()
+    );
+    assert_counter_invariants(&replies, next);
+    let _ = std::fs::remove_dir_all(&p.t.dir);
+}

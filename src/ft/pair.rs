@@ -258,6 +258,10 @@ struct Replicator {
     sent: Mutex<std::collections::VecDeque<SentFrame>>,
     /// Index of the next frame on the current link.
     next_index: AtomicU64,
+    /// Until when (ms since `base`) output may leave without re-validating
+    /// the generation: the send time of the newest ping the secondary
+    /// echoed, plus half the failover timeout.
+    lease_until: AtomicU64,
     /// Pre-copy rounds for a joining secondary, and the memory they copy.
     precopy: Arc<tandem_vmm::precopy::PrecopyPort>,
     memory: tandem_vmm::precopy::MemoryReader,
@@ -270,6 +274,60 @@ impl Replicator {
 
     fn heard(&self) {
         self.last_heard.store(millis(self.base), Ordering::Release);
+    }
+
+    /// Half the failover timeout, in ms: how long output may leave on the
+    /// strength of the secondary's last echo.
+    fn lease_span(&self) -> u64 {
+        self.params.failover_timeout.as_millis() as u64 / 2
+    }
+
+    /// Output may leave as of a ping sent at `sent` (ms since `base`).
+    fn renew_lease(&self, sent: u64) {
+        self.lease_until
+            .fetch_max(sent + self.lease_span(), Ordering::AcqRel);
+    }
+
+    /// Whether this primary heard its secondary echo a ping less than half
+    /// the failover timeout ago.
+    fn lease_valid(&self) -> bool {
+        millis(self.base) < self.lease_until.load(Ordering::Acquire)
+    }
+
+    /// A primary whose secondary has not echoed a ping for half the failover
+    /// timeout holds everything (output, disk writes); once echoes come
+    /// again it re-validates its generation at the arbiter before letting
+    /// anything out (it may have been frozen while the other side took
+    /// over).
+    fn check_lease(&self) {
+        if !matches!(*self.link(), Link::Attached(_)) {
+            return;
+        }
+        let valid = self.lease_valid();
+        if !valid && !self.gate.suspended() {
+            warn!(
+                "no echo from the secondary for {} ms: holding output and disk writes until the generation is re-validated",
+                self.lease_span()
+            );
+            self.gate.suspend();
+        } else if valid && self.gate.suspended() {
+            let generation = self.generation.load(Ordering::Acquire);
+            match self.params.current() {
+                Ok(g)
+                    if g.generation == generation
+                        && g.holder.as_deref() == Some(&self.params.me) =>
+                {
+                    info!("generation {generation} re-validated: releasing output again");
+                    self.gate.resume();
+                }
+                Ok(g) if g.generation > generation => {
+                    self.params.event("fenced superseded");
+                    fence(&format!("another side holds the VM now ({g})"))
+                }
+                Ok(g) => warn!("the arbiter shows {g}; still holding output"),
+                Err(e) => warn!("cannot re-validate the generation ({e}); still holding output"),
+            }
+        }
     }
 
     /// The ship thread: frames to the secondary, with releases and
@@ -307,6 +365,7 @@ impl Replicator {
                                     .event(&format!("secondary-joined stop={}", frame.stop));
                                 let stream = std::mem::replace(&mut *link, Link::Detached);
                                 if let Link::Joining(s) = stream {
+                                    self.renew_lease(millis(self.base));
                                     *link = Link::Attached(s);
                                 }
                             }
@@ -321,8 +380,9 @@ impl Replicator {
             if let Link::Attached(tx) = &mut *link {
                 if Instant::now() >= next_beat {
                     let released = Message::Released(self.gate.released());
+                    let ping = Message::Ping(millis(self.base));
                     broken |= tx.send(generation, &released).is_err()
-                        || tx.send(generation, &Message::Heartbeat).is_err();
+                        || tx.send(generation, &ping).is_err();
                     next_beat = Instant::now() + heartbeat;
                 }
             }
@@ -408,6 +468,7 @@ impl Replicator {
         *link = Link::Attached(tx);
         drop(link);
         self.heard();
+        self.renew_lease(millis(self.base));
         eprintln!("tandem: secondary reconnected; resumed from frame {frames} ({resent} frames sent again)");
         self.params
             .event(&format!("secondary-resumed frame={frames}"));
@@ -425,8 +486,18 @@ impl Replicator {
         let mut repairing = false;
         loop {
             let generation = self.generation.load(Ordering::Acquire);
-            match input.recv() {
+            let msg = input.recv();
+            if msg.is_ok() && !self.lease_valid() && !self.gate.suspended() {
+                // Read after a silence (perhaps this process was frozen):
+                // hold everything until the monitor re-validates.
+                self.check_lease();
+            }
+            match msg {
                 Ok((g, _)) if g < generation => warn!("message from old generation {g} ignored"),
+                Ok((_, Message::Pong(sent))) => {
+                    self.heard();
+                    self.renew_lease(sent);
+                }
                 Ok((_, Message::Ack(stop))) => {
                     self.heard();
                     self.params.throttle.acked(stop);
@@ -481,6 +552,7 @@ impl Replicator {
             tx.send(generation, &Message::Log(self.header.clone()))?;
         }
         self.heard();
+        self.renew_lease(millis(self.base));
         *self.link() = if fresh {
             Link::Attached(tx)
         } else {
@@ -675,6 +747,7 @@ impl Replicator {
             if matches!(*self.link(), Link::Detached) {
                 continue;
             }
+            self.check_lease();
             let silent = millis(self.base).saturating_sub(self.last_heard.load(Ordering::Acquire));
             if silent < timeout {
                 continue;
@@ -824,6 +897,7 @@ pub fn run_primary(
         causes: vm.cause_queue(),
         sent: Mutex::default(),
         next_index: AtomicU64::new(0),
+        lease_until: AtomicU64::new(0),
         precopy: vm.precopy().0,
         memory: vm.precopy().1,
     });
@@ -1120,6 +1194,10 @@ pub fn run_secondary(
                                     f.primary_released(stop);
                                 }
                             }
+                            Message::Ping(sent) => {
+                                let mut out = out_r.lock().unwrap_or_else(|p| p.into_inner());
+                                let _ = out.send(generation, &Message::Pong(sent));
+                            }
                             Message::Memory {
                                 round,
                                 total,
@@ -1248,6 +1326,7 @@ pub fn run_secondary(
         causes: vm.cause_queue(),
         sent: Mutex::default(),
         next_index: AtomicU64::new(0),
+        lease_until: AtomicU64::new(0),
         precopy: vm.precopy().0,
         memory: vm.precopy().1,
     });

@@ -80,6 +80,12 @@ pub enum Message {
         /// The pages (zero pages of round 0 are left out).
         pages: Vec<u8>,
     },
+    /// Primary → secondary, with each heartbeat: its clock (ms) when sent.
+    Ping(u64),
+    /// Secondary → primary, at once: the ping's time echoed. A pong for a
+    /// recent ping proves the secondary follows this primary now (acks
+    /// read after a freeze are old; pongs say how old).
+    Pong(u64),
     /// Connecting side, first (authenticated channels): its nonce.
     AuthHello {
         /// Fresh random bytes.
@@ -113,6 +119,8 @@ const TAG_AUTH_HELLO: u8 = 11;
 const TAG_AUTH_CHALLENGE: u8 = 12;
 const TAG_AUTH_PROOF: u8 = 13;
 const TAG_MEMORY: u8 = 14;
+const TAG_PING: u8 = 15;
+const TAG_PONG: u8 = 16;
 
 /// Bytes of one page entry of [`Message::Memory`]: gfn, then the page.
 pub const PAGE_ENTRY: usize = 8 + tandem_replay::log::PAGE_SIZE;
@@ -154,6 +162,8 @@ pub fn encode(generation: u64, m: &Message) -> io::Result<Vec<u8>> {
             (TAG_AUTH_CHALLENGE, [&nonce[..], &proof[..]].concat())
         }
         Message::AuthProof { proof } => (TAG_AUTH_PROOF, proof.to_vec()),
+        Message::Ping(t) => (TAG_PING, t.to_le_bytes().to_vec()),
+        Message::Pong(t) => (TAG_PONG, t.to_le_bytes().to_vec()),
         Message::Memory {
             round,
             total,
@@ -291,6 +301,8 @@ pub fn decode(head: &[u8; HEAD_LEN], payload: Vec<u8>) -> io::Result<(u64, Messa
         TAG_AUTH_PROOF => Message::AuthProof {
             proof: fixed(&payload, "auth proof")?,
         },
+        TAG_PING => Message::Ping(u64_of(&payload)?),
+        TAG_PONG => Message::Pong(u64_of(&payload)?),
         TAG_MEMORY => {
             if payload.len() < 20 || (payload.len() - 20) % PAGE_ENTRY != 0 {
                 return Err(bad("bad memory message"));
@@ -363,6 +375,8 @@ mod tests {
                 proof: [5; 32],
             },
             Message::AuthProof { proof: [6; 32] },
+            Message::Ping(11),
+            Message::Pong(12),
             Message::Memory {
                 round: 2,
                 total: 9,

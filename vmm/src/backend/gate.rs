@@ -10,7 +10,7 @@
 //! at-least-once: a reply may be seen twice, never contradicted.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -30,6 +30,9 @@ pub struct GatedOutputs {
     acked: AtomicU64,
     /// Everything up to this stop has left (piggybacked to the secondary).
     released: AtomicU64,
+    /// Nothing leaves, acked or not: this primary has not heard its
+    /// secondary lately and must re-validate its generation first.
+    suspended: AtomicBool,
 }
 
 impl GatedOutputs {
@@ -41,7 +44,47 @@ impl GatedOutputs {
             held: Mutex::new(VecDeque::new()),
             acked: AtomicU64::new(0),
             released: AtomicU64::new(0),
+            suspended: AtomicBool::new(false),
         }
+    }
+
+    /// Holds everything from now on, acked or not, until [`Self::resume`].
+    pub fn suspend(&self) {
+        let _held = lock(&self.held);
+        self.suspended.store(true, Ordering::Release);
+    }
+
+    /// Ends a suspension: what was acked meanwhile leaves now.
+    pub fn resume(&self) {
+        {
+            let _held = lock(&self.held);
+            self.suspended.store(false, Ordering::Release);
+        }
+        self.flush_acked();
+    }
+
+    /// Whether output is suspended.
+    pub fn suspended(&self) -> bool {
+        self.suspended.load(Ordering::Acquire)
+    }
+
+    /// Emits what the acks cover (unless suspended).
+    fn flush_acked(&self) {
+        let mut held = lock(&self.held);
+        if self.suspended.load(Ordering::Acquire) {
+            return;
+        }
+        let acked = self.acked.load(Ordering::Acquire);
+        while held.front().is_some_and(|(s, _, _)| *s <= acked) {
+            if let Some((_, _, output)) = held.pop_front() {
+                self.inner.emit(output);
+            }
+        }
+        drop(held);
+        self.released.fetch_max(
+            acked.min(self.stop.load(Ordering::Acquire)),
+            Ordering::AcqRel,
+        );
     }
 
     /// The secondary has the log up to stop `acked`: release what it covers.
@@ -50,22 +93,13 @@ impl GatedOutputs {
         if acked <= previous && acked != u64::MAX {
             return;
         }
-        let acked = self.acked.load(Ordering::Acquire);
-        let mut held = lock(&self.held);
-        while held.front().is_some_and(|(s, _, _)| *s <= acked) {
-            if let Some((_, _, output)) = held.pop_front() {
-                self.inner.emit(output);
-            }
-        }
-        self.released.fetch_max(
-            acked.min(self.stop.load(Ordering::Acquire)),
-            Ordering::AcqRel,
-        );
+        self.flush_acked();
     }
 
     /// No secondary any more (this side won the arbitration): release
     /// everything, now and from now on.
     pub fn open(&self) {
+        self.suspended.store(false, Ordering::Release);
         self.release(u64::MAX);
     }
 
@@ -111,20 +145,16 @@ impl Outputs for GatedOutputs {
                 ..
             }
         );
-        if immediate || stop <= self.acked.load(Ordering::Acquire) {
+        let suspended = self.suspended.load(Ordering::Acquire);
+        if immediate || (!suspended && stop <= self.acked.load(Ordering::Acquire)) {
             self.inner.emit(output);
             return;
         }
         lock(&self.held).push_back((stop, Instant::now(), output));
-        // An ack may have raced in between: release again under the lock.
-        let acked = self.acked.load(Ordering::Acquire);
-        if stop <= acked {
-            let mut held = lock(&self.held);
-            while held.front().is_some_and(|(s, _, _)| *s <= acked) {
-                if let Some((_, _, o)) = held.pop_front() {
-                    self.inner.emit(o);
-                }
-            }
+        // An ack (or a resume) may have raced in between: release again
+        // under the lock.
+        if stop <= self.acked.load(Ordering::Acquire) {
+            self.flush_acked();
         }
     }
 }
@@ -298,6 +328,37 @@ mod tests {
         gate.open();
         gate.emit(frame(3));
         assert_eq!(lock(&sink.0).len(), 4);
+    }
+
+    #[test]
+    fn a_suspended_gate_releases_nothing_until_resumed() {
+        let sink = Arc::new(Sink::default());
+        let stop = Arc::new(AtomicU64::new(5));
+        let gate = GatedOutputs::new(sink.clone(), stop.clone());
+        gate.emit(frame(1));
+        gate.suspend();
+        // Acked while suspended (a thawed primary reading old acks).
+        gate.release(5);
+        assert_eq!(lock(&sink.0).len(), 0);
+        assert_eq!(gate.released(), 0, "nothing left, nothing reported");
+        // Output at an acked stop waits too.
+        gate.emit(frame(2));
+        gate.emit(Output::BlockSubmit {
+            device: 0,
+            request: 0,
+            op: BlockOp::Write {
+                sector: 0,
+                data: vec![0; 512],
+            },
+        });
+        assert_eq!(lock(&sink.0).len(), 0);
+        assert!(gate.suspended());
+        gate.resume();
+        assert_eq!(lock(&sink.0).len(), 3);
+        assert_eq!(gate.released(), 5);
+        gate.suspend();
+        gate.open();
+        assert!(!gate.suspended(), "a side that runs alone holds nothing");
     }
 
     #[test]
