@@ -5,129 +5,17 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::netns::NetNs;
 use common::pair::*;
+use common::proxy::{self, Corruption};
 
 /// Where the proxied secondary thinks the primary is.
 const PROXY: &str = "127.0.0.3:7401";
 /// Where the primary really listens (host a of the pair file).
 const PRIMARY: &str = "127.0.0.1:7401";
-
-/// Header of a replication message: tag, generation, payload length.
-const HEAD_LEN: usize = 13;
-const MAC_LEN: usize = 32;
-const TAG_LOG: u8 = 4;
-
-/// What the proxy does to the primary → secondary direction.
-#[derive(Clone, Copy)]
-enum Tamper {
-    /// Flip one payload byte of the `n`th log message of the first
-    /// connection.
-    FlipLogMessage(u32),
-    /// Keep a copy of the `n`th log message of the first connection and
-    /// close it; on the next connection, send that copy (sealed under the
-    /// first session's key) after `n` more log messages.
-    ReplayAcrossSessions(u32),
-}
-
-/// Counts what the proxy did.
-#[derive(Default)]
-struct ProxyLog {
-    connections: AtomicU32,
-    tampered: AtomicU32,
-    captured: Mutex<Option<Vec<u8>>>,
-}
-
-/// Runs a proxy from `PROXY` to `PRIMARY` inside `ns`, in the background.
-fn start_proxy(ns: &NetNs, tamper: Tamper) -> Arc<ProxyLog> {
-    let log = Arc::new(ProxyLog::default());
-    let path = format!("/var/run/netns/{}", ns.name);
-    let l = log.clone();
-    std::thread::spawn(move || {
-        let ns = std::fs::File::open(&path).expect("open netns");
-        // SAFETY: a valid namespace fd; CLONE_NEWNET switches only this
-        // thread's network namespace (threads it starts inherit it).
-        let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
-        let listener = TcpListener::bind(PROXY).expect("bind proxy");
-        for down in listener.incoming() {
-            let Ok(down) = down else { continue };
-            let Ok(up) = TcpStream::connect(PRIMARY) else {
-                continue;
-            };
-            let n = l.connections.fetch_add(1, Ordering::SeqCst) + 1;
-            let (up2, down2) = (up.try_clone().unwrap(), down.try_clone().unwrap());
-            // Secondary → primary: as is.
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut &down2, &mut &up2);
-                let _ = up2.shutdown(Shutdown::Both);
-                let _ = down2.shutdown(Shutdown::Both);
-            });
-            let l = l.clone();
-            std::thread::spawn(move || {
-                forward(&up, &down, n, tamper, &l);
-                let _ = up.shutdown(Shutdown::Both);
-                let _ = down.shutdown(Shutdown::Both);
-            });
-        }
-    });
-    log
-}
-
-/// Primary → secondary, message by message (the first, the auth challenge,
-/// carries no MAC; every later one does).
-fn forward(up: &TcpStream, down: &TcpStream, connection: u32, tamper: Tamper, log: &ProxyLog) {
-    let mut logs = 0u32;
-    for index in 0u64.. {
-        let mut head = [0u8; HEAD_LEN];
-        if (&*up).read_exact(&mut head).is_err() {
-            return;
-        }
-        let len = u32::from_le_bytes(head[9..13].try_into().unwrap()) as usize;
-        let mac = if index == 0 { 0 } else { MAC_LEN };
-        let mut message = head.to_vec();
-        message.resize(HEAD_LEN + len + mac, 0);
-        if (&*up).read_exact(&mut message[HEAD_LEN..]).is_err() {
-            return;
-        }
-        let is_log = head[0] == TAG_LOG && len > 0;
-        if is_log {
-            logs += 1;
-        }
-        let mut close_after = false;
-        match tamper {
-            Tamper::FlipLogMessage(n) if connection == 1 && is_log && logs == n => {
-                message[HEAD_LEN + len / 2] ^= 0x40;
-                log.tampered.fetch_add(1, Ordering::SeqCst);
-            }
-            Tamper::ReplayAcrossSessions(n) if connection == 1 && is_log && logs == n => {
-                *log.captured.lock().unwrap() = Some(message.clone());
-                close_after = true;
-            }
-            Tamper::ReplayAcrossSessions(n) if connection == 2 && is_log && logs == n => {
-                let old = log.captured.lock().unwrap().clone();
-                if let Some(old) = old {
-                    if (&*down).write_all(&old).is_err() {
-                        return;
-                    }
-                    log.tampered.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-            _ => {}
-        }
-        if (&*down).write_all(&message).is_err() || close_after {
-            return;
-        }
-    }
-}
 
 /// The pair file `config` with host a at the proxy: what the secondary uses.
 fn via_proxy(config: &Path) -> PathBuf {
@@ -150,11 +38,11 @@ fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
 /// keeps serving, the secondary rejects the bad message, resets and
 /// resumes, nobody fails over, no epoch diverges, and a later kill -9 of
 /// the primary still hands over with no counter value handed out twice.
-fn tampered_pair_resumes(tag: &str, tamper: Tamper, resets: usize) {
+fn tampered_pair_resumes(tag: &str, corruption: Corruption, resets: usize) {
     let t = topology(tag, 3000, "received");
     let proxied = via_proxy(&t.config);
     let witness = spawn_witness(&t.ns, &t.dir);
-    let proxy = start_proxy(&t.ns, tamper);
+    let proxy = proxy::start(&t.ns, PROXY, PRIMARY);
     let config = t.config.display().to_string();
     let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
     std::thread::sleep(Duration::from_millis(300));
@@ -165,10 +53,16 @@ fn tampered_pair_resumes(tag: &str, tamper: Tamper, resets: usize) {
     let s = t.ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();
     let mut next = 0;
+    // Some traffic first, then one corrupt message.
+    let mut armed = false;
     wait_until(Duration::from_secs(30), "the tampering", || {
         let (n, _) = serve(&s, next, 1, Duration::from_secs(5), &mut replies);
         next = n;
-        proxy.tampered.load(Ordering::SeqCst) > 0
+        if !armed && proxy.log_messages.load(Ordering::SeqCst) >= 40 {
+            proxy.arm(corruption);
+            armed = true;
+        }
+        proxy.injected.load(Ordering::SeqCst) > 0
     });
     wait_until(Duration::from_secs(15), "the resumes", || {
         secondary.stderr().matches("resuming from frame").count() >= resets
@@ -216,14 +110,14 @@ fn tampered_pair_resumes(tag: &str, tamper: Tamper, resets: usize) {
 
 #[test]
 fn a_flipped_byte_resets_the_channel_and_the_secondary_resumes() {
-    tampered_pair_resumes("flip", Tamper::FlipLogMessage(40), 1);
+    tampered_pair_resumes("flip", Corruption::FlipBit, 1);
 }
 
 #[test]
 fn a_message_replayed_from_an_earlier_session_is_rejected() {
     // One reset when the proxy closes the first connection, one when the
     // replayed message fails authentication.
-    tampered_pair_resumes("replay", Tamper::ReplayAcrossSessions(40), 2);
+    tampered_pair_resumes("replay", Corruption::ReplayOld, 2);
 }
 
 #[test]

@@ -361,6 +361,7 @@ impl Replicator {
                                     frame.stop
                                 );
                                 self.params.throttle.protect();
+                                self.params.board.set("primary", generation, "attached");
                                 self.params
                                     .event(&format!("secondary-joined stop={}", frame.stop));
                                 let stream = std::mem::replace(&mut *link, Link::Detached);

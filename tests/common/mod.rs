@@ -138,3 +138,4 @@ pub fn assert_clean_error(f: &Finished, status: i32, needle: &str) {
 }
 pub mod netns;
 pub mod pair;
+pub mod proxy;
