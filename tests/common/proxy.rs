@@ -184,8 +184,8 @@ fn forward(up: &TcpStream, down: &TcpStream, connection: u32, s: &ProxyState) {
                 };
                 out.extend_from_slice(&next);
                 s.injected.fetch_add(1, Ordering::SeqCst);
-            } else if earlier.is_some() && s.take(Corruption::ReplayOld) {
-                out.extend_from_slice(&earlier.unwrap().1);
+            } else if let Some((_, old)) = earlier.filter(|_| s.take(Corruption::ReplayOld)) {
+                out.extend_from_slice(&old);
                 s.injected.fetch_add(1, Ordering::SeqCst);
             } else if *s.armed.lock().unwrap() == Some(Corruption::ReplayOld) {
                 // Nothing from an earlier session yet: end this one (the
