@@ -8,7 +8,7 @@ CARGO ?= cargo
 GUEST_OUT := $(CURDIR)/target/guests
 TANDEM := target/release/tandem
 
-.PHONY: all deps guests build demo test lint clean fuzz bench
+.PHONY: all deps guests build demo test lint clean fuzz bench chaos
 
 all: build guests
 
@@ -46,6 +46,14 @@ bench: build guests
 	./bench/setup.sh
 	$(CARGO) build --release --locked -p tandem-bench
 	./target/release/tandem-bench
+
+# Fault injection on a protected pair: CHAOS_ROUNDS random faults (default
+# 200; `make test` runs one of each kind), each followed by re-protection,
+# with the invariants checked; writes RELIABILITY.md. CHAOS_SEED=N replays
+# a series.
+chaos: build guests
+	CHAOS_ROUNDS=$${CHAOS_ROUNDS:-200} CHAOS_REPORT=$(CURDIR)/RELIABILITY.md \
+		$(CARGO) test --release --locked --test chaos -- --nocapture
 
 # Long randomized runs of the log decoder (bit flips, truncation, random
 # frames). cargo fuzz needs a nightly toolchain, which this project's

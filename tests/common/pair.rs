@@ -337,6 +337,8 @@ pub fn status(t: &Topology, host: &str) -> Option<String> {
     use std::io::Read;
     let path = t.dir.join("state").join(format!("{host}.ctl"));
     let mut s = std::os::unix::net::UnixStream::connect(path).ok()?;
+    // A frozen side accepts (the kernel does) but never answers.
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     Some(text)

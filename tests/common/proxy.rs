@@ -23,7 +23,7 @@ const TAG_LOG: u8 = 4;
 
 /// A fault applied to the next log message (then the proxy forwards
 /// faithfully again).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Corruption {
     /// Flip one bit of its payload.
     FlipBit,
