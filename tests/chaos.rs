@@ -170,9 +170,9 @@ impl Chaos {
 
     fn logs(&self) -> String {
         let mut s = String::new();
-        for i in 0..2 {
-            if let Some(p) = &self.hosts[i] {
-                let _ = writeln!(s, "--- host {}:\n{}", HOSTS[i], p.stderr());
+        for (host, p) in HOSTS.iter().zip(&self.hosts) {
+            if let Some(p) = p {
+                let _ = writeln!(s, "--- host {host}:\n{}", p.stderr());
             }
         }
         s
