@@ -1005,3 +1005,56 @@ fn a_primary_frozen_for_half_the_timeout_holds_output_until_it_re_validates() {
     assert_counter_invariants(&replies, next);
     let _ = std::fs::remove_dir_all(&p.t.dir);
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_network_flood_while_the_vcpu_waits_does_not_grow_the_primarys_memory() {
+    // The secondary stalls, so the primary's brake stops its vCPU; a client
+    // floods the guest meanwhile. Frames the vCPU cannot take are dropped
+    // (as a NIC drops) instead of queueing without bound.
+    let p = start_pair("flood", 20_000);
+    let s = p.t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, _) = serve(&s, 0, 3, Duration::from_secs(20), &mut replies);
+    let pid = p.primary.child.id();
+    let before = rss_kib(pid);
+    signal(&p.secondary, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1000));
+    let payload = vec![0x5au8; 1400];
+    let flood_until = Instant::now() + Duration::from_secs(4);
+    let mut sent = 0u64;
+    let mut peak = before;
+    while Instant::now() < flood_until {
+        for _ in 0..256 {
+            if s.send_to(&payload, format!("{GUEST_IP}:9")).is_ok() {
+                sent += 1;
+            }
+        }
+        peak = peak.max(rss_kib(pid));
+    }
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    let st = status(&p.t, "a").unwrap();
+    signal(&p.secondary, libc::SIGCONT);
+    eprintln!(
+        "flood: {sent} frames of 1400 B sent ({} MiB); primary RSS {} MiB -> peak {} MiB; {st}",
+        sent * 1400 >> 20,
+        before / 1024,
+        peak / 1024
+    );
+    assert!(sent * 1400 > 256 << 20, "the flood was too small to tell");
+    assert!(status_figure(&st, "inputs_dropped") > 0, "{st}");
+    assert!(grown_mib < 64, "the primary grew by {grown_mib} MiB");
+    let (_, more) = serve(&s, next, 5, Duration::from_secs(30), &mut replies);
+    assert!(more.is_some(), "{}", p.primary.stderr());
+    let _ = std::fs::remove_dir_all(&p.t.dir);
+}

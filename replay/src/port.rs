@@ -120,10 +120,41 @@ pub trait Inputs: Send {
     fn wait(&mut self, deadline_ns: Option<u64>);
 }
 
+/// Bytes of network frames and console input a queue holds at most (each
+/// counted with [`QUEUED_OVERHEAD`]); beyond it new ones are dropped, as a
+/// NIC or a UART drops what it has no room for. Disk completions are never
+/// dropped (they are bounded by the requests in flight).
+pub const QUEUED_INPUT_MAX: usize = 4 << 20;
+/// What one queued input costs besides its bytes.
+pub const QUEUED_OVERHEAD: usize = 64;
+
+/// Causes waiting for the vCPU, and the droppable bytes among them.
+#[derive(Default)]
+struct Queued {
+    causes: VecDeque<Cause>,
+    input_bytes: usize,
+}
+
+impl Queued {
+    /// What `cause` counts against [`QUEUED_INPUT_MAX`] (0: never dropped).
+    fn weight(cause: &Cause) -> usize {
+        match cause {
+            Cause::NetRx { frame, .. } => frame.len() + QUEUED_OVERHEAD,
+            Cause::SerialInput(bytes) => bytes.len() + QUEUED_OVERHEAD,
+            _ => 0,
+        }
+    }
+}
+
 /// The queue that worker threads fill with causes for the vCPU thread.
+/// Network frames and console input are bounded ([`QUEUED_INPUT_MAX`]): a
+/// flood while the vCPU waits (a brake, a slow guest) cannot grow memory
+/// without bound.
 #[derive(Clone)]
 pub struct CauseQueue {
-    shared: Arc<(Mutex<VecDeque<Cause>>, Condvar)>,
+    shared: Arc<(Mutex<Queued>, Condvar)>,
+    /// Inputs dropped because the queue was full.
+    dropped: Arc<std::sync::atomic::AtomicU64>,
     notify: Arc<dyn Fn() + Send + Sync>,
     /// When false (a replaying secondary), pushes are dropped: its tap is
     /// read and discarded.
@@ -137,6 +168,7 @@ impl CauseQueue {
     pub fn new(notify: Arc<dyn Fn() + Send + Sync>) -> Self {
         Self {
             shared: Arc::default(),
+            dropped: Arc::default(),
             notify,
             accepting: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             woken: Arc::default(),
@@ -157,29 +189,48 @@ impl CauseQueue {
             .store(accepting, std::sync::atomic::Ordering::Release);
     }
 
-    fn queue(&self) -> MutexGuard<'_, VecDeque<Cause>> {
+    fn queue(&self) -> MutexGuard<'_, Queued> {
         self.shared.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a cause, wakes a halted vCPU and kicks a running one.
+    /// Queues a cause, wakes a halted vCPU and kicks a running one. A
+    /// network frame or console input that does not fit is dropped.
     pub fn push(&self, cause: Cause) {
         if !self.accepting.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        self.queue().push_back(cause);
+        {
+            let mut q = self.queue();
+            let weight = Queued::weight(&cause);
+            if weight > 0 && q.input_bytes + weight > QUEUED_INPUT_MAX {
+                drop(q);
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            q.input_bytes += weight;
+            q.causes.push_back(cause);
+        }
         self.shared.1.notify_all();
         (self.notify)();
     }
 
+    /// Inputs dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Takes everything queued.
     pub fn drain_into(&self, out: &mut Vec<Cause>) {
-        out.extend(self.queue().drain(..));
+        let mut q = self.queue();
+        q.input_bytes = 0;
+        out.extend(q.causes.drain(..));
     }
 
     /// Sleeps until something is queued or `deadline` passes (None: forever).
     pub fn wait(&self, deadline: Option<Instant>) {
         let mut q = self.queue();
-        while q.is_empty() {
+        while q.causes.is_empty() {
             if self.woken.swap(false, std::sync::atomic::Ordering::AcqRel) {
                 return;
             }
@@ -288,6 +339,32 @@ mod tests {
         out.clear();
         inputs.collect(2, &mut out);
         assert!(out.len() <= 1);
+    }
+
+    #[test]
+    fn a_flood_of_inputs_is_bounded_but_disk_completions_always_queue() {
+        let queue = CauseQueue::new(Arc::new(|| {}));
+        let frame = vec![0u8; 1400];
+        let fits = QUEUED_INPUT_MAX / (frame.len() + QUEUED_OVERHEAD);
+        for _ in 0..fits + 100 {
+            queue.push(Cause::NetRx {
+                device: 0,
+                frame: frame.clone(),
+            });
+        }
+        assert_eq!(queue.dropped(), 100);
+        queue.push(Cause::BlockDone {
+            device: 0,
+            request: 1,
+            status: 0,
+            data: Vec::new(),
+        });
+        let mut out = Vec::new();
+        queue.drain_into(&mut out);
+        assert_eq!(out.len(), fits + 1, "the completion was queued");
+        // Drained: room again.
+        queue.push(Cause::SerialInput(b"x".to_vec()));
+        assert_eq!(queue.dropped(), 100);
     }
 
     #[test]

@@ -1018,6 +1018,10 @@ fn publish(params: &PairParams, vm: &Vm, role: &str, generation: u64) -> anyhow:
                 .probe($name, Arc::new(move || c.$field.load(Ordering::Relaxed)));
         }};
     }
+    let causes = vm.cause_queue();
+    params
+        .board
+        .probe("inputs_dropped", Arc::new(move || causes.dropped()));
     counter!("stops", stops);
     counter!("sync_points", sync_points);
     counter!("epochs", epochs);
