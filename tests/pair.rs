@@ -1047,7 +1047,7 @@ fn a_network_flood_while_the_vcpu_waits_does_not_grow_the_primarys_memory() {
     signal(&p.secondary, libc::SIGCONT);
     eprintln!(
         "flood: {sent} frames of 1400 B sent ({} MiB); primary RSS {} MiB -> peak {} MiB; {st}",
-        sent * 1400 >> 20,
+        (sent * 1400) >> 20,
         before / 1024,
         peak / 1024
     );
