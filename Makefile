@@ -55,8 +55,13 @@ chaos: build guests
 	CHAOS_ROUNDS=$${CHAOS_ROUNDS:-200} CHAOS_REPORT=$(CURDIR)/RELIABILITY.md \
 		$(CARGO) test --release --locked --test chaos -- --nocapture
 
-# Long randomized runs of the log decoder (bit flips, truncation, random
-# frames). cargo fuzz needs a nightly toolchain, which this project's
-# machines do not have; the same targets run as proptests with many cases.
+# Long randomized runs of everything that parses input it does not control:
+# the log decoder (bit flips, truncation, random frames), the pair file
+# parser, the virtio rings and registers (guest memory as input) and the
+# legacy device registers. cargo fuzz needs a nightly toolchain, which this
+# project's machines do not have; the same targets run as proptests with many
+# cases (FUZZ_CASES each; `make test` runs them with the default 256).
 fuzz: deps
 	PROPTEST_CASES=$${FUZZ_CASES:-1000000} $(CARGO) test --release --locked -p tandem-replay --test log_damage -- never_panic
+	PROPTEST_CASES=$${FUZZ_CASES:-1000000} $(CARGO) test --release --locked -p tandem-devices -- fuzz
+	PROPTEST_CASES=$${FUZZ_CASES:-1000000} $(CARGO) test --release --locked --bin tandem -- config::tests::fuzz

@@ -19,6 +19,9 @@ pub mod scratch;
 pub mod serial;
 pub mod virtio;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 /// Something the guest asked of the whole VM through a device register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmRequest {

@@ -31,6 +31,7 @@ announce_rounds = 3
 announce_initial_ms = 10
 announce_step_ms = 20
 announce_max_ms = 40
+psk_file = "/etc/tandem/web1.psk"
 "#;
 
 /// The smallest valid file; `[ft]` is on line 8, so a key added by [`ft`]
@@ -122,7 +123,7 @@ fn full_file_gives_typed_values() {
             state_dir: "/srv/tandem/web1".into(),
             fence_command: Some("ipmitool -H bmc-peer power off".into()),
             respawn: None,
-            psk_file: None,
+            psk_file: Some("/etc/tandem/web1.psk".into()),
             max_unacked_bytes: 128 << 20,
             max_lag: Duration::from_millis(250),
             announce: Announce {
@@ -631,4 +632,34 @@ fn documented_example_is_valid() {
     let cfg = parse(example, "web1.toml").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg.vm.name, "web1");
     assert_eq!(cfg.net_configs(HostId::A)[0].tap, "tap0");
+}
+
+mod fuzz {
+    //! The pair file is operator input: any text, and any small damage to a
+    //! valid file, gets a result (usually an error naming a line), never a
+    //! panic. `make fuzz` runs these with many more cases.
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_text_parses_or_errors(text in "\\PC{0,400}") {
+            let _ = parse(&text, "fuzz.toml");
+        }
+
+        #[test]
+        fn damaged_valid_files_parse_or_error(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        ) {
+            let mut bytes = FULL.as_bytes().to_vec();
+            for (at, b) in edits {
+                let i = at.index(bytes.len());
+                bytes[i] = b;
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            if let Err(e) = parse(&text, "fuzz.toml") {
+                prop_assert!(e.to_string().starts_with("fuzz.toml"), "{e}");
+            }
+        }
+    }
 }
