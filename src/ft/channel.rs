@@ -34,8 +34,21 @@ impl FrameSender {
             bytes.extend_from_slice(&tag);
         }
         // One write per message: a heartbeat never interleaves with another
-        // thread's message.
-        (&self.stream).write_all(&bytes)
+        // thread's message. A write that fails (or times out) may have sent
+        // part of a message: the connection is over (the secondary
+        // reconnects and resumes).
+        let sent = (&self.stream).write_all(&bytes);
+        if sent.is_err() {
+            self.shutdown();
+        }
+        sent
+    }
+
+    /// Bounds how long a send may block (a peer that stopped reading):
+    /// then the send fails and the connection is closed, so no lock is
+    /// held behind it for longer.
+    pub fn set_write_timeout(&self, limit: Option<Duration>) -> io::Result<()> {
+        self.stream.set_write_timeout(limit)
     }
 
     /// Closes the connection both ways (the peer's reads end).

@@ -258,6 +258,9 @@ struct Replicator {
     sent: Mutex<std::collections::VecDeque<SentFrame>>,
     /// Index of the next frame on the current link.
     next_index: AtomicU64,
+    /// The link is `Attached` (readable without the link lock, which a
+    /// blocked send may hold).
+    attached: AtomicBool,
     /// Until when (ms since `base`) output may leave without re-validating
     /// the generation: the send time of the newest ping the secondary
     /// echoed, plus half the failover timeout.
@@ -300,7 +303,7 @@ impl Replicator {
     /// anything out (it may have been frozen while the other side took
     /// over).
     fn check_lease(&self) {
-        if !matches!(*self.link(), Link::Attached(_)) {
+        if !self.attached.load(Ordering::Acquire) {
             return;
         }
         let valid = self.lease_valid();
@@ -368,6 +371,7 @@ impl Replicator {
                                 if let Link::Joining(s) = stream {
                                     self.renew_lease(millis(self.base));
                                     *link = Link::Attached(s);
+                                    self.attached.store(true, Ordering::Release);
                                 }
                             }
                         }
@@ -429,6 +433,7 @@ impl Replicator {
         input: FrameReceiver,
         frames: u64,
     ) -> anyhow::Result<()> {
+        tx.set_write_timeout(Some(self.params.failover_timeout / 2))?;
         let generation = self.generation.load(Ordering::Acquire);
         let mut link = self.link();
         if !matches!(*link, Link::Attached(_)) {
@@ -467,6 +472,7 @@ impl Replicator {
         }
         drop(sent);
         *link = Link::Attached(tx);
+        self.attached.store(true, Ordering::Release);
         drop(link);
         self.heard();
         self.renew_lease(millis(self.base));
@@ -554,11 +560,13 @@ impl Replicator {
         }
         self.heard();
         self.renew_lease(millis(self.base));
+        tx.set_write_timeout(Some(self.params.failover_timeout / 2))?;
         *self.link() = if fresh {
             Link::Attached(tx)
         } else {
             Link::Joining(tx)
         };
+        self.attached.store(fresh, Ordering::Release);
         self.params.board.set(
             "primary",
             generation,
@@ -754,6 +762,7 @@ impl Replicator {
                 continue;
             }
             let old = std::mem::replace(&mut *self.link(), Link::Detached);
+            self.attached.store(false, Ordering::Release);
             if let Link::Joining(s) | Link::Attached(s) = old {
                 s.shutdown();
             }
@@ -898,6 +907,7 @@ pub fn run_primary(
         causes: vm.cause_queue(),
         sent: Mutex::default(),
         next_index: AtomicU64::new(0),
+        attached: AtomicBool::new(false),
         lease_until: AtomicU64::new(0),
         precopy: vm.precopy().0,
         memory: vm.precopy().1,
@@ -1106,6 +1116,10 @@ pub fn run_secondary(
         }
     };
     let (mut tx, mut input) = channel::connect(stream, params.psk.as_ref())?;
+    // A send never blocks a lock for long (the monitor needs the link to
+    // shut it when the primary falls silent).
+    let write_limit = params.failover_timeout / 2;
+    tx.set_write_timeout(Some(write_limit))?;
     tx.send(
         0,
         &Message::Hello {
@@ -1143,6 +1157,10 @@ pub fn run_secondary(
     // A joiner's memory, pre-copied by the primary before the log starts.
     let precopied: Arc<Mutex<Vec<tandem_replay::log::Page>>> = Arc::default();
     let precopied_f = precopied.clone();
+    // The newest ping from the primary (its send time + 1; 0: none): the
+    // acks thread echoes it, so this reader never blocks on a send.
+    let ping = Arc::new(AtomicU64::new(0));
+    let ping_f = ping.clone();
     let (heard, slot, gone_r) = (last_heard.clone(), follower_slot.clone(), gone.clone());
     let pipe_in = Mutex::new(pipe_in);
     let (peer, vm_name, out_r) = (params.peer, params.vm_name.clone(), link_out.clone());
@@ -1200,8 +1218,7 @@ pub fn run_secondary(
                                 }
                             }
                             Message::Ping(sent) => {
-                                let mut out = out_r.lock().unwrap_or_else(|p| p.into_inner());
-                                let _ = out.send(generation, &Message::Pong(sent));
+                                ping_f.fetch_max(sent + 1, Ordering::AcqRel);
                             }
                             Message::Memory {
                                 round,
@@ -1235,8 +1252,15 @@ pub fn run_secondary(
                             warn!("replication connection reset: {e}");
                         }
                         input.shutdown();
-                        let resumed =
-                            reconnect(peer, &vm_name, generation, frames, &gone_r, psk.as_ref());
+                        let resumed = reconnect(
+                            peer,
+                            &vm_name,
+                            generation,
+                            frames,
+                            &gone_r,
+                            psk.as_ref(),
+                            write_limit,
+                        );
                         // None: the monitor decides what a primary that
                         // cannot be reached means.
                         let Some((tx, rx)) = resumed else { return };
@@ -1331,6 +1355,7 @@ pub fn run_secondary(
         causes: vm.cause_queue(),
         sent: Mutex::default(),
         next_index: AtomicU64::new(0),
+        attached: AtomicBool::new(false),
         lease_until: AtomicU64::new(0),
         precopy: vm.precopy().0,
         memory: vm.precopy().1,
@@ -1353,6 +1378,7 @@ pub fn run_secondary(
             let mut acked = u64::MAX;
             let mut reported = 0u64;
             let mut reported_divergence = 0u64;
+            let mut echoed = 0u64;
             let mut next_beat = Instant::now();
             let send = |m: &Message| {
                 let mut link = out.lock().unwrap_or_else(|p| p.into_inner());
@@ -1360,6 +1386,11 @@ pub fn run_secondary(
                 let _ = link.send(generation, m);
             };
             while !gone_a.load(Ordering::Acquire) {
+                let p = ping.load(Ordering::Acquire);
+                if p > echoed {
+                    send(&Message::Pong(p - 1));
+                    echoed = p;
+                }
                 let d = diverged.load(Ordering::Acquire);
                 if d > reported_divergence {
                     warn!(
@@ -1531,6 +1562,7 @@ fn reconnect(
     frames: u64,
     gone: &AtomicBool,
     psk: Option<&Arc<Psk>>,
+    write_limit: Duration,
 ) -> Option<(FrameSender, FrameReceiver)> {
     while !gone.load(Ordering::Acquire) {
         let connected = TcpStream::connect_timeout(&peer, Duration::from_millis(500))
@@ -1540,6 +1572,7 @@ fn reconnect(
             info!("reconnecting to {peer}: {e:#}");
         }
         if let Ok((mut tx, mut rx)) = connected {
+            let _ = tx.set_write_timeout(Some(write_limit));
             let resume = Message::Resume {
                 vm: vm.to_string(),
                 frames,
