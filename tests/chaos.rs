@@ -170,6 +170,32 @@ impl Chaos {
 
     fn logs(&self) -> String {
         let mut s = String::new();
+        // Where every thread of each side waits (thread names say which).
+        for (host, p) in HOSTS.iter().zip(&self.hosts) {
+            let Some(p) = p else { continue };
+            let pid = p.child.id();
+            let _ = writeln!(s, "--- threads of host {host} (pid {pid}):");
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for task in tasks.flatten() {
+                let read = |f: &str| {
+                    std::fs::read_to_string(task.path().join(f))
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string()
+                };
+                let syscall = read("syscall");
+                let _ = writeln!(
+                    s,
+                    "{:<16} {:<7} wchan={} syscall={}",
+                    read("comm"),
+                    read("stat").split(' ').nth(2).unwrap_or("?"),
+                    read("wchan"),
+                    syscall.split(' ').next().unwrap_or("")
+                );
+            }
+        }
         for (host, p) in HOSTS.iter().zip(&self.hosts) {
             if let Some(p) = p {
                 let _ = writeln!(s, "--- host {host}:\n{}", p.stderr());
@@ -242,27 +268,41 @@ impl Chaos {
     /// Any host that is dead, fenced or frozen is replaced by a fresh
     /// `tandem pair`; then waits until the live side has its secondary.
     fn reprotect(&mut self) {
-        let live = {
-            let mut live = None;
-            self.wait("a live side", SERVICE_BOUND, |c| {
-                live = c.live();
-                live.is_some()
-            });
-            live.unwrap()
-        };
-        let other = 1 - live;
-        let healthy = self.hosts[other]
-            .as_mut()
-            .is_some_and(|p| p.child.try_wait().ok().flatten().is_none())
-            && self.status(other).contains("\"role\":\"secondary\"");
-        if !healthy {
-            self.kill(other);
-            self.hosts[other] = Some(self.spawn(other, "pair"));
+        // A replacement may itself fail (its join cut by a leftover fault,
+        // a fence): keep replacing whatever is not a healthy secondary.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut replaced_at: Option<Instant> = None;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for re-protection\n{}",
+                self.logs()
+            );
+            let Some(live) = self.live() else {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            };
+            let other = 1 - live;
+            let other_status = self.status(other);
+            if self.status(live).contains("\"peer\":\"attached\"")
+                && other_status.contains("\"role\":\"secondary\"")
+            {
+                return;
+            }
+            let running = self.hosts[other]
+                .as_mut()
+                .is_some_and(|p| p.child.try_wait().ok().flatten().is_none());
+            let settling = replaced_at.is_some_and(|t| t.elapsed() < Duration::from_secs(10));
+            let broken = !running
+                || other_status.contains("\"role\":\"fenced\"")
+                || (!settling && !other_status.contains("\"role\":\"secondary\""));
+            if broken {
+                self.kill(other);
+                self.hosts[other] = Some(self.spawn(other, "pair"));
+                replaced_at = Some(Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        self.wait("re-protection", Duration::from_secs(40), |c| {
-            c.status(live).contains("\"peer\":\"attached\"")
-                && c.status(other).contains("\"role\":\"secondary\"")
-        });
     }
 }
 
@@ -446,8 +486,21 @@ fn chaos_rounds_keep_every_invariant() {
     let mut findings = Findings::default();
     let mut faults = Vec::new();
     for n in 0..rounds {
-        // Every kind once in the first rounds, then at random.
-        let fault = if (n as usize) < FAULTS.len() && rounds as usize >= FAULTS.len() {
+        // CHAOS_ONLY=Kind,Kind,...: those kinds in turn (to reproduce);
+        // else every kind once in the first rounds, then at random.
+        let only: Vec<Fault> = std::env::var("CHAOS_ONLY")
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|k| {
+                FAULTS
+                    .iter()
+                    .find(|f| format!("{f:?}") == k.trim())
+                    .copied()
+            })
+            .collect();
+        let fault = if !only.is_empty() {
+            only[n as usize % only.len()]
+        } else if (n as usize) < FAULTS.len() && rounds as usize >= FAULTS.len() {
             FAULTS[n as usize]
         } else {
             FAULTS[rng.below(FAULTS.len() as u64) as usize]

@@ -44,6 +44,12 @@ impl FrameSender {
         sent
     }
 
+    /// Another handle on the connection, to shut it from a thread that
+    /// cannot wait for this sender (which may be blocked in a send).
+    pub fn try_clone_socket(&self) -> io::Result<TcpStream> {
+        self.stream.try_clone()
+    }
+
     /// Bounds how long a send may block (a peer that stopped reading):
     /// then the send fails and the connection is closed, so no lock is
     /// held behind it for longer.

@@ -261,6 +261,9 @@ struct Replicator {
     /// The link is `Attached` (readable without the link lock, which a
     /// blocked send may hold).
     attached: AtomicBool,
+    /// The current link's socket (None: detached), to shut it without the
+    /// link lock.
+    socket: Mutex<Option<TcpStream>>,
     /// Until when (ms since `base`) output may leave without re-validating
     /// the generation: the send time of the newest ping the secondary
     /// echoed, plus half the failover timeout.
@@ -277,6 +280,11 @@ impl Replicator {
 
     fn heard(&self) {
         self.last_heard.store(millis(self.base), Ordering::Release);
+    }
+
+    /// Remembers the socket of a new link (see `socket`).
+    fn set_socket(&self, tx: &FrameSender) {
+        *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = tx.try_clone_socket().ok();
     }
 
     /// Half the failover timeout, in ms: how long output may leave on the
@@ -471,6 +479,7 @@ impl Replicator {
             resent += 1;
         }
         drop(sent);
+        self.set_socket(&tx);
         *link = Link::Attached(tx);
         self.attached.store(true, Ordering::Release);
         drop(link);
@@ -561,6 +570,7 @@ impl Replicator {
         self.heard();
         self.renew_lease(millis(self.base));
         tx.set_write_timeout(Some(self.params.failover_timeout / 2))?;
+        self.set_socket(&tx);
         *self.link() = if fresh {
             Link::Attached(tx)
         } else {
@@ -753,20 +763,43 @@ impl Replicator {
         let timeout = self.params.failover_timeout.as_millis() as u64;
         loop {
             std::thread::sleep(self.params.heartbeat);
-            if matches!(*self.link(), Link::Detached) {
+            // Never the link lock here: a send blocked behind a stalled
+            // peer may hold it, and this thread is what ends that.
+            let Some(socket) = self
+                .socket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .and_then(|s| s.try_clone().ok())
+            else {
                 continue;
-            }
+            };
             self.check_lease();
-            let silent = millis(self.base).saturating_sub(self.last_heard.load(Ordering::Acquire));
-            if silent < timeout {
+            let now = millis(self.base);
+            let silent = now.saturating_sub(self.last_heard.load(Ordering::Acquire));
+            // Heard, but no ping echoed for a whole timeout: the path or the
+            // secondary is stuck; as good as silent.
+            let unechoed = now.saturating_sub(
+                self.lease_until
+                    .load(Ordering::Acquire)
+                    .saturating_sub(self.lease_span()),
+            );
+            let why = if silent >= timeout {
+                format!("secondary silent for {silent} ms")
+            } else if self.attached.load(Ordering::Acquire) && unechoed >= timeout {
+                format!("no ping echoed by the secondary for {unechoed} ms")
+            } else {
                 continue;
-            }
+            };
+            let _ = socket.shutdown(Shutdown::Both);
+            *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            // The shutdown ends any send blocked with the link lock held.
             let old = std::mem::replace(&mut *self.link(), Link::Detached);
             self.attached.store(false, Ordering::Release);
             if let Link::Joining(s) | Link::Attached(s) = old {
                 s.shutdown();
             }
-            self.go_unprotected(&format!("secondary silent for {silent} ms"));
+            self.go_unprotected(&why);
         }
     }
 
@@ -908,6 +941,7 @@ pub fn run_primary(
         sent: Mutex::default(),
         next_index: AtomicU64::new(0),
         attached: AtomicBool::new(false),
+        socket: Mutex::default(),
         lease_until: AtomicU64::new(0),
         precopy: vm.precopy().0,
         memory: vm.precopy().1,
@@ -1356,6 +1390,7 @@ pub fn run_secondary(
         sent: Mutex::default(),
         next_index: AtomicU64::new(0),
         attached: AtomicBool::new(false),
+        socket: Mutex::default(),
         lease_until: AtomicU64::new(0),
         precopy: vm.precopy().0,
         memory: vm.precopy().1,
