@@ -312,7 +312,7 @@ fn failover_tables(o: &mut String, r: &Json, short: &mut Vec<String>) {
             "—".into(),
         ],
     );
-    let _ = writeln!(o, "\nA full sync point carries only the guest's non-zero pages and netecho touches few, so these figures are for a nearly empty guest: the 256 MiB row shows what the guest's size itself costs (the pause grows with the memory scanned, not with the pages sent), not re-protection per GiB of memory in use.\n");
+    let _ = writeln!(o, "\nMemory goes over in pre-copy rounds while the guest runs (round 0: every non-zero page; then the pages written meanwhile), so the full sync point at the stop carries only the pages changed since the last round and the guest's pause no longer grows with its memory. netecho touches few pages, so these figures are for a nearly empty guest: the 256 MiB row shows what scanning a larger memory costs (in round 0, while the guest runs), not re-protection per GiB of memory in use.\n");
 }
 
 /// The generated part of BENCHMARKS.md.
