@@ -602,6 +602,11 @@ fn chaos_rounds_keep_every_invariant() {
         for (kind, n) in &findings.by_kind {
             let _ = writeln!(md, "| {kind:?} | {n} |");
         }
+        // The last `make fuzz`, if any.
+        let fuzz = concat!(env!("CARGO_MANIFEST_DIR"), "/target/fuzz-report.md");
+        let fuzz = std::fs::read_to_string(fuzz)
+            .unwrap_or_else(|_| "- fuzzing: no `make fuzz` run on this checkout yet\n".into());
+        let _ = writeln!(md, "\n## Fuzzing\n\n{fuzz}");
         std::fs::write(&path, md).unwrap();
     }
     assert_eq!(lost, 0, "{summary}");

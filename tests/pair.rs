@@ -1058,3 +1058,69 @@ fn a_network_flood_while_the_vcpu_waits_does_not_grow_the_primarys_memory() {
     assert!(more.is_some(), "{}", p.primary.stderr());
     let _ = std::fs::remove_dir_all(&p.t.dir);
 }
+
+#[test]
+fn a_full_state_dir_drops_protection_and_the_primary_carries_on() {
+    // The secondary's state_dir is a small tmpfs; filling it makes the
+    // secondary stop (fenced, saying why) and the primary run on
+    // unprotected, its guest still serving.
+    let t = topology("full", 1500, "received");
+    let small = t.dir.join("b-state");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tandem-test"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let text = std::fs::read_to_string(&t.config).unwrap();
+    let state = t.dir.join("state");
+    let b_config = t.dir.join("pair-b.toml");
+    std::fs::write(
+        &b_config,
+        text.replace(
+            &format!("state_dir = \"{}\"", state.display()),
+            &format!("state_dir = \"{}\"", small.display()),
+        )
+        .replace(
+            "tap = \"tapb\" }",
+            &format!(
+                "tap = \"tapb\", control = \"unix:{}\" }}",
+                state.join("b.ctl").display()
+            ),
+        ),
+    )
+    .unwrap();
+    let _witness = spawn_witness(&t.ns, &t.dir);
+    let config = t.config.display().to_string();
+    let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let b = b_config.display().to_string();
+    let secondary = Proc::spawn(&t.ns, &["secondary", "--config", &b, "--host", "b"]);
+    primary.wait_for("netecho: up", Duration::from_secs(60));
+    let s = t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, first) = serve(&s, 0, 5, Duration::from_secs(20), &mut replies);
+    assert!(first.is_some(), "{}", primary.stderr());
+    // Fill the secondary's state_dir.
+    let _ = std::fs::write(small.join("filler"), vec![0u8; 4 << 20]);
+    let fenced = wait_fenced(&t, "b", Duration::from_secs(20));
+    assert!(fenced.contains("is full"), "{fenced}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !primary.stderr().contains("running unprotected") {
+        assert!(Instant::now() < deadline, "{}", primary.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, more) = serve(&s, next, 5, Duration::from_secs(20), &mut replies);
+    assert!(more.is_some(), "{}", primary.stderr());
+    assert_counter_invariants(&replies, next);
+    drop(secondary);
+    let _ = std::fs::remove_dir_all(&t.dir);
+}

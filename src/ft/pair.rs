@@ -1466,10 +1466,23 @@ pub fn run_secondary(
     // Monitor: a silent primary is gone; win the next generation, stop
     // taking its log, replay what arrived, go live.
     let timeout = params.failover_timeout;
+    let mut disk_checked = Instant::now();
     std::thread::Builder::new()
         .name("tandem-monitor".into())
         .spawn(move || loop {
             std::thread::sleep(heartbeat);
+            // A secondary that cannot keep its state (events, and with
+            // mirrored storage its bitmaps) stops following: protection is
+            // dropped and said so, the primary's guest carries on.
+            if disk_checked.elapsed() >= Duration::from_secs(1) {
+                disk_checked = Instant::now();
+                if let Some(why) = state_dir_full(&params.state_dir) {
+                    params.event("fenced state-dir-full");
+                    fence(&format!(
+                        "{why}: this secondary stops; the primary runs on unprotected"
+                    ));
+                }
+            }
             let silent = millis(base).saturating_sub(last_heard.load(Ordering::Acquire));
             if silent < timeout.as_millis() as u64 {
                 continue;
@@ -1526,6 +1539,30 @@ pub fn run_secondary(
     let code = crate::cli::finish_report(report);
     super::status::linger_if_fenced();
     Ok(code)
+}
+
+/// Less free space than this under `state_dir` counts as full.
+const STATE_DIR_MIN_FREE: u64 = 1 << 20;
+
+/// Why `dir` cannot take more state (full, or unreadable), if so.
+fn state_dir_full(dir: &std::path::Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: zeroed statvfs is a valid out-parameter for statvfs(3).
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid statvfs to fill.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        // A state_dir not created yet is not full.
+        return None;
+    }
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    (free < STATE_DIR_MIN_FREE).then(|| {
+        format!(
+            "state_dir {} is full ({} KiB free)",
+            dir.display(),
+            free >> 10
+        )
+    })
 }
 
 /// A shipped frame kept until acked: (index on the link, stop, when sent,
