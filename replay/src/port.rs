@@ -109,6 +109,13 @@ pub trait Outputs: Send + Sync {
     /// Blocks until everything emitted so far has reached its sink (the
     /// console bytes a process prints just before it exits).
     fn flush(&self) {}
+
+    /// Whether an output was held back since the last call (and clears it):
+    /// the recorder then ships the log at once instead of on its next tick,
+    /// since that output waits for the secondary's ack of it.
+    fn take_newly_held(&self) -> bool {
+        false
+    }
 }
 
 /// Where the causes of each stop come from.

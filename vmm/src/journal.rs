@@ -231,7 +231,7 @@ struct WriterShared {
 /// A recording in progress.
 pub struct Recorder {
     live: LiveInputs,
-    tx: Option<Sender<Record>>,
+    tx: Option<Sender<ToWriter>>,
     shared: Arc<WriterShared>,
     writer: Option<JoinHandle<()>>,
     path: PathBuf,
@@ -291,7 +291,14 @@ impl Recorder {
 
     fn send(&self, record: Record) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(record);
+            let _ = tx.send(ToWriter::Record(record));
+        }
+    }
+
+    /// Ships what the writer has now instead of at its next tick.
+    fn flush_now(&self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(ToWriter::Flush);
         }
     }
 
@@ -327,12 +334,23 @@ impl Drop for Recorder {
     }
 }
 
+/// What the vCPU sends its writer thread.
+// Records travel by value as before; boxing them to shrink the rare Flush
+// would cost an allocation per record.
+#[allow(clippy::large_enum_variant)]
+enum ToWriter {
+    /// A record to append.
+    Record(Record),
+    /// Append and ship now (an output waits for the secondary's ack).
+    Flush,
+}
+
 /// The writer thread: every [`RECORD_SYNC_PERIOD`] appends what the vCPU
 /// sent, with a watermark at the boundary of the stops it has left, and
 /// fsyncs.
 fn write_loop(
     mut file: Box<dyn RecordSink>,
-    rx: &Receiver<Record>,
+    rx: &Receiver<ToWriter>,
     shared: &WriterShared,
     period: Duration,
 ) {
@@ -346,8 +364,12 @@ fn write_loop(
     loop {
         let wait = next_sync.saturating_duration_since(Instant::now());
         let closed = match rx.recv_timeout(wait) {
-            Ok(r) => {
+            Ok(ToWriter::Record(r)) => {
                 batch.push(r);
+                false
+            }
+            Ok(ToWriter::Flush) => {
+                next_sync = Instant::now();
                 false
             }
             Err(RecvTimeoutError::Timeout) => false,
@@ -359,7 +381,10 @@ fn write_loop(
         // Every record for stops ≤ `left` was sent before `left` was
         // published, so after this drain they are all in the batch.
         let left = shared.left.load(Ordering::Acquire);
-        batch.extend(rx.try_iter());
+        batch.extend(rx.try_iter().filter_map(|m| match m {
+            ToWriter::Record(r) => Some(r),
+            ToWriter::Flush => None,
+        }));
         let mut watermark_due =
             last_watermark.is_none_or(|w| left > w || (left == w && file.wants_heartbeats()));
         for r in batch.drain(..) {
@@ -925,11 +950,16 @@ impl Journal {
 
     /// Called as the vCPU re-enters the guest from `stop`: the recorder
     /// publishes its watermark; a replay may have to stop or go live here.
-    pub fn leave_stop(&mut self, stop: u64) -> Result<Leave, JournalError> {
+    pub fn leave_stop(&mut self, stop: u64, output_waits: bool) -> Result<Leave, JournalError> {
         match self {
             Journal::Live(_) => Ok(Leave::Enter),
             Journal::Record(rec) => {
                 rec.shared.left.store(stop, Ordering::Release);
+                // An output held at this stop waits for the secondary's ack
+                // of the watermark that covers it: ship that now.
+                if output_waits {
+                    rec.flush_now();
+                }
                 if let Some(throttle) = &rec.options.throttle {
                     throttle.wait();
                 }

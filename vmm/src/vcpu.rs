@@ -533,7 +533,8 @@ impl Vcpu {
                 return Ok(RunOutcome::Stopped);
             }
             // (f) re-enter from the current stop, if the log allows it.
-            match self.journal.leave_stop(self.stop)? {
+            let output_waits = self.devices.outputs.take_newly_held();
+            match self.journal.leave_stop(self.stop, output_waits)? {
                 Leave::Enter => {}
                 Leave::ReplayEnd => {
                     return Ok(RunOutcome::ReplayEnded(ReplayEnd::AtWatermark {

@@ -33,6 +33,8 @@ pub struct GatedOutputs {
     /// Nothing leaves, acked or not: this primary has not heard its
     /// secondary lately and must re-validate its generation first.
     suspended: AtomicBool,
+    /// An output was held since the vCPU last asked.
+    newly_held: AtomicBool,
 }
 
 impl GatedOutputs {
@@ -45,6 +47,7 @@ impl GatedOutputs {
             acked: AtomicU64::new(0),
             released: AtomicU64::new(0),
             suspended: AtomicBool::new(false),
+            newly_held: AtomicBool::new(false),
         }
     }
 
@@ -132,6 +135,10 @@ impl Outputs for GatedOutputs {
         !lock(&self.held).is_empty()
     }
 
+    fn take_newly_held(&self) -> bool {
+        self.newly_held.swap(false, Ordering::AcqRel)
+    }
+
     fn flush(&self) {
         self.inner.flush();
     }
@@ -151,6 +158,7 @@ impl Outputs for GatedOutputs {
             return;
         }
         lock(&self.held).push_back((stop, Instant::now(), output));
+        self.newly_held.store(true, Ordering::Release);
         // An ack (or a resume) may have raced in between: release again
         // under the lock.
         if stop <= self.acked.load(Ordering::Acquire) {
