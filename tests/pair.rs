@@ -544,36 +544,14 @@ fn a_live_secondary_repairs_a_divergence_with_a_sync_point_from_the_primary() {
     // kicks its vCPU (a sync point) and commits on verified epochs
     // meanwhile, and the secondary repairs from it.
     let ns = NetNs::new("rep2");
-    let dir = std::env::temp_dir().join(format!("tandem-pair-rdtsc-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("pair.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[vm]
-name = "rdtsc"
-kernel = "{kernel}"
-cmdline = "hz=20 n=300"
-mem = "32M"
-
-[hosts]
-a = {{ address = "127.0.0.1:7401" }}
-b = {{ address = "127.0.0.2:7402" }}
-
-[ft]
-heartbeat_ms = 50
-failover_timeout_ms = 5000
-witness = "tcp://127.0.0.1:7500"
-state_dir = "{state}"
-psk_file = "{psk}"
-"#,
-            kernel = guest("rdtsc").display(),
-            state = dir.join("state").display(),
-            psk = write_psk(&dir).display(),
-        ),
-    )
-    .unwrap();
+    let dir = test_dir("rdtsc");
+    let config = plain_pair_file(
+        &dir,
+        "rdtsc",
+        "hz=20 n=300",
+        "32M",
+        "failover_timeout_ms = 5000",
+    );
     let (_witness, mut primary, mut secondary) = spawn_pair(&ns, &dir, &config);
     assert_eq!(
         wait_exit(&mut primary, Duration::from_secs(60)),
@@ -777,21 +755,14 @@ fn the_last_output_is_released_when_the_guest_ends() {
     // exit before releasing it, in both commit modes.
     for commit in ["received", "replayed"] {
         let ns = NetNs::new(&format!("end{}", &commit[..3]));
-        let dir =
-            std::env::temp_dir().join(format!("tandem-pair-end-{commit}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("pair.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[vm]\nname = \"hello\"\nkernel = \"{}\"\nmem = \"16M\"\n\n[hosts]\na = {{ address = \"127.0.0.1:7401\" }}\nb = {{ address = \"127.0.0.2:7402\" }}\n\n[ft]\nheartbeat_ms = 50\nfailover_timeout_ms = 5000\noutput_commit = \"{commit}\"\nwitness = \"tcp://127.0.0.1:7500\"\nstate_dir = \"{}\"\npsk_file = \"{}\"\n",
-                guest("hello").display(),
-                dir.join("state").display(),
-                write_psk(&dir).display()
-            ),
-        )
-        .unwrap();
+        let dir = test_dir(&format!("end-{commit}"));
+        let config = plain_pair_file(
+            &dir,
+            "hello",
+            "",
+            "16M",
+            &format!("failover_timeout_ms = 5000\noutput_commit = \"{commit}\""),
+        );
         let (_witness, mut primary, mut secondary) = spawn_pair(&ns, &dir, &config);
         assert_eq!(
             wait_exit(&mut primary, Duration::from_secs(30)),
@@ -903,20 +874,14 @@ fn a_joiner_gets_memory_in_pre_copy_rounds_while_the_guest_writes_it() {
     const SIZE: usize = 256 << 10;
     const ROUNDS: u32 = 3;
     let ns = NetNs::new("pcopy");
-    let dir = std::env::temp_dir().join(format!("tandem-pair-pcopy-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("pair.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[vm]\nname = \"compute\"\nkernel = \"{}\"\ncmdline = \"size={SIZE} rounds={ROUNDS}\"\nmem = \"32M\"\n\n[hosts]\na = {{ address = \"127.0.0.1:7401\" }}\nb = {{ address = \"127.0.0.2:7402\" }}\n\n[ft]\nheartbeat_ms = 50\nfailover_timeout_ms = 1500\nwitness = \"tcp://127.0.0.1:7500\"\nstate_dir = \"{}\"\npsk_file = \"{}\"\n",
-            guest("compute").display(),
-            dir.join("state").display(),
-            write_psk(&dir).display()
-        ),
-    )
-    .unwrap();
+    let dir = test_dir("pcopy");
+    let config = plain_pair_file(
+        &dir,
+        "compute",
+        &format!("size={SIZE} rounds={ROUNDS}"),
+        "32M",
+        "failover_timeout_ms = 1500",
+    );
     let config = config.display().to_string();
     let _witness = spawn_witness(&ns, &dir);
     let mut primary = Proc::spawn(

@@ -378,3 +378,51 @@ pub fn status_figure(line: &str, name: &str) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in {line}"))
 }
+
+/// A fresh directory for test `tag` (removed first if left over).
+pub fn test_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tandem-pair-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes `dir/pair.toml` for `guest` with no NIC or disk (`cmdline`,
+/// `mem`), hosts a and b on loopback, the witness on 127.0.0.1:7500, the
+/// pair's key, and `ft` as extra `[ft]` lines; returns its path.
+pub fn plain_pair_file(
+    dir: &Path,
+    guest_name: &str,
+    cmdline: &str,
+    mem: &str,
+    ft: &str,
+) -> PathBuf {
+    let config = dir.join("pair.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[vm]
+name = "{guest_name}"
+kernel = "{kernel}"
+cmdline = "{cmdline}"
+mem = "{mem}"
+
+[hosts]
+a = {{ address = "127.0.0.1:7401" }}
+b = {{ address = "127.0.0.2:7402" }}
+
+[ft]
+heartbeat_ms = 50
+witness = "tcp://127.0.0.1:7500"
+state_dir = "{state}"
+psk_file = "{psk}"
+{ft}
+"#,
+            kernel = guest(guest_name).display(),
+            state = dir.join("state").display(),
+            psk = write_psk(dir).display(),
+        ),
+    )
+    .unwrap();
+    config
+}
