@@ -230,18 +230,7 @@ impl Chaos {
     }
 
     fn nft(&self, args: &str) {
-        let out = self
-            .t
-            .ns
-            .command("nft")
-            .args(args.split(' '))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "nft {args}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        nft(&self.t.ns, args);
     }
 
     /// Drops replication traffic (every packet, or `percent` of them).
@@ -430,19 +419,7 @@ fn round(c: &mut Chaos, fault: Fault, f: &mut Findings, rng: &mut Rng) -> Instan
 /// client saw that a later answer did not continue from) and panics on a
 /// value handed to two requests.
 fn check_replies(log: &ClientLog, faults: &[Instant]) -> u64 {
-    let mut by_value: BTreeMap<u64, u32> = BTreeMap::new();
-    let mut by_request: BTreeMap<u32, u64> = BTreeMap::new();
-    for &(id, value, _) in &log.replies {
-        if let Some(other) = by_value.insert(value, id) {
-            assert_eq!(
-                other, id,
-                "value {value} handed to requests {other} and {id}"
-            );
-        }
-        if let Some(v) = by_request.insert(id, value) {
-            assert_eq!(v, value, "request {id} answered {v} and {value}");
-        }
-    }
+    assert_no_value_reused(log.replies.iter().map(|&(id, value, _)| (id, value)));
     let mut lost = 0;
     for &at in faults {
         let seen = log

@@ -274,11 +274,13 @@ pub fn frames_from_vm(ns: &NetNs, tap: &str) -> u64 {
     values[1]
 }
 
-/// Checks the counter invariants over every reply the client saw.
-pub fn assert_counter_invariants(replies: &[(u32, u64)], split: u32) {
+/// No counter value went to two different requests, and no request got two
+/// different values (repeats must be exact duplicates: output is
+/// at-least-once).
+pub fn assert_no_value_reused(replies: impl IntoIterator<Item = (u32, u64)>) {
     let mut by_value: BTreeMap<u64, u32> = BTreeMap::new();
     let mut by_request: BTreeMap<u32, u64> = BTreeMap::new();
-    for &(id, value) in replies {
+    for (id, value) in replies {
         if let Some(other) = by_value.insert(value, id) {
             assert_eq!(
                 other, id,
@@ -289,6 +291,23 @@ pub fn assert_counter_invariants(replies: &[(u32, u64)], split: u32) {
             assert_eq!(v, value, "request {id} answered {v} and {value}");
         }
     }
+}
+
+/// Runs `nft ARGS` in `ns` (the project's set-up installs nftables).
+pub fn nft(ns: &NetNs, args: &str) {
+    let out = ns.command("nft").args(args.split(' ')).output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Checks the counter invariants over every reply the client saw: no value
+/// reused, and every answer to a request from `split` on is above every
+/// value answered before it.
+pub fn assert_counter_invariants(replies: &[(u32, u64)], split: u32) {
+    assert_no_value_reused(replies.iter().copied());
     let before = replies
         .iter()
         .filter(|(id, _)| *id < split)
