@@ -123,9 +123,7 @@ fn halves(
     } else {
         CLIENT_TO_SERVER
     };
-    let peer = stream
-        .peer_addr()
-        .map_or_else(|_| "the peer".to_string(), |a| a.to_string());
+    let peer = peer_name(&stream);
     stream.set_nodelay(true)?;
     let rx = stream.try_clone()?;
     Ok((
@@ -147,9 +145,7 @@ pub fn connect(
     stream: TcpStream,
     psk: Option<&Arc<Psk>>,
 ) -> anyhow::Result<(FrameSender, FrameReceiver)> {
-    let peer = stream
-        .peer_addr()
-        .map_or_else(|_| "the peer".to_string(), |a| a.to_string());
+    let peer = peer_name(&stream);
     let Some(psk) = psk else {
         return Ok(halves(stream, None, CLIENT_TO_SERVER)?);
     };
@@ -197,9 +193,7 @@ pub fn accept(
     stream: TcpStream,
     psk: Option<&Arc<Psk>>,
 ) -> anyhow::Result<(FrameSender, FrameReceiver)> {
-    let peer = stream
-        .peer_addr()
-        .map_or_else(|_| "the peer".to_string(), |a| a.to_string());
+    let peer = peer_name(&stream);
     let refuse = |s: &TcpStream, reason: &str| {
         let _ = wire::write(
             &mut &*s,
@@ -246,6 +240,13 @@ pub fn accept(
     stream.set_read_timeout(None)?;
     let key = psk.session_key(&client, &server);
     Ok(halves(stream, Some(key), SERVER_TO_CLIENT)?)
+}
+
+/// The peer's address for messages.
+fn peer_name(stream: &TcpStream) -> String {
+    stream
+        .peer_addr()
+        .map_or_else(|_| "the peer".to_string(), |a| a.to_string())
 }
 
 /// A message's kind, for errors (never its contents).

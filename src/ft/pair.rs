@@ -274,6 +274,38 @@ struct Replicator {
 }
 
 impl Replicator {
+    /// The replication state of a side that runs `vm` live as `generation`
+    /// (a primary, or a secondary once it takes over); no secondary yet.
+    fn new(
+        params: PairParams,
+        vm: &Vm,
+        generation: u64,
+        full_sync: Arc<AtomicBool>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let (precopy, memory) = vm.precopy();
+        Ok(Arc::new(Self {
+            header: LogWriter::new(Vec::new(), vm.identity())?.into_inner(),
+            params,
+            link: Mutex::new(Link::Detached),
+            generation: AtomicU64::new(generation),
+            base: Instant::now(),
+            last_heard: AtomicU64::new(0),
+            gate: vm
+                .gate()
+                .ok_or_else(|| anyhow!("the VM has no output gate"))?,
+            full_sync,
+            kicker: vm.kicker(),
+            causes: vm.cause_queue(),
+            sent: Mutex::default(),
+            next_index: AtomicU64::new(0),
+            attached: AtomicBool::new(false),
+            socket: Mutex::default(),
+            lease_until: AtomicU64::new(0),
+            precopy,
+            memory,
+        }))
+    }
+
     fn link(&self) -> std::sync::MutexGuard<'_, Link> {
         self.link.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -927,25 +959,7 @@ pub fn run_primary(
     // The vCPU publishes the stop of each full sync point before it logs
     // it; the sink tags that record for the ship thread.
     let _ = full_sync_stop.set(vcpu_full_stop);
-    let replicator = Arc::new(Replicator {
-        header: LogWriter::new(Vec::new(), vm.identity())?.into_inner(),
-        params,
-        link: Mutex::new(Link::Detached),
-        generation: AtomicU64::new(generation),
-        base: Instant::now(),
-        last_heard: AtomicU64::new(0),
-        gate: gate.clone(),
-        full_sync,
-        kicker: vm.kicker(),
-        causes: vm.cause_queue(),
-        sent: Mutex::default(),
-        next_index: AtomicU64::new(0),
-        attached: AtomicBool::new(false),
-        socket: Mutex::default(),
-        lease_until: AtomicU64::new(0),
-        precopy: vm.precopy().0,
-        memory: vm.precopy().1,
-    });
+    let replicator = Replicator::new(params, &vm, generation, full_sync)?;
     publish(&replicator.params, &vm, "primary", generation)?;
     let r = replicator.clone();
     replicator
@@ -1374,27 +1388,7 @@ pub fn run_secondary(
     );
     // The replicator this side will run as the new primary.
     params.throttle.open();
-    let successor = Arc::new(Replicator {
-        header: LogWriter::new(Vec::new(), vm.identity())?.into_inner(),
-        params: params.clone(),
-        link: Mutex::new(Link::Detached),
-        generation: AtomicU64::new(generation),
-        base: Instant::now(),
-        last_heard: AtomicU64::new(0),
-        gate: vm
-            .gate()
-            .ok_or_else(|| anyhow!("secondary VM has no output gate"))?,
-        full_sync,
-        kicker: vm.kicker(),
-        causes: vm.cause_queue(),
-        sent: Mutex::default(),
-        next_index: AtomicU64::new(0),
-        attached: AtomicBool::new(false),
-        socket: Mutex::default(),
-        lease_until: AtomicU64::new(0),
-        precopy: vm.precopy().0,
-        memory: vm.precopy().1,
-    });
+    let successor = Replicator::new(params.clone(), &vm, generation, full_sync)?;
     let mut frames_rx = Some(frames_rx);
 
     // Acks (as soon as the received watermark moves: the primary's held
