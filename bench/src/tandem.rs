@@ -166,6 +166,12 @@ pub struct Sample {
     pub inspect: Option<Json>,
     /// Round-trip times in ms (netecho).
     pub rtts: Vec<f64>,
+    /// A pair's primary, sampled from its control socket while the client
+    /// ran: `lag_ms` (how long the oldest log frame the secondary has not
+    /// acknowledged has waited) and `oldest_held_ms` (how long the oldest
+    /// held output has waited), each sample in ms.
+    pub lags: Vec<f64>,
+    pub held: Vec<f64>,
     /// The seven numbers of the replay summary line (replay runs).
     pub summary: Vec<f64>,
     /// Seconds the VM ran, from the VMM's own log timestamps (the VM built,
@@ -415,7 +421,11 @@ impl Runner<'_> {
                             s.rate = self.w.work / s.out.wall;
                         }
                         Kind::NetEcho { requests } => {
-                            match netecho::drive_running(&pair.ns, primary, *requests, LIMIT) {
+                            let sampler = LagSampler::start(pair.dir.join("state/a.ctl"));
+                            let driven =
+                                netecho::drive_running(&pair.ns, primary, *requests, LIMIT);
+                            (s.lags, s.held) = sampler.stop();
+                            match driven {
                                 Ok(r) => {
                                     s.out = r.out;
                                     s.rate = *requests as f64 / r.client_secs;
@@ -474,6 +484,60 @@ impl Runner<'_> {
         s.out = out;
         s
     }
+}
+
+/// Samples a pair primary's status (control socket `path`) every 10 ms
+/// until stopped.
+struct LagSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(Vec<f64>, Vec<f64>)>,
+}
+
+impl LagSampler {
+    fn start(path: PathBuf) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut lags, mut held) = (Vec::new(), Vec::new());
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(status) = control_status(&path) {
+                    if let Some(v) = json_u64(&status, "lag_ms") {
+                        lags.push(v as f64);
+                    }
+                    if let Some(v) = json_u64(&status, "oldest_held_ms") {
+                        held.push(v as f64);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (lags, held)
+        });
+        Self { stop, thread }
+    }
+
+    fn stop(self) -> (Vec<f64>, Vec<f64>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// One status object from a control socket.
+fn control_status(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(path).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(200))).ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// `"key":N` of a flat JSON object.
+fn json_u64(text: &str, key: &str) -> Option<u64> {
+    let rest = text.split(&format!("\"{key}\":")).nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn failure(out: &Outcome) -> String {
@@ -754,6 +818,17 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Json {
             };
             j.set("rtt_p50_ms", summary_json(&p(50.0), "ms"));
             j.set("rtt_p99_ms", summary_json(&p(99.0), "ms"));
+        }
+        for (name, pick) in [
+            ("lag", (|s: &Sample| &s.lags) as fn(&Sample) -> &Vec<f64>),
+            ("held", |s: &Sample| &s.held),
+        ] {
+            if v.iter().any(|s| !pick(s).is_empty()) {
+                for q in [50.0, 99.0] {
+                    let vals: Vec<f64> = oks(v).filter_map(|s| percentile(pick(s), q)).collect();
+                    j.set(&format!("{name}_p{q}_ms"), summary_json(&vals, "ms"));
+                }
+            }
         }
         if let Some(e) = v.iter().find(|s| !s.ok) {
             j.set("first_error", e.error.as_str());
