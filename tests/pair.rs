@@ -925,7 +925,9 @@ fn a_primary_frozen_for_half_the_timeout_holds_output_until_it_re_validates() {
     let held = err
         .find("holding output")
         .unwrap_or_else(|| panic!("{err}"));
-    let revalidated = err.find("re-validated").unwrap_or_else(|| panic!("{err}"));
+    let revalidated = err
+        .find("re-validated: releasing output again")
+        .unwrap_or_else(|| panic!("{err}"));
     assert!(held < revalidated, "{err}");
     assert!(
         !p.secondary.stderr().contains("going live"),

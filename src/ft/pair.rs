@@ -360,7 +360,7 @@ impl Replicator {
                     if g.generation == generation
                         && g.holder.as_deref() == Some(&self.params.me) =>
                 {
-                    info!("generation {generation} re-validated: releasing output again");
+                    warn!("generation {generation} re-validated: releasing output again");
                     self.gate.resume();
                 }
                 Ok(g) if g.generation > generation => {
