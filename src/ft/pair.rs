@@ -473,7 +473,7 @@ impl Replicator {
         input: FrameReceiver,
         frames: u64,
     ) -> anyhow::Result<()> {
-        tx.set_write_timeout(Some(self.params.failover_timeout / 2))?;
+        tx.set_write_timeout(Some(self.params.failover_timeout))?;
         let generation = self.generation.load(Ordering::Acquire);
         let mut link = self.link();
         if !matches!(*link, Link::Attached(_)) {
@@ -601,7 +601,7 @@ impl Replicator {
         }
         self.heard();
         self.renew_lease(millis(self.base));
-        tx.set_write_timeout(Some(self.params.failover_timeout / 2))?;
+        tx.set_write_timeout(Some(self.params.failover_timeout))?;
         self.set_socket(&tx);
         *self.link() = if fresh {
             Link::Attached(tx)
@@ -1166,7 +1166,7 @@ pub fn run_secondary(
     let (mut tx, mut input) = channel::connect(stream, params.psk.as_ref())?;
     // A send never blocks a lock for long (the monitor needs the link to
     // shut it when the primary falls silent).
-    let write_limit = params.failover_timeout / 2;
+    let write_limit = params.failover_timeout;
     tx.set_write_timeout(Some(write_limit))?;
     tx.send(
         0,
@@ -1201,6 +1201,10 @@ pub fn run_secondary(
     // Reader: log bytes into the pipe, releases to the follower. If the
     // connection breaks, reconnect and resume from the frames already here
     // (not a failover, as long as it comes back within the timeout).
+    // The current connection's socket, for the monitor to shut without
+    // waiting on `link_out` (a send blocked behind a frozen primary holds it).
+    let link_socket = Arc::new(Mutex::new(tx.try_clone_socket().ok()));
+    let socket_r = link_socket.clone();
     let link_out = Arc::new(Mutex::new(tx));
     // A joiner's memory, pre-copied by the primary before the log starts.
     let precopied: Arc<Mutex<Vec<tandem_replay::log::Page>>> = Arc::default();
@@ -1316,6 +1320,8 @@ pub fn run_secondary(
                             "tandem: reconnected to the primary; resuming from frame {frames}"
                         );
                         input = rx;
+                        *socket_r.lock().unwrap_or_else(|p| p.into_inner()) =
+                            tx.try_clone_socket().ok();
                         *out_r.lock().unwrap_or_else(|p| p.into_inner()) = tx;
                     }
                 }
@@ -1482,10 +1488,13 @@ pub fn run_secondary(
                 continue;
             }
             gone.store(true, Ordering::Release);
-            link_out
+            if let Some(s) = link_socket
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .shutdown();
+                .as_ref()
+            {
+                let _ = s.shutdown(Shutdown::Both);
+            }
             match params.claim(generation) {
                 Ok(Some(g)) => {
                     if let Err(e) = params.run_fence_command() {
