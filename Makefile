@@ -21,8 +21,8 @@ guests: deps
 build: deps
 	$(CARGO) build --release --locked
 
-# A protected VM survives kill -9 of its primary (scripts/demo.sh, all
-# inside a network namespace it creates and deletes).
+# A protected VM survives a hung primary (kill -USR1) and is re-protected
+# (scripts/demo.sh, all inside a network namespace it creates and deletes).
 demo: build guests
 	./scripts/demo.sh
 
