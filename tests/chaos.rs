@@ -1,13 +1,14 @@
 //! Chaos: a protected netecho counter VM under one random fault per round
 //! (kill -9 of either side or the witness, USR1, SIGSTOP past the failover
 //! timeout, a partitioned or lossy replication path, corrupt, stalled or
-//! delayed replication messages), re-protected after each, while a client
+//! delayed replication messages, a full state_dir under the secondary),
+//! re-protected after each, while a client
 //! asks for counter values the whole time. Invariants: no counter value is
 //! handed to two requests, none a client saw is lost, a side that lost the
 //! arbitration emits nothing once the other is live, the VM serves again
 //! within a bound, no divergence.
 //!
-//! `make test` runs one round of each kind (CHAOS_ROUNDS defaults to 15);
+//! `make test` runs one round of each kind (CHAOS_ROUNDS defaults to 16);
 //! `make chaos` a long random series that writes RELIABILITY.md
 //! (CHAOS_REPORT). CHAOS_SEED replays a series.
 
@@ -46,9 +47,10 @@ enum Fault {
     Corrupt(Corruption),
     Stall,
     Delay,
+    FullDisk,
 }
 
-const FAULTS: [Fault; 15] = [
+const FAULTS: [Fault; 16] = [
     Fault::Kill9Primary,
     Fault::Kill9Secondary,
     Fault::Kill9Witness,
@@ -64,6 +66,7 @@ const FAULTS: [Fault; 15] = [
     Fault::Corrupt(Corruption::ReplayOld),
     Fault::Stall,
     Fault::Delay,
+    Fault::FullDisk,
 ];
 
 /// xorshift64*: reproducible from the printed seed.
@@ -110,12 +113,43 @@ fn start_client(ns: &NetNs, stop: Arc<AtomicBool>) -> Arc<Mutex<ClientLog>> {
     log
 }
 
+/// Each host's own `state_dir`, a small tmpfs (so a round can fill it),
+/// unmounted on drop.
+struct StateDirs([std::path::PathBuf; 2]);
+
+impl StateDirs {
+    fn mount(root: &std::path::Path) -> Self {
+        let dirs = [0, 1].map(|i| root.join(format!("state-{}", HOSTS[i])));
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=4m", "tandem-chaos"])
+                .arg(d)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "mount a tmpfs on {}", d.display());
+        }
+        Self(dirs)
+    }
+}
+
+impl Drop for StateDirs {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::process::Command::new("umount").arg(d).status();
+        }
+    }
+}
+
 struct Chaos {
     t: Topology,
     configs: [String; 2],
     witness: Option<Proc>,
     hosts: [Option<Proc>; 2],
     proxies: [Arc<ProxyState>; 2],
+    /// Last: dropped (unmounted) after the processes using it.
+    state_dirs: StateDirs,
 }
 
 impl Chaos {
@@ -123,11 +157,32 @@ impl Chaos {
         let t = topology("chaos", FAILOVER_MS, "received");
         let text = std::fs::read_to_string(&t.config).unwrap();
         assert!(text.contains(REAL[0]) && text.contains(REAL[1]));
-        // Host i reaches its peer through the peer's proxy.
+        // Host i reaches its peer through the peer's proxy and keeps its
+        // state in its own small state_dir; the control sockets stay in
+        // `state/`, where the status helper looks.
+        let state_dirs = StateDirs::mount(&t.dir);
+        let shared_state = t.dir.join("state");
+        std::fs::create_dir_all(&shared_state).unwrap();
+        let mut text = text;
+        for (host, tap) in HOSTS.iter().zip(TAPS) {
+            let control = shared_state.join(format!("{host}.ctl"));
+            text = text.replace(
+                &format!("tap = \"{tap}\" }}"),
+                &format!(
+                    "tap = \"{tap}\", control = \"unix:{}\" }}",
+                    control.display()
+                ),
+            );
+        }
         let configs = [0, 1].map(|i| {
             let peer = 1 - i;
             let path = t.dir.join(format!("pair-{}.toml", HOSTS[i]));
-            std::fs::write(&path, text.replace(REAL[peer], PROXY[peer])).unwrap();
+            let own = text.replace(REAL[peer], PROXY[peer]).replace(
+                &format!("state_dir = \"{}\"", shared_state.display()),
+                &format!("state_dir = \"{}\"", state_dirs.0[i].display()),
+            );
+            assert!(own.contains(&*state_dirs.0[i].to_string_lossy()), "{own}");
+            std::fs::write(&path, own).unwrap();
             path.display().to_string()
         });
         let proxies = [0, 1].map(|i| proxy::start(&t.ns, PROXY[i], REAL[i]));
@@ -138,6 +193,7 @@ impl Chaos {
             witness,
             hosts: [None, None],
             proxies,
+            state_dirs,
         };
         c.hosts[0] = Some(c.spawn(0, "primary"));
         std::thread::sleep(Duration::from_millis(300));
@@ -396,6 +452,19 @@ fn round(c: &mut Chaos, fault: Fault, f: &mut Findings, rng: &mut Rng) -> Instan
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        Fault::FullDisk => {
+            // The secondary's state_dir fills up: it stops, saying why; the
+            // primary runs on unprotected until re-protection (after the
+            // operator made room, as here).
+            let filler = c.state_dirs.0[other].join("filler");
+            let _ = std::fs::write(&filler, vec![0u8; 4 << 20]);
+            c.wait(
+                "the secondary to stop on its full state_dir",
+                SERVICE_BOUND,
+                |c| c.status(other).contains("is full"),
+            );
+            let _ = std::fs::remove_file(&filler);
+        }
         Fault::Stall => c.proxies[live].stall(Duration::from_millis(FAILOVER_MS / 2)),
         Fault::Delay => c.proxies[live].delay(Duration::from_millis(20), Duration::from_secs(2)),
     }
@@ -598,7 +667,15 @@ fn chaos_rounds_keep_every_invariant() {
     for i in 0..2 {
         c.kill(i);
     }
-    let _ = std::fs::remove_dir_all(&c.t.dir);
+    let Chaos {
+        t,
+        state_dirs,
+        witness,
+        ..
+    } = c;
+    drop(witness);
+    drop(state_dirs); // unmounted before the directory goes
+    let _ = std::fs::remove_dir_all(&t.dir);
 }
 
 /// Today's date (UTC) from the system clock, without a date crate.
