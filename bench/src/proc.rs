@@ -153,28 +153,24 @@ impl Running {
     /// The first stderr line containing `pat` (with its arrival time),
     /// waiting for it until `deadline` or the child's exit.
     pub fn wait_err(&self, pat: &str, deadline: Instant) -> Option<(Instant, String)> {
-        loop {
-            let done = self.exited();
-            let found = self
-                .err_lines
+        let find = || {
+            self.err_lines
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .iter()
                 .find(|(_, l)| l.contains(pat))
-                .cloned();
+                .cloned()
+        };
+        loop {
+            let done = self.exited();
+            let found = find();
             if found.is_some() || Instant::now() >= deadline {
                 return found;
             }
             if done {
                 // One more look: the reader may lag the exit slightly.
                 std::thread::sleep(Duration::from_millis(50));
-                return self
-                    .err_lines
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .find(|(_, l)| l.contains(pat))
-                    .cloned();
+                return find();
             }
             std::thread::sleep(Duration::from_millis(2));
         }

@@ -797,15 +797,14 @@ impl Replicator {
             std::thread::sleep(self.params.heartbeat);
             // Never the link lock here: a send blocked behind a stalled
             // peer may hold it, and this thread is what ends that.
-            let Some(socket) = self
+            if self
                 .socket
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .and_then(|s| s.try_clone().ok())
-            else {
+                .is_none()
+            {
                 continue;
-            };
+            }
             self.check_lease();
             let now = millis(self.base);
             let silent = now.saturating_sub(self.last_heard.load(Ordering::Acquire));
@@ -823,8 +822,10 @@ impl Replicator {
             } else {
                 continue;
             };
-            let _ = socket.shutdown(Shutdown::Both);
-            *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            let socket = self.socket.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(socket) = socket {
+                let _ = socket.shutdown(Shutdown::Both);
+            }
             // The shutdown ends any send blocked with the link lock held.
             let old = std::mem::replace(&mut *self.link(), Link::Detached);
             self.attached.store(false, Ordering::Release);

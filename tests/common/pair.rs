@@ -119,9 +119,7 @@ pub fn topology_with(
     }
     ip(&ns, &["addr", "add", "10.78.0.1/24", "dev", "br0"]);
     ip(&ns, &["link", "set", "br0", "up"]);
-    let dir = std::env::temp_dir().join(format!("tandem-pair-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = test_dir(tag);
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
     let config = dir.join("pair.toml");
