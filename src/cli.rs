@@ -365,6 +365,7 @@ fn build_replay(args: &ReplayArgs) -> anyhow::Result<Vm> {
         on_live: None,
         go_live_record: None,
         announce: Default::default(),
+        mirror: None,
         repair: !args.no_repair,
         mode: RunMode::Replay {
             log: args.log.clone(),
@@ -399,6 +400,7 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
         on_live: None,
         go_live_record: None,
         announce: Default::default(),
+        mirror: None,
         repair: false,
         mode: match &args.record {
             None => RunMode::Live,
@@ -410,6 +412,7 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
                 epoch_interval: Duration::from_millis(args.epoch_ms.max(1)),
                 sync_period: tandem_vmm::journal::RECORD_SYNC_PERIOD,
                 throttle: None,
+                mirrored: false,
             }),
         },
     })?;

@@ -81,6 +81,24 @@ impl PairConfig {
         &self.hosts[id.index()]
     }
 
+    /// The virtio-blk disks as host `id` opens them: its own replicas with
+    /// mirrored storage (`[hosts] X.disk`, else the `[vm] disk` paths).
+    pub fn disk_configs(&self, id: HostId) -> Vec<DiskConfig> {
+        match &self.host(id).disks {
+            Some(paths) => self
+                .vm
+                .disks
+                .iter()
+                .zip(paths)
+                .map(|(d, path)| DiskConfig {
+                    path: path.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+            None => self.vm.disks.clone(),
+        }
+    }
+
     /// The virtio-net devices as host `id` builds them: each NIC of `[vm]
     /// net` on that host's tap of the same position.
     pub fn net_configs(&self, id: HostId) -> Vec<NetConfig> {
@@ -133,6 +151,9 @@ pub struct HostEntry {
     pub taps: Vec<String>,
     /// Unix socket for `tandem status` and control requests.
     pub control: Option<PathBuf>,
+    /// Mirrored storage: this host's replica of each `[vm] disk`, same
+    /// order (None: the `[vm] disk` paths, each host's own file).
+    pub disks: Option<Vec<PathBuf>>,
 }
 
 /// `[ft]`.
@@ -180,9 +201,11 @@ pub enum OutputCommit {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Storage {
     /// One image both hosts reach; only the live side does I/O.
-    /// (`mirrored` comes with the mirrored-storage work.)
     #[default]
     Shared,
+    /// Each host keeps its own replica; the secondary performs the guest's
+    /// I/O on its replica at the logged completions.
+    Mirrored,
 }
 
 /// The arbiter that grants generations.
@@ -246,7 +269,7 @@ pub fn parse(text: &str, file_name: &str) -> Result<PairConfig, ConfigError> {
     let vm = raw.vm.ok_or_else(|| ctx.missing_section("vm"))?;
     let hosts = raw.hosts.ok_or_else(|| ctx.missing_section("hosts"))?;
     let vm = validate::validate_vm(&ctx, vm)?;
-    let hosts = validate::validate_hosts(&ctx, hosts, vm.nics.len())?;
     let ft = validate::validate_ft(&ctx, raw.ft, &vm.name)?;
+    let hosts = validate::validate_hosts(&ctx, hosts, &vm, ft.storage)?;
     Ok(PairConfig { vm, hosts, ft })
 }

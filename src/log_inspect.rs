@@ -80,6 +80,7 @@ impl Stats {
                     Cause::SerialInput(b) => (1, b.len()),
                     Cause::NetRx { frame, .. } => (2, frame.len()),
                     Cause::BlockDone { data, .. } => (3, data.len()),
+                    Cause::BlockReadHashed { .. } => (3, 0),
                 };
                 self.causes[i].add(bytes, payload);
                 (0, payload)

@@ -42,6 +42,22 @@ pub enum Cause {
         /// For reads: the data read (in shared-storage mode it travels in the log).
         data: Vec<u8>,
     },
+    /// Mirrored storage: read request `request` of virtio-blk device
+    /// `device` finished. The data stays on the replicas; the log carries
+    /// its hash, and the secondary reads its own replica at this stop and
+    /// compares (replica drift shows at the first read that sees it).
+    BlockReadHashed {
+        /// Index of the virtio-blk device.
+        device: u8,
+        /// The id the device gave the request at submission.
+        request: u64,
+        /// virtio-blk status.
+        status: u8,
+        /// Bytes the primary read.
+        len: u32,
+        /// 64-bit xxh3 of the data the primary read.
+        hash: u64,
+    },
 }
 
 /// What a virtio-blk request asks of the backend.

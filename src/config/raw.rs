@@ -53,6 +53,7 @@ pub(super) struct RawHost {
     pub address: Option<Spanned<String>>,
     pub tap: Option<Spanned<RawTaps>>,
     pub control: Option<Spanned<String>>,
+    pub disk: Option<Spanned<Vec<String>>>,
 }
 
 /// `[ft]`: failure detection, output commit, arbitration, pacing, announce.

@@ -107,11 +107,13 @@ fn full_file_gives_typed_values() {
                 address: addr("10.10.0.1:7400"),
                 taps: vec!["tap0".into(), "tap1".into()],
                 control: Some("/run/tandem/a.ctl".into()),
+                disks: None,
             },
             HostEntry {
                 address: addr("10.10.0.2:7400"),
                 taps: vec!["tap2".into(), "tap3".into()],
                 control: None,
+                disks: None,
             },
         ],
         ft: FtConfig {
@@ -419,8 +421,8 @@ fn sizes() {
 #[test]
 fn storage_and_output_commit() {
     assert_eq!(
-        err(&ft("storage = \"mirrored\"")),
-        "pair.toml:9: [ft] storage = \"mirrored\" is not supported yet (it comes with the mirrored-storage work); use \"shared\""
+        ok(&ft("storage = \"mirrored\"")).ft.storage,
+        Storage::Mirrored
     );
     assert_eq!(
         err(&ft("storage = \"nfs\"")),
@@ -429,6 +431,37 @@ fn storage_and_output_commit() {
     assert_eq!(
         err(&ft("output_commit = \"sent\"")),
         "pair.toml:9: [ft] output_commit = \"sent\" must be \"received\" or \"replayed\""
+    );
+}
+
+#[test]
+fn mirrored_replicas_are_per_host_and_one_per_disk() {
+    let file = |storage: &str, a_disk: &str| {
+        format!(
+            "[vm]\nkernel = \"/k\"\ndisk = [\"/d/web1.img\", \"/d/logs.img,ro\"]\n[hosts]\n\
+             a = {{ address = \"10.10.0.1:1\"{a_disk} }}\nb = {{ address = \"10.10.0.2:1\" }}\n\
+             [ft]\nstorage = \"{storage}\"\n"
+        )
+    };
+    let cfg = ok(&file(
+        "mirrored",
+        ", disk = [\"/a/web1.img\", \"/a/logs.img\"]",
+    ));
+    let a = cfg.disk_configs(HostId::A);
+    assert_eq!(a[0].path, PathBuf::from("/a/web1.img"));
+    assert!(a[1].read_only, "read-only comes from [vm] disk");
+    assert_eq!(
+        cfg.disk_configs(HostId::B),
+        cfg.vm.disks,
+        "no entry: [vm] disk"
+    );
+    assert_eq!(
+        err(&file("shared", ", disk = [\"/a/web1.img\", \"/a/logs.img\"]")),
+        "pair.toml:5: [hosts] a.disk = [\"/a/web1.img\", \"/a/logs.img\"] is only for storage = \"mirrored\" (with shared storage both hosts use [vm] disk)"
+    );
+    assert_eq!(
+        err(&file("mirrored", ", disk = [\"/a/web1.img\"]")),
+        "pair.toml:5: [hosts] a.disk = [\"/a/web1.img\"] names 1 replica(s) but [vm] disk has 2 disk(s); give one per disk, same order"
     );
 }
 

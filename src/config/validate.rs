@@ -244,12 +244,13 @@ pub(super) fn validate_vm(ctx: &Ctx, raw: Spanned<RawVm>) -> Result<VmConfigSect
 pub(super) fn validate_hosts(
     ctx: &Ctx,
     raw: Spanned<RawHosts>,
-    nic_count: usize,
+    vm: &VmConfigSection,
+    storage: Storage,
 ) -> Result<[HostEntry; 2], ConfigError> {
     let sec = raw.span();
     let raw = raw.into_inner();
-    let a = validate_host(ctx, HostId::A, raw.a.as_ref(), &sec, nic_count)?;
-    let b = validate_host(ctx, HostId::B, raw.b.as_ref(), &sec, nic_count)?;
+    let a = validate_host(ctx, HostId::A, raw.a.as_ref(), &sec, vm, storage)?;
+    let b = validate_host(ctx, HostId::B, raw.b.as_ref(), &sec, vm, storage)?;
     if a.address == b.address {
         let at = raw
             .b
@@ -272,9 +273,11 @@ fn validate_host(
     id: HostId,
     raw: Option<&Spanned<RawHost>>,
     sec: &Range<usize>,
-    nic_count: usize,
+    vm: &VmConfigSection,
+    storage: Storage,
 ) -> Result<HostEntry, ConfigError> {
     const S: &str = "hosts";
+    let nic_count = vm.nics.len();
     let key = |k: &str| format!("{id}.{k}");
     let raw = raw.ok_or_else(|| {
         ctx.missing(
@@ -337,10 +340,42 @@ fn validate_host(
         "must be \"unix:PATH\"",
     )?;
 
+    let disks = match &raw.disk {
+        None => None,
+        Some(d) => {
+            let bad =
+                |p: String| ctx.invalid(&d.span(), S, key("disk"), format!("{:?}", d.get_ref()), p);
+            if storage != Storage::Mirrored {
+                return Err(bad(
+                    "is only for storage = \"mirrored\" (with shared storage both hosts use [vm] disk)"
+                        .into(),
+                ));
+            }
+            let paths = d.get_ref();
+            if paths.len() != vm.disks.len() {
+                return Err(bad(format!(
+                    "names {} replica(s) but [vm] disk has {} disk(s); give one per disk, same order",
+                    paths.len(),
+                    vm.disks.len()
+                )));
+            }
+            if let Some(empty) = paths
+                .iter()
+                .position(|p| p.is_empty() || p.ends_with(",ro"))
+            {
+                return Err(bad(format!(
+                    "entry {empty} is not a plain path (read-only is said once, in [vm] disk)"
+                )));
+            }
+            Some(paths.iter().map(PathBuf::from).collect())
+        }
+    };
+
     Ok(HostEntry {
         address,
         taps,
         control,
+        disks,
     })
 }
 
@@ -410,16 +445,7 @@ pub(super) fn validate_ft(
         None => Storage::default(),
         Some(s) => match s.get_ref().as_str() {
             "shared" => Storage::Shared,
-            "mirrored" => {
-                return Err(ctx.invalid(
-                    &s.span(),
-                    S,
-                    "storage",
-                    "\"mirrored\"",
-                    "is not supported yet (it comes with the mirrored-storage work); \
-                     use \"shared\"",
-                ))
-            }
+            "mirrored" => Storage::Mirrored,
             other => {
                 return Err(ctx.invalid(
                     &s.span(),

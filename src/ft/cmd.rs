@@ -137,6 +137,9 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         board: Arc::default(),
         control,
         psk,
+        mirrored: cfg.ft.storage == config::Storage::Mirrored,
+        disks: cfg.disk_configs(me),
+        replica_dir: replica_dir(&cfg.ft.state_dir, me),
         throttle: Arc::new(tandem_vmm::journal::Throttle::new(
             cfg.ft.max_unacked_bytes,
             cfg.ft.max_lag,
@@ -167,6 +170,12 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Where host `me` keeps its replicas' sidecars: named by host, so two
+/// hosts of a pair on one machine (tests, demos) never share one.
+fn replica_dir(state_dir: &std::path::Path, me: HostId) -> PathBuf {
+    state_dir.join(format!("replicas-{}", me.name()))
+}
+
 fn vm_config(
     cfg: &PairConfig,
     me: HostId,
@@ -183,7 +192,7 @@ fn vm_config(
             Some(socket) => Box::new(socket.clone()),
             None => Box::new(std::io::stdout()),
         },
-        disks: cfg.vm.disks.clone(),
+        disks: cfg.disk_configs(me),
         nets: cfg.net_configs(me),
         rtc_base: None,
         repair: false,
@@ -196,6 +205,8 @@ fn vm_config(
             step: cfg.ft.announce.step,
             max: cfg.ft.announce.max,
         },
+        mirror: (cfg.ft.storage == config::Storage::Mirrored)
+            .then(|| replica_dir(&cfg.ft.state_dir, me)),
     }
 }
 

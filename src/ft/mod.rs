@@ -5,6 +5,7 @@ pub mod auth;
 pub mod channel;
 pub mod cmd;
 pub mod console;
+pub mod mirror;
 pub mod pair;
 pub mod status;
 pub mod wire;

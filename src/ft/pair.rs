@@ -29,7 +29,9 @@ use tracing::{info, warn};
 use super::arbiter::{Arbiter, ClaimOutcome};
 use super::auth::Psk;
 use super::channel::{self, FrameReceiver, FrameSender};
+use super::mirror;
 use super::wire::{self, Message, PROTOCOL_MAX, PROTOCOL_MIN};
+use tandem_vmm::backend::replica::Replica;
 
 use super::status::{fence, StatusBoard};
 
@@ -73,6 +75,12 @@ pub struct PairParams {
     pub control: std::path::PathBuf,
     /// The pair's key (None: `--insecure`, an unauthenticated channel).
     pub psk: Option<Arc<Psk>>,
+    /// Mirrored storage: each host has its own replica of every disk.
+    pub mirrored: bool,
+    /// This host's disks (its replicas, with mirrored storage).
+    pub disks: Vec<tandem_vmm::DiskConfig>,
+    /// Where this host keeps its replicas' sidecars.
+    pub replica_dir: std::path::PathBuf,
 }
 
 impl PairParams {
@@ -220,6 +228,7 @@ fn pair_record_options(params: &PairParams) -> RecordOptions {
         // heartbeat.
         sync_period: Duration::from_millis(1).min(params.heartbeat),
         throttle: Some(params.throttle.clone()),
+        mirrored: params.mirrored,
     }
 }
 
@@ -271,6 +280,24 @@ struct Replicator {
     /// Pre-copy rounds for a joining secondary, and the memory they copy.
     precopy: Arc<tandem_vmm::precopy::PrecopyPort>,
     memory: tandem_vmm::precopy::MemoryReader,
+    /// Mirrored storage: this host's replicas (empty otherwise).
+    replicas: Vec<Arc<Replica>>,
+    /// What a joining secondary's disk copy sends (taken by pre-copy).
+    disk_plan: Mutex<Option<mirror::Plan>>,
+    /// A disk sync sent and not yet confirmed: (sync id, the secondary's
+    /// replica uuids).
+    disk_sync: Mutex<Option<(u64, Vec<[u8; 16]>)>>,
+}
+
+/// Lets held disk writes go on when a re-sync ends, however it ends.
+struct ResumeWrites<'a>(&'a [Arc<Replica>]);
+
+impl Drop for ResumeWrites<'_> {
+    fn drop(&mut self) {
+        for r in self.0 {
+            r.resume_writes();
+        }
+    }
 }
 
 impl Replicator {
@@ -303,7 +330,134 @@ impl Replicator {
             lease_until: AtomicU64::new(0),
             precopy,
             memory,
+            replicas: vm.replicas(),
+            disk_plan: Mutex::default(),
+            disk_sync: Mutex::default(),
         }))
+    }
+
+    /// Mirrored storage: records that `generation` writes the replicas now.
+    fn set_replica_generation(&self, generation: u64) {
+        for r in &self.replicas {
+            if let Err(e) = r.set_generation(generation) {
+                warn!(
+                    "replica {}: cannot record generation {generation}: {e}",
+                    r.path().display()
+                );
+            }
+        }
+    }
+
+    /// Mirrored storage: reads the secondary's replica state and decides
+    /// what to copy (refusing the secondary when the replicas cannot pair).
+    fn disk_handshake(
+        &self,
+        tx: &mut FrameSender,
+        input: &mut FrameReceiver,
+        fresh: bool,
+    ) -> anyhow::Result<mirror::Plan> {
+        let generation = self.generation.load(Ordering::Acquire);
+        input.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let msg = input.recv();
+        input.set_read_timeout(None)?;
+        let mut refuse = |reason: String| {
+            let _ = tx.send(
+                generation,
+                &Message::Refuse {
+                    reason: reason.clone(),
+                },
+            );
+            anyhow!(reason)
+        };
+        let theirs = match msg {
+            Ok((_, Message::DiskState(p))) => mirror::decode_state(&p).map_err(&mut refuse)?,
+            Ok(_) => return Err(refuse(
+                "this primary mirrors its disks (storage = \"mirrored\") and the secondary does not: give both hosts the same [ft] storage".into(),
+            )),
+            Err(e) => bail!(
+                "the secondary did not describe its replicas ({e}): is it configured with storage = \"mirrored\"?"
+            ),
+        };
+        mirror::plan(&self.replicas, &theirs, fresh).map_err(refuse)
+    }
+
+    /// Sends the chunks `lists` (per disk) of this side's replicas through
+    /// `send`; returns (chunks, bytes).
+    fn send_disk_round(
+        &self,
+        sync_id: u64,
+        lists: &[Vec<u64>],
+        send: &mut dyn FnMut(Message) -> anyhow::Result<()>,
+    ) -> anyhow::Result<(u64, u64)> {
+        let (mut chunks, mut bytes) = (0, 0);
+        for (disk, (replica, list)) in self.replicas.iter().zip(lists).enumerate() {
+            bytes += mirror::send_chunks(replica, disk as u8, sync_id, list, send)?;
+            chunks += list.len() as u64;
+        }
+        Ok((chunks, bytes))
+    }
+
+    /// Sends to the joining secondary over the current link.
+    fn send_joining(&self, message: Message) -> anyhow::Result<()> {
+        let generation = self.generation.load(Ordering::Acquire);
+        match &mut *self.link() {
+            Link::Joining(tx) => Ok(tx.send(generation, &message)?),
+            _ => bail!("the secondary is gone"),
+        }
+    }
+
+    /// The end of a joining secondary's disk copy: holds new writes, sends
+    /// what was written during the copy, then `DiskDone`. Writes stay held
+    /// until the caller drops the returned guard (after the full sync
+    /// point the joiner starts from).
+    fn finish_disk_copy(&self, plan: &mirror::Plan) -> anyhow::Result<ResumeWrites<'_>> {
+        for r in &self.replicas {
+            r.pause_for_snapshot();
+        }
+        let guard = ResumeWrites(&self.replicas);
+        let lists: Vec<Vec<u64>> = self.replicas.iter().map(|r| r.take_tracked()).collect();
+        let (chunks, bytes) =
+            self.send_disk_round(plan.sync_id, &lists, &mut |m| self.send_joining(m))?;
+        let generation = self.generation.load(Ordering::Acquire);
+        self.send_joining(Message::DiskDone(mirror::encode_done(
+            plan.sync_id,
+            generation,
+            &self.replicas,
+        )))?;
+        *self.disk_sync.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((plan.sync_id, plan.peers.clone()));
+        info!(
+            "disks: {chunks} chunks ({} KiB) written during the copy sent again",
+            bytes >> 10
+        );
+        Ok(guard)
+    }
+
+    /// The secondary has the replicas of sync `id`: keep in the bitmaps
+    /// only what was written since.
+    fn finish_disk_sync(&self, id: u64) {
+        let pending = self
+            .disk_sync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match pending {
+            Some((sync_id, peers)) if sync_id == id => {
+                for (r, peer) in self.replicas.iter().zip(peers) {
+                    if let Err(e) = r.finish_sync_as_source(peer, id) {
+                        warn!(
+                            "replica {}: cannot record the sync: {e}",
+                            r.path().display()
+                        );
+                    }
+                }
+                eprintln!("tandem: disks: the secondary's replicas are in sync");
+            }
+            other => {
+                warn!("the secondary confirmed disk sync {id:#x}, which is not the one pending");
+                *self.disk_sync.lock().unwrap_or_else(|p| p.into_inner()) = other;
+            }
+        }
     }
 
     fn link(&self) -> std::sync::MutexGuard<'_, Link> {
@@ -561,6 +715,10 @@ impl Replicator {
                     }
                     repairing = false;
                 }
+                Ok((_, Message::DiskSynced(id))) => {
+                    self.heard();
+                    self.finish_disk_sync(id);
+                }
                 Ok((_, Message::RepairRequest(epoch))) => {
                     self.heard();
                     warn!("the secondary reports epoch {epoch} diverged: committing on verified epochs until one verifies");
@@ -585,7 +743,7 @@ impl Replicator {
     /// point (the very first one at stop 0 follows from the start).
     fn attach(
         self: &Arc<Self>,
-        (mut tx, input): (FrameSender, FrameReceiver),
+        (mut tx, mut input): (FrameSender, FrameReceiver),
         from: SocketAddr,
         fresh: bool,
         hello: Message,
@@ -593,6 +751,44 @@ impl Replicator {
         let generation = self.generation.load(Ordering::Acquire);
         handshake_as_primary(&mut tx, generation, &self.params.vm_name, hello)
             .with_context(|| format!("handshake with the secondary at {from}"))?;
+        if !self.replicas.is_empty() {
+            let plan = self
+                .disk_handshake(&mut tx, &mut input, fresh)
+                .with_context(|| format!("mirrored disks of the secondary at {from}"))?;
+            self.set_replica_generation(generation);
+            if fresh {
+                // The guest has not run: copy now; the snapshot is now.
+                let started = Instant::now();
+                let (chunks, bytes) =
+                    self.send_disk_round(plan.sync_id, &plan.chunks, &mut |m| {
+                        Ok(tx.send(generation, &m)?)
+                    })?;
+                for r in &self.replicas {
+                    r.pause_for_snapshot();
+                    r.resume_writes();
+                }
+                tx.send(
+                    generation,
+                    &Message::DiskDone(mirror::encode_done(
+                        plan.sync_id,
+                        generation,
+                        &self.replicas,
+                    )),
+                )?;
+                *self.disk_sync.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((plan.sync_id, plan.peers));
+                eprintln!(
+                    "tandem: disks: {chunks} chunks ({} MiB) copied to the secondary in {} ms",
+                    bytes >> 20,
+                    started.elapsed().as_millis()
+                );
+            } else {
+                for r in &self.replicas {
+                    r.start_tracking();
+                }
+                *self.disk_plan.lock().unwrap_or_else(|p| p.into_inner()) = Some(plan);
+            }
+        }
         self.sent.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.next_index.store(0, Ordering::Release);
         if fresh {
@@ -649,13 +845,48 @@ impl Replicator {
     /// written since the last round.
     fn precopy(self: &Arc<Self>) {
         let started = Instant::now();
+        // Mirrored storage: the disks go first (round 0: what may differ),
+        // then memory; the end of the copy is at the full sync point.
+        let disk_plan = self
+            .disk_plan
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(plan) = &disk_plan {
+            match self.send_disk_round(plan.sync_id, &plan.chunks, &mut |m| self.send_joining(m)) {
+                Ok((chunks, bytes)) => eprintln!(
+                    "tandem: disks: {chunks} chunks ({} MiB) copied to the joining secondary in {} ms",
+                    bytes >> 20,
+                    started.elapsed().as_millis()
+                ),
+                Err(e) => {
+                    for r in &self.replicas {
+                        r.resume_writes();
+                    }
+                    warn!("disk copy: {e:#}; the joining secondary is dropped");
+                    return;
+                }
+            }
+        }
+        let finish_disks = || -> Option<ResumeWrites<'_>> {
+            let plan = disk_plan.as_ref()?;
+            match self.finish_disk_copy(plan) {
+                Ok(guard) => Some(guard),
+                Err(e) => {
+                    warn!("disk copy: {e:#}; the joining secondary is dropped");
+                    None
+                }
+            }
+        };
         let mut previous = u64::MAX;
         for round in 0..PRECOPY_MAX_ROUNDS {
             self.precopy.request_round(round == 0);
             self.ask_vcpu(false);
             let Some(gfns) = self.precopy.wait_round(Duration::from_secs(10)) else {
                 warn!("pre-copy: the vCPU did not answer round {round}; copying all of memory at the stop");
-                return self.ask_vcpu(true);
+                let held = finish_disks();
+                self.ask_vcpu(true);
+                return self.release_writes_after_full_sync(held);
             };
             let pages = gfns.len() as u64;
             match self.send_round(round, &gfns) {
@@ -674,8 +905,26 @@ impl Replicator {
             }
             previous = pages;
         }
+        let held = finish_disks();
+        if disk_plan.is_some() && held.is_none() {
+            return;
+        }
         self.precopy.finish_with_delta();
         self.ask_vcpu(true);
+        self.release_writes_after_full_sync(held);
+    }
+
+    /// Disk writes held for a joiner's copy go on once the vCPU has taken
+    /// the full sync point it starts from (or the joiner is gone).
+    fn release_writes_after_full_sync(&self, held: Option<ResumeWrites<'_>>) {
+        if held.is_none() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.full_sync.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(held);
     }
 
     /// Reads the pages `gfns` of guest memory and sends them to the joining
@@ -843,6 +1092,7 @@ impl Replicator {
         match self.params.claim(generation) {
             Ok(Some(g)) => {
                 eprintln!("tandem: {why}; running unprotected as generation {g}");
+                self.set_replica_generation(g);
                 self.params
                     .event(&format!("secondary-lost generation={g} unprotected"));
                 self.generation.store(g, Ordering::Release);
@@ -981,6 +1231,7 @@ pub fn run_primary(
         Some((tx, rx, hello, from)) => replicator.attach((tx, rx), from, true, hello)?,
         None => {
             gate.open();
+            replicator.set_replica_generation(generation);
             replicator.params.throttle.open();
             replicator
                 .params
@@ -1187,6 +1438,18 @@ pub fn run_secondary(
         other => bail!("expected a welcome, got {other:?}"),
     }
     input.set_read_timeout(None)?;
+    // Mirrored storage: describe this host's replicas; the primary copies
+    // what may differ before its log starts.
+    let mut disk_sync = if params.mirrored {
+        let receiver = mirror::MirrorReceiver::open(&params.disks, &params.replica_dir)?;
+        tx.send(generation, &receiver.state_message())?;
+        Some(receiver)
+    } else {
+        None
+    };
+    // Why the follow thread gave up before the log started, if it did.
+    let follow_failed: Arc<Mutex<Option<String>>> = Arc::default();
+    let failed_f = follow_failed.clone();
 
     // Log bytes go through a socket pair into a log reader on its own
     // thread; closing our end is how the secondary stops taking the log.
@@ -1255,6 +1518,51 @@ pub fn run_secondary(
                     Ok((_, m)) => {
                         heard.store(millis(base), Ordering::Release);
                         match m {
+                            Message::Log(_) if disk_sync.is_some() => {
+                                return give_up(
+                                    &failed_f,
+                                    &pipe_in,
+                                    "the primary sent its log before syncing the disks: is it configured with storage = \"mirrored\"?".into(),
+                                );
+                            }
+                            Message::DiskChunks(p) => {
+                                if let Some(receiver) = disk_sync.as_mut() {
+                                    if let Err(e) = receiver.apply_chunks(&p) {
+                                        return give_up(
+                                            &failed_f,
+                                            &pipe_in,
+                                            format!("disk sync: {e}"),
+                                        );
+                                    }
+                                    let mut out = out_r.lock().unwrap_or_else(|p| p.into_inner());
+                                    let _ = out.send(generation, &Message::Heartbeat);
+                                }
+                            }
+                            Message::DiskDone(p) => {
+                                if let Some(mut receiver) = disk_sync.take() {
+                                    match receiver.finish(&p) {
+                                        Ok(id) => {
+                                            let mut out =
+                                                out_r.lock().unwrap_or_else(|p| p.into_inner());
+                                            let _ = out.send(generation, &Message::DiskSynced(id));
+                                        }
+                                        Err(e) => {
+                                            return give_up(
+                                                &failed_f,
+                                                &pipe_in,
+                                                format!("disk sync: {e}"),
+                                            );
+                                        }
+                                    }
+                                }
+                            }
+                            Message::Refuse { reason } if !header_seen => {
+                                return give_up(
+                                    &failed_f,
+                                    &pipe_in,
+                                    format!("the primary refused this secondary: {reason}"),
+                                );
+                            }
                             Message::Log(bytes) => {
                                 let mut p = pipe_in.lock().unwrap_or_else(|e| e.into_inner());
                                 if p.write_all(&bytes).is_err() {
@@ -1346,9 +1654,21 @@ pub fn run_secondary(
             let _ = identity_tx.send(Ok(identity));
             decode_loop(&mut reader, &feed_tx, &received_d);
         })?;
-    let identity = identity_rx
-        .recv()
-        .map_err(|_| anyhow!("the primary closed the channel before sending its log header"))??;
+    let identity = match identity_rx.recv() {
+        Ok(Ok(identity)) => identity,
+        failed => {
+            if let Some(why) = follow_failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                bail!(why);
+            }
+            failed.map_err(|_| {
+                anyhow!("the primary closed the channel before sending its log header")
+            })??
+        }
+    };
 
     // Later rounds resend pages: the last copy of each wins.
     let base_pages = std::mem::take(&mut *precopied.lock().unwrap_or_else(|p| p.into_inner()));
@@ -1509,6 +1829,7 @@ pub fn run_secondary(
                         "failover generation={g} primary-silent-ms={silent}"
                     ));
                     successor.generation.store(g, Ordering::Release);
+                    successor.set_replica_generation(g);
                     params.board.set("primary", g, "none (took over)");
                     params.respawn();
                     if let Err(e) = successor.start(frames_rx.take()) {
@@ -1543,6 +1864,16 @@ pub fn run_secondary(
     let code = crate::cli::finish_report(report);
     super::status::linger_if_fenced();
     Ok(code)
+}
+
+/// The follow thread gives up before the log started: says why and ends
+/// the log pipe, so the waiting side sees it at once.
+fn give_up(slot: &Mutex<Option<String>>, pipe: &Mutex<UnixStream>, why: String) {
+    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    let _ = pipe
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .shutdown(Shutdown::Write);
 }
 
 /// Less free space than this under `state_dir` counts as full.

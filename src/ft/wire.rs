@@ -86,6 +86,15 @@ pub enum Message {
     /// recent ping proves the secondary follows this primary now (acks
     /// read after a freeze are old; pongs say how old).
     Pong(u64),
+    /// Secondary → primary, after the welcome (mirrored storage): its
+    /// replicas' sidecars ([`super::mirror`] encodes the payload).
+    DiskState(Vec<u8>),
+    /// Primary → secondary: chunks of a disk for its replica.
+    DiskChunks(Vec<u8>),
+    /// Primary → secondary: every chunk of the sync is sent.
+    DiskDone(Vec<u8>),
+    /// Secondary → primary: the sync with this id is durable here.
+    DiskSynced(u64),
     /// Connecting side, first (authenticated channels): its nonce.
     AuthHello {
         /// Fresh random bytes.
@@ -121,6 +130,10 @@ const TAG_AUTH_PROOF: u8 = 13;
 const TAG_MEMORY: u8 = 14;
 const TAG_PING: u8 = 15;
 const TAG_PONG: u8 = 16;
+const TAG_DISK_STATE: u8 = 17;
+const TAG_DISK_CHUNKS: u8 = 18;
+const TAG_DISK_DONE: u8 = 19;
+const TAG_DISK_SYNCED: u8 = 20;
 
 /// Bytes of one page entry of [`Message::Memory`]: gfn, then the page.
 pub const PAGE_ENTRY: usize = 8 + tandem_replay::log::PAGE_SIZE;
@@ -164,6 +177,10 @@ pub fn encode(generation: u64, m: &Message) -> io::Result<Vec<u8>> {
         Message::AuthProof { proof } => (TAG_AUTH_PROOF, proof.to_vec()),
         Message::Ping(t) => (TAG_PING, t.to_le_bytes().to_vec()),
         Message::Pong(t) => (TAG_PONG, t.to_le_bytes().to_vec()),
+        Message::DiskState(p) => (TAG_DISK_STATE, p.clone()),
+        Message::DiskChunks(p) => (TAG_DISK_CHUNKS, p.clone()),
+        Message::DiskDone(p) => (TAG_DISK_DONE, p.clone()),
+        Message::DiskSynced(id) => (TAG_DISK_SYNCED, id.to_le_bytes().to_vec()),
         Message::Memory {
             round,
             total,
@@ -303,6 +320,10 @@ pub fn decode(head: &[u8; HEAD_LEN], payload: Vec<u8>) -> io::Result<(u64, Messa
         },
         TAG_PING => Message::Ping(u64_of(&payload)?),
         TAG_PONG => Message::Pong(u64_of(&payload)?),
+        TAG_DISK_STATE => Message::DiskState(payload),
+        TAG_DISK_CHUNKS => Message::DiskChunks(payload),
+        TAG_DISK_DONE => Message::DiskDone(payload),
+        TAG_DISK_SYNCED => Message::DiskSynced(u64_of(&payload)?),
         TAG_MEMORY => {
             if payload.len() < 20 || (payload.len() - 20) % PAGE_ENTRY != 0 {
                 return Err(bad("bad memory message"));
@@ -377,6 +398,10 @@ mod tests {
             Message::AuthProof { proof: [6; 32] },
             Message::Ping(11),
             Message::Pong(12),
+            Message::DiskState(vec![1, 2]),
+            Message::DiskChunks(vec![3]),
+            Message::DiskDone(vec![]),
+            Message::DiskSynced(13),
             Message::Memory {
                 round: 2,
                 total: 9,

@@ -12,7 +12,36 @@ use tandem_devices::lock;
 use tandem_devices::virtio::mmio::MmioTransport;
 use tandem_replay::{Cause, GuestClock, Outputs};
 
+use crate::backend::replica::{data_hash, Replica, ReplicaError};
 use crate::legacy::LegacyDevices;
+
+/// Why a following secondary cannot go on with mirrored storage.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// The read this side did on its replica differs from the primary's.
+    #[error(
+        "replica drift on disk {device}: read request {request} ({len} bytes at sector {sector}) \
+         hashes to {ours:#018x} here and {theirs:#018x} on the primary; the chunks are marked \
+         for the next re-sync"
+    )]
+    Drift {
+        /// The disk.
+        device: u8,
+        /// The request.
+        request: u64,
+        /// Its first sector.
+        sector: u64,
+        /// Its length.
+        len: u32,
+        /// Hash of this side's data.
+        ours: u64,
+        /// Hash logged by the primary.
+        theirs: u64,
+    },
+    /// This side's replica could not be read or written.
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+}
 
 /// COM1 output as a `Write` for vm-superio: the bytes of the current stop
 /// are collected here; the vCPU loop journals them and emits them as an
@@ -85,6 +114,12 @@ pub struct DeviceManager {
     /// The current stop, for outputs that are held until the secondary has
     /// the log up to the stop that produced them.
     pub stop: Arc<std::sync::atomic::AtomicU64>,
+    /// Mirrored storage: this host's replica of each disk (empty: shared
+    /// storage, or none).
+    pub replicas: Vec<Arc<Replica>>,
+    /// Mirrored and following: each logged completion is performed on this
+    /// side's replica at its stop.
+    pub mirror_following: bool,
 }
 
 impl DeviceManager {
@@ -105,11 +140,60 @@ impl DeviceManager {
             nets: Vec::new(),
             clock,
             pending_serial: VecDeque::new(),
+            replicas: Vec::new(),
+            mirror_following: false,
         }
     }
 
+    /// Mirrored storage, following: performs the request a logged
+    /// completion finishes on this side's replica. Returns the data to hand
+    /// the guest (this side's own read data).
+    fn perform_mirrored(
+        &mut self,
+        device: u8,
+        request: u64,
+        status: u8,
+        logged: Option<(u32, u64)>,
+    ) -> Result<Vec<u8>, MirrorError> {
+        let (Some(replica), Some(block)) = (
+            self.replicas.get(usize::from(device)),
+            self.blocks.get(usize::from(device)),
+        ) else {
+            return Ok(Vec::new());
+        };
+        let op = lock(block)
+            .block_mut()
+            .and_then(|b| b.in_flight_op(request).cloned());
+        // The primary's request failed: the guest sees that status and no
+        // data; a write that failed there may have half-landed, so its
+        // chunks count as differing.
+        if status != tandem_devices::virtio::block::VIRTIO_BLK_S_OK {
+            if let Some(tandem_replay::BlockOp::Write { sector, data }) = &op {
+                let _ = replica.mark_suspect(*sector, data.len() as u64);
+            }
+            return Ok(Vec::new());
+        }
+        let Some(op) = op else { return Ok(Vec::new()) };
+        let (_, data) = replica.perform(&op)?;
+        if let (Some((len, theirs)), tandem_replay::BlockOp::Read { sector, .. }) = (logged, &op) {
+            let ours = data_hash(&data);
+            if ours != theirs || data.len() != len as usize {
+                let _ = replica.mark_suspect(*sector, u64::from(len));
+                return Err(MirrorError::Drift {
+                    device,
+                    request,
+                    sector: *sector,
+                    len,
+                    ours,
+                    theirs,
+                });
+            }
+        }
+        Ok(data)
+    }
+
     /// Applies one cause at the current stop.
-    pub fn apply(&mut self, cause: Cause) {
+    pub fn apply(&mut self, cause: Cause) -> Result<(), MirrorError> {
         match cause {
             Cause::Time(ns) => {
                 self.clock.advance_to(ns);
@@ -127,12 +211,44 @@ impl DeviceManager {
                 request,
                 status,
                 data,
-            } => match self.blocks.get(usize::from(device)) {
-                Some(block) => {
-                    lock(block).apply_block_done(request, status, &data);
+            } => {
+                let data = if self.mirror_following && !self.replicas.is_empty() {
+                    self.perform_mirrored(device, request, status, None)?
+                } else {
+                    data
+                };
+                self.complete_block(device, request, status, &data);
+            }
+            Cause::BlockReadHashed {
+                device,
+                request,
+                status,
+                len,
+                hash,
+            } => {
+                if self.mirror_following && !self.replicas.is_empty() {
+                    let data = self.perform_mirrored(device, request, status, Some((len, hash)))?;
+                    self.complete_block(device, request, status, &data);
+                } else {
+                    // Only a mirrored secondary can replay this: the data
+                    // is on its replica, not in the log.
+                    tracing::warn!(
+                        "disk {device}: a mirrored-storage read completion cannot be replayed without the replica; the guest sees an I/O error"
+                    );
+                    let ioerr = tandem_devices::virtio::block::VIRTIO_BLK_S_IOERR;
+                    self.complete_block(device, request, ioerr, &[]);
                 }
-                None => tracing::warn!("completion for absent disk {device} dropped"),
-            },
+            }
+        }
+        Ok(())
+    }
+
+    fn complete_block(&self, device: u8, request: u64, status: u8, data: &[u8]) {
+        match self.blocks.get(usize::from(device)) {
+            Some(block) => {
+                lock(block).apply_block_done(request, status, data);
+            }
+            None => tracing::warn!("completion for absent disk {device} dropped"),
         }
     }
 

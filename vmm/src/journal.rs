@@ -46,6 +46,9 @@ pub struct RecordOptions {
     /// A protected primary's brake: its vCPU waits at a stop while the
     /// secondary is too far behind.
     pub throttle: Option<Arc<Throttle>>,
+    /// Mirrored storage: read data stays on the replicas; the log carries
+    /// each read's hash instead ([`Cause::BlockReadHashed`]).
+    pub mirrored: bool,
 }
 
 /// The primary's brake on its own vCPU (DESIGN "The log": pair logs live in
@@ -918,11 +921,24 @@ impl Journal {
             Journal::Record(rec) => {
                 let first = out.len();
                 rec.live.collect(stop, out);
+                let mirrored = rec.options.mirrored;
                 for cause in &out[first..] {
-                    rec.send(Record::Cause {
-                        stop,
-                        cause: cause.clone(),
-                    });
+                    let cause = match cause {
+                        Cause::BlockDone {
+                            device,
+                            request,
+                            status,
+                            data,
+                        } if mirrored && !data.is_empty() => Cause::BlockReadHashed {
+                            device: *device,
+                            request: *request,
+                            status: *status,
+                            len: data.len() as u32,
+                            hash: crate::backend::replica::data_hash(data),
+                        },
+                        other => other.clone(),
+                    };
+                    rec.send(Record::Cause { stop, cause });
                 }
             }
             Journal::Replay(rep) => rep.collect(stop, out),
@@ -1036,6 +1052,9 @@ fn brief(cause: &Cause) -> String {
         Cause::BlockDone {
             device, request, ..
         } => format!("blk{device} completion of request {request}"),
+        Cause::BlockReadHashed {
+            device, request, ..
+        } => format!("blk{device} completion of read {request} (hash only)"),
     }
 }
 

@@ -161,6 +161,9 @@ pub enum VcpuError {
     /// Guest memory could not be read or written for a sync point.
     #[error("sync point memory: {0}")]
     Memory(String),
+    /// A following secondary's replica cannot follow the primary's.
+    #[error(transparent)]
+    Mirror(#[from] crate::device_manager::MirrorError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -473,6 +476,8 @@ impl Vcpu {
         };
         self.shadow = None;
         (hooks.switch)();
+        // Mirrored storage: from here on this side's worker does the I/O.
+        self.devices.mirror_following = false;
         let reissued = self.devices.reissue_unfinished();
         self.stats.went_live_at = Some(self.stop);
         tracing::warn!(
@@ -1125,14 +1130,18 @@ impl Vcpu {
 
     /// Collects this stop's causes from the `Inputs` port and applies them,
     /// in order, through the device models.
-    fn apply_causes(&mut self) {
+    fn apply_causes(&mut self) -> Result<(), VcpuError> {
         let mut causes = std::mem::take(&mut self.causes);
         self.journal.collect(self.stop, &mut causes);
+        let mut result = Ok(());
         for cause in causes.drain(..) {
-            self.devices.apply(cause);
+            if result.is_ok() {
+                result = self.devices.apply(cause);
+            }
         }
         self.causes = causes;
         self.devices.after_causes();
+        Ok(result?)
     }
 
     /// The stop sequence after the exit itself was handled.
@@ -1140,7 +1149,7 @@ impl Vcpu {
         // Every kick so far is answered by this stop (which looks at time and
         // the queue next); a later one sets `immediate_exit` again.
         self.clear_immediate_exit(VcpuKickTarget::kicks());
-        self.apply_causes();
+        self.apply_causes()?;
         self.decide_injection()
     }
 
@@ -1260,7 +1269,7 @@ impl Vcpu {
             if self.journal.recording() {
                 self.serve_precopy()?;
             }
-            self.apply_causes();
+            self.apply_causes()?;
             if self.devices.interrupt_pending() {
                 break;
             }

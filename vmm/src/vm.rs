@@ -25,6 +25,7 @@ use crate::backend::block::{BlockWorker, DiskError, DiskImage};
 use crate::backend::console::Console;
 use crate::backend::gate::{FollowerOutputs, GatedOutputs};
 use crate::backend::outputs::ReplayOutputs;
+use crate::backend::replica::{sidecar_path, Replica, ReplicaError};
 use crate::backend::tap::{Tap, TapError, TapReader};
 use crate::backend::LiveOutputs;
 use crate::boot::{initial_state, BootError};
@@ -112,6 +113,9 @@ pub struct VmConfig {
     pub go_live_record: Option<(RecordOptions, Box<dyn RecordSink>)>,
     /// When a secondary that goes live announces the VM's MACs.
     pub announce: crate::backend::announce::AnnounceSchedule,
+    /// Mirrored storage: the directory of the replicas' sidecars (None:
+    /// the disks are not mirrored).
+    pub mirror: Option<PathBuf>,
 }
 
 /// How the VM gets its inputs.
@@ -231,6 +235,9 @@ pub enum VmError {
     /// A disk image could not be opened.
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// A mirrored disk's replica or sidecar could not be opened.
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
     /// A tap could not be opened.
     #[error(transparent)]
     Tap(#[from] TapError),
@@ -277,6 +284,7 @@ pub struct Vm {
     identity: VmIdentity,
     gate: Option<Arc<GatedOutputs>>,
     follower: Option<Arc<FollowerOutputs>>,
+    replicas: Vec<Arc<Replica>>,
 }
 
 /// A virtio device as the VM sees it (the same live and in replay).
@@ -469,12 +477,24 @@ impl Vm {
         let mut tap_readers = Vec::new();
         let stop = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut world_taps = Vec::new();
+        let mut replicas = Vec::new();
         let outputs: Arc<dyn Outputs> = match world {
             Some(world) => {
                 let mut workers = Vec::new();
                 for (index, image) in world.images.into_iter().enumerate() {
-                    let worker = BlockWorker::start(index as u8, image, causes.clone())
-                        .map_err(|e| VmError::Thread(format!("block worker: {e}")))?;
+                    let worker = match &config.mirror {
+                        Some(dir) => {
+                            let replica = Arc::new(Replica::open(
+                                &image.path,
+                                image.read_only,
+                                &sidecar_path(dir, index),
+                            )?);
+                            replicas.push(replica.clone());
+                            BlockWorker::start_mirrored(index as u8, replica, causes.clone())
+                        }
+                        None => BlockWorker::start(index as u8, image, causes.clone()),
+                    }
+                    .map_err(|e| VmError::Thread(format!("block worker: {e}")))?;
                     workers.push(worker);
                 }
                 for (index, tap) in world.taps.iter().enumerate() {
@@ -493,6 +513,7 @@ impl Vm {
         let outputs: Arc<dyn Outputs> = match &config.mode {
             RunMode::Primary { .. } => {
                 let g = Arc::new(GatedOutputs::new(outputs, stop.clone()));
+                g.set_mirrored(!replicas.is_empty());
                 gate = Some(g.clone());
                 g
             }
@@ -502,6 +523,7 @@ impl Vm {
                 // open until a new secondary joins.
                 causes.set_accepting(false);
                 let g = Arc::new(GatedOutputs::new(outputs, stop.clone()));
+                g.set_mirrored(!replicas.is_empty());
                 g.open();
                 gate = Some(g.clone());
                 let f = Arc::new(FollowerOutputs::new(g, stop.clone()));
@@ -517,6 +539,8 @@ impl Vm {
         legacy.register(&mut pio)?;
         let mut devices = DeviceManager::new(legacy, clock.clone(), serial_out, outputs.clone());
         devices.stop = stop;
+        devices.replicas = replicas.clone();
+        devices.mirror_following = following;
         let mut mmio = Bus::new();
         let (mut disks, mut nets) = (0u8, 0u8);
         for (slot, spec) in specs.iter().enumerate() {
@@ -661,7 +685,14 @@ impl Vm {
             identity,
             gate,
             follower,
+            replicas,
         })
+    }
+
+    /// Mirrored storage: this host's replicas, by disk index (empty
+    /// otherwise).
+    pub fn replicas(&self) -> Vec<Arc<Replica>> {
+        self.replicas.clone()
     }
 
     /// The primary's output gate (pair mode).

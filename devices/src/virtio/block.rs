@@ -192,6 +192,14 @@ impl Block {
         self.index
     }
 
+    /// What request `request` (submitted, not yet completed) asks for.
+    pub fn in_flight_op(&self, request: u64) -> Option<&BlockOp> {
+        self.in_flight
+            .iter()
+            .find(|r| r.id == request)
+            .map(|r| &r.op)
+    }
+
     /// The request ids submitted and not yet completed.
     pub fn in_flight_ids(&self) -> Vec<u64> {
         self.in_flight.iter().map(|r| r.id).collect()

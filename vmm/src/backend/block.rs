@@ -9,9 +9,12 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use tandem_replay::{BlockOp, Cause, CauseQueue};
+
+use super::replica::Replica;
 
 /// virtio-blk status: success.
 const STATUS_OK: u8 = 0;
@@ -73,6 +76,15 @@ impl DiskImage {
     }
 }
 
+/// What a worker performs requests on.
+enum Backing {
+    /// One image (local, or shared storage).
+    Image(DiskImage),
+    /// This host's replica of a mirrored disk: each write sets its chunks'
+    /// bits in the sidecar first.
+    Replica(Arc<Replica>),
+}
+
 /// The worker for one disk.
 pub struct BlockWorker {
     tx: Option<Sender<(u64, BlockOp)>>,
@@ -82,12 +94,35 @@ pub struct BlockWorker {
 impl BlockWorker {
     /// Starts the worker for virtio-blk device `device` over `image`.
     pub fn start(device: u8, image: DiskImage, queue: CauseQueue) -> std::io::Result<Self> {
+        Self::spawn(device, Backing::Image(image), queue)
+    }
+
+    /// Starts the worker for virtio-blk device `device` over this host's
+    /// replica of a mirrored disk.
+    pub fn start_mirrored(
+        device: u8,
+        replica: Arc<Replica>,
+        queue: CauseQueue,
+    ) -> std::io::Result<Self> {
+        Self::spawn(device, Backing::Replica(replica), queue)
+    }
+
+    fn spawn(device: u8, backing: Backing, queue: CauseQueue) -> std::io::Result<Self> {
         let (tx, rx) = channel::<(u64, BlockOp)>();
         let thread = std::thread::Builder::new()
             .name(format!("tandem-blk{device}"))
             .spawn(move || {
                 for (request, op) in rx {
-                    let (status, data) = perform(&image, op);
+                    let (status, data) = match &backing {
+                        Backing::Image(image) => perform(image, op),
+                        Backing::Replica(replica) => match replica.perform(&op) {
+                            Ok(done) => done,
+                            Err(e) => {
+                                tracing::warn!("disk {device}: {e}");
+                                (STATUS_IOERR, Vec::new())
+                            }
+                        },
+                    };
                     queue.push(Cause::BlockDone {
                         device,
                         request,
@@ -175,7 +210,6 @@ fn perform(image: &DiskImage, op: BlockOp) -> (u8, Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn worker_reads_writes_and_flushes_a_real_file_in_order() {

@@ -35,6 +35,10 @@ pub struct GatedOutputs {
     suspended: AtomicBool,
     /// An output was held since the vCPU last asked.
     newly_held: AtomicBool,
+    /// Mirrored storage: disk writes go to this host's own replica at once
+    /// (its bitmap covers them; a re-sync repairs whatever a failover left
+    /// different), so they are never held.
+    mirrored: AtomicBool,
 }
 
 impl GatedOutputs {
@@ -48,7 +52,13 @@ impl GatedOutputs {
             released: AtomicU64::new(0),
             suspended: AtomicBool::new(false),
             newly_held: AtomicBool::new(false),
+            mirrored: AtomicBool::new(false),
         }
+    }
+
+    /// Mirrored storage: disk requests are never held.
+    pub fn set_mirrored(&self, mirrored: bool) {
+        self.mirrored.store(mirrored, Ordering::Release);
     }
 
     /// Holds everything from now on, acked or not, until [`Self::resume`].
@@ -145,13 +155,14 @@ impl Outputs for GatedOutputs {
 
     fn emit(&self, output: Output) {
         let stop = self.stop.load(Ordering::Acquire);
-        let immediate = matches!(
-            output,
+        let immediate = match &output {
             Output::BlockSubmit {
                 op: BlockOp::Read { .. },
                 ..
-            }
-        );
+            } => true,
+            Output::BlockSubmit { .. } => self.mirrored.load(Ordering::Acquire),
+            _ => false,
+        };
         let suspended = self.suspended.load(Ordering::Acquire);
         if immediate || (!suspended && stop <= self.acked.load(Ordering::Acquire)) {
             self.inner.emit(output);

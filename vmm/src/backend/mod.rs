@@ -10,6 +10,7 @@ pub mod block;
 pub mod console;
 pub mod gate;
 pub mod outputs;
+pub mod replica;
 pub mod tap;
 
 pub use outputs::LiveOutputs;
