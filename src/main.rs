@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod cli;
 mod config;
+mod disk_cmd;
 mod ft;
 mod log_inspect;
 
@@ -51,6 +52,10 @@ enum Command {
     Secondary(ft::cmd::PairArgs),
     /// (Re)start this host in whatever role the arbiter's record gives it.
     Pair(ft::cmd::PairArgs),
+    /// Compare mirrored replicas (`verify`), or hash one for a comparison
+    /// on another host (`hashes`).
+    #[command(subcommand)]
+    Disk(disk_cmd::DiskCommand),
     /// Where each host of a pair stands (role, generation, peer, figures).
     Status(ft::cmd::StatusArgs),
     /// Write a new random pre-shared key for `[ft] psk_file` (mode 0600;
@@ -85,6 +90,7 @@ fn main() -> ExitCode {
         Command::Secondary(args) => ft::cmd::run(ft::cmd::Role::Secondary, args),
         Command::Pair(args) => ft::cmd::run(ft::cmd::Role::FromArbiter, args),
         Command::Status(args) => ft::cmd::status(args),
+        Command::Disk(command) => disk_cmd::run(command),
         Command::Keygen { file } => match ft::auth::keygen(&file) {
             Ok(()) => {
                 println!("wrote a new key to {}", file.display());

@@ -74,6 +74,17 @@ fn wait_stderr(p: &Proc, what: &str, limit: Duration, other: &Proc) {
     }
 }
 
+/// `tandem disk verify` of the two replicas: (exit code, stdout).
+fn disk_verify(t: &Topology) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["disk", "verify", "--range", "64K"])
+        .arg(replica(t, "a"))
+        .arg(replica(t, "b"))
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[test]
 fn a_mirrored_pair_copies_the_replica_fails_over_and_re_syncs_only_the_delta() {
     // a's replica holds counter 1000; b's holds garbage and no sidecar
@@ -185,6 +196,9 @@ fn replica_drift_is_caught_at_the_first_read_and_repaired_by_the_next_sync() {
     let mut image = std::fs::read(replica(&t, "b")).unwrap();
     image[..512].copy_from_slice(&counter_sector(7777));
     std::fs::write(replica(&t, "b"), image).unwrap();
+    let (code, out) = disk_verify(&t);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("differ: first in range 0 (bytes 0..65536"), "{out}");
     let (_witness, primary, mut secondary) = spawn_pair(&t.ns, &t.dir, &t.config);
     // ...and the guest's boot read of sector 0 shows the drift on b.
     wait_stderr(
@@ -219,6 +233,9 @@ fn replica_drift_is_caught_at_the_first_read_and_repaired_by_the_next_sync() {
         std::fs::read(replica(&t, "a")).unwrap()[..16],
         "the re-sync did not repair sector 0"
     );
+    // Nothing is written while no request comes: the replicas are equal.
+    let (code, out) = disk_verify(&t);
+    assert_eq!(code, Some(0), "{out}");
     let (next2, _) = serve(&s, next, 5, Duration::from_secs(30), &mut replies);
     drop(primary);
     let (_, took_over) = serve(&s, next2, 5, Duration::from_secs(30), &mut replies);
