@@ -52,6 +52,9 @@ enum Command {
     Secondary(ft::cmd::PairArgs),
     /// (Re)start this host in whatever role the arbiter's record gives it.
     Pair(ft::cmd::PairArgs),
+    /// Hand the VM from the live host to its secondary without loss (for
+    /// upgrading or servicing the live host); it re-joins with `tandem pair`.
+    Switchover(ft::cmd::SwitchoverArgs),
     /// Compare mirrored replicas (`verify`), or hash one for a comparison
     /// on another host (`hashes`).
     #[command(subcommand)]
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
         Command::Pair(args) => ft::cmd::run(ft::cmd::Role::FromArbiter, args),
         Command::Status(args) => ft::cmd::status(args),
         Command::Disk(command) => disk_cmd::run(command),
+        Command::Switchover(args) => ft::cmd::switchover(args),
         Command::Keygen { file } => match ft::auth::keygen(&file) {
             Ok(()) => {
                 println!("wrote a new key to {}", file.display());

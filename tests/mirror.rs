@@ -82,7 +82,10 @@ fn disk_verify(t: &Topology) -> (Option<i32>, String) {
         .arg(replica(t, "b"))
         .output()
         .unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 #[test]
@@ -198,7 +201,10 @@ fn replica_drift_is_caught_at_the_first_read_and_repaired_by_the_next_sync() {
     std::fs::write(replica(&t, "b"), image).unwrap();
     let (code, out) = disk_verify(&t);
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("differ: first in range 0 (bytes 0..65536"), "{out}");
+    assert!(
+        out.contains("differ: first in range 0 (bytes 0..65536"),
+        "{out}"
+    );
     let (_witness, primary, mut secondary) = spawn_pair(&t.ns, &t.dir, &t.config);
     // ...and the guest's boot read of sector 0 shows the drift on b.
     wait_stderr(

@@ -525,6 +525,8 @@ impl LagSampler {
 fn control_status(path: &Path) -> Option<String> {
     use std::io::Read;
     let mut s = std::os::unix::net::UnixStream::connect(path).ok()?;
+    // Only the status is wanted: no command follows.
+    s.shutdown(std::net::Shutdown::Write).ok()?;
     s.set_read_timeout(Some(Duration::from_millis(200))).ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;

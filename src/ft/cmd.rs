@@ -221,6 +221,56 @@ pub struct StatusArgs {
     json: bool,
 }
 
+/// `tandem switchover` arguments.
+#[derive(clap::Args)]
+pub struct SwitchoverArgs {
+    /// The pair file.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+/// `tandem switchover`: the live side hands the VM to its secondary without
+/// losing anything (for upgrading or servicing that host); the secondary
+/// goes live at once, the old side stops and can re-join with `tandem pair`.
+pub fn switchover(args: SwitchoverArgs) -> ExitCode {
+    let cfg = match config::load(&args.config) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("tandem: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    let control = |host: HostId| {
+        super::status::control_path(
+            cfg.host(host).control.as_deref(),
+            &cfg.ft.state_dir,
+            host.name(),
+        )
+    };
+    let live = [HostId::A, HostId::B].into_iter().find(|&host| {
+        super::status::query(&control(host)).is_ok_and(|s| s.contains("\"role\":\"primary\""))
+    });
+    let Some(host) = live else {
+        eprintln!("tandem: neither host's control socket reports a live primary");
+        return ExitCode::from(1);
+    };
+    let limit = cfg.ft.failover_timeout * 4 + Duration::from_secs(5);
+    match super::status::send_command(&control(host), "switchover", limit) {
+        Ok(answer) if answer.starts_with("ok: ") => {
+            println!("host {}: {}", host.name(), &answer[4..]);
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => {
+            eprintln!("tandem: host {}: {answer}", host.name());
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("tandem: host {}: {e}", host.name());
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// `tandem status`: asks each host's control socket where it stands.
 pub fn status(args: StatusArgs) -> ExitCode {
     let cfg = match config::load(&args.config) {

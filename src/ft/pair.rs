@@ -287,6 +287,12 @@ struct Replicator {
     /// A disk sync sent and not yet confirmed: (sync id, the secondary's
     /// replica uuids).
     disk_sync: Mutex<Option<(u64, Vec<[u8; 16]>)>>,
+    /// A switch-over is under way: the monitor leaves the link alone.
+    stepping_down: AtomicBool,
+    /// This side handed the VM to its secondary and stopped.
+    stepped_down: AtomicBool,
+    /// Stops this side's VM (after a switch-over).
+    stopper: tandem_vmm::vm::VmStopper,
 }
 
 /// Lets held disk writes go on when a re-sync ends, however it ends.
@@ -333,7 +339,138 @@ impl Replicator {
             replicas: vm.replicas(),
             disk_plan: Mutex::default(),
             disk_sync: Mutex::default(),
+            stepping_down: AtomicBool::new(false),
+            stepped_down: AtomicBool::new(false),
+            stopper: vm.stopper(),
         }))
+    }
+
+    /// Serves `tandem switchover` on this side's control socket.
+    fn offer_switchover(self: &Arc<Self>) {
+        let me = self.clone();
+        self.params
+            .board
+            .command("switchover", Arc::new(move || me.switchover()));
+    }
+
+    /// A controlled switch-over (`tandem switchover`): stops the vCPU at a
+    /// stop, waits until the secondary has acknowledged the whole log and
+    /// every held output has left, tells it to go live (`StepDown`), and
+    /// stops this side once the arbiter shows the secondary live. Nothing
+    /// is lost and no failure detection is waited for. If the secondary
+    /// does not take over in time, this side claims the next generation
+    /// itself and runs on unprotected (the secondary then loses and fences).
+    fn switchover(&self) -> Result<String, String> {
+        if !self.attached.load(Ordering::Acquire) {
+            return Err("no secondary follows this side: nothing to switch over to".into());
+        }
+        if self.stepping_down.swap(true, Ordering::AcqRel) {
+            return Err("a switch-over is already under way".into());
+        }
+        let started = Instant::now();
+        let throttle = &self.params.throttle;
+        let limit = self.params.failover_timeout;
+        let undo = |why: String| {
+            throttle.unhold();
+            self.stepping_down.store(false, Ordering::Release);
+            Err(format!(
+                "{why}; the switch-over is called off, this side carries on"
+            ))
+        };
+        let wait_until = |f: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + limit;
+            while !f() {
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            true
+        };
+        throttle.hold();
+        self.kicker.kick();
+        self.causes.wake();
+        if !wait_until(&|| throttle.parked().is_some()) {
+            return undo(format!(
+                "the vCPU did not stop within {} ms",
+                limit.as_millis()
+            ));
+        }
+        // The writer ships the stop's last records within its period.
+        std::thread::sleep(Duration::from_millis(20));
+        if throttle.parked() == Some(false)
+            && !wait_until(&|| throttle.unacked() == 0 && self.gate.held() == 0)
+        {
+            return undo(format!(
+                "the secondary did not acknowledge everything within {} ms",
+                limit.as_millis()
+            ));
+        }
+        // Halted: the sleeping stop's records are shipped (the secondary
+        // sees them before the step-down on this connection) but no
+        // watermark covers them, so they are never acknowledged as such.
+        // Nothing unacknowledged was released, so the secondary going live
+        // from what it has contradicts nothing; it emits what is still
+        // held here from its own replay.
+        let quiesced = started.elapsed();
+        let generation = self.generation.load(Ordering::Acquire);
+        let sent = match &mut *self.link() {
+            Link::Attached(tx) => tx
+                .send(generation, &Message::Released(self.gate.released()))
+                .and_then(|()| tx.send(generation, &Message::StepDown(generation)))
+                .map_err(|e| e.to_string()),
+            _ => Err("the secondary is gone".to_string()),
+        };
+        if let Err(e) = sent {
+            return undo(format!("cannot tell the secondary to go live: {e}"));
+        }
+        // Nothing may run here again unless this side wins the VM back.
+        let deadline = Instant::now() + limit * 2;
+        let live = loop {
+            match self.params.current() {
+                Ok(grant) if grant.generation > generation => break grant,
+                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                _ => match self.params.claim(generation) {
+                    Ok(Some(g)) => {
+                        self.generation.store(g, Ordering::Release);
+                        self.params
+                            .event(&format!("switchover-failed generation={g} unprotected"));
+                        self.params.board.set("primary", g, "none (unprotected)");
+                        self.gate.open();
+                        throttle.open();
+                        throttle.unhold();
+                        self.stepping_down.store(false, Ordering::Release);
+                        return Err(format!(
+                            "the secondary did not go live in time; this side runs on unprotected as generation {g}"
+                        ));
+                    }
+                    Ok(None) => match self.params.current() {
+                        Ok(grant) => break grant,
+                        Err(e) => fence(&format!("switch-over: arbiter unreachable: {e}")),
+                    },
+                    Err(e) => fence(&format!("switch-over: arbiter unreachable: {e}")),
+                },
+            }
+        };
+        self.stepped_down.store(true, Ordering::Release);
+        self.params.event(&format!(
+            "switched-over to={} generation={}",
+            self.params.peer_name, live.generation
+        ));
+        self.params
+            .board
+            .set("stepped down", live.generation, "live (took over)");
+        self.stopper.stop();
+        throttle.unhold();
+        let text = format!(
+            "host {} is live as generation {}; this side stopped (vCPU stopped and log acknowledged in {} ms, handed over in {} ms)",
+            self.params.peer_name,
+            live.generation,
+            quiesced.as_millis(),
+            started.elapsed().as_millis()
+        );
+        eprintln!("tandem: switched over: {text}");
+        Ok(text)
     }
 
     /// Mirrored storage: records that `generation` writes the replicas now.
@@ -1044,6 +1181,9 @@ impl Replicator {
         let timeout = self.params.failover_timeout.as_millis() as u64;
         loop {
             std::thread::sleep(self.params.heartbeat);
+            if self.stepping_down.load(Ordering::Acquire) {
+                continue;
+            }
             // Never the link lock here: a send blocked behind a stalled
             // peer may hold it, and this thread is what ends that.
             if self
@@ -1212,6 +1352,7 @@ pub fn run_primary(
     let _ = full_sync_stop.set(vcpu_full_stop);
     let replicator = Replicator::new(params, &vm, generation, full_sync)?;
     publish(&replicator.params, &vm, "primary", generation)?;
+    replicator.offer_switchover();
     let r = replicator.clone();
     replicator
         .params
@@ -1241,6 +1382,10 @@ pub fn run_primary(
     }
     replicator.start_on(listener, Some(frames_rx))?;
     let report = vm.run();
+    if replicator.stepped_down.load(Ordering::Acquire) {
+        gate.flush();
+        return Ok(ExitCode::SUCCESS);
+    }
     // The guest ended: what it said last is still held until the secondary
     // has it (it acks the End record); wait for that, within the failover
     // timeout.
@@ -1477,6 +1622,9 @@ pub fn run_secondary(
     // acks thread echoes it, so this reader never blocks on a send.
     let ping = Arc::new(AtomicU64::new(0));
     let ping_f = ping.clone();
+    // The primary handed over (a switch-over): go live now.
+    let step_down = Arc::new(AtomicBool::new(false));
+    let step_down_f = step_down.clone();
     let (heard, slot, gone_r) = (last_heard.clone(), follower_slot.clone(), gone.clone());
     let pipe_in = Mutex::new(pipe_in);
     let (peer, vm_name, out_r) = (params.peer, params.vm_name.clone(), link_out.clone());
@@ -1580,6 +1728,9 @@ pub fn run_secondary(
                             }
                             Message::Ping(sent) => {
                                 ping_f.fetch_max(sent + 1, Ordering::AcqRel);
+                            }
+                            Message::StepDown(g) if g == generation => {
+                                step_down_f.store(true, Ordering::Release);
                             }
                             Message::Memory {
                                 round,
@@ -1716,6 +1867,7 @@ pub fn run_secondary(
     // The replicator this side will run as the new primary.
     params.throttle.open();
     let successor = Replicator::new(params.clone(), &vm, generation, full_sync)?;
+    successor.offer_switchover();
     let mut frames_rx = Some(frames_rx);
 
     // Acks (as soon as the received watermark moves: the primary's held
@@ -1805,7 +1957,8 @@ pub fn run_secondary(
                 }
             }
             let silent = millis(base).saturating_sub(last_heard.load(Ordering::Acquire));
-            if silent < timeout.as_millis() as u64 {
+            let stepped_down = step_down.load(Ordering::Acquire);
+            if silent < timeout.as_millis() as u64 && !stepped_down {
                 continue;
             }
             gone.store(true, Ordering::Release);
@@ -1817,6 +1970,21 @@ pub fn run_secondary(
                 let _ = s.shutdown(Shutdown::Both);
             }
             match params.claim(generation) {
+                Ok(Some(g)) if stepped_down => {
+                    // The primary stopped itself: no STONITH for a host
+                    // that is being upgraded.
+                    eprintln!(
+                        "tandem: the primary stepped down (switch-over); going live as generation {g}"
+                    );
+                    params.event(&format!("switchover generation={g}"));
+                    successor.generation.store(g, Ordering::Release);
+                    successor.set_replica_generation(g);
+                    params.board.set("primary", g, "none (took over)");
+                    if let Err(e) = successor.start(frames_rx.take()) {
+                        warn!("live, but cannot take a new secondary: {e:#}");
+                    }
+                    let _ = pipe_closer.shutdown(Shutdown::Write);
+                }
                 Ok(Some(g)) => {
                     if let Err(e) = params.run_fence_command() {
                         params.event("fenced fence-command-failed");

@@ -3,7 +3,10 @@
 //!
 //! Each side serves a unix control socket (`[hosts] x.control`, default
 //! `state_dir/<host>.ctl`): a client connects and reads one JSON line with
-//! the side's role, generation, peer state and figures. A fenced side stops
+//! the side's role, generation, peer state and figures. A client that
+//! writes a command line first (`switchover`) gets that command's one-line
+//! answer instead; a status client shuts its writing side at once (one that
+//! does not is answered after 200 ms). A fenced side stops
 //! its VM (taps and disks closed) but keeps answering `role=fenced` with its
 //! reason until it is terminated; it then exits with status 124.
 
@@ -27,11 +30,15 @@ struct Board {
 
 type Probe = Arc<dyn Fn() -> u64 + Send + Sync>;
 
+/// A control command's handler: its one-line answer.
+pub type Command = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
 /// A side's status, shared by its threads.
 #[derive(Default)]
 pub struct StatusBoard {
     board: Mutex<Board>,
     probes: Mutex<Vec<(&'static str, Probe)>>,
+    commands: Mutex<Vec<(&'static str, Command)>>,
 }
 
 fn json_escape(s: &str) -> String {
@@ -68,6 +75,44 @@ impl StatusBoard {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((name, f));
+    }
+
+    /// Adds a command clients may send on the control socket.
+    pub fn command(&self, name: &'static str, f: Command) {
+        self.commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name, f));
+    }
+
+    /// One client: a command line, or (nothing written) the status.
+    fn answer(&self, mut client: UnixStream) {
+        use std::io::BufRead;
+        let _ = client.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut line = String::new();
+        if let Ok(reader) = client.try_clone() {
+            let _ = std::io::BufReader::new(reader).read_line(&mut line);
+        }
+        let name = line.trim();
+        if name.is_empty() {
+            let _ = writeln!(client, "{}", self.render());
+            return;
+        }
+        let handler = self
+            .commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| f.clone());
+        let reply = match handler {
+            Some(f) => match f() {
+                Ok(text) => format!("ok: {text}"),
+                Err(text) => format!("error: {text}"),
+            },
+            None => format!("error: unknown command {name:?} (this side knows: status)"),
+        };
+        let _ = writeln!(client, "{reply}");
     }
 
     /// This side fenced itself.
@@ -115,8 +160,11 @@ impl StatusBoard {
         std::thread::Builder::new()
             .name("tandem-control".into())
             .spawn(move || {
-                for mut client in listener.incoming().flatten() {
-                    let _ = writeln!(client, "{}", me.render());
+                for client in listener.incoming().flatten() {
+                    let me = me.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("tandem-control-client".into())
+                        .spawn(move || me.answer(client));
                 }
             })?;
         Ok(())
@@ -213,6 +261,21 @@ pub fn query(path: &Path) -> Result<String, String> {
         UnixStream::connect(path).map_err(|e| format!("no answer on {}: {e}", path.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
+    // Nothing to ask beyond the status: say so at once.
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    Ok(text.trim().to_string())
+}
+
+/// Sends `command` on a side's control socket and returns its answer
+/// (waiting up to `limit`).
+pub fn send_command(path: &Path, command: &str, limit: Duration) -> Result<String, String> {
+    let mut s =
+        UnixStream::connect(path).map_err(|e| format!("no answer on {}: {e}", path.display()))?;
+    s.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    writeln!(s, "{command}").map_err(|e| e.to_string())?;
+    let _ = s.shutdown(std::net::Shutdown::Write);
     let mut text = String::new();
     s.read_to_string(&mut text).map_err(|e| e.to_string())?;
     Ok(text.trim().to_string())

@@ -95,6 +95,9 @@ pub enum Message {
     DiskDone(Vec<u8>),
     /// Secondary → primary: the sync with this id is durable here.
     DiskSynced(u64),
+    /// Primary → secondary (a switch-over): everything is acknowledged and
+    /// this primary's vCPU is stopped; win generation g + 1 and go live now.
+    StepDown(u64),
     /// Connecting side, first (authenticated channels): its nonce.
     AuthHello {
         /// Fresh random bytes.
@@ -134,6 +137,7 @@ const TAG_DISK_STATE: u8 = 17;
 const TAG_DISK_CHUNKS: u8 = 18;
 const TAG_DISK_DONE: u8 = 19;
 const TAG_DISK_SYNCED: u8 = 20;
+const TAG_STEP_DOWN: u8 = 21;
 
 /// Bytes of one page entry of [`Message::Memory`]: gfn, then the page.
 pub const PAGE_ENTRY: usize = 8 + tandem_replay::log::PAGE_SIZE;
@@ -181,6 +185,7 @@ pub fn encode(generation: u64, m: &Message) -> io::Result<Vec<u8>> {
         Message::DiskChunks(p) => (TAG_DISK_CHUNKS, p.clone()),
         Message::DiskDone(p) => (TAG_DISK_DONE, p.clone()),
         Message::DiskSynced(id) => (TAG_DISK_SYNCED, id.to_le_bytes().to_vec()),
+        Message::StepDown(g) => (TAG_STEP_DOWN, g.to_le_bytes().to_vec()),
         Message::Memory {
             round,
             total,
@@ -324,6 +329,7 @@ pub fn decode(head: &[u8; HEAD_LEN], payload: Vec<u8>) -> io::Result<(u64, Messa
         TAG_DISK_CHUNKS => Message::DiskChunks(payload),
         TAG_DISK_DONE => Message::DiskDone(payload),
         TAG_DISK_SYNCED => Message::DiskSynced(u64_of(&payload)?),
+        TAG_STEP_DOWN => Message::StepDown(u64_of(&payload)?),
         TAG_MEMORY => {
             if payload.len() < 20 || (payload.len() - 20) % PAGE_ENTRY != 0 {
                 return Err(bad("bad memory message"));
@@ -402,6 +408,7 @@ mod tests {
             Message::DiskChunks(vec![3]),
             Message::DiskDone(vec![]),
             Message::DiskSynced(13),
+            Message::StepDown(14),
             Message::Memory {
                 round: 2,
                 total: 9,

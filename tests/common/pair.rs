@@ -354,6 +354,8 @@ pub fn status(t: &Topology, host: &str) -> Option<String> {
     use std::io::Read;
     let path = t.dir.join("state").join(format!("{host}.ctl"));
     let mut s = std::os::unix::net::UnixStream::connect(path).ok()?;
+    // Only the status is wanted: no command follows.
+    s.shutdown(std::net::Shutdown::Write).ok()?;
     // A frozen side accepts (the kernel does) but never answers.
     s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
     let mut text = String::new();

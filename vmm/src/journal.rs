@@ -69,6 +69,12 @@ pub struct Throttle {
     max_lag: Duration,
     /// No secondary any more: never wait.
     open: std::sync::atomic::AtomicBool,
+    /// A switch-over: the vCPU waits at its next stop until released.
+    hold: std::sync::atomic::AtomicBool,
+    /// The vCPU waits for a hold: 0 no, 1 leaving a stop (everything up to
+    /// it is in the log), 2 halted (records of the halted stop are
+    /// shipped but no watermark covers them yet).
+    parked: std::sync::atomic::AtomicU8,
     /// Times and total time the vCPU waited.
     pub waits: AtomicU64,
     /// Microseconds the vCPU spent waiting.
@@ -86,6 +92,8 @@ impl Throttle {
             cap,
             max_lag,
             open: Default::default(),
+            hold: Default::default(),
+            parked: std::sync::atomic::AtomicU8::new(0),
             waits: AtomicU64::new(0),
             waited_us: AtomicU64::new(0),
         }
@@ -116,6 +124,29 @@ impl Throttle {
         }
     }
 
+    /// Stops the vCPU at its next stop (a switch-over), until [`Self::unhold`].
+    pub fn hold(&self) {
+        self.hold.store(true, Ordering::Release);
+    }
+
+    /// Lets a held vCPU go on.
+    pub fn unhold(&self) {
+        self.hold.store(false, Ordering::Release);
+    }
+
+    /// Whether the vCPU waits because of a hold: None, or Some(halted).
+    pub fn parked(&self) -> Option<bool> {
+        match self.parked.load(Ordering::Acquire) {
+            0 => None,
+            state => Some(state == 2),
+        }
+    }
+
+    /// Whether a hold is asked for.
+    pub fn held(&self) -> bool {
+        self.hold.load(Ordering::Acquire)
+    }
+
     /// Never brake again (the secondary is gone and this side won).
     pub fn open(&self) {
         self.open.store(true, Ordering::Release);
@@ -143,6 +174,9 @@ impl Throttle {
     }
 
     fn must_wait(&self) -> bool {
+        if self.hold.load(Ordering::Acquire) {
+            return true;
+        }
         if self.open.load(Ordering::Acquire) {
             return false;
         }
@@ -158,14 +192,29 @@ impl Throttle {
     /// Called by the vCPU at a stop: waits while the secondary is too far
     /// behind (the only place the vCPU waits on the network).
     pub fn wait(&self) {
+        self.wait_as(1);
+    }
+
+    /// The halted vCPU waits while a hold lasts.
+    pub fn wait_halted(&self) {
+        if self.held() {
+            self.wait_as(2);
+        }
+    }
+
+    fn wait_as(&self, parked_state: u8) {
         if !self.must_wait() {
             return;
         }
         let start = Instant::now();
         self.waits.fetch_add(1, Ordering::Relaxed);
         while self.must_wait() {
+            if self.hold.load(Ordering::Acquire) {
+                self.parked.store(parked_state, Ordering::Release);
+            }
             std::thread::sleep(Duration::from_micros(200));
         }
+        self.parked.store(0, Ordering::Release);
         let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.waited_us.fetch_add(us, Ordering::Relaxed);
     }
@@ -985,6 +1034,19 @@ impl Journal {
                 }
             }
             Journal::Replay(rep) => Ok(rep.may_enter(stop)),
+        }
+    }
+
+    /// A halted recording vCPU waits here while a switch-over holds it
+    /// (after shipping what this stop logged so far).
+    pub fn park_if_held(&mut self) {
+        if let Journal::Record(rec) = self {
+            if let Some(throttle) = rec.options.throttle.clone() {
+                if throttle.held() {
+                    rec.flush_now();
+                    throttle.wait_halted();
+                }
+            }
         }
     }
 

@@ -551,6 +551,11 @@ impl Vcpu {
                     continue;
                 }
             }
+            // Asked to stop while waiting to leave (a switch-over's hold):
+            // the guest does not run again.
+            if self.stop_request.load(std::sync::atomic::Ordering::Acquire) {
+                return Ok(RunOutcome::Stopped);
+            }
             let next = self.stop + 1;
             let replayed_sync = self
                 .journal
@@ -1268,6 +1273,11 @@ impl Vcpu {
             }
             if self.journal.recording() {
                 self.serve_precopy()?;
+                // A switch-over parks the sleeping guest here.
+                self.journal.park_if_held();
+                if self.stop_request.load(std::sync::atomic::Ordering::Acquire) {
+                    return Ok(Halted::Stopped);
+                }
             }
             self.apply_causes()?;
             if self.devices.interrupt_pending() {
