@@ -21,10 +21,16 @@
  *   value = counter + 1; sector 0 := {"TNDMCNTR", value u64 LE, 496 zero
  *   bytes}; write it, wait for completion, FLUSH (if VIRTIO_BLK_F_FLUSH),
  *   wait for completion; only then reply (UDP 9000 -> requester's port):
- *     client_id u32 LE, request_id u32 LE, value u64 LE   (16 bytes)
+ *     client_id u32 LE, request_id u32 LE, value u64 LE, probe u32 LE
+ *     (20 bytes)
  *   and counter = value. Every request (duplicates included) increments
  *   the counter; requests are served one at a time in arrival order, so a
  *   reply never carries a value that is not yet on stable storage.
+ * Each request also reads port 0x604 as a dword, the reply's `probe`: the
+ * device-model version register (tandem's device-model version 2 on;
+ * unmapped, 0xffffffff, in version 1). The reply carries it, so a client
+ * sees the machine change under the guest (what a secondary running the
+ * wrong version would do once live).
  * On-disk format (sector 0 of the disk): bytes 0..7 = "TNDMCNTR", bytes
  * 8..15 = counter, u64 LE; the rest zero. At boot sector 0 is read: with
  * the magic the counter continues from the stored value, else it starts at 0
@@ -216,9 +222,11 @@ static void counter_store(u64 value)
     }
 }
 
+
 static void handle_counter(const u8 *f, const u8 *udp, const u8 *payload)
 {
     u32 client = get32le(payload), request = get32le(payload + 4);
+    u32 probe = inl(0x604);
     u64 value = counter + 1;
     counter_store(value);
     u32 slot;
@@ -232,7 +240,7 @@ static void handle_counter(const u8 *f, const u8 *udp, const u8 *payload)
     u8 *ip = t + 14;
     ip[0] = 0x45;
     ip[1] = 0;
-    put16(ip + 2, 20 + 8 + 16);
+    put16(ip + 2, 20 + 8 + 20);
     put16(ip + 4, (u32)value); /* identification */
     put16(ip + 6, 0x4000);     /* DF */
     ip[8] = 64;
@@ -244,17 +252,18 @@ static void handle_counter(const u8 *f, const u8 *udp, const u8 *payload)
     u8 *u = ip + 20;
     put16(u, PORT_COUNTER);
     cpy(u + 2, udp, 2); /* to the requester's port */
-    put16(u + 4, 8 + 16);
+    put16(u + 4, 8 + 20);
     u[6] = u[7] = 0;
     put32le(u + 8, client);
     put32le(u + 12, request);
     put32le(u + 16, (u32)value);
     put32le(u + 20, (u32)(value >> 32));
-    u32 sum = csum_add(0, ip + 12, 8) + 17 + 24; /* pseudo header */
-    sum = csum_fold(csum_add(sum, u, 24));
+    put32le(u + 24, probe);
+    u32 sum = csum_add(0, ip + 12, 8) + 17 + 28; /* pseudo header */
+    sum = csum_fold(csum_add(sum, u, 28));
     sum = ~sum & 0xffff;
     put16(u + 6, sum ? sum : 0xffff);
-    tx_send(slot, 14 + 20 + 24);
+    tx_send(slot, 14 + 20 + 28);
 }
 
 static void handle_ipv4(const u8 *f, u32 flen)

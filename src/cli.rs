@@ -366,6 +366,7 @@ fn build_replay(args: &ReplayArgs) -> anyhow::Result<Vm> {
         go_live_record: None,
         announce: Default::default(),
         mirror: None,
+        device_model: None,
         repair: !args.no_repair,
         mode: RunMode::Replay {
             log: args.log.clone(),
@@ -401,6 +402,7 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
         go_live_record: None,
         announce: Default::default(),
         mirror: None,
+        device_model: None,
         repair: false,
         mode: match &args.record {
             None => RunMode::Live,

@@ -133,6 +133,8 @@ pub struct VmConfigSection {
     pub nics: Vec<Nic>,
     /// Unix socket the live side serves the console on.
     pub console: Option<PathBuf>,
+    /// Pinned device-model version (None: the newest this build runs).
+    pub device_model: Option<u32>,
 }
 
 /// One entry of `[vm] net`.

@@ -242,7 +242,7 @@ fn counter_request(s: &UdpSocket, client: u32, request: u32) -> u64 {
         s.send_to(&req, format!("{GUEST_IP}:9000")).unwrap();
         let mut buf = [0u8; 64];
         while let Ok(n) = s.recv(&mut buf) {
-            if n == 16 && buf[..8] == req {
+            if n == 20 && buf[..8] == req {
                 return u64::from_le_bytes(buf[8..16].try_into().unwrap());
             }
         }

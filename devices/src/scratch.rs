@@ -7,6 +7,14 @@
 //! read returns them; bytes beyond offset 3 read 0xff and are not stored.
 //! Every read and write counts in the state, so a divergence in the number
 //! of accesses shows up in the device hash.
+//!
+//! **Device-model version 2** adds a read-only register right after it
+//! (port 0x604, 4 bytes): the device-model version, so a guest can tell
+//! which behaviour it runs on. In version 1 those ports are unmapped and
+//! read 0xff. It is the guest-visible change the rolling-upgrade test puts
+//! behind the version gate: a newer tandem following a version-1 primary
+//! must leave them unmapped, as the primary did, or the guest sees its
+//! machine change under it.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +22,9 @@ use crate::{BusDevice, VmRequest};
 
 /// Size of the register in bytes.
 pub const SCRATCH_SIZE: u64 = 4;
+/// Ports the device covers from device-model version 2 (the register,
+/// then the version register).
+pub const SCRATCH_SIZE_V2: u64 = 8;
 
 /// The state of the scratch register.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,15 +36,40 @@ pub struct ScratchState {
 }
 
 /// The scratch register.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Scratch {
     state: ScratchState,
+    /// The device-model version it behaves as.
+    model: u32,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Scratch {
-    /// A register holding 0, never accessed.
+    /// A register holding 0, never accessed (device-model version 1).
     pub fn new() -> Self {
-        Self::default()
+        Self::with_model(1)
+    }
+
+    /// A register as device-model version `model` has it.
+    pub fn with_model(model: u32) -> Self {
+        Self {
+            state: ScratchState::default(),
+            model,
+        }
+    }
+
+    /// Ports it covers on the bus.
+    pub fn ports(&self) -> u64 {
+        if self.model >= 2 {
+            SCRATCH_SIZE_V2
+        } else {
+            SCRATCH_SIZE
+        }
     }
 
     /// A copy of the device state.
@@ -63,10 +99,17 @@ impl BusDevice for Scratch {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         self.state.accesses = self.state.accesses.wrapping_add(1);
         let bytes = self.state.value.to_le_bytes();
+        let version = self.model.to_le_bytes();
         for (i, b) in (0u64..).zip(data.iter_mut()) {
-            *b = byte_index(offset, i)
-                .and_then(|idx| bytes.get(idx).copied())
-                .unwrap_or(0xff);
+            let at = offset.saturating_add(i);
+            *b = match byte_index(offset, i) {
+                Some(idx) => bytes.get(idx).copied().unwrap_or(0xff),
+                // The version register (version 2 on).
+                None if self.model >= 2 && (SCRATCH_SIZE..SCRATCH_SIZE_V2).contains(&at) => {
+                    version[(at - SCRATCH_SIZE) as usize]
+                }
+                None => 0xff,
+            };
         }
     }
 
@@ -86,6 +129,21 @@ impl BusDevice for Scratch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_model_2_adds_a_version_register() {
+        let mut v1 = Scratch::with_model(1);
+        let mut v2 = Scratch::with_model(2);
+        assert_eq!((v1.ports(), v2.ports()), (4, 8));
+        let mut b = [0u8; 4];
+        v2.read(4, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 2);
+        v2.write(4, &[9, 9, 9, 9]);
+        v2.read(4, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 2, "read-only");
+        v1.read(4, &mut b);
+        assert_eq!(b, [0xff; 4]);
+    }
 
     #[test]
     fn dword_round_trip() {

@@ -29,6 +29,7 @@ pub(super) struct RawVm {
     pub disk: Vec<Spanned<String>>,
     pub net: Vec<Spanned<RawNic>>,
     pub console: Option<Spanned<String>>,
+    pub device_model: Option<Spanned<u32>>,
 }
 
 /// One entry of `[vm] net`.

@@ -101,6 +101,7 @@ fn full_file_gives_typed_values() {
                 },
             ],
             console: Some("/run/tandem/web1.sock".into()),
+            device_model: None,
         },
         hosts: [
             HostEntry {
@@ -462,6 +463,20 @@ fn mirrored_replicas_are_per_host_and_one_per_disk() {
     assert_eq!(
         err(&file("mirrored", ", disk = [\"/a/web1.img\"]")),
         "pair.toml:5: [hosts] a.disk = [\"/a/web1.img\"] names 1 replica(s) but [vm] disk has 2 disk(s); give one per disk, same order"
+    );
+}
+
+#[test]
+fn device_model_pins_a_version_this_build_runs() {
+    let hosts = "a = { address = \"10.10.0.1:1\" }\nb = { address = \"10.10.0.2:1\" }";
+    assert_eq!(
+        ok(&vm_hosts("device_model = 1", hosts)).vm.device_model,
+        Some(1)
+    );
+    assert_eq!(ok(&vm_hosts("", hosts)).vm.device_model, None);
+    assert_eq!(
+        err(&vm_hosts("device_model = 9", hosts)),
+        "pair.toml:3: [vm] device_model = 9 is not a device-model version this build runs (1 to 2)"
     );
 }
 

@@ -229,6 +229,28 @@ pub(super) fn validate_vm(ctx: &Ctx, raw: Spanned<RawVm>) -> Result<VmConfigSect
         "must be \"unix:PATH\" (a socket the live side serves)",
     )?;
 
+    let device_model = match &raw.device_model {
+        None => None,
+        Some(v) => {
+            let range =
+                tandem_vmm::vm::OLDEST_DEVICE_MODEL_VERSION..=tandem_vmm::vm::DEVICE_MODEL_VERSION;
+            if !range.contains(v.get_ref()) {
+                return Err(ctx.invalid(
+                    &v.span(),
+                    S,
+                    "device_model",
+                    v.get_ref(),
+                    format!(
+                        "is not a device-model version this build runs ({} to {})",
+                        range.start(),
+                        range.end()
+                    ),
+                ));
+            }
+            Some(*v.get_ref())
+        }
+    };
+
     Ok(VmConfigSection {
         name,
         kernel: kernel.into_inner().into(),
@@ -238,6 +260,7 @@ pub(super) fn validate_vm(ctx: &Ctx, raw: Spanned<RawVm>) -> Result<VmConfigSect
         disks,
         nics,
         console,
+        device_model,
     })
 }
 

@@ -205,6 +205,7 @@ fn vm_config(
             step: cfg.ft.announce.step,
             max: cfg.ft.announce.max,
         },
+        device_model: cfg.vm.device_model,
         mirror: (cfg.ft.storage == config::Storage::Mirrored)
             .then(|| replica_dir(&cfg.ft.state_dir, me)),
     }

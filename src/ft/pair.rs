@@ -1483,6 +1483,10 @@ fn publish(params: &PairParams, vm: &Vm, role: &str, generation: u64) -> anyhow:
     counter!("epochs_verified", epochs_verified);
     counter!("epochs_transferred", epochs_transferred);
     counter!("divergences", divergences);
+    let device_model = u64::from(vm.identity().device_model_version);
+    params
+        .board
+        .probe("device_model", Arc::new(move || device_model));
     let shipped = params.throttle.clone();
     params.board.probe(
         "log_bytes_shipped",

@@ -169,7 +169,7 @@ pub fn counter(s: &UdpSocket, client: u32, request: u32, wait: Duration) -> Vec<
     let mut buf = [0u8; 64];
     while Instant::now() < deadline {
         if let Ok(n) = s.recv(&mut buf) {
-            if n == 16 {
+            if n == 20 {
                 let id = u32::from_le_bytes(buf[4..8].try_into().unwrap());
                 replies.push((id, u64::from_le_bytes(buf[8..16].try_into().unwrap())));
                 if id == request {

@@ -43,8 +43,6 @@ pub const POST_CODE_PORT: u64 = 0x80;
 pub const DEBUG_EXIT_PORT: u64 = 0xf4;
 /// The test scratch register used by the `piostorm` guest.
 pub const SCRATCH_BASE: u64 = 0x600;
-/// Scratch register width.
-pub const SCRATCH_PORTS: u64 = 4;
 /// COM1.
 pub const COM1_BASE: u64 = 0x3f8;
 /// 8250 register window.
@@ -94,6 +92,7 @@ impl LegacyDevices {
         clock: &GuestClock,
         rtc_base_unix_secs: u64,
         serial_out: Box<dyn Write + Send>,
+        device_model: u32,
     ) -> Self {
         let pic = Arc::new(Mutex::new(Pic::new()));
         let clock: Arc<dyn Clock> = Arc::new(clock.clone());
@@ -105,7 +104,7 @@ impl LegacyDevices {
             rtc: Arc::new(Mutex::new(Rtc::new(clock, rtc_base_unix_secs))),
             i8042: Arc::new(Mutex::new(I8042::new())),
             debug_exit: Arc::new(Mutex::new(DebugExit::new())),
-            scratch: Arc::new(Mutex::new(Scratch::new())),
+            scratch: Arc::new(Mutex::new(Scratch::with_model(device_model))),
             pic,
         }
     }
@@ -122,7 +121,8 @@ impl LegacyDevices {
         bus.insert(self.rtc.clone(), RTC_BASE, RTC_PORTS)?;
         bus.insert(Arc::new(Mutex::new(PostCode)), POST_CODE_PORT, 1)?;
         bus.insert(self.debug_exit.clone(), DEBUG_EXIT_PORT, 1)?;
-        bus.insert(self.scratch.clone(), SCRATCH_BASE, SCRATCH_PORTS)?;
+        let scratch_ports = tandem_devices::lock(&self.scratch).ports();
+        bus.insert(self.scratch.clone(), SCRATCH_BASE, scratch_ports)?;
         bus.insert(self.serial.clone(), COM1_BASE, COM1_PORTS)?;
         Ok(())
     }

@@ -103,6 +103,10 @@ pub struct VmConfig {
     pub repair: bool,
     /// RTC time at creation (Unix seconds); None: the host's clock.
     pub rtc_base: Option<u64>,
+    /// Device-model version of a VM started here (None: the newest,
+    /// [`DEVICE_MODEL_VERSION`]); pinned to an older one while a pair's
+    /// other host still runs an older tandem. Replays ignore it.
+    pub device_model: Option<u32>,
     /// Live, recording, or replaying.
     pub mode: RunMode,
     /// A following secondary runs this when it goes live (after its
@@ -355,8 +359,14 @@ impl VirtioSpec {
 }
 
 /// Bumped whenever a device model changes guest-visible behaviour: logs
-/// record it and replay refuses a different one.
-pub const DEVICE_MODEL_VERSION: u32 = 1;
+/// and pair identities record it. A VM started here runs this version
+/// (unless pinned); a replay or a following secondary runs the version its
+/// log names, any from [`OLDEST_DEVICE_MODEL_VERSION`] on, for the VM's
+/// whole life — so a newer tandem can follow (and take over from) an older
+/// one during a rolling upgrade.
+pub const DEVICE_MODEL_VERSION: u32 = 2;
+/// The oldest device-model behaviour this build still implements.
+pub const OLDEST_DEVICE_MODEL_VERSION: u32 = 1;
 
 /// What the live world contributes to a VM being built.
 struct LiveWorld {
@@ -450,6 +460,15 @@ impl Vm {
                 source,
             })
         })?;
+        let device_model = match &replay {
+            Some((recorded, _)) => recorded.device_model_version,
+            None => config.device_model.unwrap_or(DEVICE_MODEL_VERSION),
+        };
+        if !(OLDEST_DEVICE_MODEL_VERSION..=DEVICE_MODEL_VERSION).contains(&device_model) {
+            return Err(VmError::IdentityMismatch(format!(
+                "device-model version {device_model} is not one this build runs ({OLDEST_DEVICE_MODEL_VERSION} to {DEVICE_MODEL_VERSION})"
+            )));
+        }
         let identity = VmIdentity {
             image_hash: image_hash(&image),
             image_name: config.kernel.display().to_string(),
@@ -458,7 +477,7 @@ impl Vm {
             devices: specs.iter().map(VirtioSpec::desc).collect(),
             cpuid: cpuid.entries.iter().map(cpuid_to_log).collect(),
             msrs: msrs.clone(),
-            device_model_version: DEVICE_MODEL_VERSION,
+            device_model_version: device_model,
             tsc_khz,
             rtc_base_unix_secs: rtc_base,
         };
@@ -534,7 +553,11 @@ impl Vm {
         };
 
         let serial_out = SerialOutput::default();
-        let legacy = LegacyDevices::new(&clock, rtc_base, Box::new(serial_out.clone()));
+        let legacy =
+            LegacyDevices::new(&clock, rtc_base, Box::new(serial_out.clone()), device_model);
+        if replay.is_some() && device_model != DEVICE_MODEL_VERSION {
+            info!("running device-model version {device_model}, as the log's VM does");
+        }
         let mut pio = Bus::new();
         legacy.register(&mut pio)?;
         let mut devices = DeviceManager::new(legacy, clock.clone(), serial_out, outputs.clone());
