@@ -52,6 +52,11 @@ enum Command {
     Secondary(ft::cmd::PairArgs),
     /// (Re)start this host in whatever role the arbiter's record gives it.
     Pair(ft::cmd::PairArgs),
+    /// Run this host's side of every VM of a cluster file (active/active:
+    /// primaries it prefers, secondaries of the others), restarting them.
+    Node(ft::node::NodeArgs),
+    /// Hand a VM of a cluster to the other host without loss.
+    Move(ft::node::MoveArgs),
     /// Hand the VM from the live host to its secondary without loss (for
     /// upgrading or servicing the live host); it re-joins with `tandem pair`.
     Switchover(ft::cmd::SwitchoverArgs),
@@ -95,6 +100,8 @@ fn main() -> ExitCode {
         Command::Status(args) => ft::cmd::status(args),
         Command::Disk(command) => disk_cmd::run(command),
         Command::Switchover(args) => ft::cmd::switchover(args),
+        Command::Node(args) => ft::node::node(args),
+        Command::Move(args) => ft::node::move_vm(args),
         Command::Keygen { file } => match ft::auth::keygen(&file) {
             Ok(()) => {
                 println!("wrote a new key to {}", file.display());

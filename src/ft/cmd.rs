@@ -74,6 +74,42 @@ pub fn run(role: Role, args: PairArgs) -> ExitCode {
     }
 }
 
+/// A pair's key and arbiter (None: `--insecure`, `--i-accept-split-brain`).
+pub type KeyAndArbiter = (Option<Arc<Psk>>, Option<Arc<dyn Arbiter>>);
+
+/// The pair's key and arbiter, as its file says; refuses a pair with no
+/// key (unless `insecure`) or no witness (unless `split_brain`).
+pub fn open_arbiter(
+    cfg: &PairConfig,
+    path: &std::path::Path,
+    insecure: bool,
+    split_brain: bool,
+) -> anyhow::Result<KeyAndArbiter> {
+    let psk = match &cfg.ft.psk_file {
+        Some(key) => Some(Arc::new(
+            Psk::load(key)
+                .map_err(|e| anyhow::anyhow!("{}: [ft] psk_file: {e}", path.display()))?,
+        )),
+        None if insecure => None,
+        None => anyhow::bail!(
+            "{}: no [ft] psk_file is configured, so anyone who reaches the replication port could feed this host a VM; make a key with `tandem keygen FILE`, set psk_file on both hosts, or pass --insecure",
+            path.display()
+        ),
+    };
+    let arbiter: Option<Arc<dyn Arbiter>> = match &cfg.ft.witness {
+        Some(Witness::Tcp(addr)) => Some(Arc::new(
+            arbiter::tcp(*addr, Duration::from_secs(2)).with_psk(psk.clone()),
+        )),
+        Some(Witness::File(dir)) => Some(Arc::new(arbiter::file(dir))),
+        None if split_brain => None,
+        None => anyhow::bail!(
+            "{}: no [ft] witness is configured, so both hosts could go live at once; configure one or pass --i-accept-split-brain",
+            path.display()
+        ),
+    };
+    Ok((psk, arbiter))
+}
+
 fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
     let cfg = config::load(&args.config)?;
     let me = config::which_host(&cfg, args.host.as_deref(), &config::local_addresses())?;
@@ -84,27 +120,8 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
             cfg.vm.kernel.display()
         );
     }
-    let psk = match &cfg.ft.psk_file {
-        Some(path) => Some(Arc::new(
-            Psk::load(path).map_err(|e| anyhow::anyhow!("{}: [ft] psk_file: {e}", args.config.display()))?,
-        )),
-        None if args.insecure => None,
-        None => anyhow::bail!(
-            "{}: no [ft] psk_file is configured, so anyone who reaches the replication port could feed this host a VM; make a key with `tandem keygen FILE`, set psk_file on both hosts, or pass --insecure",
-            args.config.display()
-        ),
-    };
-    let arbiter: Option<Arc<dyn Arbiter>> = match &cfg.ft.witness {
-        Some(Witness::Tcp(addr)) => Some(Arc::new(
-            arbiter::tcp(*addr, Duration::from_secs(2)).with_psk(psk.clone()),
-        )),
-        Some(Witness::File(dir)) => Some(Arc::new(arbiter::file(dir))),
-        None if args.i_accept_split_brain => None,
-        None => anyhow::bail!(
-            "{}: no [ft] witness is configured, so both hosts could go live at once; configure one or pass --i-accept-split-brain",
-            args.config.display()
-        ),
-    };
+    let (psk, arbiter) =
+        open_arbiter(&cfg, &args.config, args.insecure, args.i_accept_split_brain)?;
     if psk.is_none() {
         eprintln!("tandem: WARNING: no [ft] psk_file: replication and witness traffic is unauthenticated (--insecure)");
     }
@@ -241,6 +258,22 @@ pub fn switchover(args: SwitchoverArgs) -> ExitCode {
             return ExitCode::from(EXIT_START_FAILED);
         }
     };
+    match switch_over(&cfg, None) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tandem: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Asks the live side of the pair `cfg` to hand the VM to its secondary.
+/// With `to`, only if the VM is not already live on that host (then says
+/// so). Returns the live side's answer, prefixed with its host.
+pub fn switch_over(cfg: &PairConfig, to: Option<HostId>) -> Result<String, String> {
     let control = |host: HostId| {
         super::status::control_path(
             cfg.host(host).control.as_deref(),
@@ -252,23 +285,25 @@ pub fn switchover(args: SwitchoverArgs) -> ExitCode {
         super::status::query(&control(host)).is_ok_and(|s| s.contains("\"role\":\"primary\""))
     });
     let Some(host) = live else {
-        eprintln!("tandem: neither host's control socket reports a live primary");
-        return ExitCode::from(1);
+        return Err(format!(
+            "{}: neither host's control socket reports a live primary",
+            cfg.vm.name
+        ));
     };
+    if to == Some(host) {
+        return Ok(format!(
+            "{} is already live on host {}",
+            cfg.vm.name,
+            host.name()
+        ));
+    }
     let limit = cfg.ft.failover_timeout * 4 + Duration::from_secs(5);
     match super::status::send_command(&control(host), "switchover", limit) {
         Ok(answer) if answer.starts_with("ok: ") => {
-            println!("host {}: {}", host.name(), &answer[4..]);
-            ExitCode::SUCCESS
+            Ok(format!("host {}: {}", host.name(), &answer[4..]))
         }
-        Ok(answer) => {
-            eprintln!("tandem: host {}: {answer}", host.name());
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            eprintln!("tandem: host {}: {e}", host.name());
-            ExitCode::from(1)
-        }
+        Ok(answer) => Err(format!("host {}: {answer}", host.name())),
+        Err(e) => Err(format!("host {}: {e}", host.name())),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod channel;
 pub mod cmd;
 pub mod console;
 pub mod mirror;
+pub mod node;
 pub mod pair;
 pub mod status;
 pub mod wire;

@@ -159,10 +159,22 @@ psk_file = "{psk}"
 }
 
 pub fn counter(s: &UdpSocket, client: u32, request: u32, wait: Duration) -> Vec<(u32, u64)> {
+    counter_at(s, GUEST_IP, client, request, wait)
+}
+
+/// A counter request to the guest at `ip`; the replies that came within
+/// `wait` (until the one for `request`).
+pub fn counter_at(
+    s: &UdpSocket,
+    ip: &str,
+    client: u32,
+    request: u32,
+    wait: Duration,
+) -> Vec<(u32, u64)> {
     let mut req = [0u8; 8];
     req[..4].copy_from_slice(&client.to_le_bytes());
     req[4..].copy_from_slice(&request.to_le_bytes());
-    s.send_to(&req, format!("{GUEST_IP}:9000")).unwrap();
+    s.send_to(&req, format!("{ip}:9000")).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
     let deadline = Instant::now() + wait;
     let mut replies = Vec::new();
@@ -333,12 +345,24 @@ pub fn serve(
     limit: Duration,
     replies: &mut Vec<(u32, u64)>,
 ) -> (u32, Option<Duration>) {
+    serve_at(s, GUEST_IP, first, count, limit, replies)
+}
+
+/// [`serve`] for the guest at `ip`.
+pub fn serve_at(
+    s: &UdpSocket,
+    ip: &str,
+    first: u32,
+    count: usize,
+    limit: Duration,
+    replies: &mut Vec<(u32, u64)>,
+) -> (u32, Option<Duration>) {
     let start = Instant::now();
     let mut request = first;
     let mut answered = 0;
     let mut first_reply = None;
     while start.elapsed() < limit && answered < count {
-        let got = counter(s, 1, request, Duration::from_millis(300));
+        let got = counter_at(s, ip, 1, request, Duration::from_millis(300));
         if got.iter().any(|(id, _)| *id == request) {
             answered += 1;
             first_reply.get_or_insert(start.elapsed());

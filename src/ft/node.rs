@@ -1,0 +1,391 @@
+//! Active/active hosts (`tandem node`): several protected VMs over two
+//! hosts, each VM primary on the host it prefers.
+//!
+//! A cluster file lists the VMs (each a pair file, as for `tandem pair`)
+//! and the host each prefers:
+//!
+//! ```toml
+//! [[vm]]
+//! config = "web1.toml"   # relative to this file
+//! prefer = "a"
+//!
+//! [[vm]]
+//! config = "web2.toml"
+//! prefer = "b"
+//! ```
+//!
+//! `tandem node --config cluster.toml --host a` runs, for every VM, one
+//! `tandem pair` process on this host and keeps it running: the arbiter
+//! decides its role, so this host runs the primaries it prefers and the
+//! secondaries of the others, and both replication links carry traffic. A
+//! host that does not prefer a VM starts its side only once the VM is live
+//! somewhere (or after a grace period, so a VM whose preferred host is down
+//! still starts). When a `tandem pair` process ends — its VM failed over to
+//! the other host, it was fenced, or it handed the VM over with `tandem
+//! move` — the node starts it again and it re-joins as secondary. The VM
+//! processes die with the node (as with a host crash). `tandem move VM
+//! --config cluster.toml` hands a VM's primary role to the other host
+//! without loss (a switch-over).
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::config::{self, HostId, PairConfig};
+
+/// The cluster file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    #[serde(default)]
+    vm: Vec<RawClusterVm>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClusterVm {
+    config: String,
+    prefer: String,
+}
+
+/// One protected VM of a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterVm {
+    /// Its pair file.
+    pub path: PathBuf,
+    /// The pair file, read.
+    pub pair: PairConfig,
+    /// The host it runs on when both are up.
+    pub prefer: HostId,
+}
+
+/// Reads and checks a cluster file: every pair file readable, VM names
+/// distinct, `prefer` naming a host.
+pub fn load_cluster(path: &Path) -> anyhow::Result<Vec<ClusterVm>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let raw: RawCluster = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+    if raw.vm.is_empty() {
+        bail!("{}: no [[vm]] entries", path.display());
+    }
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut out: Vec<ClusterVm> = Vec::new();
+    for (i, vm) in raw.vm.iter().enumerate() {
+        let prefer = match vm.prefer.as_str() {
+            "a" => HostId::A,
+            "b" => HostId::B,
+            other => bail!(
+                "{}: vm[{i}] prefer = {other:?} must be \"a\" or \"b\"",
+                path.display()
+            ),
+        };
+        let pair_path = base.join(&vm.config);
+        let pair = config::load(&pair_path)
+            .map_err(|e| anyhow::anyhow!("{}: vm[{i}]: {e}", path.display()))?;
+        if let Some(dup) = out.iter().find(|o| o.pair.vm.name == pair.vm.name) {
+            bail!(
+                "{}: vm[{i}] ({}) names the VM {:?} again (also in {}): every VM needs its own name",
+                path.display(),
+                pair_path.display(),
+                pair.vm.name,
+                dup.path.display()
+            );
+        }
+        out.push(ClusterVm {
+            path: pair_path,
+            pair,
+            prefer,
+        });
+    }
+    Ok(out)
+}
+
+/// `tandem node` arguments.
+#[derive(clap::Args)]
+pub struct NodeArgs {
+    /// The cluster file (the same on both hosts).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Which host this is.
+    #[arg(long, value_name = "a|b")]
+    host: String,
+    /// Passed to every `tandem pair` (pair files without a key).
+    #[arg(long)]
+    insecure: bool,
+    /// Passed to every `tandem pair` (pair files without a witness).
+    #[arg(long)]
+    i_accept_split_brain: bool,
+}
+
+/// `tandem move` arguments.
+#[derive(clap::Args)]
+pub struct MoveArgs {
+    /// The VM's name.
+    vm: String,
+    /// The cluster file.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Where to move it (default: the other host).
+    #[arg(long, value_name = "a|b")]
+    to: Option<String>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::Release);
+}
+
+/// Runs `tandem node`.
+pub fn node(args: NodeArgs) -> ExitCode {
+    match run_node(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tandem: {e:#}");
+            ExitCode::from(crate::EXIT_START_FAILED)
+        }
+    }
+}
+
+fn parse_host(text: &str) -> anyhow::Result<HostId> {
+    match text {
+        "a" => Ok(HostId::A),
+        "b" => Ok(HostId::B),
+        other => bail!("--host {other:?}: must be a or b"),
+    }
+}
+
+fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let me = parse_host(&args.host)?;
+    let vms = load_cluster(&args.config)?;
+    // Each VM's arbiter, to know when a VM this host does not prefer is
+    // live somewhere.
+    let mut arbiters = Vec::new();
+    for vm in &vms {
+        let (_, arbiter) =
+            super::cmd::open_arbiter(&vm.pair, &vm.path, args.insecure, args.i_accept_split_brain)?;
+        arbiters.push(arbiter);
+    }
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, on_stop as *const () as libc::sighandler_t) };
+    }
+    let exe = std::env::current_exe().context("cannot find the tandem executable")?;
+    let mut flags = Vec::new();
+    if args.insecure {
+        flags.push("--insecure");
+    }
+    if args.i_accept_split_brain {
+        flags.push("--i-accept-split-brain");
+    }
+    eprintln!(
+        "tandem: node {}: {} VM(s): {}",
+        me.name(),
+        vms.len(),
+        vms.iter()
+            .map(|v| format!(
+                "{} ({})",
+                v.pair.vm.name,
+                if v.prefer == me {
+                    "prefers this host"
+                } else {
+                    "prefers the other host"
+                }
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut threads = Vec::new();
+    for (vm, arbiter) in vms.into_iter().zip(arbiters) {
+        let exe = exe.clone();
+        let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("node-{}", vm.pair.vm.name))
+                .spawn(move || supervise(&exe, me, &vm, arbiter.as_deref(), &flags))?,
+        );
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    eprintln!("tandem: node {}: stopped", me.name());
+    Ok(())
+}
+
+/// Keeps this host's `tandem pair` of one VM running until the node stops.
+fn supervise(
+    exe: &Path,
+    me: HostId,
+    vm: &ClusterVm,
+    arbiter: Option<&dyn super::arbiter::Arbiter>,
+    flags: &[String],
+) {
+    let name = &vm.pair.vm.name;
+    if vm.prefer != me {
+        // Let the preferred host start it as primary; then follow it.
+        let grace = vm.pair.ft.failover_timeout * 3 + Duration::from_secs(2);
+        let started = Instant::now();
+        while !STOP.load(Ordering::Acquire) && started.elapsed() < grace {
+            let live = arbiter
+                .and_then(|a| a.query(name).ok())
+                .is_some_and(|g| g.holder.is_some());
+            if live {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    while !STOP.load(Ordering::Acquire) {
+        let mut cmd = Command::new(exe);
+        cmd.arg("pair")
+            .arg("--config")
+            .arg(&vm.path)
+            .arg("--host")
+            .arg(me.name())
+            .args(flags)
+            .stdin(std::process::Stdio::null());
+        // SAFETY: prctl in the forked child before exec only sets a
+        // process attribute; it allocates nothing and takes no lock.
+        unsafe {
+            cmd.pre_exec(|| {
+                // The VM processes die with the node, as with a host crash.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let last_start = Instant::now();
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!(
+                    "tandem: node {}: {name}: cannot start tandem pair: {e}",
+                    me.name()
+                );
+                std::thread::sleep(Duration::from_secs(2));
+                continue;
+            }
+        };
+        eprintln!(
+            "tandem: node {}: {name}: started its side (pid {})",
+            me.name(),
+            child.id()
+        );
+        let status = loop {
+            if STOP.load(Ordering::Acquire) {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        // A clean end (the VM moved away) re-joins at once; anything else
+        // after a pause, longer if it keeps failing at start.
+        let pause = if status.success() {
+            Duration::from_millis(200)
+        } else if last_start.elapsed() < Duration::from_secs(5) {
+            Duration::from_secs(3)
+        } else {
+            Duration::from_secs(1)
+        };
+        eprintln!(
+            "tandem: node {}: {name}: its side ended ({status}); starting it again in {} ms",
+            me.name(),
+            pause.as_millis()
+        );
+        std::thread::sleep(pause);
+    }
+}
+
+/// Runs `tandem move`.
+pub fn move_vm(args: MoveArgs) -> ExitCode {
+    let result = (|| -> anyhow::Result<String> {
+        let vms = load_cluster(&args.config)?;
+        let Some(vm) = vms.iter().find(|v| v.pair.vm.name == args.vm) else {
+            bail!(
+                "{}: no VM named {:?} (it has {})",
+                args.config.display(),
+                args.vm,
+                vms.iter()
+                    .map(|v| v.pair.vm.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        };
+        let to = args.to.as_deref().map(parse_host).transpose()?;
+        super::cmd::switch_over(&vm.pair, to).map_err(anyhow::Error::msg)
+    })();
+    match result {
+        Ok(text) => {
+            println!("{}: {text}", args.vm);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tandem: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_files_are_checked() {
+        let dir = std::env::temp_dir().join(format!("tandem-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pair = |name: &str| {
+            format!(
+                "[vm]\nname = \"{name}\"\nkernel = \"/k\"\n[hosts]\na = {{ address = \"10.0.0.1:1\" }}\nb = {{ address = \"10.0.0.2:1\" }}\n"
+            )
+        };
+        std::fs::write(dir.join("web1.toml"), pair("web1")).unwrap();
+        std::fs::write(dir.join("web2.toml"), pair("web2")).unwrap();
+        std::fs::write(dir.join("dup.toml"), pair("web1")).unwrap();
+        let cluster = dir.join("cluster.toml");
+        let check = |text: &str| {
+            std::fs::write(&cluster, text).unwrap();
+            load_cluster(&cluster).map_err(|e| e.to_string())
+        };
+        let ok = check(
+            "[[vm]]\nconfig = \"web1.toml\"\nprefer = \"a\"\n[[vm]]\nconfig = \"web2.toml\"\nprefer = \"b\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!((ok[0].prefer, ok[1].prefer), (HostId::A, HostId::B));
+        let e = check("[[vm]]\nconfig = \"web1.toml\"\nprefer = \"c\"\n").unwrap_err();
+        assert!(e.contains("prefer = \"c\" must be"), "{e}");
+        let e = check(
+            "[[vm]]\nconfig = \"web1.toml\"\nprefer = \"a\"\n[[vm]]\nconfig = \"dup.toml\"\nprefer = \"b\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("names the VM \"web1\" again"), "{e}");
+        let e = check("[[vm]]\nconfig = \"missing.toml\"\nprefer = \"a\"\n").unwrap_err();
+        assert!(e.contains("vm[0]"), "{e}");
+        let e = check("[[vm]]\nconfig = \"web1.toml\"\nprefer = \"a\"\nweight = 3\n").unwrap_err();
+        assert!(e.contains("unknown field"), "{e}");
+        assert!(check("").unwrap_err().contains("no [[vm]]"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,214 @@
+//! Active/active (`tandem node`): two counter VMs over two hosts, each
+//! primary on the host it prefers, each protected by the other host. The
+//! loss of a whole host (kill -9 of its node: its VM processes die with it)
+//! leaves the survivor running both; the host comes back as secondary of
+//! both; `tandem move` hands a VM back without loss.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::guest;
+use common::netns::NetNs;
+use common::pair::*;
+
+const VMS: [(&str, &str, u16); 2] = [("web1", "10.78.0.2", 7410), ("web2", "10.78.0.3", 7420)];
+
+/// The pair file of VM `i` (taps `a{i}`/`b{i}`, ports 7410+/7420+).
+fn pair_file(dir: &Path, i: usize) -> PathBuf {
+    let (name, ip, port) = VMS[i];
+    let disk = dir.join(format!("{name}.img"));
+    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"[vm]
+name = "{name}"
+kernel = "{kernel}"
+cmdline = "ip={ip}"
+mem = "32M"
+disk = ["{disk}"]
+net = [{{ mac = "52:54:00:00:78:0{mac}" }}]
+
+[hosts]
+a = {{ address = "127.0.0.1:{pa}", tap = "a{i}" }}
+b = {{ address = "127.0.0.2:{pb}", tap = "b{i}" }}
+
+[ft]
+heartbeat_ms = 50
+failover_timeout_ms = 1500
+witness = "tcp://127.0.0.1:7500"
+state_dir = "{state}"
+psk_file = "{psk}"
+"#,
+            kernel = guest("netecho").display(),
+            disk = disk.display(),
+            mac = i + 2,
+            pa = port + 1,
+            pb = port + 2,
+            state = dir.join(name).display(),
+            psk = write_psk(dir).display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Role of VM `i` on `host` from its control socket ("" if none answers).
+fn role(dir: &Path, i: usize, host: &str) -> String {
+    use std::io::Read;
+    let path = dir.join(VMS[i].0).join(format!("{host}.ctl"));
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(path) else {
+        return String::new();
+    };
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.split("\"role\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn wait_role(dir: &Path, i: usize, host: &str, want: &str, node: &Proc) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while role(dir, i, host) != want {
+        assert!(
+            Instant::now() < deadline,
+            "{} on {host} never became {want} (is {:?})\nnode: {}",
+            VMS[i].0,
+            role(dir, i, host),
+            node.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn joined(node: &Proc) -> usize {
+    node.stderr().matches("secondary joined at stop").count()
+}
+
+#[test]
+fn two_hosts_run_a_vm_each_survive_a_host_loss_and_move_a_vm_back() {
+    let ns = NetNs::new("node");
+    ip(&ns, &["link", "add", "br0", "type", "bridge"]);
+    for tap in ["a0", "b0", "a1", "b1"] {
+        ip(&ns, &["tuntap", "add", "dev", tap, "mode", "tap"]);
+        ip(&ns, &["link", "set", tap, "master", "br0"]);
+        ip(&ns, &["link", "set", tap, "up"]);
+    }
+    ip(&ns, &["addr", "add", "10.78.0.1/24", "dev", "br0"]);
+    ip(&ns, &["link", "set", "br0", "up"]);
+    let dir = test_dir("node");
+    for i in 0..2 {
+        pair_file(&dir, i);
+    }
+    let cluster = dir.join("cluster.toml");
+    std::fs::write(
+        &cluster,
+        "[[vm]]\nconfig = \"web1.toml\"\nprefer = \"a\"\n\n[[vm]]\nconfig = \"web2.toml\"\nprefer = \"b\"\n",
+    )
+    .unwrap();
+    let cluster_arg = cluster.display().to_string();
+    let _witness = spawn_witness(&ns, &dir);
+    let node_a = Proc::spawn(&ns, &["node", "--config", &cluster_arg, "--host", "a"]);
+    let mut node_b = Proc::spawn(&ns, &["node", "--config", &cluster_arg, "--host", "b"]);
+
+    // Each host is primary of the VM it prefers and secondary of the other.
+    wait_role(&dir, 0, "a", "primary", &node_a);
+    wait_role(&dir, 1, "b", "primary", &node_b);
+    wait_role(&dir, 0, "b", "secondary", &node_b);
+    wait_role(&dir, 1, "a", "secondary", &node_a);
+    let s = ns.udp_socket("10.78.0.1:0");
+    let mut replies: [Vec<(u32, u64)>; 2] = Default::default();
+    let mut next = [0u32; 2];
+    for i in 0..2 {
+        let (n, first) = serve_at(&s, VMS[i].1, 0, 5, Duration::from_secs(30), &mut replies[i]);
+        assert!(first.is_some(), "{} does not serve", VMS[i].0);
+        next[i] = n;
+    }
+
+    // Host b is lost: its node and every VM process on it die at once.
+    signal(&node_b, libc::SIGKILL);
+    let _ = node_b.child.wait();
+    let split = next;
+    for i in 0..2 {
+        let (n, first) = serve_at(
+            &s,
+            VMS[i].1,
+            next[i],
+            5,
+            Duration::from_secs(30),
+            &mut replies[i],
+        );
+        assert!(
+            first.is_some(),
+            "{} not served after host b died: {}",
+            VMS[i].0,
+            node_a.stderr()
+        );
+        next[i] = n;
+        assert_counter_invariants(&replies[i], split[i]);
+    }
+    assert_eq!(role(&dir, 1, "a"), "primary", "web2 did not move to a");
+
+    // Host b returns: it re-joins both VMs as secondary, while a runs both.
+    let before = joined(&node_a);
+    node_b = Proc::spawn(&ns, &["node", "--config", &cluster_arg, "--host", "b"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while joined(&node_a) < before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "b did not re-join both VMs\na: {}\nb: {}",
+            node_a.stderr(),
+            node_b.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // web2 goes back to its preferred host, without loss.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["move", "web2", "--config", &cluster_arg, "--to", "b"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.contains("host b is live"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let split2 = next[1];
+    let (_, back) = serve_at(
+        &s,
+        VMS[1].1,
+        next[1],
+        5,
+        Duration::from_secs(30),
+        &mut replies[1],
+    );
+    assert!(
+        back.is_some(),
+        "web2 not served after the move: {}",
+        node_b.stderr()
+    );
+    assert_counter_invariants(&replies[1], split2);
+    wait_role(&dir, 1, "b", "primary", &node_b);
+    // a's side of web2 ended cleanly and comes back as b's secondary.
+    wait_role(&dir, 1, "a", "secondary", &node_a);
+    // Moving it where it is says so.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["move", "web2", "--config", &cluster_arg, "--to", "b"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("already live on host b"),
+        "{:?}",
+        out
+    );
+    drop((node_a, node_b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
