@@ -20,6 +20,7 @@ mod proc;
 mod qemu;
 mod report;
 mod stats;
+mod storage;
 mod tandem;
 
 use std::cell::Cell;
@@ -333,6 +334,11 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
             fo_reps.0 + fo_reps.1
         } else {
             0
+        }
+        + if ns.is_some() && wanted("storage") {
+            storage::planned(ctx)
+        } else {
+            0
         };
     ctx.planned.set(planned);
     ctx.note(&format!(
@@ -352,6 +358,11 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
     }
     let failover = if ns.is_some() && fo_reps != (0, 0) {
         failover(ctx, fo_reps)
+    } else {
+        Json::Null
+    };
+    let storage = if ns.is_some() && wanted("storage") {
+        storage::measure(ctx)
     } else {
         Json::Null
     };
@@ -390,6 +401,7 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
             .with("pair_pinning", format!("a protected pair's primary runs under `taskset -c {}`, its secondary and witness under `taskset -c {}`; each pair runs in a fresh network namespace", ctx.cpu, ctx.cpu2)))
         .with("tandem", Json::obj().with("workloads", Json::Arr(tjson)).with("costs", costs))
         .with("pair", failover)
+        .with("storage", storage)
         .with("qemu", qjson)
         .with("micro", micro)
         .with("skipped", Json::Arr(skipped)))

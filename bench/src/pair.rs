@@ -29,6 +29,12 @@ pub struct PairSpec<'a> {
     pub commit: &'a str,
     /// `failover_timeout_ms`; `None` keeps the default (2000).
     pub failover_ms: Option<u64>,
+    /// Mirrored storage: host a's and host b's replicas of `disk` (which
+    /// then only names the disk); `None`: shared storage.
+    pub replicas: Option<[&'a Path; 2]>,
+    /// `state_dir` (None: a fresh one per pair); mirrored runs that build
+    /// on each other keep their replicas' sidecars here.
+    pub state: Option<&'a Path>,
 }
 
 /// A running pair; dropping it kills every process and deletes the namespace.
@@ -216,16 +222,25 @@ fn toml(spec: &PairSpec, dir: &Path) -> String {
     let mut ft = format!(
         "[ft]\noutput_commit = \"{}\"\nwitness = \"tcp://{WITNESS}\"\nstate_dir = \"{}\"\npsk_file = \"{}\"\n",
         spec.commit,
-        dir.join("state").display(),
+        spec.state.map_or_else(|| dir.join("state"), Path::to_path_buf).display(),
         dir.join("pair.psk").display()
     );
     if let Some(ms) = spec.failover_ms {
         ft += &format!("failover_timeout_ms = {ms}\n");
     }
+    let replica = |i: usize| match spec.replicas {
+        Some(r) => format!(", disk = [\"{}\"]", r[i].display()),
+        None => String::new(),
+    };
+    if spec.replicas.is_some() {
+        ft += "storage = \"mirrored\"\n";
+    }
     format!(
-        "{vm}\n[hosts]\na = {{ address = \"127.0.0.1:7401\"{} }}\nb = {{ address = \"127.0.0.2:7402\"{} }}\n\n{ft}",
+        "{vm}\n[hosts]\na = {{ address = \"127.0.0.1:7401\"{}{} }}\nb = {{ address = \"127.0.0.2:7402\"{}{} }}\n\n{ft}",
         tap("tapa"),
-        tap("tapb")
+        replica(0),
+        tap("tapb"),
+        replica(1)
     )
 }
 
@@ -295,6 +310,8 @@ fn trial(ctx: &Ctx, mem: &str, t: &mut Trial) -> Result<(), String> {
         net: true,
         commit: "received",
         failover_ms: Some(FAILOVER_MS),
+        replicas: None,
+        state: None,
     };
     let result = trial_in(ctx, &spec, t);
     let _ = std::fs::remove_file(&disk);

@@ -316,6 +316,99 @@ fn failover_tables(o: &mut String, r: &Json, short: &mut Vec<String>) {
 }
 
 /// The generated part of BENCHMARKS.md.
+/// Mirrored vs shared storage, replica re-sync, switch-over pause.
+fn storage_tables(o: &mut String, r: &Json) {
+    let _ = writeln!(
+        o,
+        "### 3d. Storage: log bytes shared vs mirrored, replica re-sync, switch-over pause\n"
+    );
+    let Some(st) = r.get("storage").filter(|p| !matches!(p, Json::Null)) else {
+        let _ = writeln!(o, "Not measured in this run.\n");
+        return;
+    };
+    let _ = writeln!(o, "{}.\n", st.str("method").unwrap_or(""));
+    header(
+        o,
+        &[
+            "diskseq N MiB",
+            "log, shared",
+            "log, mirrored",
+            "**mirrored / shared**",
+            "Mbit/s shared → mirrored",
+            "first sync (everything)",
+            "delta re-sync",
+        ],
+    );
+    let mib = |x: Option<f64>| {
+        x.map_or("?".into(), |b| {
+            format!("{:.2} MiB", b / f64::from(1u32 << 20))
+        })
+    };
+    let sync = |row: &Json, k: &str| match (
+        row.num(&format!("{k}.chunks")),
+        row.num(&format!("{k}.mib")),
+        row.num(&format!("{k}.ms")),
+    ) {
+        (Some(c), Some(m), Some(t)) => format!("{c:.0} chunks ({m:.0} MiB) in {t:.0} ms"),
+        _ => "?".into(),
+    };
+    for row_json in st.arr("disk") {
+        let err = row_json
+            .str("error")
+            .map(|e| format!(" (error: {e})"))
+            .unwrap_or_default();
+        row(
+            o,
+            &[
+                format!("{}{err}", row_json.num("mib").unwrap_or(0.0)),
+                mib(row_json.num("shared_log_bytes")),
+                mib(row_json.num("mirrored_log_bytes")),
+                row_json
+                    .num("mirrored_over_shared")
+                    .map_or("?".into(), |x| format!("**{x:.3}**")),
+                format!(
+                    "{} → {}",
+                    row_json
+                        .num("shared_mbit_s")
+                        .map_or("?".into(), |x| format!("{x:.1}")),
+                    row_json
+                        .num("mirrored_mbit_s")
+                        .map_or("?".into(), |x| format!("{x:.1}"))
+                ),
+                sync(row_json, "first_sync"),
+                sync(row_json, "delta_sync"),
+            ],
+        );
+    }
+    let _ = writeln!(o);
+    header(
+        o,
+        &[
+            "switch-over",
+            "handed over (live side's figure, ms)",
+            "`tandem switchover` wall (ms)",
+            "longest gap between 2 ms echoes (ms)",
+        ],
+    );
+    row(
+        o,
+        &[
+            format!(
+                "{} runs{}",
+                st.num("switchover.handed_over_ms.runs").unwrap_or(0.0),
+                match st.num("switchover.failures") {
+                    Some(f) if f > 0.0 => format!(", {f} failed"),
+                    _ => String::new(),
+                }
+            ),
+            fig(st.get("switchover.handed_over_ms"), 1),
+            fig(st.get("switchover.command_ms"), 1),
+            fig(st.get("switchover.longest_echo_gap_ms"), 1),
+        ],
+    );
+    let _ = writeln!(o);
+}
+
 pub fn render(r: &Json) -> String {
     let mut o = String::new();
     let m = |p: &str| r.get(&format!("machine.{p}"));
@@ -715,6 +808,7 @@ Sampled every 10 ms from the primary's control socket (`tandem status`) while th
 
     // Failover and re-protection.
     failover_tables(&mut o, r, &mut short);
+    storage_tables(&mut o, r);
 
     // 4. Replay speed.
     let _ = writeln!(o, "### 4. Replay speed\n");

@@ -409,6 +409,8 @@ impl Runner<'_> {
             net: matches!(self.w.kind, Kind::NetEcho { .. }),
             commit,
             failover_ms: None,
+            replicas: None,
+            state: None,
         };
         let mut s = Sample::default();
         match Pair::start(self.ctx, &spec) {

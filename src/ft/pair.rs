@@ -1382,6 +1382,10 @@ pub fn run_primary(
     }
     replicator.start_on(listener, Some(frames_rx))?;
     let report = vm.run();
+    info!(
+        "replication: {} log bytes shipped",
+        replicator.params.throttle.shipped_bytes()
+    );
     if replicator.stepped_down.load(Ordering::Acquire) {
         gate.flush();
         return Ok(ExitCode::SUCCESS);

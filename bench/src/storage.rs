@@ -1,0 +1,328 @@
+//! Storage and switch-over figures: the log a disk workload ships with
+//! shared vs mirrored storage, the re-sync of a replica delta, and the
+//! pause of a `tandem switchover`.
+//!
+//! * **Log bytes.** `diskseq` writes N MiB, flushes and reads it back in a
+//!   protected pair, once with `storage = "shared"` (read data travels in
+//!   the log) and once `"mirrored"` (the log carries a hash per read), back
+//!   to back; the primary's exit line `replication: N log bytes shipped`.
+//! * **Re-sync.** After that mirrored run both replicas' bitmaps hold the
+//!   N MiB written since their last sync; a new pair on the same replicas
+//!   copies exactly that delta before the guest starts (the primary's
+//!   `disks: K chunks (X MiB) copied ... in T ms`). A first sync (no
+//!   sidecars) copies the whole disk: measured too, for contrast.
+//! * **Switch-over.** A netecho pair; a client sends a tagged echo every
+//!   2 ms; `tandem switchover` runs; figures: the live side's own
+//!   `handed over in T ms`, the command's wall time, and the longest gap
+//!   between echo replies around it.
+
+use std::net::UdpSocket;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::ctx::{make_image, Ctx};
+use crate::json::Json;
+use crate::netecho;
+use crate::pair::{err_tail, watch_stdout, Pair, PairSpec};
+use crate::stats::summary_json;
+
+fn number_after(line: &str, key: &str) -> Option<f64> {
+    let rest = &line[line.find(key)? + key.len()..];
+    let num: String = rest
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    num.parse().ok()
+}
+
+/// One diskseq pair run to the guest's end: (log bytes, wall seconds).
+fn diskseq_run(
+    ctx: &Ctx,
+    disks: &[&Path; 2],
+    state: &Path,
+    mib: u64,
+    mirrored: bool,
+) -> Result<(f64, f64), String> {
+    let guest = ctx.guest("diskseq");
+    let cmdline = format!("count={} chunk=128", mib * 2048);
+    let spec = PairSpec {
+        guest: &guest,
+        cmdline: &cmdline,
+        mem: "32M",
+        disk: Some(disks[0]),
+        net: false,
+        commit: "received",
+        failover_ms: None,
+        replicas: mirrored.then_some(*disks),
+        state: Some(state),
+    };
+    let mut pair = Pair::start(ctx, &spec)?;
+    let primary = pair.primary.take().ok_or("no primary")?;
+    let out = primary.finish(Duration::from_secs(300));
+    if out.status != 0 || !out.stdout.contains("diskseq: sectors=") {
+        let tail: Vec<&str> = out.stderr.lines().rev().take(4).collect();
+        return Err(format!(
+            "diskseq pair failed ({}, stdout {:?}): {}",
+            out.status,
+            out.stdout.lines().last().unwrap_or(""),
+            tail.join(" | ")
+        ));
+    }
+    let bytes = out
+        .stderr
+        .lines()
+        .find_map(|l| number_after(l, "replication:"))
+        .ok_or_else(|| {
+            let tail: Vec<&str> = out.stderr.lines().rev().take(4).collect();
+            format!("no `replication: N log bytes` line: {}", tail.join(" | "))
+        })?;
+    // The secondary replays to the end too.
+    if let Some(s) = pair.secondary.take() {
+        let _ = s.finish(Duration::from_secs(60));
+    }
+    Ok((bytes, out.wall))
+}
+
+/// A mirrored netecho pair on existing replicas: the primary's disk-copy
+/// line, as (chunks, MiB, ms).
+fn resync_run(ctx: &Ctx, disks: &[&Path; 2], state: &Path) -> Result<(f64, f64, f64), String> {
+    let guest = ctx.guest("netecho");
+    let cmdline = format!("ip={}", netecho::GUEST_IP);
+    let spec = PairSpec {
+        guest: &guest,
+        cmdline: &cmdline,
+        mem: "32M",
+        disk: Some(disks[0]),
+        net: true,
+        commit: "received",
+        failover_ms: None,
+        replicas: Some(*disks),
+        state: Some(state),
+    };
+    let pair = Pair::start(ctx, &spec)?;
+    let primary = pair.primary.as_ref().ok_or("no primary")?;
+    let (_, line) = primary
+        .wait_err(
+            "copied to the secondary in",
+            Instant::now() + Duration::from_secs(120),
+        )
+        .ok_or_else(|| format!("no disk copy line: {}", err_tail(primary)))?;
+    // Both sides record the sync before the pair is stopped.
+    primary
+        .wait_err(
+            "replicas are in sync",
+            Instant::now() + Duration::from_secs(30),
+        )
+        .ok_or_else(|| format!("the sync was never confirmed: {}", err_tail(primary)))?;
+    let chunks = number_after(&line, "disks:").ok_or("no chunk count")?;
+    let mib = line
+        .find('(')
+        .and_then(|i| number_after(&line[i..], "("))
+        .unwrap_or(0.0);
+    let ms = number_after(&line, "secondary in").ok_or("no duration")?;
+    Ok((chunks, mib, ms))
+}
+
+/// One switch-over of a netecho pair: (handed-over ms, command ms, longest
+/// echo gap ms).
+fn switchover_run(ctx: &Ctx) -> Result<(f64, f64, f64), String> {
+    let disk = ctx.tmp.join("switchover.img");
+    make_image(&disk, 64 << 10).map_err(|e| e.to_string())?;
+    let guest = ctx.guest("netecho");
+    let cmdline = format!("ip={}", netecho::GUEST_IP);
+    let spec = PairSpec {
+        guest: &guest,
+        cmdline: &cmdline,
+        mem: "32M",
+        disk: Some(&disk),
+        net: true,
+        commit: "received",
+        failover_ms: None,
+        replicas: None,
+        state: None,
+    };
+    let mut pair = Pair::start(ctx, &spec)?;
+    let out = watch_stdout(pair.primary.as_mut().ok_or("no primary")?);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !out
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|(_, l)| l.contains("netecho: up"))
+    {
+        if Instant::now() > deadline {
+            return Err("netecho never came up".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    netecho::client(&pair.ns, 20)?;
+    // Echoes every 2 ms in the background; reply times recorded.
+    let s = pair.ns.udp_socket(&format!("{}:0", netecho::HOST_IP))?;
+    let replies: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let pinger = {
+        let (replies, stop) = (replies.clone(), stop.clone());
+        let s: UdpSocket = s.try_clone().map_err(|e| e.to_string())?;
+        std::thread::spawn(move || {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(2)));
+            let to = format!("{}:7", netecho::GUEST_IP);
+            let mut buf = [0u8; 256];
+            while !stop.load(Ordering::Acquire) {
+                let _ = s.send_to(b"tdmswitch-echo", &to);
+                let until = Instant::now() + Duration::from_millis(2);
+                while Instant::now() < until {
+                    if let Ok(n) = s.recv(&mut buf) {
+                        if &buf[..n] == b"tdmswitch-echo" {
+                            replies
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(Instant::now());
+                        }
+                    }
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let began = Instant::now();
+    let cmd = Command::new(&ctx.tandem)
+        .args(["switchover", "--config"])
+        .arg(&pair.config)
+        .output()
+        .map_err(|e| format!("tandem switchover: {e}"))?;
+    let took = began.elapsed().as_secs_f64() * 1e3;
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Release);
+    let _ = pinger.join();
+    let text = String::from_utf8_lossy(&cmd.stdout).into_owned();
+    if !cmd.status.success() {
+        return Err(format!(
+            "switchover failed: {text}{}",
+            String::from_utf8_lossy(&cmd.stderr)
+        ));
+    }
+    let handed = number_after(&text, "handed over in").ok_or("no `handed over in` figure")?;
+    let times = replies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let gap = times
+        .windows(2)
+        .filter(|w| w[1] >= began - Duration::from_millis(50))
+        .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
+        .fold(0.0f64, f64::max);
+    drop(pair);
+    let _ = std::fs::remove_file(&disk);
+    Ok((handed, took, gap))
+}
+
+fn sizes(ctx: &Ctx) -> &'static [u64] {
+    if ctx.quick {
+        &[1]
+    } else {
+        &[1, 2]
+    }
+}
+
+/// Runs [`measure`] makes (for the progress count).
+pub fn planned(ctx: &Ctx) -> usize {
+    sizes(ctx).len() * 4 + ctx.reps(10, 3)
+}
+
+/// All storage and switch-over figures.
+pub fn measure(ctx: &Ctx) -> Json {
+    let mut rows = Vec::new();
+    let sizes = sizes(ctx);
+    for &mib in sizes {
+        let dir = ctx.tmp.join(format!("storage-{mib}"));
+        let _ = std::fs::create_dir_all(dir.join("a"));
+        let _ = std::fs::create_dir_all(dir.join("b"));
+        let (a, b) = (dir.join("a/disk.img"), dir.join("b/disk.img"));
+        let size = (mib + 1) << 20;
+        let made = [&a, &b].iter().all(|p| make_image(p, size).is_ok());
+        let mut row = Json::obj().with("mib", mib);
+        if !made {
+            rows.push(row.with("error", "cannot create the images"));
+            continue;
+        }
+        let disks = [a.as_path(), b.as_path()];
+        let state = dir.join("state");
+        // A first sync of never-synced replicas copies everything.
+        let first = resync_run(ctx, &disks, &state);
+        ctx.progress(&format!("storage {mib} MiB: first sync {first:?}"));
+        if let Ok((chunks, copied, ms)) = first {
+            row = row.with(
+                "first_sync",
+                Json::obj()
+                    .with("chunks", chunks)
+                    .with("mib", copied)
+                    .with("ms", ms),
+            );
+        }
+        let shared = diskseq_run(ctx, &disks, &state, mib, false);
+        ctx.progress(&format!("storage {mib} MiB: diskseq shared {shared:?}"));
+        let mirrored = diskseq_run(ctx, &disks, &state, mib, true);
+        ctx.progress(&format!("storage {mib} MiB: diskseq mirrored {mirrored:?}"));
+        match (&shared, &mirrored) {
+            (Ok((sb, sw)), Ok((mb, mw))) => {
+                row = row
+                    .with("shared_log_bytes", *sb)
+                    .with("mirrored_log_bytes", *mb)
+                    .with("shared_mbit_s", sb * 8.0 / sw / 1e6)
+                    .with("mirrored_mbit_s", mb * 8.0 / mw / 1e6)
+                    .with("mirrored_over_shared", mb / sb);
+            }
+            _ => {
+                row = row.with(
+                    "error",
+                    format!("{:?} / {:?}", shared.err(), mirrored.as_ref().err()),
+                );
+            }
+        }
+        // The mirrored run left its writes in both bitmaps: the next pair
+        // copies that delta.
+        let delta = resync_run(ctx, &disks, &state);
+        ctx.progress(&format!("storage {mib} MiB: delta re-sync {delta:?}"));
+        if let Ok((chunks, copied, ms)) = delta {
+            row = row.with(
+                "delta_sync",
+                Json::obj()
+                    .with("chunks", chunks)
+                    .with("mib", copied)
+                    .with("ms", ms),
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        rows.push(row);
+    }
+    let mut handed = Vec::new();
+    let mut took = Vec::new();
+    let mut gaps = Vec::new();
+    let mut failures = 0;
+    for i in 0..ctx.reps(10, 3) {
+        match switchover_run(ctx) {
+            Ok((h, t, g)) => {
+                ctx.progress(&format!("switch-over {}: handed over in {h:.0} ms, command {t:.0} ms, longest echo gap {g:.0} ms", i + 1));
+                handed.push(h);
+                took.push(t);
+                gaps.push(g);
+            }
+            Err(e) => {
+                failures += 1;
+                ctx.progress(&format!("switch-over {} FAILED: {e}", i + 1));
+            }
+        }
+    }
+    Json::obj()
+        .with("method", "diskseq writes N MiB (128-sector requests), flushes and reads it back in a protected pair, shared then mirrored storage, back to back; log bytes from the primary's `replication: N log bytes shipped`, Mbit/s over the run's wall time. Re-sync: a pair started on the replicas copies the chunks either side wrote since their last sync (the primary's `disks: K chunks ... copied ... in T ms`); the first row of each size is a first sync with no sidecars (everything). Switch-over: `tandem switchover` on a netecho pair while a client sends a UDP echo every 2 ms")
+        .with("disk", Json::Arr(rows))
+        .with(
+            "switchover",
+            Json::obj()
+                .with("failures", failures as f64)
+                .with("handed_over_ms", summary_json(&handed, "ms"))
+                .with("command_ms", summary_json(&took, "ms"))
+                .with("longest_echo_gap_ms", summary_json(&gaps, "ms")),
+        )
+}
