@@ -47,7 +47,8 @@ bench: build guests
 	$(CARGO) build --release --locked -p tandem-bench
 	./target/release/tandem-bench
 
-# Fault injection on a protected pair: CHAOS_ROUNDS random faults (default
+# Fault injection on a protected pair (CHAOS_STORAGE=mirrored: with
+# mirrored storage): CHAOS_ROUNDS random faults (default
 # 200; `make test` runs one of each kind), each followed by re-protection,
 # with the invariants checked; writes RELIABILITY.md. CHAOS_SEED=N replays
 # a series.

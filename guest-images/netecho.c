@@ -31,6 +31,10 @@
  * unmapped, 0xffffffff, in version 1). The reply carries it, so a client
  * sees the machine change under the guest (what a secondary running the
  * wrong version would do once live).
+ * UDP port 9002, payload "crash": the guest crashes on purpose ("netecho:
+ * crashing", a panic report on the pvpanic port 0x505, then cli; hlt);
+ * payload "hang": it arms the watchdog (port 0x508, 500 ms) and spins
+ * forever without petting it ("netecho: hanging").
  * On-disk format (sector 0 of the disk): bytes 0..7 = "TNDMCNTR", bytes
  * 8..15 = counter, u64 LE; the rest zero. At boot sector 0 is read: with
  * the magic the counter continues from the stored value, else it starts at 0
@@ -57,6 +61,7 @@
 #define PORT_ECHO 7
 #define PORT_COUNTER 9000
 #define PORT_QUIT 9001
+#define PORT_CRASH 9002
 
 static struct virtio_dev *netdev;
 static struct virtq rxq, txq;
@@ -323,6 +328,24 @@ static void handle_ipv4(const u8 *f, u32 flen)
              (plen == 6 && payload[4] == '\r' && payload[5] == '\n'))) {
             serial_puts("netecho: bye\n");
             exit(0);
+        }
+    } else if (dport == PORT_CRASH) {
+        if (plen >= 5 && payload[0] == 'c' && payload[1] == 'r' && payload[2] == 'a' && payload[3] == 's' &&
+            payload[4] == 'h') {
+            /* A guest software crash on request: report it on the pvpanic
+             * port, then stop the CPU for good (HLT with interrupts off,
+             * itself a crash tandem detects where there is no pvpanic). */
+            serial_puts("netecho: crashing\n");
+            outb(0x505, 1);
+            __asm__ volatile("cli; hlt" ::: "memory");
+        } else if (plen >= 4 && payload[0] == 'h' && payload[1] == 'a' && payload[2] == 'n' && payload[3] == 'g') {
+            /* A hang: arm the watchdog (port 0x508, 500 ms) and never pet
+             * it; the CPU keeps running, interrupts on. */
+            serial_puts("netecho: hanging\n");
+            outl(0x508, 500);
+            volatile u32 spin = 0;
+            for (;;)
+                spin++;
         }
     }
 }

@@ -69,6 +69,19 @@ pub struct RunArgs {
     /// Kick the vCPU out of the guest at most this often, in microseconds.
     #[arg(long, value_name = "US", default_value_t = 500)]
     min_kick_interval: u64,
+    /// What a guest crash (triple fault, pvpanic report, HLT with
+    /// interrupts off) does: `halt` ends the run, `reboot` restarts the
+    /// guest from its boot state (at most 3 times a minute of guest time).
+    #[arg(long, value_name = "halt|reboot", default_value = "halt", value_parser = parse_crash_policy)]
+    on_guest_crash: tandem_vmm::CrashPolicy,
+}
+
+fn parse_crash_policy(text: &str) -> Result<tandem_vmm::CrashPolicy, String> {
+    match text {
+        "halt" => Ok(tandem_vmm::CrashPolicy::Halt),
+        "reboot" => Ok(tandem_vmm::CrashPolicy::Reboot),
+        other => Err(format!("{other:?}: must be halt or reboot")),
+    }
 }
 
 /// Options of `tandem replay`.
@@ -367,6 +380,7 @@ fn build_replay(args: &ReplayArgs) -> anyhow::Result<Vm> {
         announce: Default::default(),
         mirror: None,
         device_model: None,
+        on_guest_crash: tandem_vmm::CrashPolicy::Halt,
         repair: !args.no_repair,
         mode: RunMode::Replay {
             log: args.log.clone(),
@@ -403,6 +417,7 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
         announce: Default::default(),
         mirror: None,
         device_model: None,
+        on_guest_crash: args.on_guest_crash,
         repair: false,
         mode: match &args.record {
             None => RunMode::Live,

@@ -187,6 +187,8 @@ pub struct FtConfig {
     /// The pre-shared key of the replication channel and the witness (None:
     /// the hosts must be started with `--insecure`).
     pub psk_file: Option<PathBuf>,
+    /// What a guest software crash does.
+    pub on_guest_crash: tandem_vmm::CrashPolicy,
 }
 
 /// When the primary may release an output (network frame, console byte).

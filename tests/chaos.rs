@@ -10,7 +10,9 @@
 //!
 //! `make test` runs one round of each kind (CHAOS_ROUNDS defaults to 16);
 //! `make chaos` a long random series that writes RELIABILITY.md
-//! (CHAOS_REPORT). CHAOS_SEED replays a series.
+//! (CHAOS_REPORT). CHAOS_SEED replays a series. CHAOS_STORAGE=mirrored
+//! gives each host its own replica of the counter's disk (mirrored storage)
+//! instead of one shared image.
 
 mod common;
 
@@ -154,7 +156,13 @@ struct Chaos {
 
 impl Chaos {
     fn start() -> Self {
-        let t = topology("chaos", FAILOVER_MS, "received");
+        let mirrored = mirrored();
+        let ft_extra = if mirrored {
+            "storage = \"mirrored\""
+        } else {
+            ""
+        };
+        let t = topology_with("chaos", FAILOVER_MS, "received", "", ft_extra);
         let text = std::fs::read_to_string(&t.config).unwrap();
         assert!(text.contains(REAL[0]) && text.contains(REAL[1]));
         // Host i reaches its peer through the peer's proxy and keeps its
@@ -166,10 +174,20 @@ impl Chaos {
         let mut text = text;
         for (host, tap) in HOSTS.iter().zip(TAPS) {
             let control = shared_state.join(format!("{host}.ctl"));
+            // Mirrored: host i's replica `i/disk.img` (same file name: the
+            // disk's id), a copy of the shared image.
+            let replica = if mirrored {
+                let dir = t.dir.join(host);
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::copy(t.dir.join("disk.img"), dir.join("disk.img")).unwrap();
+                format!(", disk = [\"{}\"]", dir.join("disk.img").display())
+            } else {
+                String::new()
+            };
             text = text.replace(
                 &format!("tap = \"{tap}\" }}"),
                 &format!(
-                    "tap = \"{tap}\", control = \"unix:{}\" }}",
+                    "tap = \"{tap}\", control = \"unix:{}\"{replica} }}",
                     control.display()
                 ),
             );
@@ -523,7 +541,10 @@ fn chaos_rounds_keep_every_invariant() {
                 .as_nanos() as u64
                 | 1
         });
-    eprintln!("chaos: {rounds} rounds, CHAOS_SEED={seed}");
+    eprintln!(
+        "chaos: {rounds} rounds, CHAOS_SEED={seed}, storage {}",
+        if mirrored() { "mirrored" } else { "shared" }
+    );
     let started = Instant::now();
     let mut rng = Rng(seed);
     let mut c = Chaos::start();
@@ -615,6 +636,15 @@ fn chaos_rounds_keep_every_invariant() {
         );
         let _ = writeln!(
             md,
+            "- storage: {}",
+            if mirrored() {
+                "mirrored (`CHAOS_STORAGE=mirrored`: each host its own replica of the counter's disk)"
+            } else {
+                "shared (one image both hosts reach)"
+            }
+        );
+        let _ = writeln!(
+            md,
             "- run time: {} s on this machine",
             started.elapsed().as_secs()
         );
@@ -676,6 +706,11 @@ fn chaos_rounds_keep_every_invariant() {
     drop(witness);
     drop(state_dirs); // unmounted before the directory goes
     let _ = std::fs::remove_dir_all(&t.dir);
+}
+
+/// `CHAOS_STORAGE=mirrored`: each host has its own replica.
+fn mirrored() -> bool {
+    std::env::var("CHAOS_STORAGE").is_ok_and(|v| v == "mirrored")
 }
 
 /// Today's date (UTC) from the system clock, without a date crate.

@@ -291,3 +291,37 @@ fn rdtsc_divergence_is_detected_at_its_epoch_and_repaired() {
     let _ = std::fs::remove_file(dump);
     let _ = std::fs::remove_file(log);
 }
+
+#[test]
+fn a_crash_looping_guest_is_rebooted_three_times_then_halted_and_replays_so() {
+    // `triple` triple-faults on every boot: with `--on-guest-crash reboot`
+    // tandem reboots it from its boot state three times, then (a crash
+    // loop) ends the run with the crash. The replay reboots at the same
+    // stops because the log says so.
+    let log = temp("triple-reboot.log");
+    let log_arg = log.display().to_string();
+    let recorded = run_guest(
+        "triple",
+        &["--on-guest-crash", "reboot", "--record", &log_arg],
+        None,
+        LIMIT,
+    );
+    assert_eq!(
+        recorded.stdout.matches("triple: faulting").count(),
+        4,
+        "{recorded:?}"
+    );
+    assert_eq!(recorded.status, 120, "{recorded:?}");
+    assert!(
+        recorded.stderr.contains("guest triple-faulted"),
+        "{recorded:?}"
+    );
+    let replayed = replay(&log, &[]);
+    assert_eq!(replayed.stdout, recorded.stdout, "{replayed:?}");
+    assert_eq!(replayed.status, recorded.status, "{replayed:?}");
+    assert_eq!(summary(&replayed).divergences, 0, "{replayed:?}");
+    // Without the option the first crash ends the run.
+    let halted = run_guest("triple", &[], None, LIMIT);
+    assert_eq!(halted.stdout.matches("triple: faulting").count(), 1);
+    let _ = std::fs::remove_file(log);
+}

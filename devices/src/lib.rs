@@ -14,10 +14,12 @@ pub mod debug_exit;
 pub mod i8042;
 pub mod pic;
 pub mod pit;
+pub mod pvpanic;
 pub mod rtc;
 pub mod scratch;
 pub mod serial;
 pub mod virtio;
+pub mod watchdog;
 
 #[cfg(test)]
 mod fuzz_tests;
@@ -29,6 +31,8 @@ pub enum VmRequest {
     Exit(u8),
     /// Reset the machine (i8042 command 0xFE); tandem stops the VM cleanly.
     Reset,
+    /// The guest reported a panic (pvpanic port): a guest software crash.
+    Panic,
 }
 
 /// A device on the PIO or MMIO bus.

@@ -76,6 +76,7 @@ pub(super) struct RawFt {
     pub announce_initial_ms: Option<Spanned<u64>>,
     pub announce_step_ms: Option<Spanned<u64>>,
     pub announce_max_ms: Option<Spanned<u64>>,
+    pub on_guest_crash: Option<Spanned<String>>,
 }
 
 /// A size as written: `"64M"` or a plain number of bytes.

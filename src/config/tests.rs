@@ -127,6 +127,7 @@ fn full_file_gives_typed_values() {
             fence_command: Some("ipmitool -H bmc-peer power off".into()),
             respawn: None,
             psk_file: Some("/etc/tandem/web1.psk".into()),
+            on_guest_crash: tandem_vmm::CrashPolicy::Reboot,
             max_unacked_bytes: 128 << 20,
             max_lag: Duration::from_millis(250),
             announce: Announce {
@@ -476,7 +477,23 @@ fn device_model_pins_a_version_this_build_runs() {
     assert_eq!(ok(&vm_hosts("", hosts)).vm.device_model, None);
     assert_eq!(
         err(&vm_hosts("device_model = 9", hosts)),
-        "pair.toml:3: [vm] device_model = 9 is not a device-model version this build runs (1 to 2)"
+        "pair.toml:3: [vm] device_model = 9 is not a device-model version this build runs (1 to 3)"
+    );
+}
+
+#[test]
+fn on_guest_crash_reboots_by_default() {
+    assert_eq!(
+        ok(&ft("")).ft.on_guest_crash,
+        tandem_vmm::CrashPolicy::Reboot
+    );
+    assert_eq!(
+        ok(&ft("on_guest_crash = \"halt\"")).ft.on_guest_crash,
+        tandem_vmm::CrashPolicy::Halt
+    );
+    assert_eq!(
+        err(&ft("on_guest_crash = \"restart-checkpoint\"")),
+        "pair.toml:9: [ft] on_guest_crash = \"restart-checkpoint\" is not supported yet; use \"reboot\" or \"halt\""
     );
 }
 

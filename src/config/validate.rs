@@ -481,6 +481,32 @@ pub(super) fn validate_ft(
         },
     };
 
+    let on_guest_crash = match &raw.on_guest_crash {
+        None => tandem_vmm::CrashPolicy::Reboot,
+        Some(p) => match p.get_ref().as_str() {
+            "reboot" => tandem_vmm::CrashPolicy::Reboot,
+            "halt" => tandem_vmm::CrashPolicy::Halt,
+            "restart-checkpoint" => {
+                return Err(ctx.invalid(
+                    &p.span(),
+                    S,
+                    "on_guest_crash",
+                    "\"restart-checkpoint\"",
+                    "is not supported yet; use \"reboot\" or \"halt\"",
+                ))
+            }
+            other => {
+                return Err(ctx.invalid(
+                    &p.span(),
+                    S,
+                    "on_guest_crash",
+                    format!("{other:?}"),
+                    "must be \"reboot\", \"halt\" or \"restart-checkpoint\"",
+                ))
+            }
+        },
+    };
+
     let witness = match &raw.witness {
         None => None,
         Some(w) => Some(
@@ -591,6 +617,7 @@ pub(super) fn validate_ft(
         fence_command,
         respawn,
         psk_file,
+        on_guest_crash,
         max_unacked_bytes,
         max_lag: Duration::from_millis(max_lag_ms),
         announce: Announce {

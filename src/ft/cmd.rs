@@ -223,6 +223,7 @@ fn vm_config(
             max: cfg.ft.announce.max,
         },
         device_model: cfg.vm.device_model,
+        on_guest_crash: cfg.ft.on_guest_crash,
         mirror: (cfg.ft.storage == config::Storage::Mirrored)
             .then(|| replica_dir(&cfg.ft.state_dir, me)),
     }

@@ -1487,6 +1487,11 @@ fn publish(params: &PairParams, vm: &Vm, role: &str, generation: u64) -> anyhow:
     counter!("epochs_verified", epochs_verified);
     counter!("epochs_transferred", epochs_transferred);
     counter!("divergences", divergences);
+    let crashes = vm.guest_crashes();
+    params.board.probe(
+        "guest_crashes",
+        Arc::new(move || crashes.load(Ordering::Relaxed)),
+    );
     let device_model = u64::from(vm.identity().device_model_version);
     params
         .board

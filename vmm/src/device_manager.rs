@@ -317,6 +317,9 @@ impl DeviceManager {
             ("scratch".to_string(), encode(&lock(&l.scratch).state())),
             ("serial-pending".to_string(), encode(&self.pending_serial)),
         ];
+        if l.device_model >= 3 {
+            out.push(("watchdog".to_string(), encode(&lock(&l.watchdog).state())));
+        }
         for (i, b) in self.blocks.iter().enumerate() {
             out.push((format!("virtio-blk{i}"), encode(&lock(b).state())));
         }
@@ -351,6 +354,7 @@ impl DeviceManager {
                 "debug-exit" => lock(&l.debug_exit).set_state(decode(name, bytes)?),
                 "scratch" => lock(&l.scratch).set_state(decode(name, bytes)?),
                 "serial-pending" => self.pending_serial = decode(name, bytes)?,
+                "watchdog" => lock(&l.watchdog).set_state(decode(name, bytes)?),
                 other => {
                     let (list, index) = if let Some(i) = other.strip_prefix("virtio-blk") {
                         (&self.blocks, i)
@@ -375,6 +379,16 @@ impl DeviceManager {
 
     /// Guest time of the next device deadline.
     pub fn next_deadline_ns(&self) -> Option<u64> {
-        lock(&self.legacy.pit).next_deadline_ns()
+        let pit = lock(&self.legacy.pit).next_deadline_ns();
+        let watchdog = lock(&self.legacy.watchdog).deadline_ns();
+        match (pit, watchdog) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether the guest watchdog expired (once per expiry).
+    pub fn watchdog_expired(&self) -> bool {
+        lock(&self.legacy.watchdog).take_expired()
     }
 }

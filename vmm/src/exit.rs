@@ -51,6 +51,8 @@ pub enum ExitOutcome {
     GuestExit(u8),
     /// The guest asked for a machine reset (i8042 0xFE).
     Reset,
+    /// The guest reported a panic on the pvpanic port.
+    GuestPanic,
     /// Triple fault: KVM reported a shutdown.
     Shutdown,
     /// KVM could not continue the guest (emulation failure and the like).
@@ -125,6 +127,7 @@ fn on_write(access: Access) -> Option<ExitOutcome> {
     match access {
         Access::Handled(Some(VmRequest::Exit(code))) => Some(ExitOutcome::GuestExit(code)),
         Access::Handled(Some(VmRequest::Reset)) => Some(ExitOutcome::Reset),
+        Access::Handled(Some(VmRequest::Panic)) => Some(ExitOutcome::GuestPanic),
         Access::Handled(None) | Access::Unmapped => None,
     }
 }

@@ -858,6 +858,36 @@ impl Replayer {
         }
     }
 
+    /// At a guest crash at `stop`: whether the recording rebooted the guest
+    /// there (its `GuestReboot` check is next). A live replay waits until
+    /// the primary has said; None when the primary is gone before that.
+    pub fn reboot_logged(&mut self, stop: u64) -> Option<bool> {
+        loop {
+            match &self.next {
+                Some(Record::Check {
+                    stop: s,
+                    check: Check::GuestReboot { .. },
+                }) if *s == stop => {
+                    self.advance();
+                    return Some(true);
+                }
+                Some(_) => return Some(false),
+                None if self.end.is_some() => return Some(false),
+                None => {}
+            }
+            let Source::Live(feed) = &mut self.source else {
+                return Some(false);
+            };
+            if feed.left(stop) && feed.buffered.is_empty() {
+                return Some(false);
+            }
+            if feed.disconnected || !feed.wait_one() {
+                return None;
+            }
+            self.advance();
+        }
+    }
+
     /// Compares a cross-check with the log.
     pub fn check(&mut self, stop: u64, check: &Check) -> Result<(), JournalError> {
         match self.next.take() {

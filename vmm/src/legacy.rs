@@ -83,6 +83,10 @@ pub struct LegacyDevices {
     pub debug_exit: Arc<Mutex<DebugExit>>,
     /// The test scratch register.
     pub scratch: Arc<Mutex<Scratch>>,
+    /// The guest watchdog (device-model version 3 on).
+    pub watchdog: Arc<Mutex<tandem_devices::watchdog::Watchdog>>,
+    /// The device-model version the devices behave as.
+    pub device_model: u32,
 }
 
 impl LegacyDevices {
@@ -97,6 +101,7 @@ impl LegacyDevices {
         let pic = Arc::new(Mutex::new(Pic::new()));
         let clock: Arc<dyn Clock> = Arc::new(clock.clone());
         let pit = Pit::new(clock.clone(), IrqLine::new(pic.clone(), PIT_IRQ));
+        let watchdog = tandem_devices::watchdog::Watchdog::new(clock.clone());
         let serial = Serial::new(IrqLine::new(pic.clone(), COM1_IRQ), serial_out);
         Self {
             pit: Arc::new(Mutex::new(pit)),
@@ -106,6 +111,8 @@ impl LegacyDevices {
             debug_exit: Arc::new(Mutex::new(DebugExit::new())),
             scratch: Arc::new(Mutex::new(Scratch::with_model(device_model))),
             pic,
+            watchdog: Arc::new(Mutex::new(watchdog)),
+            device_model,
         }
     }
 
@@ -123,6 +130,18 @@ impl LegacyDevices {
         bus.insert(self.debug_exit.clone(), DEBUG_EXIT_PORT, 1)?;
         let scratch_ports = tandem_devices::lock(&self.scratch).ports();
         bus.insert(self.scratch.clone(), SCRATCH_BASE, scratch_ports)?;
+        if self.device_model >= 3 {
+            bus.insert(
+                Arc::new(Mutex::new(tandem_devices::pvpanic::PvPanic)),
+                tandem_devices::pvpanic::PVPANIC_PORT,
+                1,
+            )?;
+            bus.insert(
+                self.watchdog.clone(),
+                tandem_devices::watchdog::WATCHDOG_PORT,
+                4,
+            )?;
+        }
         bus.insert(self.serial.clone(), COM1_BASE, COM1_PORTS)?;
         Ok(())
     }

@@ -31,5 +31,5 @@ pub mod state;
 pub mod vcpu;
 pub mod vm;
 
-pub use vcpu::{GuestCrash, ReplayEnd, RunOutcome, VcpuStats};
+pub use vcpu::{CrashPolicy, GuestCrash, ReplayEnd, RunOutcome, VcpuStats};
 pub use vm::{DiskConfig, NetConfig, RunReport, Vm, VmConfig, VmError, DEFAULT_KVM_PATH};

@@ -69,13 +69,48 @@ pub enum GuestCrash {
         /// Hardware entry failure reason.
         reason: u64,
     },
+    /// The guest reported a panic on the pvpanic port.
+    Panicked {
+        /// Guest RIP at the report.
+        rip: u64,
+    },
+    /// The guest armed the watchdog and did not pet it in time (a hang).
+    WatchdogExpired {
+        /// Guest RIP when the expiry was seen.
+        rip: u64,
+    },
 }
+
+/// What happens when the guest crashes (a guest software crash, which
+/// lockstep copies to the secondary; not a host failure).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CrashPolicy {
+    /// The VM stops; the run ends with the crash.
+    #[default]
+    Halt,
+    /// The guest is rebooted from its boot state (its disks as they are,
+    /// guest time going on); the secondary reboots at the same stop. More
+    /// than [`REBOOT_LIMIT`] crashes within [`REBOOT_WINDOW_NS`] of guest
+    /// time halt instead (a crash loop).
+    Reboot,
+}
+
+/// Crashes within [`REBOOT_WINDOW_NS`] that are rebooted; one more halts.
+pub const REBOOT_LIMIT: usize = 3;
+/// The crash-loop window, in guest nanoseconds (60 s).
+pub const REBOOT_WINDOW_NS: u64 = 60_000_000_000;
 
 impl std::fmt::Display for GuestCrash {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             GuestCrash::TripleFault { rip } => {
                 write!(f, "guest triple-faulted (shutdown) at rip {rip:#x}")
+            }
+            GuestCrash::Panicked { rip } => {
+                write!(f, "guest reported a panic (pvpanic) at rip {rip:#x}")
+            }
+            GuestCrash::WatchdogExpired { rip } => {
+                write!(f, "guest hung: its watchdog expired (at rip {rip:#x})")
             }
             GuestCrash::EmulationFailure { rip, suberror } => write!(
                 f,
@@ -292,6 +327,14 @@ pub struct Vcpu {
     /// Joining: memory pre-copied from the primary, installed before its
     /// full sync point (which carries only what changed since).
     base_pages: Vec<Page>,
+    /// What a guest crash does.
+    crash_policy: CrashPolicy,
+    /// The boot state (vCPU and devices, non-zero pages) a reboot returns to.
+    boot: Option<(MachineState, Vec<Page>)>,
+    /// Guest time of each rebooted crash (the crash-loop window).
+    crash_times: Vec<u64>,
+    /// Guest crashes rebooted, for status.
+    guest_crashes: Arc<std::sync::atomic::AtomicU64>,
     causes: Vec<Cause>,
     stats: VcpuStats,
     /// Divergences found while replaying, in order.
@@ -383,6 +426,10 @@ impl Vcpu {
             full_sync_stop: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
             precopy: Arc::default(),
             base_pages: Vec::new(),
+            crash_policy: CrashPolicy::Halt,
+            boot: None,
+            crash_times: Vec::new(),
+            guest_crashes: Arc::default(),
             causes: Vec::new(),
             stats: VcpuStats::default(),
             divergence_reports: Vec::new(),
@@ -404,6 +451,12 @@ impl Vcpu {
             source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EAGAIN)),
         })?;
         timer.set_min_interval(self.policy.min_kick_interval);
+        // The boot state, for rebooting a crashed guest: taken before
+        // anything ran (or a joiner installed the primary's memory), so it
+        // is the same on every side of a pair.
+        if self.crash_policy == CrashPolicy::Reboot || self.journal.replayer_ref().is_some() {
+            self.boot = Some(self.capture_boot()?);
+        }
         // A secondary joining a running primary starts at the primary's
         // full sync point, not at stop 0.
         if let Some(rep) = self.journal.replayer() {
@@ -435,6 +488,121 @@ impl Vcpu {
         };
         self.stats.exits = self.ctx.counters;
         outcome.map(|o| (o, self.stats))
+    }
+
+    /// What to do when the guest crashes.
+    pub fn set_crash_policy(&mut self, policy: CrashPolicy) {
+        self.crash_policy = policy;
+    }
+
+    /// Guest crashes rebooted so far (for `tandem status`).
+    pub fn guest_crashes(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.guest_crashes.clone()
+    }
+
+    /// A hang: the guest watchdog expired at this stop.
+    fn watchdog_crash(&mut self) -> Option<GuestCrash> {
+        self.devices
+            .watchdog_expired()
+            .then(|| GuestCrash::WatchdogExpired { rip: self.rip() })
+    }
+
+    /// The machine as built: vCPU, devices and every non-zero page.
+    fn capture_boot(&mut self) -> Result<(MachineState, Vec<Page>), VcpuError> {
+        let vcpu = state::capture(&self.fd, &self.sync.msrs, false)?;
+        let devices = self.devices.capture();
+        let mut pages = Vec::new();
+        for gfn in all_gfns(&self.sync.memory) {
+            let mut data = vec![0u8; PAGE_SIZE];
+            self.sync
+                .memory
+                .read_slice(&mut data, GuestAddress(gfn * PAGE_SIZE as u64))
+                .map_err(|e| VcpuError::Memory(format!("page {gfn:#x}: {e}")))?;
+            if data.iter().any(|&b| b != 0) {
+                pages.push(Page { gfn, data });
+            }
+        }
+        Ok((MachineState { vcpu, devices }, pages))
+    }
+
+    /// The guest crashed at the current stop: reboot it (true) or end the
+    /// run (false). Recording, the policy decides and the log says so; a
+    /// replay does what the recording did.
+    fn reboot_after(&mut self, crash: &GuestCrash) -> Result<bool, VcpuError> {
+        let now = self.ctx.clock.now_ns();
+        let decided = match self.journal.replayer() {
+            Some(rep) => rep.reboot_logged(self.stop),
+            None => None,
+        };
+        let reboot = match decided {
+            Some(logged) => logged,
+            None => {
+                if self.journal.replayer_ref().is_some() {
+                    // The primary is gone before saying: decide here, live.
+                    self.go_live()?;
+                }
+                let recent = self
+                    .crash_times
+                    .iter()
+                    .filter(|&&t| now.saturating_sub(t) < REBOOT_WINDOW_NS)
+                    .count();
+                let reboot = self.crash_policy == CrashPolicy::Reboot && recent < REBOOT_LIMIT;
+                if self.crash_policy == CrashPolicy::Reboot && !reboot {
+                    tracing::warn!(
+                        "guest crashed {} times within {} s of guest time: not rebooting again",
+                        recent + 1,
+                        REBOOT_WINDOW_NS / 1_000_000_000
+                    );
+                }
+                if reboot {
+                    self.journal.check(
+                        self.stop,
+                        Check::GuestReboot {
+                            crash: crash.to_string(),
+                        },
+                    )?;
+                }
+                reboot
+            }
+        };
+        if !reboot {
+            return Ok(false);
+        }
+        let Some((state, boot_pages)) = self.boot.clone() else {
+            return Ok(false);
+        };
+        self.crash_times.push(now);
+        self.guest_crashes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            "guest crash at stop {} ({crash}): rebooting the guest from its boot state",
+            self.stop
+        );
+        // Every page: the boot image's, zeros elsewhere.
+        let mut pages = Vec::new();
+        let mut boot = boot_pages.into_iter().peekable();
+        for gfn in all_gfns(&self.sync.memory) {
+            match boot.peek() {
+                Some(p) if p.gfn == gfn => pages.extend(boot.next()),
+                _ => pages.push(Page {
+                    gfn,
+                    data: vec![0u8; PAGE_SIZE],
+                }),
+            }
+        }
+        // KVM finishes the crashing exit (a port write) first.
+        self.exit_pending = true;
+        self.complete_pending_exit()?;
+        self.install_sync_point(&state, &pages)?;
+        // Both sides rebooted alike: the next sync point need not carry the
+        // pages the reboot rewrote (all of memory).
+        let sync = &mut self.sync;
+        sync.tracker
+            .harvest(&sync.vm, &sync.memory)
+            .map_err(|e| VcpuError::Memory(format!("KVM_GET_DIRTY_LOG: {e}")))?;
+        let _ = sync.tracker.take(sync.consumer);
+        self.request_window(false);
+        Ok(true)
     }
 
     /// Makes a live secondary able to go live: its cause queue and what to
@@ -574,11 +742,18 @@ impl Vcpu {
                     self.devices.set_stop(next);
                     match self.halt()? {
                         Halted::Woken => {}
+                        Halted::Crashed(crash) if self.reboot_after(&crash)? => continue,
                         Halted::Crashed(crash) => return Ok(RunOutcome::Crashed(crash)),
                         Halted::ReplayEnded(end) => return Ok(RunOutcome::ReplayEnded(end)),
                         Halted::Stopped => return Ok(RunOutcome::Stopped),
                     }
                     self.at_stop()?;
+                    if let Some(crash) = self.watchdog_crash() {
+                        if self.reboot_after(&crash)? {
+                            continue;
+                        }
+                        return Ok(RunOutcome::Crashed(crash));
+                    }
                     timer.set(self.next_kick_deadline());
                     continue;
                 }
@@ -595,7 +770,13 @@ impl Vcpu {
                         ExitOutcome::Stop(kind) => Some(kind),
                         ended => {
                             self.stop = next;
-                            return self.ended(ended);
+                            self.devices.set_stop(next);
+                            match self.ended(ended)? {
+                                RunOutcome::Crashed(crash) if self.reboot_after(&crash)? => {
+                                    continue
+                                }
+                                outcome => return Ok(outcome),
+                            }
                         }
                     },
                     Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -641,6 +822,7 @@ impl Vcpu {
             if kind == Some(StopKind::Hlt) {
                 match self.halt()? {
                     Halted::Woken => {}
+                    Halted::Crashed(crash) if self.reboot_after(&crash)? => continue,
                     Halted::Crashed(crash) => return Ok(RunOutcome::Crashed(crash)),
                     Halted::ReplayEnded(end) => return Ok(RunOutcome::ReplayEnded(end)),
                     Halted::Stopped => return Ok(RunOutcome::Stopped),
@@ -648,6 +830,12 @@ impl Vcpu {
             }
             self.exit_pending = kind.is_some_and(StopKind::needs_completion);
             self.at_stop()?;
+            if let Some(crash) = self.watchdog_crash() {
+                if self.reboot_after(&crash)? {
+                    continue;
+                }
+                return Ok(RunOutcome::Crashed(crash));
+            }
             if let Some(rep) = self.journal.replayer() {
                 let (skipped, console) = rep.skip_stale_checks(self.stop + 1);
                 if let Some(stale) = rep.stale_record(self.stop + 1) {
@@ -680,6 +868,9 @@ impl Vcpu {
                 })
             }
             ExitOutcome::FailEntry(reason) => RunOutcome::Crashed(GuestCrash::FailEntry { reason }),
+            ExitOutcome::GuestPanic => {
+                RunOutcome::Crashed(GuestCrash::Panicked { rip: self.rip() })
+            }
             ExitOutcome::Unexpected(what) => return Err(VcpuError::UnexpectedExit(what)),
             ExitOutcome::Stop(kind) => {
                 return Err(VcpuError::UnexpectedExit(format!(
@@ -1280,6 +1471,9 @@ impl Vcpu {
                 }
             }
             self.apply_causes()?;
+            if let Some(crash) = self.watchdog_crash() {
+                return Ok(Halted::Crashed(crash));
+            }
             if self.devices.interrupt_pending() {
                 break;
             }

@@ -120,6 +120,8 @@ pub struct VmConfig {
     /// Mirrored storage: the directory of the replicas' sidecars (None:
     /// the disks are not mirrored).
     pub mirror: Option<PathBuf>,
+    /// What a guest crash does (a replay does what its log did).
+    pub on_guest_crash: crate::vcpu::CrashPolicy,
 }
 
 /// How the VM gets its inputs.
@@ -364,7 +366,7 @@ impl VirtioSpec {
 /// log names, any from [`OLDEST_DEVICE_MODEL_VERSION`] on, for the VM's
 /// whole life — so a newer tandem can follow (and take over from) an older
 /// one during a rolling upgrade.
-pub const DEVICE_MODEL_VERSION: u32 = 2;
+pub const DEVICE_MODEL_VERSION: u32 = 3;
 /// The oldest device-model behaviour this build still implements.
 pub const OLDEST_DEVICE_MODEL_VERSION: u32 = 1;
 
@@ -667,6 +669,7 @@ impl Vm {
         let replaying = matches!(journal, Journal::Replay(_));
         let mut vcpu = Vcpu::new(vcpu_fd, ctx, devices, journal, sync, policy, kicker, start);
         vcpu.set_base_pages(base_pages);
+        vcpu.set_crash_policy(config.on_guest_crash);
         if replaying && (config.repair || following) {
             vcpu.enable_repair(mem_size)?;
         }
@@ -721,6 +724,11 @@ impl Vm {
     /// The primary's output gate (pair mode).
     pub fn gate(&self) -> Option<Arc<GatedOutputs>> {
         self.gate.clone()
+    }
+
+    /// Guest crashes rebooted so far.
+    pub fn guest_crashes(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.vcpu.guest_crashes()
     }
 
     /// 1 + the last epoch a replay found diverged (0: none).

@@ -117,6 +117,12 @@ pub enum Check {
         /// The bytes.
         bytes: Vec<u8>,
     },
+    /// The guest crashed at this stop and the VMM rebooted it from its boot
+    /// state (`on_guest_crash = "reboot"`): a replay reboots here too.
+    GuestReboot {
+        /// The crash, in words.
+        crash: String,
+    },
 }
 
 /// How a recording ended.
