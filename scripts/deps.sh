@@ -13,6 +13,8 @@ command -v ip >/dev/null || missing+=(iproute2)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v ping >/dev/null || missing+=(iputils-ping)
 command -v nft >/dev/null || missing+=(nftables)
+# etcd (the etcd arbitration tests run a 3-member cluster in a namespace).
+command -v etcd >/dev/null || missing+=(etcd-server)
 
 if [ ${#missing[@]} -gt 0 ]; then
     echo "deps: installing ${missing[*]}"

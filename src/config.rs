@@ -219,6 +219,13 @@ pub enum Witness {
     Tcp(SocketAddr),
     /// A directory on shared storage (`file:PATH`).
     File(PathBuf),
+    /// An etcd cluster (`etcd://IP:PORT[,IP:PORT...]/PREFIX`).
+    Etcd {
+        /// The members' client addresses, tried in order.
+        endpoints: Vec<SocketAddr>,
+        /// The key prefix (starting with `/`).
+        prefix: String,
+    },
 }
 
 impl fmt::Display for Witness {
@@ -226,6 +233,10 @@ impl fmt::Display for Witness {
         match self {
             Witness::Tcp(addr) => write!(f, "tcp://{addr}"),
             Witness::File(path) => write!(f, "file:{}", path.display()),
+            Witness::Etcd { endpoints, prefix } => {
+                let list: Vec<String> = endpoints.iter().map(|e| e.to_string()).collect();
+                write!(f, "etcd://{}{prefix}", list.join(","))
+            }
         }
     }
 }

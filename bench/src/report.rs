@@ -407,6 +407,22 @@ fn storage_tables(o: &mut String, r: &Json) {
         ],
     );
     let _ = writeln!(o);
+    if st.get("guest_crash").is_some() {
+        let _ = writeln!(
+            o,
+            "**Guest software crash, `on_guest_crash = \"reboot\"`** (netecho pair): from the UDP request that makes the guest crash to the first UDP echo the rebooted guest answers (both sides reboot at the same stop; the guest boots again and reads its disk). *panic*: the guest reports a panic on the pvpanic port; *hang*: it arms its watchdog for 500 ms and spins, so the figure includes that timeout. With `halt` the VM stops instead.\n"
+        );
+        header(o, &["policy", "panic → served (ms)", "hang → served (ms)"]);
+        row(
+            o,
+            &[
+                "reboot".into(),
+                fig(st.get("guest_crash.panic_to_reply_ms"), 1),
+                fig(st.get("guest_crash.hang_to_reply_ms"), 1),
+            ],
+        );
+        let _ = writeln!(o);
+    }
 }
 
 pub fn render(r: &Json) -> String {

@@ -227,7 +227,65 @@ fn sizes(ctx: &Ctx) -> &'static [u64] {
 
 /// Runs [`measure`] makes (for the progress count).
 pub fn planned(ctx: &Ctx) -> usize {
-    sizes(ctx).len() * 4 + ctx.reps(10, 3)
+    sizes(ctx).len() * 4 + ctx.reps(10, 3) + 2 * ctx.reps(5, 2)
+}
+
+/// One guest crash in a netecho pair (`on_guest_crash = "reboot"`, the
+/// default): ms from the request that makes the guest crash ("crash": a
+/// pvpanic report) or hang ("hang": its 500 ms watchdog expires) to the
+/// first UDP echo the rebooted guest answers.
+fn crash_run(ctx: &Ctx, what: &str) -> Result<f64, String> {
+    let disk = ctx.tmp.join("crash.img");
+    make_image(&disk, 64 << 10).map_err(|e| e.to_string())?;
+    let guest = ctx.guest("netecho");
+    let cmdline = format!("ip={}", netecho::GUEST_IP);
+    let spec = PairSpec {
+        guest: &guest,
+        cmdline: &cmdline,
+        mem: "32M",
+        disk: Some(&disk),
+        net: true,
+        commit: "received",
+        failover_ms: None,
+        replicas: None,
+        state: None,
+    };
+    let mut pair = Pair::start(ctx, &spec)?;
+    let out = watch_stdout(pair.primary.as_mut().ok_or("no primary")?);
+    let ups = |n: usize| {
+        out.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, l)| l.contains("netecho: up"))
+            .count()
+            >= n
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ups(1) {
+        if Instant::now() > deadline {
+            return Err("netecho never came up".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    netecho::client(&pair.ns, 20)?;
+    let s = pair.ns.udp_socket(&format!("{}:0", netecho::HOST_IP))?;
+    let sent = Instant::now();
+    s.send_to(what.as_bytes(), format!("{}:9002", netecho::GUEST_IP))
+        .map_err(|e| e.to_string())?;
+    // The crash itself stops the echoes; wait for it to be seen.
+    let primary = pair.primary.as_ref().ok_or("no primary")?;
+    primary
+        .wait_err("rebooting the guest", sent + Duration::from_secs(10))
+        .ok_or_else(|| format!("no reboot: {}", err_tail(primary)))?;
+    let reply = netecho::first_reply(
+        &pair.ns,
+        Duration::from_millis(2),
+        sent + Duration::from_secs(30),
+    )?
+    .ok_or("no echo after the reboot")?;
+    drop(pair);
+    let _ = std::fs::remove_file(&disk);
+    Ok((reply - sent).as_secs_f64() * 1e3)
 }
 
 /// All storage and switch-over figures.
@@ -314,7 +372,34 @@ pub fn measure(ctx: &Ctx) -> Json {
             }
         }
     }
+    let mut crash_ms = Vec::new();
+    let mut hang_ms = Vec::new();
+    let mut crash_failures = 0;
+    for i in 0..ctx.reps(5, 2) {
+        for (what, out) in [("crash", &mut crash_ms), ("hang", &mut hang_ms)] {
+            match crash_run(ctx, what) {
+                Ok(ms) => {
+                    ctx.progress(&format!(
+                        "guest {what} {}: served again after {ms:.0} ms",
+                        i + 1
+                    ));
+                    out.push(ms);
+                }
+                Err(e) => {
+                    crash_failures += 1;
+                    ctx.progress(&format!("guest {what} {} FAILED: {e}", i + 1));
+                }
+            }
+        }
+    }
     Json::obj()
+        .with(
+            "guest_crash",
+            Json::obj()
+                .with("failures", crash_failures as f64)
+                .with("panic_to_reply_ms", summary_json(&crash_ms, "ms"))
+                .with("hang_to_reply_ms", summary_json(&hang_ms, "ms")),
+        )
         .with("method", "diskseq writes N MiB (128-sector requests), flushes and reads it back in a protected pair, shared then mirrored storage, back to back; log bytes from the primary's `replication: N log bytes shipped`, Mbit/s over the run's wall time. Re-sync: a pair started on the replicas copies the chunks either side wrote since their last sync (the primary's `disks: K chunks ... copied ... in T ms`); the first row of each size is a first sync with no sidecars (everything). Switch-over: `tandem switchover` on a netecho pair while a client sends a UDP echo every 2 ms")
         .with("disk", Json::Arr(rows))
         .with(

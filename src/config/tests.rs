@@ -482,6 +482,24 @@ fn device_model_pins_a_version_this_build_runs() {
 }
 
 #[test]
+fn etcd_witnesses_name_members_and_a_prefix() {
+    let cfg = ok(&ft(
+        "witness = \"etcd://10.0.0.1:2379,10.0.0.2:2379/tandem\"",
+    ));
+    assert_eq!(
+        cfg.ft.witness,
+        Some(Witness::Etcd {
+            endpoints: vec![addr("10.0.0.1:2379"), addr("10.0.0.2:2379")],
+            prefix: "/tandem".into()
+        })
+    );
+    let e = err(&ft("witness = \"etcd://10.0.0.1:2379\""));
+    assert!(e.contains("needs a key prefix"), "{e}");
+    let e = err(&ft("witness = \"etcd://etcd1:2379/t\""));
+    assert!(e.contains("host names are not accepted"), "{e}");
+}
+
+#[test]
 fn on_guest_crash_reboots_by_default() {
     assert_eq!(
         ok(&ft("")).ft.on_guest_crash,
@@ -519,7 +537,7 @@ fn console_and_control_must_be_unix_sockets() {
 fn witness_forms() {
     assert_eq!(
         err(&ft("witness = \"http://10.10.0.3:7500\"")),
-        "pair.toml:9: [ft] witness = \"http://10.10.0.3:7500\" must be \"tcp://IP:PORT\" or \"file:/PATH\""
+        "pair.toml:9: [ft] witness = \"http://10.10.0.3:7500\" must be \"tcp://IP:PORT\", \"file:/PATH\" or \"etcd://IP:PORT[,IP:PORT...]/PREFIX\""
     );
     let e = err(&ft("witness = \"tcp://arbiter:7500\""));
     assert!(

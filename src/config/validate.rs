@@ -629,10 +629,28 @@ pub(super) fn validate_ft(
     })
 }
 
-/// `tcp://IP:PORT` or `file:/ABSOLUTE/PATH`.
+/// `tcp://IP:PORT`, `file:/ABSOLUTE/PATH` or
+/// `etcd://IP:PORT[,IP:PORT...]/PREFIX`.
 fn parse_witness(s: &str) -> Result<Witness, &'static str> {
     if let Some(addr) = s.strip_prefix("tcp://") {
         return parse_address(addr).map(Witness::Tcp);
+    }
+    if let Some(rest) = s.strip_prefix("etcd://") {
+        let (members, prefix) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => return Err("needs a key prefix: \"etcd://IP:PORT[,IP:PORT...]/PREFIX\""),
+        };
+        if prefix.len() < 2 || prefix.contains(char::is_whitespace) {
+            return Err("needs a key prefix: \"etcd://IP:PORT[,IP:PORT...]/PREFIX\"");
+        }
+        let endpoints = members
+            .split(',')
+            .map(parse_address)
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(Witness::Etcd {
+            endpoints,
+            prefix: prefix.to_string(),
+        });
     }
     if let Some(path) = s.strip_prefix("file:") {
         return match Path::new(path) {
@@ -640,5 +658,5 @@ fn parse_witness(s: &str) -> Result<Witness, &'static str> {
             _ => Err("needs an absolute path on storage both hosts reach (\"file:/PATH\")"),
         };
     }
-    Err("must be \"tcp://IP:PORT\" or \"file:/PATH\"")
+    Err("must be \"tcp://IP:PORT\", \"file:/PATH\" or \"etcd://IP:PORT[,IP:PORT...]/PREFIX\"")
 }

@@ -101,6 +101,11 @@ pub fn open_arbiter(
             arbiter::tcp(*addr, Duration::from_secs(2)).with_psk(psk.clone()),
         )),
         Some(Witness::File(dir)) => Some(Arc::new(arbiter::file(dir))),
+        Some(Witness::Etcd { endpoints, prefix }) => Some(Arc::new(arbiter::etcd(
+            endpoints.clone(),
+            prefix,
+            Duration::from_secs(2),
+        ))),
         None if split_brain => None,
         None => anyhow::bail!(
             "{}: no [ft] witness is configured, so both hosts could go live at once; configure one or pass --i-accept-split-brain",

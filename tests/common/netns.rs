@@ -62,6 +62,27 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// A TCP connection to `addr` from inside the namespace.
+    #[allow(dead_code)]
+    pub fn tcp_connect(&self, addr: &str) -> std::io::Result<std::net::TcpStream> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let addr: std::net::SocketAddr = addr.parse().expect("an IP:PORT");
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path)?;
+            // SAFETY: a valid namespace fd; CLONE_NEWNET switches only this
+            // thread's network namespace.
+            let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            if ret != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1))
+        })
+        .join()
+        .expect("netns thread")
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip")

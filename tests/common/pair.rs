@@ -39,11 +39,16 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(ns: &NetNs, args: &[&str]) -> Self {
         let mut cmd = ns.command(env!("CARGO_BIN_EXE_tandem"));
-        cmd.args(args)
-            .stdin(Stdio::null())
+        cmd.args(args);
+        Self::from_command(cmd)
+    }
+
+    /// Runs `cmd` (any program) with its console lines collected.
+    pub fn from_command(mut cmd: std::process::Command) -> Self {
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn tandem");
+        let mut child = cmd.spawn().expect("spawn");
         let lines: Arc<Mutex<Vec<String>>> = Arc::default();
         let errors: Arc<Mutex<Vec<String>>> = Arc::default();
         for (pipe, sink) in [

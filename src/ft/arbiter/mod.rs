@@ -33,9 +33,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod etcd;
 mod file;
 mod witness;
 
+pub use etcd::EtcdArbiter;
 pub use file::FileArbiter;
 pub use witness::{TcpArbiter, WitnessHandle, WitnessServer};
 
@@ -216,6 +218,12 @@ pub trait Arbiter: Send + Sync {
 /// and connecting, sending and reading each wait at most `timeout`.
 pub fn tcp(addr: SocketAddr, timeout: Duration) -> TcpArbiter {
     TcpArbiter::new(addr, timeout)
+}
+
+/// An arbiter on the etcd members `endpoints`, keys under `prefix`
+/// (`etcd://HOST:PORT,.../PREFIX`).
+pub fn etcd(endpoints: Vec<SocketAddr>, prefix: &str, timeout: Duration) -> EtcdArbiter {
+    EtcdArbiter::new(endpoints, prefix, timeout)
 }
 
 /// An arbiter on the shared directory `dir` (`file:DIR`).

@@ -1,0 +1,255 @@
+//! `etcd://HOST:PORT[,HOST:PORT...]/PREFIX`: generations kept in etcd.
+//!
+//! Operators who run many protected VMs already run a coordination service
+//! and trust it with "who is live" (as Kubernetes and Patroni do). The VM's
+//! key `PREFIX/vm/NAME` holds `"<generation> <holder>"`. A claim reads the
+//! key and its modification revision, and then writes generation + 1 in an
+//! etcd transaction that succeeds only if the key's revision is still the
+//! one read (compare-and-set on the revision: two claimants of the same
+//! generation cannot both win, whichever etcd member each talks to, since a
+//! transaction commits through etcd's Raft log). The generation is the
+//! fencing token the pair already carries in every frame.
+//!
+//! The client speaks etcd's v3 JSON gateway (`/v3/kv/range`, `/v3/kv/txn`,
+//! plain HTTP/1.1, keys and values base64) with the standard library, so
+//! building tandem needs neither protoc nor a gRPC stack. The endpoints are
+//! tried in order; a member that does not answer is skipped. etcd's own TLS
+//! and authentication are not used: keep the client port on a private
+//! network.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde_json::{json, Value};
+
+use super::{validate_name as check_name, Arbiter, ArbiterError, ClaimOutcome, Grant};
+
+/// An arbiter on an etcd cluster.
+pub struct EtcdArbiter {
+    endpoints: Vec<SocketAddr>,
+    prefix: String,
+    timeout: Duration,
+}
+
+/// Largest HTTP response read from etcd.
+const MAX_RESPONSE: usize = 1 << 20;
+
+impl EtcdArbiter {
+    /// A client of the etcd members `endpoints`, keys under `prefix`; each
+    /// request waits at most `timeout` per member.
+    pub fn new(endpoints: Vec<SocketAddr>, prefix: &str, timeout: Duration) -> Self {
+        Self {
+            endpoints,
+            prefix: prefix.trim_end_matches('/').to_string(),
+            timeout,
+        }
+    }
+
+    fn key(&self, vm: &str) -> String {
+        format!("{}/vm/{vm}", self.prefix)
+    }
+
+    /// POSTs `body` to `path` on the first member that answers.
+    fn post(&self, path: &str, body: &Value) -> Result<Value, ArbiterError> {
+        let mut last = None;
+        for &addr in &self.endpoints {
+            match self.post_to(addr, path, body) {
+                Ok(v) => return Ok(v),
+                // Unreachable: try the next member. Anything else (the
+                // request may have been applied) is the caller's to sort out.
+                Err(e @ ArbiterError::Unreachable { .. }) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(ArbiterError::Remote {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            reason: "no etcd endpoint configured".into(),
+        }))
+    }
+
+    fn post_to(&self, addr: SocketAddr, path: &str, body: &Value) -> Result<Value, ArbiterError> {
+        let mut stream = TcpStream::connect_timeout(&addr, self.timeout).map_err(|e| {
+            ArbiterError::Unreachable {
+                addr,
+                reason: format!("etcd: {e}"),
+            }
+        })?;
+        let conn = |op: &'static str| {
+            move |e: std::io::Error| ArbiterError::Connection {
+                addr,
+                op,
+                reason: e.to_string(),
+            }
+        };
+        stream
+            .set_read_timeout(Some(self.timeout))
+            .map_err(conn("setting a timeout"))?;
+        stream
+            .set_write_timeout(Some(self.timeout))
+            .map_err(conn("setting a timeout"))?;
+        let body = body.to_string();
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream
+            .write_all(request.as_bytes())
+            .map_err(conn("sending the request"))?;
+        let mut response = Vec::new();
+        stream
+            .take(MAX_RESPONSE as u64)
+            .read_to_end(&mut response)
+            .map_err(conn("reading the reply"))?;
+        let text = String::from_utf8_lossy(&response);
+        let bad = |why: &str| ArbiterError::BadReply {
+            addr,
+            reply: format!("{why}: {}", text.chars().take(200).collect::<String>()),
+        };
+        let (head, payload) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| bad("no HTTP header"))?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse::<u16>().ok())
+            .ok_or_else(|| bad("no HTTP status"))?;
+        // A chunked body (etcd's gateway answers with one) is de-chunked.
+        let payload = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(payload).ok_or_else(|| bad("bad chunked body"))?
+        } else {
+            payload.to_string()
+        };
+        let value: Value = serde_json::from_str(payload.trim()).map_err(|_| bad("not JSON"))?;
+        if status != 200 {
+            return Err(ArbiterError::Remote {
+                addr,
+                reason: format!(
+                    "etcd answered HTTP {status}: {}",
+                    value.get("message").and_then(Value::as_str).unwrap_or("")
+                ),
+            });
+        }
+        Ok(value)
+    }
+
+    /// The VM's grant and the key's modification revision (0: no key).
+    fn read(&self, vm: &str) -> Result<(Grant, i64), ArbiterError> {
+        let reply = self.post("/v3/kv/range", &json!({ "key": B64.encode(self.key(vm)) }))?;
+        let Some(kv) = reply.get("kvs").and_then(|k| k.get(0)) else {
+            return Ok((Grant::unclaimed(), 0));
+        };
+        let bad = |why: &str| ArbiterError::BadReply {
+            addr: self
+                .endpoints
+                .first()
+                .copied()
+                .unwrap_or(([0, 0, 0, 0], 0).into()),
+            reply: format!("{why}: {kv}"),
+        };
+        let revision = kv
+            .get("mod_revision")
+            .and_then(|r| r.as_str().and_then(|s| s.parse().ok()).or(r.as_i64()))
+            .ok_or_else(|| bad("no mod_revision"))?;
+        let value = kv
+            .get("value")
+            .and_then(Value::as_str)
+            .and_then(|v| B64.decode(v).ok())
+            .and_then(|v| String::from_utf8(v).ok())
+            .ok_or_else(|| bad("value is not base64 text"))?;
+        let (generation, holder) = value
+            .split_once(' ')
+            .and_then(|(g, h)| Some((g.parse::<u64>().ok()?, h.to_string())))
+            .ok_or_else(|| bad("value is not \"<generation> <holder>\""))?;
+        Ok((
+            Grant {
+                generation,
+                holder: Some(holder),
+            },
+            revision,
+        ))
+    }
+}
+
+/// Joins the chunks of an HTTP/1.1 chunked body.
+fn dechunk(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(rest.get(..size)?);
+        body = rest.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
+impl Arbiter for EtcdArbiter {
+    fn query(&self, vm: &str) -> Result<Grant, ArbiterError> {
+        check_name("vm", vm)?;
+        Ok(self.read(vm)?.0)
+    }
+
+    fn claim(&self, vm: &str, expected: u64, holder: &str) -> Result<ClaimOutcome, ArbiterError> {
+        check_name("vm", vm)?;
+        check_name("holder", holder)?;
+        let next = expected
+            .checked_add(1)
+            .ok_or(ArbiterError::GenerationExhausted(expected))?;
+        let (current, revision) = self.read(vm)?;
+        if current.generation != expected {
+            return Ok(ClaimOutcome::Refused(current));
+        }
+        let key = B64.encode(self.key(vm));
+        let txn = json!({
+            "compare": [{
+                "key": key,
+                "target": "MOD",
+                "result": "EQUAL",
+                "mod_revision": revision.to_string(),
+            }],
+            "success": [{
+                "request_put": { "key": key, "value": B64.encode(format!("{next} {holder}")) }
+            }],
+        });
+        let reply = self.post("/v3/kv/txn", &txn)?;
+        if reply.get("succeeded").and_then(Value::as_bool) == Some(true) {
+            return Ok(ClaimOutcome::Granted(next));
+        }
+        // Someone else moved the key between the read and the transaction.
+        Ok(ClaimOutcome::Refused(self.read(vm)?.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").as_deref(),
+            Some("hello world")
+        );
+        assert_eq!(dechunk("zz\r\n"), None);
+        assert_eq!(dechunk("5\r\nhel"), None);
+    }
+
+    #[test]
+    fn an_unreachable_cluster_is_an_error_naming_it() {
+        // A port nothing listens on (bound, then closed).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let a = EtcdArbiter::new(vec![port], "/tandem", Duration::from_millis(500));
+        let e = a.query("web1").unwrap_err().to_string();
+        assert!(e.contains("unreachable") && e.contains("etcd"), "{e}");
+    }
+}
