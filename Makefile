@@ -68,5 +68,5 @@ fuzz: deps
 	@start=$$(date +%s); cases=$${FUZZ_CASES:-1000000}; \
 	PROPTEST_CASES=$$cases $(CARGO) test --release --locked -p tandem-replay --test log_damage -- never_panic && \
 	PROPTEST_CASES=$$cases $(CARGO) test --release --locked -p tandem-devices -- fuzz && \
-	PROPTEST_CASES=$$cases $(CARGO) test --release --locked --bin tandem -- config::tests::fuzz && \
-	echo "- fuzzing (\`make fuzz\`, $$(date -u +%F)): $$cases cases for each proptest target (log decoder: random tails, payloads with valid CRCs, mutated logs; devices: legacy registers, virtio rings and registers; pair file: any text, damaged files), $$(( $$(date +%s) - start )) s in all on this machine, no crash (a crash fails the run; proptest keeps its seed in proptest-regressions/ for \`make test\`)" > target/fuzz-report.md && cat target/fuzz-report.md
+	PROPTEST_CASES=$$cases $(CARGO) test --release --locked --bin tandem -- fuzz && \
+	echo "- fuzzing (\`make fuzz\`, $$(date -u +%F)): $$cases cases for each proptest target (log decoder: random tails, payloads with valid CRCs, mutated logs; devices: legacy registers, virtio rings and registers; pair file: any text, damaged files; replication messages: any header and payload, any byte stream; disk-sync messages: any replica state, chunk and done payload), $$(( $$(date +%s) - start )) s in all on this machine, no crash (a crash fails the run; proptest keeps its seed in proptest-regressions/ for \`make test\`)" > target/fuzz-report.md && cat target/fuzz-report.md
