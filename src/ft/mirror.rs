@@ -391,6 +391,7 @@ mod fuzz {
     //! replica. `make fuzz` runs these with many more cases.
     use super::*;
     use proptest::prelude::*;
+    use std::path::PathBuf;
 
     proptest! {
         #[test]
@@ -403,15 +404,20 @@ mod fuzz {
             chunks in prop::collection::vec(any::<u8>(), 0..300),
             done in prop::collection::vec(any::<u8>(), 0..80),
         ) {
-            let dir = std::env::temp_dir().join(format!(
-                "tandem-mirror-fuzz-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            std::fs::create_dir_all(&dir).unwrap();
-            let img = dir.join("d.img");
-            std::fs::write(&img, vec![0u8; 2 * CHUNK_SIZE as usize]).unwrap();
-            let replica = Arc::new(Replica::open(&img, false, &dir.join("d.replica")).unwrap());
+            // One small replica for all cases (creating one per case would
+            // make long runs slow); nothing a case does may grow it.
+            static REPLICA: std::sync::OnceLock<(PathBuf, Arc<Replica>)> =
+                std::sync::OnceLock::new();
+            let (img, replica) = REPLICA.get_or_init(|| {
+                let dir = std::env::temp_dir()
+                    .join(format!("tandem-mirror-fuzz-{}", std::process::id()));
+                std::fs::create_dir_all(&dir).unwrap();
+                let img = dir.join("d.img");
+                std::fs::write(&img, vec![0u8; 2 * CHUNK_SIZE as usize]).unwrap();
+                let replica = Arc::new(Replica::open(&img, false, &dir.join("d.replica")).unwrap());
+                (img, replica)
+            });
+            let replica = replica.clone();
             let mut rx = MirrorReceiver {
                 replicas: vec![replica],
                 started: Instant::now(),
@@ -421,8 +427,7 @@ mod fuzz {
             let _ = rx.apply_chunks(&chunks);
             let _ = rx.finish(&done);
             // Whatever came, the image never grows past its size.
-            prop_assert_eq!(std::fs::metadata(&img).unwrap().len(), 2 * CHUNK_SIZE);
-            let _ = std::fs::remove_dir_all(&dir);
+            prop_assert_eq!(std::fs::metadata(img).unwrap().len(), 2 * CHUNK_SIZE);
         }
     }
 }
