@@ -131,15 +131,12 @@ fn a_pair_arbitrated_by_a_three_member_etcd_cluster_fails_over_and_survives_a_me
 
     // `tandem pair` on a asks etcd who is live and joins b.
     let a = Proc::spawn(&t.ns, &["pair", "--config", &config, "--host", "a"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !secondary.stderr().contains("secondary joined at stop") {
-        assert!(
-            Instant::now() < deadline,
-            "a never joined b: {}",
-            a.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_stderr(
+        &secondary,
+        "secondary joined at stop",
+        Duration::from_secs(30),
+        &a,
+    );
     assert!(
         a.stderr().contains("joining as secondary"),
         "{}",

@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::pair::*;
 
@@ -59,19 +59,6 @@ fn persisted(path: &Path) -> u64 {
         path.display()
     );
     u64::from_le_bytes(bytes[8..16].try_into().unwrap())
-}
-
-fn wait_stderr(p: &Proc, what: &str, limit: Duration, other: &Proc) {
-    let deadline = Instant::now() + limit;
-    while !p.stderr().contains(what) {
-        assert!(
-            Instant::now() < deadline,
-            "never saw {what:?}\nthis side: {}\nother side: {}",
-            p.stderr(),
-            other.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// `tandem disk verify` of the two replicas: (exit code, stdout).

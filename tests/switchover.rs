@@ -93,15 +93,12 @@ fn a_switchover_hands_the_vm_over_and_back_without_loss_or_failure_detection() {
 
     // The old primary's host "is upgraded" and re-joins as secondary.
     let a = Proc::spawn(&p.t.ns, &["pair", "--config", &config, "--host", "a"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !p.secondary.stderr().contains("secondary joined at stop") {
-        assert!(
-            Instant::now() < deadline,
-            "a never joined b: {}",
-            a.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_stderr(
+        &p.secondary,
+        "secondary joined at stop",
+        Duration::from_secs(30),
+        &a,
+    );
     let (next3, _) = serve(&s, next2, 5, Duration::from_secs(30), &mut replies);
 
     // And takes the VM back the same way.
@@ -195,15 +192,12 @@ fn a_newer_secondary_follows_an_older_primary_and_takes_over_by_switchover() {
 
     // a "is upgraded" (the new file) and re-joins: it follows version 1 too.
     let a = Proc::spawn(&t.ns, &["pair", "--config", &new, "--host", "a"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !secondary.stderr().contains("secondary joined at stop") {
-        assert!(
-            Instant::now() < deadline,
-            "a never joined b: {}",
-            a.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_stderr(
+        &secondary,
+        "secondary joined at stop",
+        Duration::from_secs(30),
+        &a,
+    );
     let (_, again) = serve(&s, next2, 10, Duration::from_secs(30), &mut replies);
     assert!(again.is_some());
     std::thread::sleep(Duration::from_millis(300));

@@ -127,18 +127,16 @@ fn resync_run(ctx: &Ctx, disks: &[&Path; 2], state: &Path) -> Result<(f64, f64, 
     Ok((chunks, mib, ms))
 }
 
-/// One switch-over of a netecho pair: (handed-over ms, command ms, longest
-/// echo gap ms).
-fn switchover_run(ctx: &Ctx) -> Result<(f64, f64, f64), String> {
-    let disk = ctx.tmp.join("switchover.img");
-    make_image(&disk, 64 << 10).map_err(|e| e.to_string())?;
+/// A netecho pair on a fresh shared disk `disk`, up and answering echoes.
+fn netecho_pair(ctx: &Ctx, disk: &Path) -> Result<Pair, String> {
+    make_image(disk, 64 << 10).map_err(|e| e.to_string())?;
     let guest = ctx.guest("netecho");
     let cmdline = format!("ip={}", netecho::GUEST_IP);
     let spec = PairSpec {
         guest: &guest,
         cmdline: &cmdline,
         mem: "32M",
-        disk: Some(&disk),
+        disk: Some(disk),
         net: true,
         commit: "received",
         failover_ms: None,
@@ -160,6 +158,14 @@ fn switchover_run(ctx: &Ctx) -> Result<(f64, f64, f64), String> {
         std::thread::sleep(Duration::from_millis(5));
     }
     netecho::client(&pair.ns, 20)?;
+    Ok(pair)
+}
+
+/// One switch-over of a netecho pair: (handed-over ms, command ms, longest
+/// echo gap ms).
+fn switchover_run(ctx: &Ctx) -> Result<(f64, f64, f64), String> {
+    let disk = ctx.tmp.join("switchover.img");
+    let pair = netecho_pair(ctx, &disk)?;
     // Echoes every 2 ms in the background; reply times recorded.
     let s = pair.ns.udp_socket(&format!("{}:0", netecho::HOST_IP))?;
     let replies: Arc<Mutex<Vec<Instant>>> = Arc::default();
@@ -236,38 +242,7 @@ pub fn planned(ctx: &Ctx) -> usize {
 /// first UDP echo the rebooted guest answers.
 fn crash_run(ctx: &Ctx, what: &str) -> Result<f64, String> {
     let disk = ctx.tmp.join("crash.img");
-    make_image(&disk, 64 << 10).map_err(|e| e.to_string())?;
-    let guest = ctx.guest("netecho");
-    let cmdline = format!("ip={}", netecho::GUEST_IP);
-    let spec = PairSpec {
-        guest: &guest,
-        cmdline: &cmdline,
-        mem: "32M",
-        disk: Some(&disk),
-        net: true,
-        commit: "received",
-        failover_ms: None,
-        replicas: None,
-        state: None,
-    };
-    let mut pair = Pair::start(ctx, &spec)?;
-    let out = watch_stdout(pair.primary.as_mut().ok_or("no primary")?);
-    let ups = |n: usize| {
-        out.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|(_, l)| l.contains("netecho: up"))
-            .count()
-            >= n
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ups(1) {
-        if Instant::now() > deadline {
-            return Err("netecho never came up".into());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    netecho::client(&pair.ns, 20)?;
+    let pair = netecho_pair(ctx, &disk)?;
     let s = pair.ns.udp_socket(&format!("{}:0", netecho::HOST_IP))?;
     let sent = Instant::now();
     s.send_to(what.as_bytes(), format!("{}:9002", netecho::GUEST_IP))

@@ -427,6 +427,21 @@ pub fn status_figure(line: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in {line}"))
 }
 
+/// Waits until `p`'s stderr contains `what`; on time-out fails with both
+/// `p`'s and `other`'s stderr.
+pub fn wait_stderr(p: &Proc, what: &str, limit: Duration, other: &Proc) {
+    let deadline = Instant::now() + limit;
+    while !p.stderr().contains(what) {
+        assert!(
+            Instant::now() < deadline,
+            "never saw {what:?}\nthis side: {}\nother side: {}",
+            p.stderr(),
+            other.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A fresh directory for test `tag` (removed first if left over).
 pub fn test_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tandem-pair-{tag}-{}", std::process::id()));
