@@ -88,6 +88,18 @@ fn wait_role(dir: &Path, i: usize, host: &str, want: &str, node: &Proc) {
     }
 }
 
+/// `tandem status --cluster`: (exit 0, stdout).
+fn cluster_status(cluster: &str) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["status", "--cluster", cluster])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 fn joined(node: &Proc) -> usize {
     node.stderr().matches("secondary joined at stop").count()
 }
@@ -123,6 +135,16 @@ fn two_hosts_run_a_vm_each_survive_a_host_loss_and_move_a_vm_back() {
     wait_role(&dir, 1, "b", "primary", &node_b);
     wait_role(&dir, 0, "b", "secondary", &node_b);
     wait_role(&dir, 1, "a", "secondary", &node_a);
+    let (ok, text) = cluster_status(&cluster_arg);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("web1: live on a (generation 1), protected by b"),
+        "{text}"
+    );
+    assert!(
+        text.contains("web2: live on b (generation 1), protected by a"),
+        "{text}"
+    );
     let s = ns.udp_socket("10.78.0.1:0");
     let mut replies: [Vec<(u32, u64)>; 2] = Default::default();
     let mut next = [0u32; 2];
@@ -155,6 +177,12 @@ fn two_hosts_run_a_vm_each_survive_a_host_loss_and_move_a_vm_back() {
         assert_counter_invariants(&replies[i], split[i]);
     }
     assert_eq!(role(&dir, 1, "a"), "primary", "web2 did not move to a");
+    let (ok, text) = cluster_status(&cluster_arg);
+    assert!(!ok, "a host is gone: not every VM is protected\n{text}");
+    assert!(
+        text.contains("web2: live on a (generation 2), UNPROTECTED"),
+        "{text}"
+    );
 
     // Host b returns: it re-joins both VMs as secondary, while a runs both.
     let before = joined(&node_a);

@@ -238,11 +238,113 @@ fn vm_config(
 #[derive(Args)]
 pub struct StatusArgs {
     /// The pair file.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "cluster",
+        conflicts_with = "cluster"
+    )]
+    config: Option<PathBuf>,
+    /// A cluster file (`tandem node`): one line per VM, with where it is
+    /// live, whether it is protected, its generation and lag.
     #[arg(long, value_name = "FILE")]
-    config: PathBuf,
-    /// One JSON object per host instead of text.
+    cluster: Option<PathBuf>,
+    /// One JSON object per host (per VM with --cluster) instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// `tandem status --cluster`: every VM of a cluster file, one line each.
+fn cluster_status(path: &std::path::Path, json: bool) -> ExitCode {
+    let vms = match super::node::load_cluster(path) {
+        Ok(vms) => vms,
+        Err(e) => {
+            eprintln!("tandem: {e:#}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    let mut unprotected = 0;
+    for vm in &vms {
+        let cfg = &vm.pair;
+        let sides: Vec<(HostId, Option<serde_json::Value>)> = [HostId::A, HostId::B]
+            .into_iter()
+            .map(|host| {
+                let control = super::status::control_path(
+                    cfg.host(host).control.as_deref(),
+                    &cfg.ft.state_dir,
+                    host.name(),
+                );
+                let status = super::status::query(&control)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+                (host, status)
+            })
+            .collect();
+        let role = |v: &Option<serde_json::Value>| {
+            v.as_ref()
+                .and_then(|v| v.get("role")?.as_str().map(str::to_string))
+                .unwrap_or_default()
+        };
+        let figure = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+        if json {
+            let hosts: serde_json::Map<String, serde_json::Value> = sides
+                .iter()
+                .map(|(h, v)| {
+                    (
+                        h.name().to_string(),
+                        v.clone().unwrap_or(serde_json::Value::Null),
+                    )
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({ "vm": cfg.vm.name, "prefer": vm.prefer.name(), "hosts": hosts })
+            );
+        }
+        let live = sides.iter().find(|(_, v)| role(v) == "primary");
+        let follower = sides.iter().find(|(_, v)| role(v) == "secondary");
+        let line = match (live, follower) {
+            (Some((host, Some(v))), Some((peer, _))) => format!(
+                "live on {} (generation {}), protected by {} (log lag {} ms), guest crashes {}",
+                host.name(),
+                figure(v, "generation").unwrap_or(0),
+                peer.name(),
+                figure(v, "lag_ms").unwrap_or(0),
+                figure(v, "guest_crashes").unwrap_or(0)
+            ),
+            (Some((host, Some(v))), None) => {
+                unprotected += 1;
+                format!(
+                    "live on {} (generation {}), UNPROTECTED (no secondary follows)",
+                    host.name(),
+                    figure(v, "generation").unwrap_or(0)
+                )
+            }
+            _ => {
+                unprotected += 1;
+                let seen: Vec<String> = sides
+                    .iter()
+                    .map(|(h, v)| {
+                        let r = role(v);
+                        format!(
+                            "{}: {}",
+                            h.name(),
+                            if r.is_empty() { "no answer" } else { &r }
+                        )
+                    })
+                    .collect();
+                format!("NOT LIVE ({})", seen.join(", "))
+            }
+        };
+        if !json {
+            println!("{}: {line}; prefers {}", cfg.vm.name, vm.prefer.name());
+        }
+    }
+    if unprotected == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 /// `tandem switchover` arguments.
@@ -315,7 +417,14 @@ pub fn switch_over(cfg: &PairConfig, to: Option<HostId>) -> Result<String, Strin
 
 /// `tandem status`: asks each host's control socket where it stands.
 pub fn status(args: StatusArgs) -> ExitCode {
-    let cfg = match config::load(&args.config) {
+    if let Some(cluster) = &args.cluster {
+        return cluster_status(cluster, args.json);
+    }
+    let Some(config) = &args.config else {
+        eprintln!("tandem: give --config PAIR.toml or --cluster CLUSTER.toml");
+        return ExitCode::from(EXIT_START_FAILED);
+    };
+    let cfg = match config::load(config) {
         Ok(cfg) => cfg,
         Err(e) => {
             eprintln!("tandem: {e}");
