@@ -241,7 +241,7 @@ fn failover(ctx: &Ctx, (n32, n256): (usize, usize)) -> Json {
             if i >= n {
                 continue;
             }
-            let t = pair::failover_trial(ctx, mem);
+            let t = pair::failover_trial(ctx, mem, pair::Fault::Stop);
             let what = format!("failover {mem:<5} trial {}/{n}", i + 1);
             if t.error.is_empty() {
                 ctx.progress(&format!(
@@ -261,14 +261,48 @@ fn failover(ctx: &Ctx, (n32, n256): (usize, usize)) -> Json {
             out.push(t);
         }
     }
-    Json::obj()
+    // The same failover after a partition (nftables drop of the
+    // replication traffic) and after kill -9, 32 MiB guest.
+    let mut by_fault = Vec::new();
+    for (fault, key) in [
+        (pair::Fault::Partition, "partition_32m"),
+        (pair::Fault::Kill9, "kill9_32m"),
+    ] {
+        let n = ctx.reps(10, 2);
+        let mut trials = Vec::new();
+        for i in 0..n {
+            let t = pair::failover_trial(ctx, "32M", fault);
+            if t.error.is_empty() {
+                ctx.progress(&format!(
+                    "failover {fault:?} trial {}/{n}: detect {:.0} ms, after detection {:.1} ms, total {:.0} ms",
+                    i + 1,
+                    t.detect_ms,
+                    t.catch_up_ms + t.go_live_ms,
+                    t.total_ms
+                ));
+            } else {
+                ctx.progress(&format!(
+                    "failover {fault:?} trial {}/{n} FAILED: {}",
+                    i + 1,
+                    t.error
+                ));
+            }
+            trials.push(t);
+        }
+        by_fault.push((key, pair::trials_json("32M", &trials)));
+    }
+    let mut out = Json::obj()
         .with("failover_timeout_ms", pair::FAILOVER_MS)
         .with("heartbeat_ms", 100u32)
         .with("fault", "SIGSTOP of the primary (its sockets stay open, as a hung host looks to its peer)")
         .with("guest", "netecho, output_commit = received, shared disk, one NIC on a bridge with the client")
         .with("method", "detect = SIGSTOP → the secondary's stderr line `primary silent for N ms`; catch-up = that line → `going live at stop`; go-live = that line → the first reply to an echo (64 B, a new one every 2 ms, all sent after the SIGSTOP); lines timed as they arrive on the harness's pipe. Re-protect = `tandem pair --host a` started (after kill -9 of the frozen primary) → the live side's `secondary joined at stop`; pause from its `full sync point ... guest paused X ms` line")
         .with("mem_32m", pair::trials_json("32M", &t32))
-        .with("mem_256m", pair::trials_json("256M", &t256))
+        .with("mem_256m", pair::trials_json("256M", &t256));
+    for (key, json) in by_fault {
+        out = out.with(key, json);
+    }
+    out
 }
 
 fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<Json, String> {
@@ -330,8 +364,8 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
             0
         }
         + 2
-        + if ns.is_some() {
-            fo_reps.0 + fo_reps.1
+        + if ns.is_some() && fo_reps != (0, 0) {
+            fo_reps.0 + fo_reps.1 + 2 * ctx.reps(10, 2)
         } else {
             0
         }

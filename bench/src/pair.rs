@@ -289,15 +289,29 @@ pub const FAILOVER_MS: u64 = 1000;
 /// Starts a netecho pair with `mem`, freezes the primary (SIGSTOP), times
 /// the takeover from the client's side and the secondary's stderr, then
 /// kills the frozen primary and times `tandem pair --host a` re-protecting.
-pub fn failover_trial(ctx: &Ctx, mem: &str) -> Trial {
+/// How the primary's host fails in a trial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// SIGSTOP: a hung host (its sockets stay open). Re-protection follows.
+    Stop,
+    /// An nftables rule in the pair's namespace drops the replication
+    /// traffic between the hosts (both still reach the witness and the
+    /// client): a partition.
+    Partition,
+    /// kill -9: the peer sees the connection close at once (EOF is only a
+    /// hint: it still waits for the failover timeout).
+    Kill9,
+}
+
+pub fn failover_trial(ctx: &Ctx, mem: &str, fault: Fault) -> Trial {
     let mut t = Trial::default();
-    if let Err(e) = trial(ctx, mem, &mut t) {
+    if let Err(e) = trial(ctx, mem, fault, &mut t) {
         t.error = e;
     }
     t
 }
 
-fn trial(ctx: &Ctx, mem: &str, t: &mut Trial) -> Result<(), String> {
+fn trial(ctx: &Ctx, mem: &str, fault: Fault, t: &mut Trial) -> Result<(), String> {
     let disk = ctx.tmp.join(format!("failover-{mem}.img"));
     crate::ctx::make_image(&disk, 64 << 10).map_err(|e| e.to_string())?;
     let guest = ctx.guest("netecho");
@@ -313,12 +327,12 @@ fn trial(ctx: &Ctx, mem: &str, t: &mut Trial) -> Result<(), String> {
         replicas: None,
         state: None,
     };
-    let result = trial_in(ctx, &spec, t);
+    let result = trial_in(ctx, &spec, fault, t);
     let _ = std::fs::remove_file(&disk);
     result
 }
 
-fn trial_in(ctx: &Ctx, spec: &PairSpec, t: &mut Trial) -> Result<(), String> {
+fn trial_in(ctx: &Ctx, spec: &PairSpec, fault: Fault, t: &mut Trial) -> Result<(), String> {
     let mut pair = Pair::start(ctx, spec)?;
     let out = watch_stdout(pair.primary.as_mut().ok_or("no primary")?);
     if !wait_line(
@@ -337,7 +351,33 @@ fn trial_in(ctx: &Ctx, spec: &PairSpec, t: &mut Trial) -> Result<(), String> {
 
     let primary = pair.primary.as_ref().ok_or("no primary")?;
     let stopped = Instant::now();
-    primary.signal(libc::SIGSTOP);
+    match fault {
+        Fault::Stop => primary.signal(libc::SIGSTOP),
+        Fault::Kill9 => primary.signal(libc::SIGKILL),
+        Fault::Partition => {
+            let rules = "add table inet tdmpart\n\
+                add chain inet tdmpart out { type filter hook output priority 0; }\n\
+                add rule inet tdmpart out ip saddr 127.0.0.1 ip daddr 127.0.0.2 tcp dport 7402 drop\n\
+                add rule inet tdmpart out ip saddr 127.0.0.2 ip daddr 127.0.0.1 tcp dport 7401 drop\n\
+                add rule inet tdmpart out ip saddr 127.0.0.2 ip daddr 127.0.0.1 tcp sport 7401 drop\n\
+                add rule inet tdmpart out ip saddr 127.0.0.1 ip daddr 127.0.0.2 tcp sport 7402 drop\n";
+            let mut nft = Command::new("ip")
+                .args(["netns", "exec", &pair.ns.name, "nft", "-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("nft: {e}"))?;
+            if let Some(mut input) = nft.stdin.take() {
+                use std::io::Write as _;
+                input
+                    .write_all(rules.as_bytes())
+                    .map_err(|e| format!("nft: {e}"))?;
+            }
+            let status = nft.wait().map_err(|e| format!("nft: {e}"))?;
+            if !status.success() {
+                return Err("nft could not install the partition".into());
+            }
+        }
+    }
     let reply = netecho::first_reply(
         &pair.ns,
         Duration::from_millis(2),
@@ -357,6 +397,10 @@ fn trial_in(ctx: &Ctx, spec: &PairSpec, t: &mut Trial) -> Result<(), String> {
     t.catch_up_ms = ms(detected, live);
     t.go_live_ms = ms(live, reply);
     t.total_ms = ms(stopped, reply);
+    if fault != Fault::Stop {
+        t.served_after = true;
+        return Ok(());
+    }
 
     // Re-protection: the frozen host is lost; its replacement starts with
     // `tandem pair` and joins the new primary.

@@ -313,6 +313,33 @@ fn failover_tables(o: &mut String, r: &Json, short: &mut Vec<String>) {
         ],
     );
     let _ = writeln!(o, "\nMemory goes over in pre-copy rounds while the guest runs (round 0: every non-zero page; then the pages written meanwhile), so the full sync point at the stop carries only the pages changed since the last round and the guest's pause no longer grows with its memory. netecho touches few pages, so these figures are for a nearly empty guest: the 256 MiB row shows what scanning a larger memory costs (in round 0, while the guest runs), not re-protection per GiB of memory in use.\n");
+    if p.get("partition_32m").is_some() {
+        let _ = writeln!(
+            o,
+            "**By fault** (32 MiB guest, same method): SIGSTOP (a hung host), an nftables rule in the pair's namespace dropping the replication traffic between the hosts (a partition; both still reach the witness and the client), and kill -9 (the connection closes at once, but EOF is only a hint: the secondary still waits for the failover timeout, trying to resume).\n"
+        );
+        header(
+            o,
+            &["part (ms)", "SIGSTOP", "partition (nftables)", "kill -9"],
+        );
+        let g = |k: &str, part: &str| fig(p.get(&format!("{k}.{part}")), 1);
+        for (label, part) in [
+            ("detection", "detect_ms"),
+            ("after detection", "after_detection_ms"),
+            ("total (fault → first reply)", "total_ms"),
+        ] {
+            row(
+                o,
+                &[
+                    label.into(),
+                    g("mem_32m", part),
+                    g("partition_32m", part),
+                    g("kill9_32m", part),
+                ],
+            );
+        }
+        let _ = writeln!(o);
+    }
 }
 
 /// The generated part of BENCHMARKS.md.
