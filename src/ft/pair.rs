@@ -1034,6 +1034,10 @@ impl Replicator {
                 ),
                 Err(e) => {
                     warn!("pre-copy round {round}: {e:#}; the joining secondary is dropped");
+                    // A disk copy under way stops tracking writes for it.
+                    for r in &self.replicas {
+                        r.abort_sync();
+                    }
                     return;
                 }
             }
