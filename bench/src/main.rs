@@ -22,6 +22,7 @@ mod report;
 mod stats;
 mod storage;
 mod tandem;
+mod throughput;
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
@@ -373,6 +374,11 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
             storage::planned(ctx)
         } else {
             0
+        }
+        + if ns.is_some() && wanted("throughput") {
+            throughput::planned(ctx)
+        } else {
+            0
         };
     ctx.planned.set(planned);
     ctx.note(&format!(
@@ -397,6 +403,11 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
     };
     let storage = if ns.is_some() && wanted("storage") {
         storage::measure(ctx)
+    } else {
+        Json::Null
+    };
+    let throughput = if ns.is_some() && wanted("throughput") {
+        throughput::measure(ctx)
     } else {
         Json::Null
     };
@@ -436,6 +447,7 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
         .with("tandem", Json::obj().with("workloads", Json::Arr(tjson)).with("costs", costs))
         .with("pair", failover)
         .with("storage", storage)
+        .with("throughput", throughput)
         .with("qemu", qjson)
         .with("micro", micro)
         .with("skipped", Json::Arr(skipped)))

@@ -128,7 +128,7 @@ fn resync_run(ctx: &Ctx, disks: &[&Path; 2], state: &Path) -> Result<(f64, f64, 
 }
 
 /// A netecho pair on a fresh shared disk `disk`, up and answering echoes.
-fn netecho_pair(ctx: &Ctx, disk: &Path) -> Result<Pair, String> {
+pub fn netecho_pair(ctx: &Ctx, disk: &Path) -> Result<Pair, String> {
     make_image(disk, 64 << 10).map_err(|e| e.to_string())?;
     let guest = ctx.guest("netecho");
     let cmdline = format!("ip={}", netecho::GUEST_IP);
