@@ -265,6 +265,8 @@ pub struct Trial {
     pub pages: Option<f64>,
     /// The guest answered an echo after re-protection.
     pub served_after: bool,
+    /// A partition: the primary won the next generation and kept the VM.
+    pub primary_kept: bool,
     pub error: String,
 }
 
@@ -355,12 +357,12 @@ fn trial_in(ctx: &Ctx, spec: &PairSpec, fault: Fault, t: &mut Trial) -> Result<(
         Fault::Stop => primary.signal(libc::SIGSTOP),
         Fault::Kill9 => primary.signal(libc::SIGKILL),
         Fault::Partition => {
+            // Everything to and from the primary's replication port (the
+            // secondary connects to it); the witness's port stays open.
             let rules = "add table inet tdmpart\n\
                 add chain inet tdmpart out { type filter hook output priority 0; }\n\
-                add rule inet tdmpart out ip saddr 127.0.0.1 ip daddr 127.0.0.2 tcp dport 7402 drop\n\
-                add rule inet tdmpart out ip saddr 127.0.0.2 ip daddr 127.0.0.1 tcp dport 7401 drop\n\
-                add rule inet tdmpart out ip saddr 127.0.0.2 ip daddr 127.0.0.1 tcp sport 7401 drop\n\
-                add rule inet tdmpart out ip saddr 127.0.0.1 ip daddr 127.0.0.2 tcp sport 7402 drop\n";
+                add rule inet tdmpart out tcp dport 7401 drop\n\
+                add rule inet tdmpart out tcp sport 7401 drop\n";
             let mut nft = Command::new("ip")
                 .args(["netns", "exec", &pair.ns.name, "nft", "-f", "-"])
                 .stdin(std::process::Stdio::piped())
@@ -386,6 +388,24 @@ fn trial_in(ctx: &Ctx, spec: &PairSpec, fault: Fault, t: &mut Trial) -> Result<(
     .ok_or("no echo answered within 20 s of the SIGSTOP")?;
     let secondary = pair.secondary.as_ref().ok_or("no secondary")?;
     let soon = Instant::now() + Duration::from_secs(5);
+    if fault == Fault::Partition {
+        // Both sides notice the silence; whichever claims the next
+        // generation first keeps the VM (the other fences itself). When the
+        // primary wins it releases what it held and runs on unprotected.
+        let primary = pair.primary.as_ref().ok_or("no primary")?;
+        if let Some((detected, line)) =
+            primary.wait_err("running unprotected as generation", Instant::now())
+        {
+            t.primary_kept = true;
+            t.detect_ms = ms(stopped, detected);
+            t.silent_ms = number_after(&line, "silent for").unwrap_or(f64::NAN);
+            t.catch_up_ms = 0.0;
+            t.go_live_ms = ms(detected, reply).max(0.0);
+            t.total_ms = ms(stopped, reply);
+            t.served_after = true;
+            return Ok(());
+        }
+    }
     let (detected, line) = secondary
         .wait_err("primary silent for", soon)
         .ok_or_else(|| format!("no `primary silent` line: {}", err_tail(secondary)))?;
@@ -485,4 +505,5 @@ pub fn trials_json(mem: &str, trials: &[Trial]) -> Json {
             "served_after_reprotect",
             ok.iter().filter(|t| t.served_after).count(),
         )
+        .with("primary_kept", ok.iter().filter(|t| t.primary_kept).count())
 }
