@@ -1050,8 +1050,7 @@ Sampled every 10 ms from the primary's control socket (`tandem status`) while th
     header(&mut o, &["figure", "VMware FT / peer anchor", "target"]);
     for (f, a, t) in [
         ("overhead ratio, protected pair, for ticker, diskseq, diskio and compute at 1 kHz", "0.94–0.98", "≥ 0.99 CPU-bound at 100 Hz, ≥ 0.90 I/O-bound"),
-        ("network throughput, FT on vs off", "935 of 940 Mbit/s (10 Gbit logging)", "—"),
-        ("failover time at an aggressive heartbeat setting, and after kill -9 / an nftables drop", "detection a few seconds; Remus ~1 s", "< 200 ms after detection, < 500 ms total"),
+        ("failover time at an aggressive heartbeat setting (after kill -9 and an nftables drop: table 3a)", "detection a few seconds; Remus ~1 s", "< 200 ms after detection, < 500 ms total"),
         ("re-protection of a guest with most of its memory in use (per GiB)", "FT VMotion pause < 1 s", "—"),
     ] {
         row(&mut o, &[f.into(), a.into(), t.into()]);
