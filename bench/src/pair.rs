@@ -29,6 +29,8 @@ pub struct PairSpec<'a> {
     pub commit: &'a str,
     /// `failover_timeout_ms`; `None` keeps the default (2000).
     pub failover_ms: Option<u64>,
+    /// `heartbeat_ms`; `None` keeps the default (100).
+    pub heartbeat_ms: Option<u64>,
     /// Mirrored storage: host a's and host b's replicas of `disk` (which
     /// then only names the disk); `None`: shared storage.
     pub replicas: Option<[&'a Path; 2]>,
@@ -228,6 +230,9 @@ fn toml(spec: &PairSpec, dir: &Path) -> String {
     if let Some(ms) = spec.failover_ms {
         ft += &format!("failover_timeout_ms = {ms}\n");
     }
+    if let Some(ms) = spec.heartbeat_ms {
+        ft += &format!("heartbeat_ms = {ms}\n");
+    }
     let replica = |i: usize| match spec.replicas {
         Some(r) => format!(", disk = [\"{}\"]", r[i].display()),
         None => String::new(),
@@ -287,6 +292,9 @@ fn ms(a: Instant, b: Instant) -> f64 {
 
 /// The failover timeout of the failover trials.
 pub const FAILOVER_MS: u64 = 1000;
+/// The aggressive setting's failover timeout and heartbeat (ms).
+pub const AGGRESSIVE_FAILOVER_MS: u64 = 100;
+pub const AGGRESSIVE_HEARTBEAT_MS: u64 = 20;
 
 /// Starts a netecho pair with `mem`, freezes the primary (SIGSTOP), times
 /// the takeover from the client's side and the secondary's stderr, then
@@ -303,6 +311,9 @@ pub enum Fault {
     /// kill -9: the peer sees the connection close at once (EOF is only a
     /// hint: it still waits for the failover timeout).
     Kill9,
+    /// SIGSTOP with an aggressive setting: `heartbeat_ms` = 20,
+    /// `failover_timeout_ms` = 100.
+    StopAggressive,
 }
 
 pub fn failover_trial(ctx: &Ctx, mem: &str, fault: Fault) -> Trial {
@@ -325,7 +336,12 @@ fn trial(ctx: &Ctx, mem: &str, fault: Fault, t: &mut Trial) -> Result<(), String
         disk: Some(&disk),
         net: true,
         commit: "received",
-        failover_ms: Some(FAILOVER_MS),
+        failover_ms: Some(if fault == Fault::StopAggressive {
+            AGGRESSIVE_FAILOVER_MS
+        } else {
+            FAILOVER_MS
+        }),
+        heartbeat_ms: (fault == Fault::StopAggressive).then_some(AGGRESSIVE_HEARTBEAT_MS),
         replicas: None,
         state: None,
     };
@@ -354,7 +370,7 @@ fn trial_in(ctx: &Ctx, spec: &PairSpec, fault: Fault, t: &mut Trial) -> Result<(
     let primary = pair.primary.as_ref().ok_or("no primary")?;
     let stopped = Instant::now();
     match fault {
-        Fault::Stop => primary.signal(libc::SIGSTOP),
+        Fault::Stop | Fault::StopAggressive => primary.signal(libc::SIGSTOP),
         Fault::Kill9 => primary.signal(libc::SIGKILL),
         Fault::Partition => {
             // Everything to and from the primary's replication port (the

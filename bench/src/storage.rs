@@ -57,6 +57,7 @@ fn diskseq_run(
         net: false,
         commit: "received",
         failover_ms: None,
+        heartbeat_ms: None,
         replicas: mirrored.then_some(*disks),
         state: Some(state),
     };
@@ -100,6 +101,7 @@ fn resync_run(ctx: &Ctx, disks: &[&Path; 2], state: &Path) -> Result<(f64, f64, 
         net: true,
         commit: "received",
         failover_ms: None,
+        heartbeat_ms: None,
         replicas: Some(*disks),
         state: Some(state),
     };
@@ -140,6 +142,7 @@ pub fn netecho_pair(ctx: &Ctx, disk: &Path) -> Result<Pair, String> {
         net: true,
         commit: "received",
         failover_ms: None,
+        heartbeat_ms: None,
         replicas: None,
         state: None,
     };

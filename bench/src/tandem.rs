@@ -409,6 +409,7 @@ impl Runner<'_> {
             net: matches!(self.w.kind, Kind::NetEcho { .. }),
             commit,
             failover_ms: None,
+            heartbeat_ms: None,
             replicas: None,
             state: None,
         };
