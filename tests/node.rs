@@ -3,6 +3,10 @@
 //! loss of a whole host (kill -9 of its node: its VM processes die with it)
 //! leaves the survivor running both; the host comes back as secondary of
 //! both; `tandem move` hands a VM back without loss.
+//!
+//! Each host is its own network namespace with its own bridge and taps;
+//! both bridges reach the client's bridge through veth pairs (one L2
+//! segment, as hosts on one switch), and the hosts replicate over it.
 
 mod common;
 
@@ -33,13 +37,13 @@ disk = ["{disk}"]
 net = [{{ mac = "52:54:00:00:78:0{mac}" }}]
 
 [hosts]
-a = {{ address = "127.0.0.1:{pa}", tap = "a{i}" }}
-b = {{ address = "127.0.0.2:{pb}", tap = "b{i}" }}
+a = {{ address = "10.78.0.11:{pa}", tap = "a{i}" }}
+b = {{ address = "10.78.0.12:{pb}", tap = "b{i}" }}
 
 [ft]
 heartbeat_ms = 50
 failover_timeout_ms = 1500
-witness = "tcp://127.0.0.1:7500"
+witness = "tcp://10.78.0.1:7500"
 state_dir = "{state}"
 psk_file = "{psk}"
 "#,
@@ -106,15 +110,37 @@ fn joined(node: &Proc) -> usize {
 
 #[test]
 fn two_hosts_run_a_vm_each_survive_a_host_loss_and_move_a_vm_back() {
+    // The client's namespace (and the witness), and one per host.
     let ns = NetNs::new("node");
     ip(&ns, &["link", "add", "br0", "type", "bridge"]);
-    for tap in ["a0", "b0", "a1", "b1"] {
-        ip(&ns, &["tuntap", "add", "dev", tap, "mode", "tap"]);
-        ip(&ns, &["link", "set", tap, "master", "br0"]);
-        ip(&ns, &["link", "set", tap, "up"]);
-    }
     ip(&ns, &["addr", "add", "10.78.0.1/24", "dev", "br0"]);
     ip(&ns, &["link", "set", "br0", "up"]);
+    let hosts = [NetNs::new("node-a"), NetNs::new("node-b")];
+    for (h, (host, addr)) in hosts
+        .iter()
+        .zip([("a", "10.78.0.11/24"), ("b", "10.78.0.12/24")])
+    {
+        ip(h, &["link", "add", "br0", "type", "bridge"]);
+        for i in 0..2 {
+            let tap = format!("{host}{i}");
+            ip(h, &["tuntap", "add", "dev", &tap, "mode", "tap"]);
+            ip(h, &["link", "set", &tap, "master", "br0"]);
+            ip(h, &["link", "set", &tap, "up"]);
+        }
+        ip(h, &["addr", "add", addr, "dev", "br0"]);
+        ip(h, &["link", "set", "br0", "up"]);
+        // The host's uplink: a veth from its bridge to the client's.
+        let (up, down) = (format!("up{host}"), format!("dn{host}"));
+        ip(
+            &ns,
+            &["link", "add", &down, "type", "veth", "peer", "name", &up],
+        );
+        ip(&ns, &["link", "set", &up, "netns", &h.name]);
+        ip(&ns, &["link", "set", &down, "master", "br0"]);
+        ip(&ns, &["link", "set", &down, "up"]);
+        ip(h, &["link", "set", &up, "master", "br0"]);
+        ip(h, &["link", "set", &up, "up"]);
+    }
     let dir = test_dir("node");
     for i in 0..2 {
         pair_file(&dir, i);
@@ -126,9 +152,15 @@ fn two_hosts_run_a_vm_each_survive_a_host_loss_and_move_a_vm_back() {
     )
     .unwrap();
     let cluster_arg = cluster.display().to_string();
-    let _witness = spawn_witness(&ns, &dir);
-    let node_a = Proc::spawn(&ns, &["node", "--config", &cluster_arg, "--host", "a"]);
-    let mut node_b = Proc::spawn(&ns, &["node", "--config", &cluster_arg, "--host", "b"]);
+    let _witness = spawn_witness_at(&ns, &dir, "10.78.0.1:7500");
+    let node_a = Proc::spawn(
+        &hosts[0],
+        &["node", "--config", &cluster_arg, "--host", "a"],
+    );
+    let mut node_b = Proc::spawn(
+        &hosts[1],
+        &["node", "--config", &cluster_arg, "--host", "b"],
+    );
 
     // Each host is primary of the VM it prefers and secondary of the other.
     wait_role(&dir, 0, "a", "primary", &node_a);
@@ -186,7 +218,10 @@ fn two_hosts_run_a_vm_each_survive_a_host_loss_and_move_a_vm_back() {
 
     // Host b returns: it re-joins both VMs as secondary, while a runs both.
     let before = joined(&node_a);
-    node_b = Proc::spawn(&ns, &["node", "--config", &cluster_arg, "--host", "b"]);
+    node_b = Proc::spawn(
+        &hosts[1],
+        &["node", "--config", &cluster_arg, "--host", "b"],
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while joined(&node_a) < before + 2 {
         assert!(

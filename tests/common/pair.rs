@@ -253,6 +253,11 @@ pub fn spawn_pair(ns: &NetNs, dir: &Path, config: &Path) -> (Proc, Proc, Proc) {
 
 /// Starts the pair's witness (with its key) on 127.0.0.1:7500 in `ns`.
 pub fn spawn_witness(ns: &NetNs, dir: &Path) -> Proc {
+    spawn_witness_at(ns, dir, "127.0.0.1:7500")
+}
+
+/// Starts the pair's witness (with its key) on `listen` in `ns`.
+pub fn spawn_witness_at(ns: &NetNs, dir: &Path, listen: &str) -> Proc {
     let state = dir.join("witness.state").display().to_string();
     let psk = write_psk(dir).display().to_string();
     let witness = Proc::spawn(
@@ -260,7 +265,7 @@ pub fn spawn_witness(ns: &NetNs, dir: &Path) -> Proc {
         &[
             "witness",
             "--listen",
-            "127.0.0.1:7500",
+            listen,
             "--state",
             &state,
             "--psk-file",
