@@ -28,7 +28,8 @@ fi
 # Wanted, not required: without it those tests say they were skipped.
 if ! command -v etcd >/dev/null; then
     echo "deps: installing etcd-server"
-    if [ "$(id -u)" -ne 0 ] || ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server; then
+    if [ "$(id -u)" -ne 0 ] || ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server; }; then
         echo "deps: warning: cannot install etcd-server; the etcd tests will be skipped" >&2
     fi
 fi
