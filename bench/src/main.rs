@@ -270,7 +270,7 @@ fn failover(ctx: &Ctx, (n32, n256): (usize, usize)) -> Json {
         (pair::Fault::Kill9, "kill9_32m"),
         (pair::Fault::StopAggressive, "aggressive_32m"),
     ] {
-        let n = ctx.reps(10, 2);
+        let n = ctx.reps(10, 1);
         let mut trials = Vec::new();
         for i in 0..n {
             let t = pair::failover_trial(ctx, "32M", fault);
@@ -367,7 +367,7 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
         }
         + 2
         + if ns.is_some() && fo_reps != (0, 0) {
-            fo_reps.0 + fo_reps.1 + 3 * ctx.reps(10, 2)
+            fo_reps.0 + fo_reps.1 + 3 * ctx.reps(10, 1)
         } else {
             0
         }

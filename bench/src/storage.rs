@@ -44,11 +44,11 @@ fn diskseq_run(
     ctx: &Ctx,
     disks: &[&Path; 2],
     state: &Path,
-    mib: u64,
+    kib: u64,
     mirrored: bool,
 ) -> Result<(f64, f64), String> {
     let guest = ctx.guest("diskseq");
-    let cmdline = format!("count={} chunk=128", mib * 2048);
+    let cmdline = format!("count={} chunk=128", kib * 2);
     let spec = PairSpec {
         guest: &guest,
         cmdline: &cmdline,
@@ -226,17 +226,18 @@ fn switchover_run(ctx: &Ctx) -> Result<(f64, f64, f64), String> {
     Ok((handed, took, gap))
 }
 
+/// diskseq sizes, KiB (quick mode: one small size, so it stays quick).
 fn sizes(ctx: &Ctx) -> &'static [u64] {
     if ctx.quick {
-        &[1]
+        &[128]
     } else {
-        &[1, 2]
+        &[1024, 2048]
     }
 }
 
 /// Runs [`measure`] makes (for the progress count).
 pub fn planned(ctx: &Ctx) -> usize {
-    sizes(ctx).len() * 4 + ctx.reps(10, 3) + 2 * ctx.reps(5, 2)
+    sizes(ctx).len() * 4 + ctx.reps(10, 2) + 2 * ctx.reps(5, 1)
 }
 
 /// One guest crash in a netecho pair (`on_guest_crash = "reboot"`, the
@@ -270,12 +271,13 @@ fn crash_run(ctx: &Ctx, what: &str) -> Result<f64, String> {
 pub fn measure(ctx: &Ctx) -> Json {
     let mut rows = Vec::new();
     let sizes = sizes(ctx);
-    for &mib in sizes {
-        let dir = ctx.tmp.join(format!("storage-{mib}"));
+    for &kib in sizes {
+        let mib = kib as f64 / 1024.0;
+        let dir = ctx.tmp.join(format!("storage-{kib}"));
         let _ = std::fs::create_dir_all(dir.join("a"));
         let _ = std::fs::create_dir_all(dir.join("b"));
         let (a, b) = (dir.join("a/disk.img"), dir.join("b/disk.img"));
-        let size = (mib + 1) << 20;
+        let size = (kib << 10) + (1 << 20);
         let made = [&a, &b].iter().all(|p| make_image(p, size).is_ok());
         let mut row = Json::obj().with("mib", mib);
         if !made {
@@ -296,9 +298,9 @@ pub fn measure(ctx: &Ctx) -> Json {
                     .with("ms", ms),
             );
         }
-        let shared = diskseq_run(ctx, &disks, &state, mib, false);
+        let shared = diskseq_run(ctx, &disks, &state, kib, false);
         ctx.progress(&format!("storage {mib} MiB: diskseq shared {shared:?}"));
-        let mirrored = diskseq_run(ctx, &disks, &state, mib, true);
+        let mirrored = diskseq_run(ctx, &disks, &state, kib, true);
         ctx.progress(&format!("storage {mib} MiB: diskseq mirrored {mirrored:?}"));
         match (&shared, &mirrored) {
             (Ok((sb, sw)), Ok((mb, mw))) => {
@@ -336,7 +338,7 @@ pub fn measure(ctx: &Ctx) -> Json {
     let mut took = Vec::new();
     let mut gaps = Vec::new();
     let mut failures = 0;
-    for i in 0..ctx.reps(10, 3) {
+    for i in 0..ctx.reps(10, 2) {
         match switchover_run(ctx) {
             Ok((h, t, g)) => {
                 ctx.progress(&format!("switch-over {}: handed over in {h:.0} ms, command {t:.0} ms, longest echo gap {g:.0} ms", i + 1));
@@ -353,7 +355,7 @@ pub fn measure(ctx: &Ctx) -> Json {
     let mut crash_ms = Vec::new();
     let mut hang_ms = Vec::new();
     let mut crash_failures = 0;
-    for i in 0..ctx.reps(5, 2) {
+    for i in 0..ctx.reps(5, 1) {
         for (what, out) in [("crash", &mut crash_ms), ("hang", &mut hang_ms)] {
             match crash_run(ctx, what) {
                 Ok(ms) => {

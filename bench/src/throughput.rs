@@ -100,7 +100,7 @@ fn protected(ctx: &Ctx, secs: f64, n: usize) -> Result<f64, String> {
 
 /// Runs [`measure`] makes.
 pub fn planned(ctx: &Ctx) -> usize {
-    2 * ctx.reps(5, 2)
+    2 * ctx.reps(5, 1)
 }
 
 /// FT on vs off stream throughput, interleaved.
@@ -108,7 +108,7 @@ pub fn measure(ctx: &Ctx) -> Json {
     let secs = if ctx.quick { 2.0 } else { 4.0 };
     let (mut off, mut on, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
     let mut failures = 0;
-    for i in 0..ctx.reps(5, 2) {
+    for i in 0..ctx.reps(5, 1) {
         let a = unprotected(ctx, secs, i);
         ctx.progress(&format!(
             "throughput rep {} unprotected: {a:?} Mbit/s",
