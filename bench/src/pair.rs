@@ -72,7 +72,8 @@ pub fn watch_stdout(r: &mut Running) -> Lines {
     lines
 }
 
-fn wait_line(lines: &Lines, pat: &str, deadline: Instant) -> bool {
+/// Whether a line containing `pat` arrives on `lines` before `deadline`.
+pub fn wait_line(lines: &Lines, pat: &str, deadline: Instant) -> bool {
     while Instant::now() < deadline {
         if lines
             .lock()
@@ -276,7 +277,7 @@ pub struct Trial {
 }
 
 /// The number after `key` in `line` ("silent for 1016 ms" → 1016).
-fn number_after(line: &str, key: &str) -> Option<f64> {
+pub fn number_after(line: &str, key: &str) -> Option<f64> {
     let rest = &line[line.find(key)? + key.len()..];
     let num: String = rest
         .trim_start()

@@ -26,18 +26,8 @@ use std::time::{Duration, Instant};
 use crate::ctx::{make_image, Ctx};
 use crate::json::Json;
 use crate::netecho;
-use crate::pair::{err_tail, watch_stdout, Pair, PairSpec};
+use crate::pair::{err_tail, number_after, wait_line, watch_stdout, Pair, PairSpec};
 use crate::stats::summary_json;
-
-fn number_after(line: &str, key: &str) -> Option<f64> {
-    let rest = &line[line.find(key)? + key.len()..];
-    let num: String = rest
-        .trim_start()
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.')
-        .collect();
-    num.parse().ok()
-}
 
 /// One diskseq pair run to the guest's end: (log bytes, wall seconds).
 fn diskseq_run(
@@ -86,6 +76,14 @@ fn diskseq_run(
         let _ = s.finish(Duration::from_secs(60));
     }
     Ok((bytes, out.wall))
+}
+
+/// A disk copy's figures (chunks, MiB, ms) as JSON.
+fn copy_json((chunks, mib, ms): (f64, f64, f64)) -> Json {
+    Json::obj()
+        .with("chunks", chunks)
+        .with("mib", mib)
+        .with("ms", ms)
 }
 
 /// A mirrored netecho pair on existing replicas: the primary's disk-copy
@@ -148,17 +146,12 @@ pub fn netecho_pair(ctx: &Ctx, disk: &Path) -> Result<Pair, String> {
     };
     let mut pair = Pair::start(ctx, &spec)?;
     let out = watch_stdout(pair.primary.as_mut().ok_or("no primary")?);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !out
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .any(|(_, l)| l.contains("netecho: up"))
-    {
-        if Instant::now() > deadline {
-            return Err("netecho never came up".into());
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    if !wait_line(
+        &out,
+        "netecho: up",
+        Instant::now() + Duration::from_secs(60),
+    ) {
+        return Err("netecho never came up".into());
     }
     netecho::client(&pair.ns, 20)?;
     Ok(pair)
@@ -289,14 +282,8 @@ pub fn measure(ctx: &Ctx) -> Json {
         // A first sync of never-synced replicas copies everything.
         let first = resync_run(ctx, &disks, &state);
         ctx.progress(&format!("storage {mib} MiB: first sync {first:?}"));
-        if let Ok((chunks, copied, ms)) = first {
-            row = row.with(
-                "first_sync",
-                Json::obj()
-                    .with("chunks", chunks)
-                    .with("mib", copied)
-                    .with("ms", ms),
-            );
+        if let Ok(copy) = first {
+            row = row.with("first_sync", copy_json(copy));
         }
         let shared = diskseq_run(ctx, &disks, &state, kib, false);
         ctx.progress(&format!("storage {mib} MiB: diskseq shared {shared:?}"));
@@ -322,14 +309,8 @@ pub fn measure(ctx: &Ctx) -> Json {
         // copies that delta.
         let delta = resync_run(ctx, &disks, &state);
         ctx.progress(&format!("storage {mib} MiB: delta re-sync {delta:?}"));
-        if let Ok((chunks, copied, ms)) = delta {
-            row = row.with(
-                "delta_sync",
-                Json::obj()
-                    .with("chunks", chunks)
-                    .with("mib", copied)
-                    .with("ms", ms),
-            );
+        if let Ok(copy) = delta {
+            row = row.with("delta_sync", copy_json(copy));
         }
         let _ = std::fs::remove_dir_all(&dir);
         rows.push(row);

@@ -69,18 +69,13 @@ fn unprotected(ctx: &Ctx, secs: f64, n: usize) -> Result<f64, String> {
         ]);
     let mut running = proc::spawn(cmd).map_err(|e| format!("spawn: {e}"))?;
     let lines = crate::pair::watch_stdout(&mut running);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !lines
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .any(|(_, l)| l.contains("netecho: up"))
-    {
-        if Instant::now() > deadline {
-            running.kill();
-            return Err("netecho never came up".into());
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    if !crate::pair::wait_line(
+        &lines,
+        "netecho: up",
+        Instant::now() + Duration::from_secs(60),
+    ) {
+        running.kill();
+        return Err("netecho never came up".into());
     }
     let result = netecho::client(&ns, 20).and_then(|_| stream(&ns, secs));
     running.kill();

@@ -1096,17 +1096,12 @@ impl Replicator {
             }
             scanned += chunk.len() as u64;
             bytes += pages.len() as u64;
-            let generation = self.generation.load(Ordering::Acquire);
-            let message = Message::Memory {
+            self.send_joining(Message::Memory {
                 round,
                 total,
                 scanned,
                 pages,
-            };
-            match &mut *self.link() {
-                Link::Joining(tx) => tx.send(generation, &message)?,
-                _ => bail!("the secondary is gone"),
-            }
+            })?;
         }
         Ok((sent, bytes))
     }

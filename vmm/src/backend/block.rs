@@ -158,6 +158,22 @@ fn log_io_error(image: &DiskImage, what: &str, e: &std::io::Error) {
     tracing::warn!("disk {}: {what} failed: {e}", image.path.display());
 }
 
+/// Reads `data.len()` bytes at `offset`. Past the end of a file whose size
+/// is not a whole number of sectors it reads zeros, as a sparse tail would.
+pub(super) fn read_full(file: &File, data: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < data.len() {
+        match file.read_at(&mut data[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    data[done..].fill(0);
+    Ok(())
+}
+
 /// Performs one request; returns the virtio status and the data read.
 fn perform(image: &DiskImage, op: BlockOp) -> (u8, Vec<u8>) {
     match op {
@@ -166,21 +182,13 @@ fn perform(image: &DiskImage, op: BlockOp) -> (u8, Vec<u8>) {
             let Some(offset) = sector.checked_mul(SECTOR_SIZE) else {
                 return (STATUS_IOERR, Vec::new());
             };
-            // Reads past the end of a file whose size is not a whole number
-            // of sectors return zeros, as a sparse tail would.
-            let mut done = 0;
-            while done < data.len() {
-                match image.file.read_at(&mut data[done..], offset + done as u64) {
-                    Ok(0) => break,
-                    Ok(n) => done += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        log_io_error(image, "read", &e);
-                        return (STATUS_IOERR, Vec::new());
-                    }
+            match read_full(&image.file, &mut data, offset) {
+                Ok(()) => (STATUS_OK, data),
+                Err(e) => {
+                    log_io_error(image, "read", &e);
+                    (STATUS_IOERR, Vec::new())
                 }
             }
-            (STATUS_OK, data)
         }
         BlockOp::Write { sector, data } => {
             if image.read_only {

@@ -24,7 +24,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use tandem_replay::BlockOp;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::block::SECTOR_SIZE;
+use super::block::{read_full, SECTOR_SIZE};
 
 /// Bytes of guest disk per bitmap bit.
 pub const CHUNK_SIZE: u64 = 64 * 1024;
@@ -577,21 +577,6 @@ impl Replica {
         let bitmap = vec![0u8; st.sidecar.bitmap.len()];
         st.sidecar.replace(header, bitmap)
     }
-}
-
-/// Reads `data.len()` bytes at `offset`; zeros past the end of the file.
-fn read_full(file: &File, data: &mut [u8], offset: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < data.len() {
-        match file.read_at(&mut data[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    data[done..].fill(0);
-    Ok(())
 }
 
 /// The sidecar path of disk `index` under `state_dir`.
