@@ -34,7 +34,14 @@
  * UDP port 9002, payload "crash": the guest crashes on purpose ("netecho:
  * crashing", a panic report on the pvpanic port 0x505, then cli; hlt);
  * payload "hang": it arms the watchdog (port 0x508, 500 ms) and spins
- * forever without petting it ("netecho: hanging").
+ * forever without petting it ("netecho: hanging"); payload "fragile": a
+ * timing bug on purpose. The handler spends 15 ms of guest time (measured
+ * on the PIT's channel 0 count) in a window where a timer interrupt crashes
+ * the guest (a pvpanic report at once, then cli; hlt). With the 100 Hz
+ * timer a tick always lands in it, unless the timer is late (as after a
+ * rollback to a checkpoint, which delays it); a handler
+ * that gets through prints "netecho: fragile window done (R reads, T
+ * ticks)" and echoes the datagram back to the sender.
  * On-disk format (sector 0 of the disk): bytes 0..7 = "TNDMCNTR", bytes
  * 8..15 = counter, u64 LE; the rest zero. At boot sector 0 is read: with
  * the magic the counter continues from the stored value, else it starts at 0
@@ -228,6 +235,42 @@ static void counter_store(u64 value)
 }
 
 
+/* ---- the "fragile" timing bug ---- */
+
+/* Set while the fragile handler runs: a timer interrupt then crashes. */
+static volatile u32 fragile;
+
+static void netecho_timer(void)
+{
+    virtio_ticks++;
+    if (fragile) {
+        /* No message first: the panic report is the crash itself. */
+        outb(0x505, 1);
+        __asm__ volatile("cli; hlt" ::: "memory");
+    }
+}
+
+/* 15 ms of guest time, counted on the PIT's channel 0 (mode 2 at
+ * VIRTIO_TICK_HZ: the count runs down from the reload value and wraps), with
+ * interrupts enabled. */
+static void fragile_window(void)
+{
+    const u32 reload = PIT_HZ / VIRTIO_TICK_HZ;
+    const u32 want = PIT_HZ / 1000 * 15;
+    u32 elapsed = 0, prev = pit_read_ch0(), reads = 0, t0 = virtio_ticks;
+    fragile = 1;
+    pic_unmask(0); /* the timer is masked outside disk waits */
+    while (elapsed < want) {
+        u32 now = pit_read_ch0();
+        elapsed += (prev >= now) ? prev - now : prev + reload - now;
+        prev = now;
+        reads++;
+    }
+    pic_mask(0);
+    fragile = 0;
+    printf("netecho: fragile window done (%u reads, %u ticks)\n", reads, virtio_ticks - t0);
+}
+
 static void handle_counter(const u8 *f, const u8 *udp, const u8 *payload)
 {
     u32 client = get32le(payload), request = get32le(payload + 4);
@@ -338,6 +381,17 @@ static void handle_ipv4(const u8 *f, u32 flen)
             serial_puts("netecho: crashing\n");
             outb(0x505, 1);
             __asm__ volatile("cli; hlt" ::: "memory");
+        } else if (plen >= 7 && payload[0] == 'f' && payload[1] == 'r' && payload[2] == 'a' && payload[3] == 'g' &&
+                   payload[4] == 'i' && payload[5] == 'l' && payload[6] == 'e') {
+            fragile_window();
+            if (!(t = tx_alloc(&slot)))
+                return;
+            copy32(t, f, 14 + tot);
+            turn_around(t, f, hl);
+            u8 *u = t + 14 + hl;
+            cpy(u, l4 + 2, 2); /* swap ports */
+            cpy(u + 2, l4, 2);
+            tx_send(slot, 14 + tot);
         } else if (plen >= 4 && payload[0] == 'h' && payload[1] == 'a' && payload[2] == 'n' && payload[3] == 'g') {
             /* A hang: arm the watchdog (port 0x508, 500 ms) and never pet
              * it; the CPU keeps running, interrupts on. */
@@ -452,6 +506,7 @@ int main(void)
     }
     pic_init();
     virtio_timer_init();
+    irq_set_handler(0, netecho_timer);
     sti();
     virtio_probe();
     netdev = virtio_find(VIRTIO_ID_NET, 0);

@@ -71,8 +71,10 @@ pub struct RunArgs {
     min_kick_interval: u64,
     /// What a guest crash (triple fault, pvpanic report, HLT with
     /// interrupts off) does: `halt` ends the run, `reboot` restarts the
-    /// guest from its boot state (at most 3 times a minute of guest time).
-    #[arg(long, value_name = "halt|reboot", default_value = "halt", value_parser = parse_crash_policy)]
+    /// guest from its boot state (at most 3 times a minute of guest time),
+    /// `restart-checkpoint` rolls it back to a checkpoint taken every 20 ms
+    /// (output waits for the next one) and reboots if that does not help.
+    #[arg(long, value_name = "halt|reboot|restart-checkpoint", default_value = "halt", value_parser = parse_crash_policy)]
     on_guest_crash: tandem_vmm::CrashPolicy,
 }
 
@@ -80,7 +82,10 @@ fn parse_crash_policy(text: &str) -> Result<tandem_vmm::CrashPolicy, String> {
     match text {
         "halt" => Ok(tandem_vmm::CrashPolicy::Halt),
         "reboot" => Ok(tandem_vmm::CrashPolicy::Reboot),
-        other => Err(format!("{other:?}: must be halt or reboot")),
+        "restart-checkpoint" => Ok(tandem_vmm::CrashPolicy::RESTART_CHECKPOINT),
+        other => Err(format!(
+            "{other:?}: must be halt, reboot or restart-checkpoint"
+        )),
     }
 }
 

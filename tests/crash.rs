@@ -139,3 +139,187 @@ fn a_hung_guest_is_caught_by_its_watchdog_and_rebooted() {
     assert_counter_invariants(&replies, next2);
     let _ = std::fs::remove_dir_all(&p.t.dir);
 }
+
+/// A pair whose guest crashes are rolled back to checkpoints.
+fn checkpoint_pair(tag: &str) -> Pair {
+    start_topology(topology_with(
+        tag,
+        1500,
+        "received",
+        "",
+        "on_guest_crash = \"restart-checkpoint\"",
+    ))
+}
+
+/// Waits until both sides' status shows `name` at least `min`; returns
+/// both lines.
+fn wait_both(p: &Pair, name: &str, min: u64) -> (String, String) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (a, b) = (
+            status(&p.t, "a").unwrap_or_default(),
+            status(&p.t, "b").unwrap_or_default(),
+        );
+        let has = |line: &str| line.contains(name) && status_figure(line, name) >= min;
+        if has(&a) && has(&b) {
+            return (a, b);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not at least {min} on both sides:\na: {a}\nb: {b}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn boots(p: &Pair) -> usize {
+    p.primary
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("netecho: up"))
+        .count()
+}
+
+#[test]
+fn restart_checkpoint_rolls_a_timing_crash_back_without_a_reboot() {
+    // The "fragile" request spends 15 ms of guest time in a window where a
+    // timer tick crashes the guest: with a 100 Hz timer, one always lands.
+    // Rolled back to its newest checkpoint with the tick delayed and the
+    // request delivered again, the guest gets through and answers.
+    let mut p = checkpoint_pair("ckpt");
+    let s = p.t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, first) = serve(&s, 0, 5, Duration::from_secs(30), &mut replies);
+    assert!(first.is_some(), "the pair does not serve");
+    let before = replies.iter().map(|&(_, v)| v).max().unwrap();
+
+    let f = p.t.ns.udp_socket("10.78.0.1:0");
+    f.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    f.send_to(b"fragile", format!("{GUEST_IP}:9002")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 64];
+    loop {
+        if let Ok((n, from)) = f.recv_from(&mut buf) {
+            if from.port() == 9002 && &buf[..n] == b"fragile" {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fragile request was never answered: {}",
+            p.primary.stderr()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let err = p.primary.stderr();
+    assert!(
+        err.contains("guest reported a panic (pvpanic)")
+            && err.contains("rolled back to the checkpoint at stop"),
+        "{err}\n{:?}",
+        p.primary.lines.lock().unwrap()
+    );
+    assert!(!err.contains("rebooting"), "{err}");
+    assert_eq!(boots(&p), 1, "the guest was rebooted: {err}");
+
+    // Both sides rolled back, nothing rebooted, the secondary in step.
+    let (a, b) = wait_both(&p, "guest_rollbacks", 1);
+    assert_eq!(status_figure(&a, "guest_reboots"), 0, "{a}");
+    assert_eq!(status_figure(&b, "guest_reboots"), 0, "{b}");
+    assert!(status_figure(&a, "checkpoints") > 0, "{a}");
+    assert_eq!(status_figure(&b, "divergences"), 0, "{b}");
+
+    // The counter goes on, no value handed out twice.
+    let (next2, again) = serve(&s, next, 5, Duration::from_secs(30), &mut replies);
+    assert!(again.is_some(), "not served after the rollback: {err}");
+    assert!(
+        replies
+            .iter()
+            .filter(|(id, _)| *id >= next)
+            .all(|&(_, v)| v > before),
+        "a value was handed out again after the rollback: {replies:?}"
+    );
+    // The secondary verifies epochs after the rollback too.
+    let b_status = || status(&p.t, "b").unwrap_or_default();
+    let verified = status_figure(&b_status(), "epochs_verified");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status_figure(&b_status(), "epochs_verified") <= verified {
+        assert!(
+            Instant::now() < deadline,
+            "b verifies no epoch: {}",
+            b_status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status_figure(&b_status(), "divergences"), 0);
+
+    // And it can take over.
+    p.primary.child.kill().unwrap();
+    let _ = p.primary.child.wait();
+    let (_, took_over) = serve(&s, next2, 5, Duration::from_secs(30), &mut replies);
+    assert!(
+        took_over.is_some(),
+        "b did not take over: {}",
+        p.secondary.stderr()
+    );
+    assert_counter_invariants(&replies, next2);
+    let _ = std::fs::remove_dir_all(&p.t.dir);
+}
+
+#[test]
+fn restart_checkpoint_reboots_a_guest_that_crashes_every_time() {
+    // The "crash" request crashes the guest whatever the timing: each
+    // rollback meets it again, so after going back as far as it may the
+    // VMM reboots the guest, which continues from its persisted counter.
+    let mut p = checkpoint_pair("ckptloop");
+    let s = p.t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, first) = serve(&s, 0, 3, Duration::from_secs(30), &mut replies);
+    assert!(first.is_some(), "the pair does not serve");
+    let before = replies.iter().map(|&(_, v)| v).max().unwrap();
+    s.send_to(b"crash", format!("{GUEST_IP}:9002")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while boots(&p) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not boot again: {}",
+            p.primary.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let err = p.primary.stderr();
+    assert!(
+        err.contains("rolled back to the checkpoint at stop") && err.contains("rebooting instead"),
+        "{err}"
+    );
+    let (a, b) = wait_both(&p, "guest_reboots", 1);
+    assert_eq!(status_figure(&a, "guest_reboots"), 1, "{a}");
+    assert!(status_figure(&a, "guest_rollbacks") >= 1, "{a}");
+    assert_eq!(
+        status_figure(&a, "guest_rollbacks"),
+        status_figure(&b, "guest_rollbacks"),
+        "a: {a}\nb: {b}"
+    );
+    assert_eq!(status_figure(&b, "divergences"), 0, "{b}");
+    let (next2, again) = serve(&s, next, 3, Duration::from_secs(30), &mut replies);
+    assert!(again.is_some(), "not served after the reboot: {err}");
+    assert!(
+        replies
+            .iter()
+            .filter(|(id, _)| *id >= next)
+            .all(|&(_, v)| v > before),
+        "a value was handed out again after the reboot: {replies:?}"
+    );
+    p.primary.child.kill().unwrap();
+    let _ = p.primary.child.wait();
+    let (_, took_over) = serve(&s, next2, 3, Duration::from_secs(30), &mut replies);
+    assert!(
+        took_over.is_some(),
+        "b did not take over: {}",
+        p.secondary.stderr()
+    );
+    assert_counter_invariants(&replies, next2);
+    let _ = std::fs::remove_dir_all(&p.t.dir);
+}

@@ -265,6 +265,18 @@ impl Pic {
         self.update();
     }
 
+    /// Withdraws an edge-triggered request on master line `irq` (0–7) that
+    /// is latched but not yet acknowledged (a timer tick delayed after a
+    /// rollback to a checkpoint comes again later). Level-triggered lines
+    /// and the cascade are left alone.
+    pub fn withdraw_edge(&mut self, irq: u8) {
+        let bit = 1u8 << (irq & 7);
+        let chip = &mut self.state.master;
+        if irq < 8 && irq != CASCADE_IRQ && chip.elcr & bit == 0 {
+            chip.irr &= !bit;
+        }
+    }
+
     /// Propagates the slave's INT output to the master's IRQ2 input.
     fn update(&mut self) {
         let slave_int = self.state.slave.pending_irq(false).is_some();

@@ -323,6 +323,16 @@ impl Pit {
         self.irq0.pulse();
     }
 
+    /// Delays channel 0's next IRQ edge to guest time `ns` at the earliest
+    /// (the perturbation after a rollback to a checkpoint); later edges keep
+    /// the channel's own rhythm.
+    pub fn delay_next_irq(&mut self, ns: u64) {
+        let ch = &mut self.state.channels[0];
+        if let Some(due) = ch.next_irq_ns.as_mut() {
+            *due = (*due).max(ns);
+        }
+    }
+
     /// Guest time of channel 0's next IRQ edge, if one is armed.
     pub fn next_deadline_ns(&self) -> Option<u64> {
         self.state.channels[0].next_irq_ns

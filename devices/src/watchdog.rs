@@ -62,6 +62,14 @@ impl Watchdog {
         self.state = state;
     }
 
+    /// Moves an armed deadline `ns` later (a guest rolled back to a
+    /// checkpoint did not live through the time since).
+    pub fn postpone(&mut self, ns: u64) {
+        if let Some(d) = self.state.deadline_ns.as_mut() {
+            *d = d.saturating_add(ns);
+        }
+    }
+
     /// When it expires, if armed.
     pub fn deadline_ns(&self) -> Option<u64> {
         self.state.deadline_ns

@@ -132,6 +132,18 @@ pub trait Outputs: Send + Sync {
     fn take_newly_held(&self) -> bool {
         false
     }
+
+    /// `on_guest_crash = "restart-checkpoint"`: the machine state at stop
+    /// `stop` is a rollback target now, so output produced up to it may
+    /// leave (nothing produced after the newest checkpoint ever does).
+    fn checkpoint_taken(&self, _stop: u64) {}
+
+    /// The guest was rolled back to its checkpoint at stop `stop`: output
+    /// produced after it never happened and is dropped. False (and nothing
+    /// dropped) when some of it has already left.
+    fn discard_after(&self, _stop: u64) -> bool {
+        true
+    }
 }
 
 /// Where the causes of each stop come from.
@@ -243,6 +255,24 @@ impl CauseQueue {
         self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Puts inputs back at the head of the queue, in order (a guest rolled
+    /// back to a checkpoint sees again what it received after it). Bypasses
+    /// the byte bound: these were accepted once.
+    pub fn requeue(&self, causes: Vec<Cause>) {
+        if causes.is_empty() {
+            return;
+        }
+        {
+            let mut q = self.queue();
+            for cause in causes.into_iter().rev() {
+                q.input_bytes += Queued::weight(&cause);
+                q.causes.push_front(cause);
+            }
+        }
+        self.shared.1.notify_all();
+        (self.notify)();
+    }
+
     /// Takes everything queued.
     pub fn drain_into(&self, out: &mut Vec<Cause>) {
         let mut q = self.queue();
@@ -305,6 +335,11 @@ impl LiveInputs {
     /// The next device deadline in guest time (None: none armed).
     pub fn set_deadline(&mut self, deadline_ns: Option<u64>) {
         self.deadline_ns = deadline_ns;
+    }
+
+    /// Puts inputs back at the head of the queue (see [`CauseQueue::requeue`]).
+    pub fn requeue(&self, causes: Vec<Cause>) {
+        self.queue.requeue(causes);
     }
 
     /// The host instant at which guest time reaches `ns`.

@@ -77,6 +77,7 @@ pub(super) struct RawFt {
     pub announce_step_ms: Option<Spanned<u64>>,
     pub announce_max_ms: Option<Spanned<u64>>,
     pub on_guest_crash: Option<Spanned<String>>,
+    pub checkpoint_interval_ms: Option<Spanned<u64>>,
 }
 
 /// A size as written: `"64M"` or a plain number of bytes.

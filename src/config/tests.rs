@@ -510,8 +510,29 @@ fn on_guest_crash_reboots_by_default() {
         tandem_vmm::CrashPolicy::Halt
     );
     assert_eq!(
-        err(&ft("on_guest_crash = \"restart-checkpoint\"")),
-        "pair.toml:9: [ft] on_guest_crash = \"restart-checkpoint\" is not supported yet; use \"reboot\" or \"halt\""
+        ok(&ft("on_guest_crash = \"restart-checkpoint\""))
+            .ft
+            .on_guest_crash,
+        tandem_vmm::CrashPolicy::RestartCheckpoint { interval_ms: 20 }
+    );
+    assert_eq!(
+        ok(&ft(
+            "on_guest_crash = \"restart-checkpoint\"\ncheckpoint_interval_ms = 50"
+        ))
+        .ft
+        .on_guest_crash,
+        tandem_vmm::CrashPolicy::RestartCheckpoint { interval_ms: 50 }
+    );
+    assert_eq!(
+        err(&ft("checkpoint_interval_ms = 0")),
+        "pair.toml:9: [ft] checkpoint_interval_ms = 0 must be at least 1"
+    );
+    let e = err(&ft("checkpoint_interval_ms = 60000"));
+    assert!(e.contains("must be at most 10000"), "{e}");
+    let e = err(&ft("on_guest_crash = \"rollback\""));
+    assert!(
+        e.contains("must be \"reboot\", \"halt\" or \"restart-checkpoint\""),
+        "{e}"
     );
 }
 

@@ -481,20 +481,29 @@ pub(super) fn validate_ft(
         },
     };
 
+    let (interval_ms, interval_at) = millis(
+        &raw.checkpoint_interval_ms,
+        "checkpoint_interval_ms",
+        u64::from(tandem_vmm::vcpu::DEFAULT_CHECKPOINT_INTERVAL_MS),
+        1,
+    )?;
+    if interval_ms > 10_000 {
+        return Err(ctx.invalid(
+            &interval_at,
+            S,
+            "checkpoint_interval_ms",
+            interval_ms,
+            "must be at most 10000 (output waits up to this long for a checkpoint)",
+        ));
+    }
     let on_guest_crash = match &raw.on_guest_crash {
         None => tandem_vmm::CrashPolicy::Reboot,
         Some(p) => match p.get_ref().as_str() {
             "reboot" => tandem_vmm::CrashPolicy::Reboot,
             "halt" => tandem_vmm::CrashPolicy::Halt,
-            "restart-checkpoint" => {
-                return Err(ctx.invalid(
-                    &p.span(),
-                    S,
-                    "on_guest_crash",
-                    "\"restart-checkpoint\"",
-                    "is not supported yet; use \"reboot\" or \"halt\"",
-                ))
-            }
+            "restart-checkpoint" => tandem_vmm::CrashPolicy::RestartCheckpoint {
+                interval_ms: interval_ms as u32,
+            },
             other => {
                 return Err(ctx.invalid(
                     &p.span(),

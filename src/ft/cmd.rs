@@ -305,12 +305,14 @@ fn cluster_status(path: &std::path::Path, json: bool) -> ExitCode {
         let follower = sides.iter().find(|(_, v)| role(v) == "secondary");
         let line = match (live, follower) {
             (Some((host, Some(v))), Some((peer, _))) => format!(
-                "live on {} (generation {}), protected by {} (log lag {} ms), guest crashes {}",
+                "live on {} (generation {}), protected by {} (log lag {} ms), guest crashes {} ({} rolled back, {} rebooted)",
                 host.name(),
                 figure(v, "generation").unwrap_or(0),
                 peer.name(),
                 figure(v, "lag_ms").unwrap_or(0),
-                figure(v, "guest_crashes").unwrap_or(0)
+                figure(v, "guest_crashes").unwrap_or(0),
+                figure(v, "guest_rollbacks").unwrap_or(0),
+                figure(v, "guest_reboots").unwrap_or(0)
             ),
             (Some((host, Some(v))), None) => {
                 unprotected += 1;

@@ -1486,6 +1486,9 @@ fn publish(params: &PairParams, vm: &Vm, role: &str, generation: u64) -> anyhow:
     counter!("epochs_verified", epochs_verified);
     counter!("epochs_transferred", epochs_transferred);
     counter!("divergences", divergences);
+    counter!("checkpoints", checkpoints);
+    counter!("guest_rollbacks", guest_rollbacks);
+    counter!("guest_reboots", guest_reboots);
     let crashes = vm.guest_crashes();
     params.board.probe(
         "guest_crashes",

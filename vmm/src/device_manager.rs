@@ -286,6 +286,31 @@ impl DeviceManager {
         count
     }
 
+    /// The id each disk's next request gets.
+    pub fn block_next_ids(&self) -> Vec<u64> {
+        self.blocks
+            .iter()
+            .map(|b| lock(b).block_mut().map_or(0, |b| b.next_request()))
+            .collect()
+    }
+
+    /// After a rollback to a checkpoint taken `absent_ns` of guest time ago:
+    /// request ids handed out since stay retired (`next_ids`, from
+    /// [`Self::block_next_ids`] before the rollback), the watchdog does not
+    /// count the time the guest did not live through, and the timer's next
+    /// interrupt comes no earlier than `timer_at_ns` (the perturbation).
+    pub fn resume_after_rollback(&self, next_ids: &[u64], absent_ns: u64, timer_at_ns: u64) {
+        for (block, next) in self.blocks.iter().zip(next_ids) {
+            if let Some(b) = lock(block).block_mut() {
+                b.reserve_ids_below(*next);
+            }
+        }
+        lock(&self.legacy.watchdog).postpone(absent_ns);
+        // A tick latched at the checkpoint comes again at the delayed time.
+        lock(&self.legacy.pic).withdraw_edge(0);
+        lock(&self.legacy.pit).delay_next_irq(timer_at_ns);
+    }
+
     /// Takes the console bytes written at this stop.
     pub fn take_serial_out(&self) -> Vec<u8> {
         std::mem::take(&mut *lock(&self.serial_out.0))

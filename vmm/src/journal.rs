@@ -858,33 +858,51 @@ impl Replayer {
         }
     }
 
-    /// At a guest crash at `stop`: whether the recording rebooted the guest
-    /// there (its `GuestReboot` check is next). A live replay waits until
-    /// the primary has said; None when the primary is gone before that.
-    pub fn reboot_logged(&mut self, stop: u64) -> Option<bool> {
+    /// At a guest crash at `stop`: how the recording recovered there (its
+    /// `GuestReboot` or `GuestRollback` check is next; Some(None): it did
+    /// not). A live replay waits until the primary has said; None when the
+    /// primary is gone before that.
+    pub fn recovery_logged(&mut self, stop: u64) -> Option<Option<Check>> {
         loop {
             match &self.next {
                 Some(Record::Check {
                     stop: s,
-                    check: Check::GuestReboot { .. },
+                    check: check @ (Check::GuestReboot { .. } | Check::GuestRollback { .. }),
                 }) if *s == stop => {
+                    let check = check.clone();
                     self.advance();
-                    return Some(true);
+                    return Some(Some(check));
                 }
-                Some(_) => return Some(false),
-                None if self.end.is_some() => return Some(false),
+                Some(_) => return Some(None),
+                None if self.end.is_some() => return Some(None),
                 None => {}
             }
             let Source::Live(feed) = &mut self.source else {
-                return Some(false);
+                return Some(None);
             };
             if feed.left(stop) && feed.buffered.is_empty() {
-                return Some(false);
+                return Some(None);
             }
             if feed.disconnected || !feed.wait_one() {
                 return None;
             }
             self.advance();
+        }
+    }
+
+    /// Whether the recording took a checkpoint at `stop` (its `Checkpoint`
+    /// check is next; everything for `stop` has arrived by the time the
+    /// replay is there).
+    pub fn take_checkpoint(&mut self, stop: u64) -> bool {
+        match &self.next {
+            Some(Record::Check {
+                stop: s,
+                check: Check::Checkpoint,
+            }) if *s == stop => {
+                self.advance();
+                true
+            }
+            _ => false,
         }
     }
 
@@ -1021,6 +1039,16 @@ impl Journal {
                 }
             }
             Journal::Replay(rep) => rep.collect(stop, out),
+        }
+    }
+
+    /// Live: puts inputs back at the head of the world's queue, to be
+    /// collected (and logged) again. A replay gets them from the log.
+    pub fn requeue(&mut self, causes: Vec<Cause>) {
+        match self {
+            Journal::Live(live) => live.requeue(causes),
+            Journal::Record(rec) => rec.live.requeue(causes),
+            Journal::Replay(_) => {}
         }
     }
 

@@ -14,6 +14,7 @@
 pub mod backend;
 pub mod boot;
 pub mod bus;
+pub mod checkpoint;
 pub mod cpuid;
 pub mod device_manager;
 pub mod dirty;

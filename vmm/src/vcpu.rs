@@ -93,7 +93,53 @@ pub enum CrashPolicy {
     /// than [`REBOOT_LIMIT`] crashes within [`REBOOT_WINDOW_NS`] of guest
     /// time halt instead (a crash loop).
     Reboot,
+    /// Rolling checkpoints every `interval_ms` of guest time; output and
+    /// disk writes wait for the next checkpoint. A crash rolls the guest
+    /// back to the newest checkpoint with its timer interrupt delayed (a
+    /// perturbation, so a timing-dependent bug usually does not recur) and
+    /// the inputs received since delivered again; a repeat crash within
+    /// [`ROLLBACK_WINDOW_NS`] goes one checkpoint further back, then reboots.
+    RestartCheckpoint {
+        /// Guest milliseconds between checkpoints.
+        interval_ms: u32,
+    },
 }
+
+impl CrashPolicy {
+    /// `restart-checkpoint` at the default interval.
+    pub const RESTART_CHECKPOINT: CrashPolicy = CrashPolicy::RestartCheckpoint {
+        interval_ms: DEFAULT_CHECKPOINT_INTERVAL_MS,
+    };
+
+    /// Whether a crash the rollbacks cannot cure reboots the guest.
+    fn reboots(self) -> bool {
+        matches!(
+            self,
+            CrashPolicy::Reboot | CrashPolicy::RestartCheckpoint { .. }
+        )
+    }
+}
+
+/// What the VMM does about one guest crash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Recovery {
+    /// End the run.
+    Halt,
+    /// Reboot from the boot state.
+    Reboot,
+    /// Roll back to the checkpoint at stop `to`, the timer delayed.
+    Rollback { to: u64, timer_delay_ns: u64 },
+}
+
+/// Guest milliseconds between checkpoints by default: the latency the
+/// output rule adds in `restart-checkpoint` mode is at most this.
+pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u32 = 20;
+/// A crash within this much guest time of the last rollback goes one
+/// checkpoint further back (10 s).
+pub const ROLLBACK_WINDOW_NS: u64 = 10_000_000_000;
+/// Held output takes a checkpoint early, but no sooner than this after the
+/// last one (guest ns): a reply waits about this long, not a whole interval.
+const CHECKPOINT_MIN_GAP_NS: u64 = 2_000_000;
 
 /// Crashes within [`REBOOT_WINDOW_NS`] that are rebooted; one more halts.
 pub const REBOOT_LIMIT: usize = 3;
@@ -237,6 +283,14 @@ pub struct VcpuStats {
     pub interrupts: u64,
     /// Time spent halted.
     pub halted: Duration,
+    /// Checkpoints taken (`restart-checkpoint`).
+    pub checkpoints: u64,
+    /// Pages they copied.
+    pub checkpoint_pages: u64,
+    /// Time they took.
+    pub checkpoint_time: Duration,
+    /// Crashes recovered by a rollback to a checkpoint.
+    pub rollbacks: u64,
 }
 
 /// What sync points need besides the vCPU: the VM (for its dirty log),
@@ -256,6 +310,8 @@ pub struct SyncContext {
     pub repair_consumer: ConsumerId,
     /// The pre-copy consumer of the tracker (recording, for a joiner).
     pub precopy_consumer: ConsumerId,
+    /// The checkpoint consumer of the tracker (`restart-checkpoint`).
+    pub checkpoint_consumer: ConsumerId,
     /// MSRs saved with the vCPU.
     pub msrs: Vec<u32>,
 }
@@ -333,8 +389,16 @@ pub struct Vcpu {
     boot: Option<(MachineState, Vec<Page>)>,
     /// Guest time of each rebooted crash (the crash-loop window).
     crash_times: Vec<u64>,
-    /// Guest crashes rebooted, for status.
+    /// Guest crashes recovered (rebooted or rolled back), for status.
     guest_crashes: Arc<std::sync::atomic::AtomicU64>,
+    /// Rolling checkpoints (`restart-checkpoint`, or a replay that meets a
+    /// logged one).
+    checkpoints: Option<crate::checkpoint::Checkpoints>,
+    /// Guest time of each rollback (the repeat-crash window).
+    rollback_times: Vec<u64>,
+    /// The guest was rolled back to a checkpoint taken while it slept in
+    /// HLT: it sleeps on at the current stop.
+    resume_halted: bool,
     causes: Vec<Cause>,
     stats: VcpuStats,
     /// Divergences found while replaying, in order.
@@ -357,6 +421,12 @@ pub struct LiveCounters {
     pub epochs_transferred: std::sync::atomic::AtomicU64,
     /// Epochs that diverged.
     pub divergences: std::sync::atomic::AtomicU64,
+    /// Checkpoints taken (`restart-checkpoint`).
+    pub checkpoints: std::sync::atomic::AtomicU64,
+    /// Guest crashes recovered by rolling back to a checkpoint.
+    pub guest_rollbacks: std::sync::atomic::AtomicU64,
+    /// Guest crashes recovered by rebooting the guest.
+    pub guest_reboots: std::sync::atomic::AtomicU64,
 }
 
 /// What a live secondary needs to go live.
@@ -430,6 +500,9 @@ impl Vcpu {
             boot: None,
             crash_times: Vec::new(),
             guest_crashes: Arc::default(),
+            checkpoints: None,
+            rollback_times: Vec::new(),
+            resume_halted: false,
             causes: Vec::new(),
             stats: VcpuStats::default(),
             divergence_reports: Vec::new(),
@@ -454,7 +527,7 @@ impl Vcpu {
         // The boot state, for rebooting a crashed guest: taken before
         // anything ran (or a joiner installed the primary's memory), so it
         // is the same on every side of a pair.
-        if self.crash_policy == CrashPolicy::Reboot || self.journal.replayer_ref().is_some() {
+        if self.crash_policy.reboots() || self.journal.replayer_ref().is_some() {
             self.boot = Some(self.capture_boot()?);
         }
         // A secondary joining a running primary starts at the primary's
@@ -493,6 +566,11 @@ impl Vcpu {
     /// What to do when the guest crashes.
     pub fn set_crash_policy(&mut self, policy: CrashPolicy) {
         self.crash_policy = policy;
+        if let CrashPolicy::RestartCheckpoint { interval_ms } = policy {
+            self.checkpoints = Some(crate::checkpoint::Checkpoints::new(
+                u64::from(interval_ms) * 1_000_000,
+            ));
+        }
     }
 
     /// Guest crashes rebooted so far (for `tandem status`).
@@ -525,59 +603,133 @@ impl Vcpu {
         Ok((MachineState { vcpu, devices }, pages))
     }
 
-    /// The guest crashed at the current stop: reboot it (true) or end the
-    /// run (false). Recording, the policy decides and the log says so; a
-    /// replay does what the recording did.
-    fn reboot_after(&mut self, crash: &GuestCrash) -> Result<bool, VcpuError> {
+    /// The guest crashed at the current stop: recover (true: reboot or roll
+    /// back) or end the run (false). Live, the policy decides and the log
+    /// says so; a replay does what the recording did.
+    fn recover(&mut self, crash: &GuestCrash) -> Result<bool, VcpuError> {
         let now = self.ctx.clock.now_ns();
-        let decided = match self.journal.replayer() {
-            Some(rep) => rep.reboot_logged(self.stop),
+        let logged = match self.journal.replayer() {
+            Some(rep) => rep.recovery_logged(self.stop),
             None => None,
         };
-        let reboot = match decided {
-            Some(logged) => logged,
+        let recovery = match logged {
+            Some(Some(Check::GuestRollback {
+                to, timer_delay_ns, ..
+            })) => Recovery::Rollback { to, timer_delay_ns },
+            Some(Some(_)) => Recovery::Reboot,
+            Some(None) => Recovery::Halt,
             None => {
                 if self.journal.replayer_ref().is_some() {
                     // The primary is gone before saying: decide here, live.
                     self.go_live()?;
                 }
-                let recent = self
-                    .crash_times
-                    .iter()
-                    .filter(|&&t| now.saturating_sub(t) < REBOOT_WINDOW_NS)
-                    .count();
-                let reboot = self.crash_policy == CrashPolicy::Reboot && recent < REBOOT_LIMIT;
-                if self.crash_policy == CrashPolicy::Reboot && !reboot {
-                    tracing::warn!(
-                        "guest crashed {} times within {} s of guest time: not rebooting again",
-                        recent + 1,
-                        REBOOT_WINDOW_NS / 1_000_000_000
-                    );
+                let recovery = self.decide_recovery(now);
+                let check = match recovery {
+                    Recovery::Halt => None,
+                    Recovery::Reboot => Some(Check::GuestReboot {
+                        crash: crash.to_string(),
+                    }),
+                    Recovery::Rollback { to, timer_delay_ns } => Some(Check::GuestRollback {
+                        crash: crash.to_string(),
+                        to,
+                        timer_delay_ns,
+                    }),
+                };
+                if let Some(check) = check {
+                    self.journal.check(self.stop, check)?;
                 }
-                if reboot {
-                    self.journal.check(
-                        self.stop,
-                        Check::GuestReboot {
-                            crash: crash.to_string(),
-                        },
-                    )?;
-                }
-                reboot
+                recovery
             }
         };
-        if !reboot {
-            return Ok(false);
+        match recovery {
+            Recovery::Halt => Ok(false),
+            Recovery::Reboot => self.reboot(crash, now),
+            Recovery::Rollback { to, timer_delay_ns } => {
+                self.rollback(crash, now, to, timer_delay_ns)
+            }
         }
+    }
+
+    /// The live side's choice after a crash at guest time `now`.
+    fn decide_recovery(&mut self, now: u64) -> Recovery {
+        if let (CrashPolicy::RestartCheckpoint { .. }, Some(checkpoints)) =
+            (self.crash_policy, self.checkpoints.as_ref())
+        {
+            // A crash soon after a rollback goes one checkpoint further back.
+            let recent = self
+                .rollback_times
+                .iter()
+                .filter(|&&t| now.saturating_sub(t) < ROLLBACK_WINDOW_NS)
+                .count();
+            let interval = checkpoints.interval_ns().max(1);
+            match checkpoints.stops_newest_first().get(recent) {
+                Some(&to) if self.devices.outputs.discard_after(to) => {
+                    // The perturbation: the timer's next interrupt comes
+                    // two to four intervals late.
+                    let random = std::hash::BuildHasher::hash_one(
+                        &std::collections::hash_map::RandomState::new(),
+                        self.stop,
+                    );
+                    let timer_delay_ns = 2 * interval + random % (2 * interval);
+                    return Recovery::Rollback { to, timer_delay_ns };
+                }
+                Some(&to) => tracing::warn!(
+                    "guest crashed again: its checkpoint at stop {to} is older than output already released, so it is no rollback target; rebooting instead"
+                ),
+                None if recent > 0 => tracing::warn!(
+                    "guest crashed {} times within {} s of guest time: no older checkpoint to return to; rebooting instead",
+                    recent + 1,
+                    ROLLBACK_WINDOW_NS / 1_000_000_000
+                ),
+                None => tracing::warn!("guest crashed before its first checkpoint: rebooting instead"),
+            }
+        }
+        let recent = self
+            .crash_times
+            .iter()
+            .filter(|&&t| now.saturating_sub(t) < REBOOT_WINDOW_NS)
+            .count();
+        let reboots = self.crash_policy.reboots();
+        if reboots && recent >= REBOOT_LIMIT {
+            tracing::warn!(
+                "guest crashed {} times within {} s of guest time: not rebooting again",
+                recent + 1,
+                REBOOT_WINDOW_NS / 1_000_000_000
+            );
+            return Recovery::Halt;
+        }
+        if reboots {
+            Recovery::Reboot
+        } else {
+            Recovery::Halt
+        }
+    }
+
+    /// Reboots the crashed guest from its boot state.
+    fn reboot(&mut self, crash: &GuestCrash, now: u64) -> Result<bool, VcpuError> {
         let Some((state, boot_pages)) = self.boot.clone() else {
             return Ok(false);
         };
         self.crash_times.push(now);
         self.guest_crashes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.live_counters
+            .guest_reboots
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(
             "guest crash at stop {} ({crash}): rebooting the guest from its boot state",
             self.stop
         );
+        // Output held for a checkpoint came from the state the reboot
+        // discards (and a disk write issued after the reboot could land
+        // under the new guest's reads): it never leaves.
+        if let Some(checkpoints) = self.checkpoints.as_mut() {
+            if let Some(&newest) = checkpoints.stops_newest_first().first() {
+                let _ = self.devices.outputs.discard_after(newest);
+            }
+            checkpoints.clear();
+            self.rollback_times.clear();
+        }
         // Every page: the boot image's, zeros elsewhere.
         let mut pages = Vec::new();
         let mut boot = boot_pages.into_iter().peekable();
@@ -594,15 +746,188 @@ impl Vcpu {
         self.exit_pending = true;
         self.complete_pending_exit()?;
         self.install_sync_point(&state, &pages)?;
+        self.resume_halted = false;
         // Both sides rebooted alike: the next sync point need not carry the
         // pages the reboot rewrote (all of memory).
+        self.forget_own_writes()?;
+        self.request_window(false);
+        Ok(true)
+    }
+
+    /// Rolls the crashed guest back to its checkpoint at stop `to`, with its
+    /// timer interrupt delayed by `timer_delay_ns`.
+    fn rollback(
+        &mut self,
+        crash: &GuestCrash,
+        now: u64,
+        to: u64,
+        timer_delay_ns: u64,
+    ) -> Result<bool, VcpuError> {
+        // KVM finishes the crashing exit first.
+        self.exit_pending = true;
+        self.complete_pending_exit()?;
+        let next_ids = self.devices.block_next_ids();
+        let sync = &mut self.sync;
+        sync.tracker
+            .harvest(&sync.vm, &sync.memory)
+            .map_err(|e| VcpuError::Memory(format!("KVM_GET_DIRTY_LOG: {e}")))?;
+        let dirtied = sync.tracker.take(sync.checkpoint_consumer);
+        let stop = self.stop;
+        let back = self
+            .checkpoints
+            .as_mut()
+            .ok_or_else(|| "this side took no checkpoints".to_string())
+            .and_then(|c| c.rollback(&dirtied, to))
+            .map_err(|e| {
+                VcpuError::Journal(JournalError::Diverged {
+                    stop,
+                    what: format!("cannot roll back to the checkpoint at stop {to}: {e}"),
+                })
+            })?;
+        // Output produced since never happened (the live side dropped it
+        // when it chose the target; a follower drops its buffered copy).
+        let _ = self.devices.outputs.discard_after(to);
+        self.install_sync_point(&back.state, &back.pages)?;
+        self.forget_own_writes()?;
+        let absent_ns = now.saturating_sub(back.guest_ns);
+        self.devices.resume_after_rollback(
+            &next_ids,
+            absent_ns,
+            now.saturating_add(timer_delay_ns),
+        );
+        // Live: requests in flight at the checkpoint are issued again (their
+        // first completion may have been rolled back), and the inputs since
+        // are delivered again. A replay gets both from the log.
+        let live = self.journal.replayer_ref().is_none();
+        let reissued = if live {
+            self.devices.reissue_unfinished()
+        } else {
+            0
+        };
+        let inputs = back.inputs.len();
+        self.journal.requeue(back.inputs);
+        self.rollback_times.push(now);
+        self.guest_crashes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.live_counters
+            .guest_rollbacks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.rollbacks += 1;
+        tracing::warn!(
+            "guest crash at stop {stop} ({crash}): rolled back to the checkpoint at stop {to} ({} ms of guest time earlier, {} pages restored); timer interrupt delayed {} ms{}",
+            absent_ns / 1_000_000,
+            back.pages.len(),
+            timer_delay_ns / 1_000_000,
+            if live {
+                format!("; {inputs} inputs delivered again, {reissued} disk requests issued again")
+            } else {
+                String::new()
+            }
+        );
+        self.resume_halted = back.state.vcpu.halted;
+        self.request_window(false);
+        Ok(true)
+    }
+
+    /// After a reboot or rollback, which both sides do alike: the pages it
+    /// wrote are no news to the next sync point or checkpoint.
+    fn forget_own_writes(&mut self) -> Result<(), VcpuError> {
         let sync = &mut self.sync;
         sync.tracker
             .harvest(&sync.vm, &sync.memory)
             .map_err(|e| VcpuError::Memory(format!("KVM_GET_DIRTY_LOG: {e}")))?;
         let _ = sync.tracker.take(sync.consumer);
-        self.request_window(false);
-        Ok(true)
+        let _ = sync.tracker.take(sync.checkpoint_consumer);
+        Ok(())
+    }
+
+    /// Takes a checkpoint here if one is due (live) or the log has one
+    /// (replay). `halted`: the guest sleeps in HLT at this stop.
+    fn maybe_checkpoint(&mut self, halted: bool) -> Result<(), VcpuError> {
+        let stop = self.stop;
+        let now = self.ctx.clock.now_ns();
+        let take = match self.journal.replayer() {
+            Some(rep) => rep.take_checkpoint(stop),
+            None => {
+                let Some(checkpoints) = self.checkpoints.as_ref() else {
+                    return Ok(());
+                };
+                // Held output takes one early, so a reply waits a little,
+                // not a whole interval.
+                // A guest going to sleep takes one at once: nothing else
+                // may come to release its output.
+                let due = checkpoints.due(now)
+                    || (self.devices.outputs.pending()
+                        && (halted
+                            || checkpoints
+                                .since_newest(now)
+                                .is_some_and(|since| since >= CHECKPOINT_MIN_GAP_NS)));
+                if due {
+                    self.journal.check(stop, Check::Checkpoint)?;
+                }
+                due
+            }
+        };
+        if !take {
+            return Ok(());
+        }
+        let began = Instant::now();
+        self.complete_pending_exit()?;
+        let vcpu = state::capture(&self.fd, &self.sync.msrs, halted)?;
+        let devices = self.devices.capture();
+        let mem_size = self.mem_pages() * PAGE_SIZE as u64;
+        let sync = &mut self.sync;
+        sync.tracker
+            .harvest(&sync.vm, &sync.memory)
+            .map_err(|e| VcpuError::Memory(format!("KVM_GET_DIRTY_LOG: {e}")))?;
+        let dirtied = sync.tracker.take(sync.checkpoint_consumer);
+        // A replay that meets a logged checkpoint keeps them from then on.
+        let interval = u64::from(DEFAULT_CHECKPOINT_INTERVAL_MS) * 1_000_000;
+        let checkpoints = self
+            .checkpoints
+            .get_or_insert_with(|| crate::checkpoint::Checkpoints::new(interval));
+        let copied = checkpoints
+            .take(
+                &sync.memory,
+                mem_size,
+                dirtied,
+                stop,
+                now,
+                MachineState { vcpu, devices },
+            )
+            .map_err(VcpuError::Memory)?;
+        self.devices.outputs.checkpoint_taken(stop);
+        self.stats.checkpoints += 1;
+        self.stats.checkpoint_pages += copied as u64;
+        self.stats.checkpoint_time += began.elapsed();
+        self.live_counters
+            .checkpoints
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sleeps in HLT at the current stop until an interrupt wakes the
+    /// guest, then runs the rest of the stop. Some: the run ends so.
+    fn sleep_at_stop(
+        &mut self,
+        timer: &mut DeadlineTimer,
+    ) -> Result<Option<RunOutcome>, VcpuError> {
+        match self.halt()? {
+            Halted::Woken => {}
+            Halted::Crashed(crash) if self.recover(&crash)? => return Ok(None),
+            Halted::Crashed(crash) => return Ok(Some(RunOutcome::Crashed(crash))),
+            Halted::ReplayEnded(end) => return Ok(Some(RunOutcome::ReplayEnded(end))),
+            Halted::Stopped => return Ok(Some(RunOutcome::Stopped)),
+        }
+        self.at_stop()?;
+        if let Some(crash) = self.watchdog_crash() {
+            if self.recover(&crash)? {
+                return Ok(None);
+            }
+            return Ok(Some(RunOutcome::Crashed(crash)));
+        }
+        timer.set(self.next_kick_deadline());
+        Ok(None)
     }
 
     /// Makes a live secondary able to go live: its cause queue and what to
@@ -705,6 +1030,13 @@ impl Vcpu {
             if self.stop_request.load(std::sync::atomic::Ordering::Acquire) {
                 return Ok(RunOutcome::Stopped);
             }
+            // Rolled back to a checkpoint taken in HLT: sleep on there.
+            if std::mem::take(&mut self.resume_halted) {
+                if let Some(outcome) = self.sleep_at_stop(timer)? {
+                    return Ok(outcome);
+                }
+                continue;
+            }
             // (f) re-enter from the current stop, if the log allows it.
             let output_waits = self.devices.outputs.take_newly_held();
             match self.journal.leave_stop(self.stop, output_waits)? {
@@ -740,21 +1072,9 @@ impl Vcpu {
                     // as the recording did.
                     self.stop = next;
                     self.devices.set_stop(next);
-                    match self.halt()? {
-                        Halted::Woken => {}
-                        Halted::Crashed(crash) if self.reboot_after(&crash)? => continue,
-                        Halted::Crashed(crash) => return Ok(RunOutcome::Crashed(crash)),
-                        Halted::ReplayEnded(end) => return Ok(RunOutcome::ReplayEnded(end)),
-                        Halted::Stopped => return Ok(RunOutcome::Stopped),
+                    if let Some(outcome) = self.sleep_at_stop(timer)? {
+                        return Ok(outcome);
                     }
-                    self.at_stop()?;
-                    if let Some(crash) = self.watchdog_crash() {
-                        if self.reboot_after(&crash)? {
-                            continue;
-                        }
-                        return Ok(RunOutcome::Crashed(crash));
-                    }
-                    timer.set(self.next_kick_deadline());
                     continue;
                 }
                 None
@@ -772,9 +1092,7 @@ impl Vcpu {
                             self.stop = next;
                             self.devices.set_stop(next);
                             match self.ended(ended)? {
-                                RunOutcome::Crashed(crash) if self.reboot_after(&crash)? => {
-                                    continue
-                                }
+                                RunOutcome::Crashed(crash) if self.recover(&crash)? => continue,
                                 outcome => return Ok(outcome),
                             }
                         }
@@ -820,18 +1138,22 @@ impl Vcpu {
                 self.maybe_end_epoch()?;
             }
             if kind == Some(StopKind::Hlt) {
+                self.maybe_checkpoint(true)?;
                 match self.halt()? {
                     Halted::Woken => {}
-                    Halted::Crashed(crash) if self.reboot_after(&crash)? => continue,
+                    Halted::Crashed(crash) if self.recover(&crash)? => continue,
                     Halted::Crashed(crash) => return Ok(RunOutcome::Crashed(crash)),
                     Halted::ReplayEnded(end) => return Ok(RunOutcome::ReplayEnded(end)),
                     Halted::Stopped => return Ok(RunOutcome::Stopped),
                 }
             }
             self.exit_pending = kind.is_some_and(StopKind::needs_completion);
+            if kind != Some(StopKind::Hlt) {
+                self.maybe_checkpoint(false)?;
+            }
             self.at_stop()?;
             if let Some(crash) = self.watchdog_crash() {
-                if self.reboot_after(&crash)? {
+                if self.recover(&crash)? {
                     continue;
                 }
                 return Ok(RunOutcome::Crashed(crash));
@@ -946,6 +1268,12 @@ impl Vcpu {
         self.stats.sync_pages += pages.len() as u64;
         self.last_sync_ns = self.ctx.clock.now_ns();
         if full {
+            // The joiner has no checkpoint before this one: neither side
+            // may roll back past it.
+            if let Some(checkpoints) = self.checkpoints.as_mut() {
+                checkpoints.clear();
+                self.rollback_times.clear();
+            }
             self.full_sync_stop
                 .store(self.stop, std::sync::atomic::Ordering::Release);
             // Output from here on waits for the new secondary again.
@@ -1329,6 +1657,13 @@ impl Vcpu {
     fn apply_causes(&mut self) -> Result<(), VcpuError> {
         let mut causes = std::mem::take(&mut self.causes);
         self.journal.collect(self.stop, &mut causes);
+        if let Some(checkpoints) = self.checkpoints.as_mut() {
+            for cause in &causes {
+                if matches!(cause, Cause::NetRx { .. } | Cause::SerialInput(_)) {
+                    checkpoints.input_applied(cause);
+                }
+            }
+        }
         let mut result = Ok(());
         for cause in causes.drain(..) {
             if result.is_ok() {

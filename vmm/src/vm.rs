@@ -551,8 +551,25 @@ impl Vm {
                 follower = Some(f.clone());
                 f
             }
+            // Live or recording with restart-checkpoint: output waits for
+            // checkpoints, so it needs a gate too (open: no secondary).
+            _ if matches!(
+                config.on_guest_crash,
+                crate::vcpu::CrashPolicy::RestartCheckpoint { .. }
+            ) && replay.is_none() =>
+            {
+                let g = Arc::new(GatedOutputs::new(outputs, stop.clone()));
+                g.open();
+                gate = Some(g.clone());
+                g
+            }
             _ => outputs,
         };
+        if let (Some(g), crate::vcpu::CrashPolicy::RestartCheckpoint { .. }) =
+            (&gate, config.on_guest_crash)
+        {
+            g.set_checkpointing();
+        }
 
         let serial_out = SerialOutput::default();
         let legacy =
@@ -656,6 +673,7 @@ impl Vm {
         let epoch_consumer = tracker.register();
         let repair_consumer = tracker.register();
         let precopy_consumer = tracker.register();
+        let checkpoint_consumer = tracker.register();
         let sync = SyncContext {
             vm: vm.clone(),
             memory: memory.clone(),
@@ -664,6 +682,7 @@ impl Vm {
             epoch_consumer,
             repair_consumer,
             precopy_consumer,
+            checkpoint_consumer,
             msrs,
         };
         let replaying = matches!(journal, Journal::Replay(_));

@@ -200,6 +200,17 @@ impl Block {
             .map(|r| &r.op)
     }
 
+    /// The id the next request gets.
+    pub fn next_request(&self) -> u64 {
+        self.next_request
+    }
+
+    /// Never hands out ids below `next` again (after a rollback to a
+    /// checkpoint, completions of requests issued since may still arrive).
+    pub fn reserve_ids_below(&mut self, next: u64) {
+        self.next_request = self.next_request.max(next);
+    }
+
     /// The request ids submitted and not yet completed.
     pub fn in_flight_ids(&self) -> Vec<u64> {
         self.in_flight.iter().map(|r| r.id).collect()

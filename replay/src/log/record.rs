@@ -123,6 +123,21 @@ pub enum Check {
         /// The crash, in words.
         crash: String,
     },
+    /// `on_guest_crash = "restart-checkpoint"`: the VMM took a checkpoint
+    /// here (vCPU, devices, memory); a replay takes one here too.
+    Checkpoint,
+    /// The guest crashed at this stop and the VMM rolled it back to its
+    /// checkpoint at stop `to`, delaying its next timer interrupt by
+    /// `timer_delay_ns` of guest time (the perturbation): a replay does the
+    /// same here.
+    GuestRollback {
+        /// The crash, in words.
+        crash: String,
+        /// The stop of the checkpoint returned to.
+        to: u64,
+        /// How much later than due the next timer interrupt comes.
+        timer_delay_ns: u64,
+    },
 }
 
 /// How a recording ended.

@@ -39,6 +39,15 @@ pub struct GatedOutputs {
     /// (its bitmap covers them; a re-sync repairs whatever a failover left
     /// different), so they are never held.
     mirrored: AtomicBool,
+    /// `on_guest_crash = "restart-checkpoint"`: the stop of the newest
+    /// checkpoint; nothing produced after it leaves (disk writes included),
+    /// so a rollback to it never contradicts the world. `u64::MAX`: not in
+    /// that mode.
+    checkpointed: AtomicU64,
+    /// The highest stop whose output (other than a disk read) has left: a
+    /// rollback to an older checkpoint is allowed only if none of its output
+    /// has.
+    emitted_upto: AtomicU64,
 }
 
 impl GatedOutputs {
@@ -53,7 +62,40 @@ impl GatedOutputs {
             suspended: AtomicBool::new(false),
             newly_held: AtomicBool::new(false),
             mirrored: AtomicBool::new(false),
+            checkpointed: AtomicU64::new(u64::MAX),
+            emitted_upto: AtomicU64::new(0),
         }
+    }
+
+    /// Holds output (disk writes too, mirrored or not) until a checkpoint
+    /// at or after the stop that produced it (`restart-checkpoint`).
+    pub fn set_checkpointing(&self) {
+        self.checkpointed.store(0, Ordering::Release);
+    }
+
+    /// Whether output waits for checkpoints.
+    fn checkpointing(&self) -> bool {
+        self.checkpointed.load(Ordering::Acquire) != u64::MAX
+    }
+
+    /// Everything produced at stops up to this may leave (once acked).
+    fn bound(&self) -> u64 {
+        self.acked
+            .load(Ordering::Acquire)
+            .min(self.checkpointed.load(Ordering::Acquire))
+    }
+
+    fn emit_now(&self, stop: u64, output: Output) {
+        if !matches!(
+            output,
+            Output::BlockSubmit {
+                op: BlockOp::Read { .. },
+                ..
+            }
+        ) {
+            self.emitted_upto.fetch_max(stop, Ordering::AcqRel);
+        }
+        self.inner.emit(output);
     }
 
     /// Mirrored storage: disk requests are never held.
@@ -87,15 +129,15 @@ impl GatedOutputs {
         if self.suspended.load(Ordering::Acquire) {
             return;
         }
-        let acked = self.acked.load(Ordering::Acquire);
-        while held.front().is_some_and(|(s, _, _)| *s <= acked) {
-            if let Some((_, _, output)) = held.pop_front() {
-                self.inner.emit(output);
+        let bound = self.bound();
+        while held.front().is_some_and(|(s, _, _)| *s <= bound) {
+            if let Some((stop, _, output)) = held.pop_front() {
+                self.emit_now(stop, output);
             }
         }
         drop(held);
         self.released.fetch_max(
-            acked.min(self.stop.load(Ordering::Acquire)),
+            bound.min(self.stop.load(Ordering::Acquire)),
             Ordering::AcqRel,
         );
     }
@@ -160,21 +202,42 @@ impl Outputs for GatedOutputs {
                 op: BlockOp::Read { .. },
                 ..
             } => true,
-            Output::BlockSubmit { .. } => self.mirrored.load(Ordering::Acquire),
+            Output::BlockSubmit { .. } => {
+                self.mirrored.load(Ordering::Acquire) && !self.checkpointing()
+            }
             _ => false,
         };
         let suspended = self.suspended.load(Ordering::Acquire);
-        if immediate || (!suspended && stop <= self.acked.load(Ordering::Acquire)) {
-            self.inner.emit(output);
+        if immediate || (!suspended && stop <= self.bound()) {
+            self.emit_now(stop, output);
             return;
         }
         lock(&self.held).push_back((stop, Instant::now(), output));
         self.newly_held.store(true, Ordering::Release);
         // An ack (or a resume) may have raced in between: release again
         // under the lock.
-        if stop <= self.acked.load(Ordering::Acquire) {
+        if stop <= self.bound() {
             self.flush_acked();
         }
+    }
+
+    fn checkpoint_taken(&self, stop: u64) {
+        if self.checkpointing() {
+            self.checkpointed.fetch_max(stop, Ordering::AcqRel);
+            self.flush_acked();
+        }
+    }
+
+    fn discard_after(&self, stop: u64) -> bool {
+        let mut held = lock(&self.held);
+        if self.emitted_upto.load(Ordering::Acquire) > stop {
+            return false;
+        }
+        held.retain(|(s, _, _)| *s <= stop);
+        if self.checkpointing() {
+            self.checkpointed.fetch_min(stop, Ordering::AcqRel);
+        }
+        true
     }
 }
 
@@ -256,6 +319,15 @@ impl FollowerOutputs {
 impl Outputs for FollowerOutputs {
     fn protect_from(&self, stop: u64) {
         self.inner.protect_from(stop);
+    }
+
+    fn checkpoint_taken(&self, stop: u64) {
+        self.inner.checkpoint_taken(stop);
+    }
+
+    fn discard_after(&self, stop: u64) -> bool {
+        lock(&self.buffer).retain(|(s, _)| *s <= stop);
+        self.inner.discard_after(stop)
     }
 
     fn pending(&self) -> bool {
@@ -347,6 +419,57 @@ mod tests {
         gate.open();
         gate.emit(frame(3));
         assert_eq!(lock(&sink.0).len(), 4);
+    }
+
+    #[test]
+    fn checkpointing_holds_output_and_writes_until_a_checkpoint_covers_them() {
+        let sink = Arc::new(Sink::default());
+        let stop = Arc::new(AtomicU64::new(5));
+        let gate = GatedOutputs::new(sink.clone(), stop.clone());
+        gate.set_mirrored(true);
+        gate.set_checkpointing();
+        gate.open();
+        let write = |request| Output::BlockSubmit {
+            device: 0,
+            request,
+            op: BlockOp::Write {
+                sector: 0,
+                data: vec![1; 512],
+            },
+        };
+        gate.emit(frame(1));
+        gate.emit(write(0));
+        assert_eq!(lock(&sink.0).len(), 0, "acked, mirrored, but no checkpoint");
+        gate.checkpoint_taken(5);
+        assert_eq!(lock(&sink.0).len(), 2);
+        assert_eq!(gate.released(), 5);
+        // Produced after the checkpoint: a rollback to it drops them.
+        stop.store(9, Ordering::Release);
+        gate.emit(frame(2));
+        gate.emit(write(1));
+        assert!(gate.discard_after(5), "nothing after stop 5 has left");
+        gate.checkpoint_taken(12);
+        assert_eq!(lock(&sink.0).len(), 2, "the dropped output never leaves");
+        // Once output after a checkpoint has left, it is no target.
+        stop.store(14, Ordering::Release);
+        gate.emit(frame(3));
+        gate.checkpoint_taken(15);
+        assert_eq!(lock(&sink.0).len(), 3);
+        assert!(!gate.discard_after(12), "output of stop 14 has left");
+        assert!(gate.discard_after(15));
+    }
+
+    #[test]
+    fn a_follower_drops_buffered_output_a_rollback_undid() {
+        let sink = Arc::new(Sink::default());
+        let stop = Arc::new(AtomicU64::new(3));
+        let follower = FollowerOutputs::new(sink.clone(), stop.clone());
+        follower.emit(frame(1));
+        stop.store(8, Ordering::Release);
+        follower.emit(frame(2));
+        assert!(follower.discard_after(5));
+        assert_eq!(follower.go_live(), 1, "only stop 3's output is emitted");
+        assert_eq!(*lock(&sink.0), vec![frame(1)]);
     }
 
     #[test]
