@@ -325,3 +325,50 @@ fn a_crash_looping_guest_is_rebooted_three_times_then_halted_and_replays_so() {
     assert_eq!(halted.stdout.matches("triple: faulting").count(), 1);
     let _ = std::fs::remove_file(log);
 }
+
+#[test]
+fn restart_checkpoint_rolls_back_then_reboots_a_crash_loop_and_replays_so() {
+    // Under restart-checkpoint each triple fault first rolls the guest back
+    // to a checkpoint (where it faults again: the bug is not timing), then
+    // reboots it, until the crash loop ends the run. The replay takes the
+    // same checkpoints and rolls back at the same stops from the log.
+    let log = temp("triple-checkpoint.log");
+    let log_arg = log.display().to_string();
+    let recorded = run_guest(
+        "triple",
+        &[
+            "--on-guest-crash",
+            "restart-checkpoint",
+            "--record",
+            &log_arg,
+        ],
+        None,
+        LIMIT,
+    );
+    assert_eq!(recorded.status, 120, "{recorded:?}");
+    assert!(
+        recorded
+            .stderr
+            .contains("rolled back to the checkpoint at stop")
+            && recorded
+                .stderr
+                .contains("rebooting the guest from its boot state")
+            && recorded.stderr.contains("not rebooting again"),
+        "{recorded:?}"
+    );
+    let replayed = replay(&log, &[]);
+    assert_eq!(replayed.stdout, recorded.stdout, "{replayed:?}");
+    assert_eq!(replayed.status, recorded.status, "{replayed:?}");
+    assert_eq!(summary(&replayed).divergences, 0, "{replayed:?}");
+    let _ = std::fs::remove_file(log);
+
+    // Output waits for checkpoints; a guest that exits still says all.
+    let hello = run_guest(
+        "hello",
+        &["--on-guest-crash", "restart-checkpoint"],
+        None,
+        LIMIT,
+    );
+    assert_eq!(hello.status, 0, "{hello:?}");
+    assert!(hello.stdout.contains("hello from tandem"), "{hello:?}");
+}

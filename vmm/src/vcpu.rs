@@ -1021,6 +1021,9 @@ impl Vcpu {
                 }
             }
         }
+        // No rollback can come any more: output held for a checkpoint
+        // leaves (the guest's last words before it exits).
+        self.devices.outputs.checkpoint_taken(u64::MAX);
         self.journal.finish(self.stop, outcome.end_outcome())?;
         Ok(outcome)
     }

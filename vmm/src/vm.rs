@@ -563,6 +563,13 @@ impl Vm {
                 gate = Some(g.clone());
                 g
             }
+            // A replay releases output at the recording's checkpoints.
+            RunMode::Replay { .. } => {
+                let g = Arc::new(GatedOutputs::new(outputs, stop.clone()));
+                g.open();
+                g.set_checkpointing_on_first();
+                g
+            }
             _ => outputs,
         };
         if let (Some(g), crate::vcpu::CrashPolicy::RestartCheckpoint { .. }) =

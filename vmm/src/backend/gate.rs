@@ -48,6 +48,9 @@ pub struct GatedOutputs {
     /// rollback to an older checkpoint is allowed only if none of its output
     /// has.
     emitted_upto: AtomicU64,
+    /// A replay: checkpointing starts at the first checkpoint the log has
+    /// (output before it passes, as the recording's did at that stop).
+    checkpoint_on_first: AtomicBool,
 }
 
 impl GatedOutputs {
@@ -64,7 +67,14 @@ impl GatedOutputs {
             mirrored: AtomicBool::new(false),
             checkpointed: AtomicU64::new(u64::MAX),
             emitted_upto: AtomicU64::new(0),
+            checkpoint_on_first: AtomicBool::new(false),
         }
+    }
+
+    /// A replay's gate: it holds output for checkpoints once the log shows
+    /// one, so the replay emits what the recording let out.
+    pub fn set_checkpointing_on_first(&self) {
+        self.checkpoint_on_first.store(true, Ordering::Release);
     }
 
     /// Holds output (disk writes too, mirrored or not) until a checkpoint
@@ -222,6 +232,9 @@ impl Outputs for GatedOutputs {
     }
 
     fn checkpoint_taken(&self, stop: u64) {
+        if !self.checkpointing() && self.checkpoint_on_first.swap(false, Ordering::AcqRel) {
+            self.checkpointed.store(stop, Ordering::Release);
+        }
         if self.checkpointing() {
             self.checkpointed.fetch_max(stop, Ordering::AcqRel);
             self.flush_acked();
