@@ -9,7 +9,8 @@
 //!
 //! `BENCH_QUICK=1` (or `--quick`): fewer repetitions, smaller sizes.
 //! `BENCH_ONLY=netecho,failover` (a development aid): only those tandem
-//! workloads and, with `failover`, the failover trials.
+//! workloads and, with `failover`, `storage`, `throughput` or `crash`, those
+//! trials.
 
 mod ctx;
 mod json;
@@ -380,6 +381,11 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
             throughput::planned(ctx)
         } else {
             0
+        }
+        + if ns.is_some() && wanted("crash") {
+            storage::crash_planned(ctx)
+        } else {
+            0
         };
     ctx.planned.set(planned);
     ctx.note(&format!(
@@ -409,6 +415,11 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
     };
     let throughput = if ns.is_some() && wanted("throughput") {
         throughput::measure(ctx)
+    } else {
+        Json::Null
+    };
+    let crash = if ns.is_some() && wanted("crash") {
+        storage::crash_measure(ctx)
     } else {
         Json::Null
     };
@@ -449,6 +460,7 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
         .with("pair", failover)
         .with("storage", storage)
         .with("throughput", throughput)
+        .with("crash", crash)
         .with("qemu", qjson)
         .with("micro", micro)
         .with("skipped", Json::Arr(skipped)))

@@ -37,6 +37,8 @@ pub struct PairSpec<'a> {
     /// `state_dir` (None: a fresh one per pair); mirrored runs that build
     /// on each other keep their replicas' sidecars here.
     pub state: Option<&'a Path>,
+    /// More `[ft]` lines (e.g. `on_guest_crash = "restart-checkpoint"`).
+    pub ft_extra: &'a str,
 }
 
 /// A running pair; dropping it kills every process and deletes the namespace.
@@ -234,6 +236,10 @@ fn toml(spec: &PairSpec, dir: &Path) -> String {
     if let Some(ms) = spec.heartbeat_ms {
         ft += &format!("heartbeat_ms = {ms}\n");
     }
+    if !spec.ft_extra.is_empty() {
+        ft += spec.ft_extra;
+        ft += "\n";
+    }
     let replica = |i: usize| match spec.replicas {
         Some(r) => format!(", disk = [\"{}\"]", r[i].display()),
         None => String::new(),
@@ -345,6 +351,7 @@ fn trial(ctx: &Ctx, mem: &str, fault: Fault, t: &mut Trial) -> Result<(), String
         heartbeat_ms: (fault == Fault::StopAggressive).then_some(AGGRESSIVE_HEARTBEAT_MS),
         replicas: None,
         state: None,
+        ft_extra: "",
     };
     let result = trial_in(ctx, &spec, fault, t);
     let _ = std::fs::remove_file(&disk);

@@ -479,22 +479,91 @@ fn storage_tables(o: &mut String, r: &Json) {
         ],
     );
     let _ = writeln!(o);
-    if st.get("guest_crash").is_some() {
+}
+
+/// 3f: guest software crashes: recovery per policy, and what
+/// `restart-checkpoint`'s checkpoints and held output cost.
+fn crash_tables(o: &mut String, r: &Json) {
+    let _ = writeln!(
+        o,
+        "### 3f. Guest software crashes: recovery per policy, checkpoint cost\n"
+    );
+    // Earlier results kept these under the storage figures.
+    let crash = r
+        .get("crash")
+        .filter(|p| !matches!(p, Json::Null))
+        .or_else(|| r.get("storage.guest_crash"));
+    if let Some(c) = crash {
         let _ = writeln!(
             o,
-            "**Guest software crash, `on_guest_crash = \"reboot\"`** (netecho pair): from the UDP request that makes the guest crash to the first UDP echo the rebooted guest answers (both sides reboot at the same stop; the guest boots again and reads its disk). *panic*: the guest reports a panic on the pvpanic port; *hang*: it arms its watchdog for 500 ms and spins, so the figure includes that timeout. With `halt` the VM stops instead.\n"
+            "**Recovery** (netecho pair, from the UDP request that makes the guest crash to the recovered guest's first answer; {} trials failed). *panic*: a pvpanic report; *hang*: the guest arms its watchdog for 500 ms and spins, so the figure includes that timeout; *timing crash*: the `fragile` request spends 15 ms of guest time where a timer tick crashes the guest (with a 100 Hz timer one always lands), answered by the request's own echo once the rolled-back guest, its timer delayed, gets through. Under `restart-checkpoint` a panic that is not about timing meets each rollback again, so after going back as far as it may the guest is rebooted. With `halt` the VM stops instead.\n",
+            c.num("failures").unwrap_or(0.0)
         );
-        header(o, &["policy", "panic → served (ms)", "hang → served (ms)"]);
+        header(o, &["policy", "crash", "request → served (ms)", "how"]);
+        for (policy, what, key, how) in [
+            ("reboot", "panic", "panic_to_reply_ms", "both sides reboot from the boot state; the guest boots and reads its disk"),
+            ("reboot", "hang (500 ms watchdog)", "hang_to_reply_ms", "as above, after the watchdog expires"),
+            ("restart-checkpoint", "timing crash", "timing_crash_rollback_to_reply_ms", "rollback to the newest checkpoint, timer delayed 2–4 intervals, request delivered again; no reboot"),
+            ("restart-checkpoint", "panic", "panic_checkpoint_mode_to_reply_ms", "rollbacks meet the panic again, then a reboot"),
+        ] {
+            row(o, &[policy.into(), what.into(), fig(c.get(key), 1), how.into()]);
+        }
+        let _ = writeln!(o);
+    } else {
+        let _ = writeln!(o, "Recovery not measured in this run.\n");
+    }
+    let _ = writeln!(
+        o,
+        "**Checkpoint cost at the default interval (20 ms)**: the `restart-checkpoint` variant is a recorded run with checkpoints and output held until the next one, made right after the plain recorded run of each rep; the ratio is its work rate over the recorded run's. ms and pages per checkpoint are the vCPU thread's own timing of each checkpoint (capture, dirty log, page copies; the first copies all of memory).\n"
+    );
+    header(
+        o,
+        &[
+            "workload",
+            "checkpoint mode / recorded rate",
+            "checkpoints",
+            "ms per checkpoint",
+            "pages per checkpoint",
+            "echo RTT p50 recorded → checkpoint mode (ms)",
+            "p99 (ms)",
+        ],
+    );
+    for w in r.arr("tandem.workloads") {
+        let Some(v) = w.get("variants.restart-checkpoint") else {
+            continue;
+        };
+        let rtt = |side: &str, q: &str| fig(w.get(&format!("{side}.rtt_{q}_ms")), 3);
+        let has_rtt = w.get("recorded.rtt_p50_ms").is_some();
         row(
             o,
             &[
-                "reboot".into(),
-                fig(st.get("guest_crash.panic_to_reply_ms"), 1),
-                fig(st.get("guest_crash.hang_to_reply_ms"), 1),
+                w.str("name").unwrap_or("?").into(),
+                fig(v.get("ratio_vs_recorded"), 3),
+                fig(v.get("checkpoints"), 0),
+                fig(v.get("ms_per_checkpoint"), 3),
+                fig(v.get("pages_per_checkpoint"), 1),
+                if has_rtt {
+                    format!(
+                        "{} → {}",
+                        rtt("recorded", "p50"),
+                        rtt("variants.restart-checkpoint", "p50")
+                    )
+                } else {
+                    "—".into()
+                },
+                if has_rtt {
+                    format!(
+                        "{} → {}",
+                        rtt("recorded", "p99"),
+                        rtt("variants.restart-checkpoint", "p99")
+                    )
+                } else {
+                    "—".into()
+                },
             ],
         );
-        let _ = writeln!(o);
     }
+    let _ = writeln!(o);
 }
 
 pub fn render(r: &Json) -> String {
@@ -897,6 +966,7 @@ Sampled every 10 ms from the primary's control socket (`tandem status`) while th
     // Failover and re-protection.
     failover_tables(&mut o, r, &mut short);
     storage_tables(&mut o, r);
+    crash_tables(&mut o, r);
     throughput_table(&mut o, r, &mut short);
 
     // 4. Replay speed.

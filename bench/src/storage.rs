@@ -50,6 +50,7 @@ fn diskseq_run(
         heartbeat_ms: None,
         replicas: mirrored.then_some(*disks),
         state: Some(state),
+        ft_extra: "",
     };
     let mut pair = Pair::start(ctx, &spec)?;
     let primary = pair.primary.take().ok_or("no primary")?;
@@ -102,6 +103,7 @@ fn resync_run(ctx: &Ctx, disks: &[&Path; 2], state: &Path) -> Result<(f64, f64, 
         heartbeat_ms: None,
         replicas: Some(*disks),
         state: Some(state),
+        ft_extra: "",
     };
     let pair = Pair::start(ctx, &spec)?;
     let primary = pair.primary.as_ref().ok_or("no primary")?;
@@ -129,6 +131,11 @@ fn resync_run(ctx: &Ctx, disks: &[&Path; 2], state: &Path) -> Result<(f64, f64, 
 
 /// A netecho pair on a fresh shared disk `disk`, up and answering echoes.
 pub fn netecho_pair(ctx: &Ctx, disk: &Path) -> Result<Pair, String> {
+    netecho_pair_with(ctx, disk, "")
+}
+
+/// [`netecho_pair`] with more `[ft]` lines.
+pub fn netecho_pair_with(ctx: &Ctx, disk: &Path, ft_extra: &str) -> Result<Pair, String> {
     make_image(disk, 64 << 10).map_err(|e| e.to_string())?;
     let guest = ctx.guest("netecho");
     let cmdline = format!("ip={}", netecho::GUEST_IP);
@@ -143,6 +150,7 @@ pub fn netecho_pair(ctx: &Ctx, disk: &Path) -> Result<Pair, String> {
         heartbeat_ms: None,
         replicas: None,
         state: None,
+        ft_extra,
     };
     let mut pair = Pair::start(ctx, &spec)?;
     let out = watch_stdout(pair.primary.as_mut().ok_or("no primary")?);
@@ -230,34 +238,104 @@ fn sizes(ctx: &Ctx) -> &'static [u64] {
 
 /// Runs [`measure`] makes (for the progress count).
 pub fn planned(ctx: &Ctx) -> usize {
-    sizes(ctx).len() * 4 + ctx.reps(10, 2) + 2 * ctx.reps(5, 1)
+    sizes(ctx).len() * 4 + ctx.reps(10, 2)
 }
 
-/// One guest crash in a netecho pair (`on_guest_crash = "reboot"`, the
-/// default): ms from the request that makes the guest crash ("crash": a
-/// pvpanic report) or hang ("hang": its 500 ms watchdog expires) to the
-/// first UDP echo the rebooted guest answers.
-fn crash_run(ctx: &Ctx, what: &str) -> Result<f64, String> {
+/// One guest crash in a netecho pair under `policy` (`on_guest_crash`): ms
+/// from the request that makes the guest crash ("crash": a pvpanic report;
+/// "hang": its 500 ms watchdog expires; "fragile": a timer tick inside a
+/// 15 ms window) to the first answer of the recovered guest: a UDP echo
+/// after a reboot, the fragile request's own echo after a rollback.
+fn crash_run(ctx: &Ctx, what: &str, policy: &str) -> Result<f64, String> {
     let disk = ctx.tmp.join("crash.img");
-    let pair = netecho_pair(ctx, &disk)?;
+    let ft = format!("on_guest_crash = \"{policy}\"");
+    let pair = netecho_pair_with(ctx, &disk, &ft)?;
     let s = pair.ns.udp_socket(&format!("{}:0", netecho::HOST_IP))?;
     let sent = Instant::now();
     s.send_to(what.as_bytes(), format!("{}:9002", netecho::GUEST_IP))
         .map_err(|e| e.to_string())?;
-    // The crash itself stops the echoes; wait for it to be seen.
     let primary = pair.primary.as_ref().ok_or("no primary")?;
-    primary
-        .wait_err("rebooting the guest", sent + Duration::from_secs(10))
-        .ok_or_else(|| format!("no reboot: {}", err_tail(primary)))?;
-    let reply = netecho::first_reply(
-        &pair.ns,
-        Duration::from_millis(2),
-        sent + Duration::from_secs(30),
-    )?
-    .ok_or("no echo after the reboot")?;
+    let deadline = sent + Duration::from_secs(30);
+    let reply = if what == "fragile" {
+        primary
+            .wait_err(
+                "rolled back to the checkpoint",
+                sent + Duration::from_secs(10),
+            )
+            .ok_or_else(|| format!("no rollback: {}", err_tail(primary)))?;
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 64];
+        loop {
+            if let Ok(n) = s.recv(&mut buf) {
+                if &buf[..n] == b"fragile" {
+                    break Instant::now();
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("the fragile request was never answered".into());
+            }
+        }
+    } else {
+        // The crash itself stops the echoes; wait for it to be seen.
+        primary
+            .wait_err("rebooting the guest", sent + Duration::from_secs(10))
+            .ok_or_else(|| format!("no reboot: {}", err_tail(primary)))?;
+        netecho::first_reply(&pair.ns, Duration::from_millis(2), deadline)?
+            .ok_or("no echo after the reboot")?
+    };
     drop(pair);
     let _ = std::fs::remove_file(&disk);
     Ok((reply - sent).as_secs_f64() * 1e3)
+}
+
+/// The guest-crash trials: (request, policy, JSON key).
+const CRASH_TRIALS: [(&str, &str, &str); 4] = [
+    ("crash", "reboot", "panic_to_reply_ms"),
+    ("hang", "reboot", "hang_to_reply_ms"),
+    (
+        "fragile",
+        "restart-checkpoint",
+        "timing_crash_rollback_to_reply_ms",
+    ),
+    (
+        "crash",
+        "restart-checkpoint",
+        "panic_checkpoint_mode_to_reply_ms",
+    ),
+];
+
+/// Runs [`crash_measure`] makes (for the progress count).
+pub fn crash_planned(ctx: &Ctx) -> usize {
+    CRASH_TRIALS.len() * ctx.reps(5, 1)
+}
+
+/// The guest-crash recovery figures, per trial.
+pub fn crash_measure(ctx: &Ctx) -> Json {
+    let mut crash_ms: Vec<Vec<f64>> = vec![Vec::new(); CRASH_TRIALS.len()];
+    let mut crash_failures = 0;
+    for i in 0..ctx.reps(5, 1) {
+        for (&(what, policy, _), out) in CRASH_TRIALS.iter().zip(crash_ms.iter_mut()) {
+            match crash_run(ctx, what, policy) {
+                Ok(ms) => {
+                    ctx.progress(&format!(
+                        "guest {what} ({policy}) {}: served again after {ms:.0} ms",
+                        i + 1
+                    ));
+                    out.push(ms);
+                }
+                Err(e) => {
+                    crash_failures += 1;
+                    ctx.progress(&format!("guest {what} ({policy}) {} FAILED: {e}", i + 1));
+                }
+            }
+        }
+    }
+    let mut crash = Json::obj().with("failures", crash_failures as f64);
+    for (&(_, _, key), ms) in CRASH_TRIALS.iter().zip(&crash_ms) {
+        crash.set(key, summary_json(ms, "ms"));
+    }
+    crash
 }
 
 /// All storage and switch-over figures.
@@ -333,34 +411,7 @@ pub fn measure(ctx: &Ctx) -> Json {
             }
         }
     }
-    let mut crash_ms = Vec::new();
-    let mut hang_ms = Vec::new();
-    let mut crash_failures = 0;
-    for i in 0..ctx.reps(5, 1) {
-        for (what, out) in [("crash", &mut crash_ms), ("hang", &mut hang_ms)] {
-            match crash_run(ctx, what) {
-                Ok(ms) => {
-                    ctx.progress(&format!(
-                        "guest {what} {}: served again after {ms:.0} ms",
-                        i + 1
-                    ));
-                    out.push(ms);
-                }
-                Err(e) => {
-                    crash_failures += 1;
-                    ctx.progress(&format!("guest {what} {} FAILED: {e}", i + 1));
-                }
-            }
-        }
-    }
     Json::obj()
-        .with(
-            "guest_crash",
-            Json::obj()
-                .with("failures", crash_failures as f64)
-                .with("panic_to_reply_ms", summary_json(&crash_ms, "ms"))
-                .with("hang_to_reply_ms", summary_json(&hang_ms, "ms")),
-        )
         .with("method", "diskseq writes N MiB (128-sector requests), flushes and reads it back in a protected pair, shared then mirrored storage, back to back; log bytes from the primary's `replication: N log bytes shipped`, Mbit/s over the run's wall time. Re-sync: a pair started on the replicas copies the chunks either side wrote since their last sync (the primary's `disks: K chunks ... copied ... in T ms`); the first row of each size is a first sync with no sidecars (everything). Switch-over: `tandem switchover` on a netecho pair while a client sends a UDP echo every 2 ms")
         .with("disk", Json::Arr(rows))
         .with(

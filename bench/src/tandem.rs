@@ -73,10 +73,13 @@ pub fn workloads(ctx: &Ctx) -> Vec<Workload> {
     vec![
         compute(
             100,
-            vec![(
-                "record-epoch1000",
-                vec!["--epoch-ms".to_string(), "1000".to_string()],
-            )],
+            vec![
+                (
+                    "record-epoch1000",
+                    vec!["--epoch-ms".to_string(), "1000".to_string()],
+                ),
+                checkpointing(),
+            ],
         ),
         compute(1000, Vec::new()),
         Workload {
@@ -139,12 +142,25 @@ pub fn workloads(ctx: &Ctx) -> Vec<Workload> {
             unit: "UDP echoes",
             expect: "netecho: bye",
             disk_bytes: Some(64 << 10),
-            variants: Vec::new(),
+            variants: vec![checkpointing()],
             kind: Kind::NetEcho { requests },
             note: "closed-loop UDP echo (64 B, one outstanding) from a client on the taps' bridge in their network namespace",
             pair: true,
         },
     ]
+}
+
+/// The `restart-checkpoint` variant: recorded, with checkpoints at the
+/// default interval and output held until the next one (compared with the
+/// plain recorded run for the checkpoints' cost).
+fn checkpointing() -> (&'static str, Vec<String>) {
+    (
+        "restart-checkpoint",
+        vec![
+            "--on-guest-crash".to_string(),
+            "restart-checkpoint".to_string(),
+        ],
+    )
 }
 
 /// Runs this many measured runs per rep (for the progress count).
@@ -412,6 +428,7 @@ impl Runner<'_> {
             heartbeat_ms: None,
             replicas: None,
             state: None,
+            ft_extra: "",
         };
         let mut s = Sample::default();
         match Pair::start(self.ctx, &spec) {
@@ -943,12 +960,27 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Json {
         let ratio: Vec<f64> = pairs(&runs.live, samples)
             .map(|(l, v)| v.rate / l.rate)
             .collect();
-        variants.set(
-            name,
-            side(samples)
-                .with("ratio_vs_live", summary_json(&ratio, "ratio"))
-                .with("log", log_json(samples)),
-        );
+        let vs_recorded: Vec<f64> = pairs(&runs.record, samples)
+            .map(|(r, v)| v.rate / r.rate)
+            .collect();
+        let mut variant = side(samples)
+            .with("ratio_vs_live", summary_json(&ratio, "ratio"))
+            .with("ratio_vs_recorded", summary_json(&vs_recorded, "ratio"))
+            .with("log", log_json(samples));
+        // Checkpoints taken, and what one costs (the vCPU's own timing).
+        let per = |f: &dyn Fn(&Sample) -> Option<f64>| -> Vec<f64> {
+            oks(samples).filter_map(f).collect()
+        };
+        let count = per(&|s| s.stat("checkpoints").filter(|&n| n > 0.0));
+        if !count.is_empty() {
+            let ms = per(&|s| Some(s.stat("checkpoint_time")? / s.stat("checkpoints")? * 1e3));
+            let pages = per(&|s| Some(s.stat("checkpoint_pages")? / s.stat("checkpoints")?));
+            variant = variant
+                .with("checkpoints", summary_json(&count, "count"))
+                .with("ms_per_checkpoint", summary_json(&ms, "ms"))
+                .with("pages_per_checkpoint", summary_json(&pages, "pages"));
+        }
+        variants.set(name, variant);
     }
     j.with(
         "cpu_ratio_live_over_recorded",

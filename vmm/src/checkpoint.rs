@@ -81,6 +81,13 @@ impl Checkpoints {
         self.ring.back().map(|c| now_ns.saturating_sub(c.guest_ns))
     }
 
+    /// Guest time at which the next checkpoint is due (0: none taken yet).
+    pub fn next_due_ns(&self) -> u64 {
+        self.ring
+            .back()
+            .map_or(0, |c| c.guest_ns.saturating_add(self.interval_ns))
+    }
+
     /// Whether a checkpoint is due at guest time `now_ns`.
     pub fn due(&self, now_ns: u64) -> bool {
         self.since_newest(now_ns)

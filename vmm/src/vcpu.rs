@@ -1219,10 +1219,14 @@ impl Vcpu {
             }
             _ => None,
         };
-        let ns = match (device, sync) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        // Held output needs a checkpoint even from a guest that makes no
+        // exits of its own (one spinning on a write's completion).
+        let checkpoint = self
+            .checkpoints
+            .as_ref()
+            .filter(|_| self.devices.outputs.pending())
+            .map(|c| c.next_due_ns());
+        let ns = [device, sync, checkpoint].into_iter().flatten().min();
         ns.map(|ns| self.start + Duration::from_nanos(ns))
     }
 
