@@ -1,5 +1,6 @@
 //! Micro-benchmarks (std timers, no criterion): log decode/encode
-//! throughput on a real recorded log, and xxh3 state-hash throughput.
+//! throughput on a real recorded log, xxh3 state-hash throughput, and the
+//! cost of capturing dirty pages.
 
 use std::hint::black_box;
 use std::io::Cursor;
@@ -88,6 +89,30 @@ pub fn measure(ctx: &Ctx, log: &Path) -> Json {
         paged.push(mem.len() as f64 / 1e9 / t.elapsed().as_secs_f64());
     }
     ctx.progress("micro xxh3 state hash over 32 MiB");
+    // Dirty-page capture: the DirtyTracker's harvest and the page copies a
+    // sync point or checkpoint makes, on a 256 MiB VM.
+    let mut capture = Json::obj();
+    for pages in [256u64, 8192] {
+        let (mut harvest, mut copy, mut error) = (vec![], vec![], None);
+        for _ in 0..reps {
+            match tandem_vmm::vm::measure_capture_cost(Path::new("/dev/kvm"), 256 << 20, pages) {
+                Ok(c) => {
+                    harvest.push(c.harvest_ns_per_page);
+                    copy.push(c.copy_ns_per_page);
+                }
+                Err(e) => error = Some(e.to_string()),
+            }
+        }
+        let mut row = Json::obj()
+            .with("harvest_ns_per_page", summary_json(&harvest, "ns"))
+            .with("copy_ns_per_page", summary_json(&copy, "ns"));
+        if let Some(e) = error {
+            row.set("error", e);
+        }
+        capture.set(&pages.to_string(), row);
+    }
+    ctx.progress("micro dirty-page capture on a 256 MiB VM");
+    j.set("capture", capture);
     j.set("xxh3_gb_per_s", summary_json(&whole, "GB/s"))
         .set("xxh3_per_page_gb_per_s", summary_json(&paged, "GB/s"));
     j

@@ -494,6 +494,9 @@ fn crash_tables(o: &mut String, r: &Json) {
         .filter(|p| !matches!(p, Json::Null))
         .or_else(|| r.get("storage.guest_crash"));
     if let Some(c) = crash {
+        if let Some(note) = c.str("note") {
+            let _ = writeln!(o, "{note}\n");
+        }
         let _ = writeln!(
             o,
             "**Recovery** (netecho pair, from the UDP request that makes the guest crash to the recovered guest's first answer; {} trials failed). *panic*: a pvpanic report; *hang*: the guest arms its watchdog for 500 ms and spins, so the figure includes that timeout; *timing crash*: the `fragile` request spends 15 ms of guest time where a timer tick crashes the guest (with a 100 Hz timer one always lands), answered by the request's own echo once the rolled-back guest, its timer delayed, gets through. Under `restart-checkpoint` a panic that is not about timing meets each rollback again, so after going back as far as it may the guest is rebooted. With `halt` the VM stops instead.\n",
@@ -966,8 +969,8 @@ Sampled every 10 ms from the primary's control socket (`tandem status`) while th
     // Failover and re-protection.
     failover_tables(&mut o, r, &mut short);
     storage_tables(&mut o, r);
-    crash_tables(&mut o, r);
     throughput_table(&mut o, r, &mut short);
+    crash_tables(&mut o, r);
 
     // 4. Replay speed.
     let _ = writeln!(o, "### 4. Replay speed\n");
@@ -1112,14 +1115,32 @@ Sampled every 10 ms from the primary's control socket (`tandem status`) while th
             "as epoch page groups are hashed".into(),
         ],
     );
-    row(
-        &mut o,
-        &[
-            "dirty-page capture cost per page".into(),
-            "not yet measured".into(),
-            "needs a hook in vmm/".into(),
-        ],
-    );
+    for n in ["256", "8192"] {
+        for (what, key, note) in [
+            (
+                "harvest",
+                "harvest_ns_per_page",
+                "KVM_GET_DIRTY_LOG and the VMM's bitmap merged into a page list, per page listed",
+            ),
+            (
+                "copy",
+                "copy_ns_per_page",
+                "reading each listed page out of guest memory",
+            ),
+        ] {
+            row(
+                &mut o,
+                &[
+                    format!("dirty-page capture, {what} (ns per page, {n} of 65536 pages dirty)"),
+                    mi(&format!("capture.{n}.{key}"), 0),
+                    format!(
+                        "256 MiB VM, pages written through guest memory as a device would; {note}{}",
+                        r.str("micro.capture_note").map(|n| format!(" ({n})")).unwrap_or_default()
+                    ),
+                ],
+            );
+        }
+    }
     let _ = writeln!(o);
 
     // Not yet.
@@ -1183,6 +1204,7 @@ mod tests {
     fn renders_an_empty_result() {
         let out = render(&Json::obj());
         assert!(out.contains("### 1. Overhead"));
-        assert!(out.contains("not yet measured"));
+        assert!(out.contains("### 7. Not yet measured"));
+        assert!(out.contains("Recovery not measured in this run"));
     }
 }

@@ -1021,3 +1021,70 @@ fn configure_vcpu(
     fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
     Ok(())
 }
+
+/// What capturing dirty pages costs, per page (BENCHMARKS.md figure 9).
+#[derive(Clone, Copy, Debug)]
+pub struct CaptureCost {
+    /// `KVM_GET_DIRTY_LOG` plus the VMM's bitmap, merged and turned into a
+    /// page list, per page listed (ns).
+    pub harvest_ns_per_page: f64,
+    /// Copying each listed page out of guest memory (ns).
+    pub copy_ns_per_page: f64,
+}
+
+/// Measures [`CaptureCost`] on a VM with `mem_size` bytes of memory after
+/// `pages` pages spread over it were written (through guest memory, as a
+/// device would; KVM's own dirty log is read all the same). No vCPU runs.
+pub fn measure_capture_cost(
+    kvm_path: &Path,
+    mem_size: u64,
+    pages: u64,
+) -> Result<CaptureCost, VmError> {
+    use crate::dirty::{DirtyTracker, PAGE_SIZE};
+    use vm_memory::Bytes;
+    let kvm = open_kvm(kvm_path)?;
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    let memory = create_memory(&vm, mem_size)?;
+    let mut tracker = DirtyTracker::new(mem_size);
+    let consumer = tracker.register();
+    let harvest_err = |e: kvm_ioctls::Error| VmError::Memory {
+        size: mem_size,
+        reason: format!("KVM_GET_DIRTY_LOG: {e}"),
+    };
+    tracker.harvest(&vm, &memory).map_err(harvest_err)?;
+    let _ = tracker.take(consumer);
+    let total = mem_size / PAGE_SIZE;
+    let pages = pages.clamp(1, total);
+    let stride = total / pages;
+    for i in 0..pages {
+        memory
+            .write_obj(i as u8 | 1, GuestAddress(i * stride * PAGE_SIZE))
+            .map_err(|e| VmError::Memory {
+                size: mem_size,
+                reason: e.to_string(),
+            })?;
+    }
+    let began = Instant::now();
+    tracker.harvest(&vm, &memory).map_err(harvest_err)?;
+    let gfns = tracker.take(consumer);
+    let harvested = began.elapsed();
+    let began = Instant::now();
+    let mut copies = Vec::with_capacity(gfns.len());
+    for gfn in &gfns {
+        let mut data = vec![0u8; PAGE_SIZE as usize];
+        memory
+            .read_slice(&mut data, GuestAddress(gfn * PAGE_SIZE))
+            .map_err(|e| VmError::Memory {
+                size: mem_size,
+                reason: e.to_string(),
+            })?;
+        copies.push(data);
+    }
+    let copied = began.elapsed();
+    std::hint::black_box(&copies);
+    let listed = gfns.len().max(1) as f64;
+    Ok(CaptureCost {
+        harvest_ns_per_page: harvested.as_nanos() as f64 / listed,
+        copy_ns_per_page: copied.as_nanos() as f64 / listed,
+    })
+}
