@@ -42,6 +42,9 @@
  * rollback to a checkpoint, which delays it); a handler
  * that gets through prints "netecho: fragile window done (R reads, T
  * ticks)" and echoes the datagram back to the sender.
+ * Option fill=N: at boot, write a pattern over N MiB of memory from 8 MiB
+ * up ("netecho: filled N MiB"), so a benchmark has memory in use to
+ * re-protect.
  * On-disk format (sector 0 of the disk): bytes 0..7 = "TNDMCNTR", bytes
  * 8..15 = counter, u64 LE; the rest zero. At boot sector 0 is read: with
  * the magic the counter continues from the stored value, else it starts at 0
@@ -234,6 +237,35 @@ static void counter_store(u64 value)
     }
 }
 
+
+/* ---- memory in use (fill=N) ---- */
+
+#define FILL_BASE 0x800000u /* 8 MiB: above the code, stacks and buffers */
+
+/* Writes a non-zero pattern over N MiB from FILL_BASE (as much as fits
+ * below the memory the start info reports), so re-protection has that much
+ * memory in use to copy. */
+static void fill_memory(u32 mib)
+{
+    if (!mib)
+        return;
+    u64 len = (u64)mib << 20, top = 0;
+    const struct hvm_start_info *si = (const struct hvm_start_info *)(uptr)pvh_start_info_paddr;
+    if (si && si->memmap_entries) {
+        const u64 *e = (const u64 *)(uptr)si->memmap_paddr; /* addr, size, type|reserved */
+        for (u32 i = 0; i < si->memmap_entries; i++, e += 3)
+            if ((u32)e[2] == 1 && e[0] + e[1] > top)
+                top = e[0] + e[1];
+    }
+    if (top <= FILL_BASE)
+        return;
+    if (FILL_BASE + len > top)
+        len = top - FILL_BASE;
+    uptr words = (uptr)(len / sizeof(uptr));
+    uptr *p = (uptr *)(uptr)FILL_BASE;
+    __asm__ volatile("rep stos %2, (%0)" : "+D"(p), "+c"(words) : "a"((uptr)0x46494c4cu) : "memory");
+    printf("netecho: filled %llu MiB\n", len >> 20);
+}
 
 /* ---- the "fragile" timing bug ---- */
 
@@ -528,6 +560,7 @@ int main(void)
         return 4;
     }
     counter_load();
+    fill_memory(cmdline_u32("fill", 0));
     net_init();
     printf("netecho: up ip=%u.%u.%u.%u mac=%02x:%02x:%02x:%02x:%02x:%02x counter=%llu\n", my_ip[0], my_ip[1],
            my_ip[2], my_ip[3], mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], counter);

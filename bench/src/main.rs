@@ -233,18 +233,30 @@ fn run(root: &Path, quick: bool, no_qemu: bool, no_net: bool) -> Result<Json, St
     result
 }
 
+/// Memory the "in use" re-protection trials fill (netecho `fill=`): about 6 s
+/// of guest time on the emulator-based development hosts.
+const FILL_MIB: u32 = 64;
+
 /// Failover (SIGSTOP of the primary) and re-protection trials, 32 MiB and
-/// 256 MiB netecho guests interleaved.
+/// 256 MiB netecho guests (nearly empty, and with [`FILL_MIB`] in use)
+/// interleaved.
 fn failover(ctx: &Ctx, (n32, n256): (usize, usize)) -> Json {
     let mut t32 = Vec::new();
     let mut t256 = Vec::new();
+    let mut t256_filled = Vec::new();
+    // Filling takes seconds of guest time: one trial in quick mode.
+    let n_filled = ctx.reps(n256, 1);
     for i in 0..n32.max(n256) {
-        for (mem, n, out) in [("32M", n32, &mut t32), ("256M", n256, &mut t256)] {
+        for (mem, fill, n, out) in [
+            ("32M", 0, n32, &mut t32),
+            ("256M", 0, n256, &mut t256),
+            ("256M", FILL_MIB, n_filled, &mut t256_filled),
+        ] {
             if i >= n {
                 continue;
             }
-            let t = pair::failover_trial(ctx, mem, pair::Fault::Stop);
-            let what = format!("failover {mem:<5} trial {}/{n}", i + 1);
+            let t = pair::failover_trial(ctx, mem, pair::Fault::Stop, fill);
+            let what = format!("failover {mem:<5} ({fill} MiB in use) trial {}/{n}", i + 1);
             if t.error.is_empty() {
                 ctx.progress(&format!(
                     "{what} detect {:.0} ms (silence {:.0}), catch-up {:.1} ms, go-live→reply {:.1} ms, total {:.0} ms; re-protect {} ms, pause {} ms ({} pages)",
@@ -271,10 +283,10 @@ fn failover(ctx: &Ctx, (n32, n256): (usize, usize)) -> Json {
         (pair::Fault::Kill9, "kill9_32m"),
         (pair::Fault::StopAggressive, "aggressive_32m"),
     ] {
-        let n = ctx.reps(10, 1);
+        let n = ctx.reps(5, 1);
         let mut trials = Vec::new();
         for i in 0..n {
-            let t = pair::failover_trial(ctx, "32M", fault);
+            let t = pair::failover_trial(ctx, "32M", fault, 0);
             if t.error.is_empty() {
                 ctx.progress(&format!(
                     "failover {fault:?} trial {}/{n}: detect {:.0} ms, after detection {:.1} ms, total {:.0} ms",
@@ -301,7 +313,12 @@ fn failover(ctx: &Ctx, (n32, n256): (usize, usize)) -> Json {
         .with("guest", "netecho, output_commit = received, shared disk, one NIC on a bridge with the client")
         .with("method", "detect = SIGSTOP → the secondary's stderr line `primary silent for N ms`; catch-up = that line → `going live at stop`; go-live = that line → the first reply to an echo (64 B, a new one every 2 ms, all sent after the SIGSTOP); lines timed as they arrive on the harness's pipe. Re-protect = `tandem pair --host a` started (after kill -9 of the frozen primary) → the live side's `secondary joined at stop`; pause from its `full sync point ... guest paused X ms` line")
         .with("mem_32m", pair::trials_json("32M", &t32))
-        .with("mem_256m", pair::trials_json("256M", &t256));
+        .with("mem_256m", pair::trials_json("256M", &t256))
+        .with("fill_mib", FILL_MIB)
+        .with(
+            "mem_256m_filled",
+            pair::trials_json("256M", &t256_filled),
+        );
     for (key, json) in by_fault {
         out = out.with(key, json);
     }
@@ -313,7 +330,7 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let reps = ctx.reps(7, 3);
+    let reps = ctx.reps(5, 3);
     let qreps = ctx.reps(5, 2);
     // Failover + re-protection trials: (32 MiB guest, 256 MiB guest).
     let fo_reps = (ctx.reps(20, 3), ctx.reps(5, 2));
@@ -368,7 +385,7 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
         }
         + 2
         + if ns.is_some() && fo_reps != (0, 0) {
-            fo_reps.0 + fo_reps.1 + 3 * ctx.reps(10, 1)
+            fo_reps.0 + fo_reps.1 + ctx.reps(fo_reps.1, 1) + 3 * ctx.reps(5, 1)
         } else {
             0
         }

@@ -323,19 +323,21 @@ pub enum Fault {
     StopAggressive,
 }
 
-pub fn failover_trial(ctx: &Ctx, mem: &str, fault: Fault) -> Trial {
+/// `fill_mib`: memory the guest fills at boot (netecho `fill=`), so
+/// re-protection has that much in use to copy.
+pub fn failover_trial(ctx: &Ctx, mem: &str, fault: Fault, fill_mib: u32) -> Trial {
     let mut t = Trial::default();
-    if let Err(e) = trial(ctx, mem, fault, &mut t) {
+    if let Err(e) = trial(ctx, mem, fault, fill_mib, &mut t) {
         t.error = e;
     }
     t
 }
 
-fn trial(ctx: &Ctx, mem: &str, fault: Fault, t: &mut Trial) -> Result<(), String> {
+fn trial(ctx: &Ctx, mem: &str, fault: Fault, fill_mib: u32, t: &mut Trial) -> Result<(), String> {
     let disk = ctx.tmp.join(format!("failover-{mem}.img"));
     crate::ctx::make_image(&disk, 64 << 10).map_err(|e| e.to_string())?;
     let guest = ctx.guest("netecho");
-    let cmdline = format!("ip={}", netecho::GUEST_IP);
+    let cmdline = format!("ip={} fill={fill_mib}", netecho::GUEST_IP);
     let spec = PairSpec {
         guest: &guest,
         cmdline: &cmdline,

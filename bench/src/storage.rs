@@ -238,7 +238,7 @@ fn sizes(ctx: &Ctx) -> &'static [u64] {
 
 /// Runs [`measure`] makes (for the progress count).
 pub fn planned(ctx: &Ctx) -> usize {
-    sizes(ctx).len() * 4 + ctx.reps(10, 2)
+    sizes(ctx).len() * 4 + ctx.reps(5, 2)
 }
 
 /// One guest crash in a netecho pair under `policy` (`on_guest_crash`): ms
@@ -397,7 +397,7 @@ pub fn measure(ctx: &Ctx) -> Json {
     let mut took = Vec::new();
     let mut gaps = Vec::new();
     let mut failures = 0;
-    for i in 0..ctx.reps(10, 2) {
+    for i in 0..ctx.reps(5, 2) {
         match switchover_run(ctx) {
             Ok((h, t, g)) => {
                 ctx.progress(&format!("switch-over {}: handed over in {h:.0} ms, command {t:.0} ms, longest echo gap {g:.0} ms", i + 1));
