@@ -17,12 +17,17 @@ const CLIENT: [u16; 3] = [2379, 2479, 2579];
 const PEER: [u16; 3] = [2380, 2480, 2580];
 
 fn etcd_member(ns: &NetNs, dir: &std::path::Path, i: usize) -> Proc {
+    etcd_member_at(ns, dir, i, "127.0.0.1")
+}
+
+/// Member `i` of a 3-member cluster whose members all listen on `ip`.
+fn etcd_member_at(ns: &NetNs, dir: &std::path::Path, i: usize, ip: &str) -> Proc {
     let cluster: Vec<String> = (0..3)
-        .map(|j| format!("m{j}=http://127.0.0.1:{}", PEER[j]))
+        .map(|j| format!("m{j}=http://{ip}:{}", PEER[j]))
         .collect();
     let data = dir.join(format!("etcd-m{i}"));
-    let client = format!("http://127.0.0.1:{}", CLIENT[i]);
-    let peer = format!("http://127.0.0.1:{}", PEER[i]);
+    let client = format!("http://{ip}:{}", CLIENT[i]);
+    let peer = format!("http://{ip}:{}", PEER[i]);
     let mut cmd = ns.command("etcd");
     cmd.args(["--name", &format!("m{i}"), "--data-dir"])
         .arg(&data)
@@ -51,7 +56,11 @@ fn etcd_member(ns: &NetNs, dir: &std::path::Path, i: usize) -> Proc {
 
 /// etcd's `/health` on member `i`, from inside the namespace.
 fn healthy(ns: &NetNs, i: usize) -> bool {
-    let Ok(mut c) = ns.tcp_connect(&format!("127.0.0.1:{}", CLIENT[i])) else {
+    healthy_at(ns, i, "127.0.0.1")
+}
+
+fn healthy_at(ns: &NetNs, i: usize, ip: &str) -> bool {
+    let Ok(mut c) = ns.tcp_connect(&format!("{ip}:{}", CLIENT[i])) else {
         return false;
     };
     let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
@@ -147,6 +156,162 @@ fn a_pair_arbitrated_by_a_three_member_etcd_cluster_fails_over_and_survives_a_me
     drop((a, secondary));
     drop(members);
     let _ = std::fs::remove_dir_all(&t.dir);
+}
+
+fn have_etcd() -> bool {
+    let ok = std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !ok {
+        eprintln!("SKIPPED: no etcd binary (make deps installs Debian's etcd-server)");
+    }
+    ok
+}
+
+#[test]
+fn a_primary_cut_off_from_etcd_stops_releasing_and_hands_over_exactly_once() {
+    // Hosts a and b are network namespaces of their own on one segment
+    // with the client and the 3-member etcd cluster (10.78.0.1). An
+    // nftables rule on host a drops its traffic to etcd; a still reaches b.
+    // Without renewals a's lease runs out: it holds all output and tells b
+    // to go live; b (which reaches etcd) claims generation 2, once.
+    if !have_etcd() {
+        return;
+    }
+    let (ns, hosts) = split_hosts("etcdcut", &["a", "b"], |h| vec![format!("tap{h}")]);
+    let dir = test_dir("etcdcut");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
+    let endpoints: Vec<String> = CLIENT.iter().map(|p| format!("10.78.0.1:{p}")).collect();
+    let config = dir.join("pair.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[vm]
+name = "counter"
+kernel = "{kernel}"
+cmdline = "ip={GUEST_IP}"
+mem = "32M"
+disk = ["{disk}"]
+net = [{{ mac = "52:54:00:00:78:02" }}]
+
+[hosts]
+a = {{ address = "10.78.0.11:7401", tap = "tapa" }}
+b = {{ address = "10.78.0.12:7402", tap = "tapb" }}
+
+[ft]
+heartbeat_ms = 50
+failover_timeout_ms = 1500
+witness = "etcd://{endpoints}/tandem-test"
+state_dir = "{state}"
+psk_file = "{psk}"
+"#,
+            kernel = common::guest("netecho").display(),
+            disk = disk.display(),
+            endpoints = endpoints.join(","),
+            state = dir.join("state").display(),
+            psk = write_psk(&dir).display(),
+        ),
+    )
+    .unwrap();
+    let members: Vec<Proc> = (0..3)
+        .map(|i| etcd_member_at(&ns, &dir, i, "10.78.0.1"))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(0..3).all(|i| healthy_at(&ns, i, "10.78.0.1")) {
+        assert!(
+            Instant::now() < deadline,
+            "the etcd cluster never became healthy"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let config = config.display().to_string();
+    let primary = Proc::spawn(&hosts[0], &["primary", "--config", &config, "--host", "a"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let secondary = Proc::spawn(
+        &hosts[1],
+        &["secondary", "--config", &config, "--host", "b"],
+    );
+    primary.wait_for("netecho: up", Duration::from_secs(60));
+    let s = ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, first) = serve(&s, 0, 5, Duration::from_secs(30), &mut replies);
+    assert!(
+        first.is_some(),
+        "the pair does not serve: {}",
+        primary.stderr()
+    );
+
+    // Host a loses etcd (and only etcd).
+    let mut nft = hosts[0].command("nft");
+    nft.args(["-f", "-"]).stdin(std::process::Stdio::piped());
+    let mut child = nft.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"table inet cut {\n chain out {\n  type filter hook output priority 0;\n  ip daddr 10.78.0.1 tcp dport { 2379, 2479, 2579 } drop\n }\n}\n",
+        )
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "nft failed");
+    let cut = Instant::now();
+    wait_stderr(
+        &primary,
+        "ran out: holding output",
+        Duration::from_secs(10),
+        &secondary,
+    );
+    let stopped = cut.elapsed();
+    // The lease is 2 s (the failover timeout, at least etcd's minimum);
+    // a counts on 80% of it from the last renewal it sent.
+    assert!(
+        stopped < Duration::from_millis(2500),
+        "a kept releasing for {stopped:?} after losing etcd"
+    );
+    wait_stderr(
+        &secondary,
+        "going live as generation 2",
+        Duration::from_secs(15),
+        &primary,
+    );
+    wait_stderr(
+        &primary,
+        "fenced: lost the arbiter lease",
+        Duration::from_secs(15),
+        &secondary,
+    );
+    let (next2, took_over) = serve(&s, next, 5, Duration::from_secs(30), &mut replies);
+    assert!(
+        took_over.is_some(),
+        "b does not serve: {}",
+        secondary.stderr()
+    );
+    assert_counter_invariants(&replies, next);
+    // Exactly once: b went live once, nobody claimed a third generation.
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, still) = serve(&s, next2, 3, Duration::from_secs(30), &mut replies);
+    assert!(still.is_some());
+    assert_eq!(
+        secondary
+            .stderr()
+            .matches("going live as generation")
+            .count(),
+        1
+    );
+    assert!(
+        !secondary.stderr().contains("generation 3"),
+        "{}",
+        secondary.stderr()
+    );
+    assert!(
+        !primary.stderr().contains("generation 2"),
+        "{}",
+        primary.stderr()
+    );
+    drop((primary, secondary, members));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

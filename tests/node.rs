@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::guest;
-use common::netns::NetNs;
 use common::pair::*;
 
 const VMS: [(&str, &str, u16); 2] = [("web1", "10.78.0.2", 7410), ("web2", "10.78.0.3", 7420)];
@@ -111,36 +110,9 @@ fn joined(node: &Proc) -> usize {
 #[test]
 fn two_hosts_run_a_vm_each_survive_a_host_loss_and_move_a_vm_back() {
     // The client's namespace (and the witness), and one per host.
-    let ns = NetNs::new("node");
-    ip(&ns, &["link", "add", "br0", "type", "bridge"]);
-    ip(&ns, &["addr", "add", "10.78.0.1/24", "dev", "br0"]);
-    ip(&ns, &["link", "set", "br0", "up"]);
-    let hosts = [NetNs::new("node-a"), NetNs::new("node-b")];
-    for (h, (host, addr)) in hosts
-        .iter()
-        .zip([("a", "10.78.0.11/24"), ("b", "10.78.0.12/24")])
-    {
-        ip(h, &["link", "add", "br0", "type", "bridge"]);
-        for i in 0..2 {
-            let tap = format!("{host}{i}");
-            ip(h, &["tuntap", "add", "dev", &tap, "mode", "tap"]);
-            ip(h, &["link", "set", &tap, "master", "br0"]);
-            ip(h, &["link", "set", &tap, "up"]);
-        }
-        ip(h, &["addr", "add", addr, "dev", "br0"]);
-        ip(h, &["link", "set", "br0", "up"]);
-        // The host's uplink: a veth from its bridge to the client's.
-        let (up, down) = (format!("up{host}"), format!("dn{host}"));
-        ip(
-            &ns,
-            &["link", "add", &down, "type", "veth", "peer", "name", &up],
-        );
-        ip(&ns, &["link", "set", &up, "netns", &h.name]);
-        ip(&ns, &["link", "set", &down, "master", "br0"]);
-        ip(&ns, &["link", "set", &down, "up"]);
-        ip(h, &["link", "set", &up, "master", "br0"]);
-        ip(h, &["link", "set", &up, "up"]);
-    }
+    let (ns, hosts) = split_hosts("node", &["a", "b"], |h| {
+        (0..2).map(|i| format!("{h}{i}")).collect()
+    });
     let dir = test_dir("node");
     for i in 0..2 {
         pair_file(&dir, i);

@@ -27,7 +27,7 @@ mod throughput;
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ctx::Ctx;
@@ -255,7 +255,7 @@ fn failover(ctx: &Ctx, (n32, n256): (usize, usize)) -> Json {
             if i >= n {
                 continue;
             }
-            let t = pair::failover_trial(ctx, mem, pair::Fault::Stop, fill);
+            let t = pair::failover_trial(ctx, mem, pair::Fault::Stop, fill, false);
             let what = format!("failover {mem:<5} ({fill} MiB in use) trial {}/{n}", i + 1);
             if t.error.is_empty() {
                 ctx.progress(&format!(
@@ -278,18 +278,25 @@ fn failover(ctx: &Ctx, (n32, n256): (usize, usize)) -> Json {
     // The same failover after a partition (nftables drop of the
     // replication traffic) and after kill -9, 32 MiB guest.
     let mut by_fault = Vec::new();
-    for (fault, key) in [
-        (pair::Fault::Partition, "partition_32m"),
-        (pair::Fault::Kill9, "kill9_32m"),
-        (pair::Fault::StopAggressive, "aggressive_32m"),
+    // And SIGSTOP with the pair arbitrated by a 3-member etcd cluster
+    // instead of the witness (when etcd is installed).
+    let etcd = Command::new("etcd").arg("--version").output().is_ok();
+    for (fault, key, on_etcd) in [
+        (pair::Fault::Partition, "partition_32m", false),
+        (pair::Fault::Kill9, "kill9_32m", false),
+        (pair::Fault::StopAggressive, "aggressive_32m", false),
+        (pair::Fault::Stop, "etcd_32m", true),
     ] {
+        if on_etcd && !etcd {
+            continue;
+        }
         let n = ctx.reps(5, 1);
         let mut trials = Vec::new();
         for i in 0..n {
-            let t = pair::failover_trial(ctx, "32M", fault, 0);
+            let t = pair::failover_trial(ctx, "32M", fault, 0, on_etcd);
             if t.error.is_empty() {
                 ctx.progress(&format!(
-                    "failover {fault:?} trial {}/{n}: detect {:.0} ms, after detection {:.1} ms, total {:.0} ms",
+                    "failover {key} trial {}/{n}: detect {:.0} ms, after detection {:.1} ms, total {:.0} ms",
                     i + 1,
                     t.detect_ms,
                     t.catch_up_ms + t.go_live_ms,
@@ -297,7 +304,7 @@ fn failover(ctx: &Ctx, (n32, n256): (usize, usize)) -> Json {
                 ));
             } else {
                 ctx.progress(&format!(
-                    "failover {fault:?} trial {}/{n} FAILED: {}",
+                    "failover {key} trial {}/{n} FAILED: {}",
                     i + 1,
                     t.error
                 ));
@@ -331,9 +338,9 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let reps = ctx.reps(5, 3);
-    let qreps = ctx.reps(5, 2);
+    let qreps = ctx.reps(3, 2);
     // Failover + re-protection trials: (32 MiB guest, 256 MiB guest).
-    let fo_reps = (ctx.reps(20, 3), ctx.reps(5, 2));
+    let fo_reps = (ctx.reps(20, 3), ctx.reps(3, 2));
     let mut skipped: Vec<(String, String)> = Vec::new();
 
     // Namespaces of an earlier, interrupted harness.
@@ -385,7 +392,7 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
         }
         + 2
         + if ns.is_some() && fo_reps != (0, 0) {
-            fo_reps.0 + fo_reps.1 + ctx.reps(fo_reps.1, 1) + 3 * ctx.reps(5, 1)
+            fo_reps.0 + fo_reps.1 + ctx.reps(fo_reps.1, 1) + 4 * ctx.reps(5, 1)
         } else {
             0
         }

@@ -39,7 +39,13 @@ pub struct PairSpec<'a> {
     pub state: Option<&'a Path>,
     /// More `[ft]` lines (e.g. `on_guest_crash = "restart-checkpoint"`).
     pub ft_extra: &'a str,
+    /// Arbitrate on a 3-member etcd cluster in the pair's namespace instead
+    /// of `tandem witness`.
+    pub etcd: bool,
 }
+
+/// The etcd members' client and peer ports (all on 127.0.0.1).
+const ETCD_PORTS: [(u16, u16); 3] = [(2379, 2380), (2479, 2480), (2579, 2580)];
 
 /// A running pair; dropping it kills every process and deletes the namespace.
 pub struct Pair {
@@ -47,6 +53,8 @@ pub struct Pair {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub witness: Option<Running>,
+    /// The etcd members, when the pair arbitrates on etcd.
+    pub etcd: Vec<Running>,
     pub primary: Option<Running>,
     pub secondary: Option<Running>,
     /// A `tandem pair` that re-protects the VM.
@@ -116,6 +124,7 @@ impl Pair {
             dir,
             config,
             witness: None,
+            etcd: Vec::new(),
             primary: None,
             secondary: None,
             joiner: None,
@@ -137,11 +146,68 @@ impl Pair {
             ));
         }
 
+        if spec.etcd {
+            pair.start_etcd(ctx)?;
+        } else {
+            pair.start_witness(ctx, &psk)?;
+        }
+        pair.start_sides(ctx)?;
+        Ok(pair)
+    }
+
+    /// A 3-member etcd cluster on the secondary's CPU, healthy.
+    fn start_etcd(&mut self, ctx: &Ctx) -> Result<(), String> {
+        let cluster: Vec<String> = ETCD_PORTS
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        for (i, (client, peer)) in ETCD_PORTS.iter().enumerate() {
+            let mut cmd = self.ns.pinned(ctx.cpu2, Path::new("etcd"));
+            let client = format!("http://127.0.0.1:{client}");
+            let peer = format!("http://127.0.0.1:{peer}");
+            cmd.args(["--name", &format!("m{i}"), "--data-dir"])
+                .arg(self.dir.join(format!("etcd-m{i}")))
+                .args([
+                    "--listen-client-urls",
+                    &client,
+                    "--advertise-client-urls",
+                    &client,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                ])
+                .args(["--initial-cluster", &cluster.join(",")])
+                .args(["--initial-cluster-state", "new", "--log-level", "error"]);
+            self.etcd
+                .push(proc::spawn(cmd).map_err(|e| format!("spawn etcd: {e}"))?);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ETCD_PORTS.iter().all(|(client, _)| {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.ns.name, "curl", "-s", "-m", "1"])
+                .arg(format!("http://127.0.0.1:{client}/health"))
+                .output();
+            out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("true"))
+        }) {
+            if Instant::now() > deadline {
+                return Err("the etcd cluster never became healthy".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    fn start_witness(&mut self, ctx: &Ctx, psk: &Path) -> Result<(), String> {
+        let pair = self;
         let mut cmd = pair.ns.pinned(ctx.cpu2, &ctx.tandem);
         cmd.args(["witness", "--listen", WITNESS, "--state"])
             .arg(pair.dir.join("witness.state"))
             .arg("--psk-file")
-            .arg(&psk);
+            .arg(psk);
         let mut witness = proc::spawn(cmd).map_err(|e| format!("spawn witness: {e}"))?;
         let out = watch_stdout(&mut witness);
         pair.witness = Some(witness);
@@ -152,6 +218,12 @@ impl Pair {
         ) {
             return Err("the witness never said `listening on`".into());
         }
+        Ok(())
+    }
+
+    /// The primary (until it waits for its secondary), then the secondary.
+    fn start_sides(&mut self, ctx: &Ctx) -> Result<(), String> {
+        let pair = self;
 
         let primary = proc::spawn(pair.command(ctx, ctx.cpu, "primary"))
             .map_err(|e| format!("spawn primary: {e}"))?;
@@ -170,7 +242,7 @@ impl Pair {
             .map_err(|e| format!("spawn secondary: {e}"))?;
         watch_stdout(&mut secondary);
         pair.secondary = Some(secondary);
-        Ok(pair)
+        Ok(())
     }
 
     /// `tandem ROLE -v --config C --host a|b` in the namespace, pinned.
@@ -195,6 +267,7 @@ impl Drop for Pair {
         ]
         .into_iter()
         .flatten()
+        .chain(std::mem::take(&mut self.etcd))
         {
             r.kill();
             let _ = r.finish(Duration::ZERO);
@@ -224,8 +297,17 @@ fn toml(spec: &PairSpec, dir: &Path) -> String {
     if spec.net {
         vm += &format!("net = [{{ mac = \"{}\" }}]\n", netecho::GUEST_MAC);
     }
+    let witness = if spec.etcd {
+        let members: Vec<String> = ETCD_PORTS
+            .iter()
+            .map(|(c, _)| format!("127.0.0.1:{c}"))
+            .collect();
+        format!("etcd://{}/tandem-bench", members.join(","))
+    } else {
+        format!("tcp://{WITNESS}")
+    };
     let mut ft = format!(
-        "[ft]\noutput_commit = \"{}\"\nwitness = \"tcp://{WITNESS}\"\nstate_dir = \"{}\"\npsk_file = \"{}\"\n",
+        "[ft]\noutput_commit = \"{}\"\nwitness = \"{witness}\"\nstate_dir = \"{}\"\npsk_file = \"{}\"\n",
         spec.commit,
         spec.state.map_or_else(|| dir.join("state"), Path::to_path_buf).display(),
         dir.join("pair.psk").display()
@@ -325,15 +407,23 @@ pub enum Fault {
 
 /// `fill_mib`: memory the guest fills at boot (netecho `fill=`), so
 /// re-protection has that much in use to copy.
-pub fn failover_trial(ctx: &Ctx, mem: &str, fault: Fault, fill_mib: u32) -> Trial {
+/// `etcd`: arbitrate on a 3-member etcd cluster, not `tandem witness`.
+pub fn failover_trial(ctx: &Ctx, mem: &str, fault: Fault, fill_mib: u32, etcd: bool) -> Trial {
     let mut t = Trial::default();
-    if let Err(e) = trial(ctx, mem, fault, fill_mib, &mut t) {
+    if let Err(e) = trial(ctx, mem, fault, fill_mib, etcd, &mut t) {
         t.error = e;
     }
     t
 }
 
-fn trial(ctx: &Ctx, mem: &str, fault: Fault, fill_mib: u32, t: &mut Trial) -> Result<(), String> {
+fn trial(
+    ctx: &Ctx,
+    mem: &str,
+    fault: Fault,
+    fill_mib: u32,
+    etcd: bool,
+    t: &mut Trial,
+) -> Result<(), String> {
     let disk = ctx.tmp.join(format!("failover-{mem}.img"));
     crate::ctx::make_image(&disk, 64 << 10).map_err(|e| e.to_string())?;
     let guest = ctx.guest("netecho");
@@ -354,6 +444,7 @@ fn trial(ctx: &Ctx, mem: &str, fault: Fault, fill_mib: u32, t: &mut Trial) -> Re
         replicas: None,
         state: None,
         ft_extra: "",
+        etcd,
     };
     let result = trial_in(ctx, &spec, fault, t);
     let _ = std::fs::remove_file(&disk);

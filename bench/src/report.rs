@@ -345,7 +345,7 @@ fn failover_tables(o: &mut String, r: &Json, short: &mut Vec<String>) {
     if p.get("partition_32m").is_some() {
         let _ = writeln!(
             o,
-            "**By fault** (32 MiB guest, same method): SIGSTOP (a hung host), an nftables rule in the pair's namespace dropping all traffic to and from the primary's replication port (a partition; both sides still reach the witness and the client), and kill -9 (the connection closes at once, but EOF is only a hint: the secondary still waits for the failover timeout, trying to resume). In a partition both sides notice the silence and the first to claim the next generation keeps the VM (the other fences itself): the primary kept it in {} of {} trials; its detection is then its own `secondary silent` line and it serves again once it has won (no catch-up).\n",
+            "**By fault** (32 MiB guest, same method): SIGSTOP (a hung host), an nftables rule in the pair's namespace dropping all traffic to and from the primary's replication port (a partition; both sides still reach the witness and the client), kill -9 (the connection closes at once, but EOF is only a hint: the secondary still waits for the failover timeout, trying to resume), and SIGSTOP again with the pair arbitrated by a 3-member etcd cluster in its namespace (`witness = \"etcd://...\"`, generation claims as etcd transactions, the live side holding a 2 s etcd lease) instead of `tandem witness`. In a partition both sides notice the silence and the first to claim the next generation keeps the VM (the other fences itself): the primary kept it in {} of {} trials; its detection is then its own `secondary silent` line and it serves again once it has won (no catch-up).\n",
             p.num("partition_32m.primary_kept").unwrap_or(0.0),
             p.num("partition_32m.trials").unwrap_or(0.0) - p.num("partition_32m.failures").unwrap_or(0.0)
         );
@@ -357,6 +357,7 @@ fn failover_tables(o: &mut String, r: &Json, short: &mut Vec<String>) {
                 "partition (nftables)",
                 "kill -9",
                 "SIGSTOP, `heartbeat_ms` 20, `failover_timeout_ms` 100",
+                "SIGSTOP, etcd arbiter (3 members) instead of the witness",
             ],
         );
         let g = |k: &str, part: &str| fig(p.get(&format!("{k}.{part}")), 1);
@@ -373,6 +374,7 @@ fn failover_tables(o: &mut String, r: &Json, short: &mut Vec<String>) {
                     g("partition_32m", part),
                     g("kill9_32m", part),
                     g("aggressive_32m", part),
+                    g("etcd_32m", part),
                 ],
             );
         }

@@ -51,6 +51,7 @@ fn diskseq_run(
         replicas: mirrored.then_some(*disks),
         state: Some(state),
         ft_extra: "",
+        etcd: false,
     };
     let mut pair = Pair::start(ctx, &spec)?;
     let primary = pair.primary.take().ok_or("no primary")?;
@@ -104,6 +105,7 @@ fn resync_run(ctx: &Ctx, disks: &[&Path; 2], state: &Path) -> Result<(f64, f64, 
         replicas: Some(*disks),
         state: Some(state),
         ft_extra: "",
+        etcd: false,
     };
     let pair = Pair::start(ctx, &spec)?;
     let primary = pair.primary.as_ref().ok_or("no primary")?;
@@ -151,6 +153,7 @@ pub fn netecho_pair_with(ctx: &Ctx, disk: &Path, ft_extra: &str) -> Result<Pair,
         replicas: None,
         state: None,
         ft_extra,
+        etcd: false,
     };
     let mut pair = Pair::start(ctx, &spec)?;
     let out = watch_stdout(pair.primary.as_mut().ok_or("no primary")?);

@@ -430,6 +430,7 @@ impl Runner<'_> {
             replicas: None,
             state: None,
             ft_extra: "",
+            etcd: false,
         };
         let mut s = Sample::default();
         match Pair::start(self.ctx, &spec) {

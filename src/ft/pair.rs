@@ -293,7 +293,17 @@ struct Replicator {
     stepped_down: AtomicBool,
     /// Stops this side's VM (after a switch-over).
     stopper: tandem_vmm::vm::VmStopper,
+    /// With an arbiter that grants leases (etcd): until when (ms since
+    /// `base`) this side's lease surely holds; u64::MAX: no leases.
+    arbiter_lease_until: AtomicU64,
+    /// The arbiter lease ran out: nothing is released until it is held
+    /// again.
+    arbiter_lease_lost: AtomicBool,
 }
+
+/// How much of a lease's TTL this side counts on (from before the renewal
+/// was sent): the rest covers clocks that run at different rates.
+const LEASE_TRUST: f64 = 0.8;
 
 /// Lets held disk writes go on when a re-sync ends, however it ends.
 struct ResumeWrites<'a>(&'a [Arc<Replica>]);
@@ -342,6 +352,8 @@ impl Replicator {
             stepping_down: AtomicBool::new(false),
             stepped_down: AtomicBool::new(false),
             stopper: vm.stopper(),
+            arbiter_lease_until: AtomicU64::new(u64::MAX),
+            arbiter_lease_lost: AtomicBool::new(false),
         }))
     }
 
@@ -361,6 +373,14 @@ impl Replicator {
     /// does not take over in time, this side claims the next generation
     /// itself and runs on unprotected (the secondary then loses and fences).
     fn switchover(&self) -> Result<String, String> {
+        self.hand_over(false)
+    }
+
+    /// [`Self::switchover`]; `lease_lost`: this side's arbiter lease ran
+    /// out (it cannot reach the arbiter), so once the secondary is told to
+    /// go live this side fences itself at once: it could neither watch the
+    /// secondary win nor win the VM back.
+    fn hand_over(&self, lease_lost: bool) -> Result<String, String> {
         if !self.attached.load(Ordering::Acquire) {
             return Err("no secondary follows this side: nothing to switch over to".into());
         }
@@ -398,8 +418,10 @@ impl Replicator {
         }
         // The writer ships the stop's last records within its period.
         std::thread::sleep(Duration::from_millis(20));
+        // Without the lease nothing held may leave here: the secondary
+        // emits it from its own replay once live.
         if throttle.parked() == Some(false)
-            && !wait_until(&|| throttle.unacked() == 0 && self.gate.held() == 0)
+            && !wait_until(&|| throttle.unacked() == 0 && (lease_lost || self.gate.held() == 0))
         {
             return undo(format!(
                 "the secondary did not acknowledge everything within {} ms",
@@ -423,6 +445,17 @@ impl Replicator {
         };
         if let Err(e) = sent {
             return undo(format!("cannot tell the secondary to go live: {e}"));
+        }
+        if lease_lost {
+            self.stepped_down.store(true, Ordering::Release);
+            self.params.event(&format!(
+                "stepped-down lease-lost to={} generation={generation}",
+                self.params.peer_name
+            ));
+            fence(&format!(
+                "lost the arbiter lease of generation {generation}: told host {} to go live (it reaches the arbiter) and stopped",
+                self.params.peer_name
+            ));
         }
         // Nothing may run here again unless this side wins the VM back.
         let deadline = Instant::now() + limit * 2;
@@ -644,7 +677,8 @@ impl Replicator {
                 self.lease_span()
             );
             self.gate.suspend();
-        } else if valid && self.gate.suspended() {
+        } else if valid && self.gate.suspended() && !self.arbiter_lease_lost.load(Ordering::Acquire)
+        {
             let generation = self.generation.load(Ordering::Acquire);
             match self.params.current() {
                 Ok(g)
@@ -1171,7 +1205,83 @@ impl Replicator {
         std::thread::Builder::new()
             .name("tandem-monitor".into())
             .spawn(move || r.monitor())?;
+        if self.params.arbiter.is_some() {
+            let r = self.clone();
+            std::thread::Builder::new()
+                .name("tandem-lease".into())
+                .spawn(move || r.keep_arbiter_lease())?;
+        }
         Ok(())
+    }
+
+    /// With an arbiter that grants leases (etcd), the live side releases
+    /// output only while it holds one: this renews it every quarter of its
+    /// TTL; a watcher thread acts when it runs out.
+    fn keep_arbiter_lease(self: &Arc<Self>) {
+        let Some(arbiter) = self.params.arbiter.clone() else {
+            return;
+        };
+        let mut watching = false;
+        while !self.stepped_down.load(Ordering::Acquire) {
+            let generation = self.generation.load(Ordering::Acquire);
+            let sent = millis(self.base);
+            let every = match arbiter.hold(&self.params.vm_name, generation, &self.params.me) {
+                Ok(None) => return,
+                Ok(Some(ttl)) => {
+                    let trusted = (ttl.as_millis() as f64 * LEASE_TRUST) as u64;
+                    self.arbiter_lease_until
+                        .store(sent + trusted, Ordering::Release);
+                    if self.arbiter_lease_lost.swap(false, Ordering::AcqRel) {
+                        warn!("the arbiter lease of generation {generation} is held again");
+                        // Attached, the echo check re-validates and
+                        // resumes; alone, nothing else would.
+                        if !self.attached.load(Ordering::Acquire) {
+                            self.gate.resume();
+                        }
+                    }
+                    if !watching {
+                        watching = true;
+                        let r = self.clone();
+                        let _ = std::thread::Builder::new()
+                            .name("tandem-lease-watch".into())
+                            .spawn(move || r.watch_arbiter_lease());
+                    }
+                    (ttl / 4).max(Duration::from_millis(100))
+                }
+                Err(e) => {
+                    warn!("cannot renew the arbiter lease of generation {generation}: {e}");
+                    Duration::from_millis(200)
+                }
+            };
+            std::thread::sleep(every);
+        }
+    }
+
+    /// Acts when the arbiter lease runs out (a renewal may block for a
+    /// while on an unreachable arbiter, so this thread watches the clock):
+    /// nothing more is released, and a secondary that follows is told to go
+    /// live (it may still reach the arbiter), after which this side fences.
+    fn watch_arbiter_lease(self: &Arc<Self>) {
+        while !self.stepped_down.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(20));
+            let until = self.arbiter_lease_until.load(Ordering::Acquire);
+            if millis(self.base) < until || self.arbiter_lease_lost.load(Ordering::Acquire) {
+                continue;
+            }
+            self.arbiter_lease_lost.store(true, Ordering::Release);
+            self.gate.suspend();
+            let generation = self.generation.load(Ordering::Acquire);
+            warn!(
+                "the arbiter lease of generation {generation} ran out: holding output and disk writes"
+            );
+            self.params
+                .event(&format!("lease-lost generation={generation}"));
+            if self.attached.load(Ordering::Acquire) {
+                if let Err(e) = self.hand_over(true) {
+                    warn!("cannot hand the VM over after losing the lease: {e}");
+                }
+            }
+        }
     }
 
     /// A silent secondary is gone: win the next generation before releasing

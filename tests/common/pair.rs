@@ -15,6 +15,56 @@ use super::netns::NetNs;
 
 pub const GUEST_IP: &str = "10.78.0.2";
 
+/// Hosts as separate network namespaces on one L2 segment: a client
+/// namespace `tag` with bridge br0 (10.78.0.1/24), and per host `h` in
+/// `hosts` (address 10.78.0.(11+i)/24) a namespace `tag-h` whose own br0
+/// carries its taps (`taps(h)`) and a veth uplink to the client's bridge.
+/// Returns (client namespace, host namespaces).
+pub fn split_hosts(
+    tag: &str,
+    hosts: &[&str],
+    taps: impl Fn(&str) -> Vec<String>,
+) -> (NetNs, Vec<NetNs>) {
+    let ns = NetNs::new(tag);
+    ip(&ns, &["link", "add", "br0", "type", "bridge"]);
+    ip(&ns, &["addr", "add", "10.78.0.1/24", "dev", "br0"]);
+    ip(&ns, &["link", "set", "br0", "up"]);
+    let mut out = Vec::new();
+    for (i, host) in hosts.iter().enumerate() {
+        let h = NetNs::new(&format!("{tag}-{host}"));
+        ip(&h, &["link", "add", "br0", "type", "bridge"]);
+        for tap in taps(host) {
+            ip(&h, &["tuntap", "add", "dev", &tap, "mode", "tap"]);
+            ip(&h, &["link", "set", &tap, "master", "br0"]);
+            ip(&h, &["link", "set", &tap, "up"]);
+        }
+        ip(
+            &h,
+            &[
+                "addr",
+                "add",
+                &format!("10.78.0.{}/24", 11 + i),
+                "dev",
+                "br0",
+            ],
+        );
+        ip(&h, &["link", "set", "br0", "up"]);
+        // The host's uplink: a veth from its bridge to the client's.
+        let (up, down) = (format!("up{host}"), format!("dn{host}"));
+        ip(
+            &ns,
+            &["link", "add", &down, "type", "veth", "peer", "name", &up],
+        );
+        ip(&ns, &["link", "set", &up, "netns", &h.name]);
+        ip(&ns, &["link", "set", &down, "master", "br0"]);
+        ip(&ns, &["link", "set", &down, "up"]);
+        ip(&h, &["link", "set", &up, "master", "br0"]);
+        ip(&h, &["link", "set", &up, "up"]);
+        out.push(h);
+    }
+    (ns, out)
+}
+
 pub fn ip(ns: &NetNs, args: &[&str]) {
     let out = Command::new("ip")
         .arg("-n")

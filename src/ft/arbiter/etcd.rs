@@ -10,6 +10,16 @@
 //! transaction commits through etcd's Raft log). The generation is the
 //! fencing token the pair already carries in every frame.
 //!
+//!
+//! The live side also holds an etcd **lease** (`hold`): the key
+//! `PREFIX/vm/NAME/live` = `"<generation> <holder>"`, attached to a lease of
+//! `lease_ttl` that the live side keeps alive. It is created only while the
+//! VM's key still names that generation and holder (a transaction comparing
+//! the value), so a superseded side cannot take one. The pair releases
+//! output only while its lease holds; one that cannot renew it stops
+//! releasing anything before etcd lets the lease expire and hands the VM to
+//! its secondary (see `ft::pair`).
+//!
 //! The client speaks etcd's v3 JSON gateway (`/v3/kv/range`, `/v3/kv/txn`,
 //! plain HTTP/1.1, keys and values base64) with the standard library, so
 //! building tandem needs neither protoc nor a gRPC stack. The endpoints are
@@ -32,7 +42,15 @@ pub struct EtcdArbiter {
     endpoints: Vec<SocketAddr>,
     prefix: String,
     timeout: Duration,
+    /// The live side's lease length, in whole seconds.
+    lease_ttl_s: u64,
+    /// The lease this side holds: (etcd lease id, generation it is for).
+    lease: std::sync::Mutex<Option<(String, u64)>>,
 }
+
+/// The default lease length (etcd's own minimum is 2 s with its default
+/// timing).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(2);
 
 /// Largest HTTP response read from etcd.
 const MAX_RESPONSE: usize = 1 << 20;
@@ -45,11 +63,80 @@ impl EtcdArbiter {
             endpoints,
             prefix: prefix.trim_end_matches('/').to_string(),
             timeout,
+            lease_ttl_s: DEFAULT_LEASE_TTL.as_secs(),
+            lease: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The live side's lease lasts `ttl` (rounded up to whole seconds).
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl_s = ttl.as_secs_f64().ceil().max(1.0) as u64;
+        self
     }
 
     fn key(&self, vm: &str) -> String {
         format!("{}/vm/{vm}", self.prefix)
+    }
+
+    fn live_key(&self, vm: &str) -> String {
+        format!("{}/vm/{vm}/live", self.prefix)
+    }
+
+    fn lease(&self) -> std::sync::MutexGuard<'_, Option<(String, u64)>> {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A bad reply from the first endpoint (for errors about a reply).
+    fn bad_reply(&self, why: &str, reply: &Value) -> ArbiterError {
+        ArbiterError::BadReply {
+            addr: self
+                .endpoints
+                .first()
+                .copied()
+                .unwrap_or(([0, 0, 0, 0], 0).into()),
+            reply: format!(
+                "{why}: {}",
+                reply.to_string().chars().take(200).collect::<String>()
+            ),
+        }
+    }
+
+    /// Grants a new lease and puts the live key on it, if the VM's key
+    /// still names `generation` and `holder`. Returns the lease id and TTL.
+    fn take_lease(
+        &self,
+        vm: &str,
+        generation: u64,
+        holder: &str,
+    ) -> Result<(String, u64), ArbiterError> {
+        let grant = self.post("/v3/lease/grant", &json!({ "TTL": self.lease_ttl_s }))?;
+        let id = json_int(&grant, "ID").ok_or_else(|| self.bad_reply("no lease ID", &grant))?;
+        let ttl = json_int(&grant, "TTL")
+            .and_then(|t| t.parse::<u64>().ok())
+            .ok_or_else(|| self.bad_reply("no lease TTL", &grant))?;
+        let ours = B64.encode(format!("{generation} {holder}"));
+        let txn = json!({
+            "compare": [{
+                "key": B64.encode(self.key(vm)),
+                "target": "VALUE",
+                "result": "EQUAL",
+                "value": ours,
+            }],
+            "success": [{
+                "request_put": { "key": B64.encode(self.live_key(vm)), "value": ours, "lease": id }
+            }],
+        });
+        let reply = self.post("/v3/kv/txn", &txn)?;
+        if reply.get("succeeded").and_then(Value::as_bool) != Some(true) {
+            let _ = self.post("/v3/lease/revoke", &json!({ "ID": id }));
+            return Err(ArbiterError::LeaseRefused(format!(
+                "generation {generation} of {vm} is not held by {holder} any more ({})",
+                self.read(vm)
+                    .map(|(g, _)| g.to_string())
+                    .unwrap_or_else(|e| e.to_string())
+            )));
+        }
+        Ok((id, ttl))
     }
 
     /// POSTs `body` to `path` on the first member that answers.
@@ -224,6 +311,47 @@ impl Arbiter for EtcdArbiter {
         }
         // Someone else moved the key between the read and the transaction.
         Ok(ClaimOutcome::Refused(self.read(vm)?.0))
+    }
+
+    fn hold(
+        &self,
+        vm: &str,
+        generation: u64,
+        holder: &str,
+    ) -> Result<Option<Duration>, ArbiterError> {
+        check_name("vm", vm)?;
+        check_name("holder", holder)?;
+        let held = self.lease().clone();
+        let id = match held {
+            Some((id, g)) if g == generation => id,
+            _ => {
+                let (id, ttl) = self.take_lease(vm, generation, holder)?;
+                *self.lease() = Some((id, generation));
+                return Ok(Some(Duration::from_secs(ttl)));
+            }
+        };
+        let reply = self.post("/v3/lease/keepalive", &json!({ "ID": id }))?;
+        // The gateway streams one `{"result": {...}}` per request.
+        let result = reply.get("result").unwrap_or(&reply);
+        let ttl = json_int(result, "TTL").and_then(|t| t.parse::<i64>().ok());
+        match ttl {
+            Some(ttl) if ttl > 0 => Ok(Some(Duration::from_secs(ttl as u64))),
+            _ => {
+                *self.lease() = None;
+                Err(ArbiterError::LeaseRefused(format!(
+                    "etcd lease {id} of {vm} expired before it was renewed"
+                )))
+            }
+        }
+    }
+}
+
+/// An etcd integer field (the gateway writes int64 as a string).
+fn json_int(v: &Value, field: &str) -> Option<String> {
+    match v.get(field)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
     }
 }
 

@@ -37,7 +37,7 @@ mod etcd;
 mod file;
 mod witness;
 
-pub use etcd::EtcdArbiter;
+pub use etcd::{EtcdArbiter, DEFAULT_LEASE_TTL};
 pub use file::FileArbiter;
 pub use witness::{TcpArbiter, WitnessHandle, WitnessServer};
 
@@ -181,6 +181,9 @@ pub enum ArbiterError {
         /// Why.
         source: io::Error,
     },
+    /// The arbiter refused or dropped this side's lease.
+    #[error("lease refused: {0}")]
+    LeaseRefused(String),
     /// A file arbiter directory holds something it did not write.
     #[error("file arbiter {path}: {reason}")]
     CorruptDir {
@@ -212,6 +215,21 @@ pub trait Arbiter: Send + Sync {
     ///
     /// On `Err` the outcome is unknown: query before acting.
     fn claim(&self, vm: &str, expected: u64, holder: &str) -> Result<ClaimOutcome, ArbiterError>;
+
+    /// Takes or renews the lease that lets `holder`, live as `generation`,
+    /// release output: Ok(Some(ttl)) means it holds for `ttl` from before
+    /// this call; Ok(None) means this arbiter has no leases (the witness, a
+    /// directory), so the generation alone decides. An error means the
+    /// lease was not renewed (unreachable, expired, or the generation is
+    /// someone else's now).
+    fn hold(
+        &self,
+        _vm: &str,
+        _generation: u64,
+        _holder: &str,
+    ) -> Result<Option<Duration>, ArbiterError> {
+        Ok(None)
+    }
 }
 
 /// A client of the `tandem witness` at `addr`; every request connects anew,
@@ -221,9 +239,15 @@ pub fn tcp(addr: SocketAddr, timeout: Duration) -> TcpArbiter {
 }
 
 /// An arbiter on the etcd members `endpoints`, keys under `prefix`
-/// (`etcd://HOST:PORT,.../PREFIX`).
-pub fn etcd(endpoints: Vec<SocketAddr>, prefix: &str, timeout: Duration) -> EtcdArbiter {
-    EtcdArbiter::new(endpoints, prefix, timeout)
+/// (`etcd://HOST:PORT,.../PREFIX`); the live side's lease lasts
+/// `lease_ttl` (whole seconds, at least etcd's minimum).
+pub fn etcd(
+    endpoints: Vec<SocketAddr>,
+    prefix: &str,
+    timeout: Duration,
+    lease_ttl: Duration,
+) -> EtcdArbiter {
+    EtcdArbiter::new(endpoints, prefix, timeout).with_lease_ttl(lease_ttl)
 }
 
 /// An arbiter on the shared directory `dir` (`file:DIR`).
