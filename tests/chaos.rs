@@ -10,7 +10,9 @@
 //!
 //! `make test` runs one round of each kind (CHAOS_ROUNDS defaults to 16);
 //! `make chaos` a long random series that writes RELIABILITY.md
-//! (CHAOS_REPORT). CHAOS_SEED replays a series. CHAOS_STORAGE=mirrored
+//! (CHAOS_REPORT). CHAOS_SEED replays a series. CHAOS_CRASH_POLICY=
+//! restart-checkpoint runs the pair with checkpoints and output held for
+//! them. CHAOS_STORAGE=mirrored
 //! gives each host its own replica of the counter's disk (mirrored storage)
 //! instead of one shared image.
 
@@ -157,12 +159,14 @@ struct Chaos {
 impl Chaos {
     fn start() -> Self {
         let mirrored = mirrored();
-        let ft_extra = if mirrored {
-            "storage = \"mirrored\""
-        } else {
-            ""
-        };
-        let t = topology_with("chaos", FAILOVER_MS, "received", "", ft_extra);
+        let mut ft_extra = String::new();
+        if mirrored {
+            ft_extra += "storage = \"mirrored\"\n";
+        }
+        if checkpointing() {
+            ft_extra += "on_guest_crash = \"restart-checkpoint\"\n";
+        }
+        let t = topology_with("chaos", FAILOVER_MS, "received", "", &ft_extra);
         let text = std::fs::read_to_string(&t.config).unwrap();
         assert!(text.contains(REAL[0]) && text.contains(REAL[1]));
         // Host i reaches its peer through the peer's proxy and keeps its
@@ -643,6 +647,12 @@ fn chaos_rounds_keep_every_invariant() {
                 "shared (one image both hosts reach)"
             }
         );
+        if checkpointing() {
+            let _ = writeln!(
+                md,
+                "- crash policy: restart-checkpoint (`CHAOS_CRASH_POLICY`: checkpoints every 20 ms, all output held until the next)"
+            );
+        }
         let _ = writeln!(
             md,
             "- run time: {} s on this machine",
@@ -711,6 +721,12 @@ fn chaos_rounds_keep_every_invariant() {
 /// `CHAOS_STORAGE=mirrored`: each host has its own replica.
 fn mirrored() -> bool {
     std::env::var("CHAOS_STORAGE").is_ok_and(|v| v == "mirrored")
+}
+
+/// `CHAOS_CRASH_POLICY=restart-checkpoint`: the pair takes checkpoints and
+/// holds all output (disk writes too) until the next one.
+fn checkpointing() -> bool {
+    std::env::var("CHAOS_CRASH_POLICY").is_ok_and(|v| v == "restart-checkpoint")
 }
 
 /// Today's date (UTC) from the system clock, without a date crate.

@@ -379,6 +379,9 @@ fn failover_tables(o: &mut String, r: &Json, short: &mut Vec<String>) {
             );
         }
         let _ = writeln!(o);
+        if let Some(note) = p.str("etcd_note") {
+            let _ = writeln!(o, "{note}\n");
+        }
     }
 }
 
