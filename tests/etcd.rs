@@ -243,6 +243,18 @@ psk_file = "{psk}"
         primary.stderr()
     );
 
+    // The live side holds its etcd lease (`tandem status` says how long).
+    let status_a = || {
+        use std::os::unix::net::UnixStream;
+        let mut c = UnixStream::connect(dir.join("state").join("a.ctl")).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).unwrap();
+        text
+    };
+    let left = status_figure(&status_a(), "arbiter_lease_ms_left");
+    assert!(left > 0 && left <= 2000, "{}", status_a());
+
     // Host a loses etcd (and only etcd).
     let mut nft = hosts[0].command("nft");
     nft.args(["-f", "-"]).stdin(std::process::Stdio::piped());

@@ -1241,6 +1241,16 @@ impl Replicator {
                     }
                     if !watching {
                         watching = true;
+                        // `tandem status`: how long the lease surely holds.
+                        let r = self.clone();
+                        self.params.board.probe(
+                            "arbiter_lease_ms_left",
+                            Arc::new(move || {
+                                r.arbiter_lease_until
+                                    .load(Ordering::Acquire)
+                                    .saturating_sub(millis(r.base))
+                            }),
+                        );
                         let r = self.clone();
                         let _ = std::thread::Builder::new()
                             .name("tandem-lease-watch".into())
