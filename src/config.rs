@@ -264,6 +264,12 @@ impl Announce {
 }
 
 /// Reads, parses and validates the pair file at `path`.
+/// Parses an arbiter URL as `[ft] witness` takes it (`tcp://`, `file:`,
+/// `etcd://`).
+pub fn parse_witness(text: &str) -> Result<Witness, &'static str> {
+    validate::parse_witness(text)
+}
+
 pub fn load(path: &Path) -> Result<PairConfig, ConfigError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {

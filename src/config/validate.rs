@@ -640,7 +640,7 @@ pub(super) fn validate_ft(
 
 /// `tcp://IP:PORT`, `file:/ABSOLUTE/PATH` or
 /// `etcd://IP:PORT[,IP:PORT...]/PREFIX`.
-fn parse_witness(s: &str) -> Result<Witness, &'static str> {
+pub(crate) fn parse_witness(s: &str) -> Result<Witness, &'static str> {
     if let Some(addr) = s.strip_prefix("tcp://") {
         return parse_address(addr).map(Witness::Tcp);
     }

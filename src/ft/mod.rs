@@ -8,5 +8,6 @@ pub mod console;
 pub mod mirror;
 pub mod node;
 pub mod pair;
+pub mod spare;
 pub mod status;
 pub mod wire;

@@ -44,6 +44,11 @@ use crate::config::{self, HostId, PairConfig};
 struct RawCluster {
     #[serde(default)]
     vm: Vec<RawClusterVm>,
+    /// Membership on etcd and the hosts (read by `ft::spare`).
+    #[allow(dead_code)]
+    cluster: Option<toml::Value>,
+    #[allow(dead_code)]
+    host: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,8 +117,9 @@ pub struct NodeArgs {
     /// The cluster file (the same on both hosts).
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
-    /// Which host this is.
-    #[arg(long, value_name = "a|b")]
+    /// Which host this is (a or b; with a `[cluster]` section, any
+    /// `[[host]]` name).
+    #[arg(long, value_name = "NAME")]
     host: String,
     /// Passed to every `tandem pair` (pair files without a key).
     #[arg(long)]
@@ -162,8 +168,23 @@ fn parse_host(text: &str) -> anyhow::Result<HostId> {
 }
 
 fn run_node(args: NodeArgs) -> anyhow::Result<()> {
-    let me = parse_host(&args.host)?;
     let vms = load_cluster(&args.config)?;
+    if let Some(membership) = super::spare::load_membership(&args.config)? {
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            // SAFETY: the handler only stores to an atomic.
+            unsafe { libc::signal(sig, on_stop as *const () as libc::sighandler_t) };
+        }
+        let exe = std::env::current_exe().context("cannot find the tandem executable")?;
+        let mut flags = Vec::new();
+        if args.insecure {
+            flags.push("--insecure".to_string());
+        }
+        if args.i_accept_split_brain {
+            flags.push("--i-accept-split-brain".to_string());
+        }
+        return super::spare::run(&args.host, vms, membership, exe, flags, &STOP);
+    }
+    let me = parse_host(&args.host)?;
     // Each VM's arbiter, to know when a VM this host does not prefer is
     // live somewhere.
     let mut arbiters = Vec::new();
@@ -242,78 +263,97 @@ fn supervise(
         }
     }
     while !STOP.load(Ordering::Acquire) {
-        let mut cmd = Command::new(exe);
-        cmd.arg("pair")
-            .arg("--config")
-            .arg(&vm.path)
-            .arg("--host")
-            .arg(me.name())
-            .args(flags)
-            .stdin(std::process::Stdio::null());
-        // SAFETY: prctl in the forked child before exec only sets a
-        // process attribute; it allocates nothing and takes no lock.
-        unsafe {
-            cmd.pre_exec(|| {
-                // The VM processes die with the node, as with a host crash.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let last_start = Instant::now();
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!(
-                    "tandem: node {}: {name}: cannot start tandem pair: {e}",
-                    me.name()
-                );
-                std::thread::sleep(Duration::from_secs(2));
-                continue;
-            }
-        };
-        eprintln!(
-            "tandem: node {}: {name}: started its side (pid {})",
-            me.name(),
-            child.id()
-        );
-        let status = loop {
+        let who = format!("node {}: {name}", me.name());
+        let Some(status) = run_side(exe, &vm.path, me.name(), flags, &who, &|| {
+            STOP.load(Ordering::Acquire)
+        }) else {
             if STOP.load(Ordering::Acquire) {
-                // SAFETY: signalling our own child.
-                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while Instant::now() < deadline {
-                    if let Ok(Some(_)) = child.try_wait() {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
                 return;
             }
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
+            std::thread::sleep(Duration::from_secs(2));
+            continue;
         };
-        // A clean end (the VM moved away) re-joins at once; anything else
-        // after a pause, longer if it keeps failing at start.
-        let pause = if status.success() {
-            Duration::from_millis(200)
-        } else if last_start.elapsed() < Duration::from_secs(5) {
-            Duration::from_secs(3)
-        } else {
-            Duration::from_secs(1)
-        };
+        let pause = restart_pause(status, last_start);
         eprintln!(
-            "tandem: node {}: {name}: its side ended ({status}); starting it again in {} ms",
-            me.name(),
+            "tandem: {who}: its side ended ({status}); starting it again in {} ms",
             pause.as_millis()
         );
         std::thread::sleep(pause);
+    }
+}
+
+/// Runs one `tandem pair --config CONFIG --host SLOT` (dying with this
+/// process, as in a host crash) until it ends, or until `stop()` says so
+/// (SIGTERM, then SIGKILL after 5 s). Its status; None when it could not
+/// start or was stopped here.
+pub(super) fn run_side(
+    exe: &Path,
+    config: &Path,
+    slot: &str,
+    flags: &[String],
+    who: &str,
+    stop: &dyn Fn() -> bool,
+) -> Option<std::process::ExitStatus> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("pair")
+        .arg("--config")
+        .arg(config)
+        .arg("--host")
+        .arg(slot)
+        .args(flags)
+        .stdin(std::process::Stdio::null());
+    // SAFETY: prctl in the forked child before exec only sets a process
+    // attribute; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            // The VM processes die with the node, as with a host crash.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tandem: {who}: cannot start tandem pair: {e}");
+            return None;
+        }
+    };
+    eprintln!("tandem: {who}: started its side (pid {})", child.id());
+    loop {
+        if stop() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// How long to wait before starting a side again: a clean end (the VM
+/// moved away) re-joins at once; anything else after a pause, longer if it
+/// keeps failing at start.
+pub(super) fn restart_pause(status: std::process::ExitStatus, started: Instant) -> Duration {
+    if status.success() {
+        Duration::from_millis(200)
+    } else if started.elapsed() < Duration::from_secs(5) {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(1)
     }
 }
 

@@ -263,6 +263,115 @@ impl EtcdArbiter {
     }
 }
 
+/// Plain key-value use of the same etcd cluster (cluster membership of
+/// `tandem node`); keys are relative to the prefix.
+impl EtcdArbiter {
+    fn full_key(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.prefix)
+    }
+
+    /// (value, modification revision) of a key, or None.
+    pub fn kv_get(&self, rel: &str) -> Result<Option<(String, i64)>, ArbiterError> {
+        let reply = self.post(
+            "/v3/kv/range",
+            &json!({ "key": B64.encode(self.full_key(rel)) }),
+        )?;
+        let Some(kv) = reply.get("kvs").and_then(|k| k.get(0)) else {
+            return Ok(None);
+        };
+        let revision = json_int(kv, "mod_revision")
+            .and_then(|r| r.parse().ok())
+            .ok_or_else(|| self.bad_reply("no mod_revision", kv))?;
+        Ok(Some((decode_value(kv).unwrap_or_default(), revision)))
+    }
+
+    /// Every (key after `rel_prefix`, value) under a prefix.
+    pub fn kv_list(&self, rel_prefix: &str) -> Result<Vec<(String, String)>, ArbiterError> {
+        let start = self.full_key(rel_prefix);
+        let mut end = start.clone().into_bytes();
+        // The range end of a prefix: its last byte plus one.
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let reply = self.post(
+            "/v3/kv/range",
+            &json!({ "key": B64.encode(&start), "range_end": B64.encode(&end) }),
+        )?;
+        let mut out = Vec::new();
+        for kv in reply
+            .get("kvs")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let key = kv
+                .get("key")
+                .and_then(Value::as_str)
+                .and_then(|k| B64.decode(k).ok())
+                .and_then(|k| String::from_utf8(k).ok())
+                .unwrap_or_default();
+            if let Some(rest) = key.strip_prefix(&start) {
+                out.push((rest.to_string(), decode_value(kv).unwrap_or_default()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `value` if the key's modification revision is still
+    /// `revision` (0: the key must not exist). True when written.
+    pub fn kv_put_if(&self, rel: &str, revision: i64, value: &str) -> Result<bool, ArbiterError> {
+        let key = B64.encode(self.full_key(rel));
+        let txn = json!({
+            "compare": [{
+                "key": key,
+                "target": "MOD",
+                "result": "EQUAL",
+                "mod_revision": revision.to_string(),
+            }],
+            "success": [{ "request_put": { "key": key, "value": B64.encode(value) } }],
+        });
+        let reply = self.post("/v3/kv/txn", &txn)?;
+        Ok(reply.get("succeeded").and_then(Value::as_bool) == Some(true))
+    }
+
+    /// Grants a lease of `ttl_s` seconds and puts the key on it; returns
+    /// the lease id.
+    pub fn kv_put_leased(
+        &self,
+        rel: &str,
+        value: &str,
+        ttl_s: u64,
+    ) -> Result<String, ArbiterError> {
+        let grant = self.post("/v3/lease/grant", &json!({ "TTL": ttl_s }))?;
+        let id = json_int(&grant, "ID").ok_or_else(|| self.bad_reply("no lease ID", &grant))?;
+        self.post(
+            "/v3/kv/put",
+            &json!({ "key": B64.encode(self.full_key(rel)), "value": B64.encode(value), "lease": id }),
+        )?;
+        Ok(id)
+    }
+
+    /// Keeps lease `id` alive; an error once it has expired.
+    pub fn keep_alive(&self, id: &str) -> Result<(), ArbiterError> {
+        let reply = self.post("/v3/lease/keepalive", &json!({ "ID": id }))?;
+        let result = reply.get("result").unwrap_or(&reply);
+        match json_int(result, "TTL").and_then(|t| t.parse::<i64>().ok()) {
+            Some(ttl) if ttl > 0 => Ok(()),
+            _ => Err(ArbiterError::LeaseRefused(format!(
+                "etcd lease {id} expired"
+            ))),
+        }
+    }
+}
+
+/// A key-value's value as text.
+fn decode_value(kv: &Value) -> Option<String> {
+    kv.get("value")
+        .and_then(Value::as_str)
+        .and_then(|v| B64.decode(v).ok())
+        .and_then(|v| String::from_utf8(v).ok())
+}
+
 /// Joins the chunks of an HTTP/1.1 chunked body.
 fn dechunk(mut body: &str) -> Option<String> {
     let mut out = String::new();

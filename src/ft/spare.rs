@@ -1,0 +1,535 @@
+//! Cluster membership on etcd and automatic re-protection from spare hosts
+//! (`tandem node` with a `[cluster]` section).
+//!
+//! ```toml
+//! [cluster]
+//! etcd = "etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379/tandem"
+//!
+//! [[host]]
+//! name = "a"
+//! address = "10.0.1.11"   # the VM pair files give each slot's port
+//! [[host]]
+//! name = "b"
+//! address = "10.0.1.12"
+//! [[host]]
+//! name = "c"             # a spare
+//! address = "10.0.1.13"
+//! ```
+//!
+//! A pair file still has two slots, `a` and `b` (the arbiter's holders).
+//! Which host fills each slot of a VM is kept in etcd, under
+//! `PREFIX/cluster/assign/VM` = `"a=HOST b=HOST"` (at first the hosts named
+//! `a` and `b`). Every node registers `PREFIX/cluster/nodes/HOST` under a
+//! lease of [`NODE_TTL_S`] it keeps alive, so a host that dies (or loses
+//! etcd) drops out of the member list when its lease expires.
+//!
+//! For each VM a node runs `tandem pair --host SLOT` for the slot assigned
+//! to it, with a pair file derived for the assignment (each slot's address
+//! on its host, the port from the pair file). A node with no slot in a VM
+//! is a spare for it: when a slot's host has dropped out and that slot is
+//! not the VM's live side (the live side's own secondary takes over
+//! first), the least-loaded live spare (fewest slots across all VMs, then
+//! by name) takes the slot with a compare-and-set on the assignment and
+//! starts its side there, which joins the live side as secondary:
+//! re-protection without an operator. A node whose slot was given away
+//! stops its side.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use super::arbiter::{Arbiter, EtcdArbiter};
+use super::node::{restart_pause, run_side, ClusterVm};
+use crate::config::{self, Witness};
+
+/// Lease of a node's member key, in seconds: how soon a dead host drops out.
+pub const NODE_TTL_S: u64 = 2;
+
+/// How often a node looks at the assignments.
+const POLL: Duration = Duration::from_millis(300);
+
+#[derive(Debug, Deserialize)]
+struct RawFile {
+    cluster: Option<RawCluster>,
+    #[serde(default)]
+    host: Vec<RawHost>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    etcd: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    name: String,
+    address: String,
+}
+
+/// The `[cluster]` section and the hosts of a cluster file.
+#[derive(Clone, Debug)]
+pub struct Membership {
+    endpoints: Vec<SocketAddr>,
+    prefix: String,
+    /// (name, replication address), in file order.
+    hosts: Vec<(String, IpAddr)>,
+}
+
+/// Which host fills each slot of one VM, and the key's revision (0: not
+/// stored yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Assignment {
+    a: String,
+    b: String,
+    revision: i64,
+}
+
+impl Assignment {
+    fn slot_of(&self, host: &str) -> Option<&'static str> {
+        if self.a == host {
+            Some("a")
+        } else if self.b == host {
+            Some("b")
+        } else {
+            None
+        }
+    }
+
+    fn host(&self, slot: &str) -> &str {
+        if slot == "a" {
+            &self.a
+        } else {
+            &self.b
+        }
+    }
+
+    fn text(&self) -> String {
+        format!("a={} b={}", self.a, self.b)
+    }
+
+    fn parse(text: &str, revision: i64) -> Option<Self> {
+        let mut a = None;
+        let mut b = None;
+        for part in text.split_whitespace() {
+            match part.split_once('=')? {
+                ("a", h) => a = Some(h.to_string()),
+                ("b", h) => b = Some(h.to_string()),
+                _ => return None,
+            }
+        }
+        Some(Self {
+            a: a?,
+            b: b?,
+            revision,
+        })
+    }
+}
+
+/// Reads the `[cluster]` section and `[[host]]` entries of a cluster file
+/// (None: the file has no `[cluster]`, so there are two hosts, a and b).
+pub fn load_membership(path: &Path) -> anyhow::Result<Option<Membership>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // The [[vm]] entries are node.rs's; only these two are read here.
+    let mut table: toml::Table = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+    table.remove("vm");
+    let raw: RawFile = table
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+    let Some(cluster) = raw.cluster else {
+        if !raw.host.is_empty() {
+            bail!(
+                "{}: [[host]] entries need a [cluster] section with etcd = \"etcd://...\"",
+                path.display()
+            );
+        }
+        return Ok(None);
+    };
+    let (endpoints, prefix) = match config::parse_witness(&cluster.etcd) {
+        Ok(Witness::Etcd { endpoints, prefix }) => (endpoints, prefix),
+        Ok(_) => bail!(
+            "{}: [cluster] etcd = {:?} must be \"etcd://IP:PORT[,IP:PORT...]/PREFIX\"",
+            path.display(),
+            cluster.etcd
+        ),
+        Err(why) => bail!(
+            "{}: [cluster] etcd = {:?} {why}",
+            path.display(),
+            cluster.etcd
+        ),
+    };
+    let mut hosts: Vec<(String, IpAddr)> = Vec::new();
+    for h in raw.host {
+        super::arbiter::validate_name("host", &h.name)
+            .map_err(|e| anyhow::anyhow!("{}: [[host]] {e}", path.display()))?;
+        let ip: IpAddr = h.address.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "{}: [[host]] {} address = {:?} must be an IP address (each VM's pair file gives the port)",
+                path.display(),
+                h.name,
+                h.address
+            )
+        })?;
+        if hosts.iter().any(|(n, _)| *n == h.name) {
+            bail!("{}: [[host]] {} is listed twice", path.display(), h.name);
+        }
+        hosts.push((h.name, ip));
+    }
+    for slot in ["a", "b"] {
+        if !hosts.iter().any(|(n, _)| n == slot) {
+            bail!(
+                "{}: [cluster] needs a [[host]] named {slot:?} (it fills slot {slot} of every VM at first)",
+                path.display()
+            );
+        }
+    }
+    Ok(Some(Membership {
+        endpoints,
+        prefix,
+        hosts,
+    }))
+}
+
+/// What every VM thread of a member node shares.
+struct Node {
+    me: String,
+    exe: PathBuf,
+    flags: Vec<String>,
+    kv: EtcdArbiter,
+    membership: Membership,
+    stop: &'static std::sync::atomic::AtomicBool,
+}
+
+/// Runs `tandem node` as a member of an etcd-backed cluster.
+pub fn run(
+    me: &str,
+    vms: Vec<ClusterVm>,
+    membership: Membership,
+    exe: PathBuf,
+    flags: Vec<String>,
+    stop: &'static std::sync::atomic::AtomicBool,
+) -> anyhow::Result<()> {
+    if !membership.hosts.iter().any(|(n, _)| n == me) {
+        bail!(
+            "--host {me:?} is not a [[host]] of the cluster file (it has {})",
+            membership
+                .hosts
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let kv = EtcdArbiter::new(
+        membership.endpoints.clone(),
+        &membership.prefix,
+        Duration::from_secs(1),
+    );
+    // Register now: an unreachable etcd is a clear error at start.
+    let lease = kv
+        .kv_put_leased(&format!("cluster/nodes/{me}"), "up", NODE_TTL_S)
+        .context("cannot register this node in etcd")?;
+    eprintln!(
+        "tandem: node {me}: member of the cluster at {} ({} hosts, {} VMs)",
+        membership
+            .endpoints
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        membership.hosts.len(),
+        vms.len()
+    );
+    let node = Arc::new(Node {
+        me: me.to_string(),
+        exe,
+        flags,
+        kv,
+        membership,
+        stop,
+    });
+    let keeper = {
+        let node = node.clone();
+        std::thread::Builder::new()
+            .name("node-member".into())
+            .spawn(move || node.keep_membership(lease))?
+    };
+    let mut threads = vec![keeper];
+    for vm in vms {
+        let node = node.clone();
+        let (_, arbiter) = super::cmd::open_arbiter(
+            &vm.pair,
+            &vm.path,
+            node.flags.iter().any(|f| f == "--insecure"),
+            node.flags.iter().any(|f| f == "--i-accept-split-brain"),
+        )?;
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("node-{}", vm.pair.vm.name))
+                .spawn(move || node.supervise(&vm, arbiter.as_deref()))?,
+        );
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    eprintln!("tandem: node {me}: stopped");
+    Ok(())
+}
+
+impl Node {
+    fn stopping(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Keeps this node's member key alive (re-registering after a lapse).
+    fn keep_membership(&self, mut lease: String) {
+        let key = format!("cluster/nodes/{}", self.me);
+        while !self.stopping() {
+            std::thread::sleep(Duration::from_millis(500));
+            if let Err(e) = self.kv.keep_alive(&lease) {
+                eprintln!("tandem: node {}: membership lease: {e}", self.me);
+                if let Ok(fresh) = self.kv.kv_put_leased(&key, "up", NODE_TTL_S) {
+                    lease = fresh;
+                }
+            }
+        }
+    }
+
+    fn assignment(&self, vm: &str) -> anyhow::Result<Assignment> {
+        match self.kv.kv_get(&format!("cluster/assign/{vm}"))? {
+            Some((text, revision)) => Assignment::parse(&text, revision)
+                .ok_or_else(|| anyhow::anyhow!("etcd: assignment of {vm} is {text:?}")),
+            None => Ok(Assignment {
+                a: "a".into(),
+                b: "b".into(),
+                revision: 0,
+            }),
+        }
+    }
+
+    /// The pair file of `vm` for `assign`: each slot's address on its host.
+    fn derived_config(&self, vm: &ClusterVm, assign: &Assignment) -> anyhow::Result<PathBuf> {
+        let text = std::fs::read_to_string(&vm.path)
+            .with_context(|| format!("cannot read {}", vm.path.display()))?;
+        let mut table: toml::Table = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", vm.path.display(), e.message()))?;
+        for (slot, id) in [("a", config::HostId::A), ("b", config::HostId::B)] {
+            let host = assign.host(slot);
+            let ip = self
+                .membership
+                .hosts
+                .iter()
+                .find(|(n, _)| n == host)
+                .map(|(_, ip)| *ip)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "host {host} of {} is not in the cluster file",
+                        vm.pair.vm.name
+                    )
+                })?;
+            let port = vm.pair.host(id).address.port();
+            if let Some(toml::Value::Table(h)) = table
+                .get_mut("hosts")
+                .and_then(|h| h.as_table_mut())
+                .and_then(|h| h.get_mut(slot))
+            {
+                h.insert(
+                    "address".into(),
+                    toml::Value::String(SocketAddr::new(ip, port).to_string()),
+                );
+            }
+        }
+        let dir = &vm.pair.ft.state_dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("assigned-{}.toml", self.me));
+        std::fs::write(&path, toml::to_string(&table)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Runs this host's side of one VM for as long as it holds a slot, and
+    /// stands in for a lost host when it is the spare to do so.
+    fn supervise(&self, vm: &ClusterVm, arbiter: Option<&dyn Arbiter>) {
+        let name = vm.pair.vm.name.as_str();
+        let who = format!("node {}: {name}", self.me);
+        let mut first = true;
+        while !self.stopping() {
+            let assign = match self.assignment(name) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("tandem: {who}: {e:#}");
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+            };
+            let Some(slot) = assign.slot_of(&self.me) else {
+                first = false;
+                self.maybe_stand_in(vm, arbiter, &assign);
+                std::thread::sleep(POLL);
+                continue;
+            };
+            if std::mem::take(&mut first) && slot != vm.prefer.name() {
+                // Let the preferred slot start it as primary; then follow.
+                let grace = vm.pair.ft.failover_timeout * 3 + Duration::from_secs(2);
+                let started = Instant::now();
+                while !self.stopping()
+                    && started.elapsed() < grace
+                    && !arbiter
+                        .and_then(|a| a.query(name).ok())
+                        .is_some_and(|g| g.holder.is_some())
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            let config = match self.derived_config(vm, &assign) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("tandem: {who}: {e:#}");
+                    std::thread::sleep(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            let started = Instant::now();
+            let last_look = std::cell::Cell::new(Instant::now());
+            let replaced = std::cell::Cell::new(false);
+            let status = run_side(&self.exe, &config, slot, &self.flags, &who, &|| {
+                if self.stopping() {
+                    return true;
+                }
+                if last_look.get().elapsed() < POLL {
+                    return false;
+                }
+                last_look.set(Instant::now());
+                // Given away (this host dropped out for a while): stop.
+                let gone = self
+                    .assignment(name)
+                    .is_ok_and(|a| a.slot_of(&self.me) != Some(slot));
+                replaced.set(gone);
+                gone
+            });
+            if replaced.get() {
+                eprintln!("tandem: {who}: slot {slot} went to another host; stopped this side");
+                continue;
+            }
+            if let Some(status) = status {
+                let pause = restart_pause(status, started);
+                eprintln!(
+                    "tandem: {who}: its side ended ({status}); starting it again in {} ms",
+                    pause.as_millis()
+                );
+                std::thread::sleep(pause);
+            }
+        }
+    }
+
+    /// If a slot of `vm` lost its host (not the live side's slot) and this
+    /// host is the least-loaded live spare, takes the slot.
+    fn maybe_stand_in(&self, vm: &ClusterVm, arbiter: Option<&dyn Arbiter>, assign: &Assignment) {
+        let name = vm.pair.vm.name.as_str();
+        let Ok(members) = self.kv.kv_list("cluster/nodes/") else {
+            return;
+        };
+        let live: Vec<&str> = members.iter().map(|(h, _)| h.as_str()).collect();
+        for slot in ["a", "b"] {
+            let lost = assign.host(slot);
+            let other = assign.host(if slot == "a" { "b" } else { "a" });
+            if live.contains(&lost) || !live.contains(&other) {
+                continue;
+            }
+            // The live side's slot is its secondary's to take over first.
+            let holder = arbiter
+                .and_then(|a| a.query(name).ok())
+                .and_then(|g| g.holder);
+            if holder.as_deref() != Some(if slot == "a" { "b" } else { "a" }) {
+                continue;
+            }
+            if self.chosen_spare(&live, assign).as_deref() != Some(self.me.as_str()) {
+                continue;
+            }
+            let mut next = assign.clone();
+            if slot == "a" {
+                next.a = self.me.clone();
+            } else {
+                next.b = self.me.clone();
+            }
+            match self
+                .kv
+                .kv_put_if(&format!("cluster/assign/{name}"), assign.revision, &next.text())
+            {
+                Ok(true) => eprintln!(
+                    "tandem: node {}: {name}: host {lost} is gone; standing in for it in slot {slot} (re-protecting the VM live on host {other})",
+                    self.me
+                ),
+                Ok(false) => {}
+                Err(e) => eprintln!("tandem: node {}: {name}: cannot take slot {slot}: {e}", self.me),
+            }
+            return;
+        }
+    }
+
+    /// The live host not in `assign` with the fewest slots over all VMs
+    /// (then by name).
+    fn chosen_spare(&self, live: &[&str], assign: &Assignment) -> Option<String> {
+        let all = self.kv.kv_list("cluster/assign/").ok()?;
+        let load = |host: &str| {
+            all.iter()
+                .filter_map(|(_, text)| Assignment::parse(text, 0))
+                .filter(|a| a.slot_of(host).is_some())
+                .count()
+        };
+        live.iter()
+            .filter(|h| assign.slot_of(h).is_none())
+            .map(|h| (load(h), h.to_string()))
+            .min()
+            .map(|(_, h)| h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assignments_round_trip_and_name_slots() {
+        let a = Assignment::parse("a=x b=y", 7).unwrap();
+        assert_eq!(a.slot_of("y"), Some("b"));
+        assert_eq!(a.slot_of("z"), None);
+        assert_eq!(a.host("a"), "x");
+        assert_eq!(Assignment::parse(&a.text(), 7), Some(a));
+        assert_eq!(Assignment::parse("a=x", 1), None);
+        assert_eq!(Assignment::parse("a=x c=y", 1), None);
+    }
+
+    #[test]
+    fn cluster_sections_are_checked() {
+        let dir = std::env::temp_dir().join(format!("tandem-spare-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cluster.toml");
+        let load = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            load_membership(&file).map_err(|e| e.to_string())
+        };
+        assert!(load("[[vm]]\nconfig = \"x\"\nprefer = \"a\"\n")
+            .unwrap()
+            .is_none());
+        let ok = "[cluster]\netcd = \"etcd://10.0.0.1:2379/t\"\n[[host]]\nname = \"a\"\naddress = \"10.0.1.1\"\n[[host]]\nname = \"b\"\naddress = \"10.0.1.2\"\n";
+        let m = load(ok).unwrap().unwrap();
+        assert_eq!(m.hosts.len(), 2);
+        let e = load("[cluster]\netcd = \"tcp://10.0.0.1:1\"\n").unwrap_err();
+        assert!(e.contains("must be \"etcd://"), "{e}");
+        let e = load(&ok.replace("10.0.1.2", "host-b")).unwrap_err();
+        assert!(e.contains("must be an IP address"), "{e}");
+        let e = load(&ok.replace("name = \"b\"", "name = \"a\"")).unwrap_err();
+        assert!(e.contains("listed twice"), "{e}");
+        let e = load("[[host]]\nname = \"a\"\naddress = \"10.0.1.1\"\n").unwrap_err();
+        assert!(e.contains("need a [cluster] section"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
