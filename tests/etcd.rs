@@ -490,6 +490,19 @@ psk_file = "{psk}"
     );
     wait_slot_role(&state, "a", "secondary", &[&node_b, &node_c]);
     assert_eq!(slot_role(&state, "b"), "primary");
+    // From the client's namespace, which reaches etcd.
+    let status = ns
+        .command(env!("CARGO_BIN_EXE_tandem"))
+        .args(["status", "--cluster", &cluster_arg])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}");
+    assert!(
+        text.contains("web1: live on b (generation 2), protected by a")
+            && text.contains("hosts a=c b=b"),
+        "{text}"
+    );
     let (next3, still) = serve(&s, next2, 5, Duration::from_secs(30), &mut replies);
     assert!(still.is_some());
 

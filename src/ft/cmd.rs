@@ -267,6 +267,8 @@ fn cluster_status(path: &std::path::Path, json: bool) -> ExitCode {
             return ExitCode::from(EXIT_START_FAILED);
         }
     };
+    // With etcd membership, which host fills each slot (default: a and b).
+    let slot_hosts = super::spare::slot_hosts(path);
     let mut unprotected = 0;
     for vm in &vms {
         let cfg = &vm.pair;
@@ -302,7 +304,12 @@ fn cluster_status(path: &std::path::Path, json: bool) -> ExitCode {
                 .collect();
             println!(
                 "{}",
-                serde_json::json!({ "vm": cfg.vm.name, "prefer": vm.prefer.name(), "hosts": hosts })
+                serde_json::json!({
+                    "vm": cfg.vm.name,
+                    "prefer": vm.prefer.name(),
+                    "hosts": hosts,
+                    "slot_hosts": slot_hosts.get(&cfg.vm.name),
+                })
             );
         }
         let live = sides.iter().find(|(_, v)| role(v) == "primary");
@@ -343,7 +350,15 @@ fn cluster_status(path: &std::path::Path, json: bool) -> ExitCode {
             }
         };
         if !json {
-            println!("{}: {line}; prefers {}", cfg.vm.name, vm.prefer.name());
+            let hosts = slot_hosts
+                .get(&cfg.vm.name)
+                .map(|h| format!("; hosts {h}"))
+                .unwrap_or_default();
+            println!(
+                "{}: {line}; prefers {}{hosts}",
+                cfg.vm.name,
+                vm.prefer.name()
+            );
         }
     }
     if unprotected == 0 {

@@ -197,6 +197,21 @@ pub fn load_membership(path: &Path) -> anyhow::Result<Option<Membership>> {
     }))
 }
 
+/// For `tandem status --cluster`: which host fills each slot of each VM
+/// (`"a=HOST b=HOST"` by VM name), when the cluster file has a `[cluster]`
+/// section and etcd answers.
+pub fn slot_hosts(path: &Path) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(Some(m)) = load_membership(path) else {
+        return out;
+    };
+    let kv = EtcdArbiter::new(m.endpoints, &m.prefix, Duration::from_secs(1));
+    for (vm, text) in kv.kv_list("cluster/assign/").unwrap_or_default() {
+        out.insert(vm, text);
+    }
+    out
+}
+
 /// What every VM thread of a member node shares.
 struct Node {
     me: String,
