@@ -12,7 +12,8 @@
 //! `make chaos` a long random series that writes RELIABILITY.md
 //! (CHAOS_REPORT). CHAOS_SEED replays a series. CHAOS_CRASH_POLICY=
 //! restart-checkpoint runs the pair with checkpoints and output held for
-//! them. CHAOS_STORAGE=mirrored
+//! them. CHAOS_ARBITER=etcd arbitrates on a 3-member etcd cluster.
+//! CHAOS_STORAGE=mirrored
 //! gives each host its own replica of the counter's disk (mirrored storage)
 //! instead of one shared image.
 
@@ -24,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::etcd;
 use common::netns::NetNs;
 use common::pair::*;
 use common::proxy::{self, Corruption, ProxyState};
@@ -150,6 +152,8 @@ struct Chaos {
     t: Topology,
     configs: [String; 2],
     witness: Option<Proc>,
+    /// CHAOS_ARBITER=etcd: the members (None while one is down).
+    etcd: Vec<Option<Proc>>,
     hosts: [Option<Proc>; 2],
     proxies: [Arc<ProxyState>; 2],
     /// Last: dropped (unmounted) after the processes using it.
@@ -196,6 +200,13 @@ impl Chaos {
                 ),
             );
         }
+        if on_etcd() {
+            text = text.replace(
+                "witness = \"tcp://127.0.0.1:7500\"",
+                &format!("witness = \"{}\"", etcd::url("127.0.0.1", "tandem-chaos")),
+            );
+            assert!(text.contains("etcd://"), "{text}");
+        }
         let configs = [0, 1].map(|i| {
             let peer = 1 - i;
             let path = t.dir.join(format!("pair-{}.toml", HOSTS[i]));
@@ -208,11 +219,18 @@ impl Chaos {
             path.display().to_string()
         });
         let proxies = [0, 1].map(|i| proxy::start(&t.ns, PROXY[i], REAL[i]));
-        let witness = Some(spawn_witness(&t.ns, &t.dir));
+        // The arbiter: the witness, or (CHAOS_ARBITER=etcd) a 3-member etcd
+        // cluster, whose "witness" fault kills and restarts one member.
+        let (witness, etcd) = if on_etcd() {
+            (None, etcd::start_cluster(&t.ns, &t.dir, "127.0.0.1"))
+        } else {
+            (Some(spawn_witness(&t.ns, &t.dir)), Vec::new())
+        };
         let mut c = Chaos {
             t,
             configs,
             witness,
+            etcd: etcd.into_iter().map(Some).collect(),
             hosts: [None, None],
             proxies,
             state_dirs,
@@ -402,6 +420,16 @@ fn round(c: &mut Chaos, fault: Fault, f: &mut Findings, rng: &mut Rng) -> Instan
     match fault {
         Fault::Kill9Primary => c.kill(live),
         Fault::Kill9Secondary => c.kill(other),
+        Fault::Kill9Witness if on_etcd() => {
+            // One member, chosen at random, down for a moment.
+            let i = rng.below(3) as usize;
+            if let Some(mut m) = c.etcd[i].take() {
+                let _ = m.child.kill();
+                let _ = m.child.wait();
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            c.etcd[i] = Some(etcd::etcd_member_at(&c.t.ns, &c.t.dir, i, "127.0.0.1"));
+        }
         Fault::Kill9Witness => {
             if let Some(mut w) = c.witness.take() {
                 let _ = w.child.kill();
@@ -647,6 +675,12 @@ fn chaos_rounds_keep_every_invariant() {
                 "shared (one image both hosts reach)"
             }
         );
+        if on_etcd() {
+            let _ = writeln!(
+                md,
+                "- arbiter: a 3-member etcd cluster (`CHAOS_ARBITER=etcd`; the witness fault kills one member and restarts it)"
+            );
+        }
         if checkpointing() {
             let _ = writeln!(
                 md,
@@ -721,6 +755,11 @@ fn chaos_rounds_keep_every_invariant() {
 /// `CHAOS_STORAGE=mirrored`: each host has its own replica.
 fn mirrored() -> bool {
     std::env::var("CHAOS_STORAGE").is_ok_and(|v| v == "mirrored")
+}
+
+/// `CHAOS_ARBITER=etcd`: the pair arbitrates on a 3-member etcd cluster.
+fn on_etcd() -> bool {
+    std::env::var("CHAOS_ARBITER").is_ok_and(|v| v == "etcd")
 }
 
 /// `CHAOS_CRASH_POLICY=restart-checkpoint`: the pair takes checkpoints and

@@ -10,67 +10,8 @@ mod common;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::netns::NetNs;
+use common::etcd::*;
 use common::pair::*;
-
-const CLIENT: [u16; 3] = [2379, 2479, 2579];
-const PEER: [u16; 3] = [2380, 2480, 2580];
-
-fn etcd_member(ns: &NetNs, dir: &std::path::Path, i: usize) -> Proc {
-    etcd_member_at(ns, dir, i, "127.0.0.1")
-}
-
-/// Member `i` of a 3-member cluster whose members all listen on `ip`.
-fn etcd_member_at(ns: &NetNs, dir: &std::path::Path, i: usize, ip: &str) -> Proc {
-    let cluster: Vec<String> = (0..3)
-        .map(|j| format!("m{j}=http://{ip}:{}", PEER[j]))
-        .collect();
-    let data = dir.join(format!("etcd-m{i}"));
-    let client = format!("http://{ip}:{}", CLIENT[i]);
-    let peer = format!("http://{ip}:{}", PEER[i]);
-    let mut cmd = ns.command("etcd");
-    cmd.args(["--name", &format!("m{i}"), "--data-dir"])
-        .arg(&data)
-        .args([
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-        ])
-        .args(["--initial-cluster", &cluster.join(",")])
-        .args([
-            "--initial-cluster-state",
-            "new",
-            "--initial-cluster-token",
-            "tandem-test",
-        ])
-        .args(["--log-level", "error"]);
-    Proc::from_command(cmd)
-}
-
-/// etcd's `/health` on member `i`, from inside the namespace.
-fn healthy(ns: &NetNs, i: usize) -> bool {
-    healthy_at(ns, i, "127.0.0.1")
-}
-
-fn healthy_at(ns: &NetNs, i: usize, ip: &str) -> bool {
-    let Ok(mut c) = ns.tcp_connect(&format!("{ip}:{}", CLIENT[i])) else {
-        return false;
-    };
-    let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
-    if c.write_all(b"GET /health HTTP/1.0\r\n\r\n").is_err() {
-        return false;
-    }
-    let mut text = String::new();
-    let _ = c.read_to_string(&mut text);
-    text.contains("\"health\":\"true\"")
-}
 
 #[test]
 fn a_pair_arbitrated_by_a_three_member_etcd_cluster_fails_over_and_survives_a_member_loss() {
@@ -158,17 +99,6 @@ fn a_pair_arbitrated_by_a_three_member_etcd_cluster_fails_over_and_survives_a_me
     let _ = std::fs::remove_dir_all(&t.dir);
 }
 
-fn have_etcd() -> bool {
-    let ok = std::process::Command::new("etcd")
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: no etcd binary (make deps installs Debian's etcd-server)");
-    }
-    ok
-}
-
 #[test]
 fn a_primary_cut_off_from_etcd_stops_releasing_and_hands_over_exactly_once() {
     // Hosts a and b are network namespaces of their own on one segment
@@ -215,17 +145,7 @@ psk_file = "{psk}"
         ),
     )
     .unwrap();
-    let members: Vec<Proc> = (0..3)
-        .map(|i| etcd_member_at(&ns, &dir, i, "10.78.0.1"))
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(0..3).all(|i| healthy_at(&ns, i, "10.78.0.1")) {
-        assert!(
-            Instant::now() < deadline,
-            "the etcd cluster never became healthy"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let members = start_cluster(&ns, &dir, "10.78.0.1");
     let config = config.display().to_string();
     let primary = Proc::spawn(&hosts[0], &["primary", "--config", &config, "--host", "a"]);
     std::thread::sleep(Duration::from_millis(300));
@@ -441,17 +361,7 @@ psk_file = "{psk}"
         ),
     )
     .unwrap();
-    let members: Vec<Proc> = (0..3)
-        .map(|i| etcd_member_at(&ns, &dir, i, "10.78.0.1"))
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(0..3).all(|i| healthy_at(&ns, i, "10.78.0.1")) {
-        assert!(
-            Instant::now() < deadline,
-            "the etcd cluster never became healthy"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let members = start_cluster(&ns, &dir, "10.78.0.1");
     let cluster_arg = cluster.display().to_string();
     let node = |i: usize, name: &str| {
         Proc::spawn(

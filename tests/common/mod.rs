@@ -136,6 +136,7 @@ pub fn assert_clean_error(f: &Finished, status: i32, needle: &str) {
     );
     assert!(lines[0].contains(needle), "{:?} lacks {needle:?}", lines[0]);
 }
+pub mod etcd;
 pub mod netns;
 pub mod pair;
 pub mod proxy;
