@@ -48,7 +48,9 @@ bench: build guests
 	./target/release/tandem-bench
 
 # Fault injection on a protected pair (CHAOS_STORAGE=mirrored: with
-# mirrored storage): CHAOS_ROUNDS random faults (default
+# mirrored storage; CHAOS_ARBITER=etcd: arbitrated by a 3-member etcd
+# cluster; CHAOS_CRASH_POLICY=restart-checkpoint: with checkpoints and
+# output held for them): CHAOS_ROUNDS random faults (default
 # 200; `make test` runs one of each kind), each followed by re-protection,
 # with the invariants checked; writes RELIABILITY.md. CHAOS_SEED=N replays
 # a series.

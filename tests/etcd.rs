@@ -173,7 +173,7 @@ psk_file = "{psk}"
         text
     };
     let left = status_figure(&status_a(), "arbiter_lease_ms_left");
-    assert!(left > 0 && left <= 2000, "{}", status_a());
+    assert!(left > 0 && left <= 3200, "{}", status_a());
 
     // Host a loses etcd (and only etcd).
     let mut nft = hosts[0].command("nft");
@@ -196,12 +196,13 @@ psk_file = "{psk}"
         &secondary,
     );
     let stopped = cut.elapsed();
-    // The lease is 2 s (the failover timeout, at least etcd's minimum);
-    // a counts on 80% of it from the last renewal it sent.
+    // The lease is 4 s (two failover timeouts, at least 4 s); a counts on
+    // 80% of it from the last renewal it sent, so it stops within the lease.
     assert!(
-        stopped < Duration::from_millis(2500),
+        stopped < Duration::from_secs(4),
         "a kept releasing for {stopped:?} after losing etcd"
     );
+
     wait_stderr(
         &secondary,
         "going live as generation 2",

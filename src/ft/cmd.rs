@@ -101,14 +101,13 @@ pub fn open_arbiter(
             arbiter::tcp(*addr, Duration::from_secs(2)).with_psk(psk.clone()),
         )),
         Some(Witness::File(dir)) => Some(Arc::new(arbiter::file(dir))),
-        // The live side's lease outlasts a failover timeout (so a primary
-        // cut off from etcd stops releasing output about when its
-        // secondary would notice it silent).
+        // The live side's lease: two failover timeouts, at least 4 s, so
+        // it outlasts an etcd leader election (a member lost).
         Some(Witness::Etcd { endpoints, prefix }) => Some(Arc::new(arbiter::etcd(
             endpoints.clone(),
             prefix,
             Duration::from_secs(2),
-            cfg.ft.failover_timeout.max(arbiter::DEFAULT_LEASE_TTL),
+            (cfg.ft.failover_timeout * 2).max(arbiter::DEFAULT_LEASE_TTL),
         ))),
         None if split_brain => None,
         None => anyhow::bail!(

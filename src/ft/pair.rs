@@ -85,16 +85,43 @@ pub struct PairParams {
 
 impl PairParams {
     /// Wins the generation after `expected`; Ok(None) when another side has it.
+    /// A claim that fails (the arbiter restarting, an etcd leader change, a
+    /// lost reply) has an unknown outcome: look, and try again, for up to a
+    /// failover timeout before giving up.
     fn claim(&self, expected: u64) -> anyhow::Result<Option<u64>> {
         let Some(arbiter) = &self.arbiter else {
             // Split brain accepted: every side believes it won.
             return Ok(Some(expected + 1));
         };
-        match arbiter.claim(&self.vm_name, expected, &self.me)? {
-            ClaimOutcome::Granted(g) => Ok(Some(g)),
-            ClaimOutcome::Refused(current) => {
-                warn!("claim of generation {} refused: {current}", expected + 1);
-                Ok(None)
+        let deadline = Instant::now() + self.failover_timeout;
+        loop {
+            match arbiter.claim(&self.vm_name, expected, &self.me) {
+                Ok(ClaimOutcome::Granted(g)) => return Ok(Some(g)),
+                Ok(ClaimOutcome::Refused(current)) => {
+                    warn!("claim of generation {} refused: {current}", expected + 1);
+                    return Ok(None);
+                }
+                Err(e) if Instant::now() < deadline => {
+                    warn!(
+                        "claim of generation {} failed ({e}); looking, then trying again",
+                        expected + 1
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                    match arbiter.query(&self.vm_name) {
+                        Ok(g)
+                            if g.generation == expected + 1
+                                && g.holder.as_deref() == Some(self.me.as_str()) =>
+                        {
+                            return Ok(Some(g.generation));
+                        }
+                        Ok(g) if g.generation != expected => {
+                            warn!("claim of generation {} refused: {g}", expected + 1);
+                            return Ok(None);
+                        }
+                        _ => {}
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
         }
     }

@@ -48,9 +48,10 @@ pub struct EtcdArbiter {
     lease: std::sync::Mutex<Option<(String, u64)>>,
 }
 
-/// The default lease length (etcd's own minimum is 2 s with its default
-/// timing).
-pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(2);
+/// The shortest lease the pair takes: long enough to ride out an etcd
+/// leader election (about 1–2 s with etcd's default timing) when a member
+/// is lost; etcd's own minimum is 2 s.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(4);
 
 /// Largest HTTP response read from etcd.
 const MAX_RESPONSE: usize = 1 << 20;
@@ -139,16 +140,19 @@ impl EtcdArbiter {
         Ok((id, ttl))
     }
 
-    /// POSTs `body` to `path` on the first member that answers.
+    /// POSTs `body` to `path` on the first member that answers well.
+    /// Any failure (unreachable, a broken reply, "leader changed") moves on
+    /// to the next member: every request here is safe to repeat. Reads and
+    /// lease renewals are idempotent, a repeated grant only leaves a lease to
+    /// expire, and a transaction compares a revision, so a repeat of one
+    /// that was applied fails its compare (and `claim` then finds the
+    /// generation its own).
     fn post(&self, path: &str, body: &Value) -> Result<Value, ArbiterError> {
         let mut last = None;
         for &addr in &self.endpoints {
             match self.post_to(addr, path, body) {
                 Ok(v) => return Ok(v),
-                // Unreachable: try the next member. Anything else (the
-                // request may have been applied) is the caller's to sort out.
-                Err(e @ ArbiterError::Unreachable { .. }) => last = Some(e),
-                Err(e) => return Err(e),
+                Err(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or(ArbiterError::Remote {
@@ -418,8 +422,13 @@ impl Arbiter for EtcdArbiter {
         if reply.get("succeeded").and_then(Value::as_bool) == Some(true) {
             return Ok(ClaimOutcome::Granted(next));
         }
-        // Someone else moved the key between the read and the transaction.
-        Ok(ClaimOutcome::Refused(self.read(vm)?.0))
+        // Someone else moved the key between the read and the transaction,
+        // or an earlier try of this very claim was applied.
+        let (now, _) = self.read(vm)?;
+        if now.generation == next && now.holder.as_deref() == Some(holder) {
+            return Ok(ClaimOutcome::Granted(next));
+        }
+        Ok(ClaimOutcome::Refused(now))
     }
 
     fn hold(
