@@ -244,8 +244,8 @@ fn failover(ctx: &Ctx, (n32, n256): (usize, usize)) -> Json {
     let mut t32 = Vec::new();
     let mut t256 = Vec::new();
     let mut t256_filled = Vec::new();
-    // Filling takes seconds of guest time: one trial in quick mode.
-    let n_filled = ctx.reps(n256, 1);
+    // Filling takes seconds of guest time: full mode only.
+    let n_filled = ctx.reps(n256, 0);
     for i in 0..n32.max(n256) {
         for (mem, fill, n, out) in [
             ("32M", 0, n32, &mut t32),
@@ -287,7 +287,8 @@ fn failover(ctx: &Ctx, (n32, n256): (usize, usize)) -> Json {
         (pair::Fault::StopAggressive, "aggressive_32m", false),
         (pair::Fault::Stop, "etcd_32m", true),
     ] {
-        if on_etcd && !etcd {
+        // The etcd cluster takes seconds to start: full mode only.
+        if on_etcd && (!etcd || ctx.quick) {
             continue;
         }
         let n = ctx.reps(5, 1);
@@ -338,7 +339,7 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let reps = ctx.reps(5, 3);
-    let qreps = ctx.reps(3, 2);
+    let qreps = ctx.reps(3, 1);
     // Failover + re-protection trials: (32 MiB guest, 256 MiB guest).
     let fo_reps = (ctx.reps(20, 3), ctx.reps(3, 2));
     let mut skipped: Vec<(String, String)> = Vec::new();
@@ -392,7 +393,7 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
         }
         + 2
         + if ns.is_some() && fo_reps != (0, 0) {
-            fo_reps.0 + fo_reps.1 + ctx.reps(fo_reps.1, 1) + 4 * ctx.reps(5, 1)
+            fo_reps.0 + fo_reps.1 + ctx.reps(fo_reps.1, 0) + ctx.reps(4 * 5, 3)
         } else {
             0
         }

@@ -74,13 +74,17 @@ pub fn workloads(ctx: &Ctx) -> Vec<Workload> {
     vec![
         compute(
             100,
-            vec![
-                (
+            // The checkpoint-mode variants run in full mode only.
+            [
+                Some((
                     "record-epoch1000",
                     vec!["--epoch-ms".to_string(), "1000".to_string()],
-                ),
-                checkpointing(),
-            ],
+                )),
+                (!q).then(checkpointing),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
         ),
         compute(1000, Vec::new()),
         Workload {
@@ -143,7 +147,7 @@ pub fn workloads(ctx: &Ctx) -> Vec<Workload> {
             unit: "UDP echoes",
             expect: "netecho: bye",
             disk_bytes: Some(64 << 10),
-            variants: vec![checkpointing()],
+            variants: (!q).then(checkpointing).into_iter().collect(),
             kind: Kind::NetEcho { requests },
             note: "closed-loop UDP echo (64 B, one outstanding) from a client on the taps' bridge in their network namespace",
             pair: true,
