@@ -346,6 +346,23 @@ static void handle_counter(const u8 *f, const u8 *udp, const u8 *payload)
     tx_send(slot, 14 + 20 + 28);
 }
 
+/* Sends the UDP datagram f (IPv4 header hl bytes, total length tot, UDP
+ * header at l4) back to its sender, payload unchanged (swapping the
+ * addresses and ports keeps the UDP checksum valid). */
+static void echo_udp(const u8 *f, const u8 *l4, u32 hl, u32 tot)
+{
+    u32 slot;
+    u8 *t = tx_alloc(&slot);
+    if (!t)
+        return;
+    copy32(t, f, 14 + tot);
+    turn_around(t, f, hl);
+    u8 *u = t + 14 + hl;
+    cpy(u, l4 + 2, 2); /* swap ports */
+    cpy(u + 2, l4, 2);
+    tx_send(slot, 14 + tot);
+}
+
 static void handle_ipv4(const u8 *f, u32 flen)
 {
     const u8 *ip = f + 14;
@@ -386,14 +403,7 @@ static void handle_ipv4(const u8 *f, u32 flen)
     const u8 *payload = l4 + 8;
     u32 plen = ulen - 8;
     if (dport == PORT_ECHO) {
-        if (!(t = tx_alloc(&slot)))
-            return;
-        copy32(t, f, 14 + tot);
-        turn_around(t, f, hl);
-        u8 *u = t + 14 + hl;
-        cpy(u, l4 + 2, 2); /* swap ports */
-        cpy(u + 2, l4, 2);
-        tx_send(slot, 14 + tot);
+        echo_udp(f, l4, hl, tot);
     } else if (dport == PORT_COUNTER) {
         if (plen >= 8)
             handle_counter(f, l4, payload);
@@ -416,14 +426,7 @@ static void handle_ipv4(const u8 *f, u32 flen)
         } else if (plen >= 7 && payload[0] == 'f' && payload[1] == 'r' && payload[2] == 'a' && payload[3] == 'g' &&
                    payload[4] == 'i' && payload[5] == 'l' && payload[6] == 'e') {
             fragile_window();
-            if (!(t = tx_alloc(&slot)))
-                return;
-            copy32(t, f, 14 + tot);
-            turn_around(t, f, hl);
-            u8 *u = t + 14 + hl;
-            cpy(u, l4 + 2, 2); /* swap ports */
-            cpy(u + 2, l4, 2);
-            tx_send(slot, 14 + tot);
+            echo_udp(f, l4, hl, tot);
         } else if (plen >= 4 && payload[0] == 'h' && payload[1] == 'a' && payload[2] == 'n' && payload[3] == 'g') {
             /* A hang: arm the watchdog (port 0x508, 500 ms) and never pet
              * it; the CPU keeps running, interrupts on. */

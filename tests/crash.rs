@@ -9,9 +9,31 @@ use std::time::{Duration, Instant};
 
 use common::pair::*;
 
+/// The secondary followed through whatever the guest did: kill -9 the
+/// primary, and b serves `count` more requests from `next` with the
+/// counter's invariants intact.
+fn takes_over_after_kill(
+    mut p: Pair,
+    s: &std::net::UdpSocket,
+    next: u32,
+    count: usize,
+    replies: &mut Vec<(u32, u64)>,
+) {
+    p.primary.child.kill().unwrap();
+    let _ = p.primary.child.wait();
+    let (_, took_over) = serve(s, next, count, Duration::from_secs(30), replies);
+    assert!(
+        took_over.is_some(),
+        "b did not take over: {}",
+        p.secondary.stderr()
+    );
+    assert_counter_invariants(replies, next);
+    let _ = std::fs::remove_dir_all(&p.t.dir);
+}
+
 #[test]
 fn a_crashed_guest_is_rebooted_on_both_sides_and_keeps_its_counter() {
-    let mut p = start_pair("crash", 1500);
+    let p = start_pair("crash", 1500);
     let s = p.t.ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();
     let (next, first) = serve(&s, 0, 5, Duration::from_secs(30), &mut replies);
@@ -80,16 +102,7 @@ fn a_crashed_guest_is_rebooted_on_both_sides_and_keeps_its_counter() {
     }
 
     // The secondary followed through the reboot: it can take over.
-    p.primary.child.kill().unwrap();
-    let _ = p.primary.child.wait();
-    let (_, took_over) = serve(&s, next2, 5, Duration::from_secs(30), &mut replies);
-    assert!(
-        took_over.is_some(),
-        "b did not take over: {}",
-        p.secondary.stderr()
-    );
-    assert_counter_invariants(&replies, next2);
-    let _ = std::fs::remove_dir_all(&p.t.dir);
+    takes_over_after_kill(p, &s, next2, 5, &mut replies);
 }
 
 #[test]
@@ -97,7 +110,7 @@ fn a_hung_guest_is_caught_by_its_watchdog_and_rebooted() {
     // The guest arms its watchdog and spins without petting it: a hang,
     // not a crash the guest reports. Guest time moves at logged stops, so
     // both sides see the expiry at the same stop and reboot there.
-    let mut p = start_pair("hang", 1500);
+    let p = start_pair("hang", 1500);
     let s = p.t.ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();
     let (next, first) = serve(&s, 0, 3, Duration::from_secs(30), &mut replies);
@@ -128,16 +141,7 @@ fn a_hung_guest_is_caught_by_its_watchdog_and_rebooted() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    p.primary.child.kill().unwrap();
-    let _ = p.primary.child.wait();
-    let (_, took_over) = serve(&s, next2, 3, Duration::from_secs(30), &mut replies);
-    assert!(
-        took_over.is_some(),
-        "b did not take over: {}",
-        p.secondary.stderr()
-    );
-    assert_counter_invariants(&replies, next2);
-    let _ = std::fs::remove_dir_all(&p.t.dir);
+    takes_over_after_kill(p, &s, next2, 3, &mut replies);
 }
 
 /// A pair whose guest crashes are rolled back to checkpoints.
@@ -188,7 +192,7 @@ fn restart_checkpoint_rolls_a_timing_crash_back_without_a_reboot() {
     // timer tick crashes the guest: with a 100 Hz timer, one always lands.
     // Rolled back to its newest checkpoint with the tick delayed and the
     // request delivered again, the guest gets through and answers.
-    let mut p = checkpoint_pair("ckpt");
+    let p = checkpoint_pair("ckpt");
     let s = p.t.ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();
     let (next, first) = serve(&s, 0, 5, Duration::from_secs(30), &mut replies);
@@ -256,16 +260,7 @@ fn restart_checkpoint_rolls_a_timing_crash_back_without_a_reboot() {
     assert_eq!(status_figure(&b_status(), "divergences"), 0);
 
     // And it can take over.
-    p.primary.child.kill().unwrap();
-    let _ = p.primary.child.wait();
-    let (_, took_over) = serve(&s, next2, 5, Duration::from_secs(30), &mut replies);
-    assert!(
-        took_over.is_some(),
-        "b did not take over: {}",
-        p.secondary.stderr()
-    );
-    assert_counter_invariants(&replies, next2);
-    let _ = std::fs::remove_dir_all(&p.t.dir);
+    takes_over_after_kill(p, &s, next2, 5, &mut replies);
 }
 
 #[test]
@@ -273,7 +268,7 @@ fn restart_checkpoint_reboots_a_guest_that_crashes_every_time() {
     // The "crash" request crashes the guest whatever the timing: each
     // rollback meets it again, so after going back as far as it may the
     // VMM reboots the guest, which continues from its persisted counter.
-    let mut p = checkpoint_pair("ckptloop");
+    let p = checkpoint_pair("ckptloop");
     let s = p.t.ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();
     let (next, first) = serve(&s, 0, 3, Duration::from_secs(30), &mut replies);
@@ -312,14 +307,5 @@ fn restart_checkpoint_reboots_a_guest_that_crashes_every_time() {
             .all(|&(_, v)| v > before),
         "a value was handed out again after the reboot: {replies:?}"
     );
-    p.primary.child.kill().unwrap();
-    let _ = p.primary.child.wait();
-    let (_, took_over) = serve(&s, next2, 3, Duration::from_secs(30), &mut replies);
-    assert!(
-        took_over.is_some(),
-        "b did not take over: {}",
-        p.secondary.stderr()
-    );
-    assert_counter_invariants(&replies, next2);
-    let _ = std::fs::remove_dir_all(&p.t.dir);
+    takes_over_after_kill(p, &s, next2, 3, &mut replies);
 }

@@ -111,40 +111,7 @@ fn a_primary_cut_off_from_etcd_stops_releasing_and_hands_over_exactly_once() {
     }
     let (ns, hosts) = split_hosts("etcdcut", &["a", "b"], |h| vec![format!("tap{h}")]);
     let dir = test_dir("etcdcut");
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
-    let endpoints: Vec<String> = CLIENT.iter().map(|p| format!("10.78.0.1:{p}")).collect();
-    let config = dir.join("pair.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[vm]
-name = "counter"
-kernel = "{kernel}"
-cmdline = "ip={GUEST_IP}"
-mem = "32M"
-disk = ["{disk}"]
-net = [{{ mac = "52:54:00:00:78:02" }}]
-
-[hosts]
-a = {{ address = "10.78.0.11:7401", tap = "tapa" }}
-b = {{ address = "10.78.0.12:7402", tap = "tapb" }}
-
-[ft]
-heartbeat_ms = 50
-failover_timeout_ms = 1500
-witness = "etcd://{endpoints}/tandem-test"
-state_dir = "{state}"
-psk_file = "{psk}"
-"#,
-            kernel = common::guest("netecho").display(),
-            disk = disk.display(),
-            endpoints = endpoints.join(","),
-            state = dir.join("state").display(),
-            psk = write_psk(&dir).display(),
-        ),
-    )
-    .unwrap();
+    let config = hosts_pair_file(&dir, "counter", "tapa", "tapb", &dir.join("state"));
     let members = start_cluster(&ns, &dir, "10.78.0.1");
     let config = config.display().to_string();
     let primary = Proc::spawn(&hosts[0], &["primary", "--config", &config, "--host", "a"]);
@@ -271,6 +238,52 @@ fn etcd_unreachable_at_start_is_a_clear_error() {
     let _ = std::fs::remove_dir_all(&t.dir);
 }
 
+/// The pair file `DIR/NAME.toml` of a counter VM whose hosts a and b are
+/// the namespaces of `split_hosts` (10.78.0.11 and .12, ports 7401/7402,
+/// taps `tap_a`/`tap_b`), arbitrated by the etcd cluster on 10.78.0.1.
+fn hosts_pair_file(
+    dir: &std::path::Path,
+    name: &str,
+    tap_a: &str,
+    tap_b: &str,
+    state: &std::path::Path,
+) -> std::path::PathBuf {
+    let disk = dir.join(format!("{name}.img"));
+    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"[vm]
+name = "{name}"
+kernel = "{kernel}"
+cmdline = "ip={GUEST_IP}"
+mem = "32M"
+disk = ["{disk}"]
+net = [{{ mac = "52:54:00:00:78:02" }}]
+
+[hosts]
+a = {{ address = "10.78.0.11:7401", tap = "{tap_a}" }}
+b = {{ address = "10.78.0.12:7402", tap = "{tap_b}" }}
+
+[ft]
+heartbeat_ms = 50
+failover_timeout_ms = 1500
+witness = "{witness}"
+state_dir = "{state}"
+psk_file = "{psk}"
+"#,
+            kernel = common::guest("netecho").display(),
+            disk = disk.display(),
+            witness = url("10.78.0.1", "tandem-test"),
+            state = state.display(),
+            psk = write_psk(dir).display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// Role of the VM's slot `slot` from its control socket ("" if none).
 fn slot_role(dir: &std::path::Path, slot: &str) -> String {
     let Ok(mut s) = std::os::unix::net::UnixStream::connect(dir.join(format!("{slot}.ctl"))) else {
@@ -319,40 +332,9 @@ fn a_spare_host_re_protects_a_vm_whose_host_died() {
         vec!["ta".to_string(), "tb".to_string()]
     });
     let dir = test_dir("etcdspare");
-    let disk = dir.join("disk.img");
-    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
-    let endpoints: Vec<String> = CLIENT.iter().map(|p| format!("10.78.0.1:{p}")).collect();
     let state = dir.join("web1");
-    std::fs::write(
-        dir.join("web1.toml"),
-        format!(
-            r#"[vm]
-name = "web1"
-kernel = "{kernel}"
-cmdline = "ip={GUEST_IP}"
-mem = "32M"
-disk = ["{disk}"]
-net = [{{ mac = "52:54:00:00:78:02" }}]
-
-[hosts]
-a = {{ address = "10.78.0.11:7411", tap = "ta" }}
-b = {{ address = "10.78.0.12:7412", tap = "tb" }}
-
-[ft]
-heartbeat_ms = 50
-failover_timeout_ms = 1500
-witness = "etcd://{endpoints}/tandem-test"
-state_dir = "{state}"
-psk_file = "{psk}"
-"#,
-            kernel = common::guest("netecho").display(),
-            disk = disk.display(),
-            endpoints = endpoints.join(","),
-            state = state.display(),
-            psk = write_psk(&dir).display(),
-        ),
-    )
-    .unwrap();
+    hosts_pair_file(&dir, "web1", "ta", "tb", &state);
+    let endpoints: Vec<String> = CLIENT.iter().map(|p| format!("10.78.0.1:{p}")).collect();
     let cluster = dir.join("cluster.toml");
     std::fs::write(
         &cluster,

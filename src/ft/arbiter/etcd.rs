@@ -231,32 +231,18 @@ impl EtcdArbiter {
 
     /// The VM's grant and the key's modification revision (0: no key).
     fn read(&self, vm: &str) -> Result<(Grant, i64), ArbiterError> {
-        let reply = self.post("/v3/kv/range", &json!({ "key": B64.encode(self.key(vm)) }))?;
-        let Some(kv) = reply.get("kvs").and_then(|k| k.get(0)) else {
+        let Some((value, revision)) = self.kv_get(&format!("vm/{vm}"))? else {
             return Ok((Grant::unclaimed(), 0));
         };
-        let bad = |why: &str| ArbiterError::BadReply {
-            addr: self
-                .endpoints
-                .first()
-                .copied()
-                .unwrap_or(([0, 0, 0, 0], 0).into()),
-            reply: format!("{why}: {kv}"),
-        };
-        let revision = kv
-            .get("mod_revision")
-            .and_then(|r| r.as_str().and_then(|s| s.parse().ok()).or(r.as_i64()))
-            .ok_or_else(|| bad("no mod_revision"))?;
-        let value = kv
-            .get("value")
-            .and_then(Value::as_str)
-            .and_then(|v| B64.decode(v).ok())
-            .and_then(|v| String::from_utf8(v).ok())
-            .ok_or_else(|| bad("value is not base64 text"))?;
         let (generation, holder) = value
             .split_once(' ')
             .and_then(|(g, h)| Some((g.parse::<u64>().ok()?, h.to_string())))
-            .ok_or_else(|| bad("value is not \"<generation> <holder>\""))?;
+            .ok_or_else(|| {
+                self.bad_reply(
+                    "value is not \"<generation> <holder>\"",
+                    &Value::String(value.clone()),
+                )
+            })?;
         Ok((
             Grant {
                 generation,
@@ -324,7 +310,14 @@ impl EtcdArbiter {
     /// Writes `value` if the key's modification revision is still
     /// `revision` (0: the key must not exist). True when written.
     pub fn kv_put_if(&self, rel: &str, revision: i64, value: &str) -> Result<bool, ArbiterError> {
-        let key = B64.encode(self.full_key(rel));
+        self.put_if_revision(&self.full_key(rel), revision, value)
+    }
+
+    /// The compare-and-set every write here is: put `value` at `key` (a
+    /// full key) in a transaction that compares its modification revision
+    /// with `revision`. True when written.
+    fn put_if_revision(&self, key: &str, revision: i64, value: &str) -> Result<bool, ArbiterError> {
+        let key = B64.encode(key);
         let txn = json!({
             "compare": [{
                 "key": key,
@@ -406,20 +399,7 @@ impl Arbiter for EtcdArbiter {
         if current.generation != expected {
             return Ok(ClaimOutcome::Refused(current));
         }
-        let key = B64.encode(self.key(vm));
-        let txn = json!({
-            "compare": [{
-                "key": key,
-                "target": "MOD",
-                "result": "EQUAL",
-                "mod_revision": revision.to_string(),
-            }],
-            "success": [{
-                "request_put": { "key": key, "value": B64.encode(format!("{next} {holder}")) }
-            }],
-        });
-        let reply = self.post("/v3/kv/txn", &txn)?;
-        if reply.get("succeeded").and_then(Value::as_bool) == Some(true) {
+        if self.put_if_revision(&self.key(vm), revision, &format!("{next} {holder}"))? {
             return Ok(ClaimOutcome::Granted(next));
         }
         // Someone else moved the key between the read and the transaction,
