@@ -259,15 +259,15 @@ pub struct StatusArgs {
 
 /// `tandem status --cluster`: every VM of a cluster file, one line each.
 fn cluster_status(path: &std::path::Path, json: bool) -> ExitCode {
-    let vms = match super::node::load_cluster(path) {
-        Ok(vms) => vms,
+    let super::node::Cluster { vms, membership } = match super::node::load_cluster(path) {
+        Ok(cluster) => cluster,
         Err(e) => {
             eprintln!("tandem: {e:#}");
             return ExitCode::from(EXIT_START_FAILED);
         }
     };
     // With etcd membership, which host fills each slot (default: a and b).
-    let slot_hosts = super::spare::slot_hosts(path);
+    let slot_hosts = super::spare::slot_hosts(membership.as_ref());
     let mut unprotected = 0;
     for vm in &vms {
         let cfg = &vm.pair;

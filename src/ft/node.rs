@@ -44,11 +44,10 @@ use crate::config::{self, HostId, PairConfig};
 struct RawCluster {
     #[serde(default)]
     vm: Vec<RawClusterVm>,
-    /// Membership on etcd and the hosts (read by `ft::spare`).
-    #[allow(dead_code)]
-    cluster: Option<toml::Value>,
-    #[allow(dead_code)]
-    host: Option<toml::Value>,
+    /// Membership on etcd and the hosts (checked by `ft::spare`).
+    cluster: Option<super::spare::RawCluster>,
+    #[serde(default)]
+    host: Vec<super::spare::RawHost>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,9 +68,17 @@ pub struct ClusterVm {
     pub prefer: HostId,
 }
 
+/// A cluster file, read and checked.
+pub struct Cluster {
+    /// Its VMs.
+    pub vms: Vec<ClusterVm>,
+    /// Membership on etcd and the hosts (None: two hosts, a and b).
+    pub membership: Option<super::spare::Membership>,
+}
+
 /// Reads and checks a cluster file: every pair file readable, VM names
-/// distinct, `prefer` naming a host.
-pub fn load_cluster(path: &Path) -> anyhow::Result<Vec<ClusterVm>> {
+/// distinct, `prefer` naming a host, and any `[cluster]` section.
+pub fn load_cluster(path: &Path) -> anyhow::Result<Cluster> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let raw: RawCluster = toml::from_str(&text)
@@ -108,7 +115,10 @@ pub fn load_cluster(path: &Path) -> anyhow::Result<Vec<ClusterVm>> {
             prefer,
         });
     }
-    Ok(out)
+    Ok(Cluster {
+        vms: out,
+        membership: super::spare::membership(path, raw.cluster, raw.host)?,
+    })
 }
 
 /// `tandem node` arguments.
@@ -168,8 +178,8 @@ fn parse_host(text: &str) -> anyhow::Result<HostId> {
 }
 
 fn run_node(args: NodeArgs) -> anyhow::Result<()> {
-    let vms = load_cluster(&args.config)?;
-    if let Some(membership) = super::spare::load_membership(&args.config)? {
+    let Cluster { vms, membership } = load_cluster(&args.config)?;
+    if let Some(membership) = membership {
         for sig in [libc::SIGTERM, libc::SIGINT] {
             // SAFETY: the handler only stores to an atomic.
             unsafe { libc::signal(sig, on_stop as *const () as libc::sighandler_t) };
@@ -248,38 +258,42 @@ fn supervise(
     flags: &[String],
 ) {
     let name = &vm.pair.vm.name;
+    let stop = || STOP.load(Ordering::Acquire);
     if vm.prefer != me {
-        // Let the preferred host start it as primary; then follow it.
-        let grace = vm.pair.ft.failover_timeout * 3 + Duration::from_secs(2);
-        let started = Instant::now();
-        while !STOP.load(Ordering::Acquire) && started.elapsed() < grace {
-            let live = arbiter
-                .and_then(|a| a.query(name).ok())
-                .is_some_and(|g| g.holder.is_some());
-            if live {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until_live(vm, arbiter, &stop);
     }
-    while !STOP.load(Ordering::Acquire) {
+    while !stop() {
         let last_start = Instant::now();
         let who = format!("node {}: {name}", me.name());
-        let Some(status) = run_side(exe, &vm.path, me.name(), flags, &who, &|| {
-            STOP.load(Ordering::Acquire)
-        }) else {
-            if STOP.load(Ordering::Acquire) {
+        let Some(status) = run_side(exe, &vm.path, me.name(), flags, &who, &stop) else {
+            if stop() {
                 return;
             }
             std::thread::sleep(Duration::from_secs(2));
             continue;
         };
-        let pause = restart_pause(status, last_start);
-        eprintln!(
-            "tandem: {who}: its side ended ({status}); starting it again in {} ms",
-            pause.as_millis()
-        );
-        std::thread::sleep(pause);
+        pause_after(&who, status, last_start);
+    }
+}
+
+/// A side that the VM does not prefer lets the preferred one start it as
+/// primary, then follows: it waits until the arbiter shows the VM live, or
+/// a grace period (so a VM whose preferred host is down still starts).
+pub(super) fn wait_until_live(
+    vm: &ClusterVm,
+    arbiter: Option<&dyn super::arbiter::Arbiter>,
+    stop: &dyn Fn() -> bool,
+) {
+    let grace = vm.pair.ft.failover_timeout * 3 + Duration::from_secs(2);
+    let started = Instant::now();
+    while !stop() && started.elapsed() < grace {
+        let live = arbiter
+            .and_then(|a| a.query(&vm.pair.vm.name).ok())
+            .is_some_and(|g| g.holder.is_some());
+        if live {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -344,23 +358,28 @@ pub(super) fn run_side(
     }
 }
 
-/// How long to wait before starting a side again: a clean end (the VM
-/// moved away) re-joins at once; anything else after a pause, longer if it
-/// keeps failing at start.
-pub(super) fn restart_pause(status: std::process::ExitStatus, started: Instant) -> Duration {
-    if status.success() {
+/// Says that a side ended and waits before it is started again: a clean
+/// end (the VM moved away) re-joins at once; anything else after a pause,
+/// longer if it keeps failing at start.
+pub(super) fn pause_after(who: &str, status: std::process::ExitStatus, started: Instant) {
+    let pause = if status.success() {
         Duration::from_millis(200)
     } else if started.elapsed() < Duration::from_secs(5) {
         Duration::from_secs(3)
     } else {
         Duration::from_secs(1)
-    }
+    };
+    eprintln!(
+        "tandem: {who}: its side ended ({status}); starting it again in {} ms",
+        pause.as_millis()
+    );
+    std::thread::sleep(pause);
 }
 
 /// Runs `tandem move`.
 pub fn move_vm(args: MoveArgs) -> ExitCode {
     let result = (|| -> anyhow::Result<String> {
-        let vms = load_cluster(&args.config)?;
+        let vms = load_cluster(&args.config)?.vms;
         let Some(vm) = vms.iter().find(|v| v.pair.vm.name == args.vm) else {
             bail!(
                 "{}: no VM named {:?} (it has {})",
@@ -406,7 +425,9 @@ mod tests {
         let cluster = dir.join("cluster.toml");
         let check = |text: &str| {
             std::fs::write(&cluster, text).unwrap();
-            load_cluster(&cluster).map_err(|e| e.to_string())
+            load_cluster(&cluster)
+                .map(|c| c.vms)
+                .map_err(|e| e.to_string())
         };
         let ok = check(
             "[[vm]]\nconfig = \"web1.toml\"\nprefer = \"a\"\n[[vm]]\nconfig = \"web2.toml\"\nprefer = \"b\"\n",

@@ -43,7 +43,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use super::arbiter::{Arbiter, EtcdArbiter};
-use super::node::{restart_pause, run_side, ClusterVm};
+use super::node::{pause_after, run_side, wait_until_live, ClusterVm};
 use crate::config::{self, Witness};
 
 /// Lease of a node's member key, in seconds: how soon a dead host drops out.
@@ -52,22 +52,17 @@ pub const NODE_TTL_S: u64 = 2;
 /// How often a node looks at the assignments.
 const POLL: Duration = Duration::from_millis(300);
 
-#[derive(Debug, Deserialize)]
-struct RawFile {
-    cluster: Option<RawCluster>,
-    #[serde(default)]
-    host: Vec<RawHost>,
-}
-
+/// `[cluster]` as written (read with the rest of the file by `ft::node`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawCluster {
+pub(super) struct RawCluster {
     etcd: String,
 }
 
+/// One `[[host]]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawHost {
+pub(super) struct RawHost {
     name: String,
     address: String,
 }
@@ -131,20 +126,16 @@ impl Assignment {
     }
 }
 
-/// Reads the `[cluster]` section and `[[host]]` entries of a cluster file
-/// (None: the file has no `[cluster]`, so there are two hosts, a and b).
-pub fn load_membership(path: &Path) -> anyhow::Result<Option<Membership>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    // The [[vm]] entries are node.rs's; only these two are read here.
-    let mut table: toml::Table = toml::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
-    table.remove("vm");
-    let raw: RawFile = table
-        .try_into()
-        .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
-    let Some(cluster) = raw.cluster else {
-        if !raw.host.is_empty() {
+/// Checks the `[cluster]` section and `[[host]]` entries of the cluster
+/// file `path` (None: there is no `[cluster]`, so there are two hosts, a
+/// and b).
+pub(super) fn membership(
+    path: &Path,
+    cluster: Option<RawCluster>,
+    raw_hosts: Vec<RawHost>,
+) -> anyhow::Result<Option<Membership>> {
+    let Some(cluster) = cluster else {
+        if !raw_hosts.is_empty() {
             bail!(
                 "{}: [[host]] entries need a [cluster] section with etcd = \"etcd://...\"",
                 path.display()
@@ -166,7 +157,7 @@ pub fn load_membership(path: &Path) -> anyhow::Result<Option<Membership>> {
         ),
     };
     let mut hosts: Vec<(String, IpAddr)> = Vec::new();
-    for h in raw.host {
+    for h in raw_hosts {
         super::arbiter::validate_name("host", &h.name)
             .map_err(|e| anyhow::anyhow!("{}: [[host]] {e}", path.display()))?;
         let ip: IpAddr = h.address.parse().map_err(|_| {
@@ -198,14 +189,14 @@ pub fn load_membership(path: &Path) -> anyhow::Result<Option<Membership>> {
 }
 
 /// For `tandem status --cluster`: which host fills each slot of each VM
-/// (`"a=HOST b=HOST"` by VM name), when the cluster file has a `[cluster]`
-/// section and etcd answers.
-pub fn slot_hosts(path: &Path) -> std::collections::HashMap<String, String> {
+/// (`"a=HOST b=HOST"` by VM name), when the cluster has membership on etcd
+/// and etcd answers.
+pub fn slot_hosts(membership: Option<&Membership>) -> std::collections::HashMap<String, String> {
     let mut out = std::collections::HashMap::new();
-    let Ok(Some(m)) = load_membership(path) else {
+    let Some(m) = membership else {
         return out;
     };
-    let kv = EtcdArbiter::new(m.endpoints, &m.prefix, Duration::from_secs(1));
+    let kv = EtcdArbiter::new(m.endpoints.clone(), &m.prefix, Duration::from_secs(1));
     for (vm, text) in kv.kv_list("cluster/assign/").unwrap_or_default() {
         out.insert(vm, text);
     }
@@ -391,17 +382,7 @@ impl Node {
                 continue;
             };
             if std::mem::take(&mut first) && slot != vm.prefer.name() {
-                // Let the preferred slot start it as primary; then follow.
-                let grace = vm.pair.ft.failover_timeout * 3 + Duration::from_secs(2);
-                let started = Instant::now();
-                while !self.stopping()
-                    && started.elapsed() < grace
-                    && !arbiter
-                        .and_then(|a| a.query(name).ok())
-                        .is_some_and(|g| g.holder.is_some())
-                {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                wait_until_live(vm, arbiter, &|| self.stopping());
             }
             let config = match self.derived_config(vm, &assign) {
                 Ok(p) => p,
@@ -434,12 +415,7 @@ impl Node {
                 continue;
             }
             if let Some(status) = status {
-                let pause = restart_pause(status, started);
-                eprintln!(
-                    "tandem: {who}: its side ended ({status}); starting it again in {} ms",
-                    pause.as_millis()
-                );
-                std::thread::sleep(pause);
+                pause_after(&who, status, started);
             }
         }
     }
@@ -524,12 +500,16 @@ mod tests {
 
     #[test]
     fn cluster_sections_are_checked() {
-        let dir = std::env::temp_dir().join(format!("tandem-spare-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("cluster.toml");
+        let file = Path::new("cluster.toml");
+        #[derive(Deserialize)]
+        struct File {
+            cluster: Option<RawCluster>,
+            #[serde(default)]
+            host: Vec<RawHost>,
+        }
         let load = |text: &str| {
-            std::fs::write(&file, text).unwrap();
-            load_membership(&file).map_err(|e| e.to_string())
+            let raw: File = toml::from_str(text).unwrap();
+            membership(file, raw.cluster, raw.host).map_err(|e| e.to_string())
         };
         assert!(load("[[vm]]\nconfig = \"x\"\nprefer = \"a\"\n")
             .unwrap()
@@ -545,6 +525,5 @@ mod tests {
         assert!(e.contains("listed twice"), "{e}");
         let e = load("[[host]]\nname = \"a\"\naddress = \"10.0.1.1\"\n").unwrap_err();
         assert!(e.contains("need a [cluster] section"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
