@@ -44,6 +44,28 @@ pub struct PairSpec<'a> {
     pub etcd: bool,
 }
 
+impl<'a> PairSpec<'a> {
+    /// A 32 MiB pair of `guest` booted with `cmdline`: no disk, no NIC,
+    /// `received` mode, default timing, shared storage, a fresh state
+    /// directory, the witness. Callers change what their figure needs.
+    pub fn new(guest: &'a Path, cmdline: &'a str) -> Self {
+        Self {
+            guest,
+            cmdline,
+            mem: "32M",
+            disk: None,
+            net: false,
+            commit: "received",
+            failover_ms: None,
+            heartbeat_ms: None,
+            replicas: None,
+            state: None,
+            ft_extra: "",
+            etcd: false,
+        }
+    }
+}
+
 /// The etcd members' client and peer ports (all on 127.0.0.1).
 const ETCD_PORTS: [(u16, u16); 3] = [(2379, 2380), (2479, 2480), (2579, 2580)];
 
@@ -429,22 +451,17 @@ fn trial(
     let guest = ctx.guest("netecho");
     let cmdline = format!("ip={} fill={fill_mib}", netecho::GUEST_IP);
     let spec = PairSpec {
-        guest: &guest,
-        cmdline: &cmdline,
         mem,
         disk: Some(&disk),
         net: true,
-        commit: "received",
         failover_ms: Some(if fault == Fault::StopAggressive {
             AGGRESSIVE_FAILOVER_MS
         } else {
             FAILOVER_MS
         }),
         heartbeat_ms: (fault == Fault::StopAggressive).then_some(AGGRESSIVE_HEARTBEAT_MS),
-        replicas: None,
-        state: None,
-        ft_extra: "",
         etcd,
+        ..PairSpec::new(&guest, &cmdline)
     };
     let result = trial_in(ctx, &spec, fault, t);
     let _ = std::fs::remove_file(&disk);

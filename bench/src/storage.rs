@@ -40,18 +40,10 @@ fn diskseq_run(
     let guest = ctx.guest("diskseq");
     let cmdline = format!("count={} chunk=128", kib * 2);
     let spec = PairSpec {
-        guest: &guest,
-        cmdline: &cmdline,
-        mem: "32M",
         disk: Some(disks[0]),
-        net: false,
-        commit: "received",
-        failover_ms: None,
-        heartbeat_ms: None,
         replicas: mirrored.then_some(*disks),
         state: Some(state),
-        ft_extra: "",
-        etcd: false,
+        ..PairSpec::new(&guest, &cmdline)
     };
     let mut pair = Pair::start(ctx, &spec)?;
     let primary = pair.primary.take().ok_or("no primary")?;
@@ -94,18 +86,11 @@ fn resync_run(ctx: &Ctx, disks: &[&Path; 2], state: &Path) -> Result<(f64, f64, 
     let guest = ctx.guest("netecho");
     let cmdline = format!("ip={}", netecho::GUEST_IP);
     let spec = PairSpec {
-        guest: &guest,
-        cmdline: &cmdline,
-        mem: "32M",
         disk: Some(disks[0]),
         net: true,
-        commit: "received",
-        failover_ms: None,
-        heartbeat_ms: None,
         replicas: Some(*disks),
         state: Some(state),
-        ft_extra: "",
-        etcd: false,
+        ..PairSpec::new(&guest, &cmdline)
     };
     let pair = Pair::start(ctx, &spec)?;
     let primary = pair.primary.as_ref().ok_or("no primary")?;
@@ -142,18 +127,10 @@ pub fn netecho_pair_with(ctx: &Ctx, disk: &Path, ft_extra: &str) -> Result<Pair,
     let guest = ctx.guest("netecho");
     let cmdline = format!("ip={}", netecho::GUEST_IP);
     let spec = PairSpec {
-        guest: &guest,
-        cmdline: &cmdline,
-        mem: "32M",
         disk: Some(disk),
         net: true,
-        commit: "received",
-        failover_ms: None,
-        heartbeat_ms: None,
-        replicas: None,
-        state: None,
         ft_extra,
-        etcd: false,
+        ..PairSpec::new(&guest, &cmdline)
     };
     let mut pair = Pair::start(ctx, &spec)?;
     let out = watch_stdout(pair.primary.as_mut().ok_or("no primary")?);

@@ -423,18 +423,10 @@ impl Runner<'_> {
         });
         let guest = self.ctx.guest(self.w.guest);
         let spec = PairSpec {
-            guest: &guest,
-            cmdline: &self.w.cmdline,
-            mem: "32M",
             disk: disk.as_deref(),
             net: matches!(self.w.kind, Kind::NetEcho { .. }),
             commit,
-            failover_ms: None,
-            heartbeat_ms: None,
-            replicas: None,
-            state: None,
-            ft_extra: "",
-            etcd: false,
+            ..PairSpec::new(&guest, &self.w.cmdline)
         };
         let mut s = Sample::default();
         match Pair::start(self.ctx, &spec) {
