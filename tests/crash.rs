@@ -9,6 +9,29 @@ use std::time::{Duration, Instant};
 
 use common::pair::*;
 
+/// A client of the pair `p` that got `count` counter values: its socket,
+/// the replies, the next request id and the highest value so far.
+fn serving(p: &Pair, count: usize) -> (std::net::UdpSocket, Vec<(u32, u64)>, u32, u64) {
+    let s = p.t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, first) = serve(&s, 0, count, Duration::from_secs(30), &mut replies);
+    assert!(first.is_some(), "the pair does not serve");
+    let before = replies.iter().map(|&(_, v)| v).max().unwrap();
+    (s, replies, next, before)
+}
+
+/// Every value answered from request `from` on is above `before`: no value
+/// the guest persisted before the `what` was handed out again.
+fn assert_values_beyond(replies: &[(u32, u64)], from: u32, before: u64, what: &str) {
+    assert!(
+        replies
+            .iter()
+            .filter(|(id, _)| *id >= from)
+            .all(|&(_, v)| v > before),
+        "a value was handed out again after the {what}: {replies:?}"
+    );
+}
+
 /// The secondary followed through whatever the guest did: kill -9 the
 /// primary, and b serves `count` more requests from `next` with the
 /// counter's invariants intact.
@@ -34,11 +57,7 @@ fn takes_over_after_kill(
 #[test]
 fn a_crashed_guest_is_rebooted_on_both_sides_and_keeps_its_counter() {
     let p = start_pair("crash", 1500);
-    let s = p.t.ns.udp_socket("10.78.0.1:0");
-    let mut replies = Vec::new();
-    let (next, first) = serve(&s, 0, 5, Duration::from_secs(30), &mut replies);
-    assert!(first.is_some(), "the pair does not serve");
-    let before = replies.iter().map(|&(_, v)| v).max().unwrap();
+    let (s, mut replies, next, before) = serving(&p, 5);
 
     // The guest crashes (pvpanic report, then HLT with interrupts off).
     s.send_to(b"crash", format!("{GUEST_IP}:9002")).unwrap();
@@ -69,13 +88,7 @@ fn a_crashed_guest_is_rebooted_on_both_sides_and_keeps_its_counter() {
         "not served after the reboot: {}",
         p.primary.stderr()
     );
-    assert!(
-        replies
-            .iter()
-            .filter(|(id, _)| *id >= next)
-            .all(|&(_, v)| v > before),
-        "a value was handed out again after the reboot: {replies:?}"
-    );
+    assert_values_beyond(&replies, next, before, "reboot");
     assert!(
         p.primary
             .stderr()
@@ -111,10 +124,7 @@ fn a_hung_guest_is_caught_by_its_watchdog_and_rebooted() {
     // not a crash the guest reports. Guest time moves at logged stops, so
     // both sides see the expiry at the same stop and reboot there.
     let p = start_pair("hang", 1500);
-    let s = p.t.ns.udp_socket("10.78.0.1:0");
-    let mut replies = Vec::new();
-    let (next, first) = serve(&s, 0, 3, Duration::from_secs(30), &mut replies);
-    assert!(first.is_some(), "the pair does not serve");
+    let (s, mut replies, next, _) = serving(&p, 3);
     s.send_to(b"hang", format!("{GUEST_IP}:9002")).unwrap();
     p.primary
         .wait_for("netecho: hanging", Duration::from_secs(10));
@@ -193,11 +203,7 @@ fn restart_checkpoint_rolls_a_timing_crash_back_without_a_reboot() {
     // Rolled back to its newest checkpoint with the tick delayed and the
     // request delivered again, the guest gets through and answers.
     let p = checkpoint_pair("ckpt");
-    let s = p.t.ns.udp_socket("10.78.0.1:0");
-    let mut replies = Vec::new();
-    let (next, first) = serve(&s, 0, 5, Duration::from_secs(30), &mut replies);
-    assert!(first.is_some(), "the pair does not serve");
-    let before = replies.iter().map(|&(_, v)| v).max().unwrap();
+    let (s, mut replies, next, before) = serving(&p, 5);
 
     let f = p.t.ns.udp_socket("10.78.0.1:0");
     f.set_read_timeout(Some(Duration::from_millis(500)))
@@ -238,13 +244,7 @@ fn restart_checkpoint_rolls_a_timing_crash_back_without_a_reboot() {
     // The counter goes on, no value handed out twice.
     let (next2, again) = serve(&s, next, 5, Duration::from_secs(30), &mut replies);
     assert!(again.is_some(), "not served after the rollback: {err}");
-    assert!(
-        replies
-            .iter()
-            .filter(|(id, _)| *id >= next)
-            .all(|&(_, v)| v > before),
-        "a value was handed out again after the rollback: {replies:?}"
-    );
+    assert_values_beyond(&replies, next, before, "rollback");
     // The secondary verifies epochs after the rollback too.
     let b_status = || status(&p.t, "b").unwrap_or_default();
     let verified = status_figure(&b_status(), "epochs_verified");
@@ -269,11 +269,7 @@ fn restart_checkpoint_reboots_a_guest_that_crashes_every_time() {
     // rollback meets it again, so after going back as far as it may the
     // VMM reboots the guest, which continues from its persisted counter.
     let p = checkpoint_pair("ckptloop");
-    let s = p.t.ns.udp_socket("10.78.0.1:0");
-    let mut replies = Vec::new();
-    let (next, first) = serve(&s, 0, 3, Duration::from_secs(30), &mut replies);
-    assert!(first.is_some(), "the pair does not serve");
-    let before = replies.iter().map(|&(_, v)| v).max().unwrap();
+    let (s, mut replies, next, before) = serving(&p, 3);
     s.send_to(b"crash", format!("{GUEST_IP}:9002")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while boots(&p) < 2 {
@@ -300,12 +296,6 @@ fn restart_checkpoint_reboots_a_guest_that_crashes_every_time() {
     assert_eq!(status_figure(&b, "divergences"), 0, "{b}");
     let (next2, again) = serve(&s, next, 3, Duration::from_secs(30), &mut replies);
     assert!(again.is_some(), "not served after the reboot: {err}");
-    assert!(
-        replies
-            .iter()
-            .filter(|(id, _)| *id >= next)
-            .all(|&(_, v)| v > before),
-        "a value was handed out again after the reboot: {replies:?}"
-    );
+    assert_values_beyond(&replies, next, before, "reboot");
     takes_over_after_kill(p, &s, next2, 3, &mut replies);
 }

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use common::etcd::*;
@@ -131,14 +131,7 @@ fn a_primary_cut_off_from_etcd_stops_releasing_and_hands_over_exactly_once() {
     );
 
     // The live side holds its etcd lease (`tandem status` says how long).
-    let status_a = || {
-        use std::os::unix::net::UnixStream;
-        let mut c = UnixStream::connect(dir.join("state").join("a.ctl")).unwrap();
-        c.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut text = String::new();
-        c.read_to_string(&mut text).unwrap();
-        text
-    };
+    let status_a = || status_at(&dir.join("state").join("a.ctl")).unwrap_or_default();
     let left = status_figure(&status_a(), "arbiter_lease_ms_left");
     assert!(left > 0 && left <= 3200, "{}", status_a());
 
@@ -239,8 +232,8 @@ fn etcd_unreachable_at_start_is_a_clear_error() {
 }
 
 /// The pair file `DIR/NAME.toml` of a counter VM whose hosts a and b are
-/// the namespaces of `split_hosts` (10.78.0.11 and .12, ports 7401/7402,
-/// taps `tap_a`/`tap_b`), arbitrated by the etcd cluster on 10.78.0.1.
+/// the namespaces of `split_hosts` (ports 7401/7402, taps `tap_a`/`tap_b`),
+/// arbitrated by the etcd cluster on 10.78.0.1.
 fn hosts_pair_file(
     dir: &std::path::Path,
     name: &str,
@@ -248,56 +241,23 @@ fn hosts_pair_file(
     tap_b: &str,
     state: &std::path::Path,
 ) -> std::path::PathBuf {
-    let disk = dir.join(format!("{name}.img"));
-    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            r#"[vm]
-name = "{name}"
-kernel = "{kernel}"
-cmdline = "ip={GUEST_IP}"
-mem = "32M"
-disk = ["{disk}"]
-net = [{{ mac = "52:54:00:00:78:02" }}]
-
-[hosts]
-a = {{ address = "10.78.0.11:7401", tap = "{tap_a}" }}
-b = {{ address = "10.78.0.12:7402", tap = "{tap_b}" }}
-
-[ft]
-heartbeat_ms = 50
-failover_timeout_ms = 1500
-witness = "{witness}"
-state_dir = "{state}"
-psk_file = "{psk}"
-"#,
-            kernel = common::guest("netecho").display(),
-            disk = disk.display(),
-            witness = url("10.78.0.1", "tandem-test"),
-            state = state.display(),
-            psk = write_psk(dir).display(),
-        ),
+    split_pair_file(
+        dir,
+        &SplitVm {
+            name,
+            ip: GUEST_IP,
+            mac: 2,
+            ports: [7401, 7402],
+            taps: [tap_a, tap_b],
+            witness: &url("10.78.0.1", "tandem-test"),
+            state,
+        },
     )
-    .unwrap();
-    path
 }
 
 /// Role of the VM's slot `slot` from its control socket ("" if none).
 fn slot_role(dir: &std::path::Path, slot: &str) -> String {
-    let Ok(mut s) = std::os::unix::net::UnixStream::connect(dir.join(format!("{slot}.ctl"))) else {
-        return String::new();
-    };
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text.split("\"role\":\"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .unwrap_or_default()
-        .to_string()
+    role_at(&dir.join(format!("{slot}.ctl")))
 }
 
 fn wait_slot_role(dir: &std::path::Path, slot: &str, want: &str, nodes: &[&Proc]) {

@@ -13,7 +13,6 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::guest;
 use common::pair::*;
 
 const VMS: [(&str, &str, u16); 2] = [("web1", "10.78.0.2", 7410), ("web2", "10.78.0.3", 7420)];
@@ -21,60 +20,24 @@ const VMS: [(&str, &str, u16); 2] = [("web1", "10.78.0.2", 7410), ("web2", "10.7
 /// The pair file of VM `i` (taps `a{i}`/`b{i}`, ports 7410+/7420+).
 fn pair_file(dir: &Path, i: usize) -> PathBuf {
     let (name, ip, port) = VMS[i];
-    let disk = dir.join(format!("{name}.img"));
-    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            r#"[vm]
-name = "{name}"
-kernel = "{kernel}"
-cmdline = "ip={ip}"
-mem = "32M"
-disk = ["{disk}"]
-net = [{{ mac = "52:54:00:00:78:0{mac}" }}]
-
-[hosts]
-a = {{ address = "10.78.0.11:{pa}", tap = "a{i}" }}
-b = {{ address = "10.78.0.12:{pb}", tap = "b{i}" }}
-
-[ft]
-heartbeat_ms = 50
-failover_timeout_ms = 1500
-witness = "tcp://10.78.0.1:7500"
-state_dir = "{state}"
-psk_file = "{psk}"
-"#,
-            kernel = guest("netecho").display(),
-            disk = disk.display(),
-            mac = i + 2,
-            pa = port + 1,
-            pb = port + 2,
-            state = dir.join(name).display(),
-            psk = write_psk(dir).display(),
-        ),
+    let (ta, tb) = (format!("a{i}"), format!("b{i}"));
+    split_pair_file(
+        dir,
+        &SplitVm {
+            name,
+            ip,
+            mac: i + 2,
+            ports: [port + 1, port + 2],
+            taps: [&ta, &tb],
+            witness: "tcp://10.78.0.1:7500",
+            state: &dir.join(name),
+        },
     )
-    .unwrap();
-    path
 }
 
 /// Role of VM `i` on `host` from its control socket ("" if none answers).
 fn role(dir: &Path, i: usize, host: &str) -> String {
-    use std::io::Read;
-    let path = dir.join(VMS[i].0).join(format!("{host}.ctl"));
-    let Ok(mut s) = std::os::unix::net::UnixStream::connect(path) else {
-        return String::new();
-    };
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text.split("\"role\":\"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .unwrap_or_default()
-        .to_string()
+    role_at(&dir.join(VMS[i].0).join(format!("{host}.ctl")))
 }
 
 fn wait_role(dir: &Path, i: usize, host: &str, want: &str, node: &Proc) {

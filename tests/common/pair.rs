@@ -65,6 +65,68 @@ pub fn split_hosts(
     (ns, out)
 }
 
+/// A counter VM (netecho) whose hosts a and b are the namespaces of
+/// [`split_hosts`] (10.78.0.11 and 10.78.0.12).
+pub struct SplitVm<'a> {
+    pub name: &'a str,
+    /// The guest's address.
+    pub ip: &'a str,
+    /// The last byte of its MAC.
+    pub mac: usize,
+    /// Host a's and b's replication ports.
+    pub ports: [u16; 2],
+    /// Host a's and b's taps.
+    pub taps: [&'a str; 2],
+    /// `[ft] witness`.
+    pub witness: &'a str,
+    pub state: &'a Path,
+}
+
+/// Writes `DIR/NAME.toml` (and its 64 KiB disk) for `vm`.
+pub fn split_pair_file(dir: &Path, vm: &SplitVm) -> PathBuf {
+    let disk = dir.join(format!("{}.img", vm.name));
+    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
+    let path = dir.join(format!("{}.toml", vm.name));
+    std::fs::write(
+        &path,
+        format!(
+            r#"[vm]
+name = "{name}"
+kernel = "{kernel}"
+cmdline = "ip={ip}"
+mem = "32M"
+disk = ["{disk}"]
+net = [{{ mac = "52:54:00:00:78:0{mac}" }}]
+
+[hosts]
+a = {{ address = "10.78.0.11:{pa}", tap = "{ta}" }}
+b = {{ address = "10.78.0.12:{pb}", tap = "{tb}" }}
+
+[ft]
+heartbeat_ms = 50
+failover_timeout_ms = 1500
+witness = "{witness}"
+state_dir = "{state}"
+psk_file = "{psk}"
+"#,
+            name = vm.name,
+            kernel = super::guest("netecho").display(),
+            ip = vm.ip,
+            disk = disk.display(),
+            mac = vm.mac,
+            pa = vm.ports[0],
+            pb = vm.ports[1],
+            ta = vm.taps[0],
+            tb = vm.taps[1],
+            witness = vm.witness,
+            state = vm.state.display(),
+            psk = write_psk(dir).display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
 pub fn ip(ns: &NetNs, args: &[&str]) {
     let out = Command::new("ip")
         .arg("-n")
@@ -435,9 +497,13 @@ pub fn serve_at(
 
 /// A host's status JSON from its control socket (`state_dir/<host>.ctl`).
 pub fn status(t: &Topology, host: &str) -> Option<String> {
+    status_at(&t.dir.join("state").join(format!("{host}.ctl")))
+}
+
+/// The status a control socket answers (None: nobody answers).
+pub fn status_at(control: &Path) -> Option<String> {
     use std::io::Read;
-    let path = t.dir.join("state").join(format!("{host}.ctl"));
-    let mut s = std::os::unix::net::UnixStream::connect(path).ok()?;
+    let mut s = std::os::unix::net::UnixStream::connect(control).ok()?;
     // Only the status is wanted: no command follows.
     s.shutdown(std::net::Shutdown::Write).ok()?;
     // A frozen side accepts (the kernel does) but never answers.
@@ -472,6 +538,17 @@ pub fn wait_exit(p: &mut Proc, limit: Duration) -> Option<i32> {
         std::thread::sleep(Duration::from_millis(20));
     }
     None
+}
+
+/// The role a control socket reports ("" if nobody answers).
+pub fn role_at(control: &Path) -> String {
+    status_at(control)
+        .unwrap_or_default()
+        .split("\"role\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_default()
+        .to_string()
 }
 
 pub fn status_figure(line: &str, name: &str) -> u64 {
