@@ -53,10 +53,12 @@ bench: build guests
 # output held for them): CHAOS_ROUNDS random faults (default
 # 200; `make test` runs one of each kind), each followed by re-protection,
 # with the invariants checked; writes RELIABILITY.md. CHAOS_SEED=N replays
-# a series.
+# a series. Then SPIN_REPS (default 20) failovers of each kind (USR1 and
+# kill -9, received and replayed) under guests that never sleep in HLT.
 chaos: build guests
 	CHAOS_ROUNDS=$${CHAOS_ROUNDS:-200} CHAOS_REPORT=$(CURDIR)/RELIABILITY.md \
 		$(CARGO) test --release --locked --test chaos -- --nocapture
+	SPIN_REPS=$${SPIN_REPS:-20} $(CARGO) test --release --locked --test spin_failover -- --nocapture --test-threads=1
 
 # Long randomized runs of everything that parses input it does not control:
 # the log decoder (bit flips, truncation, random frames), the pair file

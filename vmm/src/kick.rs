@@ -114,6 +114,8 @@ struct TimerState {
 pub struct DeadlineTimer {
     shared: Arc<(Mutex<TimerState>, Condvar)>,
     current: Option<Instant>,
+    /// The interval last set (None: never set).
+    min_interval: Option<std::time::Duration>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -128,12 +130,17 @@ impl DeadlineTimer {
         Ok(Self {
             shared,
             current: None,
+            min_interval: None,
             thread: Some(thread),
         })
     }
 
     /// Never kick more often than `every`.
     pub fn set_min_interval(&mut self, every: std::time::Duration) {
+        if self.min_interval == Some(every) {
+            return;
+        }
+        self.min_interval = Some(every);
         lock(&self.shared.0).min_interval = every;
     }
 

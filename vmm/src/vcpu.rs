@@ -523,7 +523,6 @@ impl Vcpu {
             what: "timer thread start",
             source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EAGAIN)),
         })?;
-        timer.set_min_interval(self.policy.min_kick_interval);
         // The boot state, for rebooting a crashed guest: taken before
         // anything ran (or a joiner installed the primary's memory), so it
         // is the same on every side of a pair.
@@ -908,10 +907,7 @@ impl Vcpu {
 
     /// Sleeps in HLT at the current stop until an interrupt wakes the
     /// guest, then runs the rest of the stop. Some: the run ends so.
-    fn sleep_at_stop(
-        &mut self,
-        timer: &mut DeadlineTimer,
-    ) -> Result<Option<RunOutcome>, VcpuError> {
+    fn sleep_at_stop(&mut self) -> Result<Option<RunOutcome>, VcpuError> {
         match self.halt()? {
             Halted::Woken => {}
             Halted::Crashed(crash) if self.recover(&crash)? => return Ok(None),
@@ -926,7 +922,6 @@ impl Vcpu {
             }
             return Ok(Some(RunOutcome::Crashed(crash)));
         }
-        timer.set(self.next_kick_deadline());
         Ok(None)
     }
 
@@ -1035,7 +1030,7 @@ impl Vcpu {
             }
             // Rolled back to a checkpoint taken in HLT: sleep on there.
             if std::mem::take(&mut self.resume_halted) {
-                if let Some(outcome) = self.sleep_at_stop(timer)? {
+                if let Some(outcome) = self.sleep_at_stop()? {
                     return Ok(outcome);
                 }
                 continue;
@@ -1075,13 +1070,17 @@ impl Vcpu {
                     // as the recording did.
                     self.stop = next;
                     self.devices.set_stop(next);
-                    if let Some(outcome) = self.sleep_at_stop(timer)? {
+                    if let Some(outcome) = self.sleep_at_stop()? {
                         return Ok(outcome);
                     }
                     continue;
                 }
                 None
             } else {
+                // Armed at every entry, whatever led here (a stop, going
+                // live, a rollback or reboot): a guest that spins without
+                // exits still gets its timer and its checkpoints.
+                self.arm_kick_timer(timer);
                 match self.fd.run() {
                     Ok(exit) => match handle_exit(exit, &mut self.ctx) {
                         // On KVMs that run the guest in the instruction
@@ -1173,8 +1172,15 @@ impl Vcpu {
                         .emit(tandem_replay::Output::Serial(console));
                 }
             }
-            timer.set(self.next_kick_deadline());
         }
+    }
+
+    /// Sets the deadline timer for the guest entry about to happen: the
+    /// current policy's kick interval (replay's, or live's once this side
+    /// went live) and the next deadline (none while replaying).
+    fn arm_kick_timer(&mut self, timer: &mut DeadlineTimer) {
+        timer.set_min_interval(self.policy.min_kick_interval);
+        timer.set(self.next_kick_deadline());
     }
 
     /// Maps an exit that ends the VM to its outcome.
