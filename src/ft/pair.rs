@@ -9,6 +9,7 @@
 //! from the arbiter; a side that loses fences itself: it stops and exits
 //! with [`EXIT_FENCED`] without releasing anything more.
 
+use super::silence::{unread_bytes, SilenceWatch, Verdict};
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -1325,6 +1326,7 @@ impl Replicator {
     /// anything unprotected (or fence), then wait for a new secondary.
     fn monitor(self: &Arc<Self>) {
         let timeout = self.params.failover_timeout.as_millis() as u64;
+        let mut watch = SilenceWatch::new(timeout, self.params.heartbeat.as_millis() as u64);
         loop {
             std::thread::sleep(self.params.heartbeat);
             if self.stepping_down.load(Ordering::Acquire) {
@@ -1332,25 +1334,29 @@ impl Replicator {
             }
             // Never the link lock here: a send blocked behind a stalled
             // peer may hold it, and this thread is what ends that.
-            if self
+            let unread = match self
                 .socket
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .is_none()
+                .as_ref()
             {
-                continue;
-            }
+                Some(s) => unread_bytes(s) > 0,
+                None => continue,
+            };
             self.check_lease();
             let now = millis(self.base);
-            let silent = now.saturating_sub(self.last_heard.load(Ordering::Acquire));
+            // This side's own stalls (and acks waiting unread) are not the
+            // secondary's silence.
+            let verdict = watch.tick(now, self.last_heard.load(Ordering::Acquire), unread);
             // Heard, but no ping echoed for a whole timeout: the path or the
             // secondary is stuck; as good as silent.
-            let unechoed = now.saturating_sub(
+            let unechoed = watch.silent_since(
+                now,
                 self.lease_until
                     .load(Ordering::Acquire)
                     .saturating_sub(self.lease_span()),
             );
-            let why = if silent >= timeout {
+            let why = if let Verdict::Silent(silent) = verdict {
                 format!("secondary silent for {silent} ms")
             } else if self.attached.load(Ordering::Acquire) && unechoed >= timeout {
                 format!("no ping echoed by the secondary for {unechoed} ms")
@@ -2101,6 +2107,7 @@ pub fn run_secondary(
     // Monitor: a silent primary is gone; win the next generation, stop
     // taking its log, replay what arrived, go live.
     let timeout = params.failover_timeout;
+    let mut watch = SilenceWatch::new(timeout.as_millis() as u64, heartbeat.as_millis() as u64);
     let mut disk_checked = Instant::now();
     std::thread::Builder::new()
         .name("tandem-monitor".into())
@@ -2118,11 +2125,24 @@ pub fn run_secondary(
                     ));
                 }
             }
-            let silent = millis(base).saturating_sub(last_heard.load(Ordering::Acquire));
+            // Bytes the follow thread has not read yet (it may be behind,
+            // or this side was frozen) are the primary speaking.
+            let unread = link_socket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|s| unread_bytes(s) > 0);
+            let verdict = watch.tick(
+                millis(base),
+                last_heard.load(Ordering::Acquire),
+                unread,
+            );
             let stepped_down = step_down.load(Ordering::Acquire);
-            if silent < timeout.as_millis() as u64 && !stepped_down {
-                continue;
-            }
+            let silent = match verdict {
+                Verdict::Silent(ms) => ms,
+                Verdict::Alive if stepped_down => 0,
+                Verdict::Alive => continue,
+            };
             gone.store(true, Ordering::Release);
             if let Some(s) = link_socket
                 .lock()
