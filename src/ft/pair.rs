@@ -216,26 +216,21 @@ struct ShipSink {
 
 impl RecordSink for ShipSink {
     fn append(&mut self, record: &Record) -> Result<u64, LogError> {
-        let frame = match record.encode_frame() {
-            Ok(frame) => frame,
-            // Only a sync point can be too big (a huge full one for a
-            // joining secondary): drop it; the joiner times out and the
-            // primary carries on unprotected rather than stopping.
-            Err(e) if matches!(record, Record::SyncPoint { .. }) => {
-                warn!("cannot ship the sync point at stop {}: {e}", record.stop());
-                return Ok(0);
-            }
-            Err(e) => return Err(e),
-        };
-        let len = frame.len() as u64;
+        // A sync point larger than a frame comes as several frames: each
+        // is shipped (and counted for resume) on its own.
+        let frames = record.encode_frames()?;
+        let len: u64 = frames.iter().map(|f| f.len() as u64).sum();
         self.throttle.shipped(record.stop(), len);
         let full = matches!(record, Record::SyncPoint { stop, .. }
             if self.full_sync_stop.get().is_some_and(|s| *stop == s.load(Ordering::Acquire)));
-        let _ = self.frames.send(ShipFrame {
-            stop: record.stop(),
-            full,
-            bytes: frame,
-        });
+        for (i, bytes) in frames.into_iter().enumerate() {
+            // A joiner starts at the head frame of the full sync point.
+            let _ = self.frames.send(ShipFrame {
+                stop: record.stop(),
+                full: full && i == 0,
+                bytes,
+            });
+        }
         Ok(len)
     }
     fn sync(&mut self) -> Result<(), LogError> {

@@ -154,35 +154,44 @@ pub(crate) fn read_frame<R: Read>(
     }))
 }
 
+/// bincode's limit counts in-memory sizes, not encoded bytes: a primitive
+/// claims its full width (up to 16 bytes for a u128) however few bytes its
+/// variable-length encoding took, so a valid body claims at most this many
+/// times its length.
+pub(crate) const MAX_CLAIM_PER_BYTE: usize = 16;
+
 /// Decodes a whole body as `T`, refusing trailing bytes.
 ///
-/// bincode 2 allocates whatever a string or byte-vector length claims, up
-/// to its configured limit, before finding the input too short. The limit
-/// is therefore chosen per body: the smallest of 4 KiB, 16 KiB, ... 256 MiB
-/// that is at least the body's length, so no decode allocates more than
-/// four times the bytes actually read (byte strings in a valid body never
-/// claim more than the body holds).
+/// The limit is the smallest of 64 KiB, 256 KiB, ... 4 GiB that is at
+/// least [`MAX_CLAIM_PER_BYTE`] times the body's length, so whatever the
+/// writer produced decodes (an earlier limit sized from the encoded length
+/// refused epoch ends with a few hundred page runs). Byte strings (pages,
+/// device state) are decoded borrowed from the body, so their lengths are
+/// checked against the bytes actually there before anything is copied; a
+/// damaged length elsewhere can claim at most the limit, and the frame cap
+/// bounds the limit.
 pub(crate) fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    let claim = body.len().saturating_mul(MAX_CLAIM_PER_BYTE);
     macro_rules! with_limit_tiers {
         ($($limit:expr),*) => {
             $(
-                if body.len() <= $limit {
+                if claim <= $limit {
                     let cfg = base_config().with_limit::<{ $limit }>();
-                    return finish(bincode::serde::decode_from_slice::<T, _>(body, cfg), body.len());
+                    return finish(bincode::serde::borrow_decode_from_slice::<T, _>(body, cfg), body.len());
                 }
             )*
         };
     }
     with_limit_tiers!(
-        1 << 12,
-        1 << 14,
         1 << 16,
         1 << 18,
         1 << 20,
         1 << 22,
         1 << 24,
         1 << 26,
-        1 << 28
+        1 << 28,
+        1 << 30,
+        1 << 32
     );
     Err(format!("body of {} bytes is over the limit", body.len()))
 }
@@ -208,7 +217,8 @@ pub(crate) mod bytes {
         s.serialize_bytes(v)
     }
 
-    /// Deserializes a byte string.
+    /// Deserializes a byte string (borrowed from the input where the
+    /// decoder can, so its length is checked before the copy).
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         struct Visitor;
         impl<'de> serde::de::Visitor<'de> for Visitor {
@@ -223,7 +233,7 @@ pub(crate) mod bytes {
                 Ok(v)
             }
         }
-        d.deserialize_byte_buf(Visitor)
+        d.deserialize_bytes(Visitor)
     }
 }
 

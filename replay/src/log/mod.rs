@@ -27,9 +27,11 @@
 //! | 1    | 1       | [`Record::Cause`]: `(stop, Cause)`                |
 //! | 2    | 1       | [`Record::Watermark`]: `stop`                     |
 //! | 3    | 1       | [`Record::SyncPoint`]: `(stop, MachineState, Vec<Page>)` |
+//! | 3    | 2       | a sync point too large for one frame: `(stop, MachineState, Vec<Page>, continuations u32)`, then that many kind 7 frames |
 //! | 4    | 1       | [`Record::EpochEnd`]: `(epoch, stop, runs, hashes, Scrub)` |
 //! | 5    | 1       | [`Record::Check`]: `(stop, Check)`                |
 //! | 6    | 1       | [`Record::End`]: `(stop, EndOutcome)`             |
+//! | 7    | 1       | continuation of a version 2 sync point: `(stop, index u32 from 1, Vec<Page>)` |
 //!
 //! These numbers are frozen: never reuse or renumber one.
 //!
@@ -57,6 +59,8 @@
 mod file;
 mod frame;
 mod identity;
+#[cfg(test)]
+mod limit_tests;
 mod reader;
 mod record;
 mod writer;

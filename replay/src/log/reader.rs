@@ -4,7 +4,7 @@ use std::io::Read;
 
 use super::frame::{decode_body, read_frame, read_full};
 use super::identity::VmIdentity;
-use super::record::{OrderCheck, Record, KIND_IDENTITY, VERSION_1};
+use super::record::{decode_part, OrderCheck, Page, Part, Record, KIND_IDENTITY, VERSION_1};
 use super::{LogError, MAGIC, MAX_READ_VERSION, MIN_READ_VERSION, PREAMBLE_LEN};
 
 /// Reads a log from any [`Read`] (wrap files in a `BufReader`).
@@ -111,16 +111,69 @@ impl<R: Read> LogReader<R> {
         let Some(frame) = read_frame(&mut self.inner, offset, record)? else {
             return Ok(None);
         };
-        let rec = Record::decode(frame.kind, frame.version, frame.body()).map_err(corrupt)?;
+        let rec = match decode_part(frame.kind, frame.version, frame.body()).map_err(corrupt)? {
+            Part::Whole(rec) => {
+                self.offset += frame.frame_len();
+                self.record += 1;
+                rec
+            }
+            Part::SyncHead {
+                stop,
+                state,
+                mut pages,
+                continuations,
+            } => {
+                self.offset += frame.frame_len();
+                self.record += 1;
+                for index in 1..=continuations {
+                    pages.extend(self.read_continuation(stop, index)?);
+                }
+                Record::SyncPoint { stop, state, pages }
+            }
+            Part::SyncPages { stop, .. } => {
+                return Err(corrupt(format!(
+                    "sync point pages for stop {stop} with no sync point before them"
+                )))
+            }
+        };
         if self.check_order {
             self.order.check(&rec).map_err(corrupt)?;
         }
         if let Record::Watermark { stop } = rec {
             self.watermark = Some(self.watermark.map_or(stop, |w| w.max(stop)));
         }
-        self.offset += frame.frame_len();
-        self.record += 1;
         Ok(Some(rec))
+    }
+
+    /// Reads continuation `index` of the split sync point at `stop`.
+    fn read_continuation(&mut self, stop: u64, index: u32) -> Result<Vec<Page>, LogError> {
+        let (offset, record) = (self.offset, self.record);
+        let corrupt = |reason: String| LogError::Corrupt {
+            offset,
+            record,
+            reason,
+        };
+        let frame = read_frame(&mut self.inner, offset, record)?.ok_or(LogError::TornTail {
+            offset,
+            record,
+            have: 0,
+            need: super::FRAME_HEADER_LEN as u64,
+        })?;
+        match decode_part(frame.kind, frame.version, frame.body()).map_err(corrupt)? {
+            Part::SyncPages {
+                stop: s,
+                index: i,
+                pages,
+            } if (s, i) == (stop, index) => {
+                self.offset += frame.frame_len();
+                self.record += 1;
+                Ok(pages)
+            }
+            other => Err(corrupt(format!(
+                "expected continuation {index} of the sync point at stop {stop}, found {}",
+                describe(&other)
+            ))),
+        }
     }
 
     /// Byte offset of the next frame: after a clean end, the log's length;
@@ -150,3 +203,14 @@ impl<R: Read> Iterator for LogReader<R> {
 }
 
 impl<R: Read> std::iter::FusedIterator for LogReader<R> {}
+
+/// A frame's part, in words, for an error.
+fn describe(part: &Part) -> String {
+    match part {
+        Part::Whole(r) => format!("a kind {} record at stop {}", r.kind(), r.stop()),
+        Part::SyncHead { stop, .. } => format!("another sync point (stop {stop})"),
+        Part::SyncPages { stop, index, .. } => {
+            format!("continuation {index} of the sync point at stop {stop}")
+        }
+    }
+}

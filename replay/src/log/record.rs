@@ -22,8 +22,23 @@ const KIND_SYNC_POINT: u16 = 3;
 const KIND_EPOCH_END: u16 = 4;
 const KIND_CHECK: u16 = 5;
 const KIND_END: u16 = 6;
-/// The version every kind is written with by this build.
+/// More pages of the sync point before it (a continuation, kind 7).
+const KIND_SYNC_PAGES: u16 = 7;
+/// The version every kind is written with by this build (a sync point too
+/// large for one frame is written as version 2 plus continuations).
 pub(crate) const VERSION_1: u16 = 1;
+/// Sync point version 2: `(stop, MachineState, first pages, continuations)`.
+const VERSION_2: u16 = 2;
+
+/// Encoded bytes of one page in a body, at most: gfn (varint, up to 9),
+/// length (varint, 3) and the data.
+const PAGE_ENCODED_MAX: usize = PAGE_SIZE + 12;
+/// Room in a frame for everything in a sync point but its pages (vCPU and
+/// device state are a few KiB; this leaves ample margin).
+const SYNC_POINT_STATE_ROOM: usize = 16 << 20;
+/// Pages per frame of a sync point written as continuations.
+const PAGES_PER_FRAME: usize =
+    (super::frame::MAX_FRAME_LEN as usize - SYNC_POINT_STATE_ROOM) / PAGE_ENCODED_MAX;
 
 /// The vCPU's complete state at a sync point (DESIGN, contract rule 7).
 ///
@@ -236,16 +251,7 @@ impl Record {
     /// page runs are non-empty and do not overflow.
     pub fn validate(&self) -> Result<(), String> {
         match self {
-            Record::SyncPoint { pages, .. } => {
-                match pages.iter().find(|p| p.data.len() != PAGE_SIZE) {
-                    Some(p) => Err(format!(
-                        "page {:#x} has {} bytes, not {PAGE_SIZE}",
-                        p.gfn,
-                        p.data.len()
-                    )),
-                    None => Ok(()),
-                }
-            }
+            Record::SyncPoint { pages, .. } => check_pages(pages),
             Record::EpochEnd { pages, .. } => {
                 match pages
                     .iter()
@@ -262,11 +268,22 @@ impl Record {
         }
     }
 
-    /// Encodes the record as a whole frame.
-    pub fn encode_frame(&self) -> Result<Vec<u8>, LogError> {
+    /// Encodes the record as one frame, or (a sync point larger than a
+    /// frame) as a version 2 sync point followed by continuation frames.
+    /// Each frame is its own buffer, so a link can ship them one by one.
+    pub fn encode_frames(&self) -> Result<Vec<Vec<u8>>, LogError> {
+        self.encode_frames_split(PAGES_PER_FRAME)
+    }
+
+    /// [`Record::encode_frames`] with at most `per_frame` pages in a sync
+    /// point's frame before it is split (tests use small numbers).
+    pub(crate) fn encode_frames_split(&self, per_frame: usize) -> Result<Vec<Vec<u8>>, LogError> {
         self.validate().map_err(LogError::Invalid)?;
         let v = VERSION_1;
-        match self {
+        let frame = match self {
+            Record::SyncPoint { stop, state, pages } if pages.len() > per_frame => {
+                return encode_split_sync_point(*stop, state, pages, per_frame.max(1))
+            }
             Record::Cause { stop, cause } => encode_frame(KIND_CAUSE, v, &(stop, cause)),
             Record::Watermark { stop } => encode_frame(KIND_WATERMARK, v, stop),
             Record::SyncPoint { stop, state, pages } => {
@@ -281,46 +298,143 @@ impl Record {
             } => encode_frame(KIND_EPOCH_END, v, &(epoch, stop, pages, hashes, scrub)),
             Record::Check { stop, check } => encode_frame(KIND_CHECK, v, &(stop, check)),
             Record::End { stop, outcome } => encode_frame(KIND_END, v, &(stop, outcome)),
-        }
+        }?;
+        Ok(vec![frame])
     }
 
-    /// Decodes the body of a frame of `kind` and `version`.
+    /// Decodes the body of a frame of `kind` and `version` that stands
+    /// alone (not a part of a split sync point).
+    #[cfg(test)]
     pub(crate) fn decode(kind: u16, version: u16, body: &[u8]) -> Result<Record, String> {
-        let record = match (kind, version) {
-            (KIND_CAUSE, VERSION_1) => {
-                let (stop, cause) = decode_body(body)?;
-                Record::Cause { stop, cause }
+        match decode_part(kind, version, body)? {
+            Part::Whole(record) => Ok(record),
+            Part::SyncHead { .. } | Part::SyncPages { .. } => Err(format!(
+                "kind {kind} version {version} is part of a split sync point"
+            )),
+        }
+    }
+}
+
+/// Encodes a sync point as a version 2 head with the first `per_frame`
+/// pages and continuation frames with the rest, `per_frame` each.
+fn encode_split_sync_point(
+    stop: u64,
+    state: &MachineState,
+    pages: &[Page],
+    per_frame: usize,
+) -> Result<Vec<Vec<u8>>, LogError> {
+    let mut chunks = pages.chunks(per_frame);
+    let first = chunks.next().unwrap_or(&[]);
+    let rest: Vec<&[Page]> = chunks.collect();
+    let continuations = u32::try_from(rest.len())
+        .map_err(|_| LogError::Invalid(format!("a sync point of {} pages", pages.len())))?;
+    let mut frames = Vec::with_capacity(rest.len() + 1);
+    frames.push(encode_frame(
+        KIND_SYNC_POINT,
+        VERSION_2,
+        &(stop, state, first, continuations),
+    )?);
+    for (index, chunk) in (1u32..).zip(rest) {
+        frames.push(encode_frame(
+            KIND_SYNC_PAGES,
+            VERSION_1,
+            &(stop, index, chunk),
+        )?);
+    }
+    Ok(frames)
+}
+
+/// What one frame holds: a whole record, or a part of a split sync point.
+#[derive(Debug)]
+pub(crate) enum Part {
+    /// A record in one frame.
+    Whole(Record),
+    /// A sync point whose pages go on in `continuations` more frames.
+    SyncHead {
+        /// The stop.
+        stop: u64,
+        /// vCPU and device state.
+        state: MachineState,
+        /// The first pages.
+        pages: Vec<Page>,
+        /// Continuation frames that follow.
+        continuations: u32,
+    },
+    /// Continuation `index` (1, 2, ...) of the sync point at `stop`.
+    SyncPages {
+        /// The stop.
+        stop: u64,
+        /// Which continuation.
+        index: u32,
+        /// Its pages.
+        pages: Vec<Page>,
+    },
+}
+
+/// Decodes the body of a frame of `kind` and `version`.
+pub(crate) fn decode_part(kind: u16, version: u16, body: &[u8]) -> Result<Part, String> {
+    let record = match (kind, version) {
+        (KIND_CAUSE, VERSION_1) => {
+            let (stop, cause) = decode_body(body)?;
+            Record::Cause { stop, cause }
+        }
+        (KIND_WATERMARK, VERSION_1) => Record::Watermark {
+            stop: decode_body(body)?,
+        },
+        (KIND_SYNC_POINT, VERSION_1) => {
+            let (stop, state, pages) = decode_body(body)?;
+            Record::SyncPoint { stop, state, pages }
+        }
+        (KIND_SYNC_POINT, VERSION_2) => {
+            let (stop, state, pages, continuations): (u64, MachineState, Vec<Page>, u32) =
+                decode_body(body)?;
+            check_pages(&pages)?;
+            return Ok(Part::SyncHead {
+                stop,
+                state,
+                pages,
+                continuations,
+            });
+        }
+        (KIND_SYNC_PAGES, VERSION_1) => {
+            let (stop, index, pages): (u64, u32, Vec<Page>) = decode_body(body)?;
+            check_pages(&pages)?;
+            return Ok(Part::SyncPages { stop, index, pages });
+        }
+        (KIND_EPOCH_END, VERSION_1) => {
+            let (epoch, stop, pages, hashes, scrub) = decode_body(body)?;
+            Record::EpochEnd {
+                epoch,
+                stop,
+                pages,
+                hashes,
+                scrub,
             }
-            (KIND_WATERMARK, VERSION_1) => Record::Watermark {
-                stop: decode_body(body)?,
-            },
-            (KIND_SYNC_POINT, VERSION_1) => {
-                let (stop, state, pages) = decode_body(body)?;
-                Record::SyncPoint { stop, state, pages }
-            }
-            (KIND_EPOCH_END, VERSION_1) => {
-                let (epoch, stop, pages, hashes, scrub) = decode_body(body)?;
-                Record::EpochEnd {
-                    epoch,
-                    stop,
-                    pages,
-                    hashes,
-                    scrub,
-                }
-            }
-            (KIND_CHECK, VERSION_1) => {
-                let (stop, check) = decode_body(body)?;
-                Record::Check { stop, check }
-            }
-            (KIND_END, VERSION_1) => {
-                let (stop, outcome) = decode_body(body)?;
-                Record::End { stop, outcome }
-            }
-            (KIND_IDENTITY, _) => return Err("a second VM identity after the header".into()),
-            _ => return Err(format!("unknown record kind {kind} version {version}")),
-        };
-        record.validate()?;
-        Ok(record)
+        }
+        (KIND_CHECK, VERSION_1) => {
+            let (stop, check) = decode_body(body)?;
+            Record::Check { stop, check }
+        }
+        (KIND_END, VERSION_1) => {
+            let (stop, outcome) = decode_body(body)?;
+            Record::End { stop, outcome }
+        }
+        (KIND_IDENTITY, _) => return Err("a second VM identity after the header".into()),
+        _ => return Err(format!("unknown record kind {kind} version {version}")),
+    };
+    record.validate()?;
+    Ok(Part::Whole(record))
+}
+
+/// Every page is [`PAGE_SIZE`] bytes.
+fn check_pages(pages: &[Page]) -> Result<(), String> {
+    match pages.iter().find(|p| p.data.len() != PAGE_SIZE) {
+        Some(p) => Err(format!(
+            "page {:#x} has {} bytes, not {PAGE_SIZE}",
+            p.gfn,
+            p.data.len()
+        )),
+        None => Ok(()),
     }
 }
 
@@ -397,7 +511,7 @@ mod tests {
     use crate::log::frame::read_frame;
 
     fn round_trip(record: &Record) -> Record {
-        let bytes = record.encode_frame().unwrap();
+        let bytes = record.encode_frames().unwrap().concat();
         let frame = read_frame(&mut &bytes[..], 0, 1).unwrap().unwrap();
         assert_eq!(frame.kind, record.kind());
         Record::decode(frame.kind, frame.version, frame.body()).unwrap()
@@ -442,7 +556,7 @@ mod tests {
                 data: vec![0; 10],
             }],
         };
-        assert!(matches!(r.encode_frame(), Err(LogError::Invalid(_))));
+        assert!(matches!(r.encode_frames(), Err(LogError::Invalid(_))));
         let body = bincode::serde::encode_to_vec(
             (1u64, MachineState::default(), vec![(5u64, vec![0u8; 10])]),
             bincode::config::standard(),

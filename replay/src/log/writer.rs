@@ -54,8 +54,23 @@ impl<W: Write> LogWriter<W> {
         if self.failed {
             return Err(failed_earlier());
         }
-        let frame = record.encode_frame()?;
-        self.write_frame(&frame)
+        let frames = record.encode_frames()?;
+        // A split sync point goes in whole or not at all under the cap.
+        let need: u64 = frames.iter().map(|f| f.len() as u64).sum();
+        if let Some(max) = self.max_size {
+            if self.written.saturating_add(need) > max {
+                return Err(LogError::Full {
+                    written: self.written,
+                    need,
+                    max,
+                });
+            }
+        }
+        let mut wrote = 0;
+        for frame in &frames {
+            wrote += self.write_frame(frame)?;
+        }
+        Ok(wrote)
     }
 
     fn write_frame(&mut self, bytes: &[u8]) -> Result<u64, LogError> {
