@@ -54,11 +54,14 @@ bench: build guests
 # 200; `make test` runs one of each kind), each followed by re-protection,
 # with the invariants checked; writes RELIABILITY.md. CHAOS_SEED=N replays
 # a series. Then SPIN_REPS (default 20) failovers of each kind (USR1 and
-# kill -9, received and replayed) under guests that never sleep in HLT.
+# kill -9, received and replayed) under guests that never sleep in HLT, and
+# JOIN_REPS (default 20) joins of a replacement secondary under a client
+# with a 2 s timeout.
 chaos: build guests
 	CHAOS_ROUNDS=$${CHAOS_ROUNDS:-200} CHAOS_REPORT=$(CURDIR)/RELIABILITY.md \
 		$(CARGO) test --release --locked --test chaos -- --nocapture
 	SPIN_REPS=$${SPIN_REPS:-20} $(CARGO) test --release --locked --test spin_failover -- --nocapture --test-threads=1
+	JOIN_REPS=$${JOIN_REPS:-20} $(CARGO) test --release --locked --test join_gap -- --nocapture
 
 # Long randomized runs of everything that parses input it does not control:
 # the log decoder (bit flips, truncation, random frames), the pair file

@@ -1984,6 +1984,77 @@ pub fn run_secondary(
         }
     };
 
+    // Acks (as soon as the received watermark moves: the primary's held
+    // output waits on them), ping echoes and heartbeats, on whatever
+    // connection is current. Started before the VM is built: a joiner's
+    // VM takes a while to build, and the primary's output since the full
+    // sync point (and its lease) wait on this side's acks and echoes.
+    let out = link_out.clone();
+    let heartbeat = params.heartbeat;
+    let params_heartbeat = params.heartbeat;
+    let gone_a = gone.clone();
+    // The replay's progress, once the VM exists: the thread starts before
+    // (see above) and reports none until then.
+    let progress: Arc<OnceLock<(Arc<AtomicU64>, Arc<AtomicU64>)>> = Arc::default();
+    let progress_a = progress.clone();
+    std::thread::Builder::new()
+        .name("tandem-ack".into())
+        .spawn(move || {
+            let (lock, moved) = &*received;
+            let mut acked = u64::MAX;
+            let mut reported = 0u64;
+            let mut reported_divergence = 0u64;
+            let mut echoed = 0u64;
+            let mut next_beat = Instant::now();
+            let send = |m: &Message| {
+                let mut link = out.lock().unwrap_or_else(|p| p.into_inner());
+                // A failed write is the reader's to notice (it reconnects).
+                let _ = link.send(generation, m);
+            };
+            while !gone_a.load(Ordering::Acquire) {
+                let p = ping.load(Ordering::Acquire);
+                if p > echoed {
+                    send(&Message::Pong(p - 1));
+                    echoed = p;
+                }
+                let (verified, diverged) = match progress_a.get() {
+                    Some((v, d)) => (v.load(Ordering::Acquire), d.load(Ordering::Acquire)),
+                    None => (0, 0),
+                };
+                if diverged > reported_divergence {
+                    warn!(
+                        "epoch {} diverged: asking the primary for a sync point",
+                        diverged - 1
+                    );
+                    send(&Message::RepairRequest(diverged - 1));
+                    reported_divergence = diverged;
+                }
+                if verified > reported {
+                    send(&Message::Verified(verified));
+                    reported = verified;
+                }
+                let current = {
+                    let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    // Wake at least every millisecond to report verified
+                    // epochs (they do not move the received watermark).
+                    let wait = next_beat
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(1));
+                    let (guard, _) = moved
+                        .wait_timeout_while(guard, wait, |w| *w == acked)
+                        .unwrap_or_else(|p| p.into_inner());
+                    *guard
+                };
+                if current != acked {
+                    send(&Message::Ack(current));
+                    acked = current;
+                }
+                if Instant::now() >= next_beat {
+                    send(&Message::Heartbeat);
+                    next_beat = Instant::now() + heartbeat;
+                }
+            }
+        })?;
     // Later rounds resend pages: the last copy of each wins.
     let base_pages = std::mem::take(&mut *precopied.lock().unwrap_or_else(|p| p.into_inner()));
     let mut config = vm_config(RunMode::Follow {
@@ -2008,6 +2079,7 @@ pub fn run_secondary(
         }));
     }
     let vm = Vm::new(config)?;
+    let _ = progress.set((vm.verified_stop(), vm.divergence_epoch()));
     if let Some((socket, _)) = &params.console {
         socket.set_input(vm.cause_queue());
     }
@@ -2032,72 +2104,6 @@ pub fn run_secondary(
     let successor = Replicator::new(params.clone(), &vm, generation, full_sync)?;
     successor.offer_switchover();
     let mut frames_rx = Some(frames_rx);
-
-    // Acks (as soon as the received watermark moves: the primary's held
-    // output waits on them) and heartbeats, on whatever connection is
-    // current.
-    let out = link_out.clone();
-    let heartbeat = params.heartbeat;
-    let params_heartbeat = params.heartbeat;
-    let gone_a = gone.clone();
-    let verified = vm.verified_stop();
-    let diverged = vm.divergence_epoch();
-    std::thread::Builder::new()
-        .name("tandem-ack".into())
-        .spawn(move || {
-            let (lock, moved) = &*received;
-            let mut acked = u64::MAX;
-            let mut reported = 0u64;
-            let mut reported_divergence = 0u64;
-            let mut echoed = 0u64;
-            let mut next_beat = Instant::now();
-            let send = |m: &Message| {
-                let mut link = out.lock().unwrap_or_else(|p| p.into_inner());
-                // A failed write is the reader's to notice (it reconnects).
-                let _ = link.send(generation, m);
-            };
-            while !gone_a.load(Ordering::Acquire) {
-                let p = ping.load(Ordering::Acquire);
-                if p > echoed {
-                    send(&Message::Pong(p - 1));
-                    echoed = p;
-                }
-                let d = diverged.load(Ordering::Acquire);
-                if d > reported_divergence {
-                    warn!(
-                        "epoch {} diverged: asking the primary for a sync point",
-                        d - 1
-                    );
-                    send(&Message::RepairRequest(d - 1));
-                    reported_divergence = d;
-                }
-                let v = verified.load(Ordering::Acquire);
-                if v > reported {
-                    send(&Message::Verified(v));
-                    reported = v;
-                }
-                let current = {
-                    let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-                    // Wake at least every millisecond to report verified
-                    // epochs (they do not move the received watermark).
-                    let wait = next_beat
-                        .saturating_duration_since(Instant::now())
-                        .min(Duration::from_millis(1));
-                    let (guard, _) = moved
-                        .wait_timeout_while(guard, wait, |w| *w == acked)
-                        .unwrap_or_else(|p| p.into_inner());
-                    *guard
-                };
-                if current != acked {
-                    send(&Message::Ack(current));
-                    acked = current;
-                }
-                if Instant::now() >= next_beat {
-                    send(&Message::Heartbeat);
-                    next_beat = Instant::now() + heartbeat;
-                }
-            }
-        })?;
 
     // Monitor: a silent primary is gone; win the next generation, stop
     // taking its log, replay what arrived, go live.
