@@ -53,12 +53,15 @@ bench: build guests
 # output held for them): CHAOS_ROUNDS random faults (default
 # 200; `make test` runs one of each kind), each followed by re-protection,
 # with the invariants checked; writes RELIABILITY.md. CHAOS_SEED=N replays
-# a series. Then SPIN_REPS (default 20) failovers of each kind (USR1 and
+# a series. Then CHAOS_SPIN_ROUNDS (default 32) rounds with a guest that
+# never sleeps (netecho spin=1, CHAOS_GUEST=spin), SPIN_REPS (default 20) failovers of each kind (USR1 and
 # kill -9, received and replayed) under guests that never sleep in HLT, and
 # JOIN_REPS (default 20) joins of a replacement secondary under a client
 # with a 2 s timeout.
 chaos: build guests
 	CHAOS_ROUNDS=$${CHAOS_ROUNDS:-200} CHAOS_REPORT=$(CURDIR)/RELIABILITY.md \
+		$(CARGO) test --release --locked --test chaos -- --nocapture
+	CHAOS_GUEST=spin CHAOS_ROUNDS=$${CHAOS_SPIN_ROUNDS:-32} \
 		$(CARGO) test --release --locked --test chaos -- --nocapture
 	SPIN_REPS=$${SPIN_REPS:-20} $(CARGO) test --release --locked --test spin_failover -- --nocapture --test-threads=1
 	JOIN_REPS=$${JOIN_REPS:-20} $(CARGO) test --release --locked --test join_gap -- --nocapture

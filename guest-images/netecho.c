@@ -42,6 +42,9 @@
  * rollback to a checkpoint, which delays it); a handler
  * that gets through prints "netecho: fragile window done (R reads, T
  * ticks)" and echoes the datagram back to the sender.
+ * Option spin=1: the main loop never sleeps in HLT; between frames it
+ * busy-waits, with no exit, for the next timer tick or a frame (a guest
+ * that spins, for failover tests and chaos).
  * Option fill=N: at boot, write a pattern over N MiB of memory from 8 MiB
  * up ("netecho: filled N MiB"), so a benchmark has memory in use to
  * re-protect.
@@ -568,10 +571,20 @@ int main(void)
     printf("netecho: up ip=%u.%u.%u.%u mac=%02x:%02x:%02x:%02x:%02x:%02x counter=%llu\n", my_ip[0], my_ip[1],
            my_ip[2], my_ip[3], mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], counter);
 
+    u32 spin = cmdline_u32("spin", 0);
     for (;;) {
         cli();
         if (!virtq_has_used(&rxq)) {
-            sti_hlt(); /* woken by the RX (or any) interrupt */
+            if (spin) {
+                /* spin=1: never sleep; busy-wait (no exit) for the next
+                 * timer tick or a received frame. */
+                u32 t = virtio_ticks;
+                sti();
+                while (virtio_ticks == t && !virtq_has_used(&rxq))
+                    __asm__ volatile("" ::: "memory");
+            } else {
+                sti_hlt(); /* woken by the RX (or any) interrupt */
+            }
             continue;
         }
         sti();

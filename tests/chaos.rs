@@ -171,7 +171,14 @@ impl Chaos {
             ft_extra += "on_guest_crash = \"restart-checkpoint\"\n";
         }
         let t = topology_with("chaos", FAILOVER_MS, "received", "", &ft_extra);
-        let text = std::fs::read_to_string(&t.config).unwrap();
+        let mut text = std::fs::read_to_string(&t.config).unwrap();
+        if spinning() {
+            text = text.replace(
+                &format!("cmdline = \"ip={GUEST_IP}\""),
+                &format!("cmdline = \"ip={GUEST_IP} spin=1\""),
+            );
+            assert!(text.contains("spin=1"), "{text}");
+        }
         assert!(text.contains(REAL[0]) && text.contains(REAL[1]));
         // Host i reaches its peer through the peer's proxy and keeps its
         // state in its own small state_dir; the control sockets stay in
@@ -179,7 +186,6 @@ impl Chaos {
         let state_dirs = StateDirs::mount(&t.dir);
         let shared_state = t.dir.join("state");
         std::fs::create_dir_all(&shared_state).unwrap();
-        let mut text = text;
         for (host, tap) in HOSTS.iter().zip(TAPS) {
             let control = shared_state.join(format!("{host}.ctl"));
             // Mirrored: host i's replica `i/disk.img` (same file name: the
@@ -681,6 +687,12 @@ fn chaos_rounds_keep_every_invariant() {
                 "- arbiter: a 3-member etcd cluster (`CHAOS_ARBITER=etcd`; the witness fault kills one member and restarts it)"
             );
         }
+        if spinning() {
+            let _ = writeln!(
+                md,
+                "- guest: netecho spin=1 (`CHAOS_GUEST=spin`: it never sleeps in HLT, busy-waiting between timer ticks)"
+            );
+        }
         if checkpointing() {
             let _ = writeln!(
                 md,
@@ -760,6 +772,11 @@ fn mirrored() -> bool {
 /// `CHAOS_ARBITER=etcd`: the pair arbitrates on a 3-member etcd cluster.
 fn on_etcd() -> bool {
     std::env::var("CHAOS_ARBITER").is_ok_and(|v| v == "etcd")
+}
+
+/// `CHAOS_GUEST=spin`: the guest never sleeps in HLT (netecho spin=1).
+fn spinning() -> bool {
+    std::env::var("CHAOS_GUEST").is_ok_and(|v| v == "spin")
 }
 
 /// `CHAOS_CRASH_POLICY=restart-checkpoint`: the pair takes checkpoints and
