@@ -411,6 +411,10 @@ fn write_loop(
         slot.get_or_insert(e);
     };
     let mut last_watermark: Option<u64> = None;
+    // The highest stop of any record appended: a watermark below it would
+    // make stops go backwards (a batch can hold records of a stop the vCPU
+    // left after `left` was read).
+    let mut highest: Option<u64> = None;
     let mut next_sync = Instant::now() + period;
     let mut batch: Vec<Record> = Vec::new();
     loop {
@@ -437,8 +441,8 @@ fn write_loop(
             ToWriter::Record(r) => Some(r),
             ToWriter::Flush => None,
         }));
-        let mut watermark_due =
-            last_watermark.is_none_or(|w| left > w || (left == w && file.wants_heartbeats()));
+        let mut watermark_due = highest.is_none_or(|h| h <= left)
+            && last_watermark.is_none_or(|w| left > w || (left == w && file.wants_heartbeats()));
         for r in batch.drain(..) {
             if watermark_due && r.stop() > left {
                 if let Err(e) = file.append(&Record::Watermark { stop: left }) {
@@ -453,6 +457,7 @@ fn write_loop(
             if let Err(e) = file.append(&r) {
                 return fail(e);
             }
+            highest = highest.max(Some(r.stop()));
         }
         if watermark_due && !closed {
             if let Err(e) = file.append(&Record::Watermark { stop: left }) {
@@ -1181,6 +1186,62 @@ fn brief(cause: &Cause) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sink that keeps what it is given.
+    struct Kept(Arc<Mutex<Vec<Record>>>);
+
+    impl RecordSink for Kept {
+        fn append(&mut self, record: &Record) -> Result<u64, LogError> {
+            self.0.lock().unwrap().push(record.clone());
+            Ok(1)
+        }
+        fn sync(&mut self) -> Result<(), LogError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_watermark_never_follows_a_record_of_a_later_stop() {
+        // The writer read `left` = 478, then its drain found records of
+        // stops 479 and 480 (the vCPU left 479 in between). Once `left`
+        // reads 479, a watermark for 479 would come after the record at
+        // 480: stops going backwards, which the reader refuses.
+        let kept: Arc<Mutex<Vec<Record>>> = Arc::default();
+        let shared = Arc::new(WriterShared {
+            left: AtomicU64::new(478),
+            error: Mutex::new(None),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let check = |stop| {
+            ToWriter::Record(Record::Check {
+                stop,
+                check: Check::Injected { vector: 32 },
+            })
+        };
+        tx.send(check(479)).unwrap();
+        tx.send(check(480)).unwrap();
+        let writer = {
+            let (shared, sink) = (shared.clone(), Kept(kept.clone()));
+            std::thread::spawn(move || {
+                write_loop(Box::new(sink), &rx, &shared, Duration::from_millis(1))
+            })
+        };
+        std::thread::sleep(Duration::from_millis(30));
+        shared.left.store(479, Ordering::Release);
+        std::thread::sleep(Duration::from_millis(30));
+        shared.left.store(480, Ordering::Release);
+        std::thread::sleep(Duration::from_millis(30));
+        drop(tx);
+        writer.join().unwrap();
+        let mut order = tandem_replay::log::OrderCheck::new();
+        let records = kept.lock().unwrap().clone();
+        for r in &records {
+            order
+                .check(r)
+                .unwrap_or_else(|e| panic!("{e}: {records:?}"));
+        }
+        assert_eq!(order.watermark(), Some(480), "{records:?}");
+    }
 
     #[test]
     fn throttle_brakes_on_the_byte_cap_and_on_a_lagging_secondary() {

@@ -1,0 +1,193 @@
+//! Sync points: the complete machine state and the pages dirtied since
+//! the last one, logged by the recorder and installed by the replay, and
+//! the memory a joining secondary starts from.
+
+use super::*;
+
+impl Vcpu {
+    /// Logs the complete machine state and the pages dirtied since the last
+    /// sync point (DESIGN point 6).
+    pub(super) fn record_sync_point(&mut self, halted: bool) -> Result<(), VcpuError> {
+        let began = Instant::now();
+        self.serve_precopy()?;
+        let vcpu = state::capture(&self.fd, &self.sync.msrs, halted)?;
+        let devices = self.devices.capture();
+        self.sync.harvest()?;
+        let sync = &mut self.sync;
+        let mut gfns = sync.tracker.take(sync.consumer);
+        // A new secondary joining a running primary needs all of memory: all
+        // of it, or (after pre-copy rounds) what changed since the last.
+        let full = self
+            .full_sync
+            .swap(false, std::sync::atomic::Ordering::AcqRel);
+        let delta = full && self.precopy.take_final_delta();
+        if delta {
+            gfns.extend(sync.tracker.take(sync.precopy_consumer));
+            gfns.sort_unstable();
+            gfns.dedup();
+        } else if full {
+            gfns = all_gfns(&sync.memory);
+        }
+        let mut pages = Vec::new();
+        for gfn in gfns {
+            let mut data = vec![0u8; PAGE_SIZE];
+            sync.memory
+                .read_slice(&mut data, GuestAddress(gfn * PAGE_SIZE as u64))
+                .map_err(|e| VcpuError::Memory(format!("page {gfn:#x}: {e}")))?;
+            // A full sync point leaves out zero pages: the joiner starts
+            // from zeroed memory (a delta keeps them: they were not zero).
+            if full && !delta && data.iter().all(|&b| b == 0) {
+                continue;
+            }
+            pages.push(Page { gfn, data });
+        }
+        self.stats.sync_points += 1;
+        self.live_counters
+            .sync_points
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.sync_pages += pages.len() as u64;
+        self.last_sync_ns = self.ctx.clock.now_ns();
+        if full {
+            // The joiner has no checkpoint before this one: neither side
+            // may roll back past it.
+            if let Some(checkpoints) = self.checkpoints.as_mut() {
+                checkpoints.clear();
+                self.rollback_times.clear();
+            }
+            self.full_sync_stop
+                .store(self.stop, std::sync::atomic::Ordering::Release);
+            // Output from here on waits for the new secondary again.
+            self.devices.outputs.protect_from(self.stop);
+            tracing::warn!(
+                "full sync point at stop {} ({} pages{}) for a joining secondary; guest paused {} ms",
+                self.stop,
+                pages.len(),
+                if delta { " changed since pre-copy" } else { "" },
+                began.elapsed().as_millis()
+            );
+        }
+        self.journal
+            .sync_point(self.stop, MachineState { vcpu, devices }, pages);
+        Ok(())
+    }
+
+    /// Answers a pre-copy round asked for by the replication side: the
+    /// pages to send (all of them for round 0; then those written since).
+    pub(super) fn serve_precopy(&mut self) -> Result<(), VcpuError> {
+        let Some(all) = self.precopy.requested() else {
+            return Ok(());
+        };
+        self.sync.harvest()?;
+        let sync = &mut self.sync;
+        let dirtied = sync.tracker.take(sync.precopy_consumer);
+        self.precopy
+            .deliver(if all { all_gfns(&sync.memory) } else { dirtied });
+        Ok(())
+    }
+
+    /// Joining: writes the pre-copied memory (after zeroing, before the
+    /// full sync point's pages).
+    pub(super) fn install_base_pages(&mut self) -> Result<(), VcpuError> {
+        for page in std::mem::take(&mut self.base_pages) {
+            self.sync
+                .memory
+                .write_slice(&page.data, GuestAddress(page.gfn * PAGE_SIZE as u64))
+                .map_err(|e| VcpuError::Memory(format!("pre-copied page {:#x}: {e}", page.gfn)))?;
+        }
+        Ok(())
+    }
+
+    /// The pre-copy port of this (recording) vCPU, and a reader of guest
+    /// memory for the thread that copies it.
+    pub fn precopy(
+        &self,
+    ) -> (
+        Arc<crate::precopy::PrecopyPort>,
+        crate::precopy::MemoryReader,
+    ) {
+        (
+            self.precopy.clone(),
+            crate::precopy::MemoryReader::new(self.sync.memory.clone()),
+        )
+    }
+
+    /// Joining: memory the primary pre-copied, installed at the join.
+    pub fn set_base_pages(&mut self, pages: Vec<Page>) {
+        self.base_pages = pages;
+    }
+
+    /// Zeroes all guest memory (before installing a full sync point).
+    pub(super) fn zero_memory(&mut self) -> Result<(), VcpuError> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let zero = vec![0u8; 1 << 20];
+        for region in self.sync.memory.iter() {
+            let (start, len) = (region.start_addr().0, region.len());
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(zero.len() as u64) as usize;
+                self.sync
+                    .memory
+                    .write_slice(&zero[..n], GuestAddress(start + at))
+                    .map_err(|e| VcpuError::Memory(format!("zeroing: {e}")))?;
+                at += n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ask for a full sync point (all of memory) at the next kick (or now,
+    /// if the guest is halted: wake it with the cause queue).
+    pub fn full_sync_handles(
+        &self,
+    ) -> (
+        Arc<std::sync::atomic::AtomicBool>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        (self.full_sync.clone(), self.full_sync_stop.clone())
+    }
+
+    /// Installs a recorded sync point instead of executing the stretch it
+    /// covers.
+    pub(super) fn install_sync_point(
+        &mut self,
+        state: &MachineState,
+        pages: &[Page],
+    ) -> Result<(), VcpuError> {
+        if let Some(shadow) = self.shadow.as_mut() {
+            if shadow.pending.is_some() {
+                self.sync.harvest()?;
+                let sync = &mut self.sync;
+                shadow.wrote(sync.tracker.take(sync.repair_consumer));
+                let restored = shadow
+                    .repair(&sync.memory, pages)
+                    .map_err(VcpuError::Memory)?;
+                // These writes are the repair's, not the replay's own.
+                self.epochs.installed.extend(restored.iter().copied());
+                let restored = restored.len();
+                self.stats.repaired += std::mem::take(&mut self.unrepaired);
+                tracing::warn!(
+                    "repaired at the sync point of stop {}: {restored} pages restored from the last verified state",
+                    self.stop
+                );
+            } else {
+                shadow.carried(pages);
+            }
+        }
+        for page in pages {
+            self.sync
+                .memory
+                .write_slice(&page.data, GuestAddress(page.gfn * PAGE_SIZE as u64))
+                .map_err(|e| VcpuError::Memory(format!("page {:#x}: {e}", page.gfn)))?;
+        }
+        state::install(&self.fd, &state.vcpu)?;
+        self.devices.install(&state.devices)?;
+        self.epochs.installed.extend(pages.iter().map(|p| p.gfn));
+        self.epochs.had_sync = true;
+        self.stats.sync_points += 1;
+        self.live_counters
+            .sync_points
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.sync_pages += pages.len() as u64;
+        Ok(())
+    }
+}

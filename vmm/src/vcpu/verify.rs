@@ -1,0 +1,190 @@
+//! Verified lockstep: epoch ends (state hashes and a memory scrub) logged
+//! by the recorder and checked by the replay, and repair of divergences.
+
+use super::*;
+
+impl Vcpu {
+    /// 1 + the last epoch the replay found diverged (0: none yet).
+    pub fn divergence_epoch(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.divergence_epoch.clone()
+    }
+
+    /// The stop of the last epoch the replay verified.
+    pub fn verified_stop(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.verified_stop.clone()
+    }
+
+    /// Keeps a shadow of the verified state so divergences can be repaired.
+    pub fn enable_repair(&mut self, size: u64) -> Result<(), VcpuError> {
+        self.shadow = Some(Shadow::new(&self.sync.memory, size).map_err(VcpuError::Memory)?);
+        Ok(())
+    }
+
+    /// An epoch diverged and no sync point came after it to repair from.
+    pub fn unrepaired(&self) -> Option<u64> {
+        self.shadow.as_ref().and_then(|s| s.pending)
+    }
+
+    /// (c) At a deterministic stop: end an epoch when the recorder's timer
+    /// fired, or check the one the log holds for this stop.
+    pub(super) fn maybe_end_epoch(&mut self) -> Result<(), VcpuError> {
+        if self.journal.recording() {
+            let now = Instant::now();
+            let due = *self
+                .epochs
+                .deadline
+                .get_or_insert(now + self.policy.epoch_interval);
+            // Held output (replayed commit) shortens the epoch, at most to
+            // a millisecond.
+            let shortened = self.devices.outputs.pending()
+                && self
+                    .epochs
+                    .last_end
+                    .is_none_or(|t| now - t >= Duration::from_millis(1));
+            if now >= due || shortened {
+                self.epochs.last_end = Some(now);
+                self.record_epoch_end()?;
+                self.epochs.deadline = Some(now + self.policy.epoch_interval);
+            }
+            return Ok(());
+        }
+        let stop = self.stop;
+        if let Some(recorded) = self.journal.replayer().and_then(|r| r.take_epoch_end(stop)) {
+            self.verify_epoch_end(recorded)?;
+        }
+        Ok(())
+    }
+
+    /// The canonical state's ingredients, after completing the pending exit.
+    pub(super) fn epoch_inputs(&mut self) -> Result<EpochInputs, VcpuError> {
+        self.complete_pending_exit()?;
+        let vcpu = state::capture(&self.fd, &self.sync.msrs, false)?;
+        let devices = self.devices.capture();
+        self.sync.harvest()?;
+        let sync = &mut self.sync;
+        let dirtied = sync.tracker.take(sync.epoch_consumer);
+        Ok((vcpu, devices, dirtied))
+    }
+
+    pub(super) fn mem_pages(&self) -> u64 {
+        use vm_memory::GuestMemoryBackend;
+        self.sync
+            .memory
+            .iter()
+            .map(|r| {
+                use vm_memory::GuestMemoryRegion;
+                r.len() / PAGE_SIZE as u64
+            })
+            .sum()
+    }
+
+    pub(super) fn record_epoch_end(&mut self) -> Result<(), VcpuError> {
+        let (vcpu, devices, dirtied) = self.epoch_inputs()?;
+        let epoch = self.epochs.number;
+        let hashes = hash_state(
+            &vcpu,
+            &devices,
+            &self.sync.memory,
+            &dirtied,
+            epoch,
+            self.mem_pages(),
+        );
+        self.journal.epoch_end(Record::EpochEnd {
+            epoch,
+            stop: self.stop,
+            pages: encode_runs(&dirtied),
+            hashes: hashes.components,
+            scrub: hashes.scrub,
+        });
+        self.epochs.number += 1;
+        self.stats.epochs += 1;
+        self.live_counters
+            .epochs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(super) fn verify_epoch_end(&mut self, recorded: RecordedEpoch) -> Result<(), VcpuError> {
+        let (vcpu, devices, own) = self.epoch_inputs()?;
+        let mem_pages = self.mem_pages();
+        let listed = decode_runs(&recorded.pages, mem_pages);
+        let ours = hash_state(
+            &vcpu,
+            &devices,
+            &self.sync.memory,
+            &listed,
+            recorded.epoch,
+            mem_pages,
+        );
+        let mut diffs = differences(&recorded.hashes, &recorded.scrub, &ours);
+        let listed_set: BTreeSet<u64> = listed.iter().copied().collect();
+        let extra: Vec<u64> = own
+            .iter()
+            .copied()
+            .filter(|g| !listed_set.contains(g) && !self.epochs.installed.contains(g))
+            .collect();
+        if !extra.is_empty() {
+            diffs.push(format!(
+                "{} pages dirtied by the replay but not the recording (first {:#x})",
+                extra.len(),
+                extra[0]
+            ));
+        }
+        self.stats.epochs += 1;
+        self.live_counters
+            .epochs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.epochs.number = recorded.epoch + 1;
+        if let Some(shadow) = self.shadow.as_mut() {
+            shadow.wrote(own.iter().copied());
+        }
+        if diffs.is_empty() {
+            self.verified_stop
+                .fetch_max(self.stop, std::sync::atomic::Ordering::AcqRel);
+            if self.epochs.had_sync {
+                self.stats.epochs_transferred += 1;
+                self.live_counters
+                    .epochs_transferred
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            } else {
+                self.stats.epochs_verified += 1;
+                self.live_counters
+                    .epochs_verified
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            if let Some(shadow) = self.shadow.as_mut() {
+                if shadow.pending.is_none() {
+                    let installed = self.epochs.installed.iter().copied();
+                    shadow.verified(&self.sync.memory, listed.iter().copied().chain(installed));
+                }
+            }
+        } else {
+            if let Some(shadow) = self.shadow.as_mut() {
+                shadow.pending.get_or_insert(recorded.epoch);
+                self.unrepaired += 1;
+            }
+            self.stats.divergences += 1;
+            self.live_counters
+                .divergences
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.divergence_epoch
+                .store(recorded.epoch + 1, std::sync::atomic::Ordering::Release);
+            tracing::warn!(
+                "divergence at epoch {} (stop {}): {} differ",
+                recorded.epoch,
+                self.stop,
+                diffs.join(", ")
+            );
+            self.divergence_reports.push(DivergenceReport {
+                epoch: recorded.epoch,
+                stop: self.stop,
+                components: diffs,
+                recorded: recorded.hashes.clone(),
+                replayed: ours.components.clone(),
+            });
+        }
+        self.epochs.installed.clear();
+        self.epochs.had_sync = false;
+        Ok(())
+    }
+}
