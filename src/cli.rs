@@ -16,6 +16,7 @@ use tandem_vmm::{
 };
 use tracing::info;
 
+use crate::config::parse_mac;
 use crate::{
     EXIT_DIVERGED, EXIT_GUEST_CRASH, EXIT_REPLAY_TRUNCATED, EXIT_START_FAILED, EXIT_VMM_ERROR,
 };
@@ -127,36 +128,15 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     })
 }
 
-/// Parses `52:54:00:12:34:56`.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("`{s}` is not a MAC address (like 52:54:00:12:34:56)");
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for byte in &mut mac {
-        let part = parts.next().ok_or_else(bad)?;
-        if part.len() != 2 {
-            return Err(bad());
-        }
-        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
-    }
-    if parts.next().is_some() {
-        return Err(bad());
-    }
-    if mac[0] & 1 != 0 {
-        return Err(format!(
-            "`{s}` is a multicast address; a NIC needs a unicast MAC"
-        ));
-    }
-    Ok(mac)
-}
-
 fn parse_net(s: &str) -> Result<NetConfig, String> {
     let mut tap = None;
     let mut mac = None;
     for part in s.split(',') {
         match part.split_once('=') {
             Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
-            Some(("mac", value)) => mac = Some(parse_mac(value)?),
+            Some(("mac", value)) => {
+                mac = Some(parse_mac(value).map_err(|problem| format!("`{value}` {problem}"))?)
+            }
             _ => return Err(format!("unknown `{part}`: expected tap=NAME[,mac=MAC]")),
         }
     }
@@ -498,8 +478,18 @@ mod tests {
         ] {
             assert!(parse_net(bad).is_err(), "{bad}");
         }
-        assert!(parse_mac("52:54:00:12:34").is_err());
-        assert!(parse_mac("52:54:00:12:34:56:78").is_err());
+        // The pair file's rule (config::parse_mac), with the value named.
+        for (bad, problem) in [
+            ("tap=t,mac=52:54:00:12:34", "is not a MAC address"),
+            ("tap=t,mac=52:54:00:12:34:56:78", "is not a MAC address"),
+            ("tap=t,mac=00:00:00:00:00:00", "is all zeros"),
+            ("tap=t,mac=ff:ff:ff:ff:ff:ff", "is the broadcast address"),
+            ("tap=t,mac=33:33:00:00:00:01", "is a multicast address"),
+        ] {
+            let e = parse_net(bad).unwrap_err();
+            let mac = bad.trim_start_matches("tap=t,mac=");
+            assert!(e.starts_with(&format!("`{mac}` {problem}")), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@
 
 mod error;
 mod host;
+mod mac;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -35,6 +36,7 @@ pub use error::ConfigError;
 use error::Ctx;
 #[allow(unused_imports)] // until main.rs calls them
 pub use host::{local_addresses, which_host, HostId};
+pub use mac::parse_mac;
 use raw::RawFile;
 
 /// `[vm] mem` when not given.

@@ -69,7 +69,7 @@ fn every_request_is_answered_while_a_new_secondary_joins() {
         t,
         _witness,
         primary,
-        mut secondary,
+        secondary,
     } = start_pair("joingap", 1500);
     let config = t.config.display().to_string();
     let s = t.ns.udp_socket("10.78.0.1:0");

@@ -384,6 +384,14 @@ fn bad_macs() {
         err(&vm_hosts("net = [{ mac = \"01:00:5e:00:00:01\" }]", "")),
         "pair.toml:3: [vm] net[0].mac = \"01:00:5e:00:00:01\" is a multicast address; a NIC needs a unicast MAC"
     );
+    assert_eq!(
+        err(&vm_hosts("net = [{ mac = \"00:00:00:00:00:00\" }]", "")),
+        "pair.toml:3: [vm] net[0].mac = \"00:00:00:00:00:00\" is all zeros; a NIC needs a real MAC"
+    );
+    assert_eq!(
+        err(&vm_hosts("net = [{ mac = \"ff:ff:ff:ff:ff:ff\" }]", "")),
+        "pair.toml:3: [vm] net[0].mac = \"ff:ff:ff:ff:ff:ff\" is the broadcast address; a NIC needs a unicast MAC"
+    );
     let e = err(&vm_hosts(
         "net = [{ mac = \"52:54:00:12:34:57\" }, {}]",
         "a = { address = \"10.10.0.1:1\", tap = [\"t0\", \"t1\"] }\nb = { address = \"10.10.0.2:1\", tap = [\"t0\", \"t1\"] }",

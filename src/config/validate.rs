@@ -11,6 +11,7 @@ use tandem_vmm::DiskConfig;
 use toml::Spanned;
 
 use super::error::{ConfigError, Ctx};
+use super::mac::parse_mac;
 use super::raw::{RawFt, RawHost, RawHosts, RawSize, RawVm};
 use super::{
     Announce, FtConfig, HostEntry, HostId, Nic, OutputCommit, Storage, VmConfigSection, Witness,
@@ -71,27 +72,6 @@ fn parse_size(size: &RawSize) -> Result<u64, String> {
         .map_err(|_| "is not a size (examples: \"64M\", \"1G\", 67108864)".to_owned())?;
     n.checked_mul(1 << shift)
         .ok_or_else(|| "is too large".to_owned())
-}
-
-/// `52:54:00:12:34:56`: a unicast MAC.
-fn parse_mac(s: &str) -> Result<[u8; 6], &'static str> {
-    const BAD: &str = "is not a MAC address (like \"52:54:00:12:34:56\")";
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for byte in &mut mac {
-        let part = parts.next().filter(|p| p.len() == 2).ok_or(BAD)?;
-        *byte = u8::from_str_radix(part, 16).map_err(|_| BAD)?;
-    }
-    if parts.next().is_some() {
-        return Err(BAD);
-    }
-    if mac[0] & 1 != 0 {
-        return Err("is a multicast address; a NIC needs a unicast MAC");
-    }
-    if mac == [0; 6] {
-        return Err("is all zeros; a NIC needs a real MAC");
-    }
-    Ok(mac)
 }
 
 /// `IP:PORT` that a peer can connect to.
@@ -201,7 +181,7 @@ pub(super) fn validate_vm(ctx: &Ctx, raw: Spanned<RawVm>) -> Result<VmConfigSect
             }
             Some(m) => parse_mac(m.get_ref()).map_err(|problem| {
                 let key = format!("net[{i}].mac");
-                ctx.invalid(&m.span(), S, key, quoted(m), problem)
+                ctx.invalid(&m.span(), S, key, quoted(m), problem.to_string())
             })?,
         };
         nics.push(Nic { mac });

@@ -159,7 +159,7 @@ pub fn connect(
         Message::Refuse { reason } => bail!("{peer} refused: {reason}"),
         other => bail!(
             "{peer} did not authenticate (sent {}): is it running without a key?",
-            kind(&other)
+            other.kind()
         ),
     };
     if !psk.check_server_proof(&client, &server, &proof) {
@@ -216,7 +216,7 @@ pub fn accept(
         );
         bail!(
             "{peer} did not authenticate (sent {}): refused",
-            kind(&first)
+            first.kind()
         );
     };
     let server = auth::nonce()?;
@@ -232,9 +232,16 @@ pub fn accept(
     match reply {
         Message::AuthProof { proof } if psk.check_client_proof(&client, &server, &proof) => {}
         Message::Refuse { reason } => bail!("{peer} refused this host's key: {reason}"),
-        _ => {
+        Message::AuthProof { .. } => {
             refuse(&stream, "authentication failed: the keys differ");
             bail!("{peer} failed authentication (wrong key): refused");
+        }
+        other => {
+            refuse(&stream, "authentication failed: expected an auth proof");
+            bail!(
+                "{peer} sent {} instead of an auth proof: refused",
+                other.kind()
+            );
         }
     }
     stream.set_read_timeout(None)?;
@@ -247,20 +254,6 @@ fn peer_name(stream: &TcpStream) -> String {
     stream
         .peer_addr()
         .map_or_else(|_| "the peer".to_string(), |a| a.to_string())
-}
-
-/// A message's kind, for errors (never its contents).
-fn kind(m: &Message) -> &'static str {
-    match m {
-        Message::Hello { .. } => "a hello",
-        Message::Resume { .. } => "a resume",
-        Message::Welcome { .. } => "a welcome",
-        Message::Refuse { .. } => "a refusal",
-        Message::AuthHello { .. } => "an auth hello",
-        Message::AuthChallenge { .. } => "an auth challenge",
-        Message::AuthProof { .. } => "an auth proof",
-        _ => "replication data",
-    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use super::arbiter::{self, Arbiter};
 use super::auth::Psk;
 use super::console::ConsoleSocket;
 use super::pair::{run_primary, run_secondary, PairParams};
+use super::status::{self, ControlRequest, Status, StatusError};
 use crate::config::{self, HostId, PairConfig, Witness};
 use crate::EXIT_START_FAILED;
 
@@ -40,7 +41,7 @@ pub struct PairArgs {
     insecure: bool,
 }
 
-/// Which role to start in.
+/// Which role to start in (what a side reports is [`status::Role`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// Run the guest and ship its log.
@@ -134,8 +135,8 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         eprintln!("tandem: WARNING: no [ft] psk_file: replication and witness traffic is unauthenticated (--insecure)");
     }
     install_freeze_on_usr1();
-    super::status::handle_term();
-    let control = super::status::control_path(
+    status::handle_term();
+    let control = status::control_path(
         cfg.host(me).control.as_deref(),
         &cfg.ft.state_dir,
         me.name(),
@@ -271,34 +272,27 @@ fn cluster_status(path: &std::path::Path, json: bool) -> ExitCode {
     let mut unprotected = 0;
     for vm in &vms {
         let cfg = &vm.pair;
-        let sides: Vec<(HostId, Option<serde_json::Value>)> = [HostId::A, HostId::B]
+        let sides: Vec<(HostId, Result<Status, StatusError>)> = [HostId::A, HostId::B]
             .into_iter()
             .map(|host| {
-                let control = super::status::control_path(
+                let control = status::control_path(
                     cfg.host(host).control.as_deref(),
                     &cfg.ft.state_dir,
                     host.name(),
                 );
-                let status = super::status::query(&control)
-                    .ok()
-                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-                (host, status)
+                (host, status::query_status(&control))
             })
             .collect();
-        let role = |v: &Option<serde_json::Value>| {
-            v.as_ref()
-                .and_then(|v| v.get("role")?.as_str().map(str::to_string))
-                .unwrap_or_default()
-        };
-        let figure = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64);
         if json {
             let hosts: serde_json::Map<String, serde_json::Value> = sides
                 .iter()
-                .map(|(h, v)| {
-                    (
-                        h.name().to_string(),
-                        v.clone().unwrap_or(serde_json::Value::Null),
-                    )
+                .map(|(h, s)| {
+                    let value = s
+                        .as_ref()
+                        .ok()
+                        .and_then(|s| serde_json::to_value(s).ok())
+                        .unwrap_or(serde_json::Value::Null);
+                    (h.name().to_string(), value)
                 })
                 .collect();
             println!(
@@ -311,38 +305,44 @@ fn cluster_status(path: &std::path::Path, json: bool) -> ExitCode {
                 })
             );
         }
-        let live = sides.iter().find(|(_, v)| role(v) == "primary");
-        let follower = sides.iter().find(|(_, v)| role(v) == "secondary");
+        let in_role = |role: status::Role| {
+            sides
+                .iter()
+                .find_map(|(h, s)| s.as_ref().ok().filter(|s| s.role == role).map(|s| (*h, s)))
+        };
+        let live = in_role(status::Role::Primary);
+        let follower = in_role(status::Role::Secondary);
+        let figure = |s: &Status, name: &str| s.figures.get(name).unwrap_or(0);
         let line = match (live, follower) {
-            (Some((host, Some(v))), Some((peer, _))) => format!(
+            (Some((host, v)), Some((peer, _))) => format!(
                 "live on {} (generation {}), protected by {} (log lag {} ms), guest crashes {} ({} rolled back, {} rebooted)",
                 host.name(),
-                figure(v, "generation").unwrap_or(0),
+                v.generation,
                 peer.name(),
-                figure(v, "lag_ms").unwrap_or(0),
-                figure(v, "guest_crashes").unwrap_or(0),
-                figure(v, "guest_rollbacks").unwrap_or(0),
-                figure(v, "guest_reboots").unwrap_or(0)
+                figure(v, "lag_ms"),
+                figure(v, "guest_crashes"),
+                figure(v, "guest_rollbacks"),
+                figure(v, "guest_reboots")
             ),
-            (Some((host, Some(v))), None) => {
+            (Some((host, v)), None) => {
                 unprotected += 1;
                 format!(
                     "live on {} (generation {}), UNPROTECTED (no secondary follows)",
                     host.name(),
-                    figure(v, "generation").unwrap_or(0)
+                    v.generation
                 )
             }
             _ => {
                 unprotected += 1;
                 let seen: Vec<String> = sides
                     .iter()
-                    .map(|(h, v)| {
-                        let r = role(v);
-                        format!(
-                            "{}: {}",
-                            h.name(),
-                            if r.is_empty() { "no answer" } else { &r }
-                        )
+                    .map(|(h, s)| {
+                        let role = match s {
+                            Ok(s) => s.role.name(),
+                            Err(StatusError::NoAnswer(_)) => "no answer",
+                            Err(StatusError::Garbled { .. }) => "garbled status",
+                        };
+                        format!("{}: {role}", h.name())
                     })
                     .collect();
                 format!("NOT LIVE ({})", seen.join(", "))
@@ -403,20 +403,32 @@ pub fn switchover(args: SwitchoverArgs) -> ExitCode {
 /// so). Returns the live side's answer, prefixed with its host.
 pub fn switch_over(cfg: &PairConfig, to: Option<HostId>) -> Result<String, String> {
     let control = |host: HostId| {
-        super::status::control_path(
+        status::control_path(
             cfg.host(host).control.as_deref(),
             &cfg.ft.state_dir,
             host.name(),
         )
     };
+    let mut garbled = Vec::new();
     let live = [HostId::A, HostId::B].into_iter().find(|&host| {
-        super::status::query(&control(host)).is_ok_and(|s| s.contains("\"role\":\"primary\""))
+        match status::query(&control(host)).and_then(|text| is_primary(&text)) {
+            Ok(primary) => primary,
+            Err(e @ StatusError::Garbled { .. }) => {
+                garbled.push(format!("host {}: {e}", host.name()));
+                false
+            }
+            Err(StatusError::NoAnswer(_)) => false,
+        }
     });
     let Some(host) = live else {
-        return Err(format!(
+        let mut text = format!(
             "{}: neither host's control socket reports a live primary",
             cfg.vm.name
-        ));
+        );
+        if !garbled.is_empty() {
+            text.push_str(&format!(" ({})", garbled.join("; ")));
+        }
+        return Err(text);
     };
     if to == Some(host) {
         return Ok(format!(
@@ -426,13 +438,36 @@ pub fn switch_over(cfg: &PairConfig, to: Option<HostId>) -> Result<String, Strin
         ));
     }
     let limit = cfg.ft.failover_timeout * 4 + Duration::from_secs(5);
-    match super::status::send_command(&control(host), "switchover", limit) {
+    match status::send_command(&control(host), ControlRequest::Switchover, limit) {
         Ok(answer) if answer.starts_with("ok: ") => {
             Ok(format!("host {}: {}", host.name(), &answer[4..]))
         }
         Ok(answer) => Err(format!("host {}: {answer}", host.name())),
         Err(e) => Err(format!("host {}: {e}", host.name())),
     }
+}
+
+/// Whether one control-socket answer shows its side as the live primary
+/// (an error for an answer that is not a status).
+fn is_primary(answer: &str) -> Result<bool, StatusError> {
+    Ok(Status::parse(answer)?.role == status::Role::Primary)
+}
+
+/// One line of `tandem status --json`: a host and its status or why there
+/// is none.
+#[derive(serde::Serialize)]
+struct HostLine<'a> {
+    host: &'a str,
+    #[serde(flatten)]
+    answer: HostAnswer<'a>,
+}
+
+/// What one host answered, for [`HostLine`].
+#[derive(serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum HostAnswer<'a> {
+    Status(&'a Status),
+    Error(String),
 }
 
 /// `tandem status`: asks each host's control socket where it stands.
@@ -453,36 +488,122 @@ pub fn status(args: StatusArgs) -> ExitCode {
     };
     let mut any = false;
     for host in [HostId::A, HostId::B] {
-        let path = super::status::control_path(
+        let path = status::control_path(
             cfg.host(host).control.as_deref(),
             &cfg.ft.state_dir,
             host.name(),
         );
-        match super::status::query(&path) {
-            Ok(json) => {
-                any = true;
-                if args.json {
-                    println!("{{\"host\":\"{}\",\"status\":{json}}}", host.name());
-                } else {
-                    let text = json
-                        .trim_matches(|c| c == '{' || c == '}')
-                        .replace('"', "")
-                        .replace(',', " ")
-                        .replace(':', "=");
-                    println!("host {}: {text}", host.name());
-                }
+        let answer = status::query_status(&path);
+        any |= answer.is_ok();
+        if args.json {
+            let line = HostLine {
+                host: host.name(),
+                answer: match &answer {
+                    Ok(s) => HostAnswer::Status(s),
+                    Err(e) => HostAnswer::Error(e.to_string()),
+                },
+            };
+            println!("{}", serde_json::to_string(&line).unwrap_or_default());
+        } else {
+            match &answer {
+                Ok(s) => println!("host {}: {}", host.name(), s.to_text()),
+                Err(e) => println!("host {}: {e}", host.name()),
             }
-            Err(e) if args.json => println!(
-                "{{\"host\":\"{}\",\"error\":\"{}\"}}",
-                host.name(),
-                e.replace('"', "'")
-            ),
-            Err(e) => println!("host {}: {e}", host.name()),
         }
     }
     if any {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ft::status::{Figures, Role};
+
+    fn status(role: Role, peer: &str, reason: Option<&str>) -> Status {
+        let mut figures = Figures::default();
+        figures.push("inputs_dropped", 3);
+        Status {
+            role,
+            generation: 4,
+            peer: peer.into(),
+            reason: reason.map(str::to_string),
+            figures,
+        }
+    }
+
+    #[test]
+    fn only_a_primary_status_is_primary() {
+        assert!(is_primary(&status(Role::Primary, "attached", None).to_json()).unwrap());
+        assert!(is_primary(
+            "{\"role\":\"primary\",\"generation\":1,\"peer\":\"none (alone)\",\"held_outputs\":0}\n"
+        )
+        .unwrap());
+        for role in [
+            Role::Starting,
+            Role::Secondary,
+            Role::SteppedDown,
+            Role::Fenced,
+        ] {
+            assert!(!is_primary(&status(role, "connected", None).to_json()).unwrap());
+        }
+        // Text that merely contains the primary's key/value is not a primary
+        // (the substring test this replaced said it was).
+        let sneaky = status(
+            Role::Fenced,
+            "connected",
+            Some("peer says \"role\":\"primary\""),
+        )
+        .to_json();
+        assert!(sneaky.contains("\\\"role\\\":\\\"primary\\\""), "{sneaky}");
+        assert!(!is_primary(&sneaky).unwrap());
+        assert!(!is_primary(
+            "{\"role\":\"secondary\",\"generation\":1,\"peer\":\"\\\"role\\\":\\\"primary\\\"\"}"
+        )
+        .unwrap());
+    }
+
+    #[test]
+    fn a_garbled_answer_is_an_error_not_a_primary() {
+        for bad in [
+            "",
+            "\"role\":\"primary\"",
+            "{\"role\":\"primary\"",
+            "{\"role\":\"primary\"}",
+            "{\"role\":\"PRIMARY\",\"generation\":1,\"peer\":\"x\"}",
+            "error: unknown command \"switchover\" (this side knows: status)",
+        ] {
+            match is_primary(bad) {
+                Err(StatusError::Garbled { .. }) => {}
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn status_json_lines_keep_their_shape() {
+        let s = status(Role::Secondary, "connected", None);
+        let line = HostLine {
+            host: "b",
+            answer: HostAnswer::Status(&s),
+        };
+        assert_eq!(
+            serde_json::to_string(&line).unwrap(),
+            "{\"host\":\"b\",\"status\":{\"role\":\"secondary\",\"generation\":4,\"peer\":\"connected\",\"inputs_dropped\":3}}"
+        );
+        let line = HostLine {
+            host: "a",
+            answer: HostAnswer::Error("no answer on /x/a.ctl: \"refused\"".into()),
+        };
+        let text = serde_json::to_string(&line).unwrap();
+        assert_eq!(
+            text,
+            "{\"host\":\"a\",\"error\":\"no answer on /x/a.ctl: \\\"refused\\\"\"}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"], "no answer on /x/a.ctl: \"refused\"");
     }
 }

@@ -34,7 +34,7 @@ use super::mirror;
 use super::wire::{self, Message, PROTOCOL_MAX, PROTOCOL_MIN};
 use tandem_vmm::backend::replica::Replica;
 
-use super::status::{fence, StatusBoard};
+use super::status::{fence, ControlRequest, Role, StatusBoard};
 
 /// What both sides of a pair need to know.
 #[derive(Clone)]
@@ -383,9 +383,10 @@ impl Replicator {
     /// Serves `tandem switchover` on this side's control socket.
     fn offer_switchover(self: &Arc<Self>) {
         let me = self.clone();
-        self.params
-            .board
-            .command("switchover", Arc::new(move || me.switchover()));
+        self.params.board.command(
+            ControlRequest::Switchover,
+            Arc::new(move || me.switchover()),
+        );
     }
 
     /// A controlled switch-over (`tandem switchover`): stops the vCPU at a
@@ -491,7 +492,9 @@ impl Replicator {
                         self.generation.store(g, Ordering::Release);
                         self.params
                             .event(&format!("switchover-failed generation={g} unprotected"));
-                        self.params.board.set("primary", g, "none (unprotected)");
+                        self.params
+                            .board
+                            .set(Role::Primary, g, "none (unprotected)");
                         self.gate.open();
                         throttle.open();
                         throttle.unhold();
@@ -515,7 +518,7 @@ impl Replicator {
         ));
         self.params
             .board
-            .set("stepped down", live.generation, "live (took over)");
+            .set(Role::SteppedDown, live.generation, "live (took over)");
         self.stopper.stop();
         throttle.unhold();
         let text = format!(
@@ -752,7 +755,7 @@ impl Replicator {
                                     frame.stop
                                 );
                                 self.params.throttle.protect();
-                                self.params.board.set("primary", generation, "attached");
+                                self.params.board.set(Role::Primary, generation, "attached");
                                 self.params
                                     .event(&format!("secondary-joined stop={}", frame.stop));
                                 let stream = std::mem::replace(&mut *link, Link::Detached);
@@ -1000,7 +1003,7 @@ impl Replicator {
         };
         self.attached.store(fresh, Ordering::Release);
         self.params.board.set(
-            "primary",
+            Role::Primary,
             generation,
             if fresh { "attached" } else { "joining" },
         );
@@ -1383,7 +1386,9 @@ impl Replicator {
                 self.params
                     .event(&format!("secondary-lost generation={g} unprotected"));
                 self.generation.store(g, Ordering::Release);
-                self.params.board.set("primary", g, "none (unprotected)");
+                self.params
+                    .board
+                    .set(Role::Primary, g, "none (unprotected)");
                 self.gate.open();
                 self.params.throttle.open();
                 self.params.respawn();
@@ -1498,7 +1503,7 @@ pub fn run_primary(
     // it; the sink tags that record for the ship thread.
     let _ = full_sync_stop.set(vcpu_full_stop);
     let replicator = Replicator::new(params, &vm, generation, full_sync)?;
-    publish(&replicator.params, &vm, "primary", generation)?;
+    publish(&replicator.params, &vm, Role::Primary, generation)?;
     replicator.offer_switchover();
     let r = replicator.clone();
     replicator
@@ -1524,7 +1529,7 @@ pub fn run_primary(
             replicator
                 .params
                 .board
-                .set("primary", generation, "none (alone)");
+                .set(Role::Primary, generation, "none (alone)");
         }
     }
     replicator.start_on(listener, Some(frames_rx))?;
@@ -1596,7 +1601,7 @@ fn handshake_as_primary(
 
 /// Registers this side for fencing and shutdown and serves its control
 /// socket with the figures every role has.
-fn publish(params: &PairParams, vm: &Vm, role: &str, generation: u64) -> anyhow::Result<()> {
+fn publish(params: &PairParams, vm: &Vm, role: Role, generation: u64) -> anyhow::Result<()> {
     super::status::register(super::status::Side {
         board: params.board.clone(),
         stopper: vm.stopper(),
@@ -2088,7 +2093,7 @@ pub fn run_secondary(
     }
     let (full_sync, vcpu_full_stop) = vm.full_sync_handles();
     let _ = full_sync_stop.set(vcpu_full_stop);
-    publish(&params, &vm, "secondary", generation)?;
+    publish(&params, &vm, Role::Secondary, generation)?;
     let verified_probe = vm.verified_stop();
     params.board.probe(
         "verified_stop",
@@ -2162,7 +2167,7 @@ pub fn run_secondary(
                     params.event(&format!("switchover generation={g}"));
                     successor.generation.store(g, Ordering::Release);
                     successor.set_replica_generation(g);
-                    params.board.set("primary", g, "none (took over)");
+                    params.board.set(Role::Primary, g, "none (took over)");
                     if let Err(e) = successor.start(frames_rx.take()) {
                         warn!("live, but cannot take a new secondary: {e:#}");
                     }
@@ -2181,7 +2186,7 @@ pub fn run_secondary(
                     ));
                     successor.generation.store(g, Ordering::Release);
                     successor.set_replica_generation(g);
-                    params.board.set("primary", g, "none (took over)");
+                    params.board.set(Role::Primary, g, "none (took over)");
                     params.respawn();
                     if let Err(e) = successor.start(frames_rx.take()) {
                         warn!("live, but cannot take a new secondary: {e:#}");

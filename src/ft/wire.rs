@@ -117,6 +117,36 @@ pub enum Message {
     },
 }
 
+impl Message {
+    /// The message's kind, for logs and errors (never its contents). Every
+    /// variant is named here, so a new one must be given a name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "a hello",
+            Message::Welcome { .. } => "a welcome",
+            Message::Refuse { .. } => "a refusal",
+            Message::Log(_) => "log bytes",
+            Message::Released(_) => "a release",
+            Message::Ack(_) => "an ack",
+            Message::Heartbeat => "a heartbeat",
+            Message::Verified(_) => "a verified stop",
+            Message::RepairRequest(_) => "a repair request",
+            Message::Resume { .. } => "a resume",
+            Message::Memory { .. } => "pre-copied memory",
+            Message::Ping(_) => "a ping",
+            Message::Pong(_) => "a pong",
+            Message::DiskState(_) => "a disk state",
+            Message::DiskChunks(_) => "disk chunks",
+            Message::DiskDone(_) => "a disk-sync end",
+            Message::DiskSynced(_) => "a disk-sync confirmation",
+            Message::StepDown(_) => "a step-down",
+            Message::AuthHello { .. } => "an auth hello",
+            Message::AuthChallenge { .. } => "an auth challenge",
+            Message::AuthProof { .. } => "an auth proof",
+        }
+    }
+}
+
 const TAG_HELLO: u8 = 1;
 const TAG_WELCOME: u8 = 2;
 const TAG_REFUSE: u8 = 3;

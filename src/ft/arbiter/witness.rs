@@ -660,23 +660,18 @@ impl WitnessServer {
     }
 
     /// Serves on a background thread until the handle is shut down or
-    /// dropped.
-    ///
-    /// # Panics
-    ///
-    /// If the thread cannot be started.
-    pub fn spawn(self) -> WitnessHandle {
+    /// dropped; fails if the thread cannot be started.
+    pub fn spawn(self) -> std::io::Result<WitnessHandle> {
         let addr = self.local_addr();
         let shared = self.shared.clone();
         let thread = std::thread::Builder::new()
             .name("witness".into())
-            .spawn(move || self.run())
-            .expect("cannot start the witness thread");
-        WitnessHandle {
+            .spawn(move || self.run())?;
+        Ok(WitnessHandle {
             addr,
             shared,
             thread: Some(thread),
-        }
+        })
     }
 }
 
@@ -944,7 +939,7 @@ mod tests {
     fn start(state: &Path) -> (WitnessHandle, TcpArbiter) {
         let server = bind_witness(state);
         let addr = server.local_addr();
-        (server.spawn(), TcpArbiter::new(addr, T))
+        (server.spawn().unwrap(), TcpArbiter::new(addr, T))
     }
 
     fn bind_witness(state: &Path) -> WitnessServer {
@@ -1007,7 +1002,7 @@ mod tests {
         let server =
             bind_witness(&dir.path().join("state")).with_psk(key("the witness key, long enough"));
         let addr = server.local_addr();
-        let _w = server.spawn();
+        let _w = server.spawn().unwrap();
         let good = TcpArbiter::new(addr, T).with_psk(key("the witness key, long enough"));
         assert_eq!(good.claim("vm1", 0, "a").unwrap(), granted(1));
         assert_eq!(good.query("vm1").unwrap().generation, 1);

@@ -15,13 +15,13 @@ use std::thread::JoinHandle;
 use tandem_replay::{BlockOp, Cause, CauseQueue};
 
 use super::replica::Replica;
+use super::sector::read_full;
 
 /// virtio-blk status: success.
 const STATUS_OK: u8 = 0;
 /// virtio-blk status: I/O error.
 const STATUS_IOERR: u8 = 1;
-/// Bytes per sector.
-pub const SECTOR_SIZE: u64 = 512;
+pub use super::sector::SECTOR_SIZE;
 
 /// Why a disk image could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -156,22 +156,6 @@ impl Drop for BlockWorker {
 
 fn log_io_error(image: &DiskImage, what: &str, e: &std::io::Error) {
     tracing::warn!("disk {}: {what} failed: {e}", image.path.display());
-}
-
-/// Reads `data.len()` bytes at `offset`. Past the end of a file whose size
-/// is not a whole number of sectors it reads zeros, as a sparse tail would.
-pub(super) fn read_full(file: &File, data: &mut [u8], offset: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < data.len() {
-        match file.read_at(&mut data[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    data[done..].fill(0);
-    Ok(())
 }
 
 /// Performs one request; returns the virtio status and the data read.

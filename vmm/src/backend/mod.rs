@@ -11,6 +11,7 @@ pub mod console;
 pub mod gate;
 pub mod outputs;
 pub mod replica;
+pub mod sector;
 pub mod tap;
 
 pub use outputs::LiveOutputs;

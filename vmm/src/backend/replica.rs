@@ -24,7 +24,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use tandem_replay::BlockOp;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::block::{read_full, SECTOR_SIZE};
+use super::sector::{read_full, SECTOR_SIZE};
 
 /// Bytes of guest disk per bitmap bit.
 pub const CHUNK_SIZE: u64 = 64 * 1024;
