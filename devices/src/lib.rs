@@ -5,7 +5,8 @@
 //! owns the bus and calls these models on the vCPU thread at a stop; time
 //! comes from a [`tandem_replay::Clock`], interrupts go to the userspace
 //! [`pic::Pic`] through an [`IrqLine`]. Each model's state is a plain struct
-//! that can be saved, restored and hashed.
+//! that can be saved, restored and hashed, component by component
+//! ([`snapshot`]).
 #![warn(missing_docs)]
 
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ pub mod pvpanic;
 pub mod rtc;
 pub mod scratch;
 pub mod serial;
+pub mod snapshot;
 pub mod virtio;
 pub mod watchdog;
 

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use tandem_devices::lock;
+use tandem_devices::snapshot::{Component, SnapshotError, StateCodec, Stateful};
 use tandem_devices::virtio::mmio::MmioTransport;
 use tandem_replay::{Cause, GuestClock, Outputs};
 
@@ -62,9 +63,14 @@ impl Write for SerialOutput {
 /// Why device state could not be installed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceStateError {
-    /// The saved set of components differs from this VM's.
-    #[error("saved device state lists {saved:?}, this VM has {ours:?}")]
+    /// The saved list of components differs from this VM's.
+    #[error(
+        "saved device state does not fit this VM: {mismatch} \
+         (saved {saved:?}, this VM has {ours:?})"
+    )]
     Components {
+        /// The first difference found.
+        mismatch: ComponentMismatch,
         /// Names in the saved state.
         saved: Vec<String>,
         /// Names here.
@@ -76,24 +82,97 @@ pub enum DeviceStateError {
         /// The component.
         name: String,
         /// Why.
-        reason: String,
+        reason: SnapshotError,
     },
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    // Plain state structs always encode; an empty blob would fail loudly on
-    // install rather than silently.
-    bincode::serde::encode_to_vec(value, bincode::config::standard()).unwrap_or_default()
+/// How a saved list of component names differs from this VM's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ComponentMismatch {
+    /// The saved state names a component this VM does not have (an extra
+    /// or renamed device).
+    #[error("component {0} is not a device of this VM")]
+    Unknown(String),
+    /// The saved state names a component twice.
+    #[error("component {0} is saved twice")]
+    Repeated(String),
+    /// This VM has a component the saved state lacks.
+    #[error("component {0} is missing from the saved state")]
+    Missing(String),
+    /// Same components, different order.
+    #[error("component {name} is saved at position {saved_at}, this VM has it at {ours_at}")]
+    Misplaced {
+        /// The component.
+        name: String,
+        /// Its index in the saved list.
+        saved_at: usize,
+        /// Its index in this VM's list.
+        ours_at: usize,
+    },
 }
 
-fn decode<T: serde::de::DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<T, DeviceStateError> {
-    let config = bincode::config::standard().with_limit::<{ 64 << 20 }>();
-    bincode::serde::decode_from_slice(bytes, config)
-        .map(|(v, _)| v)
-        .map_err(|e| DeviceStateError::Component {
-            name: name.to_string(),
-            reason: e.to_string(),
+impl ComponentMismatch {
+    /// The first difference between `saved` and `ours`, if any.
+    fn find(saved: &[String], ours: &[String]) -> Option<Self> {
+        for (i, name) in saved.iter().enumerate() {
+            if !ours.contains(name) {
+                return Some(Self::Unknown(name.clone()));
+            }
+            if saved[..i].contains(name) {
+                return Some(Self::Repeated(name.clone()));
+            }
+        }
+        if let Some(name) = ours.iter().find(|n| !saved.contains(n)) {
+            return Some(Self::Missing(name.clone()));
+        }
+        let saved_at = saved.iter().zip(ours).position(|(a, b)| a != b)?;
+        let name = saved[saved_at].clone();
+        let ours_at = ours.iter().position(|n| *n == name).unwrap_or(saved_at);
+        Some(Self::Misplaced {
+            name,
+            saved_at,
+            ours_at,
         })
+    }
+}
+
+/// The encoding of device state in logs, checkpoints and state hashes:
+/// bincode 2.0.1's standard configuration (64 MiB decode limit; trailing
+/// bytes are ignored, as they always were).
+pub struct Bincode;
+
+impl StateCodec for Bincode {
+    fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, String> {
+        bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| e.to_string())
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+        let config = bincode::config::standard().with_limit::<{ 64 << 20 }>();
+        bincode::serde::decode_from_slice(bytes, config)
+            .map(|(v, _)| v)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// One named component of this VM's device state.
+pub type DeviceComponent<'a> = Component<'a, Bincode>;
+
+/// Serial input the UART's FIFO could not take yet (component
+/// `serial-pending`).
+#[derive(Default)]
+struct PendingSerial(VecDeque<u8>);
+
+impl Stateful for PendingSerial {
+    type State = VecDeque<u8>;
+
+    fn save_state(&self) -> VecDeque<u8> {
+        self.0.clone()
+    }
+
+    fn restore_state(&mut self, state: VecDeque<u8>) -> Result<(), String> {
+        self.0 = state;
+        Ok(())
+    }
 }
 
 /// All devices of one VM.
@@ -105,8 +184,9 @@ pub struct DeviceManager {
     /// virtio-net transports, by net index.
     pub nets: Vec<Arc<std::sync::Mutex<MmioTransport>>>,
     clock: GuestClock,
-    /// Serial input the UART's FIFO could not take yet.
-    pending_serial: VecDeque<u8>,
+    /// Serial input the UART's FIFO could not take yet (behind a lock only
+    /// so that it is a component like the devices; see [`Self::components`]).
+    pending_serial: std::sync::Mutex<PendingSerial>,
     /// Console bytes written at the current stop.
     pub serial_out: SerialOutput,
     /// Where outputs go.
@@ -139,7 +219,7 @@ impl DeviceManager {
             blocks: Vec::new(),
             nets: Vec::new(),
             clock,
-            pending_serial: VecDeque::new(),
+            pending_serial: std::sync::Mutex::default(),
             replicas: Vec::new(),
             mirror_following: false,
         }
@@ -199,7 +279,7 @@ impl DeviceManager {
                 self.clock.advance_to(ns);
                 lock(&self.legacy.pit).poll();
             }
-            Cause::SerialInput(bytes) => self.pending_serial.extend(bytes),
+            Cause::SerialInput(bytes) => self.pending_serial_mut().extend(bytes),
             Cause::NetRx { device, frame } => match self.nets.get(usize::from(device)) {
                 Some(net) => {
                     lock(net).apply_net_rx(&frame);
@@ -254,11 +334,17 @@ impl DeviceManager {
 
     /// Work that follows the stop's causes: feed the UART what fits.
     pub fn after_causes(&mut self) {
-        if !self.pending_serial.is_empty() {
-            let taken =
-                lock(&self.legacy.serial).enqueue_input(self.pending_serial.make_contiguous());
-            self.pending_serial.drain(..taken);
+        let serial = self.legacy.serial.clone();
+        let pending = self.pending_serial_mut();
+        if !pending.is_empty() {
+            let taken = lock(&serial).enqueue_input(pending.make_contiguous());
+            pending.drain(..taken);
         }
+    }
+
+    fn pending_serial_mut(&mut self) -> &mut VecDeque<u8> {
+        let pending = self.pending_serial.get_mut();
+        &mut pending.unwrap_or_else(std::sync::PoisonError::into_inner).0
     }
 
     /// Publishes the current stop.
@@ -326,78 +412,72 @@ impl DeviceManager {
         lock(&self.legacy.pic).acknowledge()
     }
 
+    /// Every component of the device state, in the order logs and state
+    /// hashes use. This is the one list: [`capture`](Self::capture) (and so
+    /// the state hashes, which hash what it returns) and
+    /// [`install`](Self::install) both walk it, so they cannot disagree.
+    pub fn components(&self) -> impl Iterator<Item = DeviceComponent<'_>> {
+        let l = &self.legacy;
+        let fixed: [DeviceComponent<'_>; 8] = [
+            Component::new("pic", &*l.pic),
+            Component::new("pit", &*l.pit),
+            Component::new("rtc", &*l.rtc),
+            Component::new("serial", &*l.serial),
+            Component::new("i8042", &*l.i8042),
+            Component::new("debug-exit", &*l.debug_exit),
+            Component::new("scratch", &*l.scratch),
+            Component::new("serial-pending", &self.pending_serial),
+        ];
+        // The watchdog is a device from device-model version 3 on.
+        let watchdog = (l.device_model >= 3).then(|| Component::new("watchdog", &*l.watchdog));
+        let blocks = (self.blocks.iter().enumerate())
+            .map(|(i, b)| Component::new(format!("virtio-blk{i}"), &**b));
+        let nets = (self.nets.iter().enumerate())
+            .map(|(i, n)| Component::new(format!("virtio-net{i}"), &**n));
+        fixed.into_iter().chain(watchdog).chain(blocks).chain(nets)
+    }
+
+    /// The names of [`components`](Self::components), in order.
+    pub fn component_names(&self) -> Vec<String> {
+        self.components().map(|c| c.name().to_string()).collect()
+    }
+
     /// Every device model's state, in a fixed order, as (component, bytes).
     pub fn capture(&self) -> Vec<(String, Vec<u8>)> {
-        let l = &self.legacy;
-        let mut out = vec![
-            ("pic".to_string(), encode(&lock(&l.pic).state())),
-            ("pit".to_string(), encode(&lock(&l.pit).state())),
-            ("rtc".to_string(), encode(&lock(&l.rtc).state())),
-            ("serial".to_string(), encode(&lock(&l.serial).state())),
-            ("i8042".to_string(), encode(&lock(&l.i8042).state())),
-            (
-                "debug-exit".to_string(),
-                encode(&lock(&l.debug_exit).state()),
-            ),
-            ("scratch".to_string(), encode(&lock(&l.scratch).state())),
-            ("serial-pending".to_string(), encode(&self.pending_serial)),
-        ];
-        if l.device_model >= 3 {
-            out.push(("watchdog".to_string(), encode(&lock(&l.watchdog).state())));
-        }
-        for (i, b) in self.blocks.iter().enumerate() {
-            out.push((format!("virtio-blk{i}"), encode(&lock(b).state())));
-        }
-        for (i, n) in self.nets.iter().enumerate() {
-            out.push((format!("virtio-net{i}"), encode(&lock(n).state())));
-        }
-        out
+        self.components()
+            .map(|c| {
+                // Plain state structs always encode; an empty blob would
+                // fail loudly on install rather than silently.
+                let bytes = c.save().unwrap_or_else(|e| {
+                    tracing::error!("device {}: {e}", c.name());
+                    Vec::new()
+                });
+                (c.name().to_string(), bytes)
+            })
+            .collect()
     }
 
     /// Installs states captured by [`capture`](Self::capture) on a VM of the
-    /// same shape.
+    /// same shape. The component names must match this VM's exactly, in
+    /// order, or nothing is installed; a component whose bytes do not decode
+    /// or are refused stops the install there, naming it.
     pub fn install(&mut self, saved: &[(String, Vec<u8>)]) -> Result<(), DeviceStateError> {
-        let ours: Vec<String> = self.capture().into_iter().map(|(n, _)| n).collect();
+        let ours = self.component_names();
         let names: Vec<String> = saved.iter().map(|(n, _)| n.clone()).collect();
-        if names != ours {
-            return Err(DeviceStateError::Components { saved: names, ours });
+        if let Some(mismatch) = ComponentMismatch::find(&names, &ours) {
+            return Err(DeviceStateError::Components {
+                mismatch,
+                saved: names,
+                ours,
+            });
         }
-        let refused = |name: &str, reason: String| DeviceStateError::Component {
-            name: name.to_string(),
-            reason,
-        };
-        let l = &self.legacy;
-        for (name, bytes) in saved {
-            match name.as_str() {
-                "pic" => lock(&l.pic).set_state(decode(name, bytes)?),
-                "pit" => lock(&l.pit).set_state(decode(name, bytes)?),
-                "rtc" => lock(&l.rtc).set_state(decode(name, bytes)?),
-                "serial" => lock(&l.serial)
-                    .set_state(decode(name, bytes)?)
-                    .map_err(|e| refused(name, e.to_string()))?,
-                "i8042" => lock(&l.i8042).set_state(decode(name, bytes)?),
-                "debug-exit" => lock(&l.debug_exit).set_state(decode(name, bytes)?),
-                "scratch" => lock(&l.scratch).set_state(decode(name, bytes)?),
-                "serial-pending" => self.pending_serial = decode(name, bytes)?,
-                "watchdog" => lock(&l.watchdog).set_state(decode(name, bytes)?),
-                other => {
-                    let (list, index) = if let Some(i) = other.strip_prefix("virtio-blk") {
-                        (&self.blocks, i)
-                    } else if let Some(i) = other.strip_prefix("virtio-net") {
-                        (&self.nets, i)
-                    } else {
-                        return Err(refused(other, "unknown component".into()));
-                    };
-                    let device = index
-                        .parse::<usize>()
-                        .ok()
-                        .and_then(|i| list.get(i))
-                        .ok_or_else(|| refused(other, "no such device".into()))?;
-                    lock(device)
-                        .set_state(decode(name, bytes)?)
-                        .map_err(|e| refused(name, e.to_string()))?;
-                }
-            }
+        for (component, (name, bytes)) in self.components().zip(saved) {
+            component
+                .restore(bytes)
+                .map_err(|reason| DeviceStateError::Component {
+                    name: name.clone(),
+                    reason,
+                })?;
         }
         Ok(())
     }
@@ -417,3 +497,7 @@ impl DeviceManager {
         lock(&self.legacy.watchdog).take_expired()
     }
 }
+
+#[cfg(test)]
+#[path = "device_manager_tests.rs"]
+mod tests;
