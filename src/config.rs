@@ -17,6 +17,7 @@
 // Wired into `tandem primary|secondary|pair` by the fault-tolerance work.
 #![allow(dead_code)]
 
+pub mod cluster;
 mod error;
 mod host;
 mod mac;

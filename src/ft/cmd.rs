@@ -4,18 +4,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Args;
 use tandem_vmm::vm::RunMode;
 use tandem_vmm::{VmConfig, DEFAULT_KVM_PATH};
 
-use super::arbiter::{self, Arbiter};
-use super::auth::Psk;
 use super::console::ConsoleSocket;
 use super::pair::{run_primary, run_secondary, PairParams};
-use super::status::{self, ControlRequest, Status, StatusError};
-use crate::config::{self, HostId, PairConfig, Witness};
+use super::status::{self, Status, StatusError};
+use crate::config::{self, HostId, PairConfig};
 use crate::EXIT_START_FAILED;
 
 /// Options of `tandem primary` / `tandem secondary`.
@@ -75,50 +72,6 @@ pub fn run(role: Role, args: PairArgs) -> ExitCode {
     }
 }
 
-/// A pair's key and arbiter (None: `--insecure`, `--i-accept-split-brain`).
-pub type KeyAndArbiter = (Option<Arc<Psk>>, Option<Arc<dyn Arbiter>>);
-
-/// The pair's key and arbiter, as its file says; refuses a pair with no
-/// key (unless `insecure`) or no witness (unless `split_brain`).
-pub fn open_arbiter(
-    cfg: &PairConfig,
-    path: &std::path::Path,
-    insecure: bool,
-    split_brain: bool,
-) -> anyhow::Result<KeyAndArbiter> {
-    let psk = match &cfg.ft.psk_file {
-        Some(key) => Some(Arc::new(
-            Psk::load(key)
-                .map_err(|e| anyhow::anyhow!("{}: [ft] psk_file: {e}", path.display()))?,
-        )),
-        None if insecure => None,
-        None => anyhow::bail!(
-            "{}: no [ft] psk_file is configured, so anyone who reaches the replication port could feed this host a VM; make a key with `tandem keygen FILE`, set psk_file on both hosts, or pass --insecure",
-            path.display()
-        ),
-    };
-    let arbiter: Option<Arc<dyn Arbiter>> = match &cfg.ft.witness {
-        Some(Witness::Tcp(addr)) => Some(Arc::new(
-            arbiter::tcp(*addr, Duration::from_secs(2)).with_psk(psk.clone()),
-        )),
-        Some(Witness::File(dir)) => Some(Arc::new(arbiter::file(dir))),
-        // The live side's lease: two failover timeouts, at least 4 s, so
-        // it outlasts an etcd leader election (a member lost).
-        Some(Witness::Etcd { endpoints, prefix }) => Some(Arc::new(arbiter::etcd(
-            endpoints.clone(),
-            prefix,
-            Duration::from_secs(2),
-            (cfg.ft.failover_timeout * 2).max(arbiter::DEFAULT_LEASE_TTL),
-        ))),
-        None if split_brain => None,
-        None => anyhow::bail!(
-            "{}: no [ft] witness is configured, so both hosts could go live at once; configure one or pass --i-accept-split-brain",
-            path.display()
-        ),
-    };
-    Ok((psk, arbiter))
-}
-
 fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
     let cfg = config::load(&args.config)?;
     let me = config::which_host(&cfg, args.host.as_deref(), &config::local_addresses())?;
@@ -130,7 +83,7 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let (psk, arbiter) =
-        open_arbiter(&cfg, &args.config, args.insecure, args.i_accept_split_brain)?;
+        super::arbiter::open(&cfg, &args.config, args.insecure, args.i_accept_split_brain)?;
     if psk.is_none() {
         eprintln!("tandem: WARNING: no [ft] psk_file: replication and witness traffic is unauthenticated (--insecure)");
     }
@@ -260,13 +213,14 @@ pub struct StatusArgs {
 
 /// `tandem status --cluster`: every VM of a cluster file, one line each.
 fn cluster_status(path: &std::path::Path, json: bool) -> ExitCode {
-    let super::node::Cluster { vms, membership } = match super::node::load_cluster(path) {
-        Ok(cluster) => cluster,
-        Err(e) => {
-            eprintln!("tandem: {e:#}");
-            return ExitCode::from(EXIT_START_FAILED);
-        }
-    };
+    let crate::config::cluster::Cluster { vms, membership } =
+        match crate::config::cluster::load_cluster(path) {
+            Ok(cluster) => cluster,
+            Err(e) => {
+                eprintln!("tandem: {e:#}");
+                return ExitCode::from(EXIT_START_FAILED);
+            }
+        };
     // With etcd membership, which host fills each slot (default: a and b).
     let slot_hosts = super::spare::slot_hosts(membership.as_ref());
     let mut unprotected = 0;
@@ -386,7 +340,7 @@ pub fn switchover(args: SwitchoverArgs) -> ExitCode {
             return ExitCode::from(EXIT_START_FAILED);
         }
     };
-    match switch_over(&cfg, None) {
+    match status::switch_over(&cfg, None) {
         Ok(text) => {
             println!("{text}");
             ExitCode::SUCCESS
@@ -396,61 +350,6 @@ pub fn switchover(args: SwitchoverArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-/// Asks the live side of the pair `cfg` to hand the VM to its secondary.
-/// With `to`, only if the VM is not already live on that host (then says
-/// so). Returns the live side's answer, prefixed with its host.
-pub fn switch_over(cfg: &PairConfig, to: Option<HostId>) -> Result<String, String> {
-    let control = |host: HostId| {
-        status::control_path(
-            cfg.host(host).control.as_deref(),
-            &cfg.ft.state_dir,
-            host.name(),
-        )
-    };
-    let mut garbled = Vec::new();
-    let live = [HostId::A, HostId::B].into_iter().find(|&host| {
-        match status::query(&control(host)).and_then(|text| is_primary(&text)) {
-            Ok(primary) => primary,
-            Err(e @ StatusError::Garbled { .. }) => {
-                garbled.push(format!("host {}: {e}", host.name()));
-                false
-            }
-            Err(StatusError::NoAnswer(_)) => false,
-        }
-    });
-    let Some(host) = live else {
-        let mut text = format!(
-            "{}: neither host's control socket reports a live primary",
-            cfg.vm.name
-        );
-        if !garbled.is_empty() {
-            text.push_str(&format!(" ({})", garbled.join("; ")));
-        }
-        return Err(text);
-    };
-    if to == Some(host) {
-        return Ok(format!(
-            "{} is already live on host {}",
-            cfg.vm.name,
-            host.name()
-        ));
-    }
-    let limit = cfg.ft.failover_timeout * 4 + Duration::from_secs(5);
-    match status::send_command(&control(host), ControlRequest::Switchover, limit) {
-        Ok(answer) if answer.starts_with("ok: ") => {
-            Ok(format!("host {}: {}", host.name(), &answer[4..]))
-        }
-        Ok(answer) => Err(format!("host {}: {answer}", host.name())),
-        Err(e) => Err(format!("host {}: {e}", host.name())),
-    }
-}
-
-/// Whether one control-socket answer shows its side as the live primary
-/// (an error for an answer that is not a status).
-fn is_primary(answer: &str) -> Result<bool, StatusError> {
-    Ok(Status::parse(answer)?.role == status::Role::Primary)
 }
 
 /// One line of `tandem status --json`: a host and its status or why there

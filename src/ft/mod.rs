@@ -8,6 +8,7 @@ pub mod console;
 pub mod mirror;
 pub mod node;
 pub mod pair;
+pub mod side;
 pub mod silence;
 pub mod spare;
 pub mod status;

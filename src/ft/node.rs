@@ -27,99 +27,16 @@
 //! --config cluster.toml` hands a VM's primary role to the other host
 //! without loss (a switch-over).
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde::Deserialize;
 
-use crate::config::{self, HostId, PairConfig};
-
-/// The cluster file as written.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCluster {
-    #[serde(default)]
-    vm: Vec<RawClusterVm>,
-    /// Membership on etcd and the hosts (checked by `ft::spare`).
-    cluster: Option<super::spare::RawCluster>,
-    #[serde(default)]
-    host: Vec<super::spare::RawHost>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawClusterVm {
-    config: String,
-    prefer: String,
-}
-
-/// One protected VM of a cluster.
-#[derive(Clone, Debug)]
-pub struct ClusterVm {
-    /// Its pair file.
-    pub path: PathBuf,
-    /// The pair file, read.
-    pub pair: PairConfig,
-    /// The host it runs on when both are up.
-    pub prefer: HostId,
-}
-
-/// A cluster file, read and checked.
-pub struct Cluster {
-    /// Its VMs.
-    pub vms: Vec<ClusterVm>,
-    /// Membership on etcd and the hosts (None: two hosts, a and b).
-    pub membership: Option<super::spare::Membership>,
-}
-
-/// Reads and checks a cluster file: every pair file readable, VM names
-/// distinct, `prefer` naming a host, and any `[cluster]` section.
-pub fn load_cluster(path: &Path) -> anyhow::Result<Cluster> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let raw: RawCluster = toml::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
-    if raw.vm.is_empty() {
-        bail!("{}: no [[vm]] entries", path.display());
-    }
-    let base = path.parent().unwrap_or(Path::new("."));
-    let mut out: Vec<ClusterVm> = Vec::new();
-    for (i, vm) in raw.vm.iter().enumerate() {
-        let prefer = match vm.prefer.as_str() {
-            "a" => HostId::A,
-            "b" => HostId::B,
-            other => bail!(
-                "{}: vm[{i}] prefer = {other:?} must be \"a\" or \"b\"",
-                path.display()
-            ),
-        };
-        let pair_path = base.join(&vm.config);
-        let pair = config::load(&pair_path)
-            .map_err(|e| anyhow::anyhow!("{}: vm[{i}]: {e}", path.display()))?;
-        if let Some(dup) = out.iter().find(|o| o.pair.vm.name == pair.vm.name) {
-            bail!(
-                "{}: vm[{i}] ({}) names the VM {:?} again (also in {}): every VM needs its own name",
-                path.display(),
-                pair_path.display(),
-                pair.vm.name,
-                dup.path.display()
-            );
-        }
-        out.push(ClusterVm {
-            path: pair_path,
-            pair,
-            prefer,
-        });
-    }
-    Ok(Cluster {
-        vms: out,
-        membership: super::spare::membership(path, raw.cluster, raw.host)?,
-    })
-}
+use super::side::{pause_after, run_side, wait_until_live};
+use crate::config::cluster::{load_cluster, Cluster, ClusterVm};
+use crate::config::HostId;
 
 /// `tandem node` arguments.
 #[derive(clap::Args)]
@@ -200,7 +117,7 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let mut arbiters = Vec::new();
     for vm in &vms {
         let (_, arbiter) =
-            super::cmd::open_arbiter(&vm.pair, &vm.path, args.insecure, args.i_accept_split_brain)?;
+            super::arbiter::open(&vm.pair, &vm.path, args.insecure, args.i_accept_split_brain)?;
         arbiters.push(arbiter);
     }
     for sig in [libc::SIGTERM, libc::SIGINT] {
@@ -276,106 +193,6 @@ fn supervise(
     }
 }
 
-/// A side that the VM does not prefer lets the preferred one start it as
-/// primary, then follows: it waits until the arbiter shows the VM live, or
-/// a grace period (so a VM whose preferred host is down still starts).
-pub(super) fn wait_until_live(
-    vm: &ClusterVm,
-    arbiter: Option<&dyn super::arbiter::Arbiter>,
-    stop: &dyn Fn() -> bool,
-) {
-    let grace = vm.pair.ft.failover_timeout * 3 + Duration::from_secs(2);
-    let started = Instant::now();
-    while !stop() && started.elapsed() < grace {
-        let live = arbiter
-            .and_then(|a| a.query(&vm.pair.vm.name).ok())
-            .is_some_and(|g| g.holder.is_some());
-        if live {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Runs one `tandem pair --config CONFIG --host SLOT` (dying with this
-/// process, as in a host crash) until it ends, or until `stop()` says so
-/// (SIGTERM, then SIGKILL after 5 s). Its status; None when it could not
-/// start or was stopped here.
-pub(super) fn run_side(
-    exe: &Path,
-    config: &Path,
-    slot: &str,
-    flags: &[String],
-    who: &str,
-    stop: &dyn Fn() -> bool,
-) -> Option<std::process::ExitStatus> {
-    let mut cmd = Command::new(exe);
-    cmd.arg("pair")
-        .arg("--config")
-        .arg(config)
-        .arg("--host")
-        .arg(slot)
-        .args(flags)
-        .stdin(std::process::Stdio::null());
-    // SAFETY: prctl in the forked child before exec only sets a process
-    // attribute; it allocates nothing and takes no lock.
-    unsafe {
-        cmd.pre_exec(|| {
-            // The VM processes die with the node, as with a host crash.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("tandem: {who}: cannot start tandem pair: {e}");
-            return None;
-        }
-    };
-    eprintln!("tandem: {who}: started its side (pid {})", child.id());
-    loop {
-        if stop() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return None;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            _ => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
-/// Says that a side ended and waits before it is started again: a clean
-/// end (the VM moved away) re-joins at once; anything else after a pause,
-/// longer if it keeps failing at start.
-pub(super) fn pause_after(who: &str, status: std::process::ExitStatus, started: Instant) {
-    let pause = if status.success() {
-        Duration::from_millis(200)
-    } else if started.elapsed() < Duration::from_secs(5) {
-        Duration::from_secs(3)
-    } else {
-        Duration::from_secs(1)
-    };
-    eprintln!(
-        "tandem: {who}: its side ended ({status}); starting it again in {} ms",
-        pause.as_millis()
-    );
-    std::thread::sleep(pause);
-}
-
 /// Runs `tandem move`.
 pub fn move_vm(args: MoveArgs) -> ExitCode {
     let result = (|| -> anyhow::Result<String> {
@@ -392,7 +209,7 @@ pub fn move_vm(args: MoveArgs) -> ExitCode {
             );
         };
         let to = args.to.as_deref().map(parse_host).transpose()?;
-        super::cmd::switch_over(&vm.pair, to).map_err(anyhow::Error::msg)
+        super::status::switch_over(&vm.pair, to).map_err(anyhow::Error::msg)
     })();
     match result {
         Ok(text) => {

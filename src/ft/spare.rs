@@ -34,47 +34,23 @@
 //! re-protection without an operator. A node whose slot was given away
 //! stops its side.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde::Deserialize;
 
 use super::arbiter::{Arbiter, EtcdArbiter};
-use super::node::{pause_after, run_side, wait_until_live, ClusterVm};
-use crate::config::{self, Witness};
+use super::side::{pause_after, run_side, wait_until_live};
+use crate::config;
+use crate::config::cluster::{ClusterVm, Membership};
 
 /// Lease of a node's member key, in seconds: how soon a dead host drops out.
 pub const NODE_TTL_S: u64 = 2;
 
 /// How often a node looks at the assignments.
 const POLL: Duration = Duration::from_millis(300);
-
-/// `[cluster]` as written (read with the rest of the file by `ft::node`).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawCluster {
-    etcd: String,
-}
-
-/// One `[[host]]` as written.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawHost {
-    name: String,
-    address: String,
-}
-
-/// The `[cluster]` section and the hosts of a cluster file.
-#[derive(Clone, Debug)]
-pub struct Membership {
-    endpoints: Vec<SocketAddr>,
-    prefix: String,
-    /// (name, replication address), in file order.
-    hosts: Vec<(String, IpAddr)>,
-}
 
 /// Which host fills each slot of one VM, and the key's revision (0: not
 /// stored yet).
@@ -124,68 +100,6 @@ impl Assignment {
             revision,
         })
     }
-}
-
-/// Checks the `[cluster]` section and `[[host]]` entries of the cluster
-/// file `path` (None: there is no `[cluster]`, so there are two hosts, a
-/// and b).
-pub(super) fn membership(
-    path: &Path,
-    cluster: Option<RawCluster>,
-    raw_hosts: Vec<RawHost>,
-) -> anyhow::Result<Option<Membership>> {
-    let Some(cluster) = cluster else {
-        if !raw_hosts.is_empty() {
-            bail!(
-                "{}: [[host]] entries need a [cluster] section with etcd = \"etcd://...\"",
-                path.display()
-            );
-        }
-        return Ok(None);
-    };
-    let (endpoints, prefix) = match config::parse_witness(&cluster.etcd) {
-        Ok(Witness::Etcd { endpoints, prefix }) => (endpoints, prefix),
-        Ok(_) => bail!(
-            "{}: [cluster] etcd = {:?} must be \"etcd://IP:PORT[,IP:PORT...]/PREFIX\"",
-            path.display(),
-            cluster.etcd
-        ),
-        Err(why) => bail!(
-            "{}: [cluster] etcd = {:?} {why}",
-            path.display(),
-            cluster.etcd
-        ),
-    };
-    let mut hosts: Vec<(String, IpAddr)> = Vec::new();
-    for h in raw_hosts {
-        super::arbiter::validate_name("host", &h.name)
-            .map_err(|e| anyhow::anyhow!("{}: [[host]] {e}", path.display()))?;
-        let ip: IpAddr = h.address.parse().map_err(|_| {
-            anyhow::anyhow!(
-                "{}: [[host]] {} address = {:?} must be an IP address (each VM's pair file gives the port)",
-                path.display(),
-                h.name,
-                h.address
-            )
-        })?;
-        if hosts.iter().any(|(n, _)| *n == h.name) {
-            bail!("{}: [[host]] {} is listed twice", path.display(), h.name);
-        }
-        hosts.push((h.name, ip));
-    }
-    for slot in ["a", "b"] {
-        if !hosts.iter().any(|(n, _)| n == slot) {
-            bail!(
-                "{}: [cluster] needs a [[host]] named {slot:?} (it fills slot {slot} of every VM at first)",
-                path.display()
-            );
-        }
-    }
-    Ok(Some(Membership {
-        endpoints,
-        prefix,
-        hosts,
-    }))
 }
 
 /// For `tandem status --cluster`: which host fills each slot of each VM
@@ -270,7 +184,7 @@ pub fn run(
     let mut threads = vec![keeper];
     for vm in vms {
         let node = node.clone();
-        let (_, arbiter) = super::cmd::open_arbiter(
+        let (_, arbiter) = super::arbiter::open(
             &vm.pair,
             &vm.path,
             node.flags.iter().any(|f| f == "--insecure"),

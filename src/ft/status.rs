@@ -547,6 +547,65 @@ pub fn control_path(explicit: Option<&Path>, state_dir: &Path, host: &str) -> Pa
     explicit.map_or_else(|| state_dir.join(format!("{host}.ctl")), Path::to_path_buf)
 }
 
+/// Asks the live side of the pair `cfg` to hand the VM to its secondary.
+/// With `to`, only if the VM is not already live on that host (then says
+/// so). Returns the live side's answer, prefixed with its host.
+pub fn switch_over(
+    cfg: &crate::config::PairConfig,
+    to: Option<crate::config::HostId>,
+) -> Result<String, String> {
+    use crate::config::HostId;
+    let control = |host: HostId| {
+        control_path(
+            cfg.host(host).control.as_deref(),
+            &cfg.ft.state_dir,
+            host.name(),
+        )
+    };
+    let mut garbled = Vec::new();
+    let live = [HostId::A, HostId::B].into_iter().find(|&host| {
+        match query(&control(host)).and_then(|text| is_primary(&text)) {
+            Ok(primary) => primary,
+            Err(e @ StatusError::Garbled { .. }) => {
+                garbled.push(format!("host {}: {e}", host.name()));
+                false
+            }
+            Err(StatusError::NoAnswer(_)) => false,
+        }
+    });
+    let Some(host) = live else {
+        let mut text = format!(
+            "{}: neither host's control socket reports a live primary",
+            cfg.vm.name
+        );
+        if !garbled.is_empty() {
+            text.push_str(&format!(" ({})", garbled.join("; ")));
+        }
+        return Err(text);
+    };
+    if to == Some(host) {
+        return Ok(format!(
+            "{} is already live on host {}",
+            cfg.vm.name,
+            host.name()
+        ));
+    }
+    let limit = cfg.ft.failover_timeout * 4 + Duration::from_secs(5);
+    match send_command(&control(host), ControlRequest::Switchover, limit) {
+        Ok(answer) if answer.starts_with("ok: ") => {
+            Ok(format!("host {}: {}", host.name(), &answer[4..]))
+        }
+        Ok(answer) => Err(format!("host {}: {answer}", host.name())),
+        Err(e) => Err(format!("host {}: {e}", host.name())),
+    }
+}
+
+/// Whether one control-socket answer shows its side as the live primary
+/// (an error for an answer that is not a status).
+pub fn is_primary(answer: &str) -> Result<bool, StatusError> {
+    Ok(Status::parse(answer)?.role == Role::Primary)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -367,6 +367,53 @@ pub(crate) fn describe_io(e: &io::Error, timeout: Duration) -> String {
     }
 }
 
+/// A pair's key and arbiter (None: `--insecure`, `--i-accept-split-brain`).
+pub type KeyAndArbiter = (
+    Option<std::sync::Arc<crate::ft::auth::Psk>>,
+    Option<std::sync::Arc<dyn Arbiter>>,
+);
+
+/// The pair's key and arbiter, as its file says; refuses a pair with no
+/// key (unless `insecure`) or no witness (unless `split_brain`).
+pub fn open(
+    cfg: &crate::config::PairConfig,
+    path: &std::path::Path,
+    insecure: bool,
+    split_brain: bool,
+) -> anyhow::Result<KeyAndArbiter> {
+    let psk = match &cfg.ft.psk_file {
+        Some(key) => Some(std::sync::Arc::new(
+            crate::ft::auth::Psk::load(key)
+                .map_err(|e| anyhow::anyhow!("{}: [ft] psk_file: {e}", path.display()))?,
+        )),
+        None if insecure => None,
+        None => anyhow::bail!(
+            "{}: no [ft] psk_file is configured, so anyone who reaches the replication port could feed this host a VM; make a key with `tandem keygen FILE`, set psk_file on both hosts, or pass --insecure",
+            path.display()
+        ),
+    };
+    let arbiter: Option<std::sync::Arc<dyn Arbiter>> = match &cfg.ft.witness {
+        Some(crate::config::Witness::Tcp(addr)) => Some(std::sync::Arc::new(
+            tcp(*addr, Duration::from_secs(2)).with_psk(psk.clone()),
+        )),
+        Some(crate::config::Witness::File(dir)) => Some(std::sync::Arc::new(file(dir))),
+        // The live side's lease: two failover timeouts, at least 4 s, so
+        // it outlasts an etcd leader election (a member lost).
+        Some(crate::config::Witness::Etcd { endpoints, prefix }) => Some(std::sync::Arc::new(etcd(
+            endpoints.clone(),
+            prefix,
+            Duration::from_secs(2),
+            (cfg.ft.failover_timeout * 2).max(DEFAULT_LEASE_TTL),
+        ))),
+        None if split_brain => None,
+        None => anyhow::bail!(
+            "{}: no [ft] witness is configured, so both hosts could go live at once; configure one or pass --i-accept-split-brain",
+            path.display()
+        ),
+    };
+    Ok((psk, arbiter))
+}
+
 #[cfg(test)]
 pub(crate) mod test_util {
     use std::path::{Path, PathBuf};

@@ -1,0 +1,183 @@
+//! The cluster file of `tandem node`: its VMs (each a pair file and the
+//! host it prefers) and, optionally, membership on etcd with the hosts that
+//! fill each VM's slots. Read and checked here, once, for `tandem node`,
+//! the spare hosts and `tandem status --cluster`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use super::{HostId, PairConfig, Witness};
+
+/// The cluster file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClusterFile {
+    #[serde(default)]
+    vm: Vec<RawClusterVm>,
+    /// Membership on etcd and the hosts.
+    cluster: Option<RawClusterSection>,
+    #[serde(default)]
+    host: Vec<RawHost>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClusterVm {
+    config: String,
+    prefer: String,
+}
+
+/// One protected VM of a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterVm {
+    /// Its pair file.
+    pub path: PathBuf,
+    /// The pair file, read.
+    pub pair: PairConfig,
+    /// The host it runs on when both are up.
+    pub prefer: HostId,
+}
+
+/// A cluster file, read and checked.
+pub struct Cluster {
+    /// Its VMs.
+    pub vms: Vec<ClusterVm>,
+    /// Membership on etcd and the hosts (None: two hosts, a and b).
+    pub membership: Option<Membership>,
+}
+
+/// Reads and checks a cluster file: every pair file readable, VM names
+/// distinct, `prefer` naming a host, and any `[cluster]` section.
+pub fn load_cluster(path: &Path) -> anyhow::Result<Cluster> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let raw: RawClusterFile = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+    if raw.vm.is_empty() {
+        bail!("{}: no [[vm]] entries", path.display());
+    }
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut out: Vec<ClusterVm> = Vec::new();
+    for (i, vm) in raw.vm.iter().enumerate() {
+        let prefer = match vm.prefer.as_str() {
+            "a" => HostId::A,
+            "b" => HostId::B,
+            other => bail!(
+                "{}: vm[{i}] prefer = {other:?} must be \"a\" or \"b\"",
+                path.display()
+            ),
+        };
+        let pair_path = base.join(&vm.config);
+        let pair = super::load(&pair_path)
+            .map_err(|e| anyhow::anyhow!("{}: vm[{i}]: {e}", path.display()))?;
+        if let Some(dup) = out.iter().find(|o| o.pair.vm.name == pair.vm.name) {
+            bail!(
+                "{}: vm[{i}] ({}) names the VM {:?} again (also in {}): every VM needs its own name",
+                path.display(),
+                pair_path.display(),
+                pair.vm.name,
+                dup.path.display()
+            );
+        }
+        out.push(ClusterVm {
+            path: pair_path,
+            pair,
+            prefer,
+        });
+    }
+    Ok(Cluster {
+        vms: out,
+        membership: membership(path, raw.cluster, raw.host)?,
+    })
+}
+
+/// `[cluster]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClusterSection {
+    etcd: String,
+}
+
+/// One `[[host]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    name: String,
+    address: String,
+}
+
+/// The `[cluster]` section and the hosts of a cluster file.
+#[derive(Clone, Debug)]
+pub struct Membership {
+    /// The etcd endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// The key prefix.
+    pub prefix: String,
+    /// (name, replication address), in file order.
+    pub hosts: Vec<(String, IpAddr)>,
+}
+
+/// Checks the `[cluster]` section and `[[host]]` entries of the cluster
+/// file `path` (None: there is no `[cluster]`, so there are two hosts, a
+/// and b).
+fn membership(
+    path: &Path,
+    cluster: Option<RawClusterSection>,
+    raw_hosts: Vec<RawHost>,
+) -> anyhow::Result<Option<Membership>> {
+    let Some(cluster) = cluster else {
+        if !raw_hosts.is_empty() {
+            bail!(
+                "{}: [[host]] entries need a [cluster] section with etcd = \"etcd://...\"",
+                path.display()
+            );
+        }
+        return Ok(None);
+    };
+    let (endpoints, prefix) = match super::parse_witness(&cluster.etcd) {
+        Ok(Witness::Etcd { endpoints, prefix }) => (endpoints, prefix),
+        Ok(_) => bail!(
+            "{}: [cluster] etcd = {:?} must be \"etcd://IP:PORT[,IP:PORT...]/PREFIX\"",
+            path.display(),
+            cluster.etcd
+        ),
+        Err(why) => bail!(
+            "{}: [cluster] etcd = {:?} {why}",
+            path.display(),
+            cluster.etcd
+        ),
+    };
+    let mut hosts: Vec<(String, IpAddr)> = Vec::new();
+    for h in raw_hosts {
+        crate::ft::arbiter::validate_name("host", &h.name)
+            .map_err(|e| anyhow::anyhow!("{}: [[host]] {e}", path.display()))?;
+        let ip: IpAddr = h.address.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "{}: [[host]] {} address = {:?} must be an IP address (each VM's pair file gives the port)",
+                path.display(),
+                h.name,
+                h.address
+            )
+        })?;
+        if hosts.iter().any(|(n, _)| *n == h.name) {
+            bail!("{}: [[host]] {} is listed twice", path.display(), h.name);
+        }
+        hosts.push((h.name, ip));
+    }
+    for slot in ["a", "b"] {
+        if !hosts.iter().any(|(n, _)| n == slot) {
+            bail!(
+                "{}: [cluster] needs a [[host]] named {slot:?} (it fills slot {slot} of every VM at first)",
+                path.display()
+            );
+        }
+    }
+    Ok(Some(Membership {
+        endpoints,
+        prefix,
+        hosts,
+    }))
+}
