@@ -13,13 +13,13 @@
 //! trials.
 
 mod ctx;
-mod json;
 mod micro;
 mod netecho;
 mod pair;
 mod proc;
 mod qemu;
 mod report;
+mod results;
 mod stats;
 mod storage;
 mod tandem;
@@ -31,7 +31,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ctx::Ctx;
-use json::Json;
+use serde_json::{json, Value};
 
 fn usage() -> ExitCode {
     eprintln!("usage: tandem-bench [--quick] [--no-qemu] [--no-net] | tandem-bench report");
@@ -64,7 +64,7 @@ fn main() -> ExitCode {
     }
     match run(&root, quick, no_qemu, no_net) {
         Ok(json) => {
-            if let Err(e) = std::fs::write(&results, json.pretty()) {
+            if let Err(e) = std::fs::write(&results, crate::results::pretty(json)) {
                 eprintln!("tandem-bench: cannot write {}: {e}", results.display());
                 return ExitCode::FAILURE;
             }
@@ -101,7 +101,8 @@ fn workspace_root() -> PathBuf {
 fn regenerate(results: &Path, md: &Path) -> Result<(), String> {
     let text = std::fs::read_to_string(results)
         .map_err(|e| format!("cannot read {}: {e}", results.display()))?;
-    let json = Json::parse(&text).map_err(|e| format!("{}: {e}", results.display()))?;
+    let json: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", results.display()))?;
     let old = std::fs::read_to_string(md).unwrap_or_default();
     let new = report::merge(&old, &report::render(&json));
     std::fs::write(md, new).map_err(|e| format!("cannot write {}: {e}", md.display()))
@@ -138,7 +139,7 @@ fn move_off(cpu: usize, allowed: &[usize]) {
     unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
 }
 
-fn machine(cpu: usize) -> Json {
+fn machine(cpu: usize) -> Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |name: &str| {
         cpuinfo
@@ -156,25 +157,26 @@ fn machine(cpu: usize) -> Json {
         .lines()
         .find(|l| l.starts_with("MemTotal:"))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok());
-    Json::obj()
-        .with("nproc", proc::capture("nproc", &[]).parse::<u64>().ok())
-        .with("cpus_online", cpuinfo.lines().filter(|l| l.starts_with("processor")).count())
-        .with("cpu_model", field("model name"))
-        .with("kernel", proc::capture("uname", &["-r"]))
-        .with("mem_gib", mem_kib.map(|k| k as f64 / (1 << 20) as f64))
-        .with("hypervisor_flag", has("hypervisor"))
-        .with("vmx_or_svm_flag", vmx_svm)
-        .with("kvm_nested", has("hypervisor") && !vmx_svm)
-        .with("kvm_note", if vmx_svm {
+    json!({
+        "nproc": proc::capture("nproc", &[]).parse::<u64>().ok(),
+        "cpus_online": cpuinfo.lines().filter(|l| l.starts_with("processor")).count(),
+        "cpu_model": field("model name"),
+        "kernel": proc::capture("uname", &["-r"]),
+        "mem_gib": mem_kib.map(|k| k as f64 / (1 << 20) as f64),
+        "hypervisor_flag": has("hypervisor"),
+        "vmx_or_svm_flag": vmx_svm,
+        "kvm_nested": has("hypervisor") && !vmx_svm,
+        "kvm_note": if vmx_svm {
             "VMX/SVM visible: hardware-backed KVM"
         } else {
             "no VMX/SVM flags: nested, paravirtual KVM running guest code in its instruction emulator (see shared/GUEST-NOTES.md)"
-        })
-        .with("dev_kvm", Path::new("/dev/kvm").exists())
-        .with("pinned_cpu", cpu)
+        },
+        "dev_kvm": Path::new("/dev/kvm").exists(),
+        "pinned_cpu": cpu,
+    })
 }
 
-fn git(root: &Path) -> Json {
+fn git(root: &Path) -> Value {
     let r = root.display().to_string();
     let commit = proc::capture("git", &["-C", &r, "rev-parse", "HEAD"]);
     let dirty = !proc::capture(
@@ -183,13 +185,14 @@ fn git(root: &Path) -> Json {
     )
     .is_empty();
     let subject = proc::capture("git", &["-C", &r, "log", "-1", "--format=%s"]);
-    Json::obj()
-        .with("commit", commit)
-        .with("dirty", dirty)
-        .with("subject", subject.chars().take(100).collect::<String>())
+    json!({
+        "commit": commit,
+        "dirty": dirty,
+        "subject": subject.chars().take(100).collect::<String>(),
+    })
 }
 
-fn run(root: &Path, quick: bool, no_qemu: bool, no_net: bool) -> Result<Json, String> {
+fn run(root: &Path, quick: bool, no_qemu: bool, no_net: bool) -> Result<Value, String> {
     let tandem_bin = root.join("target/release/tandem");
     let guests = root.join("target/guests");
     if !tandem_bin.exists() {
@@ -240,7 +243,7 @@ const FILL_MIB: u32 = 64;
 /// Failover (SIGSTOP of the primary) and re-protection trials, 32 MiB and
 /// 256 MiB netecho guests (nearly empty, and with [`FILL_MIB`] in use)
 /// interleaved.
-fn failover(ctx: &Ctx, (n32, n256): (usize, usize)) -> Json {
+fn failover(ctx: &Ctx, (n32, n256): (usize, usize)) -> Value {
     let mut t32 = Vec::new();
     let mut t256 = Vec::new();
     let mut t256_filled = Vec::new();
@@ -314,26 +317,24 @@ fn failover(ctx: &Ctx, (n32, n256): (usize, usize)) -> Json {
         }
         by_fault.push((key, pair::trials_json("32M", &trials)));
     }
-    let mut out = Json::obj()
-        .with("failover_timeout_ms", pair::FAILOVER_MS)
-        .with("heartbeat_ms", 100u32)
-        .with("fault", "SIGSTOP of the primary (its sockets stay open, as a hung host looks to its peer)")
-        .with("guest", "netecho, output_commit = received, shared disk, one NIC on a bridge with the client")
-        .with("method", "detect = SIGSTOP → the secondary's stderr line `primary silent for N ms`; catch-up = that line → `going live at stop`; go-live = that line → the first reply to an echo (64 B, a new one every 2 ms, all sent after the SIGSTOP); lines timed as they arrive on the harness's pipe. Re-protect = `tandem pair --host a` started (after kill -9 of the frozen primary) → the live side's `secondary joined at stop`; pause from its `full sync point ... guest paused X ms` line")
-        .with("mem_32m", pair::trials_json("32M", &t32))
-        .with("mem_256m", pair::trials_json("256M", &t256))
-        .with("fill_mib", FILL_MIB)
-        .with(
-            "mem_256m_filled",
-            pair::trials_json("256M", &t256_filled),
-        );
+    let mut out = json!({
+        "failover_timeout_ms": pair::FAILOVER_MS,
+        "heartbeat_ms": 100u32,
+        "fault": "SIGSTOP of the primary (its sockets stay open, as a hung host looks to its peer)",
+        "guest": "netecho, output_commit = received, shared disk, one NIC on a bridge with the client",
+        "method": "detect = SIGSTOP → the secondary's stderr line `primary silent for N ms`; catch-up = that line → `going live at stop`; go-live = that line → the first reply to an echo (64 B, a new one every 2 ms, all sent after the SIGSTOP); lines timed as they arrive on the harness's pipe. Re-protect = `tandem pair --host a` started (after kill -9 of the frozen primary) → the live side's `secondary joined at stop`; pause from its `full sync point ... guest paused X ms` line",
+        "mem_32m": pair::trials_json("32M", &t32),
+        "mem_256m": pair::trials_json("256M", &t256),
+        "fill_mib": FILL_MIB,
+        "mem_256m_filled": pair::trials_json("256M", &t256_filled),
+    });
     for (key, json) in by_fault {
-        out = out.with(key, json);
+        out[key] = json;
     }
     out
 }
 
-fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<Json, String> {
+fn measure_all(ctx: &Ctx, machine: Value, no_qemu: bool, no_net: bool) -> Result<Value, String> {
     let started_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -431,62 +432,64 @@ fn measure_all(ctx: &Ctx, machine: Json, no_qemu: bool, no_net: bool) -> Result<
     let failover = if ns.is_some() && fo_reps != (0, 0) {
         failover(ctx, fo_reps)
     } else {
-        Json::Null
+        Value::Null
     };
     let storage = if ns.is_some() && wanted("storage") {
         storage::measure(ctx)
     } else {
-        Json::Null
+        Value::Null
     };
     let throughput = if ns.is_some() && wanted("throughput") {
         throughput::measure(ctx)
     } else {
-        Json::Null
+        Value::Null
     };
     let crash = if ns.is_some() && wanted("crash") {
         storage::crash_measure(ctx)
     } else {
-        Json::Null
+        Value::Null
     };
     drop(ns);
     let find = |n: &str| all_runs.iter().find(|(name, _)| name == n).map(|(_, r)| r);
     let costs = match (find("compute-100Hz"), find("compute-1kHz")) {
         (Some(a), Some(b)) => tandem::costs(a, b),
-        _ => Json::Null,
+        _ => Value::Null,
     };
     let qjson = if qemu_ok {
         qemu::measure(ctx, qreps)
     } else {
-        Json::Null
+        Value::Null
     };
     let micro = micro::measure(ctx, &keep);
     let duration = ctx.started.elapsed().as_secs_f64();
     ctx.note(&format!("tandem-bench: done in {duration:.1} s"));
 
-    let skipped: Vec<Json> = skipped
+    let skipped: Vec<Value> = skipped
         .into_iter()
-        .map(|(what, why)| Json::obj().with("what", what).with("why", why))
+        .map(|(what, why)| json!({ "what": what, "why": why }))
         .collect();
-    Ok(Json::obj()
-        .with("schema", 1u32)
-        .with("mode", if ctx.quick { "quick" } else { "full" })
-        .with("started_unix", started_unix)
-        .with("duration_s", duration)
-        .with("machine", machine)
-        .with("git", git(&ctx.root))
-        .with("method", Json::obj()
-            .with("reps", reps)
-            .with("qemu_reps", qreps)
-            .with("pinning", format!("every measured VMM process runs under `taskset -c {}`; the harness runs on the other CPUs", ctx.cpu))
-            .with("interleaving", "live and recorded runs alternate within each rep (ABBA order across reps); each ratio is per rep, from the pair")
-            .with("ratio", "recorded work rate / live work rate (1.0 = no overhead, like VMware FT's published 0.94-0.98)")
-            .with("pair_pinning", format!("a protected pair's primary runs under `taskset -c {}`, its secondary and witness under `taskset -c {}`; each pair runs in a fresh network namespace", ctx.cpu, ctx.cpu2)))
-        .with("tandem", Json::obj().with("workloads", Json::Arr(tjson)).with("costs", costs))
-        .with("pair", failover)
-        .with("storage", storage)
-        .with("throughput", throughput)
-        .with("crash", crash)
-        .with("qemu", qjson)
-        .with("micro", micro)
-        .with("skipped", Json::Arr(skipped)))
+    Ok(json!({
+        "schema": 1u32,
+        "mode": if ctx.quick { "quick" } else { "full" },
+        "started_unix": started_unix,
+        "duration_s": duration,
+        "machine": machine,
+        "git": git(&ctx.root),
+        "method": {
+            "reps": reps,
+            "qemu_reps": qreps,
+            "pinning": format!("every measured VMM process runs under `taskset -c {}`; the harness runs on the other CPUs", ctx.cpu),
+            "interleaving": "live and recorded runs alternate within each rep (ABBA order across reps); each ratio is per rep, from the pair",
+            "ratio": "recorded work rate / live work rate (1.0 = no overhead, like VMware FT's published 0.94-0.98)",
+            "pair_pinning": format!("a protected pair's primary runs under `taskset -c {}`, its secondary and witness under `taskset -c {}`; each pair runs in a fresh network namespace", ctx.cpu, ctx.cpu2),
+        },
+        "tandem": { "workloads": tjson, "costs": costs },
+        "pair": failover,
+        "storage": storage,
+        "throughput": throughput,
+        "crash": crash,
+        "qemu": qjson,
+        "micro": micro,
+        "skipped": skipped,
+    }))
 }

@@ -7,17 +7,17 @@ use std::io::Cursor;
 use std::path::Path;
 use std::time::Instant;
 
+use serde_json::{json, Map, Value};
 use tandem_replay::log::{LogReader, LogWriter, Record};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::ctx::Ctx;
-use crate::json::Json;
 use crate::stats::summary_json;
 
 /// Runs the micro-benchmarks; `log` is a recording from this run.
-pub fn measure(ctx: &Ctx, log: &Path) -> Json {
+pub fn measure(ctx: &Ctx, log: &Path) -> Value {
     let reps = ctx.reps(7, 3);
-    let mut j = Json::obj();
+    let mut j = json!({});
     match std::fs::read(log) {
         Ok(bytes) if !bytes.is_empty() => {
             let (mut dec_mb, mut dec_rec, mut enc_mb, mut enc_rec) =
@@ -55,19 +55,18 @@ pub fn measure(ctx: &Ctx, log: &Path) -> Json {
                 bytes.len(),
                 records.len()
             ));
-            j.set(
-                "log_source",
-                "the last compute-1kHz recording of this run (sync points dominate)",
-            )
-            .set("log_bytes", bytes.len())
-            .set("log_records", records.len())
-            .set("decode_mb_per_s", summary_json(&dec_mb, "MB/s"))
-            .set("decode_records_per_s", summary_json(&dec_rec, "records/s"))
-            .set("encode_mb_per_s", summary_json(&enc_mb, "MB/s"))
-            .set("encode_records_per_s", summary_json(&enc_rec, "records/s"));
+            j = json!({
+                "log_source": "the last compute-1kHz recording of this run (sync points dominate)",
+                "log_bytes": bytes.len(),
+                "log_records": records.len(),
+                "decode_mb_per_s": summary_json(&dec_mb, "MB/s"),
+                "decode_records_per_s": summary_json(&dec_rec, "records/s"),
+                "encode_mb_per_s": summary_json(&enc_mb, "MB/s"),
+                "encode_records_per_s": summary_json(&enc_rec, "records/s"),
+            });
         }
         _ => {
-            j.set("log_source", "none (no recording was kept)");
+            j["log_source"] = "none (no recording was kept)".into();
         }
     }
     // State hash: xxh3-64 as the epoch hashes use it, over 32 MiB of
@@ -91,7 +90,7 @@ pub fn measure(ctx: &Ctx, log: &Path) -> Json {
     ctx.progress("micro xxh3 state hash over 32 MiB");
     // Dirty-page capture: the DirtyTracker's harvest and the page copies a
     // sync point or checkpoint makes, on a 256 MiB VM.
-    let mut capture = Json::obj();
+    let mut capture = Map::new();
     for pages in [256u64, 8192] {
         let (mut harvest, mut copy, mut error) = (vec![], vec![], None);
         for _ in 0..reps {
@@ -103,17 +102,18 @@ pub fn measure(ctx: &Ctx, log: &Path) -> Json {
                 Err(e) => error = Some(e.to_string()),
             }
         }
-        let mut row = Json::obj()
-            .with("harvest_ns_per_page", summary_json(&harvest, "ns"))
-            .with("copy_ns_per_page", summary_json(&copy, "ns"));
+        let mut row = json!({
+            "harvest_ns_per_page": summary_json(&harvest, "ns"),
+            "copy_ns_per_page": summary_json(&copy, "ns"),
+        });
         if let Some(e) = error {
-            row.set("error", e);
+            row["error"] = e.into();
         }
-        capture.set(&pages.to_string(), row);
+        capture.insert(pages.to_string(), row);
     }
     ctx.progress("micro dirty-page capture on a 256 MiB VM");
-    j.set("capture", capture);
-    j.set("xxh3_gb_per_s", summary_json(&whole, "GB/s"))
-        .set("xxh3_per_page_gb_per_s", summary_json(&paged, "GB/s"));
+    j["capture"] = capture.into();
+    j["xxh3_gb_per_s"] = summary_json(&whole, "GB/s");
+    j["xxh3_per_page_gb_per_s"] = summary_json(&paged, "GB/s");
     j
 }

@@ -11,8 +11,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use serde_json::{json, Value};
+
 use crate::ctx::Ctx;
-use crate::json::Json;
 use crate::netecho::{self, NetNs};
 use crate::proc::{self, Lines, Running};
 use crate::stats::summary_json;
@@ -589,55 +590,26 @@ fn trial_in(ctx: &Ctx, spec: &PairSpec, fault: Fault, t: &mut Trial) -> Result<(
 }
 
 /// Failover and re-protection figures over the trials at one memory size.
-pub fn trials_json(mem: &str, trials: &[Trial]) -> Json {
+pub fn trials_json(mem: &str, trials: &[Trial]) -> Value {
     let ok: Vec<&Trial> = trials.iter().filter(|t| t.error.is_empty()).collect();
     let col = |f: &dyn Fn(&Trial) -> Option<f64>| -> Vec<f64> {
         ok.iter().filter_map(|t| f(t)).collect()
     };
-    Json::obj()
-        .with("mem", mem)
-        .with("trials", trials.len())
-        .with("failures", trials.len() - ok.len())
-        .with(
-            "first_error",
-            trials
-                .iter()
-                .find(|t| !t.error.is_empty())
-                .map(|t| t.error.clone()),
-        )
-        .with(
-            "detect_ms",
-            summary_json(&col(&|t| Some(t.detect_ms)), "ms"),
-        )
-        .with(
-            "reported_silence_ms",
-            summary_json(&col(&|t| Some(t.silent_ms)), "ms"),
-        )
-        .with(
-            "catch_up_ms",
-            summary_json(&col(&|t| Some(t.catch_up_ms)), "ms"),
-        )
-        .with(
-            "go_live_to_reply_ms",
-            summary_json(&col(&|t| Some(t.go_live_ms)), "ms"),
-        )
-        .with(
-            "after_detection_ms",
-            summary_json(&col(&|t| Some(t.catch_up_ms + t.go_live_ms)), "ms"),
-        )
-        .with("total_ms", summary_json(&col(&|t| Some(t.total_ms)), "ms"))
-        .with(
-            "reprotect_ms",
-            summary_json(&col(&|t| t.reprotect_ms), "ms"),
-        )
-        .with(
-            "reprotect_pause_ms",
-            summary_json(&col(&|t| t.pause_ms), "ms"),
-        )
-        .with("reprotect_pages", summary_json(&col(&|t| t.pages), "pages"))
-        .with(
-            "served_after_reprotect",
-            ok.iter().filter(|t| t.served_after).count(),
-        )
-        .with("primary_kept", ok.iter().filter(|t| t.primary_kept).count())
+    json!({
+        "mem": mem,
+        "trials": trials.len(),
+        "failures": trials.len() - ok.len(),
+        "first_error": trials.iter().find(|t| !t.error.is_empty()).map(|t| &t.error),
+        "detect_ms": summary_json(&col(&|t| Some(t.detect_ms)), "ms"),
+        "reported_silence_ms": summary_json(&col(&|t| Some(t.silent_ms)), "ms"),
+        "catch_up_ms": summary_json(&col(&|t| Some(t.catch_up_ms)), "ms"),
+        "go_live_to_reply_ms": summary_json(&col(&|t| Some(t.go_live_ms)), "ms"),
+        "after_detection_ms": summary_json(&col(&|t| Some(t.catch_up_ms + t.go_live_ms)), "ms"),
+        "total_ms": summary_json(&col(&|t| Some(t.total_ms)), "ms"),
+        "reprotect_ms": summary_json(&col(&|t| t.reprotect_ms), "ms"),
+        "reprotect_pause_ms": summary_json(&col(&|t| t.pause_ms), "ms"),
+        "reprotect_pages": summary_json(&col(&|t| t.pages), "pages"),
+        "served_after_reprotect": ok.iter().filter(|t| t.served_after).count(),
+        "primary_kept": ok.iter().filter(|t| t.primary_kept).count(),
+    })
 }

@@ -6,8 +6,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use serde_json::{json, Value};
+
 use crate::ctx::{make_image, Ctx};
-use crate::json::Json;
 use crate::proc::{self, Outcome};
 use crate::stats::summary_json;
 
@@ -141,7 +142,7 @@ fn command(ctx: &Ctx, w: &QWorkload, mode: Mode, rr: &Path, disk: Option<&Path>)
 }
 
 /// Runs every workload `reps` times in all four modes, interleaved.
-pub fn measure(ctx: &Ctx, reps: usize) -> Json {
+pub fn measure(ctx: &Ctx, reps: usize) -> Value {
     let version = proc::capture(QEMU, &["--version"]);
     let version = version.lines().next().unwrap_or("").to_string();
     let mut out = Vec::new();
@@ -219,49 +220,31 @@ pub fn measure(ctx: &Ctx, reps: usize) -> Json {
             .zip(&rr_bytes)
             .map(|(o, b)| b * 8.0 / 1e6 / o.wall)
             .collect();
-        out.push(
-            Json::obj()
-                .with("name", w.name)
-                .with("guest", w.guest)
-                .with("append", w.append.as_str())
-                .with("plain_wall_s", summary_json(&wall(0), "s"))
-                .with("icount_wall_s", summary_json(&wall(1), "s"))
-                .with("record_wall_s", summary_json(&wall(2), "s"))
-                .with("replay_wall_s", summary_json(&wall(3), "s"))
-                // Work rate ratios: fixed work, so rate ratio = inverse wall ratio.
-                .with(
-                    "ratio_record_over_plain",
-                    summary_json(&ratio(0, 2), "ratio"),
-                )
-                .with(
-                    "ratio_icount_over_plain",
-                    summary_json(&ratio(0, 1), "ratio"),
-                )
-                .with(
-                    "ratio_record_over_icount",
-                    summary_json(&ratio(1, 2), "ratio"),
-                )
-                .with(
-                    "replay_over_record_wall",
-                    summary_json(&ratio(3, 2), "ratio"),
-                )
-                .with(
-                    "replay_over_plain_wall",
-                    summary_json(&ratio(3, 0), "ratio"),
-                )
-                .with("rr_log_bytes", summary_json(&rr_bytes, "B"))
-                .with("rr_mbit_per_s", summary_json(&mbit, "Mbit/s"))
-                .with(
-                    "failures",
-                    runs.iter().flatten().filter(|o| o.is_none()).count(),
-                )
-                .with("first_error", first_error),
-        );
+        out.push(json!({
+            "name": w.name,
+            "guest": w.guest,
+            "append": w.append,
+            "plain_wall_s": summary_json(&wall(0), "s"),
+            "icount_wall_s": summary_json(&wall(1), "s"),
+            "record_wall_s": summary_json(&wall(2), "s"),
+            "replay_wall_s": summary_json(&wall(3), "s"),
+            // Work rate ratios: fixed work, so rate ratio = inverse wall ratio.
+            "ratio_record_over_plain": summary_json(&ratio(0, 2), "ratio"),
+            "ratio_icount_over_plain": summary_json(&ratio(0, 1), "ratio"),
+            "ratio_record_over_icount": summary_json(&ratio(1, 2), "ratio"),
+            "replay_over_record_wall": summary_json(&ratio(3, 2), "ratio"),
+            "replay_over_plain_wall": summary_json(&ratio(3, 0), "ratio"),
+            "rr_log_bytes": summary_json(&rr_bytes, "B"),
+            "rr_mbit_per_s": summary_json(&mbit, "Mbit/s"),
+            "failures": runs.iter().flatten().filter(|o| o.is_none()).count(),
+            "first_error": first_error,
+        }));
     }
-    Json::obj()
-        .with("version", version)
-        .with("modes", "plain = TCG; icount = TCG -icount shift=auto; record = icount + rr=record; replay = rr=replay; diskseq runs on microvm with blkreplay under record/replay")
-        .with("workloads", Json::Arr(out))
+    json!({
+        "version": version,
+        "modes": "plain = TCG; icount = TCG -icount shift=auto; record = icount + rr=record; replay = rr=replay; diskseq runs on microvm with blkreplay under record/replay",
+        "workloads": out,
+    })
 }
 
 /// Runs per rep, for the progress count.

@@ -1,6 +1,8 @@
 //! min / median / max over repeated runs.
 
-use crate::json::Json;
+use serde_json::{json, Value};
+
+use crate::results::JsonPath;
 
 /// A figure measured `n` times.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,16 +35,17 @@ impl Summary {
         })
     }
 
-    pub fn to_json(&self, unit: &str) -> Json {
-        Json::obj()
-            .with("min", self.min)
-            .with("median", self.median)
-            .with("max", self.max)
-            .with("runs", self.n)
-            .with("unit", unit)
+    pub fn to_json(&self, unit: &str) -> Value {
+        json!({
+            "min": self.min,
+            "median": self.median,
+            "max": self.max,
+            "runs": self.n,
+            "unit": unit,
+        })
     }
 
-    pub fn from_json(v: &Json) -> Option<Summary> {
+    pub fn from_json(v: &Value) -> Option<Summary> {
         Some(Summary {
             min: v.num("min")?,
             median: v.num("median")?,
@@ -53,8 +56,8 @@ impl Summary {
 }
 
 /// `{min, median, max, runs, unit}` of the samples, or `null`.
-pub fn summary_json(samples: &[f64], unit: &str) -> Json {
-    Summary::of(samples).map_or(Json::Null, |s| s.to_json(unit))
+pub fn summary_json(samples: &[f64], unit: &str) -> Value {
+    Summary::of(samples).map_or(Value::Null, |s| s.to_json(unit))
 }
 
 /// The p-th percentile (0..=100) of the samples, nearest rank.

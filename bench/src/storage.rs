@@ -23,8 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde_json::{json, Value};
+
 use crate::ctx::{make_image, Ctx};
-use crate::json::Json;
 use crate::netecho;
 use crate::pair::{err_tail, number_after, wait_line, watch_stdout, Pair, PairSpec};
 use crate::stats::summary_json;
@@ -73,11 +74,8 @@ fn diskseq_run(
 }
 
 /// A disk copy's figures (chunks, MiB, ms) as JSON.
-fn copy_json((chunks, mib, ms): (f64, f64, f64)) -> Json {
-    Json::obj()
-        .with("chunks", chunks)
-        .with("mib", mib)
-        .with("ms", ms)
+fn copy_json((chunks, mib, ms): (f64, f64, f64)) -> Value {
+    json!({ "chunks": chunks, "mib": mib, "ms": ms })
 }
 
 /// A mirrored netecho pair on existing replicas: the primary's disk-copy
@@ -291,7 +289,7 @@ pub fn crash_planned(ctx: &Ctx) -> usize {
 }
 
 /// The guest-crash recovery figures, per trial.
-pub fn crash_measure(ctx: &Ctx) -> Json {
+pub fn crash_measure(ctx: &Ctx) -> Value {
     let mut crash_ms: Vec<Vec<f64>> = vec![Vec::new(); CRASH_TRIALS.len()];
     let mut crash_failures = 0;
     for i in 0..ctx.reps(5, 1) {
@@ -311,15 +309,15 @@ pub fn crash_measure(ctx: &Ctx) -> Json {
             }
         }
     }
-    let mut crash = Json::obj().with("failures", crash_failures as f64);
+    let mut crash = json!({ "failures": crash_failures as f64 });
     for (&(_, _, key), ms) in CRASH_TRIALS.iter().zip(&crash_ms) {
-        crash.set(key, summary_json(ms, "ms"));
+        crash[key] = summary_json(ms, "ms");
     }
     crash
 }
 
 /// All storage and switch-over figures.
-pub fn measure(ctx: &Ctx) -> Json {
+pub fn measure(ctx: &Ctx) -> Value {
     let mut rows = Vec::new();
     let sizes = sizes(ctx);
     for &kib in sizes {
@@ -330,9 +328,10 @@ pub fn measure(ctx: &Ctx) -> Json {
         let (a, b) = (dir.join("a/disk.img"), dir.join("b/disk.img"));
         let size = (kib << 10) + (1 << 20);
         let made = [&a, &b].iter().all(|p| make_image(p, size).is_ok());
-        let mut row = Json::obj().with("mib", mib);
+        let mut row = json!({ "mib": mib });
         if !made {
-            rows.push(row.with("error", "cannot create the images"));
+            row["error"] = "cannot create the images".into();
+            rows.push(row);
             continue;
         }
         let disks = [a.as_path(), b.as_path()];
@@ -341,7 +340,7 @@ pub fn measure(ctx: &Ctx) -> Json {
         let first = resync_run(ctx, &disks, &state);
         ctx.progress(&format!("storage {mib} MiB: first sync {first:?}"));
         if let Ok(copy) = first {
-            row = row.with("first_sync", copy_json(copy));
+            row["first_sync"] = copy_json(copy);
         }
         let shared = diskseq_run(ctx, &disks, &state, kib, false);
         ctx.progress(&format!("storage {mib} MiB: diskseq shared {shared:?}"));
@@ -349,18 +348,14 @@ pub fn measure(ctx: &Ctx) -> Json {
         ctx.progress(&format!("storage {mib} MiB: diskseq mirrored {mirrored:?}"));
         match (&shared, &mirrored) {
             (Ok((sb, sw)), Ok((mb, mw))) => {
-                row = row
-                    .with("shared_log_bytes", *sb)
-                    .with("mirrored_log_bytes", *mb)
-                    .with("shared_mbit_s", sb * 8.0 / sw / 1e6)
-                    .with("mirrored_mbit_s", mb * 8.0 / mw / 1e6)
-                    .with("mirrored_over_shared", mb / sb);
+                row["shared_log_bytes"] = (*sb).into();
+                row["mirrored_log_bytes"] = (*mb).into();
+                row["shared_mbit_s"] = (sb * 8.0 / sw / 1e6).into();
+                row["mirrored_mbit_s"] = (mb * 8.0 / mw / 1e6).into();
+                row["mirrored_over_shared"] = (mb / sb).into();
             }
             _ => {
-                row = row.with(
-                    "error",
-                    format!("{:?} / {:?}", shared.err(), mirrored.as_ref().err()),
-                );
+                row["error"] = format!("{:?} / {:?}", shared.err(), mirrored.as_ref().err()).into();
             }
         }
         // The mirrored run left its writes in both bitmaps: the next pair
@@ -368,7 +363,7 @@ pub fn measure(ctx: &Ctx) -> Json {
         let delta = resync_run(ctx, &disks, &state);
         ctx.progress(&format!("storage {mib} MiB: delta re-sync {delta:?}"));
         if let Ok(copy) = delta {
-            row = row.with("delta_sync", copy_json(copy));
+            row["delta_sync"] = copy_json(copy);
         }
         let _ = std::fs::remove_dir_all(&dir);
         rows.push(row);
@@ -391,15 +386,14 @@ pub fn measure(ctx: &Ctx) -> Json {
             }
         }
     }
-    Json::obj()
-        .with("method", "diskseq writes N MiB (128-sector requests), flushes and reads it back in a protected pair, shared then mirrored storage, back to back; log bytes from the primary's `replication: N log bytes shipped`, Mbit/s over the run's wall time. Re-sync: a pair started on the replicas copies the chunks either side wrote since their last sync (the primary's `disks: K chunks ... copied ... in T ms`); the first row of each size is a first sync with no sidecars (everything). Switch-over: `tandem switchover` on a netecho pair while a client sends a UDP echo every 2 ms")
-        .with("disk", Json::Arr(rows))
-        .with(
-            "switchover",
-            Json::obj()
-                .with("failures", failures as f64)
-                .with("handed_over_ms", summary_json(&handed, "ms"))
-                .with("command_ms", summary_json(&took, "ms"))
-                .with("longest_echo_gap_ms", summary_json(&gaps, "ms")),
-        )
+    json!({
+        "method": "diskseq writes N MiB (128-sector requests), flushes and reads it back in a protected pair, shared then mirrored storage, back to back; log bytes from the primary's `replication: N log bytes shipped`, Mbit/s over the run's wall time. Re-sync: a pair started on the replicas copies the chunks either side wrote since their last sync (the primary's `disks: K chunks ... copied ... in T ms`); the first row of each size is a first sync with no sidecars (everything). Switch-over: `tandem switchover` on a netecho pair while a client sends a UDP echo every 2 ms",
+        "disk": rows,
+        "switchover": {
+            "failures": failures as f64,
+            "handed_over_ms": summary_json(&handed, "ms"),
+            "command_ms": summary_json(&took, "ms"),
+            "longest_echo_gap_ms": summary_json(&gaps, "ms"),
+        },
+    })
 }

@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use serde_json::{json, Map, Value};
+
 use crate::ctx::{make_image, Ctx};
-use crate::json::Json;
 use crate::netecho::{self, NetNs};
 use crate::pair::{Pair, PairSpec};
 use crate::proc::{self, Outcome};
+use crate::results::JsonPath;
 use crate::stats::{percentile, summary_json};
 
 /// How a workload's work rate is measured.
@@ -184,7 +186,7 @@ pub struct Sample {
     /// `VcpuStats` fields of the `-v` stats line.
     pub stats: Vec<(String, f64)>,
     /// `tandem log inspect --json` of the recording.
-    pub inspect: Option<Json>,
+    pub inspect: Option<Value>,
     /// Round-trip times in ms (netecho).
     pub rtts: Vec<f64>,
     /// A pair's primary, sampled from its control socket while the client
@@ -572,11 +574,11 @@ fn failure(out: &Outcome) -> String {
 }
 
 /// `tandem log inspect LOG --json`.
-pub fn inspect(ctx: &Ctx, log: &Path) -> Option<Json> {
+pub fn inspect(ctx: &Ctx, log: &Path) -> Option<Value> {
     let mut cmd = Command::new(&ctx.tandem);
     cmd.args(["log", "inspect"]).arg(log).arg("--json");
     let out = proc::run(cmd, Duration::from_secs(120));
-    Json::parse(&out.stdout).ok()
+    serde_json::from_str(&out.stdout).ok()
 }
 
 /// Every run of one workload.
@@ -711,78 +713,45 @@ fn inspect_num(s: &Sample, path: &str) -> Option<f64> {
 }
 
 /// Log figures of the recorded samples.
-fn log_json(record: &[Sample]) -> Json {
+fn log_json(record: &[Sample]) -> Value {
     let with =
         |f: &dyn Fn(&Sample) -> Option<f64>| -> Vec<f64> { oks(record).filter_map(f).collect() };
     let secs = |s: &Sample| inspect_num(s, "guest_time.seconds");
     let per_sec = |path: &'static str| move |s: &Sample| Some(inspect_num(s, path)? / secs(s)?);
-    let mut kinds = Json::obj();
+    let mut kinds = Map::new();
     let names: Vec<String> = record
         .iter()
         .find_map(|s| s.inspect.as_ref())
-        .map(|j| j.fields("records").iter().map(|(k, _)| k.clone()).collect())
+        .and_then(|j| j.at("records")?.as_object())
+        .map(|records| records.keys().cloned().collect())
         .unwrap_or_default();
     for kind in names.iter().filter(|k| *k != "total") {
         let path = format!("records.{kind}.bytes");
         let v = with(&|s| Some(inspect_num(s, &path)? * 8.0 / 1e6 / secs(s)?));
-        kinds.set(kind, summary_json(&v, "Mbit/s"));
+        kinds.insert(kind.clone(), summary_json(&v, "Mbit/s"));
     }
-    Json::obj()
-        .with(
-            "mbit_per_s",
-            summary_json(
-                &with(&|s| inspect_num(s, "guest_time.mbit_per_second")),
-                "Mbit/s",
-            ),
-        )
-        .with(
-            "bytes",
-            summary_json(&with(&|s| inspect_num(s, "file_bytes")), "B"),
-        )
-        .with("guest_seconds", summary_json(&with(&secs), "s"))
-        .with(
-            "sync_points",
-            summary_json(&with(&|s| inspect_num(s, "sync_points.count")), "count"),
-        )
-        .with(
-            "sync_points_per_s",
-            summary_json(&with(&per_sec("sync_points.count")), "1/s"),
-        )
-        .with(
-            "sync_pages_per_point",
-            summary_json(
-                &with(&|s| {
-                    Some(
-                        inspect_num(s, "sync_points.pages")? / inspect_num(s, "sync_points.count")?,
-                    )
-                }),
-                "pages",
-            ),
-        )
-        .with(
-            "epochs",
-            summary_json(&with(&|s| inspect_num(s, "epochs.count")), "count"),
-        )
-        .with(
-            "epochs_per_s",
-            summary_json(&with(&per_sec("epochs.count")), "1/s"),
-        )
-        .with(
-            "stops_per_s",
-            summary_json(
-                &with(&|s| {
-                    Some(
-                        (inspect_num(s, "stops.last")? - inspect_num(s, "stops.first")?) / secs(s)?,
-                    )
-                }),
-                "1/s",
-            ),
-        )
-        .with("mbit_per_s_by_kind", kinds)
+    let pages_per_point = |s: &Sample| {
+        Some(inspect_num(s, "sync_points.pages")? / inspect_num(s, "sync_points.count")?)
+    };
+    let stops_per_s = |s: &Sample| {
+        Some((inspect_num(s, "stops.last")? - inspect_num(s, "stops.first")?) / secs(s)?)
+    };
+    json!({
+        "mbit_per_s": summary_json(&with(&|s| inspect_num(s, "guest_time.mbit_per_second")), "Mbit/s"),
+        "bytes": summary_json(&with(&|s| inspect_num(s, "file_bytes")), "B"),
+        "guest_seconds": summary_json(&with(&secs), "s"),
+        "sync_points": summary_json(&with(&|s| inspect_num(s, "sync_points.count")), "count"),
+        "sync_points_per_s": summary_json(&with(&per_sec("sync_points.count")), "1/s"),
+        "sync_pages_per_point": summary_json(&with(&pages_per_point), "pages"),
+        "epochs": summary_json(&with(&|s| inspect_num(s, "epochs.count")), "count"),
+        "epochs_per_s": summary_json(&with(&per_sec("epochs.count")), "1/s"),
+        "stops_per_s": summary_json(&with(&stops_per_s), "1/s"),
+        "mbit_per_s_by_kind": kinds,
+    })
 }
 
 /// The workload's figures as JSON.
-pub fn to_json(w: &Workload, runs: &Runs) -> Json {
+pub fn to_json(w: &Workload, runs: &Runs) -> Value {
     let ratio: Vec<f64> = pairs(&runs.live, &runs.record)
         .map(|(l, r)| r.rate / l.rate)
         .collect();
@@ -790,28 +759,17 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Json {
         .map(|(l, r)| l.out.cpu / r.out.cpu)
         .collect();
     let side = |v: &[Sample]| {
-        let mut j = Json::obj()
-            .with(
-                "wall_s",
-                summary_json(&oks(v).map(|s| s.out.wall).collect::<Vec<_>>(), "s"),
-            )
-            .with(
-                "cpu_s",
-                summary_json(&oks(v).map(|s| s.out.cpu).collect::<Vec<_>>(), "s"),
-            )
-            .with(
-                "rate",
-                summary_json(
-                    &oks(v).map(|s| s.rate).collect::<Vec<_>>(),
-                    &format!("{}/s", w.unit),
-                ),
-            )
-            .with(
-                "vm_seconds",
-                summary_json(&oks(v).filter_map(|s| s.span).collect::<Vec<_>>(), "s"),
-            )
-            .with("failures", v.iter().filter(|s| !s.ok).count());
-        let mut stats = Json::obj();
+        let mut j = json!({
+            "wall_s": summary_json(&oks(v).map(|s| s.out.wall).collect::<Vec<_>>(), "s"),
+            "cpu_s": summary_json(&oks(v).map(|s| s.out.cpu).collect::<Vec<_>>(), "s"),
+            "rate": summary_json(
+                &oks(v).map(|s| s.rate).collect::<Vec<_>>(),
+                &format!("{}/s", w.unit),
+            ),
+            "vm_seconds": summary_json(&oks(v).filter_map(|s| s.span).collect::<Vec<_>>(), "s"),
+            "failures": v.iter().filter(|s| !s.ok).count(),
+        });
+        let mut stats = Map::new();
         for key in [
             "stops",
             "kicked_stops",
@@ -826,18 +784,18 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Json {
         ] {
             let vals: Vec<f64> = oks(v).filter_map(|s| s.stat(key)).collect();
             if !vals.is_empty() {
-                stats.set(key, summary_json(&vals, "count"));
+                stats.insert(key.into(), summary_json(&vals, "count"));
             }
         }
-        j.set("vcpu_stats", stats);
+        j["vcpu_stats"] = stats.into();
         if v.iter().any(|s| !s.rtts.is_empty()) {
             let p = |q: f64| {
                 oks(v)
                     .filter_map(|s| percentile(&s.rtts, q))
                     .collect::<Vec<_>>()
             };
-            j.set("rtt_p50_ms", summary_json(&p(50.0), "ms"));
-            j.set("rtt_p99_ms", summary_json(&p(99.0), "ms"));
+            j["rtt_p50_ms"] = summary_json(&p(50.0), "ms");
+            j["rtt_p99_ms"] = summary_json(&p(99.0), "ms");
         }
         for (name, pick) in [
             ("lag", (|s: &Sample| &s.lags) as fn(&Sample) -> &Vec<f64>),
@@ -846,12 +804,12 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Json {
             if v.iter().any(|s| !pick(s).is_empty()) {
                 for q in [50.0, 99.0] {
                     let vals: Vec<f64> = oks(v).filter_map(|s| percentile(pick(s), q)).collect();
-                    j.set(&format!("{name}_p{q}_ms"), summary_json(&vals, "ms"));
+                    j[format!("{name}_p{q}_ms")] = summary_json(&vals, "ms");
                 }
             }
         }
         if let Some(e) = v.iter().find(|s| !s.ok) {
-            j.set("first_error", e.error.as_str());
+            j["first_error"] = e.error.as_str().into();
         }
         j
     };
@@ -863,57 +821,31 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Json {
             .filter_map(|s| s.summary.get(i).copied())
             .collect()
     };
-    let replay = Json::obj()
-        .with(
-            "wall_s",
-            summary_json(
-                &oks(&runs.replay).map(|s| s.out.wall).collect::<Vec<_>>(),
-                "s",
-            ),
-        )
-        .with(
-            "replay_over_live_wall",
-            summary_json(&replay_ratio, "ratio"),
-        )
-        .with("epochs_verified", summary_json(&summ(3), "count"))
-        .with("epochs_transferred", summary_json(&summ(4), "count"))
-        .with("divergences", summary_json(&summ(5), "count"))
-        .with(
-            "console_matches",
-            runs.replay
-                .iter()
-                .filter(|s| s.ok && s.error.is_empty())
-                .count(),
-        )
-        .with(
-            "failures",
-            runs.replay
-                .iter()
-                .filter(|s| !s.ok || !s.error.is_empty())
-                .count(),
-        )
-        .with(
-            "first_error",
-            runs.replay
-                .iter()
-                .find(|s| !s.error.is_empty())
-                .map(|s| s.error.clone()),
-        );
-    let mut j = Json::obj()
-        .with("name", w.name.as_str())
-        .with("guest", w.guest)
-        .with("cmdline", w.cmdline.as_str())
-        .with("work", w.work)
-        .with("unit", w.unit)
-        .with("note", w.note)
-        .with("live", side(&runs.live))
-        .with("recorded", side(&runs.record))
-        .with("ratio_recorded_over_live", summary_json(&ratio, "ratio"));
+    let replay_walls: Vec<f64> = oks(&runs.replay).map(|s| s.out.wall).collect();
+    let replay = json!({
+        "wall_s": summary_json(&replay_walls, "s"),
+        "replay_over_live_wall": summary_json(&replay_ratio, "ratio"),
+        "epochs_verified": summary_json(&summ(3), "count"),
+        "epochs_transferred": summary_json(&summ(4), "count"),
+        "divergences": summary_json(&summ(5), "count"),
+        "console_matches": runs.replay.iter().filter(|s| s.ok && s.error.is_empty()).count(),
+        "failures": runs.replay.iter().filter(|s| !s.ok || !s.error.is_empty()).count(),
+        "first_error": runs.replay.iter().find(|s| !s.error.is_empty()).map(|s| &s.error),
+    });
+    let mut j = json!({
+        "name": w.name,
+        "guest": w.guest,
+        "cmdline": w.cmdline,
+        "work": w.work,
+        "unit": w.unit,
+        "note": w.note,
+        "live": side(&runs.live),
+        "recorded": side(&runs.record),
+        "ratio_recorded_over_live": summary_json(&ratio, "ratio"),
+    });
     if matches!(w.kind, Kind::Batch) {
-        j.set(
-            "ratio_recorded_over_live_vm_time",
-            summary_json(&vm_ratio(&runs.live, &runs.record), "ratio"),
-        );
+        j["ratio_recorded_over_live_vm_time"] =
+            summary_json(&vm_ratio(&runs.live, &runs.record), "ratio");
     }
     if w.pair {
         let batch = matches!(w.kind, Kind::Batch);
@@ -932,28 +864,23 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Json {
                 .map(|(l, p)| p.out.wall - l.out.wall)
                 .collect();
             let cut = oks(samples).filter(|s| !s.console_complete).count();
-            let mut side = side(samples)
-                .with("ratio_over_live", summary_json(&ratio, "ratio"))
-                .with(
-                    "ratio_method",
-                    if batch {
-                        "per rep: (work / VM run time) of the pair's primary over the same of the unprotected run; VM run time from the VMM's own log timestamps (VM built, or secondary attached, to VM stopped)"
-                    } else {
-                        "per rep: UDP echoes/s of the client against the pair over the same against the unprotected run"
-                    },
-                )
-                .with("primary_wall_minus_live_wall_s", summary_json(&added, "s"))
-                .with("console_cut_short", cut);
-            if cut > 0 {
-                side.set(
-                    "console_note",
-                    format!("{cut} successful run(s) (guest exit status 0, secondary exit 0) where the primary exited without releasing the guest's last console line `{}`", w.expect),
-                );
+            let mut side = side(samples);
+            side["ratio_over_live"] = summary_json(&ratio, "ratio");
+            side["ratio_method"] = if batch {
+                "per rep: (work / VM run time) of the pair's primary over the same of the unprotected run; VM run time from the VMM's own log timestamps (VM built, or secondary attached, to VM stopped)"
+            } else {
+                "per rep: UDP echoes/s of the client against the pair over the same against the unprotected run"
             }
-            j.set(key, side);
+            .into();
+            side["primary_wall_minus_live_wall_s"] = summary_json(&added, "s");
+            side["console_cut_short"] = cut.into();
+            if cut > 0 {
+                side["console_note"] = format!("{cut} successful run(s) (guest exit status 0, secondary exit 0) where the primary exited without releasing the guest's last console line `{}`", w.expect).into();
+            }
+            j[key] = side;
         }
     }
-    let mut variants = Json::obj();
+    let mut variants = Map::new();
     for (name, samples) in &runs.variants {
         let ratio: Vec<f64> = pairs(&runs.live, samples)
             .map(|(l, v)| v.rate / l.rate)
@@ -961,10 +888,10 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Json {
         let vs_recorded: Vec<f64> = pairs(&runs.record, samples)
             .map(|(r, v)| v.rate / r.rate)
             .collect();
-        let mut variant = side(samples)
-            .with("ratio_vs_live", summary_json(&ratio, "ratio"))
-            .with("ratio_vs_recorded", summary_json(&vs_recorded, "ratio"))
-            .with("log", log_json(samples));
+        let mut variant = side(samples);
+        variant["ratio_vs_live"] = summary_json(&ratio, "ratio");
+        variant["ratio_vs_recorded"] = summary_json(&vs_recorded, "ratio");
+        variant["log"] = log_json(samples);
         // Checkpoints taken, and what one costs (the vCPU's own timing).
         let per = |f: &dyn Fn(&Sample) -> Option<f64>| -> Vec<f64> {
             oks(samples).filter_map(f).collect()
@@ -973,20 +900,17 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Json {
         if !count.is_empty() {
             let ms = per(&|s| Some(s.stat("checkpoint_time")? / s.stat("checkpoints")? * 1e3));
             let pages = per(&|s| Some(s.stat("checkpoint_pages")? / s.stat("checkpoints")?));
-            variant = variant
-                .with("checkpoints", summary_json(&count, "count"))
-                .with("ms_per_checkpoint", summary_json(&ms, "ms"))
-                .with("pages_per_checkpoint", summary_json(&pages, "pages"));
+            variant["checkpoints"] = summary_json(&count, "count");
+            variant["ms_per_checkpoint"] = summary_json(&ms, "ms");
+            variant["pages_per_checkpoint"] = summary_json(&pages, "pages");
         }
-        variants.set(name, variant);
+        variants.insert(name.clone(), variant);
     }
-    j.with(
-        "cpu_ratio_live_over_recorded",
-        summary_json(&cpu_ratio, "ratio"),
-    )
-    .with("log", log_json(&runs.record))
-    .with("replay", replay)
-    .with("variants", variants)
+    j["cpu_ratio_live_over_recorded"] = summary_json(&cpu_ratio, "ratio");
+    j["log"] = log_json(&runs.record);
+    j["replay"] = replay;
+    j["variants"] = variants.into();
+    j
 }
 
 /// Per rep, (work / VM run time) of `b` over the same of `a`.
@@ -1000,7 +924,7 @@ fn vm_ratio(a: &[Sample], b: &[Sample]) -> Vec<f64> {
 /// per rep, (overhead at 1 kHz - overhead at 100 Hz) / (extra sync points),
 /// overhead = recorded wall - live wall; and (recorded wall at 10 ms epochs
 /// - at 1000 ms epochs) / (extra epochs).
-pub fn costs(c100: &Runs, c1k: &Runs) -> Json {
+pub fn costs(c100: &Runs, c1k: &Runs) -> Value {
     let sp = |s: &Sample| inspect_num(s, "sync_points.count");
     let ep = |s: &Sample| inspect_num(s, "epochs.count");
     let mut sync_cost = Vec::new();
@@ -1029,12 +953,13 @@ pub fn costs(c100: &Runs, c1k: &Runs) -> Json {
             }
         }
     }
-    Json::obj()
-        .with("sync_point_ms", summary_json(&sync_cost, "ms"))
-        .with("sync_point_method", "per rep: ((rec-live wall) at 1 kHz - (rec-live wall) at 100 Hz) / (sync points at 1 kHz - at 100 Hz), compute guest")
-        .with("overhead_per_sync_point_100hz_ms", summary_json(&naive, "ms"))
-        .with("epoch_end_ms", summary_json(&epoch_cost, "ms"))
-        .with("epoch_end_method", "per rep: (recorded wall at --epoch-ms 10 - at --epoch-ms 1000) / (epochs at 10 - at 1000), compute 100 Hz")
+    json!({
+        "sync_point_ms": summary_json(&sync_cost, "ms"),
+        "sync_point_method": "per rep: ((rec-live wall) at 1 kHz - (rec-live wall) at 100 Hz) / (sync points at 1 kHz - at 100 Hz), compute guest",
+        "overhead_per_sync_point_100hz_ms": summary_json(&naive, "ms"),
+        "epoch_end_ms": summary_json(&epoch_cost, "ms"),
+        "epoch_end_method": "per rep: (recorded wall at --epoch-ms 10 - at --epoch-ms 1000) / (epochs at 10 - at 1000), compute 100 Hz",
+    })
 }
 
 /// Where the kept log for the micro-benchmarks goes.

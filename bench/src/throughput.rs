@@ -6,8 +6,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use serde_json::{json, Value};
+
 use crate::ctx::{make_image, Ctx};
-use crate::json::Json;
 use crate::netecho::{self, NetNs};
 use crate::proc;
 use crate::stats::summary_json;
@@ -99,7 +100,7 @@ pub fn planned(ctx: &Ctx) -> usize {
 }
 
 /// FT on vs off stream throughput, interleaved.
-pub fn measure(ctx: &Ctx) -> Json {
+pub fn measure(ctx: &Ctx) -> Value {
     let secs = if ctx.quick { 2.0 } else { 4.0 };
     let (mut off, mut on, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
     let mut failures = 0;
@@ -125,10 +126,11 @@ pub fn measure(ctx: &Ctx) -> Json {
             _ => failures += 1,
         }
     }
-    Json::obj()
-        .with("method", format!("a client keeps {WINDOW} UDP echoes of {DATAGRAM} bytes outstanding for {secs} s against netecho (echo port 7), unprotected (`tandem run`, VMM on CPU {}) and as a protected pair (`received` mode, primary on CPU {}, secondary on CPU {}), interleaved; echoed payload Mbit/s; ratio per rep", ctx.cpu, ctx.cpu, ctx.cpu2))
-        .with("failures", failures as f64)
-        .with("unprotected_mbit_s", summary_json(&off, "Mbit/s"))
-        .with("protected_mbit_s", summary_json(&on, "Mbit/s"))
-        .with("protected_over_unprotected", summary_json(&ratio, "ratio"))
+    json!({
+        "method": format!("a client keeps {WINDOW} UDP echoes of {DATAGRAM} bytes outstanding for {secs} s against netecho (echo port 7), unprotected (`tandem run`, VMM on CPU {}) and as a protected pair (`received` mode, primary on CPU {}, secondary on CPU {}), interleaved; echoed payload Mbit/s; ratio per rep", ctx.cpu, ctx.cpu, ctx.cpu2),
+        "failures": failures as f64,
+        "unprotected_mbit_s": summary_json(&off, "Mbit/s"),
+        "protected_mbit_s": summary_json(&on, "Mbit/s"),
+        "protected_over_unprotected": summary_json(&ratio, "ratio"),
+    })
 }
