@@ -181,3 +181,37 @@ fn membership(
         hosts,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_sections_are_checked() {
+        let file = Path::new("cluster.toml");
+        #[derive(Deserialize)]
+        struct File {
+            cluster: Option<RawClusterSection>,
+            #[serde(default)]
+            host: Vec<RawHost>,
+        }
+        let load = |text: &str| {
+            let raw: File = toml::from_str(text).unwrap();
+            membership(file, raw.cluster, raw.host).map_err(|e| e.to_string())
+        };
+        assert!(load("[[vm]]\nconfig = \"x\"\nprefer = \"a\"\n")
+            .unwrap()
+            .is_none());
+        let ok = "[cluster]\netcd = \"etcd://10.0.0.1:2379/t\"\n[[host]]\nname = \"a\"\naddress = \"10.0.1.1\"\n[[host]]\nname = \"b\"\naddress = \"10.0.1.2\"\n";
+        let m = load(ok).unwrap().unwrap();
+        assert_eq!(m.hosts.len(), 2);
+        let e = load("[cluster]\netcd = \"tcp://10.0.0.1:1\"\n").unwrap_err();
+        assert!(e.contains("must be \"etcd://"), "{e}");
+        let e = load(&ok.replace("10.0.1.2", "host-b")).unwrap_err();
+        assert!(e.contains("must be an IP address"), "{e}");
+        let e = load(&ok.replace("name = \"b\"", "name = \"a\"")).unwrap_err();
+        assert!(e.contains("listed twice"), "{e}");
+        let e = load("[[host]]\nname = \"a\"\naddress = \"10.0.1.1\"\n").unwrap_err();
+        assert!(e.contains("need a [cluster] section"), "{e}");
+    }
+}

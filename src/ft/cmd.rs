@@ -420,7 +420,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ft::status::{Figures, Role};
+    use crate::ft::status::{is_primary, Figures, Role};
 
     fn status(role: Role, peer: &str, reason: Option<&str>) -> Status {
         let mut figures = Figures::default();
