@@ -109,3 +109,256 @@ fn the_checks_themselves_see_the_code() {
     assert!(!violations("vmm/src/backend", &["thread::Builder"]).is_empty());
     assert!(!violations("devices/src", &["fn read("]).is_empty());
 }
+
+// ---------------------------------------------------------------------------
+// Layout rules (the restructure): no module import cycles inside a crate, no
+// wildcard arm over the wire messages, no unwrap/expect in ft, vmm, replay.
+
+/// The crates and their source roots.
+const CRATES: [&str; 5] = ["src", "vmm/src", "devices/src", "replay/src", "bench/src"];
+
+/// The module path of `file` under the crate root `root` ("" for the root).
+fn module_of(root: &Path, file: &Path) -> String {
+    let rel = file.strip_prefix(root).unwrap().with_extension("");
+    let mut parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if matches!(
+        parts.last().map(String::as_str),
+        Some("mod" | "main" | "lib")
+    ) {
+        parts.pop();
+    }
+    parts.join("::")
+}
+
+/// Module paths named in one line of code, resolved against `module` (the
+/// file's own module): `crate::a::b`, `super::b`, `super::{b, c}`.
+fn references(module: &str, code: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let bytes = code.as_bytes();
+    for (start, _) in code
+        .match_indices("crate::")
+        .chain(code.match_indices("super::"))
+    {
+        // Only whole words: not `tandem_crate::` or `my_super::`.
+        if start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_') {
+            continue;
+        }
+        // `super::super::x` is found from its first `super`.
+        if start >= 2 && &code[start - 2..start] == "::" {
+            continue;
+        }
+        let mut base: Vec<&str> = if code[start..].starts_with("crate::") {
+            Vec::new()
+        } else {
+            module.split("::").filter(|p| !p.is_empty()).collect()
+        };
+        let mut rest = &code[start..];
+        let mut first = true;
+        loop {
+            if let Some(r) = rest.strip_prefix("crate::").filter(|_| first) {
+                rest = r;
+            } else if let Some(r) = rest.strip_prefix("super::") {
+                base.pop();
+                rest = r;
+            } else {
+                break;
+            }
+            first = false;
+        }
+        let paths: Vec<String> = if let Some(group) = rest.strip_prefix('{') {
+            let group = group.split('}').next().unwrap_or("");
+            group.split(',').map(|p| p.trim().to_string()).collect()
+        } else {
+            vec![rest.to_string()]
+        };
+        for p in paths {
+            let mut full = base.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            for seg in p.split("::") {
+                let ident: String = seg
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if ident.is_empty() || ident == "self" {
+                    break;
+                }
+                full.push(ident);
+            }
+            out.push(full.join("::"));
+        }
+    }
+    out
+}
+
+/// Module → modules it imports, for the crate at `dir` (edges between a
+/// module and its own ancestors or descendants are nesting, not imports).
+fn import_graph(
+    dir: &str,
+) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut files = Vec::new();
+    rust_files(&root, &mut files);
+    let modules: std::collections::BTreeSet<String> =
+        files.iter().map(|f| module_of(&root, f)).collect();
+    let nested = |a: &str, b: &str| {
+        a.is_empty()
+            || b.is_empty()
+            || a == b
+            || a.starts_with(&format!("{b}::"))
+            || b.starts_with(&format!("{a}::"))
+    };
+    let mut graph = std::collections::BTreeMap::<_, std::collections::BTreeSet<String>>::new();
+    for (file, _, code) in source_lines(dir) {
+        let from = module_of(&root, &file);
+        for target in references(&from, &code) {
+            // The longest known module the path starts with.
+            let mut parts: Vec<&str> = target.split("::").collect();
+            while !parts.is_empty() && !modules.contains(&parts.join("::")) {
+                parts.pop();
+            }
+            let to = parts.join("::");
+            if !nested(&from, &to) {
+                graph.entry(from.clone()).or_default().insert(to);
+            }
+        }
+    }
+    graph
+}
+
+/// One cycle in `graph`, if there is any.
+fn find_cycle(
+    graph: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut std::collections::BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|p| p == node) {
+            let mut cycle = path[i..].to_vec();
+            cycle.push(node.to_string());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_string());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(c) = visit(next, graph, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(node.to_string());
+        None
+    }
+    let mut done = std::collections::BTreeSet::new();
+    graph
+        .keys()
+        .find_map(|n| visit(n, graph, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn no_module_import_cycles_inside_a_crate() {
+    for dir in CRATES {
+        if let Some(cycle) = find_cycle(&import_graph(dir)) {
+            panic!(
+                "an import cycle in {dir}: {} (move what both need into a module both import)",
+                cycle.join(" -> ")
+            );
+        }
+    }
+}
+
+#[test]
+fn the_cycle_check_finds_a_cycle() {
+    // Guard against a vacuous pass: the graph sees real imports, and a
+    // cycle put into it is found.
+    let mut graph = import_graph("src");
+    assert!(
+        graph
+            .get("ft::pair")
+            .is_some_and(|to| to.contains("ft::wire")),
+        "{graph:?}"
+    );
+    assert!(references("a::b", "use super::{c::D, e};").contains(&"a::c::D".to_string()));
+    graph
+        .entry("ft::wire".into())
+        .or_default()
+        .insert("ft::pair".into());
+    assert!(find_cycle(&graph).is_some());
+}
+
+/// `_ =>` arms in a `match` whose other arms name a wire `Message`
+/// (a new message kind must be handled or refused by name, never dropped).
+fn wildcard_arms_over_messages(dir: &str) -> Vec<String> {
+    let lines = source_lines(dir);
+    let mut found = Vec::new();
+    for (i, (file, n, code)) in lines.iter().enumerate() {
+        let trimmed = code.trim_start();
+        if !trimmed.starts_with("_ =>") {
+            continue;
+        }
+        let indent = code.len() - trimmed.len();
+        // The arms before it at the same indentation, up to the match.
+        let mut names_message = false;
+        for (f, _, prev) in lines[..i].iter().rev().take(200) {
+            if f != file {
+                break;
+            }
+            let t = prev.trim_start();
+            let ind = prev.len() - t.len();
+            if ind < indent && !t.is_empty() {
+                break;
+            }
+            if ind == indent && (t.contains("Message::") || t.contains("Reply::")) {
+                names_message = true;
+            }
+        }
+        if names_message {
+            found.push(format!("{}:{n}: {}", file.display(), code.trim()));
+        }
+    }
+    found
+}
+
+#[test]
+fn no_wildcard_arm_over_the_wire_messages() {
+    let found = wildcard_arms_over_messages("src/ft");
+    assert!(
+        found.is_empty(),
+        "a `_ =>` arm over wire messages (name the messages this receiver does not expect and refuse them):\n{}",
+        found.join("\n")
+    );
+}
+
+/// `unwrap()`/`expect(` outside tests, each with the allowlist entry that
+/// excuses it (file suffix, text on the line, reason).
+const UNWRAP_ALLOWED: &[(&str, &str, &str)] = &[];
+
+#[test]
+fn no_unwrap_or_expect_outside_tests() {
+    let mut found = Vec::new();
+    for dir in ["src/ft", "vmm/src", "replay/src"] {
+        for (file, n, code) in source_lines(dir) {
+            if !(code.contains(".unwrap()") || code.contains(".expect(")) {
+                continue;
+            }
+            let path = file.display().to_string();
+            let excused = UNWRAP_ALLOWED
+                .iter()
+                .any(|(f, text, _why)| path.ends_with(f) && code.contains(text));
+            if !excused {
+                found.push(format!("{path}:{n}: {}", code.trim()));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "unwrap/expect outside tests (return an error, or add an allowlist entry with its reason):\n{}",
+        found.join("\n")
+    );
+}

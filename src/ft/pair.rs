@@ -1922,7 +1922,15 @@ pub fn run_secondary(
                                 let mut out = out_r.lock().unwrap_or_else(|p| p.into_inner());
                                 let _ = out.send(generation, &Message::Heartbeat);
                             }
-                            _ => {}
+                            // Heard (counted above): nothing more to do.
+                            Message::Heartbeat => {}
+                            // Anything else has no meaning here (a message
+                            // of another phase, or one only a secondary
+                            // sends): said by name, not acted on.
+                            other => warn!(
+                                "the primary sent {} where the follower expects none: ignored",
+                                other.kind()
+                            ),
                         }
                     }
                     Err(e) => {
@@ -2351,7 +2359,11 @@ fn reconnect(
                         warn!("the primary will not resume: {reason}");
                         return None;
                     }
-                    _ => {}
+                    Ok((g, other)) => warn!(
+                        "resuming: the primary answered with {} (generation {g}): trying again",
+                        other.kind()
+                    ),
+                    Err(e) => info!("resuming: no answer from the primary: {e}"),
                 }
             }
         }
