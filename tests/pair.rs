@@ -938,15 +938,20 @@ fn a_primary_frozen_for_half_the_timeout_holds_output_until_it_re_validates() {
     let _ = std::fs::remove_dir_all(&p.t.dir);
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+/// Resident memory of a running process, in KiB (panics with its stderr
+/// once it has ended).
+fn rss_kib(p: &Proc) -> u64 {
+    let pid = p.child.id();
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("process {pid} is gone: {}", p.stderr()))
 }
 
 #[test]
@@ -958,8 +963,7 @@ fn a_network_flood_while_the_vcpu_waits_does_not_grow_the_primarys_memory() {
     let s = p.t.ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();
     let (next, _) = serve(&s, 0, 3, Duration::from_secs(20), &mut replies);
-    let pid = p.primary.child.id();
-    let before = rss_kib(pid);
+    let before = rss_kib(&p.primary);
     signal(&p.secondary, libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(1000));
     let payload = vec![0x5au8; 1400];
@@ -972,7 +976,7 @@ fn a_network_flood_while_the_vcpu_waits_does_not_grow_the_primarys_memory() {
                 sent += 1;
             }
         }
-        peak = peak.max(rss_kib(pid));
+        peak = peak.max(rss_kib(&p.primary));
     }
     let grown_mib = peak.saturating_sub(before) / 1024;
     let st = status(&p.t, "a").unwrap();
