@@ -254,6 +254,26 @@ pub fn first_reply(
 }
 
 /// Closed-loop echo: returns (seconds for all requests, RTTs in ms).
+/// Milliseconds until the guest first answers a UDP echo (one probe every
+/// 10 ms, each waiting 10 ms; gives up after `limit`).
+pub fn first_reply_ms(ns: &NetNs, limit: Duration) -> Result<f64, String> {
+    let s = ns.udp_socket(&format!("{HOST_IP}:0"))?;
+    s.set_read_timeout(Some(Duration::from_millis(10)))
+        .map_err(|e| e.to_string())?;
+    let to = format!("{GUEST_IP}:7");
+    let mut buf = [0u8; 64];
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        s.send_to(b"first-reply", &to).map_err(|e| e.to_string())?;
+        while let Ok(n) = s.recv(&mut buf) {
+            if &buf[..n] == b"first-reply" {
+                return Ok(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    Err(format!("no UDP echo reply within {} ms", limit.as_millis()))
+}
+
 pub fn client(ns: &NetNs, requests: usize) -> Result<(f64, Vec<f64>), String> {
     let s = ns.udp_socket(&format!("{HOST_IP}:0"))?;
     s.set_read_timeout(Some(Duration::from_millis(200)))

@@ -380,6 +380,8 @@ pub struct Trial {
     pub pause_ms: Option<f64>,
     /// Pages in that full sync point.
     pub pages: Option<f64>,
+    /// "secondary joined at stop" → the guest's first echo reply (ms).
+    pub first_answer_ms: Option<f64>,
     /// The guest answered an echo after re-protection.
     pub served_after: bool,
     /// A partition: the primary won the next generation and kept the VM.
@@ -581,6 +583,12 @@ fn trial_in(ctx: &Ctx, spec: &PairSpec, fault: Fault, t: &mut Trial) -> Result<(
         ));
     };
     t.reprotect_ms = Some(ms(started, joined));
+    // The first answer right after the join (held output waiting on the
+    // joiner's first ack would show here).
+    let probing = Instant::now();
+    t.first_answer_ms = netecho::first_reply_ms(&pair.ns, Duration::from_secs(10))
+        .ok()
+        .map(|after_probe| ms(joined, probing) + after_probe);
     if let Some((_, l)) = secondary.wait_err("full sync point at stop", Instant::now()) {
         t.pause_ms = number_after(&l, "guest paused");
         t.pages = l.find(" (").and_then(|i| number_after(&l[i..], "("));
@@ -609,6 +617,7 @@ pub fn trials_json(mem: &str, trials: &[Trial]) -> Value {
         "reprotect_ms": summary_json(&col(&|t| t.reprotect_ms), "ms"),
         "reprotect_pause_ms": summary_json(&col(&|t| t.pause_ms), "ms"),
         "reprotect_pages": summary_json(&col(&|t| t.pages), "pages"),
+        "first_answer_after_join_ms": summary_json(&col(&|t| t.first_answer_ms), "ms"),
         "served_after_reprotect": ok.iter().filter(|t| t.served_after).count(),
         "primary_kept": ok.iter().filter(|t| t.primary_kept).count(),
     })

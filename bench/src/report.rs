@@ -770,6 +770,17 @@ fn reprotect_table(o: &mut String, p: &Value) {
     row(
         o,
         &[
+            "first echo answer after the join (ms): `secondary joined` → reply".into(),
+            g("mem_32m", "first_answer_after_join_ms", 1),
+            g("mem_256m", "first_answer_after_join_ms", 1),
+            g("mem_256m_filled", "first_answer_after_join_ms", 1),
+            "—".into(),
+            "—".into(),
+        ],
+    );
+    row(
+        o,
+        &[
             "the guest answered after re-protection".into(),
             format!("{}", p.num("mem_32m.served_after_reprotect").unwrap_or(0.0)),
             format!(
