@@ -72,7 +72,7 @@ fn spinner_failover(tag: &str, commit: &str, how: Fault) {
     );
     let (_witness, primary, secondary) = spawn_pair(&ns, &dir, &config);
     // Protected and running: output the secondary has acked.
-    primary.wait_for("spinner: tick 50", Duration::from_secs(60));
+    primary.wait_for_with("spinner: tick 50", Duration::from_secs(60), &secondary);
     // Land anywhere in the guest's spin (it spins all but a few
     // instructions of each 10 ms tick).
     std::thread::sleep(Duration::from_millis(jitter_ms(400)));

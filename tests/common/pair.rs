@@ -201,6 +201,24 @@ impl Proc {
     pub fn stderr(&self) -> String {
         self.errors.lock().unwrap().join("\n")
     }
+
+    /// [`Proc::wait_for`], failing with `other`'s stderr too (the peer of
+    /// a pair often says why this side never got going).
+    pub fn wait_for_with(&self, what: &str, limit: Duration, other: &Proc) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.lines.lock().unwrap().iter().any(|l| l.contains(what)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "never saw {what:?}; stdout {:?} stderr {:?}\nother side's stderr: {}",
+            self.lines.lock().unwrap(),
+            self.errors.lock().unwrap(),
+            other.stderr()
+        );
+    }
 }
 
 impl Drop for Proc {
@@ -328,7 +346,7 @@ pub fn start_pair_committing(tag: &str, failover_ms: u64, commit: &str) -> Pair 
 
 pub fn start_topology(t: Topology) -> Pair {
     let (witness, primary, secondary) = spawn_pair(&t.ns, &t.dir, &t.config);
-    primary.wait_for("netecho: up", Duration::from_secs(60));
+    primary.wait_for_with("netecho: up", Duration::from_secs(60), &secondary);
     Pair {
         t,
         _witness: witness,
