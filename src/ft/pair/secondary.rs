@@ -1,0 +1,905 @@
+//! The secondary side of a pair: follows the primary's log, replaying it,
+//! and takes over when the primary falls silent (or steps down).
+//!
+//! [`run_secondary`] connects, then starts four threads around one
+//! [`Shared`] state: `tandem-follow` ([`follow`]: the primary's messages,
+//! log bytes into a pipe), `tandem-decode` ([`decode`]: the pipe into
+//! records for the replay), `tandem-ack` ([`ack`]: acks, pong echoes and
+//! heartbeats back) and `tandem-monitor` ([`monitor`]: the primary's
+//! silence, and [`take_over`]).
+
+use std::io::Write;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::ops::ControlFlow;
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use tandem_replay::log::{LogError, LogReader, Page, Record, VmIdentity};
+use tandem_replay::Outputs as _;
+use tandem_vmm::backend::gate::FollowerOutputs;
+use tandem_vmm::vm::RunMode;
+use tandem_vmm::{Vm, VmConfig};
+use tracing::{info, warn};
+
+use super::{millis, pair_record_options, publish, PairParams, Replicator, ShipFrame, ShipSink};
+use crate::ft::auth::Psk;
+use crate::ft::channel::{self, FrameReceiver, FrameSender};
+use crate::ft::mirror::MirrorReceiver;
+use crate::ft::silence::{unread_bytes, SilenceWatch, Verdict};
+use crate::ft::status::{self, fence, Role};
+use crate::ft::wire::{self, Message, PROTOCOL_MAX, PROTOCOL_MIN};
+
+/// What the secondary's threads share.
+struct Shared {
+    /// The generation this side follows.
+    generation: u64,
+    /// What `last_heard` counts from.
+    base: Instant,
+    /// When the primary was last heard (ms since `base`).
+    last_heard: Arc<AtomicU64>,
+    /// The received watermark (the newest stop the log covers so far), and
+    /// the ack thread's wake-up when it moves.
+    received: (Mutex<u64>, Condvar),
+    /// The replay's outputs, once the VM exists.
+    follower_slot: OnceLock<Arc<FollowerOutputs>>,
+    /// The monitor declared the primary gone: the other threads stop.
+    gone: AtomicBool,
+    /// The current connection's socket, for the monitor to shut without
+    /// waiting on `link_out` (a send blocked behind a frozen primary holds it).
+    link_socket: Mutex<Option<TcpStream>>,
+    /// The current connection's sending half.
+    link_out: Mutex<FrameSender>,
+    /// A joiner's memory, pre-copied by the primary before the log starts.
+    precopied: Mutex<Vec<Page>>,
+    /// The newest ping from the primary (its send time + 1; 0: none): the
+    /// acks thread echoes it, so the follow thread never blocks on a send.
+    ping: AtomicU64,
+    /// The primary handed over (a switch-over): go live now.
+    step_down: AtomicBool,
+    /// Why the follow thread gave up before the log started, if it did.
+    follow_failed: Mutex<Option<String>>,
+    /// The replay's progress (verified stop, divergence epoch), once the VM
+    /// exists: the ack thread starts before (see `run_secondary`) and
+    /// reports none until then.
+    progress: OnceLock<(Arc<AtomicU64>, Arc<AtomicU64>)>,
+}
+
+impl Shared {
+    fn new(generation: u64, tx: FrameSender) -> Self {
+        Self {
+            generation,
+            base: Instant::now(),
+            last_heard: Arc::new(AtomicU64::new(0)),
+            received: Default::default(),
+            follower_slot: OnceLock::new(),
+            gone: AtomicBool::new(false),
+            link_socket: Mutex::new(tx.try_clone_socket().ok()),
+            link_out: Mutex::new(tx),
+            precopied: Mutex::default(),
+            ping: AtomicU64::new(0),
+            step_down: AtomicBool::new(false),
+            follow_failed: Mutex::default(),
+            progress: OnceLock::new(),
+        }
+    }
+
+    /// Sends `m` on the current connection; a failed write is the follow
+    /// thread's to notice (it reconnects).
+    fn send(&self, m: &Message) {
+        let mut link = self.link_out.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = link.send(self.generation, m);
+    }
+}
+
+/// Runs the secondary: follows the primary's log, replaying it, and when the
+/// primary falls silent wins the next generation and goes live.
+pub fn run_secondary(
+    params: PairParams,
+    vm_config: impl FnOnce(RunMode) -> VmConfig,
+) -> anyhow::Result<ExitCode> {
+    let (mut tx, input, generation) = connect(&params)?;
+    // Mirrored storage: describe this host's replicas; the primary copies
+    // what may differ before its log starts.
+    let disk_sync = if params.mirrored {
+        let receiver = MirrorReceiver::open(&params.disks, &params.replica_dir)?;
+        tx.send(generation, &receiver.state_message())?;
+        Some(receiver)
+    } else {
+        None
+    };
+    // Log bytes go through a socket pair into a log reader on its own
+    // thread; closing our end is how the secondary stops taking the log.
+    let (pipe_in, pipe_out) = UnixStream::pair()?;
+    let pipe_closer = pipe_in.try_clone()?;
+    let shared = Arc::new(Shared::new(generation, tx));
+    let follower = Follow::new(&params, shared.clone(), pipe_in, disk_sync);
+    spawn("tandem-follow", move || follow(follower, input))?;
+    let (identity, feed) = start_decode(&shared, pipe_out)?;
+
+    // Acks, ping echoes and heartbeats. Started before the VM is built: a
+    // joiner's VM takes a while to build, and the primary's output since
+    // the full sync point (and its lease) wait on this side's acks and
+    // echoes.
+    let heartbeat = params.heartbeat;
+    let acks = shared.clone();
+    spawn("tandem-ack", move || ack(&acks, heartbeat))?;
+    let (vm, successor, frames) = follower_vm(&params, vm_config, &shared, identity, feed)?;
+
+    let timeout = params.failover_timeout;
+    let watch = SilenceWatch::new(timeout.as_millis() as u64, heartbeat.as_millis() as u64);
+    let disk_checked = Instant::now();
+    let live = TakeOver {
+        successor,
+        frames,
+        pipe_closer,
+    };
+    let watched = shared.clone();
+    spawn("tandem-monitor", move || {
+        monitor(params, &watched, watch, disk_checked, live)
+    })?;
+    let verified_end = vm.verified_stop();
+    let report = vm.run();
+    if matches!(&report, Ok(r) if r.stats.went_live_at.is_none()) {
+        // The replay reached the recorded end: everything is replayed
+        // (`replayed` commit releases the last output on this).
+        verified_end.store(u64::MAX, Ordering::Release);
+        std::thread::sleep(heartbeat * 3);
+    }
+    // Console bytes pass through a writer thread: let them out before the
+    // process exits.
+    if let Some(f) = shared.follower_slot.get() {
+        f.flush();
+    }
+    let code = crate::cli::finish_report(report);
+    status::linger_if_fenced();
+    Ok(code)
+}
+
+/// Starts a named thread (detached).
+fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(body)
+        .map(drop)
+}
+
+/// Connects to the primary and greets it: the link and the generation it
+/// runs.
+fn connect(params: &PairParams) -> anyhow::Result<(FrameSender, FrameReceiver, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let stream = loop {
+        match TcpStream::connect_timeout(&params.peer, Duration::from_secs(2)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                info!("primary {} not reachable yet: {e}", params.peer);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => bail!("cannot reach the primary at {}: {e}", params.peer),
+        }
+    };
+    let (mut tx, mut input) = channel::connect(stream, params.psk.as_ref())?;
+    // A send never blocks a lock for long (the monitor needs the link to
+    // shut it when the primary falls silent).
+    tx.set_write_timeout(Some(params.failover_timeout))?;
+    tx.send(
+        0,
+        &Message::Hello {
+            min: PROTOCOL_MIN,
+            max: PROTOCOL_MAX,
+            vm: params.vm_name.clone(),
+        },
+    )?;
+    input.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (generation, welcome) = input.recv()?;
+    match welcome {
+        Message::Welcome { version } => {
+            info!("following generation {generation}, protocol {version}")
+        }
+        Message::Refuse { reason } => bail!("the primary refused this secondary: {reason}"),
+        other => bail!("expected a welcome, got {other:?}"),
+    }
+    input.set_read_timeout(None)?;
+    Ok((tx, input, generation))
+}
+
+/// The follow thread's own state.
+struct Follow {
+    shared: Arc<Shared>,
+    /// The writing end of the log pipe.
+    pipe_in: Mutex<UnixStream>,
+    /// Mirrored storage: the disk sync until it is done.
+    disk_sync: Option<MirrorReceiver>,
+    /// The log header arrived (each later log message is a frame).
+    header_seen: bool,
+    /// Frames received after the header: where a new connection resumes.
+    frames: u64,
+    /// Pre-copy progress shown on this (joining) side.
+    progress: PrecopyProgress,
+    /// What a reconnection needs.
+    peer: SocketAddr,
+    vm_name: String,
+    psk: Option<Arc<Psk>>,
+    write_limit: Duration,
+}
+
+impl Follow {
+    fn new(
+        params: &PairParams,
+        shared: Arc<Shared>,
+        pipe_in: UnixStream,
+        disk_sync: Option<MirrorReceiver>,
+    ) -> Self {
+        Self {
+            shared,
+            pipe_in: Mutex::new(pipe_in),
+            disk_sync,
+            header_seen: false,
+            frames: 0,
+            progress: PrecopyProgress::default(),
+            peer: params.peer,
+            vm_name: params.vm_name.clone(),
+            psk: params.psk.clone(),
+            write_limit: params.failover_timeout,
+        }
+    }
+}
+
+/// Reader: log bytes into the pipe, releases to the follower. If the
+/// connection breaks, reconnect and resume from the frames already here
+/// (not a failover, as long as it comes back within the timeout).
+fn follow(mut f: Follow, mut input: FrameReceiver) {
+    let shared = f.shared.clone();
+    let mut shown = Instant::now();
+    loop {
+        let started = Instant::now();
+        // A large message (a joiner's full sync point) counts as
+        // hearing from the primary while it arrives, and shows
+        // progress on the joining side.
+        let msg = input.recv_with_progress(&mut |done, total| {
+            shared
+                .last_heard
+                .store(millis(shared.base), Ordering::Release);
+            if total >= STATE_PROGRESS_MIN
+                && (shown.elapsed() >= Duration::from_millis(500) || done == total)
+            {
+                shown = Instant::now();
+                let secs = started.elapsed().as_secs_f64().max(1e-3);
+                eprintln!(
+                    "tandem: receiving state: {} / {} MiB ({:.0} MiB/s)",
+                    done >> 20,
+                    total >> 20,
+                    done as f64 / secs / f64::from(1u32 << 20)
+                );
+            }
+        });
+        if shared.gone.load(Ordering::Acquire) {
+            return;
+        }
+        let next = match msg {
+            Ok((g, _)) if g < shared.generation => {
+                warn!("message from old generation {g} ignored");
+                ControlFlow::Continue(())
+            }
+            Ok((_, m)) => {
+                shared
+                    .last_heard
+                    .store(millis(shared.base), Ordering::Release);
+                f.on_message(m)
+            }
+            Err(e) => f.resume(&mut input, &e),
+        };
+        if next.is_break() {
+            return;
+        }
+    }
+}
+
+impl Follow {
+    /// One message of the current generation (heard already counted);
+    /// Break: the follow thread ends.
+    fn on_message(&mut self, m: Message) -> ControlFlow<()> {
+        match m {
+            Message::Log(_) if self.disk_sync.is_some() => {
+                return self.give_up(
+                    "the primary sent its log before syncing the disks: is it configured with storage = \"mirrored\"?".into(),
+                );
+            }
+            Message::DiskChunks(p) => return self.disk_chunks(&p),
+            Message::DiskDone(p) => return self.disk_done(&p),
+            Message::Refuse { reason } if !self.header_seen => {
+                return self.give_up(format!("the primary refused this secondary: {reason}"));
+            }
+            Message::Log(bytes) => return self.log(&bytes),
+            Message::Released(stop) => {
+                if let Some(f) = self.shared.follower_slot.get() {
+                    f.primary_released(stop);
+                }
+            }
+            Message::Ping(sent) => {
+                self.shared.ping.fetch_max(sent + 1, Ordering::AcqRel);
+            }
+            Message::StepDown(g) if g == self.shared.generation => {
+                self.shared.step_down.store(true, Ordering::Release);
+            }
+            Message::Memory {
+                round,
+                total,
+                scanned,
+                pages,
+            } if !self.header_seen => self.memory(round, total, scanned, &pages),
+            // Heard (counted above): nothing more to do.
+            Message::Heartbeat => {}
+            // Anything else has no meaning here (a message
+            // of another phase, or one only a secondary
+            // sends): said by name, not acted on.
+            other => warn!(
+                "the primary sent {} where the follower expects none: ignored",
+                other.kind()
+            ),
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Log bytes into the pipe; Break when the decoder is gone.
+    fn log(&mut self, bytes: &[u8]) -> ControlFlow<()> {
+        let mut p = self.pipe_in.lock().unwrap_or_else(|e| e.into_inner());
+        if p.write_all(bytes).is_err() {
+            return ControlFlow::Break(());
+        }
+        if self.header_seen {
+            self.frames += 1;
+        }
+        self.header_seen = true;
+        ControlFlow::Continue(())
+    }
+
+    /// Mirrored storage: chunks of a disk for this host's replica.
+    fn disk_chunks(&mut self, p: &[u8]) -> ControlFlow<()> {
+        if let Some(receiver) = self.disk_sync.as_mut() {
+            if let Err(e) = receiver.apply_chunks(p) {
+                return self.give_up(format!("disk sync: {e}"));
+            }
+            self.shared.send(&Message::Heartbeat);
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Mirrored storage: the disk sync's end.
+    fn disk_done(&mut self, p: &[u8]) -> ControlFlow<()> {
+        if let Some(mut receiver) = self.disk_sync.take() {
+            match receiver.finish(p) {
+                Ok(id) => self.shared.send(&Message::DiskSynced(id)),
+                Err(e) => return self.give_up(format!("disk sync: {e}")),
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// A joiner's memory, pre-copied before the log starts.
+    fn memory(&mut self, round: u32, total: u64, scanned: u64, pages: &[u8]) {
+        self.progress.update(round, total, scanned, pages.len());
+        let mut kept = self
+            .shared
+            .precopied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for entry in pages.chunks_exact(wire::PAGE_ENTRY) {
+            let (gfn, data) = entry.split_at(8);
+            kept.push(Page {
+                gfn: u64::from_le_bytes(gfn.try_into().unwrap_or_default()),
+                data: data.to_vec(),
+            });
+        }
+        drop(kept);
+        // The acks thread starts with the replay:
+        // until then, say we are here.
+        self.shared.send(&Message::Heartbeat);
+    }
+
+    /// The connection broke (`e`): reconnects and resumes on the new one;
+    /// Break when it will not.
+    fn resume(&mut self, input: &mut FrameReceiver, e: &std::io::Error) -> ControlFlow<()> {
+        // Close this connection for good (a forged message
+        // must not be followed by more from the same one).
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            warn!("replication connection reset: {e}");
+        }
+        input.shutdown();
+        let frames = self.frames;
+        let resumed = reconnect(
+            self.peer,
+            &self.vm_name,
+            self.shared.generation,
+            frames,
+            &self.shared.gone,
+            self.psk.as_ref(),
+            self.write_limit,
+        );
+        // None: the monitor decides what a primary that
+        // cannot be reached means.
+        let Some((tx, rx)) = resumed else {
+            return ControlFlow::Break(());
+        };
+        eprintln!("tandem: reconnected to the primary; resuming from frame {frames}");
+        *input = rx;
+        *self
+            .shared
+            .link_socket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = tx.try_clone_socket().ok();
+        *self
+            .shared
+            .link_out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = tx;
+        ControlFlow::Continue(())
+    }
+
+    /// The follow thread gives up before the log started: says why and ends
+    /// the log pipe, so the waiting side sees it at once.
+    fn give_up(&self, why: String) -> ControlFlow<()> {
+        *self
+            .shared
+            .follow_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(why);
+        let _ = self
+            .pipe_in
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown(Shutdown::Write);
+        ControlFlow::Break(())
+    }
+}
+
+/// Starts the decoder on the reading end of the log pipe and waits for the
+/// log's header: the identity, and the records for the replay.
+fn start_decode(
+    shared: &Arc<Shared>,
+    pipe_out: UnixStream,
+) -> anyhow::Result<(VmIdentity, Receiver<Record>)> {
+    let (identity_tx, identity_rx) = channel();
+    let (feed_tx, feed_rx) = channel::<Record>();
+    let decoded = shared.clone();
+    spawn("tandem-decode", move || {
+        decode(pipe_out, &identity_tx, &feed_tx, &decoded.received)
+    })?;
+    let identity = match identity_rx.recv() {
+        Ok(Ok(identity)) => identity,
+        failed => {
+            if let Some(why) = shared
+                .follow_failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                bail!(why);
+            }
+            failed.map_err(|_| {
+                anyhow!("the primary closed the channel before sending its log header")
+            })??
+        }
+    };
+    Ok((identity, feed_rx))
+}
+
+/// Decoder: the log reader turns bytes into records for the replay.
+fn decode(
+    pipe_out: UnixStream,
+    identity_tx: &Sender<Result<VmIdentity, LogError>>,
+    feed: &Sender<Record>,
+    received: &(Mutex<u64>, Condvar),
+) {
+    let (mut reader, identity) = match LogReader::open(pipe_out) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = identity_tx.send(Err(e));
+            return;
+        }
+    };
+    let _ = identity_tx.send(Ok(identity));
+    decode_loop(&mut reader, feed, received);
+}
+
+fn decode_loop(
+    reader: &mut LogReader<UnixStream>,
+    feed: &Sender<Record>,
+    received: &(Mutex<u64>, Condvar),
+) {
+    loop {
+        match reader.read_record() {
+            Ok(Some(record)) => {
+                // The End record means the secondary has the whole log: it
+                // acks everything, so the primary releases its last output.
+                let covered = match record {
+                    Record::Watermark { stop } => Some(stop),
+                    Record::End { .. } => Some(u64::MAX),
+                    _ => None,
+                };
+                if let Some(stop) = covered {
+                    let mut w = received.0.lock().unwrap_or_else(|p| p.into_inner());
+                    *w = (*w).max(stop);
+                    received.1.notify_one();
+                }
+                if feed.send(record).is_err() {
+                    return;
+                }
+            }
+            // EOF: the monitor closed the pipe after winning the next
+            // generation; dropping the feed lets the replay go live.
+            Ok(None) => return,
+            // A secondary that cannot follow must not go live on its own:
+            // it stops, and the primary carries on unprotected.
+            Err(e) => fence(&format!("the replication stream is damaged: {e}")),
+        }
+    }
+}
+
+/// Acks (as soon as the received watermark moves: the primary's held
+/// output waits on them), ping echoes and heartbeats, on whatever
+/// connection is current, until the primary is gone.
+fn ack(shared: &Shared, heartbeat: Duration) {
+    let (lock, moved) = &shared.received;
+    let mut acked = u64::MAX;
+    let mut reported = 0u64;
+    let mut reported_divergence = 0u64;
+    let mut echoed = 0u64;
+    let mut next_beat = Instant::now();
+    let send = |m: &Message| shared.send(m);
+    while !shared.gone.load(Ordering::Acquire) {
+        let p = shared.ping.load(Ordering::Acquire);
+        if p > echoed {
+            send(&Message::Pong(p - 1));
+            echoed = p;
+        }
+        let (verified, diverged) = match shared.progress.get() {
+            Some((v, d)) => (v.load(Ordering::Acquire), d.load(Ordering::Acquire)),
+            None => (0, 0),
+        };
+        if diverged > reported_divergence {
+            warn!(
+                "epoch {} diverged: asking the primary for a sync point",
+                diverged - 1
+            );
+            send(&Message::RepairRequest(diverged - 1));
+            reported_divergence = diverged;
+        }
+        if verified > reported {
+            send(&Message::Verified(verified));
+            reported = verified;
+        }
+        let current = {
+            let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+            // Wake at least every millisecond to report verified
+            // epochs (they do not move the received watermark).
+            let wait = next_beat
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(1));
+            let (guard, _) = moved
+                .wait_timeout_while(guard, wait, |w| *w == acked)
+                .unwrap_or_else(|p| p.into_inner());
+            *guard
+        };
+        if current != acked {
+            send(&Message::Ack(current));
+            acked = current;
+        }
+        if Instant::now() >= next_beat {
+            send(&Message::Heartbeat);
+            next_beat = Instant::now() + heartbeat;
+        }
+    }
+}
+
+/// Builds the replaying VM on the log's header and what was pre-copied,
+/// publishes this side, and prepares the replicator it runs once live.
+fn follower_vm(
+    params: &PairParams,
+    vm_config: impl FnOnce(RunMode) -> VmConfig,
+    shared: &Shared,
+    identity: VmIdentity,
+    feed: Receiver<Record>,
+) -> anyhow::Result<(Vm, Arc<Replicator>, Receiver<ShipFrame>)> {
+    // Later rounds resend pages: the last copy of each wins.
+    let base_pages =
+        std::mem::take(&mut *shared.precopied.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut config = vm_config(RunMode::Follow {
+        identity,
+        feed,
+        base_pages,
+    });
+    // Once live, this side records for a secondary of its own.
+    let (frames_tx, frames_rx) = channel::<ShipFrame>();
+    let full_sync_stop: Arc<OnceLock<Arc<AtomicU64>>> = Arc::default();
+    let sink = ShipSink {
+        frames: frames_tx,
+        throttle: params.throttle.clone(),
+        full_sync_stop: full_sync_stop.clone(),
+    };
+    config.go_live_record = Some((pair_record_options(params), Box::new(sink)));
+    if let Some((socket, path)) = params.console.clone() {
+        config.on_live = Some(Box::new(move || {
+            if let Err(e) = socket.serve(&path) {
+                warn!("cannot serve the console on {}: {e}", path.display());
+            }
+        }));
+    }
+    let vm = Vm::new(config)?;
+    let _ = shared
+        .progress
+        .set((vm.verified_stop(), vm.divergence_epoch()));
+    if let Some((socket, _)) = &params.console {
+        socket.set_input(vm.cause_queue());
+    }
+    if let Some(f) = vm.follower() {
+        let _ = shared.follower_slot.set(f);
+    }
+    let (full_sync, vcpu_full_stop) = vm.full_sync_handles();
+    let _ = full_sync_stop.set(vcpu_full_stop);
+    publish(params, &vm, Role::Secondary, shared.generation)?;
+    let verified_probe = vm.verified_stop();
+    params.board.probe(
+        "verified_stop",
+        Arc::new(move || verified_probe.load(Ordering::Acquire)),
+    );
+    params.board.probe(
+        "last_heartbeat_ms",
+        status::age_probe(shared.base, shared.last_heard.clone()),
+    );
+    // The replicator this side will run as the new primary.
+    params.throttle.open();
+    let successor = Replicator::new(params.clone(), &vm, shared.generation, full_sync)?;
+    successor.offer_switchover();
+    Ok((vm, successor, frames_rx))
+}
+
+/// What the monitor needs to go live.
+struct TakeOver {
+    /// The replicator this side runs as the new primary.
+    successor: Arc<Replicator>,
+    /// The frames this side records once live, for its own secondary.
+    frames: Receiver<ShipFrame>,
+    /// A handle on the log pipe's writing end: shut, the replay goes live.
+    pipe_closer: UnixStream,
+}
+
+/// Monitor: a silent primary is gone; win the next generation, stop
+/// taking its log, replay what arrived, go live.
+fn monitor(
+    params: PairParams,
+    shared: &Shared,
+    mut watch: SilenceWatch,
+    mut disk_checked: Instant,
+    live: TakeOver,
+) {
+    let heartbeat = params.heartbeat;
+    loop {
+        std::thread::sleep(heartbeat);
+        // A secondary that cannot keep its state (events, and with
+        // mirrored storage its bitmaps) stops following: protection is
+        // dropped and said so, the primary's guest carries on.
+        if disk_checked.elapsed() >= Duration::from_secs(1) {
+            disk_checked = Instant::now();
+            if let Some(why) = state_dir_full(&params.state_dir) {
+                params.event("fenced state-dir-full");
+                fence(&format!(
+                    "{why}: this secondary stops; the primary runs on unprotected"
+                ));
+            }
+        }
+        // Bytes the follow thread has not read yet (it may be behind,
+        // or this side was frozen) are the primary speaking.
+        let unread = shared
+            .link_socket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|s| unread_bytes(s) > 0);
+        let verdict = watch.tick(
+            millis(shared.base),
+            shared.last_heard.load(Ordering::Acquire),
+            unread,
+        );
+        let stepped_down = shared.step_down.load(Ordering::Acquire);
+        let silent = match verdict {
+            Verdict::Silent(ms) => ms,
+            Verdict::Alive if stepped_down => 0,
+            Verdict::Alive => continue,
+        };
+        return take_over(&params, shared, silent, stepped_down, live);
+    }
+}
+
+/// The primary is gone (silent for `silent` ms) or stepped down: stops
+/// following it, wins the next generation and goes live, or fences.
+fn take_over(
+    params: &PairParams,
+    shared: &Shared,
+    silent: u64,
+    stepped_down: bool,
+    live: TakeOver,
+) {
+    let TakeOver {
+        successor,
+        frames,
+        pipe_closer,
+    } = live;
+    shared.gone.store(true, Ordering::Release);
+    if let Some(s) = shared
+        .link_socket
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+    {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    match params.claim(shared.generation) {
+        Ok(Some(g)) if stepped_down => {
+            // The primary stopped itself: no STONITH for a host
+            // that is being upgraded.
+            eprintln!(
+                "tandem: the primary stepped down (switch-over); going live as generation {g}"
+            );
+            params.event(&format!("switchover generation={g}"));
+            successor.generation.store(g, Ordering::Release);
+            successor.set_replica_generation(g);
+            params.board.set(Role::Primary, g, "none (took over)");
+            if let Err(e) = successor.start(Some(frames)) {
+                warn!("live, but cannot take a new secondary: {e:#}");
+            }
+            let _ = pipe_closer.shutdown(Shutdown::Write);
+        }
+        Ok(Some(g)) => {
+            if let Err(e) = params.run_fence_command() {
+                params.event("fenced fence-command-failed");
+                fence(&format!("{e:#}; not going live"));
+            }
+            eprintln!("tandem: primary silent for {silent} ms; going live as generation {g}");
+            params.event(&format!(
+                "failover generation={g} primary-silent-ms={silent}"
+            ));
+            successor.generation.store(g, Ordering::Release);
+            successor.set_replica_generation(g);
+            params.board.set(Role::Primary, g, "none (took over)");
+            params.respawn();
+            if let Err(e) = successor.start(Some(frames)) {
+                warn!("live, but cannot take a new secondary: {e:#}");
+            }
+            let _ = pipe_closer.shutdown(Shutdown::Write);
+        }
+        Ok(None) => {
+            params.event("fenced lost-arbitration");
+            fence("another side won the arbitration")
+        }
+        Err(e) => {
+            params.event("fenced arbiter-unreachable");
+            fence(&format!("cannot reach the arbiter to take over: {e}"))
+        }
+    }
+}
+
+/// Less free space than this under `state_dir` counts as full.
+const STATE_DIR_MIN_FREE: u64 = 1 << 20;
+
+/// Why `dir` cannot take more state (full, or unreadable), if so.
+fn state_dir_full(dir: &std::path::Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: zeroed statvfs is a valid out-parameter for statvfs(3).
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid statvfs to fill.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        // A state_dir not created yet is not full.
+        return None;
+    }
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    (free < STATE_DIR_MIN_FREE).then(|| {
+        format!(
+            "state_dir {} is full ({} KiB free)",
+            dir.display(),
+            free >> 10
+        )
+    })
+}
+
+/// The joining side's view of pre-copy: a progress bar per round (on a
+/// terminal) and a line when each round ends.
+#[derive(Default)]
+struct PrecopyProgress {
+    round: Option<u32>,
+    bar: Option<indicatif::ProgressBar>,
+    started: Option<Instant>,
+    bytes: u64,
+}
+
+impl PrecopyProgress {
+    fn update(&mut self, round: u32, total: u64, scanned: u64, bytes: usize) {
+        let page = tandem_replay::log::PAGE_SIZE as u64;
+        if self.round != Some(round) {
+            self.round = Some(round);
+            self.started = Some(Instant::now());
+            self.bytes = 0;
+            let bar = indicatif::ProgressBar::new(total * page);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_prefix(format!("pre-copy round {round}"));
+            self.bar = Some(bar);
+        }
+        self.bytes += bytes as u64;
+        if let Some(bar) = &self.bar {
+            bar.set_position(scanned * page);
+        }
+        if scanned >= total {
+            if let Some(bar) = self.bar.take() {
+                bar.finish_and_clear();
+            }
+            let ms = self.started.map_or(0, |s| s.elapsed().as_millis());
+            eprintln!(
+                "tandem: pre-copy round {round}: {} pages received ({} KiB) of {total} looked at, in {ms} ms",
+                self.bytes / wire::PAGE_ENTRY as u64,
+                self.bytes >> 10
+            );
+        }
+    }
+}
+
+/// Messages at least this big show progress as they arrive.
+const STATE_PROGRESS_MIN: u64 = 16 << 20;
+
+/// Reconnects to the primary after the replication connection broke and
+/// asks to resume after `frames` frames; None when it will not (or the side
+/// decided the primary is gone).
+fn reconnect(
+    peer: SocketAddr,
+    vm: &str,
+    generation: u64,
+    frames: u64,
+    gone: &AtomicBool,
+    psk: Option<&Arc<Psk>>,
+    write_limit: Duration,
+) -> Option<(FrameSender, FrameReceiver)> {
+    while !gone.load(Ordering::Acquire) {
+        let connected = TcpStream::connect_timeout(&peer, Duration::from_millis(500))
+            .map_err(anyhow::Error::from)
+            .and_then(|s| channel::connect(s, psk));
+        if let Err(e) = &connected {
+            info!("reconnecting to {peer}: {e:#}");
+        }
+        if let Ok((mut tx, mut rx)) = connected {
+            let _ = tx.set_write_timeout(Some(write_limit));
+            let resume = Message::Resume {
+                vm: vm.to_string(),
+                frames,
+            };
+            if tx.send(generation, &resume).is_ok() {
+                let _ = rx.set_read_timeout(Some(Duration::from_secs(2)));
+                match rx.recv() {
+                    Ok((g, Message::Welcome { .. })) if g == generation => {
+                        let _ = rx.set_read_timeout(None);
+                        return Some((tx, rx));
+                    }
+                    Ok((_, Message::Refuse { reason })) => {
+                        warn!("the primary will not resume: {reason}");
+                        return None;
+                    }
+                    Ok((g, other)) => warn!(
+                        "resuming: the primary answered with {} (generation {g}): trying again",
+                        other.kind()
+                    ),
+                    Err(e) => info!("resuming: no answer from the primary: {e}"),
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
