@@ -1060,3 +1060,43 @@ fn a_full_state_dir_drops_protection_and_the_primary_carries_on() {
     drop(secondary);
     let _ = std::fs::remove_dir_all(&t.dir);
 }
+
+#[test]
+fn a_secondary_tries_again_when_the_primary_was_too_slow_for_its_handshake() {
+    // The primary freezes while it waits for its secondary: the kernel
+    // still accepts the connection, so the secondary's handshake times out
+    // (10 s). It tries again instead of exiting, and the pair protects the
+    // VM once the primary thaws.
+    let t = topology("slowhs", 1500, "received");
+    let witness = spawn_witness(&t.ns, &t.dir);
+    let config = t.config.display().to_string();
+    let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
+    wait_stderr(
+        &primary,
+        "waiting for the secondary",
+        Duration::from_secs(30),
+        &witness,
+    );
+    signal(&primary, libc::SIGSTOP);
+    let secondary = Proc::spawn(&t.ns, &["secondary", "--config", &config, "--host", "b"]);
+    wait_stderr(
+        &secondary,
+        "trying again",
+        Duration::from_secs(30),
+        &primary,
+    );
+    signal(&primary, libc::SIGCONT);
+    primary.wait_for_with("netecho: up", Duration::from_secs(60), &secondary);
+    let s = t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, first) = serve(&s, 0, 5, Duration::from_secs(30), &mut replies);
+    assert!(first.is_some(), "{}", primary.stderr());
+    // The secondary really follows: it takes over.
+    let mut primary = primary;
+    primary.child.kill().unwrap();
+    let _ = primary.child.wait();
+    let (_, after) = serve(&s, next, 5, Duration::from_secs(30), &mut replies);
+    assert!(after.is_some(), "no takeover: {}", secondary.stderr());
+    assert_counter_invariants(&replies, next);
+    let _ = std::fs::remove_dir_all(&t.dir);
+}

@@ -1526,7 +1526,16 @@ pub fn run_primary(
         Arc::new(move || millis(r.base).saturating_sub(r.last_heard.load(Ordering::Acquire))),
     );
     match first {
-        Some((tx, rx, hello, from)) => replicator.attach((tx, rx), from, true, hello)?,
+        Some((tx, rx, hello, from)) => {
+            if let Err(e) = replicator.attach((tx, rx), from, true, hello) {
+                // The secondary gave up on this connection (a handshake
+                // timeout on a loaded host) and connects again: it joins
+                // the running VM then. Meanwhile this side runs as one
+                // that lost its secondary.
+                warn!("the first secondary dropped during its handshake: {e:#}");
+                replicator.go_unprotected(&format!("the secondary at {from} dropped"));
+            }
+        }
         None => {
             gate.open();
             replicator.set_replica_generation(generation);

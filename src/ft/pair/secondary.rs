@@ -172,16 +172,37 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()
 /// runs.
 fn connect(params: &PairParams) -> anyhow::Result<(FrameSender, FrameReceiver, u64)> {
     let deadline = Instant::now() + Duration::from_secs(120);
-    let stream = loop {
-        match TcpStream::connect_timeout(&params.peer, Duration::from_secs(2)) {
-            Ok(s) => break s,
+    loop {
+        let stream = match TcpStream::connect_timeout(&params.peer, Duration::from_secs(2)) {
+            Ok(s) => s,
             Err(e) if Instant::now() < deadline => {
                 info!("primary {} not reachable yet: {e}", params.peer);
                 std::thread::sleep(Duration::from_millis(200));
+                continue;
             }
             Err(e) => bail!("cannot reach the primary at {}: {e}", params.peer),
+        };
+        match greet_primary(params, stream) {
+            Ok(link) => return Ok(link),
+            // A loaded primary may answer late, or drop a connection it
+            // was too slow for: try again, as a joiner if it started.
+            Err(e) if transient(&e) && Instant::now() < deadline => {
+                warn!(
+                    "handshake with the primary at {}: {e:#}; trying again",
+                    params.peer
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e),
         }
-    };
+    }
+}
+
+/// Authenticates, says hello and waits for the primary's welcome.
+fn greet_primary(
+    params: &PairParams,
+    stream: TcpStream,
+) -> anyhow::Result<(FrameSender, FrameReceiver, u64)> {
     let (mut tx, mut input) = channel::connect(stream, params.psk.as_ref())?;
     // A send never blocks a lock for long (the monitor needs the link to
     // shut it when the primary falls silent).
@@ -201,10 +222,29 @@ fn connect(params: &PairParams) -> anyhow::Result<(FrameSender, FrameReceiver, u
             info!("following generation {generation}, protocol {version}")
         }
         Message::Refuse { reason } => bail!("the primary refused this secondary: {reason}"),
-        other => bail!("expected a welcome, got {other:?}"),
+        other => bail!("expected a welcome, got {}", other.kind()),
     }
     input.set_read_timeout(None)?;
     Ok((tx, input, generation))
+}
+
+/// An error worth another try: the connection timed out, was reset or
+/// closed (not a refusal or a key that does not match).
+fn transient(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::*;
+    e.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                WouldBlock
+                    | TimedOut
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | BrokenPipe
+                    | UnexpectedEof
+            )
+        })
+    })
 }
 
 /// The follow thread's own state.
