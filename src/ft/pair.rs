@@ -8,6 +8,12 @@
 //! hint). Before running the guest live a side must win the next generation
 //! from the arbiter; a side that loses fences itself: it stops and exits
 //! with [`EXIT_FENCED`] without releasing anything more.
+//!
+//! Size: over 800 lines because the primary's `Replicator` (link and resume,
+//! shipping, acks, two leases, pre-copy, disk sync, switch-over, monitor)
+//! still lives here in one impl; the secondary moved to `pair/secondary.rs`.
+//! Splitting the Replicator by concern (a `primary/` folder) is the next step
+//! of the restructure.
 
 use super::silence::{unread_bytes, SilenceWatch, Verdict};
 use std::io::Write;

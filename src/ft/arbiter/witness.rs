@@ -33,6 +33,9 @@
 //! generation twice. A trailing checksum makes a damaged file an error at
 //! start rather than a silent reset. A `FILE.lock` (flock) keeps a second
 //! witness process off the same file.
+//!
+//! Size: over 800 lines because it holds the witness's state file, its server
+//! and its client, which share the line protocol; about a third is tests.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -3,6 +3,9 @@
 //! the one `match` on [`RunMode`]), what the guest sees ([`shape_guest`]),
 //! KVM and memory, the vCPU and its CPUID/MSRs, the identity, the outputs,
 //! the devices, and a follower's go-live.
+//!
+//! Size: over 800 lines because every build step of `Vm::new` is here, each a
+//! short function.
 
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
