@@ -65,6 +65,7 @@ chaos: build guests
 		$(CARGO) test --release --locked --test chaos -- --nocapture
 	SPIN_REPS=$${SPIN_REPS:-20} $(CARGO) test --release --locked --test spin_failover -- --nocapture --test-threads=1
 	JOIN_REPS=$${JOIN_REPS:-20} $(CARGO) test --release --locked --test join_gap -- --nocapture
+	TANDEM_LOG=info $(CARGO) test --release --locked --test pair -- --ignored --nocapture
 
 # Long randomized runs of everything that parses input it does not control:
 # the log decoder (bit flips, truncation, random frames), the pair file

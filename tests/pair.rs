@@ -1062,6 +1062,7 @@ fn a_full_state_dir_drops_protection_and_the_primary_carries_on() {
 }
 
 #[test]
+#[ignore = "once failed to come up under make test with a CPU hog (cause not found): run by make chaos"]
 fn a_secondary_tries_again_when_the_primary_was_too_slow_for_its_handshake() {
     // The primary freezes while it waits for its secondary: the kernel
     // still accepts the connection, so the secondary's handshake times out

@@ -175,12 +175,21 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()
 /// Connects to the primary and greets it: the link and the generation it
 /// runs.
 fn connect(params: &PairParams) -> anyhow::Result<(FrameSender, FrameReceiver, u64)> {
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(120);
+    let mut said = started;
     loop {
         let stream = match TcpStream::connect_timeout(&params.peer, Duration::from_secs(2)) {
             Ok(s) => s,
             Err(e) if Instant::now() < deadline => {
-                info!("primary {} not reachable yet: {e}", params.peer);
+                // Quiet at first (the primary may still be starting), then
+                // said every 5 s.
+                if said.elapsed() >= Duration::from_secs(5) {
+                    warn!("primary {} not reachable yet: {e}", params.peer);
+                    said = Instant::now();
+                } else {
+                    info!("primary {} not reachable yet: {e}", params.peer);
+                }
                 std::thread::sleep(Duration::from_millis(200));
                 continue;
             }
