@@ -46,7 +46,7 @@ fn a_pair_arbitrated_by_a_three_member_etcd_cluster_fails_over_and_survives_a_me
     let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
     std::thread::sleep(Duration::from_millis(300));
     let secondary = Proc::spawn(&t.ns, &["secondary", "--config", &config, "--host", "b"]);
-    primary.wait_for("netecho: up", Duration::from_secs(60));
+    primary.wait_for_with("netecho: up", Duration::from_secs(60), &secondary);
     let s = t.ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();
     let (next, first) = serve(&s, 0, 5, Duration::from_secs(30), &mut replies);
@@ -120,7 +120,7 @@ fn a_primary_cut_off_from_etcd_stops_releasing_and_hands_over_exactly_once() {
         &hosts[1],
         &["secondary", "--config", &config, "--host", "b"],
     );
-    primary.wait_for("netecho: up", Duration::from_secs(60));
+    primary.wait_for_with("netecho: up", Duration::from_secs(60), &secondary);
     let s = ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();
     let (next, first) = serve(&s, 0, 5, Duration::from_secs(30), &mut replies);
