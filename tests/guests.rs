@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{run_guest, Finished};
+use common::{compute_hash, run_guest, Finished};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -38,25 +38,6 @@ fn ticker_takes_exactly_2000_timer_interrupts_without_spinning() {
         f.cpu,
         f.wall
     );
-}
-
-/// The `compute` guest's hash, as documented in guest-images/compute.c.
-fn compute_hash(size: usize, rounds: u32) -> u64 {
-    let mut buf: Vec<u8> = (0..size)
-        .map(|i| (i as u64).wrapping_mul(31) as u8)
-        .collect();
-    let mut state = 0u64;
-    for r in 0..rounds {
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
-        for &b in &buf {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        state = state.rotate_left(13) ^ h;
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = (*b ^ (state >> (8 * (i % 8))) as u8).wrapping_add(r as u8);
-        }
-    }
-    state
 }
 
 #[test]

@@ -8,9 +8,9 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::guest;
 use common::netns::NetNs;
 use common::pair::*;
+use common::{compute_hash, guest};
 
 #[test]
 fn replayed_commit_serves_and_fails_over_too() {
@@ -814,22 +814,6 @@ fn a_broken_replication_connection_resumes_without_a_failover() {
 
 /// The compute guest's result for `size` bytes and `rounds` rounds (the
 /// algorithm in guest-images/compute.c).
-fn compute_hash(size: usize, rounds: u32) -> u64 {
-    let mut buf: Vec<u8> = (0..size).map(|i| (i * 31) as u8).collect();
-    let mut state = 0u64;
-    for r in 0..rounds {
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
-        for &b in &buf {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        state = state.rotate_left(13) ^ h;
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = (*b ^ (state >> (8 * (i & 7))) as u8).wrapping_add(r as u8);
-        }
-    }
-    state
-}
-
 #[test]
 fn a_joiner_gets_memory_in_pre_copy_rounds_while_the_guest_writes_it() {
     // The primary runs the compute guest alone, rewriting a 256 KiB buffer;

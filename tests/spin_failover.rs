@@ -13,6 +13,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::compute_hash;
 use common::netns::NetNs;
 use common::pair::*;
 
@@ -121,24 +122,6 @@ fn a_spinning_guest_keeps_its_timer_after_every_kind_of_failover() {
             }
         }
     }
-}
-
-/// The FNV-1a based hash compute prints for `size` and `rounds` (its
-/// header comment has the algorithm).
-fn compute_hash(size: usize, rounds: u32) -> u64 {
-    let mut buf: Vec<u8> = (0..size).map(|i| (i as u8).wrapping_mul(31)).collect();
-    let mut state = 0u64;
-    for r in 0..rounds {
-        let mut h = 0xcbf29ce484222325u64;
-        for &b in &buf {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
-        }
-        state = state.rotate_left(13) ^ h;
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = (*b ^ (state >> (8 * (i & 7))) as u8).wrapping_add(r as u8);
-        }
-    }
-    state
 }
 
 /// compute at 100 Hz, CPU-bound from start to end: the fault lands in its

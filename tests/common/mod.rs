@@ -140,3 +140,22 @@ pub mod etcd;
 pub mod netns;
 pub mod pair;
 pub mod proxy;
+
+/// The `compute` guest's hash, as documented in guest-images/compute.c.
+pub fn compute_hash(size: usize, rounds: u32) -> u64 {
+    let mut buf: Vec<u8> = (0..size)
+        .map(|i| (i as u64).wrapping_mul(31) as u8)
+        .collect();
+    let mut state = 0u64;
+    for r in 0..rounds {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for &b in &buf {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        state = state.rotate_left(13) ^ h;
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (*b ^ (state >> (8 * (i % 8))) as u8).wrapping_add(r as u8);
+        }
+    }
+    state
+}

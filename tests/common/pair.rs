@@ -183,19 +183,26 @@ impl Proc {
         }
     }
 
-    pub fn wait_for(&self, what: &str, limit: Duration) {
+    /// Whether `what` shows on stdout within `limit`.
+    fn saw(&self, what: &str, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if self.lines.lock().unwrap().iter().any(|l| l.contains(what)) {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!(
-            "never saw {what:?}; stdout {:?} stderr {:?}",
-            self.lines.lock().unwrap(),
-            self.errors.lock().unwrap()
-        );
+        false
+    }
+
+    pub fn wait_for(&self, what: &str, limit: Duration) {
+        if !self.saw(what, limit) {
+            panic!(
+                "never saw {what:?}; stdout {:?} stderr {:?}",
+                self.lines.lock().unwrap(),
+                self.errors.lock().unwrap()
+            );
+        }
     }
 
     pub fn stderr(&self) -> String {
@@ -205,19 +212,14 @@ impl Proc {
     /// [`Proc::wait_for`], failing with `other`'s stderr too (the peer of
     /// a pair often says why this side never got going).
     pub fn wait_for_with(&self, what: &str, limit: Duration, other: &Proc) {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if self.lines.lock().unwrap().iter().any(|l| l.contains(what)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if !self.saw(what, limit) {
+            panic!(
+                "never saw {what:?}; stdout {:?} stderr {:?}\nother side's stderr: {}",
+                self.lines.lock().unwrap(),
+                self.errors.lock().unwrap(),
+                other.stderr()
+            );
         }
-        panic!(
-            "never saw {what:?}; stdout {:?} stderr {:?}\nother side's stderr: {}",
-            self.lines.lock().unwrap(),
-            self.errors.lock().unwrap(),
-            other.stderr()
-        );
     }
 }
 
