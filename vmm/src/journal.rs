@@ -700,6 +700,19 @@ impl Replayer {
         matches!(self.source, Source::Live(_))
     }
 
+    /// Live: takes what has arrived and fills an empty lookahead from it.
+    /// Never poll the feed without this: a record polled into `buffered`
+    /// behind an empty lookahead, with the watermark that covers it, would
+    /// let the vCPU enter its stop without it.
+    fn poll_live(&mut self) {
+        if let Source::Live(feed) = &mut self.source {
+            feed.poll();
+        }
+        if self.next.is_none() {
+            self.advance();
+        }
+    }
+
     /// Loads the next non-watermark record into the lookahead.
     fn advance(&mut self) {
         self.next = None;
@@ -755,13 +768,10 @@ impl Replayer {
             };
         }
         loop {
-            if self.next.is_none() {
-                self.advance();
-            }
+            self.poll_live();
             let Source::Live(feed) = &mut self.source else {
                 return Leave::Enter;
             };
-            feed.poll();
             let beyond = self.next.as_ref().is_some_and(|r| r.stop() > stop + 1);
             if beyond || feed.left(stop + 1) {
                 return Leave::Enter;
@@ -776,25 +786,29 @@ impl Replayer {
     /// wakes it: waits for more from the primary. False when the primary is
     /// gone (go live) ; an error when the primary has left this stop.
     pub fn wait_at(&mut self, stop: u64) -> Result<bool, JournalError> {
+        if !self.is_live() {
+            return Ok(false);
+        }
+        self.poll_live();
+        if matches!(self.next, Some(Record::Cause { stop: s, .. }) if s <= stop) {
+            // An input for this stop arrived: let the caller apply it.
+            return Ok(true);
+        }
+        let stuck = self.next.as_ref().is_none_or(|r| r.stop() > stop);
         let Source::Live(feed) = &mut self.source else {
             return Ok(false);
         };
-        if feed.left(stop) && self.next.as_ref().is_none_or(|r| r.stop() > stop) {
-            feed.poll();
-            if feed.left(stop) {
-                return Err(JournalError::Diverged {
-                    stop,
-                    what: "the guest halted and nothing the primary logged for this stop wakes it"
-                        .into(),
-                });
-            }
+        if stuck && feed.left(stop) {
+            return Err(JournalError::Diverged {
+                stop,
+                what: "the guest halted and nothing the primary logged for this stop wakes it"
+                    .into(),
+            });
         }
         if feed.disconnected || !feed.wait_one() {
             return Ok(false);
         }
-        if self.next.is_none() {
-            self.advance();
-        }
+        self.poll_live();
         Ok(true)
     }
 
@@ -1245,6 +1259,38 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}: {records:?}"));
         }
         assert_eq!(order.watermark(), Some(480), "{records:?}");
+    }
+
+    #[test]
+    fn a_live_replay_enters_a_stop_only_with_its_records_in_hand() {
+        // The primary ships each stop's records, then a watermark for it,
+        // while the replay follows. A record that arrives between the
+        // replay's look at its lookahead and its look at the watermark must
+        // not be left behind the lookahead: the stop would run without it
+        // (an epoch end unchecked, a cross-check reported as missing).
+        const STOPS: u64 = 20_000;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let primary = std::thread::spawn(move || {
+            for stop in 1..=STOPS {
+                let check = Check::Injected { vector: 32 };
+                tx.send(Record::Check { stop, check }).unwrap();
+                tx.send(Record::Watermark { stop }).unwrap();
+                // Keep pace with the replay, so that records keep arriving
+                // while it looks (a sender far ahead never shows the race).
+                let until = Instant::now() + Duration::from_nanos(500 + stop % 7 * 300);
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        let mut replay = Replayer::live(rx);
+        for stop in 1..=STOPS {
+            assert_eq!(replay.may_enter(stop - 1), Leave::Enter);
+            replay
+                .check(stop, &Check::Injected { vector: 32 })
+                .unwrap_or_else(|e| panic!("entering stop {stop}: {e}"));
+        }
+        primary.join().unwrap();
     }
 
     #[test]
