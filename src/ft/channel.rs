@@ -8,16 +8,14 @@
 use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tracing::warn;
 
+use super::admission::{DeadlineReader, HANDSHAKE_DEADLINE, MAX_PRE_AUTH_MESSAGE};
 use super::auth::{self, FrameMac, Psk, CLIENT_TO_SERVER, MAC_LEN, SERVER_TO_CLIENT};
 use super::wire::{self, Message};
-
-/// How long each step of the authentication may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The sending half of a connection.
 pub struct FrameSender {
@@ -149,11 +147,13 @@ pub fn connect(
     let Some(psk) = psk else {
         return Ok(halves(stream, None, CLIENT_TO_SERVER)?);
     };
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let deadline = Instant::now() + HANDSHAKE_DEADLINE;
+    stream.set_write_timeout(Some(HANDSHAKE_DEADLINE))?;
     let mut s = &stream;
     let client = auth::nonce()?;
     wire::write(&mut s, 0, &Message::AuthHello { nonce: client })?;
-    let (_, reply) = wire::read(&mut s).with_context(|| format!("authenticating with {peer}"))?;
+    let (_, reply) =
+        read_handshake(&stream, deadline).with_context(|| format!("authenticating with {peer}"))?;
     let (server, proof) = match reply {
         Message::AuthChallenge { nonce, proof } => (nonce, proof),
         Message::Refuse { reason } => bail!("{peer} refused: {reason}"),
@@ -183,6 +183,7 @@ pub fn connect(
         },
     )?;
     stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
     let key = psk.session_key(&client, &server);
     Ok(halves(stream, Some(key), CLIENT_TO_SERVER)?)
 }
@@ -206,9 +207,11 @@ pub fn accept(
     let Some(psk) = psk else {
         return Ok(halves(stream, None, SERVER_TO_CLIENT)?);
     };
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let deadline = Instant::now() + HANDSHAKE_DEADLINE;
+    stream.set_write_timeout(Some(HANDSHAKE_DEADLINE))?;
     let mut s = &stream;
-    let (_, first) = wire::read(&mut s).with_context(|| format!("authenticating {peer}"))?;
+    let (_, first) =
+        read_handshake(&stream, deadline).with_context(|| format!("authenticating {peer}"))?;
     let Message::AuthHello { nonce: client } = first else {
         refuse(
             &stream,
@@ -228,7 +231,8 @@ pub fn accept(
             proof: psk.server_proof(&client, &server),
         },
     )?;
-    let (_, reply) = wire::read(&mut s).with_context(|| format!("authenticating {peer}"))?;
+    let (_, reply) =
+        read_handshake(&stream, deadline).with_context(|| format!("authenticating {peer}"))?;
     match reply {
         Message::AuthProof { proof } if psk.check_client_proof(&client, &server, &proof) => {}
         Message::Refuse { reason } => bail!("{peer} refused this host's key: {reason}"),
@@ -245,8 +249,17 @@ pub fn accept(
         }
     }
     stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
     let key = psk.session_key(&client, &server);
     Ok(halves(stream, Some(key), SERVER_TO_CLIENT)?)
+}
+
+/// One handshake message: small, and by the handshake's total deadline.
+fn read_handshake(stream: &TcpStream, deadline: Instant) -> io::Result<(u64, Message)> {
+    wire::read_limited(
+        &mut DeadlineReader::new(stream, deadline),
+        MAX_PRE_AUTH_MESSAGE,
+    )
 }
 
 /// The peer's address for messages.

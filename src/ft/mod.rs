@@ -1,5 +1,6 @@
 //! Fault tolerance: the arbiter, the replication channel and the pair.
 
+pub mod admission;
 pub mod arbiter;
 pub mod auth;
 pub mod channel;

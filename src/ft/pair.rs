@@ -32,6 +32,7 @@ use tandem_vmm::vm::RunMode;
 use tandem_vmm::{Vm, VmConfig};
 use tracing::{info, warn};
 
+use super::admission::{self, Admission};
 use super::arbiter::{Arbiter, ClaimOutcome};
 use super::auth::Psk;
 use super::channel::{self, FrameReceiver, FrameSender};
@@ -1177,18 +1178,17 @@ impl Replicator {
         Ok((sent, bytes))
     }
 
-    /// Accepts secondaries for as long as the primary runs (re-protection).
-    fn accept(self: &Arc<Self>, listener: TcpListener) {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let addr = stream.peer_addr().unwrap_or(self.params.peer);
-            let (mut tx, rx, first) = match greet(stream, self.params.psk.as_ref()) {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!("secondary {addr}: {e:#}");
-                    continue;
-                }
-            };
+    /// Takes secondaries for as long as the primary runs (re-protection),
+    /// one at a time, as their handshakes complete.
+    fn accept(self: &Arc<Self>, greeted: Receiver<Greeted>) {
+        for Greeted {
+            tx,
+            rx,
+            first,
+            from: addr,
+        } in greeted
+        {
+            let mut tx = tx;
             if let Message::Resume { vm, frames } = first {
                 if vm != self.params.vm_name {
                     warn!("secondary {addr} resumes {vm}, not {}", self.params.vm_name);
@@ -1219,13 +1219,16 @@ impl Replicator {
     /// threads (a secondary that went live becomes a primary that takes a
     /// new secondary).
     fn start(self: &Arc<Self>, frames: Option<Receiver<ShipFrame>>) -> anyhow::Result<()> {
-        self.start_on(listen(&self.params)?, frames)
+        self.start_on(
+            admit(listen(&self.params)?, self.params.psk.clone())?,
+            frames,
+        )
     }
 
     /// Starts the ship (when given frames), accept and monitor threads.
     fn start_on(
         self: &Arc<Self>,
-        listener: TcpListener,
+        greeted: Receiver<Greeted>,
         frames: Option<Receiver<ShipFrame>>,
     ) -> anyhow::Result<()> {
         if let Some(frames) = frames {
@@ -1236,8 +1239,8 @@ impl Replicator {
         }
         let r = self.clone();
         std::thread::Builder::new()
-            .name("tandem-accept".into())
-            .spawn(move || r.accept(listener))?;
+            .name("tandem-secondaries".into())
+            .spawn(move || r.accept(greeted))?;
         let r = self.clone();
         std::thread::Builder::new()
             .name("tandem-monitor".into())
@@ -1420,12 +1423,77 @@ impl Replicator {
 
 /// Authenticates a new connection (when the pair has a key) and reads
 /// its first message: the secondary's hello or resume.
+/// A connection that authenticated and said what it wants.
+struct Greeted {
+    tx: FrameSender,
+    rx: FrameReceiver,
+    /// Its first message (hello or resume).
+    first: Message,
+    from: SocketAddr,
+}
+
+/// Accepts connections on `listener` for good: each handshake runs on a
+/// thread of its own, by a total deadline, within the admission limits, so
+/// no peer that never finishes one keeps a secondary out. What completes
+/// comes out of the returned channel, in order of completion.
+fn admit(listener: TcpListener, psk: Option<Arc<Psk>>) -> std::io::Result<Receiver<Greeted>> {
+    let (greeted_tx, greeted) = channel::<Greeted>();
+    let admission = Admission::new(admission::DEFAULT_LIMITS);
+    std::thread::Builder::new()
+        .name("tandem-accept".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // EMFILE and the like: keep serving.
+                        warn!("accepting a secondary: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                };
+                let Ok(from) = stream.peer_addr() else {
+                    continue;
+                };
+                let ticket = match admission.admit(from.ip()) {
+                    Ok(t) => t,
+                    Err(refused) => {
+                        warn!("secondary {from}: not admitted: {refused}");
+                        continue;
+                    }
+                };
+                let (psk, greeted_tx) = (psk.clone(), greeted_tx.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("tandem-greet".into())
+                    .spawn(move || {
+                        let result = greet(stream, psk.as_ref());
+                        drop(ticket);
+                        match result {
+                            Ok((tx, rx, first)) => {
+                                let _ = greeted_tx.send(Greeted {
+                                    tx,
+                                    rx,
+                                    first,
+                                    from,
+                                });
+                            }
+                            Err(e) => warn!("secondary {from}: {e:#}"),
+                        }
+                    });
+                if let Err(e) = spawned {
+                    warn!("secondary {from}: cannot start its handshake: {e}");
+                }
+            }
+        })?;
+    Ok(greeted)
+}
+
 fn greet(
     stream: TcpStream,
     psk: Option<&Arc<Psk>>,
 ) -> anyhow::Result<(FrameSender, FrameReceiver, Message)> {
     let (mut tx, mut rx) = channel::accept(stream, psk)?;
-    rx.set_read_timeout(Some(Duration::from_secs(10)))?;
+    rx.set_read_timeout(Some(admission::HANDSHAKE_DEADLINE))?;
     let (_, first) = rx.recv().context("no hello")?;
     rx.set_read_timeout(None)?;
     if let Message::AuthHello { .. } = first {
@@ -1478,7 +1546,7 @@ pub fn run_primary(
     };
     let options = pair_record_options(&params);
 
-    let listener = listen(&params)?;
+    let greeted = admit(listen(&params)?, params.psk.clone())?;
     let first = if params.alone {
         None
     } else {
@@ -1487,13 +1555,10 @@ pub fn run_primary(
             params.listen
         );
         // Wait for a secondary that authenticates; others are refused.
-        Some(loop {
-            let (stream, from) = listener.accept()?;
-            match greet(stream, params.psk.as_ref()) {
-                Ok((tx, rx, hello)) => break (tx, rx, hello, from),
-                Err(e) => warn!("secondary {from}: {e:#}"),
-            }
-        })
+        let first = greeted
+            .recv()
+            .map_err(|_| anyhow!("the accept thread on {} ended", params.listen))?;
+        Some(first)
     };
 
     let vm = Vm::new(vm_config(RunMode::Primary {
@@ -1532,7 +1597,12 @@ pub fn run_primary(
         Arc::new(move || millis(r.base).saturating_sub(r.last_heard.load(Ordering::Acquire))),
     );
     match first {
-        Some((tx, rx, hello, from)) => {
+        Some(Greeted {
+            tx,
+            rx,
+            first: hello,
+            from,
+        }) => {
             if let Err(e) = replicator.attach((tx, rx), from, true, hello) {
                 // The secondary gave up on this connection (a handshake
                 // timeout on a loaded host) and connects again: it joins
@@ -1552,7 +1622,7 @@ pub fn run_primary(
                 .set(Role::Primary, generation, "none (alone)");
         }
     }
-    replicator.start_on(listener, Some(frames_rx))?;
+    replicator.start_on(greeted, Some(frames_rx))?;
     let report = vm.run();
     info!(
         "replication: {} log bytes shipped",

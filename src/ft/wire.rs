@@ -253,7 +253,8 @@ fn u64_of(p: &[u8]) -> io::Result<u64> {
 }
 
 /// Reads one message: (generation, message). Never trusts a length beyond
-/// [`MAX_PAYLOAD`].
+/// [`MAX_PAYLOAD`]. (The channel reads through [`read_raw`].)
+#[cfg(test)]
 pub fn read(r: &mut impl Read) -> io::Result<(u64, Message)> {
     read_with_progress(r, &mut |_, _| {})
 }
@@ -263,6 +264,7 @@ const PROGRESS_CHUNK: usize = 1 << 20;
 
 /// [`read`], calling `progress(done, total)` as a message's payload arrives
 /// (every MiB and at the end): a full sync point can be hundreds of MiB.
+#[cfg(test)]
 pub fn read_with_progress(
     r: &mut impl Read,
     progress: &mut dyn FnMut(u64, u64),
@@ -277,11 +279,28 @@ pub fn read_raw(
     r: &mut impl Read,
     progress: &mut dyn FnMut(u64, u64),
 ) -> io::Result<([u8; HEAD_LEN], Vec<u8>)> {
+    read_raw_limited(r, MAX_PAYLOAD, progress)
+}
+
+/// One message of at most `max` payload bytes (before authentication the
+/// peer's header is not trusted to size a buffer).
+pub fn read_limited(r: &mut impl Read, max: u32) -> io::Result<(u64, Message)> {
+    let (head, payload) = read_raw_limited(r, max, &mut |_, _| {})?;
+    decode(&head, payload)
+}
+
+fn read_raw_limited(
+    r: &mut impl Read,
+    max: u32,
+    progress: &mut dyn FnMut(u64, u64),
+) -> io::Result<([u8; HEAD_LEN], Vec<u8>)> {
     let mut head = [0u8; HEAD_LEN];
     r.read_exact(&mut head)?;
     let len = u32::from_le_bytes(head[9..13].try_into().unwrap_or([0; 4]));
-    if len > MAX_PAYLOAD {
-        return Err(bad(format!("message of {len} bytes is over the limit")));
+    if len > max {
+        return Err(bad(format!(
+            "message of {len} bytes is over the limit of {max}"
+        )));
     }
     let mut payload = vec![0u8; len as usize];
     let mut done = 0u64;

@@ -83,6 +83,74 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// The namespace's name.
+    #[allow(dead_code)]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A TCP connection to `addr` from source address `from` (an IP),
+    /// inside the namespace: tests put attackers on their own addresses.
+    #[allow(dead_code)]
+    pub fn tcp_connect_from(
+        &self,
+        from: std::net::Ipv4Addr,
+        addr: std::net::SocketAddrV4,
+    ) -> std::io::Result<std::net::TcpStream> {
+        tcp_connect_in(&self.name, from, addr)
+    }
+}
+
+/// [`NetNs::tcp_connect_from`] in the namespace called `ns` (for threads
+/// that do not own the namespace).
+#[allow(dead_code)]
+pub fn tcp_connect_in(
+    ns: &str,
+    from: std::net::Ipv4Addr,
+    addr: std::net::SocketAddrV4,
+) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path)?;
+        // SAFETY: a valid namespace fd; CLONE_NEWNET switches only this
+        // thread's network namespace.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: plain socket(2); the fd is owned by the stream below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh socket nobody else owns.
+        let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        let sockaddr = |a: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(a).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let local = sockaddr(from, 0);
+        // SAFETY: `local` is a valid sockaddr_in of `len` bytes.
+        if unsafe { libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sockaddr(*addr.ip(), addr.port());
+        // SAFETY: `remote` is a valid sockaddr_in of `len` bytes.
+        if unsafe { libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    })
+    .join()
+    .expect("netns thread")
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip")

@@ -47,10 +47,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
+use crate::ft::admission::{self, Admission, DeadlineReader, Ticket};
 use crate::ft::auth::{
     self, from_hex, to_hex, FrameMac, Psk, CLIENT_TO_SERVER, MAC_LEN, NONCE_LEN, SERVER_TO_CLIENT,
 };
@@ -483,18 +484,23 @@ fn authenticate(
     Ok(LineSession::new(psk.session_key(&client, &server), false))
 }
 
-fn serve_connection(stream: TcpStream, shared: &Shared, psk: Option<&Psk>) {
+/// Serves one connection. With a key, `ticket` holds its place among the
+/// unauthenticated until it authenticates (within the handshake deadline);
+/// then it takes one of the places kept for authenticated sessions.
+fn serve_connection(
+    stream: TcpStream,
+    shared: &Arc<Shared>,
+    psk: Option<&Psk>,
+    ticket: Option<Ticket>,
+) {
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
-    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let _ = stream.set_nodelay(true);
-    let Ok(read_half) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(read_half);
-    let mut writer = stream;
+    let deadline = Instant::now() + admission::HANDSHAKE_DEADLINE;
+    let mut reader = BufReader::new(DeadlineReader::new(&stream, deadline));
+    let mut writer = &stream;
     let mut session = match psk.map(|k| authenticate(&mut reader, &mut writer, k)) {
         None => None,
         Some(Ok(s)) => Some(s),
@@ -503,6 +509,15 @@ fn serve_connection(stream: TcpStream, shared: &Shared, psk: Option<&Psk>) {
             let _ = writer.write_all(error_line(&reason).as_bytes());
             return;
         }
+    };
+    drop(ticket);
+    if reader.get_mut().lift(IDLE_TIMEOUT).is_err() {
+        return;
+    }
+    let Some(_slot) = ConnectionSlot::take(shared) else {
+        warn!("witness: {peer}: {MAX_CONNECTIONS} sessions are open already: refused");
+        let _ = writer.write_all(b"ERROR busy\n");
+        return;
     };
     loop {
         let (line, complete) = match read_line(&mut reader) {
@@ -548,8 +563,19 @@ fn serve_connection(stream: TcpStream, shared: &Shared, psk: Option<&Psk>) {
     }
 }
 
-/// Decrements the connection count when a connection thread ends.
+/// One of the [`MAX_CONNECTIONS`] places for sessions past their
+/// handshake; given back when the connection ends.
 struct ConnectionSlot(Arc<Shared>);
+
+impl ConnectionSlot {
+    fn take(shared: &Arc<Shared>) -> Option<Self> {
+        if shared.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Self(shared.clone()))
+    }
+}
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
@@ -563,6 +589,10 @@ fn accept_loop(
     lock: File,
     psk: Option<Arc<Psk>>,
 ) -> Result<(), ArbiterError> {
+    // Connections that have not authenticated have their own, smaller
+    // budget (and a short deadline): idle ones cannot use up the places
+    // the pairs need for their claims.
+    let admission = Admission::new(admission::DEFAULT_LIMITS);
     for conn in listener.incoming() {
         if shared.stopping.load(Ordering::SeqCst) {
             break;
@@ -576,22 +606,26 @@ fn accept_loop(
                 continue;
             }
         };
-        if shared.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            shared.connections.fetch_sub(1, Ordering::SeqCst);
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = stream.write_all(b"ERROR busy\n");
-            continue;
-        }
-        let slot = ConnectionSlot(shared.clone());
+        let ticket = match (&psk, stream.peer_addr()) {
+            (None, _) => None,
+            (Some(_), Ok(from)) => match admission.admit(from.ip()) {
+                Ok(t) => Some(t),
+                Err(refused) => {
+                    warn!("witness: {from} not admitted: {refused}");
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = stream.write_all(b"ERROR busy\n");
+                    continue;
+                }
+            },
+            (Some(_), Err(_)) => continue,
+        };
+        let shared = shared.clone();
         let psk = psk.clone();
         let spawned = std::thread::Builder::new()
             .name("witness-conn".into())
-            .spawn(move || {
-                serve_connection(stream, &slot.0, psk.as_deref());
-                drop(slot);
-            });
+            .spawn(move || serve_connection(stream, &shared, psk.as_deref(), ticket));
         if let Err(e) = spawned {
-            // The closure (and so the slot and the stream) is dropped.
+            // The closure (and so the ticket and the stream) is dropped.
             warn!("witness: cannot start a connection thread: {e}");
         }
     }

@@ -178,6 +178,7 @@ fn connect(params: &PairParams) -> anyhow::Result<(FrameSender, FrameReceiver, u
     let started = Instant::now();
     let deadline = started + Duration::from_secs(120);
     let mut said = started;
+    let mut backoff = Duration::from_millis(200);
     loop {
         let stream = match TcpStream::connect_timeout(&params.peer, Duration::from_secs(2)) {
             Ok(s) => s,
@@ -198,13 +199,16 @@ fn connect(params: &PairParams) -> anyhow::Result<(FrameSender, FrameReceiver, u
         match greet_primary(params, stream) {
             Ok(link) => return Ok(link),
             // A loaded primary may answer late, or drop a connection it
-            // was too slow for: try again, as a joiner if it started.
+            // was too slow for (or had no room for, under attack): try
+            // again, backing off, as a joiner if it started.
             Err(e) if transient(&e) && Instant::now() < deadline => {
                 warn!(
-                    "handshake with the primary at {}: {e:#}; trying again",
-                    params.peer
+                    "handshake with the primary at {}: {e:#}; trying again in {} ms",
+                    params.peer,
+                    backoff.as_millis()
                 );
-                std::thread::sleep(Duration::from_millis(200));
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
             Err(e) => return Err(e),
         }

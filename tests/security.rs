@@ -1,0 +1,246 @@
+//! Attackers on the pair's network, on real processes and sockets: peers
+//! that open connections and never finish a handshake must not keep a
+//! secondary from joining, nor a dropped connection from resuming.
+
+mod common;
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::netns::{tcp_connect_in, NetNs};
+use common::pair::*;
+
+/// Where the primary (host a) takes its secondary.
+const PRIMARY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 7401);
+
+/// The wire header of a message (tag, generation, payload length) claiming
+/// `len` payload bytes: the length is what a reader must not trust before
+/// the peer authenticated.
+fn header(len: u32) -> [u8; 13] {
+    let mut h = [0u8; 13];
+    h[0] = 17;
+    h[9..13].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
+/// Connections that never finish a handshake: `per_source` from each of
+/// `sources` to `target`, each sending `greeting` and then (with `every`)
+/// one byte every `every`; one the server closes is opened again.
+struct Crowd {
+    stop: Arc<AtomicBool>,
+    opened: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Crowd {
+    fn start(
+        ns: &NetNs,
+        sources: &[Ipv4Addr],
+        per_source: usize,
+        target: SocketAddrV4,
+        greeting: fn(usize) -> Vec<u8>,
+        every: Option<Duration>,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let opened = Arc::new(AtomicUsize::new(0));
+        let name = ns.name().to_string();
+        let open = move |i: usize, from: Ipv4Addr| -> Option<TcpStream> {
+            let mut s = tcp_connect_in(&name, from, target).ok()?;
+            s.write_all(&greeting(i)).ok()?;
+            s.set_nonblocking(true).ok()?;
+            Some(s)
+        };
+        let slots: Vec<Ipv4Addr> = sources
+            .iter()
+            .flat_map(|a| std::iter::repeat(*a).take(per_source))
+            .collect();
+        let mut conns: Vec<Option<TcpStream>> =
+            slots.iter().enumerate().map(|(i, a)| open(i, *a)).collect();
+        opened.fetch_add(conns.iter().flatten().count(), Ordering::SeqCst);
+        let (stop2, opened2) = (stop.clone(), opened.clone());
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                for (i, c) in conns.iter_mut().enumerate() {
+                    let alive = c.as_mut().is_some_and(|s| {
+                        let mut buf = [0u8; 64];
+                        let open = match std::io::Read::read(s, &mut buf) {
+                            Ok(0) => false,
+                            Ok(_) => true,
+                            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                        };
+                        open && (every.is_none() || s.write_all(b"x").is_ok())
+                    });
+                    if !alive {
+                        *c = open(i, slots[i]);
+                        if c.is_some() {
+                            opened2.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+                let pause = every.unwrap_or(Duration::from_millis(500));
+                let until = Instant::now() + pause;
+                while Instant::now() < until && !stop2.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        });
+        Self {
+            stop,
+            opened,
+            thread: Some(thread),
+        }
+    }
+
+    fn opened(&self) -> usize {
+        self.opened.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Crowd {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Half claim a 256 MiB message, half a small one (so the dribble itself
+/// is what holds their handshake).
+fn replication_greeting(i: usize) -> Vec<u8> {
+    header(if i % 2 == 0 { 256 << 20 } else { 32 }).to_vec()
+}
+
+/// Lets this process hold `n` more descriptors.
+fn raise_fd_limit(n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = (lim.rlim_cur + n).min(lim.rlim_max);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+}
+
+#[test]
+fn clients_that_never_finish_a_handshake_do_not_keep_a_secondary_out() {
+    let t = topology("drib", 3000, "received");
+    let _witness = spawn_witness(&t.ns, &t.dir);
+    let config = t.config.display().to_string();
+    let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
+    wait_stderr(
+        &primary,
+        "waiting for the secondary",
+        Duration::from_secs(30),
+        &_witness,
+    );
+
+    // One lone dribbler, and a crowd of 100 from another address, both
+    // there before the secondary comes.
+    let lone = Crowd::start(
+        &t.ns,
+        &[Ipv4Addr::new(127, 0, 0, 5)],
+        1,
+        PRIMARY,
+        replication_greeting,
+        Some(Duration::from_secs(3)),
+    );
+    let crowd = Crowd::start(
+        &t.ns,
+        &[Ipv4Addr::new(127, 0, 0, 6)],
+        100,
+        PRIMARY,
+        replication_greeting,
+        Some(Duration::from_secs(2)),
+    );
+    assert!(crowd.opened() > 0, "no attacker connected");
+    let secondary = Proc::spawn(&t.ns, &["secondary", "--config", &config, "--host", "b"]);
+    let started = Instant::now();
+    primary.wait_for_with("netecho: up", Duration::from_secs(60), &secondary);
+    eprintln!(
+        "the secondary joined {:?} after it started, with {} attacker connections opened",
+        started.elapsed(),
+        lone.opened() + crowd.opened()
+    );
+    let s = t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, more) = serve(&s, 0, 10, Duration::from_secs(30), &mut replies);
+    assert!(more.is_some(), "the protected VM does not answer");
+
+    // Break the replication connection while they go on: it resumes.
+    let out =
+        t.ns.command("ss")
+            .args(["-K", "dst", "127.0.0.1", "dport", "7401"])
+            .output()
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "ss -K: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !secondary.stderr().contains("resuming from frame") {
+        assert!(
+            Instant::now() < deadline,
+            "no resume under attack\nprimary: {}\nsecondary: {}",
+            primary.stderr(),
+            secondary.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, more) = serve(&s, next, 10, Duration::from_secs(30), &mut replies);
+    assert!(more.is_some(), "the pair stopped serving after the resume");
+    assert!(
+        !secondary.stderr().contains("going live"),
+        "{}",
+        secondary.stderr()
+    );
+    // The primary said why it dropped them.
+    let err = primary.stderr();
+    assert!(
+        err.contains("handshake took too long") || err.contains("over the limit"),
+        "{err}"
+    );
+    assert!(err.contains("not admitted"), "{err}");
+    drop((lone, crowd));
+    let _ = std::fs::remove_dir_all(&t.dir);
+}
+
+#[test]
+fn a_thousand_idle_connections_to_the_witness_do_not_stop_a_failover() {
+    raise_fd_limit(1100);
+    let mut p = start_pair("widle", 1500);
+    let s = p.t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (next, _) = serve(&s, 0, 10, Duration::from_secs(30), &mut replies);
+    // 1,000 connections from four addresses of their own that open and
+    // then say nothing.
+    let witness = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 7500);
+    let sources: Vec<Ipv4Addr> = (10..14).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    let idle = Crowd::start(&p.t.ns, &sources, 250, witness, |_| Vec::new(), None);
+    assert!(idle.opened() >= 1000, "only {} opened", idle.opened());
+    std::thread::sleep(Duration::from_secs(1));
+    // The secondary must claim the next generation at that witness.
+    p.primary.child.kill().unwrap();
+    let (_, after) = serve(&s, next, 10, Duration::from_secs(30), &mut replies);
+    assert!(
+        after.is_some(),
+        "no takeover with the witness under load\nsecondary: {}\nwitness: {}",
+        p.secondary.stderr(),
+        p._witness.stderr()
+    );
+    assert!(
+        p._witness.stderr().contains("not admitted"),
+        "{}",
+        p._witness.stderr()
+    );
+    assert_counter_invariants(&replies, next);
+    drop(idle);
+    let _ = std::fs::remove_dir_all(&p.t.dir);
+}
