@@ -13,6 +13,7 @@ command -v ip >/dev/null || missing+=(iproute2)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v ping >/dev/null || missing+=(iputils-ping)
 command -v nft >/dev/null || missing+=(nftables)
+[ -x /usr/bin/python3 ] || missing+=(python3) # tests/security.rs: a client run as nobody
 
 if [ ${#missing[@]} -gt 0 ]; then
     echo "deps: installing ${missing[*]}"

@@ -190,6 +190,9 @@ pub struct FtConfig {
     /// The pre-shared key of the replication channel and the witness (None:
     /// the hosts must be started with `--insecure`).
     pub psk_file: Option<PathBuf>,
+    /// The group (its id) whose members may use the control and console
+    /// sockets besides their owner and root (None: nobody else).
+    pub socket_group: Option<u32>,
     /// What a guest software crash does.
     pub on_guest_crash: tandem_vmm::CrashPolicy,
 }

@@ -6,6 +6,7 @@ mod common;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -243,4 +244,150 @@ fn a_thousand_idle_connections_to_the_witness_do_not_stop_a_failover() {
     assert_counter_invariants(&replies, next);
     drop(idle);
     let _ = std::fs::remove_dir_all(&p.t.dir);
+}
+
+/// Runs `tandem args…` as user nobody; (exit success, stdout + stderr).
+fn as_nobody(ns: &NetNs, args: &[&str]) -> (bool, String) {
+    let out = ns
+        .command("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Connects to the unix socket `path` as nobody, sends `input`, and
+/// returns what came back within a second (or why it could not connect).
+fn console_as_nobody(ns: &NetNs, path: &Path, input: &str) -> String {
+    let script = format!(
+        "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n    s.connect({path:?})\nexcept OSError as e:\n    print('connect:', e); sys.exit(0)\ns.settimeout(1)\ntry:\n    s.sendall({input:?}.encode())\nexcept OSError as e:\n    print('send:', e)\nout=b''\ntry:\n    while True:\n        b=s.recv(4096)\n        if not b: break\n        out+=b\nexcept OSError:\n    pass\nprint(out.decode(errors='replace'))\n",
+        path = path.display().to_string(),
+    );
+    let out = ns
+        .command("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", &script])
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn under_umask_000_the_local_sockets_are_their_owners_only() {
+    let t = {
+        let dir = test_dir("sock");
+        let console = dir.join("run").join("console.sock");
+        topology_with(
+            "sock",
+            3000,
+            "received",
+            &format!("console = \"unix:{}\"", console.display()),
+            "",
+        )
+    };
+    let console = t.dir.join("run").join("console.sock");
+    let control = t.dir.join("state").join("a.ctl");
+    let config = t.config.display().to_string();
+    let _witness = spawn_witness(&t.ns, &t.dir);
+    let spawn = |host: &str| {
+        let mut cmd = t.ns.command("sh");
+        cmd.args([
+            "-c",
+            &format!(
+                "umask 000; exec {} {} --config {config} --host {host}",
+                env!("CARGO_BIN_EXE_tandem"),
+                if host == "a" { "primary" } else { "secondary" }
+            ),
+        ]);
+        Proc::from_command(cmd)
+    };
+    let primary = spawn("a");
+    std::thread::sleep(Duration::from_millis(300));
+    let secondary = spawn("b");
+    // The guest's console goes to the socket: wait for it to answer.
+    let s = t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let (_, up) = serve(&s, 0, 1, Duration::from_secs(60), &mut replies);
+    assert!(
+        up.is_some(),
+        "the VM never answered\nprimary: {}\nsecondary: {}",
+        primary.stderr(),
+        secondary.stderr()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(console.exists() && control.exists()) {
+        assert!(Instant::now() < deadline, "sockets never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(mode(&control), 0o600, "control socket under umask 000");
+    assert_eq!(mode(&console), 0o600, "console socket under umask 000");
+    assert_eq!(
+        mode(console.parent().unwrap()),
+        0o700,
+        "the console's directory"
+    );
+
+    // As nobody, with the files as they are: no way in.
+    let (ok, text) = as_nobody(&t.ns, &["switchover", "--config", &config]);
+    assert!(!ok, "nobody switched over: {text}");
+    let (ok, text) = as_nobody(&t.ns, &["status", "--config", &config, "--json"]);
+    assert!(
+        !text.contains("\"generation\""),
+        "nobody read the status: {text}"
+    );
+    let _ = ok;
+    let seen = console_as_nobody(&t.ns, &console, "typed by nobody\n");
+    assert!(
+        seen.contains("connect:"),
+        "nobody reached the console: {seen}"
+    );
+
+    // Even with the files opened up by mistake, the credentials check
+    // refuses, with a message.
+    for dir in [t.dir.join("state"), t.dir.join("run")] {
+        chmod(&dir, 0o777);
+    }
+    chmod(&control, 0o777);
+    chmod(&console, 0o777);
+    let (ok, text) = as_nobody(&t.ns, &["switchover", "--config", &config]);
+    assert!(!ok, "nobody switched over: {text}");
+    assert!(
+        text.contains("permission denied: uid 65534"),
+        "no reason given: {text}"
+    );
+    let seen = console_as_nobody(&t.ns, &console, "typed by nobody\n");
+    assert!(
+        seen.contains("permission denied: uid 65534") && !seen.contains("netecho"),
+        "nobody used the console: {seen}"
+    );
+    // Still live where it was.
+    let status = status(&t, "a").unwrap_or_default();
+    assert!(status.contains("\"role\":\"primary\""), "{status}");
+    assert!(
+        !primary.stderr().contains("switch-over") && !secondary.stderr().contains("going live"),
+        "{}",
+        secondary.stderr()
+    );
+    let _ = std::fs::remove_dir_all(&t.dir);
 }

@@ -70,6 +70,7 @@ pub(super) struct RawFt {
     pub fence_command: Option<Spanned<String>>,
     pub respawn: Option<Spanned<String>>,
     pub psk_file: Option<Spanned<String>>,
+    pub socket_group: Option<Spanned<String>>,
     pub max_unacked_bytes: Option<Spanned<RawSize>>,
     pub max_lag_ms: Option<Spanned<u64>>,
     pub announce_rounds: Option<Spanned<u32>>,

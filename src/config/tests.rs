@@ -32,6 +32,7 @@ announce_initial_ms = 10
 announce_step_ms = 20
 announce_max_ms = 40
 psk_file = "/etc/tandem/web1.psk"
+socket_group = "root"
 "#;
 
 /// The smallest valid file; `[ft]` is on line 8, so a key added by [`ft`]
@@ -127,6 +128,7 @@ fn full_file_gives_typed_values() {
             fence_command: Some("ipmitool -H bmc-peer power off".into()),
             respawn: None,
             psk_file: Some("/etc/tandem/web1.psk".into()),
+            socket_group: Some(0),
             on_guest_crash: tandem_vmm::CrashPolicy::Reboot,
             max_unacked_bytes: 128 << 20,
             max_lag: Duration::from_millis(250),
@@ -629,6 +631,10 @@ fn names_and_paths() {
     assert_eq!(
         err(&vm_hosts("disk = [\"/d\", \",ro\"]", "")),
         "pair.toml:3: [vm] disk[1] = \",ro\" is not \"PATH\" or \"PATH,ro\""
+    );
+    assert_eq!(
+        err(&ft("socket_group = \"no-such-group-here\"")),
+        "pair.toml:9: [ft] socket_group = \"no-such-group-here\" is no group on this host"
     );
     assert_eq!(
         err(&ft("state_dir = \"\"")),

@@ -554,6 +554,21 @@ pub(super) fn validate_ft(
         Some(f) => Some(PathBuf::from(f.get_ref())),
     };
 
+    let socket_group = match &raw.socket_group {
+        None => None,
+        Some(g) => Some(
+            crate::ft::local_socket::group_id(g.get_ref()).ok_or_else(|| {
+                ctx.invalid(
+                    &g.span(),
+                    S,
+                    "socket_group",
+                    quoted(g),
+                    "is no group on this host",
+                )
+            })?,
+        ),
+    };
+
     let max_unacked_bytes = match &raw.max_unacked_bytes {
         None => DEFAULT_MAX_UNACKED_BYTES,
         Some(m) => {
@@ -606,6 +621,7 @@ pub(super) fn validate_ft(
         fence_command,
         respawn,
         psk_file,
+        socket_group,
         on_guest_crash,
         max_unacked_bytes,
         max_lag: Duration::from_millis(max_lag_ms),

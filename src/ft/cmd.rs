@@ -10,6 +10,7 @@ use tandem_vmm::vm::RunMode;
 use tandem_vmm::{VmConfig, DEFAULT_KVM_PATH};
 
 use super::console::ConsoleSocket;
+use super::local_socket::Access;
 use super::pair::{run_primary, run_secondary, PairParams};
 use super::status::{self, Status, StatusError};
 use crate::config::{self, HostId, PairConfig};
@@ -115,6 +116,7 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
             .map(|path| (ConsoleSocket::new(), path)),
         board: Arc::default(),
         control,
+        access: Access::new(cfg.ft.socket_group),
         psk,
         mirrored: cfg.ft.storage == config::Storage::Mirrored,
         disks: cfg.disk_configs(me),
@@ -295,6 +297,7 @@ fn cluster_status(path: &std::path::Path, json: bool) -> ExitCode {
                             Ok(s) => s.role.name(),
                             Err(StatusError::NoAnswer(_)) => "no answer",
                             Err(StatusError::Garbled { .. }) => "garbled status",
+                            Err(StatusError::Refused(_)) => "refused",
                         };
                         format!("{}: {role}", h.name())
                     })

@@ -5,12 +5,14 @@
 //! after a failover: the new live side serves the same path.
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tandem_replay::{Cause, CauseQueue};
 use tracing::warn;
+
+use super::local_socket::Access;
 
 /// The console sink and its clients.
 #[derive(Clone, Default)]
@@ -36,13 +38,11 @@ impl ConsoleSocket {
         let _ = self.input.set(queue);
     }
 
-    /// Binds `path` (replacing a stale socket) and accepts clients in the
-    /// background.
-    pub fn serve(&self, path: &Path) -> std::io::Result<()> {
-        if path.exists() {
-            std::fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)?;
+    /// Binds `path` (replacing a stale socket) and accepts the clients
+    /// `access` lets in, in the background: the console shows what is
+    /// typed there (passwords) and types into the guest.
+    pub fn serve(&self, path: &Path, access: Access) -> std::io::Result<()> {
+        let listener = access.bind(path)?;
         let me = self.clone();
         let shown = PathBuf::from(path);
         std::thread::Builder::new()
@@ -50,7 +50,14 @@ impl ConsoleSocket {
             .spawn(move || {
                 for stream in listener.incoming() {
                     match stream {
-                        Ok(s) => me.add(s),
+                        Ok(mut s) => {
+                            if let Err(why) = access.check(&s) {
+                                warn!("console socket {}: {why}", shown.display());
+                                let _ = writeln!(s, "tandem: {why}");
+                                continue;
+                            }
+                            me.add(s)
+                        }
                         Err(e) => {
                             warn!("console socket {}: {e}", shown.display());
                             return;

@@ -36,6 +36,7 @@ use super::admission::{self, Admission};
 use super::arbiter::{Arbiter, ClaimOutcome};
 use super::auth::Psk;
 use super::channel::{self, FrameReceiver, FrameSender};
+use super::local_socket::Access;
 use super::mirror;
 use super::wire::{self, Message, PROTOCOL_MAX, PROTOCOL_MIN};
 use tandem_vmm::backend::replica::Replica;
@@ -86,6 +87,8 @@ pub struct PairParams {
     pub board: Arc<StatusBoard>,
     /// This side's control socket.
     pub control: std::path::PathBuf,
+    /// Who may use the control and console sockets.
+    pub access: Access,
     /// The pair's key (None: `--insecure`, an unauthenticated channel).
     pub psk: Option<Arc<Psk>>,
     /// Mirrored storage: each host has its own replica of every disk.
@@ -1571,7 +1574,7 @@ pub fn run_primary(
     if let Some((socket, path)) = &params.console {
         socket.set_input(vm.cause_queue());
         socket
-            .serve(path)
+            .serve(path, params.access)
             .with_context(|| format!("cannot serve the console on {}", path.display()))?;
     }
     let (full_sync, vcpu_full_stop) = vm.full_sync_handles();
@@ -1793,12 +1796,15 @@ fn publish(params: &PairParams, vm: &Vm, role: Role, generation: u64) -> anyhow:
         "last_diverged_epoch",
         Arc::new(move || diverged.load(Ordering::Acquire).saturating_sub(1)),
     );
-    params.board.serve(&params.control).with_context(|| {
-        format!(
-            "cannot serve the control socket {}",
-            params.control.display()
-        )
-    })
+    params
+        .board
+        .serve(&params.control, params.access)
+        .with_context(|| {
+            format!(
+                "cannot serve the control socket {}",
+                params.control.display()
+            )
+        })
 }
 
 /// A shipped frame kept until acked: (index on the link, stop, when sent,

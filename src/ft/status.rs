@@ -17,7 +17,7 @@
 
 use std::fmt;
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,6 +25,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use super::local_socket::Access;
 use tandem_vmm::vm::VmStopper;
 
 /// What a side is doing, as its control socket reports it (`"role"`).
@@ -144,6 +146,8 @@ pub struct Status {
 pub enum StatusError {
     /// Nobody answered on the control socket (or the answer broke off).
     NoAnswer(String),
+    /// The side answered with an error (this user may not ask, say).
+    Refused(String),
     /// Something answered, but not with a status this version reads.
     Garbled {
         /// The answer (shortened).
@@ -156,7 +160,7 @@ pub enum StatusError {
 impl fmt::Display for StatusError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StatusError::NoAnswer(e) => f.write_str(e),
+            StatusError::NoAnswer(e) | StatusError::Refused(e) => f.write_str(e),
             StatusError::Garbled { text, problem } => {
                 write!(f, "garbled status {text:?}: {problem}")
             }
@@ -402,20 +406,20 @@ impl StatusBoard {
         self.status().to_json()
     }
 
-    /// Serves `path` in the background: each client gets one JSON line.
-    pub fn serve(self: &Arc<Self>, path: &Path) -> std::io::Result<()> {
-        if path.exists() {
-            std::fs::remove_file(path)?;
-        }
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let listener = UnixListener::bind(path)?;
+    /// Serves `path` in the background, to the clients `access` lets in:
+    /// each gets one JSON line (or its command's answer).
+    pub fn serve(self: &Arc<Self>, path: &Path, access: Access) -> std::io::Result<()> {
+        let listener = access.bind(path)?;
         let me = self.clone();
         std::thread::Builder::new()
             .name("tandem-control".into())
             .spawn(move || {
-                for client in listener.incoming().flatten() {
+                for mut client in listener.incoming().flatten() {
+                    if let Err(why) = access.check(&client) {
+                        tracing::warn!("control socket: {why}");
+                        let _ = writeln!(client, "error: {why}");
+                        continue;
+                    }
                     let me = me.clone();
                     let _ = std::thread::Builder::new()
                         .name("tandem-control-client".into())
@@ -521,6 +525,9 @@ pub fn query(path: &Path) -> Result<String, StatusError> {
     let _ = s.shutdown(std::net::Shutdown::Write);
     let mut text = String::new();
     s.read_to_string(&mut text).map_err(no_answer)?;
+    if let Some(why) = text.trim().strip_prefix("error: ") {
+        return Err(StatusError::Refused(format!("{}: {why}", path.display())));
+    }
     Ok(text.trim().to_string())
 }
 
@@ -570,7 +577,7 @@ pub fn switch_over(
     let live = [HostId::A, HostId::B].into_iter().find(|&host| {
         match query(&control(host)).and_then(|text| is_primary(&text)) {
             Ok(primary) => primary,
-            Err(e @ StatusError::Garbled { .. }) => {
+            Err(e @ (StatusError::Garbled { .. } | StatusError::Refused(_))) => {
                 garbled.push(format!("host {}: {e}", host.name()));
                 false
             }
@@ -807,7 +814,7 @@ mod tests {
         let board = Arc::new(StatusBoard::default());
         board.set(Role::Secondary, 5, "connected");
         board.probe("last_heartbeat_ms", Arc::new(|| 12));
-        board.serve(&path).unwrap();
+        board.serve(&path, Access::new(None)).unwrap();
 
         let s = query_status(&path).unwrap();
         assert_eq!(s.role, Role::Secondary);

@@ -680,8 +680,9 @@ fn follower_vm(
     };
     config.go_live_record = Some((pair_record_options(params), Box::new(sink)));
     if let Some((socket, path)) = params.console.clone() {
+        let access = params.access;
         config.on_live = Some(Box::new(move || {
-            if let Err(e) = socket.serve(&path) {
+            if let Err(e) = socket.serve(&path, access) {
                 warn!("cannot serve the console on {}: {e}", path.display());
             }
         }));
