@@ -156,7 +156,7 @@ fn bad_pair_files_get_one_line_errors() {
     let psk = write_psk(&dir).display().to_string();
     let keyed = format!("[ft]\nwitness = \"tcp://127.0.0.1:9\"\npsk_file = \"{psk}\"\n");
     let open_key = dir.join("open.psk");
-    std::fs::write(&open_key, "a key that others can read\n").unwrap();
+    std::fs::write(&open_key, format!("{}\n", "0f".repeat(32))).unwrap();
     let open_key = format!("[ft]\npsk_file = \"{}\"\n", open_key.display());
     // Without --insecure: a pair needs a key, a private one.
     let secure_cases = [

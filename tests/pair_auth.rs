@@ -130,7 +130,7 @@ fn a_secondary_with_another_key_or_none_is_refused() {
 
     // Another key.
     let other_key = t.dir.join("other.psk");
-    std::fs::write(&other_key, "a different key of the right size\n").unwrap();
+    std::fs::write(&other_key, format!("{}\n", "e7".repeat(32))).unwrap();
     std::fs::set_permissions(
         &other_key,
         std::os::unix::fs::PermissionsExt::from_mode(0o600),

@@ -391,3 +391,41 @@ fn under_umask_000_the_local_sockets_are_their_owners_only() {
     );
     let _ = std::fs::remove_dir_all(&t.dir);
 }
+
+#[test]
+fn weak_open_foreign_or_linked_key_files_are_refused_in_one_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = test_dir("keys");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str, mode: u32| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    };
+    let good = write("good.psk", &format!("{}\n", "5a".repeat(32)), 0o600);
+    let weak = write("weak.psk", "password1234567890\n", 0o600);
+    let open = write("open.psk", &format!("{}\n", "5b".repeat(32)), 0o644);
+    let foreign = write("foreign.psk", &format!("{}\n", "5c".repeat(32)), 0o600);
+    std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+    let link = dir.join("link.psk");
+    std::os::unix::fs::symlink(&good, &link).unwrap();
+    let state = dir.join("witness.state").display().to_string();
+    for (key, why) in [
+        (&weak, "weak keys are refused"),
+        (&open, "is open to other users (mode 644)"),
+        (&foreign, "belongs to uid 65534"),
+        (&link, "is a symbolic link"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["witness", "--listen", "127.0.0.1:0", "--state", &state])
+            .args(["--psk-file", &key.display().to_string()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{} accepted: {err}", key.display());
+        assert!(err.contains(why), "{}: {err}", key.display());
+        assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

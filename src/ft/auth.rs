@@ -30,8 +30,9 @@ type HmacSha256 = Hmac<Sha256>;
 pub const NONCE_LEN: usize = 32;
 /// Length of a proof or a frame MAC.
 pub const MAC_LEN: usize = 32;
-/// Shortest key accepted (bytes of the file, whitespace trimmed).
-pub const MIN_KEY_LEN: usize = 16;
+/// A key file holds this many hex digits (256 bits from the kernel's
+/// random source, as `tandem keygen` writes them).
+pub const KEY_HEX_LEN: usize = 64;
 
 /// Frames from the connecting side (secondary, witness client).
 pub const CLIENT_TO_SERVER: u8 = 1;
@@ -58,28 +59,53 @@ impl fmt::Debug for Psk {
 }
 
 impl Psk {
-    /// Reads the key in `path`: its bytes with surrounding whitespace
-    /// trimmed, at least [`MIN_KEY_LEN`] of them; the file must not be
-    /// readable by group or others.
+    /// Reads the key in `path`, as `tandem keygen` writes it: 64 hex
+    /// digits (surrounding whitespace ignored). The file itself (not a
+    /// symbolic link), owned by this user or root, and not open to group or
+    /// others, all checked on the opened file; anything else is refused with
+    /// one line that says why.
     pub fn load(path: &Path) -> Result<Self, String> {
-        let meta =
-            std::fs::metadata(path).map_err(|e| format!("key file {}: {e}", path.display()))?;
+        use std::io::Read;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let shown = path.display();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => {
+                    format!("key file {shown} is a symbolic link: give the key file itself")
+                }
+                _ => format!("key file {shown}: {e}"),
+            })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("key file {shown}: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("key file {shown} is not a regular file"));
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(format!(
+                "key file {shown} belongs to uid {}, not to this user (uid {me}) or root",
+                meta.uid()
+            ));
+        }
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(format!(
-                "key file {} is open to other users (mode {mode:03o}); run `chmod 600 {}`",
-                path.display(),
-                path.display()
+                "key file {shown} is open to other users (mode {mode:03o}); run `chmod 600 {shown}`"
             ));
         }
-        let bytes = std::fs::read(path).map_err(|e| format!("key file {}: {e}", path.display()))?;
+        let mut bytes = Vec::new();
+        file.take(4096)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("key file {shown}: {e}"))?;
         let key = bytes.trim_ascii().to_vec();
-        if key.len() < MIN_KEY_LEN {
+        if key.len() != KEY_HEX_LEN || !key.iter().all(u8::is_ascii_hexdigit) {
             return Err(format!(
-                "key file {} holds {} bytes; a key needs at least {MIN_KEY_LEN} (make one with `tandem keygen {}`)",
-                path.display(),
-                key.len(),
-                path.display()
+                "key file {shown} does not hold a tandem key ({KEY_HEX_LEN} hex digits, 256 random bits): weak keys are refused; make one with `tandem keygen FILE`"
             ));
         }
         Ok(Self {
@@ -301,23 +327,44 @@ mod tests {
     }
 
     #[test]
-    fn key_files_must_be_private_and_long_enough() {
+    fn only_private_keygen_keys_in_the_file_itself_are_accepted() {
         let dir = std::env::temp_dir().join(format!("tandem-psk-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        let private = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            p
+        };
         let good = dir.join("good.psk");
         keygen(&good).unwrap();
         assert!(Psk::load(&good).is_ok());
         assert!(keygen(&good).unwrap_err().contains("cannot create"));
-        let open = dir.join("open.psk");
-        std::fs::write(&open, "0123456789abcdef0123456789").unwrap();
+        // Weak: a password, too short, not hex.
+        for (name, text) in [
+            ("password", "password1234567890\n"),
+            ("short", "0123abcd\n"),
+            ("nothex", &"z".repeat(64)),
+        ] {
+            let e = Psk::load(&private(name, text)).unwrap_err();
+            assert!(e.contains("weak keys are refused"), "{name}: {e}");
+        }
+        let open = private("open", &"ab".repeat(32));
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = Psk::load(&open).unwrap_err();
         assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
-        let short = dir.join("short.psk");
-        std::fs::write(&short, "tooshort\n").unwrap();
-        std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(Psk::load(&short).unwrap_err().contains("holds 8 bytes"));
+        let link = dir.join("link.psk");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        let e = Psk::load(&link).unwrap_err();
+        assert!(e.contains("symbolic link"), "{e}");
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            let foreign = private("foreign", &"cd".repeat(32));
+            std::os::unix::fs::chown(&foreign, Some(65534), None).unwrap();
+            let e = Psk::load(&foreign).unwrap_err();
+            assert!(e.contains("belongs to uid 65534"), "{e}");
+        }
         let e = Psk::load(&dir.join("missing")).unwrap_err();
         assert!(e.contains("missing"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);

@@ -362,11 +362,16 @@ pub fn write_psk(dir: &Path) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join("pair.psk");
     if !path.exists() {
-        std::fs::write(
-            &path,
-            format!("test key {} {:?}\n", std::process::id(), dir),
-        )
-        .unwrap();
+        // A key in `tandem keygen`'s format (64 hex digits), different
+        // for every test directory.
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (std::process::id(), dir).hash(&mut h);
+        let seed = h.finish();
+        let key: String = (0..4u64)
+            .map(|i| format!("{:016x}", seed.rotate_left(16 * i as u32) ^ i))
+            .collect();
+        std::fs::write(&path, format!("{key}\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
     path
