@@ -6,6 +6,7 @@ pub mod auth;
 pub mod channel;
 pub mod cmd;
 pub mod console;
+pub mod events;
 pub mod local_socket;
 pub mod mirror;
 pub mod node;

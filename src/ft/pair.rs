@@ -16,7 +16,6 @@
 //! of the restructure.
 
 use super::silence::{unread_bytes, SilenceWatch, Verdict};
-use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,6 +35,7 @@ use super::admission::{self, Admission};
 use super::arbiter::{Arbiter, ClaimOutcome};
 use super::auth::Psk;
 use super::channel::{self, FrameReceiver, FrameSender};
+use super::events;
 use super::local_socket::Access;
 use super::mirror;
 use super::wire::{self, Message, PROTOCOL_MAX, PROTOCOL_MIN};
@@ -162,15 +162,7 @@ impl PairParams {
             self.me,
             self.vm_name
         );
-        let write = std::fs::create_dir_all(&self.state_dir).and_then(|()| {
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.state_dir.join("events.log"))?;
-            f.write_all(line.as_bytes())?;
-            f.sync_data()
-        });
-        if let Err(e) = write {
+        if let Err(e) = events::append(&self.state_dir, &line) {
             warn!("event journal {}: {e}", self.state_dir.display());
         }
     }
