@@ -55,11 +55,14 @@ witness = "tcp://127.0.0.1:7500"
 state_dir = "$D/state"
 psk_file = "$D/pair.psk"
 TOML
-# One key for both hosts and the witness: replication is authenticated.
+# One key for both hosts: the replication link is encrypted and
+# authenticated with a key derived from it. The witness gets only the key
+# derived for this pair's witness, which cannot be turned into the other.
 "$T" keygen "$D/pair.psk"
+"$T" keygen --witness-key-for "$D/pair.toml" "$D/witness.key" > /dev/null
 
 echo "== starting the witness, the primary (host a) and the secondary (host b)"
-ip netns exec "$NS" "$T" witness --listen 127.0.0.1:7500 --state "$D/witness.state" --psk-file "$D/pair.psk" > "$D/witness.log" 2>&1 &
+ip netns exec "$NS" "$T" witness --listen 127.0.0.1:7500 --state "$D/witness.state" --psk-file "$D/witness.key" > "$D/witness.log" 2>&1 &
 pids+=($!)
 disown
 sleep 0.5

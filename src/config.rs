@@ -190,6 +190,14 @@ pub struct FtConfig {
     /// The pre-shared key of the replication channel and the witness (None:
     /// the hosts must be started with `--insecure`).
     pub psk_file: Option<PathBuf>,
+    /// The key this pair proves itself with at its witness (None: the one
+    /// derived from `psk_file` for this VM, `tandem keygen --witness-key-for`).
+    pub witness_key_file: Option<PathBuf>,
+    /// Encrypt the replication link (the default), or only authenticate it.
+    pub encrypt: bool,
+    /// The primary takes a secondary only from its peer's configured
+    /// address (false: behind NAT, any address that holds the key).
+    pub verify_peer_address: bool,
     /// The group (its id) whose members may use the control and console
     /// sockets besides their owner and root (None: nobody else).
     pub socket_group: Option<u32>,

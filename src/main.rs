@@ -67,10 +67,15 @@ enum Command {
     /// Where each host of a pair stands (role, generation, peer, figures).
     Status(ft::cmd::StatusArgs),
     /// Write a new random pre-shared key for `[ft] psk_file` (mode 0600;
-    /// copy the same file to both hosts and the witness).
+    /// copy the same file to both hosts), or with `--witness-key-for` the
+    /// key a witness needs for that pair (derived from its psk_file; it
+    /// does not reveal the replication key).
     Keygen {
         /// Where to write it (never overwritten).
         file: std::path::PathBuf,
+        /// The pair file whose witness key to write.
+        #[arg(long, value_name = "PAIR_FILE")]
+        witness_key_for: Option<std::path::PathBuf>,
     },
 }
 
@@ -102,9 +107,25 @@ fn main() -> ExitCode {
         Command::Switchover(args) => ft::cmd::switchover(args),
         Command::Node(args) => ft::node::node(args),
         Command::Move(args) => ft::node::move_vm(args),
-        Command::Keygen { file } => match ft::auth::keygen(&file) {
+        Command::Keygen {
+            file,
+            witness_key_for: None,
+        } => match ft::auth::keygen(&file) {
             Ok(()) => {
                 println!("wrote a new key to {}", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tandem: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Keygen {
+            file,
+            witness_key_for: Some(pair_file),
+        } => match ft::auth::write_witness_key(&pair_file, &file) {
+            Ok(vm) => {
+                println!("wrote the witness key of {vm} to {}", file.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {

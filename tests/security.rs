@@ -429,3 +429,102 @@ fn weak_open_foreign_or_linked_key_files_are_refused_in_one_line() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Starts `tandem secondary` with pair file `text` (as host `host`) and
+/// returns its stderr once it has exited (within 20 s).
+fn refused_secondary(t: &Topology, name: &str, text: &str, host: &str) -> String {
+    let path = t.dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    let config = path.display().to_string();
+    let mut p = Proc::spawn(&t.ns, &["secondary", "--config", &config, "--host", host]);
+    let code = wait_exit(&mut p, Duration::from_secs(20));
+    assert!(
+        code.is_some_and(|c| c != 0),
+        "{name}: the secondary was not refused: {}",
+        p.stderr()
+    );
+    p.stderr()
+}
+
+#[test]
+fn keys_serve_one_pair_and_one_purpose_and_the_secondary_must_be_the_peer() {
+    let t = topology("keys", 3000, "received");
+    let witness = spawn_witness(&t.ns, &t.dir);
+    let config = t.config.display().to_string();
+    let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
+    wait_stderr(
+        &primary,
+        "waiting for the secondary",
+        Duration::from_secs(30),
+        &witness,
+    );
+    let text = std::fs::read_to_string(&t.config).unwrap();
+    let psk_line = |path: &Path| format!("psk_file = \"{}\"", path.display());
+    let pair_key = write_psk(&t.dir);
+    let witness_key = write_witness_key(&t.dir);
+
+    // The same key file, another pair (another VM): its derived key differs.
+    let other_vm = text.replace("name = \"counter\"", "name = \"other\"");
+    let err = refused_secondary(&t, "other-vm.toml", &other_vm, "b");
+    assert!(err.contains("failed authentication"), "{err}");
+    // The witness's key as a replication key.
+    let with_witness_key = text.replace(&psk_line(&pair_key), &psk_line(&witness_key));
+    let err = refused_secondary(&t, "witness-key.toml", &with_witness_key, "b");
+    assert!(err.contains("failed authentication"), "{err}");
+    // A secondary that claims to be host a (the primary's own entry), from
+    // host b's address: the files' two entries swapped.
+    let swapped = text
+        .replace(
+            "a = { address = \"127.0.0.1:7401\"",
+            "x = { address = \"127.0.0.1:7401\"",
+        )
+        .replace(
+            "b = { address = \"127.0.0.2:7402\"",
+            "a = { address = \"127.0.0.2:7402\"",
+        )
+        .replace(
+            "x = { address = \"127.0.0.1:7401\"",
+            "b = { address = \"127.0.0.1:7401\"",
+        );
+    let err = refused_secondary(&t, "swapped.toml", &swapped, "a");
+    assert!(
+        err.contains("this primary's peer is host b, not a"),
+        "{err}"
+    );
+    // Host b's entry, from another address.
+    let moved = text.replace("127.0.0.2:7402", "127.0.0.9:7402");
+    let err = refused_secondary(&t, "moved.toml", &moved, "b");
+    assert!(
+        err.contains("a connection from 127.0.0.9 refused: the peer host's address is 127.0.0.2"),
+        "{err}"
+    );
+    // The pair's replication key file at the witness, as the pair's key
+    // there: the witness holds only its own key and refuses it.
+    let pair_key_at_witness = text.replace(
+        &format!("witness_key_file = \"{}\"", witness_key.display()),
+        &format!("witness_key_file = \"{}\"", pair_key.display()),
+    );
+    assert_ne!(pair_key_at_witness, text);
+    let path = t.dir.join("pair-key-at-witness.toml");
+    std::fs::write(&path, &pair_key_at_witness).unwrap();
+    let out =
+        t.ns.command(env!("CARGO_BIN_EXE_tandem"))
+            .args([
+                "primary",
+                "--config",
+                &path.display().to_string(),
+                "--host",
+                "b",
+                "--alone",
+            ])
+            .output()
+            .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("does not hold the client's key"), "{err}");
+
+    // The real secondary still joins.
+    let secondary = Proc::spawn(&t.ns, &["secondary", "--config", &config, "--host", "b"]);
+    primary.wait_for_with("netecho: up", Duration::from_secs(60), &secondary);
+    let _ = std::fs::remove_dir_all(&t.dir);
+}

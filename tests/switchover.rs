@@ -147,7 +147,7 @@ fn a_newer_secondary_follows_an_older_primary_and_takes_over_by_switchover() {
     let primary = Proc::spawn(&t.ns, &["primary", "--config", &old, "--host", "a"]);
     std::thread::sleep(Duration::from_millis(300));
     let secondary = Proc::spawn(&t.ns, &["secondary", "--config", &new, "--host", "b"]);
-    primary.wait_for("netecho: up", Duration::from_secs(60));
+    primary.wait_for_with("netecho: up", Duration::from_secs(60), &secondary);
     let s = t.ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();
     let (next, first) = serve(&s, 0, 10, Duration::from_secs(30), &mut replies);

@@ -168,11 +168,26 @@ impl Pair {
                 String::from_utf8_lossy(&keygen.stderr)
             ));
         }
+        // The witness gets the pair's witness key, as in production.
+        let witness_key = pair.dir.join("witness.key");
+        let derived = Command::new(&ctx.tandem)
+            .arg("keygen")
+            .arg("--witness-key-for")
+            .arg(&pair.config)
+            .arg(&witness_key)
+            .output()
+            .map_err(|e| format!("tandem keygen --witness-key-for: {e}"))?;
+        if !derived.status.success() {
+            return Err(format!(
+                "tandem keygen --witness-key-for: {}",
+                String::from_utf8_lossy(&derived.stderr)
+            ));
+        }
 
         if spec.etcd {
             pair.start_etcd(ctx)?;
         } else {
-            pair.start_witness(ctx, &psk)?;
+            pair.start_witness(ctx, &witness_key)?;
         }
         pair.start_sides(ctx)?;
         Ok(pair)

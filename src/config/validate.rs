@@ -554,6 +554,25 @@ pub(super) fn validate_ft(
         Some(f) => Some(PathBuf::from(f.get_ref())),
     };
 
+    let witness_key_file = match &raw.witness_key_file {
+        None => None,
+        Some(f) if f.get_ref().trim().is_empty() => {
+            return Err(ctx.invalid(
+                &f.span(),
+                S,
+                "witness_key_file",
+                quoted(f),
+                "is empty (leave the key out to use the key derived from psk_file)",
+            ))
+        }
+        Some(f) => Some(PathBuf::from(f.get_ref())),
+    };
+    let encrypt = raw.encrypt.as_ref().map_or(true, |e| *e.get_ref());
+    let verify_peer_address = raw
+        .verify_peer_address
+        .as_ref()
+        .map_or(true, |v| *v.get_ref());
+
     let socket_group = match &raw.socket_group {
         None => None,
         Some(g) => Some(
@@ -621,6 +640,9 @@ pub(super) fn validate_ft(
         fence_command,
         respawn,
         psk_file,
+        witness_key_file,
+        encrypt,
+        verify_peer_address,
         socket_group,
         on_guest_crash,
         max_unacked_bytes,

@@ -39,17 +39,27 @@ pub const CLIENT_TO_SERVER: u8 = 1;
 /// Frames from the accepting side (primary, witness).
 pub const SERVER_TO_CLIENT: u8 = 2;
 
-const SESSION_INFO: &[u8] = b"tandem session key v1";
+const SESSION_INFO: &[u8] = b"tandem session key v2 ";
 
 /// A fresh nonce.
 pub type Nonce = [u8; NONCE_LEN];
 
-/// A pre-shared key, read from a file only its owner can read.
+/// A pre-shared key, read from a file only its owner can read, or derived
+/// from one for a single purpose (see [`Psk::for_replication`]).
 #[derive(Clone)]
 pub struct Psk {
     key: Vec<u8>,
     path: PathBuf,
+    /// What the key is for, bound into every proof and session key: a key
+    /// made for one purpose proves nothing for another.
+    label: String,
+    /// Messages under this key are encrypted (a replication key made with
+    /// `encrypt`), not only authenticated.
+    encrypts: bool,
 }
+
+/// The label of a key used as the file holds it: a witness's own key.
+const WITNESS_LABEL: &str = "tandem witness v2";
 
 impl fmt::Debug for Psk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -111,7 +121,75 @@ impl Psk {
         Ok(Self {
             key,
             path: path.to_owned(),
+            label: WITNESS_LABEL.into(),
+            encrypts: false,
         })
+    }
+
+    /// The pair's replication key, from the pair's key file: bound to the
+    /// VM's name, both hosts' names and whether the link is encrypted,
+    /// so it authenticates this pair's replication link and nothing else
+    /// (not another pair sharing the file, not a witness).
+    pub fn for_replication(&self, vm: &str, hosts: [&str; 2], encrypt: bool) -> Self {
+        let mode = if encrypt { "aead" } else { "mac" };
+        let mut derived = self.derive(
+            &format!("tandem replication v2 {mode}"),
+            &[vm, hosts[0], hosts[1]],
+        );
+        derived.encrypts = encrypt;
+        derived
+    }
+
+    /// Whether messages under this key are encrypted.
+    pub fn encrypts(&self) -> bool {
+        self.encrypts
+    }
+
+    /// The key this pair proves itself with at a witness, from the pair's
+    /// key file: bound to the VM's name. The witness is given this key
+    /// (`tandem keygen --witness-key-for PAIR_FILE FILE`), never the file
+    /// it came from, so it cannot derive the replication key.
+    pub fn for_witness(&self, vm: &str) -> Self {
+        let mut derived = self.derive("tandem witness key v2", &[vm]);
+        // As the witness will read it from a file: the hex text.
+        derived.label = WITNESS_LABEL.into();
+        derived
+    }
+
+    fn derive(&self, label: &str, context: &[&str]) -> Self {
+        let mut info = label.as_bytes().to_vec();
+        for part in context {
+            info.push(0);
+            info.extend_from_slice(part.as_bytes());
+        }
+        let hk = hkdf::Hkdf::<Sha256>::new(None, &self.key);
+        let mut out = [0u8; 32];
+        hk.expand(&info, &mut out)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        Self {
+            key: to_hex(&out).into_bytes(),
+            path: self.path.clone(),
+            label: label.into(),
+            encrypts: false,
+        }
+    }
+
+    /// The key as `tandem keygen` writes it (for a derived witness key).
+    pub fn to_key_file_text(&self) -> String {
+        format!("{}\n", String::from_utf8_lossy(&self.key))
+    }
+
+    /// A short public name of the key (which of its keys a witness should
+    /// use): SHA-256 of it, 8 bytes; says nothing about the key itself.
+    pub fn key_id(&self) -> [u8; 8] {
+        use sha2::Digest;
+        let digest = Sha256::new()
+            .chain_update(b"tandem key id\0")
+            .chain_update(&self.key)
+            .finalize();
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&digest[..8]);
+        id
     }
 
     /// A key from bytes (tests).
@@ -120,6 +198,8 @@ impl Psk {
         Self {
             key: key.to_vec(),
             path: PathBuf::from("(in memory)"),
+            label: WITNESS_LABEL.into(),
+            encrypts: false,
         }
     }
 
@@ -130,6 +210,8 @@ impl Psk {
 
     fn proof(&self, role: &[u8], client: &Nonce, server: &Nonce) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes keys of any length");
+        mac.update(self.label.as_bytes());
+        mac.update(&[0]);
         mac.update(role);
         mac.update(client);
         mac.update(server);
@@ -173,7 +255,8 @@ impl Psk {
         salt[NONCE_LEN..].copy_from_slice(server);
         let hk = hkdf::Hkdf::<Sha256>::new(Some(&salt), &self.key);
         let mut out = [0u8; 32];
-        hk.expand(SESSION_INFO, &mut out)
+        let info = [SESSION_INFO, self.label.as_bytes()].concat();
+        hk.expand(&info, &mut out)
             .expect("32 bytes is a valid HKDF-SHA256 output length");
         out
     }
@@ -253,6 +336,30 @@ impl FrameMac {
         }
         ok
     }
+}
+
+/// Writes the witness key of the pair in `pair_file` (derived from its
+/// psk_file for its VM) to `path`, as [`keygen`] writes keys; returns the
+/// VM's name.
+pub fn write_witness_key(pair_file: &Path, path: &Path) -> Result<String, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let cfg = crate::config::load(pair_file).map_err(|e| e.to_string())?;
+    let Some(psk_file) = &cfg.ft.psk_file else {
+        return Err(format!("{}: no [ft] psk_file", pair_file.display()));
+    };
+    let base = Psk::load(psk_file)?;
+    let key = base.for_witness(&cfg.vm.name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create key file {}: {e}", path.display()))?;
+    f.write_all(key.to_key_file_text().as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("cannot write key file {}: {e}", path.display()))?;
+    Ok(cfg.vm.name.clone())
 }
 
 /// Lower-case hex of `bytes`.

@@ -6,7 +6,7 @@
 //! secondary reconnects and resumes), it is never acted on.
 
 use std::io::{self, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,13 +14,14 @@ use anyhow::{bail, Context};
 use tracing::warn;
 
 use super::admission::{DeadlineReader, HANDSHAKE_DEADLINE, MAX_PRE_AUTH_MESSAGE};
-use super::auth::{self, FrameMac, Psk, CLIENT_TO_SERVER, MAC_LEN, SERVER_TO_CLIENT};
+use super::auth::{self, Psk, CLIENT_TO_SERVER, SERVER_TO_CLIENT};
+use super::seal::FrameSeal;
 use super::wire::{self, Message};
 
 /// The sending half of a connection.
 pub struct FrameSender {
     stream: TcpStream,
-    mac: Option<FrameMac>,
+    mac: Option<FrameSeal>,
 }
 
 impl FrameSender {
@@ -28,8 +29,7 @@ impl FrameSender {
     pub fn send(&mut self, generation: u64, m: &Message) -> io::Result<()> {
         let mut bytes = wire::encode(generation, m)?;
         if let Some(mac) = &mut self.mac {
-            let tag = mac.seal(&[&bytes]);
-            bytes.extend_from_slice(&tag);
+            mac.seal(&mut bytes, wire::HEAD_LEN);
         }
         // One write per message: a heartbeat never interleaves with another
         // thread's message. A write that fails (or times out) may have sent
@@ -64,7 +64,7 @@ impl FrameSender {
 /// The receiving half of a connection.
 pub struct FrameReceiver {
     stream: TcpStream,
-    mac: Option<FrameMac>,
+    mac: Option<FrameSeal>,
     peer: String,
 }
 
@@ -81,12 +81,12 @@ impl FrameReceiver {
         progress: &mut dyn FnMut(u64, u64),
     ) -> io::Result<(u64, Message)> {
         let mut stream = &self.stream;
-        let (head, payload) = wire::read_raw(&mut stream, progress)?;
+        let (head, mut payload) = wire::read_raw(&mut stream, progress)?;
         if let Some(mac) = &mut self.mac {
-            let mut tag = [0u8; MAC_LEN];
+            let mut tag = vec![0u8; mac.tag_len()];
             io::Read::read_exact(&mut stream, &mut tag)?;
             let seq = mac.seq();
-            if !mac.open(&[&head, &payload], &tag) {
+            if !mac.open(&head, &mut payload, &tag) {
                 warn!(
                     "message {seq} from {} failed authentication (modified, replayed or not from the peer): connection reset",
                     self.peer
@@ -113,7 +113,7 @@ impl FrameReceiver {
 
 fn halves(
     stream: TcpStream,
-    key: Option<[u8; 32]>,
+    key: Option<([u8; 32], bool)>,
     outgoing: u8,
 ) -> io::Result<(FrameSender, FrameReceiver)> {
     let incoming = if outgoing == CLIENT_TO_SERVER {
@@ -127,11 +127,11 @@ fn halves(
     Ok((
         FrameSender {
             stream,
-            mac: key.map(|k| FrameMac::new(k, outgoing)),
+            mac: key.map(|(k, encrypt)| FrameSeal::new(k, outgoing, encrypt)),
         },
         FrameReceiver {
             stream: rx,
-            mac: key.map(|k| FrameMac::new(k, incoming)),
+            mac: key.map(|(k, encrypt)| FrameSeal::new(k, incoming, encrypt)),
             peer,
         },
     ))
@@ -185,7 +185,11 @@ pub fn connect(
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
     let key = psk.session_key(&client, &server);
-    Ok(halves(stream, Some(key), CLIENT_TO_SERVER)?)
+    Ok(halves(
+        stream,
+        Some((key, psk.encrypts())),
+        CLIENT_TO_SERVER,
+    )?)
 }
 
 /// The accepting side (primary): the same handshake from the other end. A
@@ -251,7 +255,11 @@ pub fn accept(
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
     let key = psk.session_key(&client, &server);
-    Ok(halves(stream, Some(key), SERVER_TO_CLIENT)?)
+    Ok(halves(
+        stream,
+        Some((key, psk.encrypts())),
+        SERVER_TO_CLIENT,
+    )?)
 }
 
 /// One handshake message: small, and by the handshake's total deadline.
@@ -260,6 +268,21 @@ fn read_handshake(stream: &TcpStream, deadline: Instant) -> io::Result<(u64, Mes
         &mut DeadlineReader::new(stream, deadline),
         MAX_PRE_AUTH_MESSAGE,
     )
+}
+
+/// Connects to `peer` from this host's own address `local` (its `[hosts]`
+/// entry), so the peer can check who connects; from any address if `local`
+/// is not this host's (behind NAT), said once per call.
+pub fn dial(local: IpAddr, peer: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(peer), Type::STREAM, Some(Protocol::TCP))?;
+    if !local.is_unspecified() && local.is_ipv4() == peer.is_ipv4() {
+        if let Err(e) = socket.bind(&SocketAddr::new(local, 0).into()) {
+            tracing::info!("connecting to {peer} from any address, not {local}: {e}");
+        }
+    }
+    socket.connect_timeout(&peer.into(), timeout)?;
+    Ok(socket.into())
 }
 
 /// The peer's address for messages.
@@ -325,6 +348,7 @@ mod tests {
             min: 1,
             max: 1,
             vm: "vm".into(),
+            host: "b".into(),
         };
         ctx.send(0, &hello).unwrap();
         let e = server.join().unwrap().err().unwrap();
@@ -341,12 +365,11 @@ mod tests {
         let (srx_stream, _) = listener.accept().unwrap();
         srx_stream.set_nodelay(true).unwrap();
         let key = [9u8; 32];
-        let (_, mut srx) = halves(srx_stream, Some(key), SERVER_TO_CLIENT).unwrap();
-        let mut mac = FrameMac::new(key, CLIENT_TO_SERVER);
-        let sealed = |mac: &mut FrameMac, m: &Message| {
+        let (_, mut srx) = halves(srx_stream, Some((key, true)), SERVER_TO_CLIENT).unwrap();
+        let mut mac = FrameSeal::new(key, CLIENT_TO_SERVER, true);
+        let sealed = |mac: &mut FrameSeal, m: &Message| {
             let mut bytes = wire::encode(1, m).unwrap();
-            let tag = mac.seal(&[&bytes]);
-            bytes.extend_from_slice(&tag);
+            mac.seal(&mut bytes, wire::HEAD_LEN);
             bytes
         };
         let first = sealed(&mut mac, &Message::Ack(7));

@@ -87,6 +87,8 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         super::arbiter::open(&cfg, &args.config, args.insecure, args.i_accept_split_brain)?;
     if psk.is_none() {
         eprintln!("tandem: WARNING: no [ft] psk_file: replication and witness traffic is unauthenticated (--insecure)");
+    } else if !cfg.ft.encrypt {
+        eprintln!("tandem: WARNING: [ft] encrypt = false: guest memory, disk data, network frames and console input cross the replication link readable (authenticated, not encrypted)");
     }
     install_freeze_on_usr1();
     status::handle_term();
@@ -117,6 +119,7 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         board: Arc::default(),
         control,
         access: Access::new(cfg.ft.socket_group),
+        verify_peer_address: cfg.ft.verify_peer_address,
         psk,
         mirrored: cfg.ft.storage == config::Storage::Mirrored,
         disks: cfg.disk_configs(me),

@@ -11,6 +11,7 @@ pub mod local_socket;
 pub mod mirror;
 pub mod node;
 pub mod pair;
+pub mod seal;
 pub mod side;
 pub mod silence;
 pub mod spare;

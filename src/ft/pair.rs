@@ -89,6 +89,8 @@ pub struct PairParams {
     pub control: std::path::PathBuf,
     /// Who may use the control and console sockets.
     pub access: Access,
+    /// Take a secondary only from the peer host's address.
+    pub verify_peer_address: bool,
     /// The pair's key (None: `--insecure`, an unauthenticated channel).
     pub psk: Option<Arc<Psk>>,
     /// Mirrored storage: each host has its own replica of every disk.
@@ -100,6 +102,11 @@ pub struct PairParams {
 }
 
 impl PairParams {
+    /// The only address a secondary may connect from (None: any, NAT).
+    fn expected_peer_ip(&self) -> Option<std::net::IpAddr> {
+        self.verify_peer_address.then(|| self.peer.ip())
+    }
+
     /// Wins the generation after `expected`; Ok(None) when another side has it.
     /// A claim that fails (the arbiter restarting, an etcd leader change, a
     /// lost reply) has an unknown outcome: look, and try again, for up to a
@@ -953,7 +960,8 @@ impl Replicator {
         hello: Message,
     ) -> anyhow::Result<()> {
         let generation = self.generation.load(Ordering::Acquire);
-        handshake_as_primary(&mut tx, generation, &self.params.vm_name, hello)
+        let p = &self.params;
+        handshake_as_primary(&mut tx, generation, (&p.vm_name, &p.peer_name), hello)
             .with_context(|| format!("handshake with the secondary at {from}"))?;
         if !self.replicas.is_empty() {
             let plan = self
@@ -1215,7 +1223,11 @@ impl Replicator {
     /// new secondary).
     fn start(self: &Arc<Self>, frames: Option<Receiver<ShipFrame>>) -> anyhow::Result<()> {
         self.start_on(
-            admit(listen(&self.params)?, self.params.psk.clone())?,
+            admit(
+                listen(&self.params)?,
+                self.params.psk.clone(),
+                self.params.expected_peer_ip(),
+            )?,
             frames,
         )
     }
@@ -1431,7 +1443,14 @@ struct Greeted {
 /// thread of its own, by a total deadline, within the admission limits, so
 /// no peer that never finishes one keeps a secondary out. What completes
 /// comes out of the returned channel, in order of completion.
-fn admit(listener: TcpListener, psk: Option<Arc<Psk>>) -> std::io::Result<Receiver<Greeted>> {
+///
+/// With `peer_ip`, a connection from any other address is refused before
+/// its handshake (it is not the pair's other host), and told why.
+fn admit(
+    listener: TcpListener,
+    psk: Option<Arc<Psk>>,
+    peer_ip: Option<std::net::IpAddr>,
+) -> std::io::Result<Receiver<Greeted>> {
     let (greeted_tx, greeted) = channel::<Greeted>();
     let admission = Admission::new(admission::DEFAULT_LIMITS);
     std::thread::Builder::new()
@@ -1450,6 +1469,16 @@ fn admit(listener: TcpListener, psk: Option<Arc<Psk>>) -> std::io::Result<Receiv
                 let Ok(from) = stream.peer_addr() else {
                     continue;
                 };
+                if let Some(peer_ip) = peer_ip.filter(|ip| *ip != from.ip()) {
+                    let reason = format!(
+                        "a connection from {} refused: the peer host's address is {peer_ip} (behind NAT, set [ft] verify_peer_address = false)",
+                        from.ip()
+                    );
+                    warn!("{reason}");
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = wire::write(&mut &stream, 0, &Message::Refuse { reason });
+                    continue;
+                }
                 let ticket = match admission.admit(from.ip()) {
                     Ok(t) => t,
                     Err(refused) => {
@@ -1541,7 +1570,11 @@ pub fn run_primary(
     };
     let options = pair_record_options(&params);
 
-    let greeted = admit(listen(&params)?, params.psk.clone())?;
+    let greeted = admit(
+        listen(&params)?,
+        params.psk.clone(),
+        params.expected_peer_ip(),
+    )?;
     let first = if params.alone {
         None
     } else {
@@ -1647,20 +1680,40 @@ pub fn run_primary(
     Ok(code)
 }
 
+/// Checks a secondary's hello: the VM this primary runs, the host that is
+/// this primary's peer (`(vm, peer_host)`), a protocol both speak.
 fn handshake_as_primary(
     tx: &mut FrameSender,
     generation: u64,
-    vm: &str,
+    (vm, peer_host): (&str, &str),
     hello: Message,
 ) -> anyhow::Result<()> {
     let Message::Hello {
         min,
         max,
         vm: theirs,
+        host,
     } = hello
     else {
         bail!("expected a hello, got {hello:?}");
     };
+    if host != peer_host {
+        let reason = format!(
+            "this primary's peer is host {peer_host}, not {}",
+            if host.is_empty() {
+                "a secondary that names no host"
+            } else {
+                &host
+            }
+        );
+        tx.send(
+            generation,
+            &Message::Refuse {
+                reason: reason.clone(),
+            },
+        )?;
+        bail!("{reason}: refused");
+    }
     if theirs != vm {
         tx.send(
             generation,

@@ -33,6 +33,8 @@ pub enum Message {
         max: u16,
         /// The VM's name.
         vm: String,
+        /// The host entry of the pair file it claims to be (`b`).
+        host: String,
     },
     /// Primary → secondary: the version chosen.
     Welcome {
@@ -184,11 +186,13 @@ pub fn write(w: &mut impl Write, generation: u64, m: &Message) -> io::Result<()>
 /// One message as it goes on the wire: header, then payload.
 pub fn encode(generation: u64, m: &Message) -> io::Result<Vec<u8>> {
     let (tag, payload): (u8, Vec<u8>) = match m {
-        Message::Hello { min, max, vm } => {
+        Message::Hello { min, max, vm, host } => {
             let mut p = Vec::new();
             p.extend_from_slice(&min.to_le_bytes());
             p.extend_from_slice(&max.to_le_bytes());
             p.extend_from_slice(vm.as_bytes());
+            p.push(0);
+            p.extend_from_slice(host.as_bytes());
             (TAG_HELLO, p)
         }
         Message::Welcome { version } => (TAG_WELCOME, version.to_le_bytes().to_vec()),
@@ -325,10 +329,18 @@ pub fn decode(head: &[u8; HEAD_LEN], payload: Vec<u8>) -> io::Result<(u64, Messa
             if payload.len() < 4 {
                 return Err(bad("short hello"));
             }
+            // The VM's name, then (after a NUL) the host claimed; an older
+            // secondary sends no host.
+            let names = &payload[4..];
+            let (vm, host) = match names.iter().position(|&b| b == 0) {
+                Some(at) => (&names[..at], &names[at + 1..]),
+                None => (names, &[][..]),
+            };
             Message::Hello {
                 min: u16::from_le_bytes([payload[0], payload[1]]),
                 max: u16::from_le_bytes([payload[2], payload[3]]),
-                vm: text(payload[4..].to_vec())?,
+                vm: text(vm.to_vec())?,
+                host: text(host.to_vec())?,
             }
         }
         TAG_WELCOME => Message::Welcome {
@@ -430,6 +442,7 @@ mod tests {
                 min: 1,
                 max: 3,
                 vm: "web1".into(),
+                host: "b".into(),
             },
             Message::Welcome { version: 1 },
             Message::Refuse {

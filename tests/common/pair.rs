@@ -108,6 +108,7 @@ failover_timeout_ms = 1500
 witness = "{witness}"
 state_dir = "{state}"
 psk_file = "{psk}"
+witness_key_file = "{witness_key}"
 "#,
             name = vm.name,
             kernel = super::guest("netecho").display(),
@@ -121,6 +122,7 @@ psk_file = "{psk}"
             witness = vm.witness,
             state = vm.state.display(),
             psk = write_psk(dir).display(),
+            witness_key = write_witness_key(dir).display(),
         ),
     )
     .unwrap();
@@ -284,11 +286,13 @@ output_commit = "{commit}"
 witness = "tcp://127.0.0.1:7500"
 state_dir = "{state}"
 psk_file = "{psk}"
+witness_key_file = "{witness_key}"
 "#,
             kernel = guest("netecho").display(),
             disk = disk.display(),
             state = dir.join("state").display(),
             psk = write_psk(&dir).display(),
+            witness_key = write_witness_key(&dir).display(),
         ),
     )
     .unwrap();
@@ -359,14 +363,25 @@ pub fn start_topology(t: Topology) -> Pair {
 
 /// The pair's pre-shared key, `dir/pair.psk` (mode 0600), written once.
 pub fn write_psk(dir: &Path) -> PathBuf {
+    write_key(dir, "pair.psk")
+}
+
+/// The witness's own key, `dir/witness.psk` (mode 0600), written once: the
+/// pair files name it as `[ft] witness_key_file`.
+pub fn write_witness_key(dir: &Path) -> PathBuf {
+    write_key(dir, "witness.psk")
+}
+
+/// A key in `tandem keygen`'s format at `dir/name`, written once.
+fn write_key(dir: &Path, name: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
-    let path = dir.join("pair.psk");
+    let path = dir.join(name);
     if !path.exists() {
         // A key in `tandem keygen`'s format (64 hex digits), different
         // for every test directory.
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        (std::process::id(), dir).hash(&mut h);
+        (std::process::id(), dir, name).hash(&mut h);
         let seed = h.finish();
         let key: String = (0..4u64)
             .map(|i| format!("{:016x}", seed.rotate_left(16 * i as u32) ^ i))
@@ -396,7 +411,7 @@ pub fn spawn_witness(ns: &NetNs, dir: &Path) -> Proc {
 /// Starts the pair's witness (with its key) on `listen` in `ns`.
 pub fn spawn_witness_at(ns: &NetNs, dir: &Path, listen: &str) -> Proc {
     let state = dir.join("witness.state").display().to_string();
-    let psk = write_psk(dir).display().to_string();
+    let psk = write_witness_key(dir).display().to_string();
     let witness = Proc::spawn(
         ns,
         &[
@@ -636,11 +651,13 @@ heartbeat_ms = 50
 witness = "tcp://127.0.0.1:7500"
 state_dir = "{state}"
 psk_file = "{psk}"
+witness_key_file = "{witness_key}"
 {ft}
 "#,
             kernel = guest(guest_name).display(),
             state = dir.join("state").display(),
             psk = write_psk(dir).display(),
+            witness_key = write_witness_key(dir).display(),
         ),
     )
     .unwrap();

@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 use super::netns::NetNs;
 
 const HEAD_LEN: usize = 13;
-const MAC_LEN: usize = 32;
+/// The tag after each sealed message when the pair encrypts (the default,
+/// ChaCha20-Poly1305), and when it only authenticates (HMAC-SHA256).
+const AEAD_TAG_LEN: usize = 16;
+const MAC_TAG_LEN: usize = 32;
 const TAG_LOG: u8 = 4;
 
 /// A fault applied to the next log message (then the proxy forwards
@@ -54,9 +57,50 @@ pub struct ProxyState {
     stall_until: Mutex<Option<Instant>>,
     /// The last log message seen, and on which connection.
     captured: Mutex<Option<(u32, Vec<u8>)>>,
+    /// Every byte forwarded from upstream, once [`ProxyState::record`] was
+    /// called (at most 256 MiB): what a tap on the link would see.
+    recording: Mutex<Option<Vec<u8>>>,
+    /// The pair behind it does not encrypt (`[ft] encrypt = false`).
+    mac_only: std::sync::atomic::AtomicBool,
 }
 
 impl ProxyState {
+    /// The pair behind it only authenticates (its tags are longer).
+    #[allow(dead_code)]
+    pub fn mac_only(&self) {
+        self.mac_only.store(true, Ordering::SeqCst);
+    }
+
+    fn tag_len(&self) -> usize {
+        if self.mac_only.load(Ordering::SeqCst) {
+            MAC_TAG_LEN
+        } else {
+            AEAD_TAG_LEN
+        }
+    }
+
+    /// Starts keeping every byte forwarded from upstream.
+    #[allow(dead_code)]
+    pub fn record(&self) {
+        *self.recording.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// Whether `needle` appeared in what was kept.
+    #[allow(dead_code)]
+    pub fn recorded_contains(&self, needle: &[u8]) -> bool {
+        self.recording
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|r| r.windows(needle.len()).any(|w| w == needle))
+    }
+
+    /// Bytes kept so far.
+    #[allow(dead_code)]
+    pub fn recorded_len(&self) -> usize {
+        self.recording.lock().unwrap().as_ref().map_or(0, Vec::len)
+    }
+
     /// Applies `c` to the next log message.
     pub fn arm(&self, c: Corruption) {
         *self.armed.lock().unwrap() = Some(c);
@@ -106,7 +150,10 @@ pub fn start(ns: &NetNs, listen: &str, upstream: &str) -> Arc<ProxyState> {
         bound_tx.send(()).unwrap();
         for down in listener.incoming() {
             let Ok(down) = down else { continue };
-            let Ok(up) = TcpStream::connect(&upstream) else {
+            // From the client's own address, as a proxy on the path would
+            // appear (the primary checks who connects).
+            let from = down.peer_addr().map(|a| a.ip()).ok();
+            let Ok(up) = connect_from(from, &upstream) else {
                 continue;
             };
             let n = s.connections.fetch_add(1, Ordering::SeqCst) + 1;
@@ -129,24 +176,26 @@ pub fn start(ns: &NetNs, listen: &str, upstream: &str) -> Arc<ProxyState> {
     state
 }
 
-fn read_message(up: &TcpStream, with_mac: bool) -> Option<Vec<u8>> {
+fn read_message(up: &TcpStream, tag_len: usize) -> Option<Vec<u8>> {
     let mut head = [0u8; HEAD_LEN];
     (&*up).read_exact(&mut head).ok()?;
     let len = u32::from_le_bytes(head[9..13].try_into().unwrap()) as usize;
     let mut message = head.to_vec();
-    message.resize(HEAD_LEN + len + if with_mac { MAC_LEN } else { 0 }, 0);
+    message.resize(HEAD_LEN + len + tag_len, 0);
     (&*up).read_exact(&mut message[HEAD_LEN..]).ok()?;
     Some(message)
 }
 
-fn is_log(message: &[u8]) -> bool {
-    message[0] == TAG_LOG && message.len() > HEAD_LEN + MAC_LEN
+fn is_log(message: &[u8], tag_len: usize) -> bool {
+    message[0] == TAG_LOG && message.len() > HEAD_LEN + tag_len
 }
 
 /// Upstream → downstream, message by message, with the faults asked for.
 fn forward(up: &TcpStream, down: &TcpStream, connection: u32, s: &ProxyState) {
     for index in 0u64.. {
-        let Some(mut message) = read_message(up, index > 0) else {
+        // The first message (the auth challenge) is not sealed.
+        let tag_len = if index > 0 { s.tag_len() } else { 0 };
+        let Some(mut message) = read_message(up, tag_len) else {
             return;
         };
         if let Some((by, until)) = *s.delay.lock().unwrap() {
@@ -159,7 +208,7 @@ fn forward(up: &TcpStream, down: &TcpStream, connection: u32, s: &ProxyState) {
             std::thread::sleep(until.saturating_duration_since(Instant::now()));
         }
         let mut out: Vec<u8> = Vec::new();
-        if is_log(&message) {
+        if is_log(&message, tag_len) {
             s.log_messages.fetch_add(1, Ordering::SeqCst);
             let earlier = s
                 .captured
@@ -168,7 +217,7 @@ fn forward(up: &TcpStream, down: &TcpStream, connection: u32, s: &ProxyState) {
                 .clone()
                 .filter(|(c, _)| *c < connection);
             if s.take(Corruption::FlipBit) {
-                let len = message.len() - MAC_LEN - HEAD_LEN;
+                let len = message.len() - tag_len - HEAD_LEN;
                 message[HEAD_LEN + len / 2] ^= 0x10;
                 s.injected.fetch_add(1, Ordering::SeqCst);
             } else if s.take(Corruption::Duplicate) {
@@ -179,7 +228,7 @@ fn forward(up: &TcpStream, down: &TcpStream, connection: u32, s: &ProxyState) {
                 s.injected.fetch_add(1, Ordering::SeqCst);
                 return;
             } else if s.take(Corruption::Reorder) {
-                let Some(next) = read_message(up, true) else {
+                let Some(next) = read_message(up, tag_len) else {
                     return;
                 };
                 out.extend_from_slice(&next);
@@ -197,8 +246,31 @@ fn forward(up: &TcpStream, down: &TcpStream, connection: u32, s: &ProxyState) {
             *s.captured.lock().unwrap() = Some((connection, message.clone()));
         }
         out.extend_from_slice(&message);
+        if let Some(r) = s.recording.lock().unwrap().as_mut() {
+            if r.len() < 256 << 20 {
+                r.extend_from_slice(&out);
+            }
+        }
         if (&*down).write_all(&out).is_err() {
             return;
         }
     }
+}
+
+/// Connects to `upstream` from address `from` (any port).
+fn connect_from(from: Option<std::net::IpAddr>, upstream: &str) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let upstream: std::net::SocketAddr = upstream
+        .parse()
+        .map_err(|_| std::io::Error::other("upstream is not IP:PORT"))?;
+    let socket = Socket::new(
+        Domain::for_address(upstream),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    if let Some(from) = from {
+        socket.bind(&std::net::SocketAddr::new(from, 0).into())?;
+    }
+    socket.connect(&upstream.into())?;
+    Ok(socket.into())
 }

@@ -33,6 +33,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::ft::auth::Psk;
+
 mod etcd;
 mod file;
 mod witness;
@@ -301,10 +303,11 @@ pub struct WitnessArgs {
     /// answered. Created if missing; a corrupt one stops the witness.
     #[arg(long, value_name = "FILE")]
     pub state: PathBuf,
-    /// The pre-shared key clients must prove they hold (the pair's
-    /// `[ft] psk_file`).
+    /// A key clients may prove they hold: a pair's witness key (`tandem
+    /// keygen --witness-key-for PAIR_FILE FILE`) or the witness's own key
+    /// that its pairs name as `[ft] witness_key_file`. Give it once per key.
     #[arg(long, value_name = "FILE")]
-    pub psk_file: Option<PathBuf>,
+    pub psk_file: Vec<PathBuf>,
     /// Serve without a key: any client may claim generations.
     #[arg(long)]
     pub insecure: bool,
@@ -313,27 +316,24 @@ pub struct WitnessArgs {
 /// `tandem witness`: serves until killed. Prints `listening on ADDR` on
 /// stdout once it accepts connections; exit status 3 if it cannot start.
 pub fn witness_command(args: WitnessArgs) -> ExitCode {
-    let psk = match (&args.psk_file, args.insecure) {
-        (Some(path), _) => match crate::ft::auth::Psk::load(path) {
-            Ok(k) => Some(std::sync::Arc::new(k)),
+    let mut keys = Vec::new();
+    for path in &args.psk_file {
+        match crate::ft::auth::Psk::load(path) {
+            Ok(k) => keys.push(std::sync::Arc::new(k)),
             Err(e) => {
                 eprintln!("tandem witness: --psk-file: {e}");
                 return ExitCode::from(crate::EXIT_START_FAILED);
             }
-        },
-        (None, true) => {
-            eprintln!(
-                "tandem witness: WARNING: no key: any client may claim generations (--insecure)"
-            );
-            None
         }
-        (None, false) => {
-            eprintln!("tandem witness: no --psk-file given, so anyone who reaches it could claim a VM; give the pair's key (`tandem keygen FILE` makes one) or pass --insecure");
-            return ExitCode::from(crate::EXIT_START_FAILED);
-        }
-    };
+    }
+    if keys.is_empty() && args.insecure {
+        eprintln!("tandem witness: WARNING: no key: any client may claim generations (--insecure)");
+    } else if keys.is_empty() {
+        eprintln!("tandem witness: no --psk-file given, so anyone who reaches it could claim a VM; give each pair's witness key (`tandem keygen --witness-key-for PAIR_FILE FILE`) or pass --insecure");
+        return ExitCode::from(crate::EXIT_START_FAILED);
+    }
     let server = match bind(args.listen, &args.state) {
-        Ok(s) => s.with_psk(psk),
+        Ok(s) => s.with_keys(keys),
         Err(e) => {
             eprintln!("tandem witness: {e}");
             return ExitCode::from(crate::EXIT_START_FAILED);
@@ -381,20 +381,21 @@ pub fn open(
     insecure: bool,
     split_brain: bool,
 ) -> anyhow::Result<KeyAndArbiter> {
-    let psk = match &cfg.ft.psk_file {
-        Some(key) => Some(std::sync::Arc::new(
+    let base = match &cfg.ft.psk_file {
+        Some(key) => Some(
             crate::ft::auth::Psk::load(key)
                 .map_err(|e| anyhow::anyhow!("{}: [ft] psk_file: {e}", path.display()))?,
-        )),
+        ),
         None if insecure => None,
         None => anyhow::bail!(
             "{}: no [ft] psk_file is configured, so anyone who reaches the replication port could feed this host a VM; make a key with `tandem keygen FILE`, set psk_file on both hosts, or pass --insecure",
             path.display()
         ),
     };
+    let (psk, witness_key) = keys(cfg, path, base.as_ref())?;
     let arbiter: Option<std::sync::Arc<dyn Arbiter>> = match &cfg.ft.witness {
         Some(crate::config::Witness::Tcp(addr)) => Some(std::sync::Arc::new(
-            tcp(*addr, Duration::from_secs(2)).with_psk(psk.clone()),
+            tcp(*addr, Duration::from_secs(2)).with_psk(witness_key),
         )),
         Some(crate::config::Witness::File(dir)) => Some(std::sync::Arc::new(file(dir))),
         // The live side's lease: two failover timeouts, at least 4 s, so
@@ -412,6 +413,39 @@ pub fn open(
         ),
     };
     Ok((psk, arbiter))
+}
+
+type SharedKey = std::sync::Arc<Psk>;
+
+/// The pair's keys, each for one purpose, from its key file `base`: the
+/// replication key (this VM, these two hosts, encrypted or not) and the key
+/// it proves itself with at its witness (`[ft] witness_key_file`, or one
+/// derived for this VM).
+fn keys(
+    cfg: &crate::config::PairConfig,
+    path: &std::path::Path,
+    base: Option<&crate::ft::auth::Psk>,
+) -> anyhow::Result<(Option<SharedKey>, Option<SharedKey>)> {
+    use crate::config::HostId;
+    let Some(base) = base else {
+        return Ok((None, None));
+    };
+    // The host names, not their addresses: behind NAT or a proxy the two
+    // hosts' files may name different addresses for the same host.
+    let replication = base.for_replication(
+        &cfg.vm.name,
+        [HostId::A.name(), HostId::B.name()],
+        cfg.ft.encrypt,
+    );
+    let witness = match &cfg.ft.witness_key_file {
+        Some(file) => Psk::load(file)
+            .map_err(|e| anyhow::anyhow!("{}: [ft] witness_key_file: {e}", path.display()))?,
+        None => base.for_witness(&cfg.vm.name),
+    };
+    Ok((
+        Some(std::sync::Arc::new(replication)),
+        Some(std::sync::Arc::new(witness)),
+    ))
 }
 
 #[cfg(test)]

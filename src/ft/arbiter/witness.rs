@@ -14,12 +14,13 @@
 //! Lines are at most [`MAX_LINE_LEN`] bytes; names follow
 //! [`validate_name`]. `-` stands for "no holder".
 //!
-//! A witness with a key (`--psk-file`) first authenticates each connection
-//! with the scheme of the replication channel ([`crate::ft::auth`]), in
-//! lines:
+//! A witness with keys (`--psk-file`, once per key: one per pair, or one
+//! of its own that its pairs share) first authenticates each connection
+//! with the scheme of the replication channel ([`crate::ft::auth`]) under
+//! the key the client names by its id, in lines:
 //!
 //! ```text
-//! AUTH <nonce_c hex>                ->  CHALLENGE <nonce_s hex> <server proof hex>
+//! AUTH <nonce_c hex> <key id hex>   ->  CHALLENGE <nonce_s hex> <server proof hex>
 //! PROOF <client proof hex>          (then every line in both directions ends
 //!                                    with " <HMAC hex>" under the session key)
 //! ```
@@ -454,7 +455,7 @@ impl LineSession {
 fn authenticate(
     reader: &mut impl BufRead,
     writer: &mut impl Write,
-    psk: &Psk,
+    keys: &[Arc<Psk>],
 ) -> Result<LineSession, String> {
     let mut line = || match read_line(reader) {
         Ok(Some((l, true))) => String::from_utf8(l).map_err(|_| "not text".to_string()),
@@ -462,11 +463,21 @@ fn authenticate(
         Err(e) => Err(e.to_string()),
     };
     let hello = line()?;
-    let Some(client) = hello.strip_prefix("AUTH ").and_then(from_hex::<NONCE_LEN>) else {
+    let mut words = hello.strip_prefix("AUTH ").unwrap_or_default().split(' ');
+    let Some(client) = words.next().and_then(from_hex::<NONCE_LEN>) else {
         return Err(
-            "authentication required: give the client this witness's key ([ft] psk_file)".into(),
+            "authentication required: give the client its witness key ([ft] witness_key_file, or `tandem keygen --witness-key-for`)".into(),
         );
     };
+    // Which of its keys: named by the key's id (a client of an older
+    // version names none: then only a witness with one key can answer).
+    let psk = match words.next().map(from_hex::<8>) {
+        Some(Some(id)) => keys.iter().find(|k| k.key_id() == id),
+        Some(None) => None,
+        None if keys.len() == 1 => keys.first(),
+        None => None,
+    }
+    .ok_or("authentication failed: this witness does not hold the client's key")?;
     let server = auth::nonce().map_err(|e| format!("no random bytes: {e}"))?;
     let challenge = format!(
         "CHALLENGE {} {}\n",
@@ -490,7 +501,7 @@ fn authenticate(
 fn serve_connection(
     stream: TcpStream,
     shared: &Arc<Shared>,
-    psk: Option<&Psk>,
+    keys: &[Arc<Psk>],
     ticket: Option<Ticket>,
 ) {
     let peer = stream
@@ -501,7 +512,8 @@ fn serve_connection(
     let deadline = Instant::now() + admission::HANDSHAKE_DEADLINE;
     let mut reader = BufReader::new(DeadlineReader::new(&stream, deadline));
     let mut writer = &stream;
-    let mut session = match psk.map(|k| authenticate(&mut reader, &mut writer, k)) {
+    let secured = !keys.is_empty();
+    let mut session = match secured.then(|| authenticate(&mut reader, &mut writer, keys)) {
         None => None,
         Some(Ok(s)) => Some(s),
         Some(Err(reason)) => {
@@ -587,8 +599,9 @@ fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     lock: File,
-    psk: Option<Arc<Psk>>,
+    keys: Vec<Arc<Psk>>,
 ) -> Result<(), ArbiterError> {
+    let keys: Arc<[Arc<Psk>]> = keys.into();
     // Connections that have not authenticated have their own, smaller
     // budget (and a short deadline): idle ones cannot use up the places
     // the pairs need for their claims.
@@ -606,9 +619,9 @@ fn accept_loop(
                 continue;
             }
         };
-        let ticket = match (&psk, stream.peer_addr()) {
-            (None, _) => None,
-            (Some(_), Ok(from)) => match admission.admit(from.ip()) {
+        let ticket = match (keys.is_empty(), stream.peer_addr()) {
+            (true, _) => None,
+            (false, Ok(from)) => match admission.admit(from.ip()) {
                 Ok(t) => Some(t),
                 Err(refused) => {
                     warn!("witness: {from} not admitted: {refused}");
@@ -617,13 +630,13 @@ fn accept_loop(
                     continue;
                 }
             },
-            (Some(_), Err(_)) => continue,
+            (false, Err(_)) => continue,
         };
         let shared = shared.clone();
-        let psk = psk.clone();
+        let keys = keys.clone();
         let spawned = std::thread::Builder::new()
             .name("witness-conn".into())
-            .spawn(move || serve_connection(stream, &shared, psk.as_deref(), ticket));
+            .spawn(move || serve_connection(stream, &shared, &keys, ticket));
         if let Err(e) = spawned {
             // The closure (and so the ticket and the stream) is dropped.
             warn!("witness: cannot start a connection thread: {e}");
@@ -639,7 +652,7 @@ pub struct WitnessServer {
     listener: TcpListener,
     shared: Arc<Shared>,
     lock: File,
-    psk: Option<Arc<Psk>>,
+    keys: Vec<Arc<Psk>>,
 }
 
 impl WitnessServer {
@@ -672,13 +685,19 @@ impl WitnessServer {
                 connections: AtomicUsize::new(0),
             }),
             lock,
-            psk: None,
+            keys: Vec::new(),
         })
     }
 
     /// Authenticates every client with `psk` (None: serves anyone).
-    pub fn with_psk(mut self, psk: Option<Arc<Psk>>) -> Self {
-        self.psk = psk;
+    pub fn with_psk(self, psk: Option<Arc<Psk>>) -> Self {
+        self.with_keys(psk.into_iter().collect())
+    }
+
+    /// Authenticates every client with one of `keys` (one per pair, or
+    /// the witness's own; empty: serves anyone).
+    pub fn with_keys(mut self, keys: Vec<Arc<Psk>>) -> Self {
+        self.keys = keys;
         self
     }
 
@@ -693,7 +712,7 @@ impl WitnessServer {
     /// Serves on this thread, each connection on its own thread. Returns
     /// only when a [`WitnessHandle`] of it stops it (never, via `run`).
     pub fn run(self) -> Result<(), ArbiterError> {
-        accept_loop(self.listener, self.shared, self.lock, self.psk)
+        accept_loop(self.listener, self.shared, self.lock, self.keys)
     }
 
     /// Serves on a background thread until the handle is shut down or
@@ -879,7 +898,7 @@ impl TcpArbiter {
         let io_fail = |e: io::Error| fail(describe_io(&e, self.timeout));
         let client = auth::nonce().map_err(io_fail)?;
         writer
-            .write_all(format!("AUTH {}\n", to_hex(&client)).as_bytes())
+            .write_all(format!("AUTH {} {}\n", to_hex(&client), to_hex(&psk.key_id())).as_bytes())
             .map_err(io_fail)?;
         let reply = match read_line(reader).map_err(io_fail)? {
             Some((l, true)) => String::from_utf8_lossy(&l).into_owned(),
@@ -1046,7 +1065,10 @@ mod tests {
         let wrong = TcpArbiter::new(addr, T).with_psk(key("another key, just as long"));
         let e = wrong.claim("vm1", 1, "b").unwrap_err();
         assert!(matches!(e, ArbiterError::Auth { .. }), "{e}");
-        assert!(e.to_string().contains("key differs"), "{e}");
+        assert!(
+            e.to_string().contains("does not hold the client's key"),
+            "{e}"
+        );
         let keyless = TcpArbiter::new(addr, T);
         let e = keyless.claim("vm1", 1, "b").unwrap_err();
         assert!(e.to_string().contains("authentication required"), "{e}");

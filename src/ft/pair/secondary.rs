@@ -13,7 +13,7 @@
 //! 65 lines).
 
 use std::io::Write;
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::ops::ControlFlow;
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
@@ -180,7 +180,7 @@ fn connect(params: &PairParams) -> anyhow::Result<(FrameSender, FrameReceiver, u
     let mut said = started;
     let mut backoff = Duration::from_millis(200);
     loop {
-        let stream = match TcpStream::connect_timeout(&params.peer, Duration::from_secs(2)) {
+        let stream = match channel::dial(params.listen.ip(), params.peer, Duration::from_secs(2)) {
             Ok(s) => s,
             Err(e) if Instant::now() < deadline => {
                 // Quiet at first (the primary may still be starting), then
@@ -230,6 +230,7 @@ fn greet_primary(
             min: PROTOCOL_MIN,
             max: PROTOCOL_MAX,
             vm: params.vm_name.clone(),
+            host: params.me.clone(),
         },
     )?;
     input.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -279,6 +280,8 @@ struct Follow {
     progress: PrecopyProgress,
     /// What a reconnection needs.
     peer: SocketAddr,
+    /// This host's own address (connections come from it).
+    local: IpAddr,
     vm_name: String,
     psk: Option<Arc<Psk>>,
     write_limit: Duration,
@@ -299,6 +302,7 @@ impl Follow {
             frames: 0,
             progress: PrecopyProgress::default(),
             peer: params.peer,
+            local: params.listen.ip(),
             vm_name: params.vm_name.clone(),
             psk: params.psk.clone(),
             write_limit: params.failover_timeout,
@@ -469,7 +473,7 @@ impl Follow {
         input.shutdown();
         let frames = self.frames;
         let resumed = reconnect(
-            self.peer,
+            (self.local, self.peer),
             &self.vm_name,
             self.shared.generation,
             frames,
@@ -917,7 +921,7 @@ const STATE_PROGRESS_MIN: u64 = 16 << 20;
 /// asks to resume after `frames` frames; None when it will not (or the side
 /// decided the primary is gone).
 fn reconnect(
-    peer: SocketAddr,
+    (local, peer): (IpAddr, SocketAddr),
     vm: &str,
     generation: u64,
     frames: u64,
@@ -926,7 +930,7 @@ fn reconnect(
     write_limit: Duration,
 ) -> Option<(FrameSender, FrameReceiver)> {
     while !gone.load(Ordering::Acquire) {
-        let connected = TcpStream::connect_timeout(&peer, Duration::from_millis(500))
+        let connected = channel::dial(local, peer, Duration::from_millis(500))
             .map_err(anyhow::Error::from)
             .and_then(|s| channel::connect(s, psk));
         if let Err(e) = &connected {
