@@ -986,6 +986,28 @@ fn throughput_table(o: &mut String, r: &Value, short: &mut Vec<String>) {
             ratio.unwrap_or(0.0)
         ));
     }
+    // The replication link's encryption, on vs off, side by side.
+    if t.at("encrypted_over_clear").is_some_and(|v| !v.is_null()) {
+        let _ = writeln!(o, "\nThe replication link's encryption (ChaCha20-Poly1305, the default) against `encrypt = false` (HMAC-SHA256 only), same runs:\n");
+        header(
+            o,
+            &[
+                "protected, encrypted (Mbit/s)",
+                "protected, not encrypted (Mbit/s)",
+                "not encrypted / unprotected",
+                "**encrypted / not encrypted**",
+            ],
+        );
+        row(
+            o,
+            &[
+                fig(t.at("protected_mbit_s"), 2),
+                fig(t.at("protected_clear_mbit_s"), 2),
+                fig(t.at("protected_clear_over_unprotected"), 3),
+                fig(t.at("encrypted_over_clear"), 3),
+            ],
+        );
+    }
     let _ = writeln!(o, "\nEvery frame the guest receives while running is a kick, and a kick is a sync point on this machine (no PMU to place the interrupt at an exact instruction): the protected rate is bounded by sync points per second, as table 2's netecho row shows.\n");
 }
 

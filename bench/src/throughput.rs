@@ -85,9 +85,12 @@ fn unprotected(ctx: &Ctx, secs: f64, n: usize) -> Result<f64, String> {
     result
 }
 
-fn protected(ctx: &Ctx, secs: f64, n: usize) -> Result<f64, String> {
+/// The protected pair: its replication link encrypted (the default) or,
+/// with `encrypt` false, only authenticated.
+fn protected(ctx: &Ctx, secs: f64, n: usize, encrypt: bool) -> Result<f64, String> {
     let disk = ctx.tmp.join(format!("tput-pair-{n}.img"));
-    let pair = crate::storage::netecho_pair(ctx, &disk)?;
+    let extra = if encrypt { "" } else { "encrypt = false\n" };
+    let pair = crate::storage::netecho_pair_with(ctx, &disk, extra)?;
     let result = stream(&pair.ns, secs);
     drop(pair);
     let _ = std::fs::remove_file(&disk);
@@ -96,13 +99,15 @@ fn protected(ctx: &Ctx, secs: f64, n: usize) -> Result<f64, String> {
 
 /// Runs [`measure`] makes.
 pub fn planned(ctx: &Ctx) -> usize {
-    2 * ctx.reps(5, 1)
+    3 * ctx.reps(5, 1)
 }
 
 /// FT on vs off stream throughput, interleaved.
 pub fn measure(ctx: &Ctx) -> Value {
     let secs = if ctx.quick { 2.0 } else { 4.0 };
     let (mut off, mut on, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut clear, mut clear_ratio, mut encrypted_over_clear) =
+        (Vec::new(), Vec::new(), Vec::new());
     let mut failures = 0;
     for i in 0..ctx.reps(5, 1) {
         let a = unprotected(ctx, secs, i);
@@ -110,27 +115,40 @@ pub fn measure(ctx: &Ctx) -> Value {
             "throughput rep {} unprotected: {a:?} Mbit/s",
             i + 1
         ));
-        let b = protected(ctx, secs, i);
+        let b = protected(ctx, secs, i, true);
         ctx.progress(&format!(
             "throughput rep {} protected:   {b:?} Mbit/s",
             i + 1
         ));
-        match (a, b) {
-            (Ok(a), Ok(b)) => {
+        let c = protected(ctx, secs, i, false);
+        ctx.progress(&format!(
+            "throughput rep {} protected, link not encrypted: {c:?} Mbit/s",
+            i + 1
+        ));
+        match (a, b, c) {
+            (Ok(a), Ok(b), Ok(c)) => {
                 off.push(a);
                 on.push(b);
+                clear.push(c);
                 if a > 0.0 {
                     ratio.push(b / a);
+                    clear_ratio.push(c / a);
+                }
+                if c > 0.0 {
+                    encrypted_over_clear.push(b / c);
                 }
             }
             _ => failures += 1,
         }
     }
     json!({
-        "method": format!("a client keeps {WINDOW} UDP echoes of {DATAGRAM} bytes outstanding for {secs} s against netecho (echo port 7), unprotected (`tandem run`, VMM on CPU {}) and as a protected pair (`received` mode, primary on CPU {}, secondary on CPU {}), interleaved; echoed payload Mbit/s; ratio per rep", ctx.cpu, ctx.cpu, ctx.cpu2),
+        "method": format!("a client keeps {WINDOW} UDP echoes of {DATAGRAM} bytes outstanding for {secs} s against netecho (echo port 7), unprotected (`tandem run`, VMM on CPU {}) and as a protected pair (`received` mode, primary on CPU {}, secondary on CPU {}) with its replication link encrypted (the default) and not (`encrypt = false`), interleaved; echoed payload Mbit/s; ratio per rep", ctx.cpu, ctx.cpu, ctx.cpu2),
         "failures": failures as f64,
         "unprotected_mbit_s": summary_json(&off, "Mbit/s"),
         "protected_mbit_s": summary_json(&on, "Mbit/s"),
         "protected_over_unprotected": summary_json(&ratio, "ratio"),
+        "protected_clear_mbit_s": summary_json(&clear, "Mbit/s"),
+        "protected_clear_over_unprotected": summary_json(&clear_ratio, "ratio"),
+        "encrypted_over_clear": summary_json(&encrypted_over_clear, "ratio"),
     })
 }
