@@ -546,5 +546,29 @@ mod fuzz {
             let mut r = &bytes[..];
             while read(&mut r).is_ok() {}
         }
+
+        /// Before authentication: any stream, any claimed length, reads a
+        /// message within the limit or errors, and a header claiming more
+        /// than the limit is refused before its payload is read.
+        #[test]
+        fn any_pre_auth_stream_reads_within_the_limit_or_errors(
+            claimed in any::<u32>(),
+            tag in 0u8..32,
+            rest in prop::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let limit = crate::ft::admission::MAX_PRE_AUTH_MESSAGE;
+            let mut bytes = vec![tag];
+            bytes.extend_from_slice(&[0u8; 8]);
+            bytes.extend_from_slice(&claimed.to_le_bytes());
+            bytes.extend_from_slice(&rest);
+            let mut r = &bytes[..];
+            let read = read_limited(&mut r, limit);
+            if claimed > limit {
+                prop_assert!(read.is_err());
+                // Nothing past the header was consumed.
+                prop_assert_eq!(r.len(), rest.len());
+            }
+            while read_limited(&mut r, limit).is_ok() {}
+        }
     }
 }

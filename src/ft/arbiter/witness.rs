@@ -981,6 +981,38 @@ impl Arbiter for TcpArbiter {
 }
 
 #[cfg(test)]
+mod fuzz {
+    //! The witness's handshake reads lines from anyone: any bytes before
+    //! authentication are refused with a reason, never a panic, never a
+    //! session. `make fuzz` runs this with many more cases.
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_pre_auth_lines_are_refused(
+            lines in prop::collection::vec(
+                prop_oneof![
+                    Just("AUTH ".to_string()),
+                    Just("PROOF ".to_string()),
+                    "[ -~]{0,80}",
+                    "[0-9a-f]{0,70}",
+                ],
+                0..4,
+            ),
+            junk in prop::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let mut input = lines.join("\n").into_bytes();
+            input.extend_from_slice(&junk);
+            let key = Arc::new(Psk::from_bytes(b"0123456789abcdef0123456789abcdef"));
+            let mut reader = std::io::BufReader::new(&input[..]);
+            let mut out = Vec::new();
+            prop_assert!(authenticate(&mut reader, &mut out, &[key]).is_err());
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::super::test_util::TempDir;
     use super::*;
