@@ -116,7 +116,10 @@ impl PairParams {
             // Split brain accepted: every side believes it won.
             return Ok(Some(expected + 1));
         };
-        let deadline = Instant::now() + self.failover_timeout;
+        // At least long enough for an etcd leader election (a member lost
+        // while the peer died): giving up fences this side, which loses the
+        // VM; waiting only holds it.
+        let deadline = Instant::now() + self.failover_timeout.max(ARBITER_PATIENCE);
         loop {
             match arbiter.claim(&self.vm_name, expected, &self.me) {
                 Ok(ClaimOutcome::Granted(g)) => return Ok(Some(g)),
@@ -1856,6 +1859,9 @@ fn publish(params: &PairParams, vm: &Vm, role: Role, generation: u64) -> anyhow:
 /// bytes).
 type SentFrame = (u64, u64, Instant, Vec<u8>);
 
+/// How long a claim keeps trying an arbiter that does not answer (at least;
+/// the failover timeout if longer).
+const ARBITER_PATIENCE: Duration = Duration::from_secs(5);
 /// Pre-copy gives up converging after this many rounds.
 const PRECOPY_MAX_ROUNDS: u32 = 8;
 /// A round this small (pages) is the last before the stop.
