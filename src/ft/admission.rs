@@ -132,6 +132,29 @@ impl Drop for Ticket {
     }
 }
 
+/// Says at most one line a second about refused connections (an attacker
+/// opening thousands must not flood the log): `note` returns how many were
+/// refused since the last line said, when a line is due.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RefusalLog {
+    /// Counts one refusal; Some(refusals not yet said, this one included)
+    /// when it is time to say them.
+    pub fn note(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (last, count) = &mut *state;
+        *count += 1;
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(std::mem::take(count))
+    }
+}
+
 /// Reads a socket until a total deadline: each read waits only for what is
 /// left of it (a socket's own timeout counts per read, so a peer sending a
 /// byte just inside it could hold a reader for ever).
@@ -213,6 +236,17 @@ mod tests {
             a.admit(ip(2)).is_ok(),
             "a finished handshake frees its place"
         );
+    }
+
+    #[test]
+    fn refusals_are_said_at_most_once_a_second_with_their_count() {
+        let log = RefusalLog::default();
+        assert_eq!(log.note(), Some(1));
+        for _ in 0..99 {
+            assert_eq!(log.note(), None);
+        }
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(log.note(), Some(100));
     }
 
     #[test]

@@ -9,11 +9,12 @@
 //! from the arbiter; a side that loses fences itself: it stops and exits
 //! with [`EXIT_FENCED`] without releasing anything more.
 //!
-//! Size: over 800 lines because the primary's `Replicator` (link and resume,
-//! shipping, acks, two leases, pre-copy, disk sync, switch-over, monitor)
-//! still lives here in one impl; the secondary moved to `pair/secondary.rs`.
-//! Splitting the Replicator by concern (a `primary/` folder) is the next step
-//! of the restructure.
+//! Size: over 800 lines because the primary's `Replicator` core (the link,
+//! shipping and acks, switch-over, the monitor) and `run_primary` still
+//! live here; taking secondaries is in `pair/accept.rs`, a joiner's copy
+//! (disks, pre-copy) in `pair/join.rs`, the two leases in `pair/lease.rs`,
+//! the secondary in `pair/secondary.rs`. Switch-over (`hand_over`) is the
+//! next to move out.
 
 use super::silence::{unread_bytes, SilenceWatch, Verdict};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -46,8 +47,13 @@ use super::status::{fence, ControlRequest, Role, StatusBoard};
 // The secondary side, a child of this module: it runs this module's
 // `Replicator` once live, and as a sibling its imports and `cmd.rs`'s
 // `pair::run_secondary` would make an import cycle.
+mod accept;
+mod join;
+mod lease;
 mod secondary;
 pub use secondary::run_secondary;
+
+use accept::{admit, listen, Greeted};
 
 /// What both sides of a pair need to know.
 #[derive(Clone)]
@@ -341,10 +347,6 @@ struct Replicator {
     arbiter_lease_lost: AtomicBool,
 }
 
-/// How much of a lease's TTL this side counts on (from before the renewal
-/// was sent): the rest covers clocks that run at different rates.
-const LEASE_TRUST: f64 = 0.8;
-
 /// Lets held disk writes go on when a re-sync ends, however it ends.
 struct ResumeWrites<'a>(&'a [Arc<Replica>]);
 
@@ -561,118 +563,6 @@ impl Replicator {
         }
     }
 
-    /// Mirrored storage: reads the secondary's replica state and decides
-    /// what to copy (refusing the secondary when the replicas cannot pair).
-    fn disk_handshake(
-        &self,
-        tx: &mut FrameSender,
-        input: &mut FrameReceiver,
-        fresh: bool,
-    ) -> anyhow::Result<mirror::Plan> {
-        let generation = self.generation.load(Ordering::Acquire);
-        input.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let msg = input.recv();
-        input.set_read_timeout(None)?;
-        let mut refuse = |reason: String| {
-            let _ = tx.send(
-                generation,
-                &Message::Refuse {
-                    reason: reason.clone(),
-                },
-            );
-            anyhow!(reason)
-        };
-        let theirs = match msg {
-            Ok((_, Message::DiskState(p))) => mirror::decode_state(&p).map_err(&mut refuse)?,
-            Ok(_) => return Err(refuse(
-                "this primary mirrors its disks (storage = \"mirrored\") and the secondary does not: give both hosts the same [ft] storage".into(),
-            )),
-            Err(e) => bail!(
-                "the secondary did not describe its replicas ({e}): is it configured with storage = \"mirrored\"?"
-            ),
-        };
-        mirror::plan(&self.replicas, &theirs, fresh).map_err(refuse)
-    }
-
-    /// Sends the chunks `lists` (per disk) of this side's replicas through
-    /// `send`; returns (chunks, bytes).
-    fn send_disk_round(
-        &self,
-        sync_id: u64,
-        lists: &[Vec<u64>],
-        send: &mut dyn FnMut(Message) -> anyhow::Result<()>,
-    ) -> anyhow::Result<(u64, u64)> {
-        let (mut chunks, mut bytes) = (0, 0);
-        for (disk, (replica, list)) in self.replicas.iter().zip(lists).enumerate() {
-            bytes += mirror::send_chunks(replica, disk as u8, sync_id, list, send)?;
-            chunks += list.len() as u64;
-        }
-        Ok((chunks, bytes))
-    }
-
-    /// Sends to the joining secondary over the current link.
-    fn send_joining(&self, message: Message) -> anyhow::Result<()> {
-        let generation = self.generation.load(Ordering::Acquire);
-        match &mut *self.link() {
-            Link::Joining(tx) => Ok(tx.send(generation, &message)?),
-            _ => bail!("the secondary is gone"),
-        }
-    }
-
-    /// The end of a joining secondary's disk copy: holds new writes, sends
-    /// what was written during the copy, then `DiskDone`. Writes stay held
-    /// until the caller drops the returned guard (after the full sync
-    /// point the joiner starts from).
-    fn finish_disk_copy(&self, plan: &mirror::Plan) -> anyhow::Result<ResumeWrites<'_>> {
-        for r in &self.replicas {
-            r.pause_for_snapshot();
-        }
-        let guard = ResumeWrites(&self.replicas);
-        let lists: Vec<Vec<u64>> = self.replicas.iter().map(|r| r.take_tracked()).collect();
-        let (chunks, bytes) =
-            self.send_disk_round(plan.sync_id, &lists, &mut |m| self.send_joining(m))?;
-        let generation = self.generation.load(Ordering::Acquire);
-        self.send_joining(Message::DiskDone(mirror::encode_done(
-            plan.sync_id,
-            generation,
-            &self.replicas,
-        )))?;
-        *self.disk_sync.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((plan.sync_id, plan.peers.clone()));
-        info!(
-            "disks: {chunks} chunks ({} KiB) written during the copy sent again",
-            bytes >> 10
-        );
-        Ok(guard)
-    }
-
-    /// The secondary has the replicas of sync `id`: keep in the bitmaps
-    /// only what was written since.
-    fn finish_disk_sync(&self, id: u64) {
-        let pending = self
-            .disk_sync
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        match pending {
-            Some((sync_id, peers)) if sync_id == id => {
-                for (r, peer) in self.replicas.iter().zip(peers) {
-                    if let Err(e) = r.finish_sync_as_source(peer, id) {
-                        warn!(
-                            "replica {}: cannot record the sync: {e}",
-                            r.path().display()
-                        );
-                    }
-                }
-                eprintln!("tandem: disks: the secondary's replicas are in sync");
-            }
-            other => {
-                warn!("the secondary confirmed disk sync {id:#x}, which is not the one pending");
-                *self.disk_sync.lock().unwrap_or_else(|p| p.into_inner()) = other;
-            }
-        }
-    }
-
     fn link(&self) -> std::sync::MutexGuard<'_, Link> {
         self.link.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -684,61 +574,6 @@ impl Replicator {
     /// Remembers the socket of a new link (see `socket`).
     fn set_socket(&self, tx: &FrameSender) {
         *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = tx.try_clone_socket().ok();
-    }
-
-    /// Half the failover timeout, in ms: how long output may leave on the
-    /// strength of the secondary's last echo.
-    fn lease_span(&self) -> u64 {
-        self.params.failover_timeout.as_millis() as u64 / 2
-    }
-
-    /// Output may leave as of a ping sent at `sent` (ms since `base`).
-    fn renew_lease(&self, sent: u64) {
-        self.lease_until
-            .fetch_max(sent + self.lease_span(), Ordering::AcqRel);
-    }
-
-    /// Whether this primary heard its secondary echo a ping less than half
-    /// the failover timeout ago.
-    fn lease_valid(&self) -> bool {
-        millis(self.base) < self.lease_until.load(Ordering::Acquire)
-    }
-
-    /// A primary whose secondary has not echoed a ping for half the failover
-    /// timeout holds everything (output, disk writes); once echoes come
-    /// again it re-validates its generation at the arbiter before letting
-    /// anything out (it may have been frozen while the other side took
-    /// over).
-    fn check_lease(&self) {
-        if !self.attached.load(Ordering::Acquire) {
-            return;
-        }
-        let valid = self.lease_valid();
-        if !valid && !self.gate.suspended() {
-            warn!(
-                "no echo from the secondary for {} ms: holding output and disk writes until the generation is re-validated",
-                self.lease_span()
-            );
-            self.gate.suspend();
-        } else if valid && self.gate.suspended() && !self.arbiter_lease_lost.load(Ordering::Acquire)
-        {
-            let generation = self.generation.load(Ordering::Acquire);
-            match self.params.current() {
-                Ok(g)
-                    if g.generation == generation
-                        && g.holder.as_deref() == Some(&self.params.me) =>
-                {
-                    warn!("generation {generation} re-validated: releasing output again");
-                    self.gate.resume();
-                }
-                Ok(g) if g.generation > generation => {
-                    self.params.event("fenced superseded");
-                    fence(&format!("another side holds the VM now ({g})"))
-                }
-                Ok(g) => warn!("the arbiter shows {g}; still holding output"),
-                Err(e) => warn!("cannot re-validate the generation ({e}); still holding output"),
-            }
-        }
     }
 
     /// The ship thread: frames to the secondary, with releases and
@@ -833,69 +668,6 @@ impl Replicator {
         }
     }
 
-    /// A secondary whose connection broke comes back: resend what it lacks
-    /// on the new connection and carry on — not a failover.
-    fn resume(
-        self: &Arc<Self>,
-        mut tx: FrameSender,
-        input: FrameReceiver,
-        frames: u64,
-    ) -> anyhow::Result<()> {
-        tx.set_write_timeout(Some(self.params.failover_timeout))?;
-        let generation = self.generation.load(Ordering::Acquire);
-        let mut link = self.link();
-        if !matches!(*link, Link::Attached(_)) {
-            tx.send(
-                generation,
-                &Message::Refuse {
-                    reason: "nothing to resume".into(),
-                },
-            )?;
-            bail!("a resume with no secondary attached");
-        }
-        let sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-        let next = self.next_index.load(Ordering::Acquire);
-        let oldest = sent.front().map_or(next, |(i, _, _, _)| *i);
-        if frames < oldest || frames > next {
-            tx.send(
-                generation,
-                &Message::Refuse {
-                    reason: format!(
-                        "cannot resume from frame {frames}: this primary keeps {oldest}..{next}"
-                    ),
-                },
-            )?;
-            bail!("resume from frame {frames} impossible ({oldest}..{next} kept)");
-        }
-        tx.send(
-            generation,
-            &Message::Welcome {
-                version: PROTOCOL_MAX,
-            },
-        )?;
-        let mut resent = 0;
-        for (_, _, _, bytes) in sent.iter().filter(|(i, _, _, _)| *i >= frames) {
-            tx.send(generation, &Message::Log(bytes.clone()))?;
-            resent += 1;
-        }
-        drop(sent);
-        self.set_socket(&tx);
-        *link = Link::Attached(tx);
-        self.attached.store(true, Ordering::Release);
-        drop(link);
-        self.heard();
-        self.renew_lease(millis(self.base));
-        eprintln!("tandem: secondary reconnected; resumed from frame {frames} ({resent} frames sent again)");
-        self.params
-            .event(&format!("secondary-resumed frame={frames}"));
-        let me = self.clone();
-        let kicker = self.kicker.clone();
-        std::thread::Builder::new()
-            .name("tandem-acks".into())
-            .spawn(move || me.read_acks(input, kicker))?;
-        Ok(())
-    }
-
     /// Reads one secondary's acks, verifications and repair requests.
     fn read_acks(self: &Arc<Self>, mut input: FrameReceiver, kicker: tandem_vmm::kick::Kicker) {
         let replayed_commit = self.params.replayed_commit;
@@ -953,274 +725,6 @@ impl Replicator {
         }
     }
 
-    /// Takes a secondary: handshake, then it joins at the next full sync
-    /// point (the very first one at stop 0 follows from the start).
-    fn attach(
-        self: &Arc<Self>,
-        (mut tx, mut input): (FrameSender, FrameReceiver),
-        from: SocketAddr,
-        fresh: bool,
-        hello: Message,
-    ) -> anyhow::Result<()> {
-        let generation = self.generation.load(Ordering::Acquire);
-        let p = &self.params;
-        handshake_as_primary(&mut tx, generation, (&p.vm_name, &p.peer_name), hello)
-            .with_context(|| format!("handshake with the secondary at {from}"))?;
-        if !self.replicas.is_empty() {
-            let plan = self
-                .disk_handshake(&mut tx, &mut input, fresh)
-                .with_context(|| format!("mirrored disks of the secondary at {from}"))?;
-            self.set_replica_generation(generation);
-            if fresh {
-                // The guest has not run: copy now; the snapshot is now.
-                let started = Instant::now();
-                let (chunks, bytes) =
-                    self.send_disk_round(plan.sync_id, &plan.chunks, &mut |m| {
-                        Ok(tx.send(generation, &m)?)
-                    })?;
-                for r in &self.replicas {
-                    r.pause_for_snapshot();
-                    r.resume_writes();
-                }
-                tx.send(
-                    generation,
-                    &Message::DiskDone(mirror::encode_done(
-                        plan.sync_id,
-                        generation,
-                        &self.replicas,
-                    )),
-                )?;
-                *self.disk_sync.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((plan.sync_id, plan.peers));
-                eprintln!(
-                    "tandem: disks: {chunks} chunks ({} MiB) copied to the secondary in {} ms",
-                    bytes >> 20,
-                    started.elapsed().as_millis()
-                );
-            } else {
-                for r in &self.replicas {
-                    r.start_tracking();
-                }
-                *self.disk_plan.lock().unwrap_or_else(|p| p.into_inner()) = Some(plan);
-            }
-        }
-        self.sent.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        self.next_index.store(0, Ordering::Release);
-        if fresh {
-            // The first secondary follows from stop 0: the header now.
-            tx.send(generation, &Message::Log(self.header.clone()))?;
-        }
-        self.heard();
-        self.renew_lease(millis(self.base));
-        tx.set_write_timeout(Some(self.params.failover_timeout))?;
-        self.set_socket(&tx);
-        *self.link() = if fresh {
-            Link::Attached(tx)
-        } else {
-            Link::Joining(tx)
-        };
-        self.attached.store(fresh, Ordering::Release);
-        self.params.board.set(
-            Role::Primary,
-            generation,
-            if fresh { "attached" } else { "joining" },
-        );
-        let me = self.clone();
-        let kicker = self.kicker.clone();
-        std::thread::Builder::new()
-            .name("tandem-acks".into())
-            .spawn(move || me.read_acks(input, kicker))?;
-        if !fresh {
-            // Memory goes over in rounds while the guest runs; then the
-            // secondary starts from a full sync point that carries only
-            // what changed since.
-            let me = self.clone();
-            std::thread::Builder::new()
-                .name("tandem-precopy".into())
-                .spawn(move || me.precopy())?;
-        }
-        info!("secondary connected from {from}");
-        Ok(())
-    }
-
-    /// Asks the vCPU for its next stop: a pre-copy round, or (`full`) the
-    /// full sync point a joiner starts from.
-    fn ask_vcpu(&self, full: bool) {
-        if full {
-            self.full_sync.store(true, Ordering::Release);
-        }
-        self.kicker.kick();
-        self.causes.wake();
-    }
-
-    /// Pre-copy to a joining secondary: round 0 sends every non-zero page,
-    /// each later round the pages written during the previous one, while
-    /// the guest runs; when a round is small (or stops shrinking) the
-    /// joiner is started from a full sync point carrying only the pages
-    /// written since the last round.
-    fn precopy(self: &Arc<Self>) {
-        let started = Instant::now();
-        // Mirrored storage: the disks go first (round 0: what may differ),
-        // then memory; the end of the copy is at the full sync point.
-        let disk_plan = self
-            .disk_plan
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(plan) = &disk_plan {
-            match self.send_disk_round(plan.sync_id, &plan.chunks, &mut |m| self.send_joining(m)) {
-                Ok((chunks, bytes)) => eprintln!(
-                    "tandem: disks: {chunks} chunks ({} MiB) copied to the joining secondary in {} ms",
-                    bytes >> 20,
-                    started.elapsed().as_millis()
-                ),
-                Err(e) => {
-                    for r in &self.replicas {
-                        r.resume_writes();
-                    }
-                    warn!("disk copy: {e:#}; the joining secondary is dropped");
-                    return;
-                }
-            }
-        }
-        let finish_disks = || -> Option<ResumeWrites<'_>> {
-            let plan = disk_plan.as_ref()?;
-            match self.finish_disk_copy(plan) {
-                Ok(guard) => Some(guard),
-                Err(e) => {
-                    warn!("disk copy: {e:#}; the joining secondary is dropped");
-                    None
-                }
-            }
-        };
-        let mut previous = u64::MAX;
-        for round in 0..PRECOPY_MAX_ROUNDS {
-            self.precopy.request_round(round == 0);
-            self.ask_vcpu(false);
-            let Some(gfns) = self.precopy.wait_round(Duration::from_secs(10)) else {
-                warn!("pre-copy: the vCPU did not answer round {round}; copying all of memory at the stop");
-                let held = finish_disks();
-                self.ask_vcpu(true);
-                return self.release_writes_after_full_sync(held);
-            };
-            let pages = gfns.len() as u64;
-            match self.send_round(round, &gfns) {
-                Ok((sent, bytes)) => info!(
-                    "pre-copy round {round}: {sent} of {pages} pages ({} KiB) at {} ms",
-                    bytes >> 10,
-                    started.elapsed().as_millis()
-                ),
-                Err(e) => {
-                    warn!("pre-copy round {round}: {e:#}; the joining secondary is dropped");
-                    // A disk copy under way stops tracking writes for it.
-                    for r in &self.replicas {
-                        r.abort_sync();
-                    }
-                    return;
-                }
-            }
-            if round > 0 && (pages <= PRECOPY_SMALL_ROUND || pages >= previous) {
-                break;
-            }
-            previous = pages;
-        }
-        let held = finish_disks();
-        if disk_plan.is_some() && held.is_none() {
-            return;
-        }
-        self.precopy.finish_with_delta();
-        self.ask_vcpu(true);
-        self.release_writes_after_full_sync(held);
-    }
-
-    /// Disk writes held for a joiner's copy go on once the vCPU has taken
-    /// the full sync point it starts from (or the joiner is gone).
-    fn release_writes_after_full_sync(&self, held: Option<ResumeWrites<'_>>) {
-        if held.is_none() {
-            return;
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.full_sync.load(Ordering::Acquire) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        drop(held);
-    }
-
-    /// Reads the pages `gfns` of guest memory and sends them to the joining
-    /// secondary in messages of at most [`PRECOPY_CHUNK`] pages; round 0
-    /// leaves out zero pages. Returns (pages sent, bytes sent).
-    fn send_round(&self, round: u32, gfns: &[u64]) -> anyhow::Result<(u64, u64)> {
-        let total = gfns.len() as u64;
-        let mut page = vec![0u8; tandem_replay::log::PAGE_SIZE];
-        let (mut sent, mut bytes, mut scanned) = (0u64, 0u64, 0u64);
-        // An empty round still sends one message: the joiner sees it end.
-        let chunks: Vec<&[u64]> = if gfns.is_empty() {
-            vec![&[]]
-        } else {
-            gfns.chunks(PRECOPY_CHUNK).collect()
-        };
-        for chunk in chunks {
-            let mut pages = Vec::with_capacity(chunk.len() * wire::PAGE_ENTRY);
-            for &gfn in chunk {
-                self.memory
-                    .read_page(gfn, &mut page)
-                    .map_err(|e| anyhow!("reading guest memory: {e}"))?;
-                if round == 0 && page.iter().all(|&b| b == 0) {
-                    continue;
-                }
-                pages.extend_from_slice(&gfn.to_le_bytes());
-                pages.extend_from_slice(&page);
-                sent += 1;
-            }
-            scanned += chunk.len() as u64;
-            bytes += pages.len() as u64;
-            self.send_joining(Message::Memory {
-                round,
-                total,
-                scanned,
-                pages,
-            })?;
-        }
-        Ok((sent, bytes))
-    }
-
-    /// Takes secondaries for as long as the primary runs (re-protection),
-    /// one at a time, as their handshakes complete.
-    fn accept(self: &Arc<Self>, greeted: Receiver<Greeted>) {
-        for Greeted {
-            tx,
-            rx,
-            first,
-            from: addr,
-        } in greeted
-        {
-            let mut tx = tx;
-            if let Message::Resume { vm, frames } = first {
-                if vm != self.params.vm_name {
-                    warn!("secondary {addr} resumes {vm}, not {}", self.params.vm_name);
-                    continue;
-                }
-                if let Err(e) = self.resume(tx, rx, frames) {
-                    warn!("secondary {addr}: {e:#}");
-                }
-                continue;
-            }
-            if !matches!(*self.link(), Link::Detached) {
-                let generation = self.generation.load(Ordering::Acquire);
-                let _ = tx.send(
-                    generation,
-                    &Message::Refuse {
-                        reason: "this primary already has a secondary".into(),
-                    },
-                );
-                continue;
-            }
-            if let Err(e) = self.attach((tx, rx), addr, false, first) {
-                warn!("secondary {addr}: {e:#}");
-            }
-        }
-    }
-
     /// Listens for a secondary and starts the ship, accept and monitor
     /// threads (a secondary that went live becomes a primary that takes a
     /// new secondary).
@@ -1262,86 +766,6 @@ impl Replicator {
                 .spawn(move || r.keep_arbiter_lease())?;
         }
         Ok(())
-    }
-
-    /// With an arbiter that grants leases (etcd), the live side releases
-    /// output only while it holds one: this renews it every quarter of its
-    /// TTL; a watcher thread acts when it runs out.
-    fn keep_arbiter_lease(self: &Arc<Self>) {
-        let Some(arbiter) = self.params.arbiter.clone() else {
-            return;
-        };
-        let mut watching = false;
-        while !self.stepped_down.load(Ordering::Acquire) {
-            let generation = self.generation.load(Ordering::Acquire);
-            let sent = millis(self.base);
-            let every = match arbiter.hold(&self.params.vm_name, generation, &self.params.me) {
-                Ok(None) => return,
-                Ok(Some(ttl)) => {
-                    let trusted = (ttl.as_millis() as f64 * LEASE_TRUST) as u64;
-                    self.arbiter_lease_until
-                        .store(sent + trusted, Ordering::Release);
-                    if self.arbiter_lease_lost.swap(false, Ordering::AcqRel) {
-                        warn!("the arbiter lease of generation {generation} is held again");
-                        // Attached, the echo check re-validates and
-                        // resumes; alone, nothing else would.
-                        if !self.attached.load(Ordering::Acquire) {
-                            self.gate.resume();
-                        }
-                    }
-                    if !watching {
-                        watching = true;
-                        // `tandem status`: how long the lease surely holds.
-                        let r = self.clone();
-                        self.params.board.probe(
-                            "arbiter_lease_ms_left",
-                            Arc::new(move || {
-                                r.arbiter_lease_until
-                                    .load(Ordering::Acquire)
-                                    .saturating_sub(millis(r.base))
-                            }),
-                        );
-                        let r = self.clone();
-                        let _ = std::thread::Builder::new()
-                            .name("tandem-lease-watch".into())
-                            .spawn(move || r.watch_arbiter_lease());
-                    }
-                    (ttl / 4).max(Duration::from_millis(100))
-                }
-                Err(e) => {
-                    warn!("cannot renew the arbiter lease of generation {generation}: {e}");
-                    Duration::from_millis(200)
-                }
-            };
-            std::thread::sleep(every);
-        }
-    }
-
-    /// Acts when the arbiter lease runs out (a renewal may block for a
-    /// while on an unreachable arbiter, so this thread watches the clock):
-    /// nothing more is released, and a secondary that follows is told to go
-    /// live (it may still reach the arbiter), after which this side fences.
-    fn watch_arbiter_lease(self: &Arc<Self>) {
-        while !self.stepped_down.load(Ordering::Acquire) {
-            std::thread::sleep(Duration::from_millis(20));
-            let until = self.arbiter_lease_until.load(Ordering::Acquire);
-            if millis(self.base) < until || self.arbiter_lease_lost.load(Ordering::Acquire) {
-                continue;
-            }
-            self.arbiter_lease_lost.store(true, Ordering::Release);
-            self.gate.suspend();
-            let generation = self.generation.load(Ordering::Acquire);
-            warn!(
-                "the arbiter lease of generation {generation} ran out: holding output and disk writes"
-            );
-            self.params
-                .event(&format!("lease-lost generation={generation}"));
-            if self.attached.load(Ordering::Acquire) {
-                if let Err(e) = self.hand_over(true) {
-                    warn!("cannot hand the VM over after losing the lease: {e}");
-                }
-            }
-        }
     }
 
     /// A silent secondary is gone: win the next generation before releasing
@@ -1429,115 +853,6 @@ impl Replicator {
             }
         }
     }
-}
-
-/// Authenticates a new connection (when the pair has a key) and reads
-/// its first message: the secondary's hello or resume.
-/// A connection that authenticated and said what it wants.
-struct Greeted {
-    tx: FrameSender,
-    rx: FrameReceiver,
-    /// Its first message (hello or resume).
-    first: Message,
-    from: SocketAddr,
-}
-
-/// Accepts connections on `listener` for good: each handshake runs on a
-/// thread of its own, by a total deadline, within the admission limits, so
-/// no peer that never finishes one keeps a secondary out. What completes
-/// comes out of the returned channel, in order of completion.
-///
-/// With `peer_ip`, a connection from any other address is refused before
-/// its handshake (it is not the pair's other host), and told why.
-fn admit(
-    listener: TcpListener,
-    psk: Option<Arc<Psk>>,
-    peer_ip: Option<std::net::IpAddr>,
-) -> std::io::Result<Receiver<Greeted>> {
-    let (greeted_tx, greeted) = channel::<Greeted>();
-    let admission = Admission::new(admission::DEFAULT_LIMITS);
-    std::thread::Builder::new()
-        .name("tandem-accept".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                let stream = match stream {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // EMFILE and the like: keep serving.
-                        warn!("accepting a secondary: {e}");
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue;
-                    }
-                };
-                let Ok(from) = stream.peer_addr() else {
-                    continue;
-                };
-                if let Some(peer_ip) = peer_ip.filter(|ip| *ip != from.ip()) {
-                    let reason = format!(
-                        "a connection from {} refused: the peer host's address is {peer_ip} (behind NAT, set [ft] verify_peer_address = false)",
-                        from.ip()
-                    );
-                    warn!("{reason}");
-                    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-                    let _ = wire::write(&mut &stream, 0, &Message::Refuse { reason });
-                    continue;
-                }
-                let ticket = match admission.admit(from.ip()) {
-                    Ok(t) => t,
-                    Err(refused) => {
-                        warn!("secondary {from}: not admitted: {refused}");
-                        continue;
-                    }
-                };
-                let (psk, greeted_tx) = (psk.clone(), greeted_tx.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("tandem-greet".into())
-                    .spawn(move || {
-                        let result = greet(stream, psk.as_ref());
-                        drop(ticket);
-                        match result {
-                            Ok((tx, rx, first)) => {
-                                let _ = greeted_tx.send(Greeted {
-                                    tx,
-                                    rx,
-                                    first,
-                                    from,
-                                });
-                            }
-                            Err(e) => warn!("secondary {from}: {e:#}"),
-                        }
-                    });
-                if let Err(e) = spawned {
-                    warn!("secondary {from}: cannot start its handshake: {e}");
-                }
-            }
-        })?;
-    Ok(greeted)
-}
-
-fn greet(
-    stream: TcpStream,
-    psk: Option<&Arc<Psk>>,
-) -> anyhow::Result<(FrameSender, FrameReceiver, Message)> {
-    let (mut tx, mut rx) = channel::accept(stream, psk)?;
-    rx.set_read_timeout(Some(admission::HANDSHAKE_DEADLINE))?;
-    let (_, first) = rx.recv().context("no hello")?;
-    rx.set_read_timeout(None)?;
-    if let Message::AuthHello { .. } = first {
-        let _ = tx.send(
-            0,
-            &Message::Refuse {
-                reason: "this host has no key (started with --insecure); give both hosts the same [ft] psk_file".into(),
-            },
-        );
-        bail!("the peer authenticates but this host has no key (--insecure): refused");
-    }
-    Ok((tx, rx, first))
-}
-
-/// The socket a secondary connects to.
-fn listen(params: &PairParams) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(params.listen).with_context(|| format!("cannot listen on {}", params.listen))
 }
 
 /// Runs the primary: wins a generation, waits for the secondary (unless
@@ -1683,63 +998,6 @@ pub fn run_primary(
     Ok(code)
 }
 
-/// Checks a secondary's hello: the VM this primary runs, the host that is
-/// this primary's peer (`(vm, peer_host)`), a protocol both speak.
-fn handshake_as_primary(
-    tx: &mut FrameSender,
-    generation: u64,
-    (vm, peer_host): (&str, &str),
-    hello: Message,
-) -> anyhow::Result<()> {
-    let Message::Hello {
-        min,
-        max,
-        vm: theirs,
-        host,
-    } = hello
-    else {
-        bail!("expected a hello, got {hello:?}");
-    };
-    if host != peer_host {
-        let reason = format!(
-            "this primary's peer is host {peer_host}, not {}",
-            if host.is_empty() {
-                "a secondary that names no host"
-            } else {
-                &host
-            }
-        );
-        tx.send(
-            generation,
-            &Message::Refuse {
-                reason: reason.clone(),
-            },
-        )?;
-        bail!("{reason}: refused");
-    }
-    if theirs != vm {
-        tx.send(
-            generation,
-            &Message::Refuse {
-                reason: format!("this primary runs {vm}, not {theirs}"),
-            },
-        )?;
-        bail!("the secondary follows {theirs}, this primary runs {vm}");
-    }
-    let Some(version) = wire::negotiate(min, max) else {
-        let reason = format!("no common protocol version: secondary speaks {min}–{max}, primary {PROTOCOL_MIN}–{PROTOCOL_MAX}");
-        tx.send(
-            generation,
-            &Message::Refuse {
-                reason: reason.clone(),
-            },
-        )?;
-        bail!(reason);
-    };
-    tx.send(generation, &Message::Welcome { version })?;
-    Ok(())
-}
-
 /// Registers this side for fencing and shutdown and serves its control
 /// socket with the figures every role has.
 fn publish(params: &PairParams, vm: &Vm, role: Role, generation: u64) -> anyhow::Result<()> {
@@ -1862,9 +1120,3 @@ type SentFrame = (u64, u64, Instant, Vec<u8>);
 /// How long a claim keeps trying an arbiter that does not answer (at least;
 /// the failover timeout if longer).
 const ARBITER_PATIENCE: Duration = Duration::from_secs(5);
-/// Pre-copy gives up converging after this many rounds.
-const PRECOPY_MAX_ROUNDS: u32 = 8;
-/// A round this small (pages) is the last before the stop.
-const PRECOPY_SMALL_ROUND: u64 = 256;
-/// Pages per pre-copy message (8 MiB).
-const PRECOPY_CHUNK: usize = 2048;

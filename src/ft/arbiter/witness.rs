@@ -606,6 +606,7 @@ fn accept_loop(
     // budget (and a short deadline): idle ones cannot use up the places
     // the pairs need for their claims.
     let admission = Admission::new(admission::DEFAULT_LIMITS);
+    let refusals = admission::RefusalLog::default();
     for conn in listener.incoming() {
         if shared.stopping.load(Ordering::SeqCst) {
             break;
@@ -624,7 +625,9 @@ fn accept_loop(
             (false, Ok(from)) => match admission.admit(from.ip()) {
                 Ok(t) => Some(t),
                 Err(refused) => {
-                    warn!("witness: {from} not admitted: {refused}");
+                    if let Some(n) = refusals.note() {
+                        warn!("witness: {from} not admitted: {refused} ({n} refused since the last such line)");
+                    }
                     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
                     let _ = stream.write_all(b"ERROR busy\n");
                     continue;
