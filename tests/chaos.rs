@@ -280,28 +280,7 @@ impl Chaos {
         // Where every thread of each side waits (thread names say which).
         for (host, p) in HOSTS.iter().zip(&self.hosts) {
             let Some(p) = p else { continue };
-            let pid = p.child.id();
-            let _ = writeln!(s, "--- threads of host {host} (pid {pid}):");
-            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-                continue;
-            };
-            for task in tasks.flatten() {
-                let read = |f: &str| {
-                    std::fs::read_to_string(task.path().join(f))
-                        .unwrap_or_default()
-                        .trim()
-                        .to_string()
-                };
-                let syscall = read("syscall");
-                let _ = writeln!(
-                    s,
-                    "{:<16} {:<7} wchan={} syscall={}",
-                    read("comm"),
-                    read("stat").split(' ').nth(2).unwrap_or("?"),
-                    read("wchan"),
-                    syscall.split(' ').next().unwrap_or("")
-                );
-            }
+            let _ = write!(s, "--- host {host}: {}", p.threads());
         }
         for (host, p) in HOSTS.iter().zip(&self.hosts) {
             if let Some(p) = p {

@@ -212,16 +212,49 @@ impl Proc {
     }
 
     /// [`Proc::wait_for`], failing with `other`'s stderr too (the peer of
-    /// a pair often says why this side never got going).
+    /// a pair often says why this side never got going), and where each
+    /// side's threads wait.
     pub fn wait_for_with(&self, what: &str, limit: Duration, other: &Proc) {
         if !self.saw(what, limit) {
             panic!(
-                "never saw {what:?}; stdout {:?} stderr {:?}\nother side's stderr: {}",
+                "never saw {what:?}; stdout {:?} stderr {:?}\nother side's stderr: {}\n{}{}",
                 self.lines.lock().unwrap(),
                 self.errors.lock().unwrap(),
-                other.stderr()
+                other.stderr(),
+                self.threads(),
+                other.threads()
             );
         }
+    }
+
+    /// Where every thread of the process waits (name, state, wait channel,
+    /// system call number), or that it has exited.
+    pub fn threads(&self) -> String {
+        use std::fmt::Write as _;
+        let pid = self.child.id();
+        let mut s = format!("--- threads of pid {pid}:\n");
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            s.push_str("(gone)\n");
+            return s;
+        };
+        for task in tasks.flatten() {
+            let read = |f: &str| {
+                std::fs::read_to_string(task.path().join(f))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            };
+            let syscall = read("syscall");
+            let _ = writeln!(
+                s,
+                "{:<16} {:<3} wchan={} syscall={}",
+                read("comm"),
+                read("stat").split(' ').nth(2).unwrap_or("?"),
+                read("wchan"),
+                syscall.split(' ').next().unwrap_or("")
+            );
+        }
+        s
     }
 }
 
