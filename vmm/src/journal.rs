@@ -211,8 +211,19 @@ impl Throttle {
             return;
         }
         let start = Instant::now();
+        let mut said = start;
         self.waits.fetch_add(1, Ordering::Relaxed);
         while self.must_wait() {
+            if said.elapsed() > Duration::from_secs(2) {
+                // Diagnostic: a brake that never lets go stops the guest.
+                tracing::warn!(
+                    unacked = self.unacked(),
+                    held = self.hold.load(Ordering::Acquire),
+                    "the vCPU has waited {} ms for the secondary's acks",
+                    start.elapsed().as_millis()
+                );
+                said = Instant::now();
+            }
             if self.hold.load(Ordering::Acquire) {
                 self.parked.store(parked_state, Ordering::Release);
             }
@@ -421,6 +432,7 @@ fn write_loop(
     let mut highest: Option<u64> = None;
     let mut next_sync = Instant::now() + period;
     let mut batch: Vec<Record> = Vec::new();
+    let mut held_since: Option<Instant> = None;
     loop {
         let wait = next_sync.saturating_duration_since(Instant::now());
         let closed = match rx.recv_timeout(wait) {
@@ -445,6 +457,22 @@ fn write_loop(
             ToWriter::Record(r) => Some(r),
             ToWriter::Flush => None,
         }));
+        let held_back = highest.is_some_and(|h| h > left);
+        if held_back
+            && held_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(1)
+        {
+            // Diagnostic: a vCPU braked on unacked log while no watermark
+            // can be written would wait here for ever.
+            tracing::warn!(
+                left,
+                ?highest,
+                ?last_watermark,
+                "log writer: no watermark for over 1 s (a record of a later stop than the vCPU has left)"
+            );
+            held_since = Some(Instant::now());
+        } else if !held_back {
+            held_since = None;
+        }
         let mut watermark_due = highest.is_none_or(|h| h <= left)
             && last_watermark.is_none_or(|w| left > w || (left == w && file.wants_heartbeats()));
         for r in batch.drain(..) {
