@@ -1069,15 +1069,8 @@ fn a_secondary_tries_again_when_the_primary_was_too_slow_for_its_handshake() {
     // (10 s). It tries again instead of exiting, and the pair protects the
     // VM once the primary thaws.
     let t = topology("slowhs", 1500, "received");
-    let witness = spawn_witness(&t.ns, &t.dir);
+    let (_witness, primary) = spawn_waiting_primary(&t);
     let config = t.config.display().to_string();
-    let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
-    wait_stderr(
-        &primary,
-        "waiting for the secondary",
-        Duration::from_secs(30),
-        &witness,
-    );
     signal(&primary, libc::SIGSTOP);
     let secondary = Proc::spawn(&t.ns, &["secondary", "--config", &config, "--host", "b"]);
     wait_stderr(

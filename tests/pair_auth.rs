@@ -26,6 +26,40 @@ fn via_proxy(config: &Path) -> PathBuf {
     path
 }
 
+/// A pair of `t` whose secondary reaches the primary through a proxy.
+struct ProxiedPair {
+    _witness: Proc,
+    proxy: std::sync::Arc<proxy::ProxyState>,
+    primary: Proc,
+    secondary: Proc,
+}
+
+impl ProxiedPair {
+    /// Starts the witness, the proxy (told the pair only authenticates,
+    /// with `mac_only`), the primary and the proxied secondary, and waits
+    /// for the guest.
+    fn start(t: &Topology, mac_only: bool) -> Self {
+        let proxied = via_proxy(&t.config);
+        let _witness = spawn_witness(&t.ns, &t.dir);
+        let proxy = proxy::start(&t.ns, PROXY, PRIMARY);
+        if mac_only {
+            proxy.mac_only();
+        }
+        let config = t.config.display().to_string();
+        let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
+        std::thread::sleep(Duration::from_millis(300));
+        let proxied = proxied.display().to_string();
+        let secondary = Proc::spawn(&t.ns, &["secondary", "--config", &proxied, "--host", "b"]);
+        primary.wait_for_with("netecho: up", Duration::from_secs(60), &secondary);
+        Self {
+            _witness,
+            proxy,
+            primary,
+            secondary,
+        }
+    }
+}
+
 fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done() {
@@ -40,15 +74,12 @@ fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
 /// the primary still hands over with no counter value handed out twice.
 fn tampered_pair_resumes(tag: &str, corruption: Corruption, resets: usize) {
     let t = topology(tag, 3000, "received");
-    let proxied = via_proxy(&t.config);
-    let witness = spawn_witness(&t.ns, &t.dir);
-    let proxy = proxy::start(&t.ns, PROXY, PRIMARY);
-    let config = t.config.display().to_string();
-    let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
-    std::thread::sleep(Duration::from_millis(300));
-    let proxied = proxied.display().to_string();
-    let secondary = Proc::spawn(&t.ns, &["secondary", "--config", &proxied, "--host", "b"]);
-    primary.wait_for_with("netecho: up", Duration::from_secs(60), &secondary);
+    let ProxiedPair {
+        _witness: witness,
+        proxy,
+        primary,
+        secondary,
+    } = ProxiedPair::start(&t, false);
 
     let s = t.ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();
@@ -212,18 +243,13 @@ fn marker_crosses_the_link(tag: &str, encrypt: bool) -> bool {
     const MARKER: &[u8] = b"TANDEM-SECRET-MARKER-5f0c2e";
     let ft = if encrypt { "" } else { "encrypt = false" };
     let t = topology_with(tag, 3000, "received", "", ft);
-    let proxied = via_proxy(&t.config);
-    let _witness = spawn_witness(&t.ns, &t.dir);
-    let proxy = proxy::start(&t.ns, PROXY, PRIMARY);
-    if !encrypt {
-        proxy.mac_only();
-    }
-    let config = t.config.display().to_string();
-    let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
-    std::thread::sleep(Duration::from_millis(300));
-    let proxied = proxied.display().to_string();
-    let secondary = Proc::spawn(&t.ns, &["secondary", "--config", &proxied, "--host", "b"]);
-    primary.wait_for_with("netecho: up", Duration::from_secs(60), &secondary);
+    // Every part bound: a part left out would be dropped (killed) here.
+    let ProxiedPair {
+        _witness,
+        proxy,
+        primary: _primary,
+        secondary,
+    } = ProxiedPair::start(&t, !encrypt);
     proxy.record();
     // Frames the guest receives: each goes into its memory and, as an
     // input of the log, across the link.

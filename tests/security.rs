@@ -135,15 +135,8 @@ fn clients_that_never_finish_a_handshake_do_not_keep_a_secondary_out() {
     // reach the handshake: what holds them off is its deadline and the
     // admission limits.
     let t = topology_with("drib", 3000, "received", "", "verify_peer_address = false");
-    let _witness = spawn_witness(&t.ns, &t.dir);
+    let (_witness, primary) = spawn_waiting_primary(&t);
     let config = t.config.display().to_string();
-    let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
-    wait_stderr(
-        &primary,
-        "waiting for the secondary",
-        Duration::from_secs(30),
-        &_witness,
-    );
 
     // One lone dribbler, and a crowd of 100 from another address, both
     // there before the secondary comes.
@@ -188,16 +181,13 @@ fn clients_that_never_finish_a_handshake_do_not_keep_a_secondary_out() {
         "ss -K: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !secondary.stderr().contains("resuming from frame") {
-        assert!(
-            Instant::now() < deadline,
-            "no resume under attack\nprimary: {}\nsecondary: {}",
-            primary.stderr(),
-            secondary.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // The resume, under attack.
+    wait_stderr(
+        &secondary,
+        "resuming from frame",
+        Duration::from_secs(10),
+        &primary,
+    );
     let (_, more) = serve(&s, next, 10, Duration::from_secs(30), &mut replies);
     assert!(more.is_some(), "the pair stopped serving after the resume");
     assert!(
@@ -452,15 +442,8 @@ fn refused_secondary(t: &Topology, name: &str, text: &str, host: &str) -> String
 #[test]
 fn keys_serve_one_pair_and_one_purpose_and_the_secondary_must_be_the_peer() {
     let t = topology("keys", 3000, "received");
-    let witness = spawn_witness(&t.ns, &t.dir);
+    let (_witness, primary) = spawn_waiting_primary(&t);
     let config = t.config.display().to_string();
-    let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
-    wait_stderr(
-        &primary,
-        "waiting for the secondary",
-        Duration::from_secs(30),
-        &witness,
-    );
     let text = std::fs::read_to_string(&t.config).unwrap();
     let psk_line = |path: &Path| format!("psk_file = \"{}\"", path.display());
     let pair_key = write_psk(&t.dir);

@@ -272,18 +272,23 @@ pub fn nonce() -> io::Result<Nonce> {
 /// Writes a new random key to `path` (64 hex digits, mode 0600); never
 /// overwrites a file.
 pub fn keygen(path: &Path) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let mut key = [0u8; 32];
     getrandom::getrandom(&mut key).map_err(|e| format!("no random bytes: {e}"))?;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    write_new_key_file(path, &format!("{}\n", to_hex(&key)))
+}
+
+/// Writes `text` to a new file `path` (mode 0600, fsynced); never
+/// overwrites one.
+fn write_new_key_file(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
         .map_err(|e| format!("cannot create key file {}: {e}", path.display()))?;
-    f.write_all(format!("{hex}\n").as_bytes())
+    f.write_all(text.as_bytes())
         .and_then(|()| f.sync_all())
         .map_err(|e| format!("cannot write key file {}: {e}", path.display()))
 }
@@ -342,23 +347,13 @@ impl FrameMac {
 /// psk_file for its VM) to `path`, as [`keygen`] writes keys; returns the
 /// VM's name.
 pub fn write_witness_key(pair_file: &Path, path: &Path) -> Result<String, String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let cfg = crate::config::load(pair_file).map_err(|e| e.to_string())?;
     let Some(psk_file) = &cfg.ft.psk_file else {
         return Err(format!("{}: no [ft] psk_file", pair_file.display()));
     };
     let base = Psk::load(psk_file)?;
     let key = base.for_witness(&cfg.vm.name);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("cannot create key file {}: {e}", path.display()))?;
-    f.write_all(key.to_key_file_text().as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(|e| format!("cannot write key file {}: {e}", path.display()))?;
+    write_new_key_file(path, &key.to_key_file_text())?;
     Ok(cfg.vm.name.clone())
 }
 

@@ -110,7 +110,6 @@ pub fn tcp_connect_in(
     from: std::net::Ipv4Addr,
     addr: std::net::SocketAddrV4,
 ) -> std::io::Result<std::net::TcpStream> {
-    use std::os::fd::FromRawFd;
     let path = format!("/var/run/netns/{ns}");
     std::thread::spawn(move || {
         let ns = std::fs::File::open(&path)?;
@@ -119,36 +118,29 @@ pub fn tcp_connect_in(
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // SAFETY: plain socket(2); the fd is owned by the stream below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh socket nobody else owns.
-        let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-        let sockaddr = |a: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(a).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        let local = sockaddr(from, 0);
-        // SAFETY: `local` is a valid sockaddr_in of `len` bytes.
-        if unsafe { libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let remote = sockaddr(*addr.ip(), addr.port());
-        // SAFETY: `remote` is a valid sockaddr_in of `len` bytes.
-        if unsafe { libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(stream)
+        connect_from(
+            Some(std::net::IpAddr::V4(from)),
+            std::net::SocketAddr::V4(addr),
+        )
     })
     .join()
     .expect("netns thread")
+}
+
+/// A TCP connection to `to` from address `from` (any port; None: any
+/// address), in the calling thread's namespace.
+#[allow(dead_code)]
+pub fn connect_from(
+    from: Option<std::net::IpAddr>,
+    to: std::net::SocketAddr,
+) -> std::io::Result<std::net::TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(from) = from {
+        socket.bind(&std::net::SocketAddr::new(from, 0).into())?;
+    }
+    socket.connect(&to.into())?;
+    Ok(socket.into())
 }
 
 impl Drop for NetNs {

@@ -436,6 +436,22 @@ pub fn spawn_pair(ns: &NetNs, dir: &Path, config: &Path) -> (Proc, Proc, Proc) {
     (witness, primary, secondary)
 }
 
+/// Starts the witness and the primary (host a) of `t`, and waits until the
+/// primary waits for its secondary: (witness, primary).
+#[allow(dead_code)]
+pub fn spawn_waiting_primary(t: &Topology) -> (Proc, Proc) {
+    let witness = spawn_witness(&t.ns, &t.dir);
+    let config = t.config.display().to_string();
+    let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
+    wait_stderr(
+        &primary,
+        "waiting for the secondary",
+        Duration::from_secs(30),
+        &witness,
+    );
+    (witness, primary)
+}
+
 /// Starts the pair's witness (with its key) on 127.0.0.1:7500 in `ns`.
 pub fn spawn_witness(ns: &NetNs, dir: &Path) -> Proc {
     spawn_witness_at(ns, dir, "127.0.0.1:7500")

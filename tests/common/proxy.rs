@@ -153,7 +153,11 @@ pub fn start(ns: &NetNs, listen: &str, upstream: &str) -> Arc<ProxyState> {
             // From the client's own address, as a proxy on the path would
             // appear (the primary checks who connects).
             let from = down.peer_addr().map(|a| a.ip()).ok();
-            let Ok(up) = connect_from(from, &upstream) else {
+            let Ok(up) = upstream
+                .parse()
+                .map_err(|_| std::io::Error::other("upstream is not IP:PORT"))
+                .and_then(|to| super::netns::connect_from(from, to))
+            else {
                 continue;
             };
             let n = s.connections.fetch_add(1, Ordering::SeqCst) + 1;
@@ -255,22 +259,4 @@ fn forward(up: &TcpStream, down: &TcpStream, connection: u32, s: &ProxyState) {
             return;
         }
     }
-}
-
-/// Connects to `upstream` from address `from` (any port).
-fn connect_from(from: Option<std::net::IpAddr>, upstream: &str) -> std::io::Result<TcpStream> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let upstream: std::net::SocketAddr = upstream
-        .parse()
-        .map_err(|_| std::io::Error::other("upstream is not IP:PORT"))?;
-    let socket = Socket::new(
-        Domain::for_address(upstream),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
-    if let Some(from) = from {
-        socket.bind(&std::net::SocketAddr::new(from, 0).into())?;
-    }
-    socket.connect(&upstream.into())?;
-    Ok(socket.into())
 }
