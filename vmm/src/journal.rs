@@ -63,9 +63,10 @@ pub struct Throttle {
     /// Log bytes shipped, and acknowledged.
     shipped: AtomicU64,
     acked: AtomicU64,
-    /// (stop, bytes shipped up to and including it), for mapping acks.
-    marks: Mutex<std::collections::VecDeque<(u64, u64)>>,
-    /// When the acknowledged position last moved.
+    /// What is shipped and not yet acknowledged, by stop.
+    marks: Mutex<Marks>,
+    /// When the acknowledged position last moved (or, if nothing was
+    /// outstanding, when something was shipped again).
     progress: Mutex<Instant>,
     /// Most unacknowledged bytes.
     cap: u64,
@@ -83,6 +84,17 @@ pub struct Throttle {
     pub waits: AtomicU64,
     /// Microseconds the vCPU spent waiting.
     pub waited_us: AtomicU64,
+}
+
+/// Shipped stops not yet acknowledged, and the newest acknowledged stop.
+#[derive(Debug, Default)]
+struct Marks {
+    /// (stop, bytes shipped up to and including it), for mapping acks.
+    pending: std::collections::VecDeque<(u64, u64)>,
+    /// The newest stop the secondary said it has: a record of that stop or
+    /// an earlier one shipped later (a heartbeat watermark repeating it) is
+    /// covered already, and no new ack will come for it.
+    acked_stop: Option<u64>,
 }
 
 impl Throttle {
@@ -105,20 +117,35 @@ impl Throttle {
 
     /// A record for `stop` of `bytes` was shipped.
     pub fn shipped(&self, stop: u64, bytes: u64) {
-        let total = self.shipped.fetch_add(bytes, Ordering::AcqRel) + bytes;
         let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        match marks.back_mut() {
-            Some((s, t)) if *s == stop => *t = total,
-            _ => marks.push_back((stop, total)),
+        let total = self.shipped.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let covered = marks.acked_stop.is_some_and(|acked| stop <= acked);
+        match marks.pending.back_mut() {
+            // A record of an earlier stop shipped after a later one (a
+            // heartbeat watermark while the vCPU sits in a stop it has not
+            // left) is acked with the later one.
+            Some((s, t)) if *s >= stop => *t = total,
+            Some(_) => marks.pending.push_back((stop, total)),
+            None if covered => {
+                self.acked.fetch_max(total, Ordering::AcqRel);
+            }
+            None => {
+                // Nothing was outstanding: the secondary's time to ack this
+                // starts now, not at its last ack (which may be long ago
+                // when the vCPU slept or the secondary was slow to connect).
+                *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                marks.pending.push_back((stop, total));
+            }
         }
     }
 
     /// The secondary has everything up to stop `stop`.
     pub fn acked(&self, stop: u64) {
         let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        marks.acked_stop = marks.acked_stop.max(Some(stop));
         let mut covered = None;
-        while marks.front().is_some_and(|(s, _)| *s <= stop) {
-            covered = marks.pop_front().map(|(_, t)| t);
+        while marks.pending.front().is_some_and(|(s, _)| *s <= stop) {
+            covered = marks.pending.pop_front().map(|(_, t)| t);
         }
         drop(marks);
         if let Some(bytes) = covered {
@@ -158,7 +185,7 @@ impl Throttle {
 
     /// A new secondary joined: brake again, counting from what is shipped now.
     pub fn protect(&self) {
-        self.marks.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        *self.marks.lock().unwrap_or_else(|p| p.into_inner()) = Marks::default();
         self.acked
             .store(self.shipped.load(Ordering::Acquire), Ordering::Release);
         *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
@@ -1341,5 +1368,37 @@ mod tests {
         t.open();
         assert!(!t.must_wait(), "an open brake never waits");
         t.wait();
+    }
+
+    #[test]
+    fn an_ack_covers_a_later_shipped_record_of_an_acked_stop() {
+        // The secondary acked stop 0 before the primary shipped a heartbeat
+        // watermark repeating stop 0: no ack will ever come for it, so it
+        // must not count as outstanding (it braked the vCPU for good).
+        let t = Throttle::new(1000, Duration::from_millis(30));
+        t.acked(0);
+        t.shipped(0, 13);
+        assert_eq!(t.unacked(), 0);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!t.must_wait(), "a covered heartbeat braked the vCPU");
+        t.shipped(1, 13);
+        assert_eq!(t.unacked(), 13);
+        // A heartbeat of stop 0 behind stop 1's record is acked with it.
+        t.shipped(0, 13);
+        assert_eq!(t.unacked(), 26);
+        t.acked(1);
+        assert_eq!(t.unacked(), 0);
+    }
+
+    #[test]
+    fn the_lag_clock_starts_when_something_is_outstanding() {
+        // Long after the last ack (the guest slept, or the secondary took
+        // a while to connect), newly shipped data gets the full max_lag.
+        let t = Throttle::new(1000, Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(40));
+        t.shipped(1, 10);
+        assert!(!t.must_wait(), "fresh data counted as stale");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(t.must_wait());
     }
 }

@@ -46,9 +46,9 @@ struct Shared {
     base: Instant,
     /// When the primary was last heard (ms since `base`).
     last_heard: Arc<AtomicU64>,
-    /// The received watermark (the newest stop the log covers so far), and
-    /// the ack thread's wake-up when it moves.
-    received: (Mutex<u64>, Condvar),
+    /// The received watermark (the newest stop the log covers so far; none
+    /// before the first), and the ack thread's wake-up when it moves.
+    received: (Mutex<Option<u64>>, Condvar),
     /// The replay's outputs, once the VM exists.
     follower_slot: OnceLock<Arc<FollowerOutputs>>,
     /// The monitor declared the primary gone: the other threads stop.
@@ -554,7 +554,7 @@ fn decode(
     pipe_out: UnixStream,
     identity_tx: &Sender<Result<VmIdentity, LogError>>,
     feed: &Sender<Record>,
-    received: &(Mutex<u64>, Condvar),
+    received: &(Mutex<Option<u64>>, Condvar),
 ) {
     let (mut reader, identity) = match LogReader::open(pipe_out) {
         Ok(x) => x,
@@ -570,7 +570,7 @@ fn decode(
 fn decode_loop(
     reader: &mut LogReader<UnixStream>,
     feed: &Sender<Record>,
-    received: &(Mutex<u64>, Condvar),
+    received: &(Mutex<Option<u64>>, Condvar),
 ) {
     loop {
         match reader.read_record() {
@@ -584,7 +584,7 @@ fn decode_loop(
                 };
                 if let Some(stop) = covered {
                     let mut w = received.0.lock().unwrap_or_else(|p| p.into_inner());
-                    *w = (*w).max(stop);
+                    *w = (*w).max(Some(stop));
                     received.1.notify_one();
                 }
                 if feed.send(record).is_err() {
@@ -606,7 +606,9 @@ fn decode_loop(
 /// connection is current, until the primary is gone.
 fn ack(shared: &Shared, heartbeat: Duration) {
     let (lock, moved) = &shared.received;
-    let mut acked = u64::MAX;
+    // Nothing is acked before the first watermark arrives (an ack of stop
+    // 0 then would claim records this side does not have).
+    let mut acked = None;
     let mut reported = 0u64;
     let mut reported_divergence = 0u64;
     let mut echoed = 0u64;
@@ -646,8 +648,8 @@ fn ack(shared: &Shared, heartbeat: Duration) {
                 .unwrap_or_else(|p| p.into_inner());
             *guard
         };
-        if current != acked {
-            send(&Message::Ack(current));
+        if let Some(stop) = current.filter(|_| current != acked) {
+            send(&Message::Ack(stop));
             acked = current;
         }
         if Instant::now() >= next_beat {
