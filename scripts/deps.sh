@@ -14,6 +14,11 @@ command -v setpriv >/dev/null || missing+=(util-linux)
 command -v ping >/dev/null || missing+=(iputils-ping)
 command -v nft >/dev/null || missing+=(nftables)
 [ -x /usr/bin/python3 ] || missing+=(python3) # tests/security.rs: a client run as nobody
+command -v protoc >/dev/null || missing+=(protobuf-compiler) # etcd-client's build compiles etcd's protobufs
+# etcd: the etcd arbiter's tests run a 3-member cluster with TLS and auth.
+command -v etcd >/dev/null || missing+=(etcd-server)
+command -v etcdctl >/dev/null || missing+=(etcd-client)
+command -v openssl >/dev/null || missing+=(openssl)
 
 if [ ${#missing[@]} -gt 0 ]; then
     echo "deps: installing ${missing[*]}"
@@ -23,16 +28,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
-fi
-
-# etcd, for the etcd-arbitration tests (a 3-member cluster in a namespace).
-# Wanted, not required: without it those tests say they were skipped.
-if ! command -v etcd >/dev/null; then
-    echo "deps: installing etcd-server"
-    if [ "$(id -u)" -ne 0 ] || ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server; }; then
-        echo "deps: warning: cannot install etcd-server; the etcd tests will be skipped" >&2
-    fi
 fi
 
 if ! command -v cargo >/dev/null; then

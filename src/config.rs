@@ -203,6 +203,29 @@ pub struct FtConfig {
     pub socket_group: Option<u32>,
     /// What a guest software crash does.
     pub on_guest_crash: tandem_vmm::CrashPolicy,
+    /// TLS and authentication towards an etcd witness.
+    pub etcd: EtcdAccess,
+}
+
+/// How tandem reaches etcd (`[ft]` of a pair file, `[cluster]` of a cluster
+/// file): TLS with a client certificate, and etcd's own user and password.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcdAccess {
+    /// The CA that signed etcd's server certificates (`etcd_ca`): TLS on.
+    pub ca: Option<PathBuf>,
+    /// This host's client certificate and its private key (`etcd_cert`,
+    /// `etcd_key`), for etcd's `--client-cert-auth`.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// etcd's own authentication: the user and the file holding its
+    /// password (`etcd_user`, `etcd_password_file`).
+    pub user: Option<(String, PathBuf)>,
+}
+
+impl EtcdAccess {
+    /// Whether the client speaks TLS.
+    pub fn tls(&self) -> bool {
+        self.ca.is_some()
+    }
 }
 
 /// When the primary may release an output (network frame, console byte).

@@ -209,7 +209,7 @@ impl Chaos {
         if on_etcd() {
             text = text.replace(
                 "witness = \"tcp://127.0.0.1:7500\"",
-                &format!("witness = \"{}\"", etcd::url("127.0.0.1", "tandem-chaos")),
+                &etcd::ft_lines(&t.dir, "127.0.0.1", "tandem-chaos"),
             );
             assert!(text.contains("etcd://"), "{text}");
         }

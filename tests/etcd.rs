@@ -15,33 +15,17 @@ use common::pair::*;
 
 #[test]
 fn a_pair_arbitrated_by_a_three_member_etcd_cluster_fails_over_and_survives_a_member_loss() {
-    if std::process::Command::new("etcd")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: no etcd binary (make deps installs Debian's etcd-server)");
-        return;
-    }
     let t = topology_with("etcd", 1500, "received", "", "");
-    let endpoints: Vec<String> = CLIENT.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let text = std::fs::read_to_string(&t.config).unwrap().replace(
         "witness = \"tcp://127.0.0.1:7500\"",
-        &format!("witness = \"etcd://{}/tandem-test\"", endpoints.join(",")),
+        &ft_lines(&t.dir, "127.0.0.1", "tandem-test"),
     );
     assert!(text.contains("etcd://"), "{text}");
     std::fs::write(&t.config, &text).unwrap();
-    let mut members: Vec<Option<Proc>> = (0..3)
-        .map(|i| Some(etcd_member(&t.ns, &t.dir, i)))
+    let mut members: Vec<Option<Proc>> = start_cluster(&t.ns, &t.dir, "127.0.0.1")
+        .into_iter()
+        .map(Some)
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(0..3).all(|i| healthy(&t.ns, i)) {
-        assert!(
-            Instant::now() < deadline,
-            "the etcd cluster never became healthy"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
     let config = t.config.display().to_string();
     let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
     std::thread::sleep(Duration::from_millis(300));
@@ -106,9 +90,7 @@ fn a_primary_cut_off_from_etcd_stops_releasing_and_hands_over_exactly_once() {
     // nftables rule on host a drops its traffic to etcd; a still reaches b.
     // Without renewals a's lease runs out: it holds all output and tells b
     // to go live; b (which reaches etcd) claims generation 2, once.
-    if !have_etcd() {
-        return;
-    }
+    have_etcd();
     let (ns, hosts) = split_hosts("etcdcut", &["a", "b"], |h| vec![format!("tap{h}")]);
     let dir = test_dir("etcdcut");
     let config = hosts_pair_file(&dir, "counter", "tapa", "tapb", &dir.join("state"));
@@ -231,6 +213,78 @@ fn etcd_unreachable_at_start_is_a_clear_error() {
     let _ = std::fs::remove_dir_all(&t.dir);
 }
 
+#[test]
+fn a_client_without_a_certificate_or_with_a_wrong_password_is_refused_and_the_pair_does_not_start()
+{
+    // The cluster requires client certificates and has authentication on.
+    let t = topology_with("etcd-refuse", 1500, "received", "", "");
+    let members = start_cluster(&t.ns, &t.dir, "127.0.0.1");
+    let pki = pki(&t.dir);
+    let base = std::fs::read_to_string(&t.config).unwrap();
+    let witness = format!("witness = \"{}\"", url("127.0.0.1", "tandem-test"));
+    let cases = [
+        (
+            "no certificate",
+            format!(
+                "{witness}\netcd_ca = \"{}\"\netcd_user = \"{USER}\"\netcd_password_file = \"{}\"\n",
+                pki.ca().display(),
+                pki.password_file().display()
+            ),
+            "TLS failed",
+        ),
+        (
+            "wrong password",
+            pki.access_lines().replace(
+                &pki.password_file().display().to_string(),
+                &pki.wrong_password_file().display().to_string(),
+            ) + &witness,
+            "wrong user or password",
+        ),
+        (
+            "TLS off towards a TLS cluster",
+            witness.clone(),
+            "unreachable",
+        ),
+    ];
+    for (case, lines, says) in cases {
+        std::fs::write(
+            &t.config,
+            base.replace("witness = \"tcp://127.0.0.1:7500\"", &lines),
+        )
+        .unwrap();
+        let config = t.config.display().to_string();
+        let mut p = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
+        assert_eq!(
+            wait_exit(&mut p, Duration::from_secs(20)),
+            Some(3),
+            "{case}: {}",
+            p.stderr()
+        );
+        let err = p.stderr();
+        eprintln!("{case}: {}", err.trim());
+        assert!(
+            err.contains(says) && err.contains("127.0.0.1:2379"),
+            "{case}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{case}: not one line: {err}");
+        assert!(!err.contains("netecho: up"), "{case}: {err}");
+    }
+    // The same pair with the right certificate and password starts.
+    std::fs::write(
+        &t.config,
+        base.replace(
+            "witness = \"tcp://127.0.0.1:7500\"",
+            &ft_lines(&t.dir, "127.0.0.1", "tandem-test"),
+        ),
+    )
+    .unwrap();
+    let config = t.config.display().to_string();
+    let p = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
+    wait_stderr(&p, "waiting for the secondary", Duration::from_secs(20), &p);
+    drop((p, members));
+    let _ = std::fs::remove_dir_all(&t.dir);
+}
+
 /// The pair file `DIR/NAME.toml` of a counter VM whose hosts a and b are
 /// the namespaces of `split_hosts` (ports 7401/7402, taps `tap_a`/`tap_b`),
 /// arbitrated by the etcd cluster on 10.78.0.1.
@@ -249,7 +303,7 @@ fn hosts_pair_file(
             mac: 2,
             ports: [7401, 7402],
             taps: [tap_a, tap_b],
-            witness: &url("10.78.0.1", "tandem-test"),
+            arbiter: &ft_lines(dir, "10.78.0.1", "tandem-test"),
             state,
         },
     )
@@ -285,9 +339,7 @@ fn a_spare_host_re_protects_a_vm_whose_host_died() {
     // membership lease expires c takes a's slot and joins b as its
     // secondary, with no operator. Host b then dies too and c carries on:
     // the re-protection was real.
-    if !have_etcd() {
-        return;
-    }
+    have_etcd();
     let (ns, hosts) = split_hosts("etcdspare", &["a", "b", "c"], |_| {
         vec!["ta".to_string(), "tb".to_string()]
     });
@@ -299,8 +351,9 @@ fn a_spare_host_re_protects_a_vm_whose_host_died() {
     std::fs::write(
         &cluster,
         format!(
-            "[cluster]\netcd = \"etcd://{}/tandem-cluster\"\n\n[[host]]\nname = \"a\"\naddress = \"10.78.0.11\"\n[[host]]\nname = \"b\"\naddress = \"10.78.0.12\"\n[[host]]\nname = \"c\"\naddress = \"10.78.0.13\"\n\n[[vm]]\nconfig = \"web1.toml\"\nprefer = \"a\"\n",
-            endpoints.join(",")
+            "[cluster]\netcd = \"etcd://{}/tandem-cluster\"\n{}\n[[host]]\nname = \"a\"\naddress = \"10.78.0.11\"\n[[host]]\nname = \"b\"\naddress = \"10.78.0.12\"\n[[host]]\nname = \"c\"\naddress = \"10.78.0.13\"\n\n[[vm]]\nconfig = \"web1.toml\"\nprefer = \"a\"\n",
+            endpoints.join(","),
+            pki(&dir).access_lines()
         ),
     )
     .unwrap();

@@ -29,7 +29,7 @@ fn pair_file(dir: &Path, i: usize) -> PathBuf {
             mac: i + 2,
             ports: [port + 1, port + 2],
             taps: [&ta, &tb],
-            witness: "tcp://10.78.0.1:7500",
+            arbiter: "witness = \"tcp://10.78.0.1:7500\"",
             state: &dir.join(name),
         },
     )

@@ -412,7 +412,12 @@ fn a_partitioned_replication_link_leaves_exactly_one_side_live() {
     nft("add rule inet tdm out tcp dport 7401 drop");
     nft("add rule inet tdm out tcp sport 7401 drop");
     let (next2, first) = serve(&s, next, 20, Duration::from_secs(40), &mut replies);
-    assert!(first.is_some(), "the client stopped being served");
+    assert!(
+        first.is_some(),
+        "the client stopped being served\nprimary: {}\nsecondary: {}",
+        p.primary.stderr(),
+        p.secondary.stderr()
+    );
     // Exactly one side fenced itself (its control socket says so); the
     // other is live.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -560,7 +565,12 @@ fn a_new_secondary_joins_a_running_primary_and_takes_over_later() {
     let (next, _) = serve(&s, 0, 15, Duration::from_secs(30), &mut replies);
     signal(&p.secondary, libc::SIGUSR1);
     let (next, first) = serve(&s, next, 15, Duration::from_secs(30), &mut replies);
-    assert!(first.is_some());
+    assert!(
+        first.is_some(),
+        "not served after the secondary's USR1\nprimary: {}\nsecondary: {}",
+        p.primary.stderr(),
+        p.secondary.stderr()
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !p.primary.stderr().contains("running unprotected") {
         assert!(Instant::now() < deadline, "{}", p.primary.stderr());

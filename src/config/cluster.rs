@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use super::{HostId, PairConfig, Witness};
+use super::validate::{etcd_access, EtcdFields};
+use super::{EtcdAccess, HostId, PairConfig, Witness};
 
 /// The cluster file as written.
 #[derive(Debug, Deserialize)]
@@ -99,6 +100,11 @@ pub fn load_cluster(path: &Path) -> anyhow::Result<Cluster> {
 #[serde(deny_unknown_fields)]
 struct RawClusterSection {
     etcd: String,
+    etcd_ca: Option<toml::Spanned<String>>,
+    etcd_cert: Option<toml::Spanned<String>>,
+    etcd_key: Option<toml::Spanned<String>>,
+    etcd_user: Option<toml::Spanned<String>>,
+    etcd_password_file: Option<toml::Spanned<String>>,
 }
 
 /// One `[[host]]` as written.
@@ -116,6 +122,8 @@ pub struct Membership {
     pub endpoints: Vec<SocketAddr>,
     /// The key prefix.
     pub prefix: String,
+    /// TLS and authentication towards etcd.
+    pub access: EtcdAccess,
     /// (name, replication address), in file order.
     pub hosts: Vec<(String, IpAddr)>,
 }
@@ -150,6 +158,22 @@ fn membership(
             cluster.etcd
         ),
     };
+    let access = etcd_access(&EtcdFields {
+        ca: cluster.etcd_ca.as_ref(),
+        cert: cluster.etcd_cert.as_ref(),
+        key: cluster.etcd_key.as_ref(),
+        user: cluster.etcd_user.as_ref(),
+        password_file: cluster.etcd_password_file.as_ref(),
+    })
+    .map_err(|bad| {
+        anyhow::anyhow!(
+            "{}: [cluster] {} = {} {}",
+            path.display(),
+            bad.key,
+            bad.value,
+            bad.problem
+        )
+    })?;
     let mut hosts: Vec<(String, IpAddr)> = Vec::new();
     for h in raw_hosts {
         crate::ft::arbiter::validate_name("host", &h.name)
@@ -178,6 +202,7 @@ fn membership(
     Ok(Some(Membership {
         endpoints,
         prefix,
+        access,
         hosts,
     }))
 }

@@ -82,6 +82,11 @@ pub(super) struct RawFt {
     pub announce_max_ms: Option<Spanned<u64>>,
     pub on_guest_crash: Option<Spanned<String>>,
     pub checkpoint_interval_ms: Option<Spanned<u64>>,
+    pub etcd_ca: Option<Spanned<String>>,
+    pub etcd_cert: Option<Spanned<String>>,
+    pub etcd_key: Option<Spanned<String>>,
+    pub etcd_user: Option<Spanned<String>>,
+    pub etcd_password_file: Option<Spanned<String>>,
 }
 
 /// A size as written: `"64M"` or a plain number of bytes.

@@ -129,6 +129,7 @@ fn full_file_gives_typed_values() {
             respawn: None,
             psk_file: Some("/etc/tandem/web1.psk".into()),
             witness_key_file: None,
+            etcd: EtcdAccess::default(),
             encrypt: true,
             verify_peer_address: true,
             socket_group: Some(0),
@@ -510,6 +511,41 @@ fn etcd_witnesses_name_members_and_a_prefix() {
     assert!(e.contains("needs a key prefix"), "{e}");
     let e = err(&ft("witness = \"etcd://etcd1:2379/t\""));
     assert!(e.contains("host names are not accepted"), "{e}");
+}
+
+#[test]
+fn etcd_access_needs_its_pieces_together() {
+    let w = "witness = \"etcd://10.0.0.1:2379/tandem\"";
+    let cfg = ok(&ft(&format!(
+        "{w}\netcd_ca = \"/pki/ca.pem\"\netcd_cert = \"/pki/c.pem\"\netcd_key = \"/pki/c.key\"\netcd_user = \"tandem\"\netcd_password_file = \"/pki/pw\""
+    )));
+    assert_eq!(
+        cfg.ft.etcd,
+        EtcdAccess {
+            ca: Some("/pki/ca.pem".into()),
+            identity: Some(("/pki/c.pem".into(), "/pki/c.key".into())),
+            user: Some(("tandem".into(), "/pki/pw".into())),
+        }
+    );
+    assert!(cfg.ft.etcd.tls());
+    assert_eq!(ok(&ft(w)).ft.etcd, EtcdAccess::default());
+    for (lines, says) in [
+        ("etcd_cert = \"/c\"", "etcd_cert = \"/c\" needs etcd_key"),
+        ("etcd_key = \"/k\"", "etcd_key = \"/k\" needs etcd_cert"),
+        ("etcd_cert = \"/c\"\netcd_key = \"/k\"", "needs etcd_ca"),
+        ("etcd_user = \"u\"", "needs etcd_password_file"),
+        ("etcd_password_file = \"/p\"", "needs etcd_user"),
+        (
+            "etcd_user = \"a b\"\netcd_password_file = \"/p\"",
+            "without spaces",
+        ),
+        ("etcd_ca = \"\"", "etcd_ca = \"\" is empty"),
+    ] {
+        let e = err(&ft(&format!("{w}\n{lines}")));
+        assert!(e.contains(says), "{lines}: {e}");
+    }
+    let e = err(&ft("witness = \"tcp://10.0.0.3:7500\"\netcd_ca = \"/ca\""));
+    assert!(e.contains("is for an etcd witness"), "{e}");
 }
 
 #[test]

@@ -14,8 +14,8 @@ use super::error::{ConfigError, Ctx};
 use super::mac::parse_mac;
 use super::raw::{RawFt, RawHost, RawHosts, RawSize, RawVm};
 use super::{
-    Announce, FtConfig, HostEntry, HostId, Nic, OutputCommit, Storage, VmConfigSection, Witness,
-    DEFAULT_ANNOUNCE, DEFAULT_FAILOVER_TIMEOUT_MS, DEFAULT_HEARTBEAT_MS, DEFAULT_MAC,
+    Announce, EtcdAccess, FtConfig, HostEntry, HostId, Nic, OutputCommit, Storage, VmConfigSection,
+    Witness, DEFAULT_ANNOUNCE, DEFAULT_FAILOVER_TIMEOUT_MS, DEFAULT_HEARTBEAT_MS, DEFAULT_MAC,
     DEFAULT_MAX_LAG_MS, DEFAULT_MAX_UNACKED_BYTES, DEFAULT_MEM, DEFAULT_STATE_ROOT, MAX_TAP_NAME,
     MIN_MAX_UNACKED_BYTES,
 };
@@ -504,6 +504,36 @@ pub(super) fn validate_ft(
         ),
     };
 
+    let etcd = etcd_access(&EtcdFields {
+        ca: raw.etcd_ca.as_ref(),
+        cert: raw.etcd_cert.as_ref(),
+        key: raw.etcd_key.as_ref(),
+        user: raw.etcd_user.as_ref(),
+        password_file: raw.etcd_password_file.as_ref(),
+    })
+    .map_err(|bad| ctx.invalid(&bad.at, S, bad.key, bad.value, bad.problem))?;
+    if etcd != EtcdAccess::default() && !matches!(witness, Some(Witness::Etcd { .. })) {
+        let (key, field) = [
+            ("etcd_ca", &raw.etcd_ca),
+            ("etcd_cert", &raw.etcd_cert),
+            ("etcd_key", &raw.etcd_key),
+            ("etcd_user", &raw.etcd_user),
+            ("etcd_password_file", &raw.etcd_password_file),
+        ]
+        .into_iter()
+        .find(|(_, f)| f.is_some())
+        .unwrap_or(("etcd_ca", &raw.etcd_ca));
+        if let Some(f) = field {
+            return Err(ctx.invalid(
+                &f.span(),
+                S,
+                key,
+                quoted(f),
+                "is for an etcd witness, and [ft] witness is not \"etcd://...\"",
+            ));
+        }
+    }
+
     let state_dir = match &raw.state_dir {
         None => Path::new(DEFAULT_STATE_ROOT).join(vm_name),
         Some(d) if d.get_ref().is_empty() => {
@@ -641,6 +671,7 @@ pub(super) fn validate_ft(
         respawn,
         psk_file,
         witness_key_file,
+        etcd,
         encrypt,
         verify_peer_address,
         socket_group,
@@ -654,6 +685,99 @@ pub(super) fn validate_ft(
             max: Duration::from_millis(max),
         },
     })
+}
+
+/// The etcd access fields of a section, as written.
+pub(crate) struct EtcdFields<'a> {
+    pub ca: Option<&'a Spanned<String>>,
+    pub cert: Option<&'a Spanned<String>>,
+    pub key: Option<&'a Spanned<String>>,
+    pub user: Option<&'a Spanned<String>>,
+    pub password_file: Option<&'a Spanned<String>>,
+}
+
+/// A refused etcd access field: where, which, as written, and why.
+pub(crate) struct BadField {
+    pub at: Range<usize>,
+    pub key: &'static str,
+    pub value: String,
+    pub problem: &'static str,
+}
+
+/// Checks the etcd access fields of a section: each path non-empty, a
+/// certificate with its key and a CA, a user with its password file.
+pub(crate) fn etcd_access(f: &EtcdFields) -> Result<EtcdAccess, BadField> {
+    let bad = |key: &'static str, v: &Spanned<String>, problem: &'static str| BadField {
+        at: v.span(),
+        key,
+        value: quoted(v),
+        problem,
+    };
+    let path = |key: &'static str, v: Option<&Spanned<String>>| match v {
+        None => Ok(None),
+        Some(v) if v.get_ref().trim().is_empty() => Err(bad(key, v, "is empty")),
+        Some(v) => Ok(Some(PathBuf::from(v.get_ref()))),
+    };
+    let ca = path("etcd_ca", f.ca)?;
+    let cert = path("etcd_cert", f.cert)?;
+    let key = path("etcd_key", f.key)?;
+    let password_file = path("etcd_password_file", f.password_file)?;
+    let identity = match (f.cert.zip(cert), f.key.zip(key)) {
+        (None, None) => None,
+        (Some((c, _)), None) => {
+            return Err(bad(
+                "etcd_cert",
+                c,
+                "needs etcd_key (the certificate's private key)",
+            ))
+        }
+        (None, Some((k, _))) => {
+            return Err(bad(
+                "etcd_key",
+                k,
+                "needs etcd_cert (the client certificate it belongs to)",
+            ))
+        }
+        (Some((c, cert)), Some((_, key))) => {
+            if ca.is_none() {
+                return Err(bad(
+                    "etcd_cert",
+                    c,
+                    "needs etcd_ca (the CA of etcd's server certificates: client certificates go over TLS)",
+                ));
+            }
+            Some((cert, key))
+        }
+    };
+    let user = match (f.user, f.password_file.zip(password_file)) {
+        (None, None) => None,
+        (Some(u), None) => {
+            return Err(bad(
+                "etcd_user",
+                u,
+                "needs etcd_password_file (a file, mode 0600, that holds its password)",
+            ))
+        }
+        (None, Some((p, _))) => {
+            return Err(bad(
+                "etcd_password_file",
+                p,
+                "needs etcd_user (the etcd user the password is for)",
+            ))
+        }
+        (Some(u), Some((_, p))) => {
+            let name = u.get_ref();
+            if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(bad(
+                    "etcd_user",
+                    u,
+                    "must be a non-empty name without spaces",
+                ));
+            }
+            Some((name.clone(), p))
+        }
+    };
+    Ok(EtcdAccess { ca, identity, user })
 }
 
 /// `tcp://IP:PORT`, `file:/ABSOLUTE/PATH` or

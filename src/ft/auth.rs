@@ -68,6 +68,52 @@ impl fmt::Debug for Psk {
     }
 }
 
+/// Reads a secret from `path` (at most 64 KiB): the file itself (not a
+/// symbolic link), owned by this user or root, and not open to group or
+/// others, all checked on the opened file; anything else is refused with
+/// one line that names `what` and says why. Key files, etcd passwords and
+/// TLS private keys are read through here.
+pub fn read_private_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let shown = path.display();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => {
+                format!("{what} {shown} is a symbolic link: give the file itself")
+            }
+            _ => format!("{what} {shown}: {e}"),
+        })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{what} {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{what} {shown} is not a regular file"));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "{what} {shown} belongs to uid {}, not to this user (uid {me}) or root",
+            meta.uid()
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{what} {shown} is open to other users (mode {mode:03o}); run `chmod 600 {shown}`"
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(64 << 10)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{what} {shown}: {e}"))?;
+    Ok(bytes)
+}
+
 impl Psk {
     /// Reads the key in `path`, as `tandem keygen` writes it: 64 hex
     /// digits (surrounding whitespace ignored). The file itself (not a
@@ -75,43 +121,8 @@ impl Psk {
     /// others, all checked on the opened file; anything else is refused with
     /// one line that says why.
     pub fn load(path: &Path) -> Result<Self, String> {
-        use std::io::Read;
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let shown = path.display();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => {
-                    format!("key file {shown} is a symbolic link: give the key file itself")
-                }
-                _ => format!("key file {shown}: {e}"),
-            })?;
-        let meta = file
-            .metadata()
-            .map_err(|e| format!("key file {shown}: {e}"))?;
-        if !meta.is_file() {
-            return Err(format!("key file {shown} is not a regular file"));
-        }
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
-        if meta.uid() != me && meta.uid() != 0 {
-            return Err(format!(
-                "key file {shown} belongs to uid {}, not to this user (uid {me}) or root",
-                meta.uid()
-            ));
-        }
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "key file {shown} is open to other users (mode {mode:03o}); run `chmod 600 {shown}`"
-            ));
-        }
-        let mut bytes = Vec::new();
-        file.take(4096)
-            .read_to_end(&mut bytes)
-            .map_err(|e| format!("key file {shown}: {e}"))?;
+        let bytes = read_private_file(path, "key file")?;
         let key = bytes.trim_ascii().to_vec();
         if key.len() != KEY_HEX_LEN || !key.iter().all(u8::is_ascii_hexdigit) {
             return Err(format!(

@@ -20,8 +20,11 @@
 //! Which host fills each slot of a VM is kept in etcd, under
 //! `PREFIX/cluster/assign/VM` = `"a=HOST b=HOST"` (at first the hosts named
 //! `a` and `b`). Every node registers `PREFIX/cluster/nodes/HOST` under a
-//! lease of [`NODE_TTL_S`] it keeps alive, so a host that dies (or loses
-//! etcd) drops out of the member list when its lease expires.
+//! lease of [`NODE_TTL_S`] it keeps alive over a keep-alive stream, so a
+//! host that dies (or loses etcd) drops out of the member list when its
+//! lease expires. Each node follows `PREFIX/cluster/` with a watch
+//! ([`PrefixView`]): it learns of a lost member or a new assignment when
+//! etcd does, not at its next poll.
 //!
 //! For each VM a node runs `tandem pair --host SLOT` for the slot assigned
 //! to it, with a pair file derived for the assignment (each slot's address
@@ -41,16 +44,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use super::arbiter::{Arbiter, EtcdArbiter};
+use super::arbiter::{Arbiter, EtcdClient, KeepAlive, PrefixView};
 use super::side::{pause_after, run_side, wait_until_live};
 use crate::config;
 use crate::config::cluster::{ClusterVm, Membership};
 
 /// Lease of a node's member key, in seconds: how soon a dead host drops out.
-pub const NODE_TTL_S: u64 = 2;
+pub const NODE_TTL_S: i64 = 2;
 
-/// How often a node looks at the assignments.
-const POLL: Duration = Duration::from_millis(300);
+/// The longest a node waits for a change of the cluster's keys before it
+/// looks again anyway (a slot it could not take, a failed start).
+const RECHECK: Duration = Duration::from_millis(300);
+
+/// How long a request to etcd may take.
+const ETCD_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Which host fills each slot of one VM, and the key's revision (0: not
 /// stored yet).
@@ -110,8 +117,10 @@ pub fn slot_hosts(membership: Option<&Membership>) -> std::collections::HashMap<
     let Some(m) = membership else {
         return out;
     };
-    let kv = EtcdArbiter::new(m.endpoints.clone(), &m.prefix, Duration::from_secs(1));
-    for (vm, text) in kv.kv_list("cluster/assign/").unwrap_or_default() {
+    let Ok(kv) = EtcdClient::connect(&m.endpoints, &m.prefix, &m.access, ETCD_TIMEOUT) else {
+        return out;
+    };
+    for (vm, text) in kv.list("cluster/assign/").unwrap_or_default() {
         out.insert(vm, text);
     }
     out
@@ -122,7 +131,9 @@ struct Node {
     me: String,
     exe: PathBuf,
     flags: Vec<String>,
-    kv: EtcdArbiter,
+    kv: EtcdClient,
+    /// `PREFIX/cluster/`, as the watch last saw it.
+    view: PrefixView,
     membership: Membership,
     stop: &'static std::sync::atomic::AtomicBool,
 }
@@ -147,15 +158,17 @@ pub fn run(
                 .join(", ")
         );
     }
-    let kv = EtcdArbiter::new(
-        membership.endpoints.clone(),
+    // Connect and register now: an unreachable etcd, a TLS mismatch or a
+    // refused password is a clear error at start.
+    let kv = EtcdClient::connect(
+        &membership.endpoints,
         &membership.prefix,
-        Duration::from_secs(1),
-    );
-    // Register now: an unreachable etcd is a clear error at start.
-    let lease = kv
-        .kv_put_leased(&format!("cluster/nodes/{me}"), "up", NODE_TTL_S)
-        .context("cannot register this node in etcd")?;
+        &membership.access,
+        ETCD_TIMEOUT,
+    )
+    .context("cannot reach the cluster's etcd")?;
+    let lease = register(&kv, me).context("cannot register this node in etcd")?;
+    let view = PrefixView::follow(&kv, "cluster/", ETCD_TIMEOUT);
     eprintln!(
         "tandem: node {me}: member of the cluster at {} ({} hosts, {} VMs)",
         membership
@@ -172,6 +185,7 @@ pub fn run(
         exe,
         flags,
         kv,
+        view,
         membership,
         stop,
     });
@@ -208,22 +222,37 @@ impl Node {
         self.stop.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Keeps this node's member key alive (re-registering after a lapse).
-    fn keep_membership(&self, mut lease: String) {
-        let key = format!("cluster/nodes/{}", self.me);
+    /// Keeps this node's member key alive over its keep-alive stream
+    /// (reopening a broken stream, re-registering after a lapse).
+    fn keep_membership(&self, mut lease: KeepAlive) {
         while !self.stopping() {
             std::thread::sleep(Duration::from_millis(500));
-            if let Err(e) = self.kv.keep_alive(&lease) {
-                eprintln!("tandem: node {}: membership lease: {e}", self.me);
-                if let Ok(fresh) = self.kv.kv_put_leased(&key, "up", NODE_TTL_S) {
-                    lease = fresh;
+            let renewed = self.kv.renew(&mut lease).or_else(|_| {
+                lease = self.kv.keep_alive_stream(lease.id)?;
+                self.kv.renew(&mut lease)
+            });
+            match renewed {
+                Ok(ttl) if ttl > 0 => {}
+                outcome => {
+                    if let Err(e) = outcome {
+                        eprintln!("tandem: node {}: membership lease: {e}", self.me);
+                    }
+                    match register(&self.kv, &self.me) {
+                        Ok(fresh) => lease = fresh,
+                        Err(e) => eprintln!("tandem: node {}: cannot register again: {e}", self.me),
+                    }
                 }
             }
         }
     }
 
+    /// The hosts of `vm`'s slots, as the watch last saw them.
     fn assignment(&self, vm: &str) -> anyhow::Result<Assignment> {
-        match self.kv.kv_get(&format!("cluster/assign/{vm}"))? {
+        let seen = self
+            .view
+            .get(&format!("assign/{vm}"))
+            .map_err(|()| anyhow::anyhow!("etcd: the watch of the cluster is catching up"))?;
+        match seen {
             Some((text, revision)) => Assignment::parse(&text, revision)
                 .ok_or_else(|| anyhow::anyhow!("etcd: assignment of {vm} is {text:?}")),
             None => Ok(Assignment {
@@ -290,18 +319,19 @@ impl Node {
         let who = format!("node {}: {name}", self.me);
         let mut first = true;
         while !self.stopping() {
+            let seen = self.view.version();
             let assign = match self.assignment(name) {
                 Ok(a) => a,
                 Err(e) => {
                     eprintln!("tandem: {who}: {e:#}");
-                    std::thread::sleep(POLL);
+                    self.view.wait_change(seen, RECHECK);
                     continue;
                 }
             };
             let Some(slot) = assign.slot_of(&self.me) else {
                 first = false;
                 self.maybe_stand_in(vm, arbiter, &assign);
-                std::thread::sleep(POLL);
+                self.view.wait_change(seen, RECHECK);
                 continue;
             };
             if std::mem::take(&mut first) && slot != vm.prefer.name() {
@@ -316,16 +346,11 @@ impl Node {
                 }
             };
             let started = Instant::now();
-            let last_look = std::cell::Cell::new(Instant::now());
             let replaced = std::cell::Cell::new(false);
             let status = run_side(&self.exe, &config, slot, &self.flags, &who, &|| {
                 if self.stopping() {
                     return true;
                 }
-                if last_look.get().elapsed() < POLL {
-                    return false;
-                }
-                last_look.set(Instant::now());
                 // Given away (this host dropped out for a while): stop.
                 let gone = self
                     .assignment(name)
@@ -347,7 +372,7 @@ impl Node {
     /// host is the least-loaded live spare, takes the slot.
     fn maybe_stand_in(&self, vm: &ClusterVm, arbiter: Option<&dyn Arbiter>, assign: &Assignment) {
         let name = vm.pair.vm.name.as_str();
-        let Ok(members) = self.kv.kv_list("cluster/nodes/") else {
+        let Ok(members) = self.view.list("nodes/") else {
             return;
         };
         let live: Vec<&str> = members.iter().map(|(h, _)| h.as_str()).collect();
@@ -373,9 +398,11 @@ impl Node {
             } else {
                 next.b = self.me.clone();
             }
-            match self
-                .kv
-                .kv_put_if(&format!("cluster/assign/{name}"), assign.revision, &next.text())
+            match self.kv.put_if_revision(
+                &format!("cluster/assign/{name}"),
+                assign.revision,
+                &next.text(),
+            )
             {
                 Ok(true) => eprintln!(
                     "tandem: node {}: {name}: host {lost} is gone; standing in for it in slot {slot} (re-protecting the VM live on host {other})",
@@ -391,7 +418,7 @@ impl Node {
     /// The live host not in `assign` with the fewest slots over all VMs
     /// (then by name).
     fn chosen_spare(&self, live: &[&str], assign: &Assignment) -> Option<String> {
-        let all = self.kv.kv_list("cluster/assign/").ok()?;
+        let all = self.view.list("assign/").ok()?;
         let load = |host: &str| {
             all.iter()
                 .filter_map(|(_, text)| Assignment::parse(text, 0))
@@ -404,6 +431,13 @@ impl Node {
             .min()
             .map(|(_, h)| h)
     }
+}
+
+/// Registers `me` as a member: its key on a fresh lease, kept alive.
+fn register(kv: &EtcdClient, me: &str) -> Result<KeepAlive, super::arbiter::ArbiterError> {
+    let (id, _) = kv.grant(NODE_TTL_S)?;
+    kv.put_leased_if(&format!("cluster/nodes/{me}"), "up", id, None)?;
+    kv.keep_alive_stream(id)
 }
 
 #[cfg(test)]

@@ -77,8 +77,9 @@ pub struct SplitVm<'a> {
     pub ports: [u16; 2],
     /// Host a's and b's taps.
     pub taps: [&'a str; 2],
-    /// `[ft] witness`.
-    pub witness: &'a str,
+    /// The `[ft]` lines that name the arbiter (`witness = "..."`, and for
+    /// etcd its TLS and user settings).
+    pub arbiter: &'a str,
     pub state: &'a Path,
 }
 
@@ -105,7 +106,7 @@ b = {{ address = "10.78.0.12:{pb}", tap = "{tb}" }}
 [ft]
 heartbeat_ms = 50
 failover_timeout_ms = 1500
-witness = "{witness}"
+{arbiter}
 state_dir = "{state}"
 psk_file = "{psk}"
 witness_key_file = "{witness_key}"
@@ -119,7 +120,7 @@ witness_key_file = "{witness_key}"
             pb = vm.ports[1],
             ta = vm.taps[0],
             tb = vm.taps[1],
-            witness = vm.witness,
+            arbiter = vm.arbiter,
             state = vm.state.display(),
             psk = write_psk(dir).display(),
             witness_key = write_witness_key(dir).display(),

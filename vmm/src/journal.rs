@@ -459,7 +459,6 @@ fn write_loop(
     let mut highest: Option<u64> = None;
     let mut next_sync = Instant::now() + period;
     let mut batch: Vec<Record> = Vec::new();
-    let mut held_since: Option<Instant> = None;
     loop {
         let wait = next_sync.saturating_duration_since(Instant::now());
         let closed = match rx.recv_timeout(wait) {
@@ -484,22 +483,6 @@ fn write_loop(
             ToWriter::Record(r) => Some(r),
             ToWriter::Flush => None,
         }));
-        let held_back = highest.is_some_and(|h| h > left);
-        if held_back
-            && held_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(1)
-        {
-            // Diagnostic: a vCPU braked on unacked log while no watermark
-            // can be written would wait here for ever.
-            tracing::warn!(
-                left,
-                ?highest,
-                ?last_watermark,
-                "log writer: no watermark for over 1 s (a record of a later stop than the vCPU has left)"
-            );
-            held_since = Some(Instant::now());
-        } else if !held_back {
-            held_since = None;
-        }
         let mut watermark_due = highest.is_none_or(|h| h <= left)
             && last_watermark.is_none_or(|w| left > w || (left == w && file.wants_heartbeats()));
         for r in batch.drain(..) {

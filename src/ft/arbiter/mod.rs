@@ -39,7 +39,8 @@ mod etcd;
 mod file;
 mod witness;
 
-pub use etcd::{EtcdArbiter, DEFAULT_LEASE_TTL};
+pub use etcd::watch::PrefixView;
+pub use etcd::{EtcdArbiter, EtcdClient, KeepAlive, DEFAULT_LEASE_TTL};
 pub use file::FileArbiter;
 pub use witness::{TcpArbiter, WitnessHandle, WitnessServer};
 
@@ -183,6 +184,15 @@ pub enum ArbiterError {
         /// Why.
         source: io::Error,
     },
+    /// etcd could not be reached, refused this client, or failed a request.
+    #[error("etcd {endpoints}: {reason}")]
+    Etcd {
+        /// The endpoints, as `https://IP:PORT,...`.
+        endpoints: String,
+        /// What failed and why, e.g. `unreachable: connection refused`,
+        /// `authentication failed: wrong user or password`.
+        reason: String,
+    },
     /// The arbiter refused or dropped this side's lease.
     #[error("lease refused: {0}")]
     LeaseRefused(String),
@@ -244,12 +254,13 @@ pub fn tcp(addr: SocketAddr, timeout: Duration) -> TcpArbiter {
 /// (`etcd://HOST:PORT,.../PREFIX`); the live side's lease lasts
 /// `lease_ttl` (whole seconds, at least etcd's minimum).
 pub fn etcd(
-    endpoints: Vec<SocketAddr>,
+    endpoints: &[SocketAddr],
     prefix: &str,
+    access: &crate::config::EtcdAccess,
     timeout: Duration,
     lease_ttl: Duration,
-) -> EtcdArbiter {
-    EtcdArbiter::new(endpoints, prefix, timeout).with_lease_ttl(lease_ttl)
+) -> Result<EtcdArbiter, ArbiterError> {
+    Ok(EtcdArbiter::connect(endpoints, prefix, access, timeout)?.with_lease_ttl(lease_ttl))
 }
 
 /// An arbiter on the shared directory `dir` (`file:DIR`).
@@ -400,12 +411,16 @@ pub fn open(
         Some(crate::config::Witness::File(dir)) => Some(std::sync::Arc::new(file(dir))),
         // The live side's lease: two failover timeouts, at least 4 s, so
         // it outlasts an etcd leader election (a member lost).
-        Some(crate::config::Witness::Etcd { endpoints, prefix }) => Some(std::sync::Arc::new(etcd(
-            endpoints.clone(),
-            prefix,
-            Duration::from_secs(2),
-            (cfg.ft.failover_timeout * 2).max(DEFAULT_LEASE_TTL),
-        ))),
+        Some(crate::config::Witness::Etcd { endpoints, prefix }) => Some(std::sync::Arc::new(
+            etcd(
+                endpoints,
+                prefix,
+                &cfg.ft.etcd,
+                Duration::from_secs(2),
+                (cfg.ft.failover_timeout * 2).max(DEFAULT_LEASE_TTL),
+            )
+            .map_err(|e| anyhow::anyhow!("{}: [ft] witness: {e}", path.display()))?,
+        )),
         None if split_brain => None,
         None => anyhow::bail!(
             "{}: no [ft] witness is configured, so both hosts could go live at once; configure one or pass --i-accept-split-brain",
