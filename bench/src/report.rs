@@ -153,6 +153,7 @@ pub fn render(r: &Value) -> String {
     storage_tables(&mut o, r);
     throughput_table(&mut o, r, &mut short);
     crash_tables(&mut o, r);
+    spare_table(&mut o, r);
     replay_table(&mut o, wl);
     peer_table(&mut o, r, wl);
     micro_table(&mut o, r);
@@ -1094,6 +1095,39 @@ fn crash_tables(o: &mut String, r: &Value) {
                     "—".into()
                 },
             ],
+        );
+    }
+    let _ = writeln!(o);
+}
+
+/// 3g. A spare host takes a lost host's slot: watch vs poll.
+fn spare_table(o: &mut String, r: &Value) {
+    let spare = &r["pair"]["spare"];
+    if !spare.is_object() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "### 3g. A spare takes a lost host's slot (etcd cluster, watch vs poll)\n"
+    );
+    let _ = writeln!(o, "{}\n", spare["method"].as_str().unwrap_or(""));
+    let _ = writeln!(
+            o,
+            "| nodes follow the cluster by | trials | host lost → spare stands in (median ms) | → protected again (median ms) |"
+        );
+    let _ = writeln!(o, "|---|---|---|---|");
+    for (mode, label) in [
+        ("watch", "an etcd watch"),
+        ("poll_300ms", "listing every 300 ms (before)"),
+    ] {
+        let m = &spare["modes"][mode];
+        let f = |k: &str| m[k].as_f64().map_or("?".into(), |x| format!("{x:.0}"));
+        let _ = writeln!(
+            o,
+            "| {label} | {} | {} | {} |",
+            m["reps"].as_u64().unwrap_or(0),
+            f("stand_in_ms_median"),
+            f("protected_ms_median")
         );
     }
     let _ = writeln!(o);

@@ -168,7 +168,15 @@ pub fn run(
     )
     .context("cannot reach the cluster's etcd")?;
     let lease = register(&kv, me).context("cannot register this node in etcd")?;
-    let view = PrefixView::follow(&kv, "cluster/", ETCD_TIMEOUT);
+    // TANDEM_CLUSTER_POLL_MS=N: list every N ms instead of watching (how
+    // nodes followed the cluster before; `make bench` compares the two).
+    let poll = std::env::var("TANDEM_CLUSTER_POLL_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    let view = match poll {
+        Some(ms) => PrefixView::poll(&kv, "cluster/", Duration::from_millis(ms), ETCD_TIMEOUT),
+        None => PrefixView::follow(&kv, "cluster/", ETCD_TIMEOUT),
+    };
     eprintln!(
         "tandem: node {me}: member of the cluster at {} ({} hosts, {} VMs)",
         membership

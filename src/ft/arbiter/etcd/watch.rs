@@ -61,6 +61,49 @@ impl PrefixView {
         view
     }
 
+    /// Like [`Self::follow`], but lists the prefix every `interval` instead
+    /// of watching it: how nodes followed the cluster before watches, kept
+    /// so `make bench` can compare the two in one run.
+    pub fn poll(
+        client: &EtcdClient,
+        rel_prefix: &str,
+        interval: Duration,
+        timeout: Duration,
+    ) -> Self {
+        let view = Self {
+            state: Arc::new((Mutex::new(State::default()), Condvar::new())),
+        };
+        let full = client.key(rel_prefix);
+        let task_view = view.clone();
+        let members = client.members();
+        client.spawn(async move {
+            loop {
+                match list(&members, &full).await {
+                    Ok(keys) => task_view.replace_if_changed(keys),
+                    Err(e) => {
+                        tracing::debug!("etcd listing of {full}: {e}");
+                        task_view.set_current(false);
+                    }
+                }
+                tokio::time::sleep(interval).await;
+            }
+        });
+        let _ = view.wait_current(timeout);
+        view
+    }
+
+    fn replace_if_changed(&self, keys: Keys) {
+        let (lock, changed) = &*self.state;
+        let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if state.current && state.keys == keys {
+            return;
+        }
+        state.keys = keys;
+        state.current = true;
+        state.version += 1;
+        changed.notify_all();
+    }
+
     /// Lists the prefix on a member that answers, then applies watch
     /// events from the listed revision on until the watch ends.
     async fn list_and_watch(&self, members: &Members, full: &str) -> Result<(), String> {
@@ -70,19 +113,7 @@ impl PrefixView {
                     .get(full, Some(GetOptions::new().with_prefix()))
                     .await?;
                 let revision = listed.header().map_or(0, |h| h.revision());
-                let mut keys = Keys::new();
-                for kv in listed.kvs() {
-                    let key = String::from_utf8_lossy(kv.key());
-                    if let Some(rest) = key.strip_prefix(full) {
-                        keys.insert(
-                            rest.to_string(),
-                            (
-                                String::from_utf8_lossy(kv.value()).into_owned(),
-                                kv.mod_revision(),
-                            ),
-                        );
-                    }
-                }
+                let keys = keys_of(&listed, full);
                 let stream = etcd
                     .watch(
                         full,
@@ -212,4 +243,34 @@ impl PrefixView {
             .filter_map(|(k, (v, _))| Some((k.strip_prefix(rel_prefix)?.to_string(), v.clone())))
             .collect())
     }
+}
+
+/// The keys of a listing under `full`, by their part after it.
+fn keys_of(listed: &etcd_client::GetResponse, full: &str) -> Keys {
+    let mut keys = Keys::new();
+    for kv in listed.kvs() {
+        let key = String::from_utf8_lossy(kv.key());
+        if let Some(rest) = key.strip_prefix(full) {
+            keys.insert(
+                rest.to_string(),
+                (
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                    kv.mod_revision(),
+                ),
+            );
+        }
+    }
+    keys
+}
+
+/// Lists the keys under `full` on a member that answers.
+async fn list(members: &Members, full: &str) -> Result<Keys, String> {
+    members
+        .run(|mut etcd| async move {
+            let listed = etcd
+                .get(full, Some(GetOptions::new().with_prefix()))
+                .await?;
+            Ok(keys_of(&listed, full))
+        })
+        .await
 }
