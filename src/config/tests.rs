@@ -536,8 +536,12 @@ fn etcd_access_needs_its_pieces_together() {
         ("etcd_user = \"u\"", "needs etcd_password_file"),
         ("etcd_password_file = \"/p\"", "needs etcd_user"),
         (
-            "etcd_user = \"a b\"\netcd_password_file = \"/p\"",
+            "etcd_ca = \"/ca\"\netcd_user = \"a b\"\netcd_password_file = \"/p\"",
             "without spaces",
+        ),
+        (
+            "etcd_user = \"u\"\netcd_password_file = \"/p\"",
+            "the password crosses the network in the clear",
         ),
         ("etcd_ca = \"\"", "etcd_ca = \"\" is empty"),
     ] {

@@ -774,6 +774,13 @@ pub(crate) fn etcd_access(f: &EtcdFields) -> Result<EtcdAccess, BadField> {
                     "must be a non-empty name without spaces",
                 ));
             }
+            if ca.is_none() {
+                return Err(bad(
+                    "etcd_user",
+                    u,
+                    "needs etcd_ca (TLS): without it the password crosses the network in the clear",
+                ));
+            }
             Some((name.clone(), p))
         }
     };

@@ -672,6 +672,7 @@ impl Replicator {
     fn read_acks(self: &Arc<Self>, mut input: FrameReceiver, kicker: tandem_vmm::kick::Kicker) {
         let replayed_commit = self.params.replayed_commit;
         let mut repairing = false;
+        let mut verified = 0u64;
         loop {
             let generation = self.generation.load(Ordering::Acquire);
             let msg = input.recv();
@@ -699,7 +700,12 @@ impl Replicator {
                     if replayed_commit || repairing {
                         self.gate.release(stop);
                     }
-                    repairing = false;
+                    // Only a newly verified epoch ends a repair: the
+                    // secondary repeats its last one with its heartbeats.
+                    if stop > verified {
+                        verified = stop;
+                        repairing = false;
+                    }
                 }
                 Ok((_, Message::DiskSynced(id))) => {
                     self.heard();

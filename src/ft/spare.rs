@@ -235,10 +235,12 @@ impl Node {
     fn keep_membership(&self, mut lease: KeepAlive) {
         while !self.stopping() {
             std::thread::sleep(Duration::from_millis(500));
-            let renewed = self.kv.renew(&mut lease).or_else(|_| {
-                lease = self.kv.keep_alive_stream(lease.id)?;
-                self.kv.renew(&mut lease)
-            });
+            // A failed renewal poisons the stream: the second try opens a
+            // new one.
+            let renewed = self
+                .kv
+                .renew(&mut lease)
+                .or_else(|_| self.kv.renew(&mut lease));
             match renewed {
                 Ok(ttl) if ttl > 0 => {}
                 outcome => {
@@ -259,7 +261,7 @@ impl Node {
         let seen = self
             .view
             .get(&format!("assign/{vm}"))
-            .map_err(|()| anyhow::anyhow!("etcd: the watch of the cluster is catching up"))?;
+            .map_err(|why| anyhow::anyhow!(why))?;
         match seen {
             Some((text, revision)) => Assignment::parse(&text, revision)
                 .ok_or_else(|| anyhow::anyhow!("etcd: assignment of {vm} is {text:?}")),
@@ -326,12 +328,21 @@ impl Node {
         let name = vm.pair.vm.name.as_str();
         let who = format!("node {}: {name}", self.me);
         let mut first = true;
+        // The last complaint and when: the same one at most every 10 s.
+        let mut said: Option<(String, Instant)> = None;
         while !self.stopping() {
             let seen = self.view.version();
             let assign = match self.assignment(name) {
                 Ok(a) => a,
                 Err(e) => {
-                    eprintln!("tandem: {who}: {e:#}");
+                    let text = format!("{e:#}");
+                    let repeat = said.as_ref().is_some_and(|(t, at)| {
+                        *t == text && at.elapsed() < Duration::from_secs(10)
+                    });
+                    if !repeat {
+                        eprintln!("tandem: {who}: {text}");
+                        said = Some((text, Instant::now()));
+                    }
                     self.view.wait_change(seen, RECHECK);
                     continue;
                 }

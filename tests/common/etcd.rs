@@ -301,12 +301,19 @@ pub fn start_cluster(ns: &NetNs, dir: &Path, ip: &str) -> Vec<Proc> {
         &["auth", "enable"],
     ];
     for step in steps {
-        let out = pki.etcdctl(ns, ip, step, false);
-        assert!(
-            out.status.success(),
-            "etcdctl {step:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // A fresh cluster may still be settling its leader: try again,
+        // and take "already exists" as done (an earlier try applied).
+        let mut tries = 0;
+        loop {
+            let out = pki.etcdctl(ns, ip, step, false);
+            let err = String::from_utf8_lossy(&out.stderr).to_string();
+            if out.status.success() || err.contains("already exists") {
+                break;
+            }
+            tries += 1;
+            assert!(tries < 10, "etcdctl {step:?}: {err}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
     // Authentication is on: a request without a user is refused now.
     let out = pki.etcdctl(ns, ip, &["user", "list"], true);

@@ -654,6 +654,16 @@ fn ack(shared: &Shared, heartbeat: Duration) {
         }
         if Instant::now() >= next_beat {
             send(&Message::Heartbeat);
+            // Again with every heartbeat: an ack or verification written to
+            // a connection that then broke is lost, and after a resume
+            // nothing new may come to ack (the primary's vCPU braked on
+            // it). The primary takes repeats as no-ops.
+            if let Some(stop) = acked {
+                send(&Message::Ack(stop));
+            }
+            if reported > 0 {
+                send(&Message::Verified(reported));
+            }
             next_beat = Instant::now() + heartbeat;
         }
     }

@@ -49,8 +49,17 @@ pub struct Members {
     preferred: AtomicUsize,
     /// How long one member may take.
     timeout: Duration,
-    /// Whether the client speaks TLS (for hints in errors).
-    tls: bool,
+    /// How the client is set up (for hints in errors).
+    setup: Setup,
+}
+
+/// What an error hint needs to know of the client's set-up.
+#[derive(Clone, Copy, Debug)]
+pub struct Setup {
+    /// It speaks TLS.
+    pub tls: bool,
+    /// It shows a client certificate.
+    pub identity: bool,
 }
 
 impl Members {
@@ -71,6 +80,15 @@ impl Members {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.run_on_any(op).await.map(|(v, _)| v)
+    }
+
+    /// [`Self::run`], also saying which member answered.
+    async fn run_on_any<T, F, Fut>(&self, op: F) -> Result<(T, usize), String>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
         let first = self.preferred.load(Ordering::Relaxed);
         // What each member that failed said; the most telling goes back.
         let mut failures: Vec<String> = Vec::new();
@@ -84,13 +102,13 @@ impl Members {
             match tried {
                 Ok(Ok(v)) => {
                     self.preferred.store(i, Ordering::Relaxed);
-                    return Ok(v);
+                    return Ok((v, i));
                 }
-                Ok(Err(e)) if !member_failed(&e) => return Err(describe(&e, self.tls)),
+                Ok(Err(e)) if !member_failed(&e) => return Err(describe(&e, self.setup)),
                 Ok(Err(e)) => {
                     // A fresh connection next time (this one may be dead).
                     self.clients.lock().unwrap_or_else(|p| p.into_inner())[i] = None;
-                    failures.push(describe(&e, self.tls));
+                    failures.push(describe(&e, self.setup));
                 }
                 Err(_) => {
                     self.clients.lock().unwrap_or_else(|p| p.into_inner())[i] = None;
@@ -115,6 +133,20 @@ impl Members {
     }
 }
 
+impl Members {
+    /// Member `i` failed outside [`Self::run`] (a lease's stream): start
+    /// the next request elsewhere, on a fresh connection.
+    fn avoid(&self, i: usize) {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())[i] = None;
+        let _ = self.preferred.compare_exchange(
+            i,
+            (i + 1) % self.urls.len().max(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+}
+
 /// Whether an error says the member could not serve (so another may),
 /// rather than that etcd refused the request.
 fn member_failed(e: &etcd_client::Error) -> bool {
@@ -122,7 +154,10 @@ fn member_failed(e: &etcd_client::Error) -> bool {
         etcd_client::Error::GRpcStatus(s) => {
             matches!(
                 s.code(),
-                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
             ) && !s.message().contains("invalid user ID or password")
         }
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
@@ -164,7 +199,10 @@ impl EtcdClient {
             options,
             preferred: AtomicUsize::new(0),
             timeout,
-            tls: access.tls(),
+            setup: Setup {
+                tls: access.tls(),
+                identity: access.identity.is_some(),
+            },
         });
         let me = Self {
             runtime,
@@ -173,9 +211,11 @@ impl EtcdClient {
             prefix: prefix.trim_end_matches('/').to_string(),
             timeout,
         };
+        // Under `PREFIX/`, as every key tandem uses: a role scoped to that
+        // is enough.
         me.call("a first read", |mut c, prefix| async move {
             c.get(
-                prefix,
+                format!("{prefix}/"),
                 Some(GetOptions::new().with_prefix().with_count_only()),
             )
             .await
@@ -218,7 +258,7 @@ impl EtcdClient {
             .block_on(async { tokio::time::timeout(self.timeout, fut).await })
         {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.error(what, &describe(&e, self.members.tls))),
+            Ok(Err(e)) => Err(self.error(what, &describe(&e, self.members.setup))),
             Err(_) => Err(self.error(
                 what,
                 &format!(
@@ -354,26 +394,55 @@ impl EtcdClient {
         Ok(reply.succeeded())
     }
 
-    /// Opens a keep-alive stream for lease `id`.
+    /// Opens a keep-alive stream for lease `id`. etcd-client answers "lease
+    /// not found" for a lease that has expired: that is
+    /// [`ArbiterError::LeaseRefused`].
     pub fn keep_alive_stream(&self, id: i64) -> Result<KeepAlive, ArbiterError> {
-        let (keeper, stream) = self
-            .call("opening a lease keep-alive stream", |mut c, _| async move {
-                c.lease_keep_alive(id).await
-            })?;
-        Ok(KeepAlive { id, keeper, stream })
+        let opened = self.runtime.block_on(
+            self.members
+                .run_on_any(|mut c| async move { c.lease_keep_alive(id).await }),
+        );
+        match opened {
+            Ok(((keeper, stream), member)) => Ok(KeepAlive {
+                id,
+                member,
+                keeper,
+                stream,
+                poisoned: false,
+            }),
+            Err(reason) if reason.contains("lease not found") => Err(ArbiterError::LeaseRefused(
+                format!("etcd lease {id:x} has expired"),
+            )),
+            Err(reason) => Err(self.error("opening a lease keep-alive stream", &reason)),
+        }
     }
 
     /// Renews a lease on its stream: the TTL etcd gave back (≤ 0: the
-    /// lease has expired).
+    /// lease has expired). A stream whose last renewal did not complete
+    /// may still deliver that renewal's late answer, which would pass for
+    /// this one's: it is replaced first, on another member if that one
+    /// failed.
     pub fn renew(&self, lease: &mut KeepAlive) -> Result<i64, ArbiterError> {
-        let KeepAlive { keeper, stream, .. } = lease;
+        if lease.poisoned {
+            *lease = self.keep_alive_stream(lease.id)?;
+        }
+        let KeepAlive { keeper, stream, .. } = &mut *lease;
         let reply = self.block("renewing a lease", async move {
             keeper.keep_alive().await?;
             stream.message().await
-        })?;
+        });
         match reply {
-            Some(r) => Ok(r.ttl()),
-            None => Err(self.error("renewing a lease", "etcd closed the keep-alive stream")),
+            Ok(Some(r)) => Ok(r.ttl()),
+            Ok(None) => {
+                lease.poisoned = true;
+                self.members.avoid(lease.member);
+                Err(self.error("renewing a lease", "etcd closed the keep-alive stream"))
+            }
+            Err(e) => {
+                lease.poisoned = true;
+                self.members.avoid(lease.member);
+                Err(e)
+            }
         }
     }
 }
@@ -383,14 +452,20 @@ impl EtcdClient {
 pub struct KeepAlive {
     /// The lease.
     pub id: i64,
+    /// The member the stream goes to.
+    member: usize,
     keeper: LeaseKeeper,
     stream: LeaseKeepAliveStream,
+    /// A renewal on it did not complete: do not use it again.
+    poisoned: bool,
 }
 
 /// The client's options: timeouts, TLS from the access files, the user.
 fn connect_options(access: &EtcdAccess, timeout: Duration) -> Result<ConnectOptions, String> {
+    // No per-request timeout here: each try on a member has its own (in
+    // `Members::run`), which moves on to the next member; gRPC's would
+    // end the request as Cancelled instead.
     let mut options = ConnectOptions::new()
-        .with_timeout(timeout)
         .with_connect_timeout(timeout)
         // A request during a leader election fails at once instead of
         // waiting: the caller tries again (its patience is its own).
@@ -424,7 +499,7 @@ fn connect_options(access: &EtcdAccess, timeout: Duration) -> Result<ConnectOpti
 /// One line for an etcd client error: what etcd said, or why the
 /// connection failed (its root cause), with a hint for the usual set-up
 /// mistakes. `tls`: whether this client speaks TLS.
-pub fn describe(e: &etcd_client::Error, tls: bool) -> String {
+pub fn describe(e: &etcd_client::Error, setup: Setup) -> String {
     let cause = match e {
         etcd_client::Error::GRpcStatus(status) => {
             let message = status.message();
@@ -454,18 +529,26 @@ pub fn describe(e: &etcd_client::Error, tls: bool) -> String {
     };
     let lower = cause.to_ascii_lowercase();
     if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
-        let hint = if tls {
-            "check etcd_ca, etcd_cert and etcd_key against the cluster's certificates"
-        } else {
-            "the members may want TLS: set etcd_ca and a client certificate"
+        let hint = match (setup.tls, setup.identity) {
+            (true, true) => {
+                "check etcd_ca, etcd_cert and etcd_key against the cluster's certificates"
+            }
+            (true, false) => {
+                "the members may require a client certificate: set etcd_cert and etcd_key"
+            }
+            (false, _) => "the members may want TLS: set etcd_ca and a client certificate",
         };
         return format!("TLS failed: {cause} ({hint})");
     }
     if lower.contains("broken pipe") || lower.contains("reset") || lower.contains("eof") {
-        let hint = if tls {
-            "the members may have refused this client: check etcd_cert and etcd_key"
-        } else {
-            "if the members speak TLS, set etcd_ca and a client certificate"
+        let hint = match (setup.tls, setup.identity) {
+            (true, true) => {
+                "the members may have refused this client: check etcd_cert and etcd_key"
+            }
+            (true, false) => {
+                "the members may require a client certificate: set etcd_cert and etcd_key"
+            }
+            (false, _) => "if the members speak TLS, set etcd_ca and a client certificate",
         };
         return format!("unreachable: {cause} ({hint})");
     }

@@ -182,25 +182,18 @@ impl Arbiter for EtcdArbiter {
                 return Ok(Some(Duration::from_secs(ttl.max(0) as u64)));
             }
         };
-        let ttl = match self.client.renew(kept) {
+        // A failed renewal poisons the stream; the second try opens a new
+        // one (on another member when that one failed).
+        let ttl = match self.client.renew(kept).or_else(|_| self.client.renew(kept)) {
             Ok(ttl) => ttl,
-            // The stream broke (its member was lost): open one on a member
-            // that answers and renew there, once.
-            Err(_) => {
-                let id = kept.id;
-                let renewed = self
-                    .client
-                    .keep_alive_stream(id)
-                    .and_then(|mut fresh| Ok((self.client.renew(&mut fresh)?, fresh)));
-                match renewed {
-                    Ok((ttl, fresh)) => {
-                        *kept = fresh;
-                        ttl
-                    }
-                    // Kept: the next renewal tries this lease again.
-                    Err(e) => return Err(e),
-                }
+            // Expired while the stream was down: the next hold takes a
+            // new lease, if the generation is still this side's.
+            Err(ArbiterError::LeaseRefused(why)) => {
+                *held = None;
+                return Err(ArbiterError::LeaseRefused(format!("{why} ({vm})")));
             }
+            // Kept: the next renewal tries this lease again.
+            Err(e) => return Err(e),
         };
         if ttl <= 0 {
             let id = kept.id;

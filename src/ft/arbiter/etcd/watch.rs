@@ -26,6 +26,10 @@ struct State {
     version: u64,
     /// Whether the copy is current (listed, and the watch running).
     current: bool,
+    /// Why it is not, last time it failed.
+    failure: Option<String>,
+    /// The prefix followed (for messages).
+    prefix: String,
 }
 
 /// A live copy of the keys under a prefix.
@@ -46,14 +50,17 @@ impl PrefixView {
             state: Arc::new((Mutex::new(State::default()), Condvar::new())),
         };
         let full = client.key(rel_prefix);
+        view.lock().prefix = full.clone();
         let task_view = view.clone();
         let members = client.members();
         client.spawn(async move {
             loop {
-                if let Err(e) = task_view.list_and_watch(&members, &full).await {
-                    tracing::debug!("etcd watch of {full}: {e}; listing again");
-                }
-                task_view.set_current(false);
+                let why = match task_view.list_and_watch(&members, &full).await {
+                    Err(e) => e,
+                    Ok(()) => "the watch ended".into(),
+                };
+                tracing::debug!("etcd watch of {full}: {why}; listing again");
+                task_view.fail(why);
                 tokio::time::sleep(RETRY).await;
             }
         });
@@ -74,6 +81,7 @@ impl PrefixView {
             state: Arc::new((Mutex::new(State::default()), Condvar::new())),
         };
         let full = client.key(rel_prefix);
+        view.lock().prefix = full.clone();
         let task_view = view.clone();
         let members = client.members();
         client.spawn(async move {
@@ -82,7 +90,7 @@ impl PrefixView {
                     Ok(keys) => task_view.replace_if_changed(keys),
                     Err(e) => {
                         tracing::debug!("etcd listing of {full}: {e}");
-                        task_view.set_current(false);
+                        task_view.fail(e);
                     }
                 }
                 tokio::time::sleep(interval).await;
@@ -100,6 +108,7 @@ impl PrefixView {
         }
         state.keys = keys;
         state.current = true;
+        state.failure = None;
         state.version += 1;
         changed.notify_all();
     }
@@ -173,15 +182,30 @@ impl PrefixView {
         let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
         state.keys = keys;
         state.current = true;
+        state.failure = None;
         state.version += 1;
         changed.notify_all();
     }
 
-    fn set_current(&self, current: bool) {
-        let (lock, changed) = &*self.state;
-        let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
-        state.current = current;
-        changed.notify_all();
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The copy is not current any more, and why.
+    fn fail(&self, why: String) {
+        let mut state = self.lock();
+        state.current = false;
+        state.failure = Some(why);
+        self.state.1.notify_all();
+    }
+
+    /// Why the copy is not current, for an error.
+    fn not_current(state: &State) -> String {
+        format!(
+            "cannot follow {} in etcd: {}",
+            state.prefix,
+            state.failure.as_deref().unwrap_or("still listing it")
+        )
     }
 
     /// Waits until the copy is current; false after `timeout`.
@@ -220,22 +244,22 @@ impl PrefixView {
         }
     }
 
-    /// A key's (value, modification revision), if the copy is current:
-    /// Err(()) when it is not (the watch is re-listing).
-    pub fn get(&self, rel: &str) -> Result<Option<(String, i64)>, ()> {
-        let state = self.state.0.lock().unwrap_or_else(|p| p.into_inner());
+    /// A key's (value, modification revision), if the copy is current;
+    /// why not when it is not (etcd unreachable, the watch re-listing).
+    pub fn get(&self, rel: &str) -> Result<Option<(String, i64)>, String> {
+        let state = self.lock();
         if !state.current {
-            return Err(());
+            return Err(Self::not_current(&state));
         }
         Ok(state.keys.get(rel).cloned())
     }
 
     /// Every (key after `rel_prefix`, value) under a sub-prefix, if the
     /// copy is current.
-    pub fn list(&self, rel_prefix: &str) -> Result<Vec<(String, String)>, ()> {
-        let state = self.state.0.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn list(&self, rel_prefix: &str) -> Result<Vec<(String, String)>, String> {
+        let state = self.lock();
         if !state.current {
-            return Err(());
+            return Err(Self::not_current(&state));
         }
         Ok(state
             .keys
