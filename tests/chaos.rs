@@ -723,6 +723,17 @@ fn chaos_rounds_keep_every_invariant() {
         let fuzz = std::fs::read_to_string(fuzz)
             .unwrap_or_else(|_| "- fuzzing: no `make fuzz` run on this checkout yet\n".into());
         let _ = writeln!(md, "\n## Fuzzing\n\n{fuzz}");
+        // The sections after the fuzzing one (other series, earlier runs)
+        // are kept: this run replaces only the headline and its table.
+        let kept = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|old| {
+                let fuzzing = old.find("\n## Fuzzing")? + 1;
+                let next = old[fuzzing..].find("\n## ")? + fuzzing;
+                Some(old[next..].to_string())
+            })
+            .unwrap_or_default();
+        md.push_str(&kept);
         std::fs::write(&path, md).unwrap();
     }
     assert_eq!(lost, 0, "{summary}");
