@@ -46,26 +46,22 @@ impl PrefixView {
     /// Returns once the first listing is in, or after the client's
     /// timeout (the view then fills as soon as etcd answers).
     pub fn follow(client: &EtcdClient, rel_prefix: &str, timeout: Duration) -> Self {
-        let view = Self {
-            state: Arc::new((Mutex::new(State::default()), Condvar::new())),
-        };
-        let full = client.key(rel_prefix);
-        view.lock().prefix = full.clone();
-        let task_view = view.clone();
-        let members = client.members();
-        client.spawn(async move {
-            loop {
-                let why = match task_view.list_and_watch(&members, &full).await {
-                    Err(e) => e,
-                    Ok(()) => "the watch ended".into(),
-                };
-                tracing::debug!("etcd watch of {full}: {why}; listing again");
-                task_view.fail(why);
-                tokio::time::sleep(RETRY).await;
-            }
-        });
-        let _ = view.wait_current(timeout);
-        view
+        Self::start(
+            client,
+            rel_prefix,
+            timeout,
+            |view, members, full| async move {
+                loop {
+                    let why = match view.list_and_watch(&members, &full).await {
+                        Err(e) => e,
+                        Ok(()) => "the watch ended".into(),
+                    };
+                    tracing::debug!("etcd watch of {full}: {why}; listing again");
+                    view.fail(why);
+                    tokio::time::sleep(RETRY).await;
+                }
+            },
+        )
     }
 
     /// Like [`Self::follow`], but lists the prefix every `interval` instead
@@ -77,40 +73,52 @@ impl PrefixView {
         interval: Duration,
         timeout: Duration,
     ) -> Self {
+        Self::start(
+            client,
+            rel_prefix,
+            timeout,
+            move |view, members, full| async move {
+                loop {
+                    match list(&members, &full).await {
+                        Ok(keys) => view.replace_if_changed(keys),
+                        Err(e) => {
+                            tracing::debug!("etcd listing of {full}: {e}");
+                            view.fail(e);
+                        }
+                    }
+                    tokio::time::sleep(interval).await;
+                }
+            },
+        )
+    }
+
+    /// A view of `rel_prefix` filled by `keep` (a task on the client's
+    /// runtime, given the view, the members and the full prefix); returns
+    /// once the first listing is in, or after `timeout`.
+    fn start<F, Fut>(client: &EtcdClient, rel_prefix: &str, timeout: Duration, keep: F) -> Self
+    where
+        F: FnOnce(PrefixView, Arc<Members>, String) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let view = Self {
             state: Arc::new((Mutex::new(State::default()), Condvar::new())),
         };
         let full = client.key(rel_prefix);
         view.lock().prefix = full.clone();
-        let task_view = view.clone();
-        let members = client.members();
-        client.spawn(async move {
-            loop {
-                match list(&members, &full).await {
-                    Ok(keys) => task_view.replace_if_changed(keys),
-                    Err(e) => {
-                        tracing::debug!("etcd listing of {full}: {e}");
-                        task_view.fail(e);
-                    }
-                }
-                tokio::time::sleep(interval).await;
-            }
-        });
+        client.spawn(keep(view.clone(), client.members(), full));
         let _ = view.wait_current(timeout);
         view
     }
 
+    /// [`Self::replace`], unless the keys are what the copy holds already.
     fn replace_if_changed(&self, keys: Keys) {
-        let (lock, changed) = &*self.state;
-        let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
-        if state.current && state.keys == keys {
-            return;
+        {
+            let state = self.lock();
+            if state.current && state.keys == keys {
+                return;
+            }
         }
-        state.keys = keys;
-        state.current = true;
-        state.failure = None;
-        state.version += 1;
-        changed.notify_all();
+        self.replace(keys);
     }
 
     /// Lists the prefix on a member that answers, then applies watch
@@ -178,13 +186,12 @@ impl PrefixView {
     }
 
     fn replace(&self, keys: Keys) {
-        let (lock, changed) = &*self.state;
-        let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.lock();
         state.keys = keys;
         state.current = true;
         state.failure = None;
         state.version += 1;
-        changed.notify_all();
+        self.state.1.notify_all();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
