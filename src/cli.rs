@@ -11,15 +11,11 @@ use std::time::Duration;
 use tandem_replay::{Cause, CauseQueue};
 use tandem_vmm::journal::RecordOptions;
 use tandem_vmm::vm::RunMode;
-use tandem_vmm::{
-    DiskConfig, NetConfig, ReplayEnd, RunOutcome, RunReport, Vm, VmConfig, DEFAULT_KVM_PATH,
-};
-use tracing::info;
+use tandem_vmm::{DiskConfig, NetConfig, Vm, VmConfig, DEFAULT_KVM_PATH};
 
 use crate::config::parse_mac;
-use crate::{
-    EXIT_DIVERGED, EXIT_GUEST_CRASH, EXIT_REPLAY_TRUNCATED, EXIT_START_FAILED, EXIT_VMM_ERROR,
-};
+use crate::ft::exit::finish_report as finish;
+use crate::{EXIT_DIVERGED, EXIT_START_FAILED};
 
 /// Options of `tandem run`.
 #[derive(Args)]
@@ -194,44 +190,6 @@ pub fn run(args: RunArgs) -> ExitCode {
         spawn_stdin_reader(vm.cause_queue());
     }
     finish(vm.run())
-}
-
-/// Maps how a VM ended to the process exit status (the README's table).
-pub fn finish_report(result: Result<RunReport, tandem_vmm::VmError>) -> ExitCode {
-    finish(result)
-}
-
-fn finish(result: Result<RunReport, tandem_vmm::VmError>) -> ExitCode {
-    match result {
-        Ok(RunReport { outcome, stats, .. }) => {
-            info!(?stats, "VM stopped");
-            match outcome {
-                RunOutcome::GuestExit(code) => ExitCode::from(code),
-                RunOutcome::Reset => ExitCode::SUCCESS,
-                RunOutcome::Crashed(crash) => {
-                    eprintln!("tandem: {crash}");
-                    ExitCode::from(EXIT_GUEST_CRASH)
-                }
-                RunOutcome::ReplayEnded(ReplayEnd::AtWatermark { stop }) => {
-                    eprintln!(
-                        "tandem: warning: the log was cut short (no End record); replayed up to its last watermark, stop {stop}"
-                    );
-                    ExitCode::from(EXIT_REPLAY_TRUNCATED)
-                }
-                RunOutcome::Stopped => ExitCode::SUCCESS,
-                RunOutcome::ReplayEnded(ReplayEnd::LogExhausted { stop }) => {
-                    eprintln!(
-                        "tandem: warning: the log ends while the guest is halted at stop {stop}; replayed all of it"
-                    );
-                    ExitCode::from(EXIT_REPLAY_TRUNCATED)
-                }
-            }
-        }
-        Err(e) => {
-            eprintln!("tandem: {e}");
-            ExitCode::from(EXIT_VMM_ERROR)
-        }
-    }
 }
 
 /// Runs `tandem replay`.

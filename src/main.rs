@@ -5,21 +5,16 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cli;
-mod config;
 mod disk_cmd;
-mod ft;
 mod log_inspect;
 
-/// The guest crashed: triple fault, emulation failure, HLT with interrupts off.
-pub const EXIT_GUEST_CRASH: u8 = 120;
-/// tandem or KVM failed while the guest ran.
-pub const EXIT_VMM_ERROR: u8 = 121;
-/// A replay stopped early: the log was cut short (torn tail, no End record).
-pub const EXIT_REPLAY_TRUNCATED: u8 = 122;
-/// A replay diverged and could not be repaired.
-pub const EXIT_DIVERGED: u8 = 123;
-/// The VM could not be started (bad kernel, bad option, no KVM).
-pub const EXIT_START_FAILED: u8 = 3;
+// The libraries under the names the binary has always used for them.
+use tandem_config as config;
+use tandem_ft as ft;
+
+pub use ft::exit::{
+    EXIT_DIVERGED, EXIT_GUEST_CRASH, EXIT_REPLAY_TRUNCATED, EXIT_START_FAILED, EXIT_VMM_ERROR,
+};
 
 #[derive(Parser)]
 #[command(

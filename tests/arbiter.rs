@@ -1,7 +1,7 @@
 //! `tandem witness` end to end: the process serves the line protocol on
 //! loopback, keeps its grants across a restart (even after SIGKILL), refuses
 //! to start on a damaged state file. The arbiter logic itself is unit tested
-//! in `src/ft/arbiter/`.
+//! in `ft/src/arbiter/`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};

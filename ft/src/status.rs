@@ -446,8 +446,7 @@ pub fn register(side: Side) {
     let _ = SIDE.set(side);
 }
 
-/// The exit status of a side that fenced itself.
-pub const EXIT_FENCED: u8 = 124;
+pub use crate::exit::EXIT_FENCED;
 
 /// Fences this side: stops the VM (nothing more leaves it), answers
 /// `role=fenced` on the control socket until terminated. Before the VM
@@ -562,10 +561,10 @@ pub fn control_path(explicit: Option<&Path>, state_dir: &Path, host: &str) -> Pa
 /// With `to`, only if the VM is not already live on that host (then says
 /// so). Returns the live side's answer, prefixed with its host.
 pub fn switch_over(
-    cfg: &crate::config::PairConfig,
-    to: Option<crate::config::HostId>,
+    cfg: &tandem_config::PairConfig,
+    to: Option<tandem_config::HostId>,
 ) -> Result<String, String> {
-    use crate::config::HostId;
+    use tandem_config::HostId;
     let control = |host: HostId| {
         control_path(
             cfg.host(host).control.as_deref(),

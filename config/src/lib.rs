@@ -14,13 +14,11 @@
 //! arbiter. The file only says which two hosts form the pair; a process finds
 //! out which one it is with [`which_host`].
 
-// Wired into `tandem primary|secondary|pair` by the fault-tolerance work.
-#![allow(dead_code)]
-
 pub mod cluster;
 mod error;
 mod host;
 mod mac;
+pub mod names;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -38,6 +36,7 @@ use error::Ctx;
 #[allow(unused_imports)] // until main.rs calls them
 pub use host::{local_addresses, which_host, HostId};
 pub use mac::parse_mac;
+pub use names::group_id;
 use raw::RawFile;
 
 /// `[vm] mem` when not given.

@@ -31,12 +31,12 @@ use tandem_vmm::{Vm, VmConfig};
 use tracing::{info, warn};
 
 use super::{millis, pair_record_options, publish, PairParams, Replicator, ShipFrame, ShipSink};
-use crate::ft::auth::Psk;
-use crate::ft::channel::{self, FrameReceiver, FrameSender};
-use crate::ft::mirror::MirrorReceiver;
-use crate::ft::silence::{unread_bytes, SilenceWatch, Verdict};
-use crate::ft::status::{self, fence, Role};
-use crate::ft::wire::{self, Message, PROTOCOL_MAX, PROTOCOL_MIN};
+use crate::auth::Psk;
+use crate::channel::{self, FrameReceiver, FrameSender};
+use crate::mirror::MirrorReceiver;
+use crate::silence::{unread_bytes, SilenceWatch, Verdict};
+use crate::status::{self, fence, Role};
+use crate::wire::{self, Message, PROTOCOL_MAX, PROTOCOL_MIN};
 
 /// What the secondary's threads share.
 struct Shared {
@@ -159,7 +159,7 @@ pub fn run_secondary(
     if let Some(f) = shared.follower_slot.get() {
         f.flush();
     }
-    let code = crate::cli::finish_report(report);
+    let code = crate::exit::finish_report(report);
     status::linger_if_fenced();
     Ok(code)
 }

@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::{validate_name as check_name, Arbiter, ArbiterError, ClaimOutcome, Grant};
-use crate::config::EtcdAccess;
+use tandem_config::EtcdAccess;
 
 pub mod client;
 pub mod watch;

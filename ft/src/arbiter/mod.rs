@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::ft::auth::Psk;
+use crate::auth::Psk;
 
 mod etcd;
 mod file;
@@ -44,8 +44,7 @@ pub use etcd::{EtcdArbiter, EtcdClient, KeepAlive, DEFAULT_LEASE_TTL};
 pub use file::FileArbiter;
 pub use witness::{TcpArbiter, WitnessHandle, WitnessServer};
 
-/// Longest VM or holder name, in bytes.
-pub const MAX_NAME_LEN: usize = 64;
+pub use tandem_config::names::{is_valid_name, MAX_NAME_LEN};
 
 /// Longest protocol line the witness accepts, newline included.
 pub const MAX_LINE_LEN: usize = 1024;
@@ -256,7 +255,7 @@ pub fn tcp(addr: SocketAddr, timeout: Duration) -> TcpArbiter {
 pub fn etcd(
     endpoints: &[SocketAddr],
     prefix: &str,
-    access: &crate::config::EtcdAccess,
+    access: &tandem_config::EtcdAccess,
     timeout: Duration,
     lease_ttl: Duration,
 ) -> Result<EtcdArbiter, ArbiterError> {
@@ -295,15 +294,6 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), ArbiterError>
     }
 }
 
-fn is_valid_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= MAX_NAME_LEN
-        && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-}
-
 /// Options of `tandem witness`.
 #[derive(clap::Args, Debug)]
 pub struct WitnessArgs {
@@ -329,11 +319,11 @@ pub struct WitnessArgs {
 pub fn witness_command(args: WitnessArgs) -> ExitCode {
     let mut keys = Vec::new();
     for path in &args.psk_file {
-        match crate::ft::auth::Psk::load(path) {
+        match crate::auth::Psk::load(path) {
             Ok(k) => keys.push(std::sync::Arc::new(k)),
             Err(e) => {
                 eprintln!("tandem witness: --psk-file: {e}");
-                return ExitCode::from(crate::EXIT_START_FAILED);
+                return ExitCode::from(crate::exit::EXIT_START_FAILED);
             }
         }
     }
@@ -341,13 +331,13 @@ pub fn witness_command(args: WitnessArgs) -> ExitCode {
         eprintln!("tandem witness: WARNING: no key: any client may claim generations (--insecure)");
     } else if keys.is_empty() {
         eprintln!("tandem witness: no --psk-file given, so anyone who reaches it could claim a VM; give each pair's witness key (`tandem keygen --witness-key-for PAIR_FILE FILE`) or pass --insecure");
-        return ExitCode::from(crate::EXIT_START_FAILED);
+        return ExitCode::from(crate::exit::EXIT_START_FAILED);
     }
     let server = match bind(args.listen, &args.state) {
         Ok(s) => s.with_keys(keys),
         Err(e) => {
             eprintln!("tandem witness: {e}");
-            return ExitCode::from(crate::EXIT_START_FAILED);
+            return ExitCode::from(crate::exit::EXIT_START_FAILED);
         }
     };
     println!("listening on {}", server.local_addr());
@@ -380,21 +370,21 @@ pub(crate) fn describe_io(e: &io::Error, timeout: Duration) -> String {
 
 /// A pair's key and arbiter (None: `--insecure`, `--i-accept-split-brain`).
 pub type KeyAndArbiter = (
-    Option<std::sync::Arc<crate::ft::auth::Psk>>,
+    Option<std::sync::Arc<crate::auth::Psk>>,
     Option<std::sync::Arc<dyn Arbiter>>,
 );
 
 /// The pair's key and arbiter, as its file says; refuses a pair with no
 /// key (unless `insecure`) or no witness (unless `split_brain`).
 pub fn open(
-    cfg: &crate::config::PairConfig,
+    cfg: &tandem_config::PairConfig,
     path: &std::path::Path,
     insecure: bool,
     split_brain: bool,
 ) -> anyhow::Result<KeyAndArbiter> {
     let base = match &cfg.ft.psk_file {
         Some(key) => Some(
-            crate::ft::auth::Psk::load(key)
+            crate::auth::Psk::load(key)
                 .map_err(|e| anyhow::anyhow!("{}: [ft] psk_file: {e}", path.display()))?,
         ),
         None if insecure => None,
@@ -405,13 +395,13 @@ pub fn open(
     };
     let (psk, witness_key) = keys(cfg, path, base.as_ref())?;
     let arbiter: Option<std::sync::Arc<dyn Arbiter>> = match &cfg.ft.witness {
-        Some(crate::config::Witness::Tcp(addr)) => Some(std::sync::Arc::new(
+        Some(tandem_config::Witness::Tcp(addr)) => Some(std::sync::Arc::new(
             tcp(*addr, Duration::from_secs(2)).with_psk(witness_key),
         )),
-        Some(crate::config::Witness::File(dir)) => Some(std::sync::Arc::new(file(dir))),
+        Some(tandem_config::Witness::File(dir)) => Some(std::sync::Arc::new(file(dir))),
         // The live side's lease: two failover timeouts, at least 4 s, so
         // it outlasts an etcd leader election (a member lost).
-        Some(crate::config::Witness::Etcd { endpoints, prefix }) => Some(std::sync::Arc::new(
+        Some(tandem_config::Witness::Etcd { endpoints, prefix }) => Some(std::sync::Arc::new(
             etcd(
                 endpoints,
                 prefix,
@@ -437,11 +427,11 @@ type SharedKey = std::sync::Arc<Psk>;
 /// it proves itself with at its witness (`[ft] witness_key_file`, or one
 /// derived for this VM).
 fn keys(
-    cfg: &crate::config::PairConfig,
+    cfg: &tandem_config::PairConfig,
     path: &std::path::Path,
-    base: Option<&crate::ft::auth::Psk>,
+    base: Option<&crate::auth::Psk>,
 ) -> anyhow::Result<(Option<SharedKey>, Option<SharedKey>)> {
-    use crate::config::HostId;
+    use tandem_config::HostId;
     let Some(base) = base else {
         return Ok((None, None));
     };

@@ -16,7 +16,7 @@
 //!
 //! A witness with keys (`--psk-file`, once per key: one per pair, or one
 //! of its own that its pairs share) first authenticates each connection
-//! with the scheme of the replication channel ([`crate::ft::auth`]) under
+//! with the scheme of the replication channel ([`crate::auth`]) under
 //! the key the client names by its id, in lines:
 //!
 //! ```text
@@ -52,8 +52,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
-use crate::ft::admission::{self, Admission, DeadlineReader, Ticket};
-use crate::ft::auth::{
+use crate::admission::{self, Admission, DeadlineReader, Ticket};
+use crate::auth::{
     self, from_hex, to_hex, FrameMac, Psk, CLIENT_TO_SERVER, MAC_LEN, NONCE_LEN, SERVER_TO_CLIENT,
 };
 

@@ -999,7 +999,7 @@ pub fn run_primary(
     // Released console bytes pass through a writer thread: let them out
     // before the process exits.
     gate.flush();
-    let code = crate::cli::finish_report(report);
+    let code = crate::exit::finish_report(report);
     super::status::linger_if_fenced();
     Ok(code)
 }

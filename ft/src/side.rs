@@ -7,14 +7,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::config::cluster::ClusterVm;
+use tandem_config::cluster::ClusterVm;
 
 /// A side that the VM does not prefer lets the preferred one start it as
 /// primary, then follows: it waits until the arbiter shows the VM live, or
 /// a grace period (so a VM whose preferred host is down still starts).
 pub fn wait_until_live(
     vm: &ClusterVm,
-    arbiter: Option<&dyn crate::ft::arbiter::Arbiter>,
+    arbiter: Option<&dyn crate::arbiter::Arbiter>,
     stop: &dyn Fn() -> bool,
 ) {
     let grace = vm.pair.ft.failover_timeout * 3 + Duration::from_secs(2);

@@ -358,7 +358,7 @@ impl FrameMac {
 /// psk_file for its VM) to `path`, as [`keygen`] writes keys; returns the
 /// VM's name.
 pub fn write_witness_key(pair_file: &Path, path: &Path) -> Result<String, String> {
-    let cfg = crate::config::load(pair_file).map_err(|e| e.to_string())?;
+    let cfg = tandem_config::load(pair_file).map_err(|e| e.to_string())?;
     let Some(psk_file) = &cfg.ft.psk_file else {
         return Err(format!("{}: no [ft] psk_file", pair_file.display()));
     };

@@ -19,9 +19,9 @@ use etcd_client::{
     LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp,
 };
 
-use crate::config::EtcdAccess;
-use crate::ft::arbiter::ArbiterError;
-use crate::ft::auth::read_private_file;
+use crate::arbiter::ArbiterError;
+use crate::auth::read_private_file;
+use tandem_config::EtcdAccess;
 
 /// A connection to an etcd cluster, keys under one prefix.
 pub struct EtcdClient {

@@ -46,8 +46,8 @@ use anyhow::{bail, Context};
 
 use super::arbiter::{Arbiter, EtcdClient, KeepAlive, PrefixView};
 use super::side::{pause_after, run_side, wait_until_live};
-use crate::config;
-use crate::config::cluster::{ClusterVm, Membership};
+use tandem_config as config;
+use tandem_config::cluster::{ClusterVm, Membership};
 
 /// Lease of a node's member key, in seconds: how soon a dead host drops out.
 pub const NODE_TTL_S: i64 = 2;

@@ -7,6 +7,7 @@ pub mod channel;
 pub mod cmd;
 pub mod console;
 pub mod events;
+pub mod exit;
 pub mod local_socket;
 pub mod mirror;
 pub mod node;

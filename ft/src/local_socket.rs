@@ -125,30 +125,6 @@ fn peer_credentials(stream: &UnixStream) -> io::Result<(u32, u32)> {
     Ok((cred.uid, cred.gid))
 }
 
-/// The id of group `name`, or None if there is no such group.
-pub fn group_id(name: &str) -> Option<u32> {
-    let c = CString::new(name).ok()?;
-    let mut group = std::mem::MaybeUninit::<libc::group>::uninit();
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut found: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: every pointer refers to a live buffer of the size given;
-    // getgrnam_r fills `group` (pointing into `buf`) and sets `found`.
-    let ret = unsafe {
-        libc::getgrnam_r(
-            c.as_ptr(),
-            group.as_mut_ptr(),
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    if ret != 0 || found.is_null() {
-        return None;
-    }
-    // SAFETY: `found` is non-null, so getgrnam_r initialised `group`.
-    Some(unsafe { group.assume_init() }.gr_gid)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,7 +176,7 @@ mod tests {
         } else {
             assert!(verdict.unwrap_err().contains("permission denied"));
         }
-        assert_eq!(group_id("root"), Some(0));
-        assert_eq!(group_id("no-such-group-tandem"), None);
+        assert_eq!(tandem_config::group_id("root"), Some(0));
+        assert_eq!(tandem_config::group_id("no-such-group-tandem"), None);
     }
 }

@@ -176,8 +176,14 @@ fn membership(
     })?;
     let mut hosts: Vec<(String, IpAddr)> = Vec::new();
     for h in raw_hosts {
-        crate::ft::arbiter::validate_name("host", &h.name)
-            .map_err(|e| anyhow::anyhow!("{}: [[host]] {e}", path.display()))?;
+        if !crate::names::is_valid_name(&h.name) {
+            bail!(
+                "{}: [[host]] invalid host name {:?}: 1 to {} characters of [A-Za-z0-9._-], starting with a letter or digit",
+                path.display(),
+                h.name.chars().take(2 * crate::names::MAX_NAME_LEN).collect::<String>(),
+                crate::names::MAX_NAME_LEN
+            );
+        }
         let ip: IpAddr = h.address.parse().map_err(|_| {
             anyhow::anyhow!(
                 "{}: [[host]] {} address = {:?} must be an IP address (each VM's pair file gives the port)",

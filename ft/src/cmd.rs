@@ -13,8 +13,8 @@ use super::console::ConsoleSocket;
 use super::local_socket::Access;
 use super::pair::{run_primary, run_secondary, PairParams};
 use super::status::{self, Status, StatusError};
-use crate::config::{self, HostId, PairConfig};
-use crate::EXIT_START_FAILED;
+use crate::exit::EXIT_START_FAILED;
+use tandem_config::{self as config, HostId, PairConfig};
 
 /// Options of `tandem primary` / `tandem secondary`.
 #[derive(Args)]
@@ -218,8 +218,8 @@ pub struct StatusArgs {
 
 /// `tandem status --cluster`: every VM of a cluster file, one line each.
 fn cluster_status(path: &std::path::Path, json: bool) -> ExitCode {
-    let crate::config::cluster::Cluster { vms, membership } =
-        match crate::config::cluster::load_cluster(path) {
+    let tandem_config::cluster::Cluster { vms, membership } =
+        match tandem_config::cluster::load_cluster(path) {
             Ok(cluster) => cluster,
             Err(e) => {
                 eprintln!("tandem: {e:#}");
@@ -426,7 +426,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ft::status::{is_primary, Figures, Role};
+    use crate::status::{is_primary, Figures, Role};
 
     fn status(role: Role, peer: &str, reason: Option<&str>) -> Status {
         let mut figures = Figures::default();

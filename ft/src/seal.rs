@@ -127,7 +127,7 @@ fn nonce(direction: u8, seq: u64) -> Nonce {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ft::auth::{CLIENT_TO_SERVER, SERVER_TO_CLIENT};
+    use crate::auth::{CLIENT_TO_SERVER, SERVER_TO_CLIENT};
 
     fn message(payload: &[u8]) -> Vec<u8> {
         let mut m = vec![7u8; 13];
@@ -201,7 +201,7 @@ mod fuzz {
     //! tag fails to open (or opens only if sealed under the key), never a
     //! panic, in both modes. `make fuzz` runs these with many more cases.
     use super::*;
-    use crate::ft::auth::CLIENT_TO_SERVER;
+    use crate::auth::CLIENT_TO_SERVER;
     use proptest::prelude::*;
 
     proptest! {

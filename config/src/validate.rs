@@ -605,17 +605,15 @@ pub(super) fn validate_ft(
 
     let socket_group = match &raw.socket_group {
         None => None,
-        Some(g) => Some(
-            crate::ft::local_socket::group_id(g.get_ref()).ok_or_else(|| {
-                ctx.invalid(
-                    &g.span(),
-                    S,
-                    "socket_group",
-                    quoted(g),
-                    "is no group on this host",
-                )
-            })?,
-        ),
+        Some(g) => Some(crate::names::group_id(g.get_ref()).ok_or_else(|| {
+            ctx.invalid(
+                &g.span(),
+                S,
+                "socket_group",
+                quoted(g),
+                "is no group on this host",
+            )
+        })?),
     };
 
     let max_unacked_bytes = match &raw.max_unacked_bytes {

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::side::{pause_after, run_side, wait_until_live};
-use crate::config::cluster::{load_cluster, Cluster, ClusterVm};
-use crate::config::HostId;
+use tandem_config::cluster::{load_cluster, Cluster, ClusterVm};
+use tandem_config::HostId;
 
 /// `tandem node` arguments.
 #[derive(clap::Args)]
@@ -81,7 +81,7 @@ pub fn node(args: NodeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tandem: {e:#}");
-            ExitCode::from(crate::EXIT_START_FAILED)
+            ExitCode::from(crate::exit::EXIT_START_FAILED)
         }
     }
 }

@@ -556,7 +556,7 @@ mod fuzz {
             tag in 0u8..32,
             rest in prop::collection::vec(any::<u8>(), 0..600),
         ) {
-            let limit = crate::ft::admission::MAX_PRE_AUTH_MESSAGE;
+            let limit = crate::admission::MAX_PRE_AUTH_MESSAGE;
             let mut bytes = vec![tag];
             bytes.extend_from_slice(&[0u8; 8]);
             bytes.extend_from_slice(&claimed.to_le_bytes());
