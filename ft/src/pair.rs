@@ -48,12 +48,15 @@ use super::status::{fence, ControlRequest, Role, StatusBoard};
 // `Replicator` once live, and as a sibling its imports and `cmd.rs`'s
 // `pair::run_secondary` would make an import cycle.
 mod accept;
+pub mod acks;
+pub mod follower;
 mod join;
 mod lease;
 mod secondary;
 pub use secondary::run_secondary;
 
 use accept::{admit, listen, Greeted};
+use acks::{AckAction, AckLedger};
 
 /// What both sides of a pair need to know.
 #[derive(Clone)]
@@ -668,65 +671,61 @@ impl Replicator {
         }
     }
 
-    /// Reads one secondary's acks, verifications and repair requests.
+    /// Reads one secondary's acks, verifications and repair requests: the
+    /// I/O shell around [`AckLedger`].
     fn read_acks(self: &Arc<Self>, mut input: FrameReceiver, kicker: tandem_vmm::kick::Kicker) {
-        let replayed_commit = self.params.replayed_commit;
-        let mut repairing = false;
-        let mut verified = 0u64;
+        let mut ledger = AckLedger::new(self.params.replayed_commit);
         loop {
-            let generation = self.generation.load(Ordering::Acquire);
             let msg = input.recv();
             if msg.is_ok() && !self.lease_valid() && !self.gate.suspended() {
                 // Read after a silence (perhaps this process was frozen):
                 // hold everything until the monitor re-validates.
                 self.check_lease();
             }
-            match msg {
-                Ok((g, _)) if g < generation => warn!("message from old generation {g} ignored"),
-                Ok((_, Message::Pong(sent))) => {
-                    self.heard();
-                    self.renew_lease(sent);
-                }
-                Ok((_, Message::Ack(stop))) => {
-                    self.heard();
-                    self.params.throttle.acked(stop);
-                    self.forget_acked(stop);
-                    if !replayed_commit && !repairing {
-                        self.gate.release(stop);
+            let refused = match msg {
+                Ok((g, m)) => {
+                    let current = self.generation.load(Ordering::Acquire);
+                    match ledger.on_message(g, current, m) {
+                        Ok(actions) => {
+                            self.heard();
+                            for action in actions {
+                                self.on_ack_action(action, &kicker);
+                            }
+                            continue;
+                        }
+                        Err(r) if !r.ends_connection() => {
+                            warn!("{r}");
+                            continue;
+                        }
+                        Err(r) => r.to_string(),
                     }
                 }
-                Ok((_, Message::Verified(stop))) => {
-                    self.heard();
-                    if replayed_commit || repairing {
-                        self.gate.release(stop);
-                    }
-                    // Only a newly verified epoch ends a repair: the
-                    // secondary repeats its last one with its heartbeats.
-                    if stop > verified {
-                        verified = stop;
-                        repairing = false;
-                    }
-                }
-                Ok((_, Message::DiskSynced(id))) => {
-                    self.heard();
-                    self.finish_disk_sync(id);
-                }
-                Ok((_, Message::RepairRequest(epoch))) => {
-                    self.heard();
-                    warn!("the secondary reports epoch {epoch} diverged: committing on verified epochs until one verifies");
-                    repairing = true;
-                    kicker.kick();
-                }
-                Ok(_) => self.heard(),
-                Err(e) => {
-                    // A broken or forged message ends this connection: the
-                    // secondary sees it close, reconnects and resumes.
-                    if e.kind() == std::io::ErrorKind::InvalidData {
-                        warn!("replication connection reset: {e}");
-                    }
-                    input.shutdown();
-                    return;
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => e.to_string(),
+                Err(_) => String::new(),
+            };
+            // A broken, forged or meaningless message ends this connection:
+            // the secondary sees it close, reconnects and resumes.
+            if !refused.is_empty() {
+                warn!("replication connection reset: {refused}");
+            }
+            input.shutdown();
+            return;
+        }
+    }
+
+    /// Carries out one of the ledger's decisions.
+    fn on_ack_action(&self, action: AckAction, kicker: &tandem_vmm::kick::Kicker) {
+        match action {
+            AckAction::RenewLease(sent) => self.renew_lease(sent),
+            AckAction::Acked(stop) => {
+                self.params.throttle.acked(stop);
+                self.forget_acked(stop);
+            }
+            AckAction::Release(stop) => self.gate.release(stop),
+            AckAction::DiskSynced(id) => self.finish_disk_sync(id),
+            AckAction::Repair(epoch) => {
+                warn!("the secondary reports epoch {epoch} diverged: committing on verified epochs until one verifies");
+                kicker.kick();
             }
         }
     }

@@ -15,6 +15,9 @@ use std::io::{self, Read, Write};
 
 use super::auth::{MAC_LEN, NONCE_LEN};
 
+pub mod direction;
+pub use direction::{Refused, ToPrimary, ToSecondary, Unexpected};
+
 /// This build's replication protocol versions.
 pub const PROTOCOL_MIN: u16 = 1;
 /// The newest replication protocol version this build speaks.

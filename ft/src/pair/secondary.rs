@@ -30,13 +30,14 @@ use tandem_vmm::vm::RunMode;
 use tandem_vmm::{Vm, VmConfig};
 use tracing::{info, warn};
 
+use super::follower::{Action, Follower, GoLive, Progress, Reporter, TakeoverWatch};
 use super::{millis, pair_record_options, publish, PairParams, Replicator, ShipFrame, ShipSink};
 use crate::auth::Psk;
 use crate::channel::{self, FrameReceiver, FrameSender};
 use crate::mirror::MirrorReceiver;
-use crate::silence::{unread_bytes, SilenceWatch, Verdict};
+use crate::silence::unread_bytes;
 use crate::status::{self, fence, Role};
-use crate::wire::{self, Message, PROTOCOL_MAX, PROTOCOL_MIN};
+use crate::wire::{self, Message, ToPrimary, PROTOCOL_MAX, PROTOCOL_MIN};
 
 /// What the secondary's threads share.
 struct Shared {
@@ -135,7 +136,7 @@ pub fn run_secondary(
     let (vm, successor, frames) = follower_vm(&params, vm_config, &shared, identity, feed)?;
 
     let timeout = params.failover_timeout;
-    let watch = SilenceWatch::new(timeout.as_millis() as u64, heartbeat.as_millis() as u64);
+    let watch = TakeoverWatch::new(timeout.as_millis() as u64, heartbeat.as_millis() as u64);
     let disk_checked = Instant::now();
     let live = TakeOver {
         successor,
@@ -270,12 +271,10 @@ struct Follow {
     shared: Arc<Shared>,
     /// The writing end of the log pipe.
     pipe_in: Mutex<UnixStream>,
+    /// What each message means (socket-free, see [`super::follower`]).
+    follower: Follower,
     /// Mirrored storage: the disk sync until it is done.
     disk_sync: Option<MirrorReceiver>,
-    /// The log header arrived (each later log message is a frame).
-    header_seen: bool,
-    /// Frames received after the header: where a new connection resumes.
-    frames: u64,
     /// Pre-copy progress shown on this (joining) side.
     progress: PrecopyProgress,
     /// What a reconnection needs.
@@ -295,11 +294,10 @@ impl Follow {
         disk_sync: Option<MirrorReceiver>,
     ) -> Self {
         Self {
+            follower: Follower::new(shared.generation, disk_sync.is_some()),
             shared,
             pipe_in: Mutex::new(pipe_in),
             disk_sync,
-            header_seen: false,
-            frames: 0,
             progress: PrecopyProgress::default(),
             peer: params.peer,
             local: params.listen.ip(),
@@ -342,16 +340,10 @@ fn follow(mut f: Follow, mut input: FrameReceiver) {
             return;
         }
         let next = match msg {
-            Ok((g, _)) if g < shared.generation => {
-                warn!("message from old generation {g} ignored");
-                ControlFlow::Continue(())
-            }
-            Ok((_, m)) => {
-                shared
-                    .last_heard
-                    .store(millis(shared.base), Ordering::Release);
-                f.on_message(m)
-            }
+            Ok((g, m)) => match f.on_frame(g, m) {
+                Ok(next) => next,
+                Err(e) => f.resume(&mut input, &e),
+            },
             Err(e) => f.resume(&mut input, &e),
         };
         if next.is_break() {
@@ -361,47 +353,51 @@ fn follow(mut f: Follow, mut input: FrameReceiver) {
 }
 
 impl Follow {
-    /// One message of the current generation (heard already counted);
-    /// Break: the follow thread ends.
-    fn on_message(&mut self, m: Message) -> ControlFlow<()> {
-        match m {
-            Message::Log(_) if self.disk_sync.is_some() => {
-                return self.give_up(
-                    "the primary sent its log before syncing the disks: is it configured with storage = \"mirrored\"?".into(),
-                );
+    /// One message from the primary; Break: the follow thread ends; Err:
+    /// this connection ends (and is resumed on a new one).
+    fn on_frame(&mut self, generation: u64, m: Message) -> std::io::Result<ControlFlow<()>> {
+        match self.follower.on_message(generation, m) {
+            Ok(action) => {
+                self.shared
+                    .last_heard
+                    .store(millis(self.shared.base), Ordering::Release);
+                Ok(action.map_or(ControlFlow::Continue(()), |a| self.act(a)))
             }
-            Message::DiskChunks(p) => return self.disk_chunks(&p),
-            Message::DiskDone(p) => return self.disk_done(&p),
-            Message::Refuse { reason } if !self.header_seen => {
-                return self.give_up(format!("the primary refused this secondary: {reason}"));
+            Err(refused) if !refused.ends_connection() => {
+                warn!("{refused}");
+                Ok(ControlFlow::Continue(()))
             }
-            Message::Log(bytes) => return self.log(&bytes),
-            Message::Released(stop) => {
+            // Before the log, a primary that makes no sense is not followed.
+            Err(refused) if !self.follower.log_started() => Ok(self.give_up(refused.to_string())),
+            Err(refused) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                refused.to_string(),
+            )),
+        }
+    }
+
+    /// Carries out one of the follower's decisions.
+    fn act(&mut self, action: Action) -> ControlFlow<()> {
+        match action {
+            Action::WriteLog(bytes) => return self.log(&bytes),
+            Action::PrimaryReleased(stop) => {
                 if let Some(f) = self.shared.follower_slot.get() {
                     f.primary_released(stop);
                 }
             }
-            Message::Ping(sent) => {
+            Action::Echo(sent) => {
                 self.shared.ping.fetch_max(sent + 1, Ordering::AcqRel);
             }
-            Message::StepDown(g) if g == self.shared.generation => {
-                self.shared.step_down.store(true, Ordering::Release);
-            }
-            Message::Memory {
+            Action::StepDown => self.shared.step_down.store(true, Ordering::Release),
+            Action::Precopy {
                 round,
                 total,
                 scanned,
                 pages,
-            } if !self.header_seen => self.memory(round, total, scanned, &pages),
-            // Heard (counted above): nothing more to do.
-            Message::Heartbeat => {}
-            // Anything else has no meaning here (a message
-            // of another phase, or one only a secondary
-            // sends): said by name, not acted on.
-            other => warn!(
-                "the primary sent {} where the follower expects none: ignored",
-                other.kind()
-            ),
+            } => self.memory(round, total, scanned, &pages),
+            Action::DiskChunks(p) => return self.disk_chunks(&p),
+            Action::DiskDone(p) => return self.disk_done(&p),
+            Action::GiveUp(why) => return self.give_up(why),
         }
         ControlFlow::Continue(())
     }
@@ -412,10 +408,6 @@ impl Follow {
         if p.write_all(bytes).is_err() {
             return ControlFlow::Break(());
         }
-        if self.header_seen {
-            self.frames += 1;
-        }
-        self.header_seen = true;
         ControlFlow::Continue(())
     }
 
@@ -471,7 +463,7 @@ impl Follow {
             warn!("replication connection reset: {e}");
         }
         input.shutdown();
-        let frames = self.frames;
+        let frames = self.follower.resume_from();
         let resumed = reconnect(
             (self.local, self.peer),
             &self.vm_name,
@@ -606,65 +598,41 @@ fn decode_loop(
 /// connection is current, until the primary is gone.
 fn ack(shared: &Shared, heartbeat: Duration) {
     let (lock, moved) = &shared.received;
-    // Nothing is acked before the first watermark arrives (an ack of stop
-    // 0 then would claim records this side does not have).
-    let mut acked = None;
-    let mut reported = 0u64;
-    let mut reported_divergence = 0u64;
-    let mut echoed = 0u64;
+    let mut reporter = Reporter::default();
     let mut next_beat = Instant::now();
-    let send = |m: &Message| shared.send(m);
     while !shared.gone.load(Ordering::Acquire) {
-        let p = shared.ping.load(Ordering::Acquire);
-        if p > echoed {
-            send(&Message::Pong(p - 1));
-            echoed = p;
-        }
-        let (verified, diverged) = match shared.progress.get() {
-            Some((v, d)) => (v.load(Ordering::Acquire), d.load(Ordering::Acquire)),
-            None => (0, 0),
-        };
-        if diverged > reported_divergence {
-            warn!(
-                "epoch {} diverged: asking the primary for a sync point",
-                diverged - 1
-            );
-            send(&Message::RepairRequest(diverged - 1));
-            reported_divergence = diverged;
-        }
-        if verified > reported {
-            send(&Message::Verified(verified));
-            reported = verified;
-        }
-        let current = {
+        let received = {
             let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
             // Wake at least every millisecond to report verified
             // epochs (they do not move the received watermark).
             let wait = next_beat
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(1));
+            let acked = reporter.acked();
             let (guard, _) = moved
                 .wait_timeout_while(guard, wait, |w| *w == acked)
                 .unwrap_or_else(|p| p.into_inner());
             *guard
         };
-        if let Some(stop) = current.filter(|_| current != acked) {
-            send(&Message::Ack(stop));
-            acked = current;
-        }
-        if Instant::now() >= next_beat {
-            send(&Message::Heartbeat);
-            // Again with every heartbeat: an ack or verification written to
-            // a connection that then broke is lost, and after a resume
-            // nothing new may come to ack (the primary's vCPU braked on
-            // it). The primary takes repeats as no-ops.
-            if let Some(stop) = acked {
-                send(&Message::Ack(stop));
-            }
-            if reported > 0 {
-                send(&Message::Verified(reported));
-            }
+        let (verified, diverged) = match shared.progress.get() {
+            Some((v, d)) => (v.load(Ordering::Acquire), d.load(Ordering::Acquire)),
+            None => (0, 0),
+        };
+        let now = Progress {
+            received,
+            verified,
+            diverged,
+            ping: shared.ping.load(Ordering::Acquire),
+        };
+        let beat = Instant::now() >= next_beat;
+        if beat {
             next_beat = Instant::now() + heartbeat;
+        }
+        for m in reporter.report(now, beat) {
+            if let ToPrimary::RepairRequest(epoch) = m {
+                warn!("epoch {epoch} diverged: asking the primary for a sync point");
+            }
+            shared.send(&m.into());
         }
     }
 }
@@ -742,12 +710,12 @@ struct TakeOver {
     pipe_closer: UnixStream,
 }
 
-/// Monitor: a silent primary is gone; win the next generation, stop
-/// taking its log, replay what arrived, go live.
+/// Monitor: a silent primary is gone (or it stepped down); win the next
+/// generation, stop taking its log, replay what arrived, go live.
 fn monitor(
     params: PairParams,
     shared: &Shared,
-    mut watch: SilenceWatch,
+    mut watch: TakeoverWatch,
     mut disk_checked: Instant,
     live: TakeOver,
 ) {
@@ -774,35 +742,21 @@ fn monitor(
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .is_some_and(|s| unread_bytes(s) > 0);
-        let verdict = watch.tick(
+        let reason = watch.tick(
             millis(shared.base),
             shared.last_heard.load(Ordering::Acquire),
             unread,
+            shared.step_down.load(Ordering::Acquire),
         );
-        let stepped_down = shared.step_down.load(Ordering::Acquire);
-        let silent = match verdict {
-            Verdict::Silent(ms) => ms,
-            Verdict::Alive if stepped_down => 0,
-            Verdict::Alive => continue,
-        };
-        return take_over(&params, shared, silent, stepped_down, live);
+        if let Some(reason) = reason {
+            return take_over(&params, shared, reason, live);
+        }
     }
 }
 
-/// The primary is gone (silent for `silent` ms) or stepped down: stops
-/// following it, wins the next generation and goes live, or fences.
-fn take_over(
-    params: &PairParams,
-    shared: &Shared,
-    silent: u64,
-    stepped_down: bool,
-    live: TakeOver,
-) {
-    let TakeOver {
-        successor,
-        frames,
-        pipe_closer,
-    } = live;
+/// The primary is gone or stepped down (`reason`): stops following it,
+/// wins the next generation and goes live, or fences.
+fn take_over(params: &PairParams, shared: &Shared, reason: GoLive, live: TakeOver) {
     shared.gone.store(true, Ordering::Release);
     if let Some(s) = shared
         .link_socket
@@ -813,39 +767,7 @@ fn take_over(
         let _ = s.shutdown(Shutdown::Both);
     }
     match params.claim(shared.generation) {
-        Ok(Some(g)) if stepped_down => {
-            // The primary stopped itself: no STONITH for a host
-            // that is being upgraded.
-            eprintln!(
-                "tandem: the primary stepped down (switch-over); going live as generation {g}"
-            );
-            params.event(&format!("switchover generation={g}"));
-            successor.generation.store(g, Ordering::Release);
-            successor.set_replica_generation(g);
-            params.board.set(Role::Primary, g, "none (took over)");
-            if let Err(e) = successor.start(Some(frames)) {
-                warn!("live, but cannot take a new secondary: {e:#}");
-            }
-            let _ = pipe_closer.shutdown(Shutdown::Write);
-        }
-        Ok(Some(g)) => {
-            if let Err(e) = params.run_fence_command() {
-                params.event("fenced fence-command-failed");
-                fence(&format!("{e:#}; not going live"));
-            }
-            eprintln!("tandem: primary silent for {silent} ms; going live as generation {g}");
-            params.event(&format!(
-                "failover generation={g} primary-silent-ms={silent}"
-            ));
-            successor.generation.store(g, Ordering::Release);
-            successor.set_replica_generation(g);
-            params.board.set(Role::Primary, g, "none (took over)");
-            params.respawn();
-            if let Err(e) = successor.start(Some(frames)) {
-                warn!("live, but cannot take a new secondary: {e:#}");
-            }
-            let _ = pipe_closer.shutdown(Shutdown::Write);
-        }
+        Ok(Some(g)) => go_live(params, reason, g, live),
         Ok(None) => {
             params.event("fenced lost-arbitration");
             fence("another side won the arbitration")
@@ -855,6 +777,46 @@ fn take_over(
             fence(&format!("cannot reach the arbiter to take over: {e}"))
         }
     }
+}
+
+/// Having won generation `g`: goes live, the one path of a failover and a
+/// switch-over. A primary that stepped down stopped itself, so there is no
+/// STONITH for a host being upgraded and no replacement to start.
+fn go_live(params: &PairParams, reason: GoLive, g: u64, live: TakeOver) {
+    let TakeOver {
+        successor,
+        frames,
+        pipe_closer,
+    } = live;
+    match reason {
+        GoLive::SteppedDown => {
+            eprintln!(
+                "tandem: the primary stepped down (switch-over); going live as generation {g}"
+            );
+            params.event(&format!("switchover generation={g}"));
+        }
+        GoLive::PrimarySilent(silent) => {
+            if let Err(e) = params.run_fence_command() {
+                params.event("fenced fence-command-failed");
+                fence(&format!("{e:#}; not going live"));
+            }
+            eprintln!("tandem: primary silent for {silent} ms; going live as generation {g}");
+            params.event(&format!(
+                "failover generation={g} primary-silent-ms={silent}"
+            ));
+        }
+    }
+    successor.generation.store(g, Ordering::Release);
+    successor.set_replica_generation(g);
+    params.board.set(Role::Primary, g, "none (took over)");
+    if reason != GoLive::SteppedDown {
+        params.respawn();
+    }
+    if let Err(e) = successor.start(Some(frames)) {
+        warn!("live, but cannot take a new secondary: {e:#}");
+    }
+    // The replay runs what arrived, then goes live.
+    let _ = pipe_closer.shutdown(Shutdown::Write);
 }
 
 /// Less free space than this under `state_dir` counts as full.
