@@ -91,7 +91,7 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         eprintln!("tandem: WARNING: [ft] encrypt = false: guest memory, disk data, network frames and console input cross the replication link readable (authenticated, not encrypted)");
     }
     install_freeze_on_usr1();
-    status::handle_term();
+    crate::fence::handle_term();
     let control = status::control_path(
         cfg.host(me).control.as_deref(),
         &cfg.ft.state_dir,
@@ -148,10 +148,11 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
     };
     let console = params.console.as_ref().map(|(socket, _)| socket.clone());
     let vm_config = move |mode: RunMode| vm_config(&cfg, me, mode, &console);
-    match role {
-        Role::Primary | Role::FromArbiter => run_primary(params, vm_config),
-        Role::Secondary => run_secondary(params, vm_config),
-    }
+    let ended = match role {
+        Role::Primary | Role::FromArbiter => run_primary(params, vm_config)?,
+        Role::Secondary => run_secondary(params, vm_config)?,
+    };
+    Ok(ended.exit_code())
 }
 
 /// Where host `me` keeps its replicas' sidecars: named by host, so two

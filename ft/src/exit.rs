@@ -16,7 +16,7 @@ pub const EXIT_REPLAY_TRUNCATED: u8 = 122;
 pub const EXIT_DIVERGED: u8 = 123;
 /// The VM could not be started (bad kernel, bad option, no KVM).
 pub const EXIT_START_FAILED: u8 = 3;
-/// A side fenced itself (see [`crate::status::fence`]).
+/// A side fenced itself (see [`crate::fence`]).
 pub const EXIT_FENCED: u8 = 124;
 
 /// Maps how a VM ended to the process exit status (the README's table).

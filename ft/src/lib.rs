@@ -8,6 +8,7 @@ pub mod cmd;
 pub mod console;
 pub mod events;
 pub mod exit;
+pub mod fence;
 pub mod local_socket;
 pub mod mirror;
 pub mod node;

@@ -42,7 +42,8 @@ use super::mirror;
 use super::wire::{self, Message, PROTOCOL_MAX, PROTOCOL_MIN};
 use tandem_vmm::backend::replica::Replica;
 
-use super::status::{fence, ControlRequest, Role, StatusBoard};
+use super::fence::{self, fence, FenceReason};
+use super::status::{ControlRequest, Role, StatusBoard};
 
 // The secondary side, a child of this module: it runs this module's
 // `Replicator` once live, and as a sibling its imports and `cmd.rs`'s
@@ -57,6 +58,33 @@ pub use secondary::run_secondary;
 
 use accept::{admit, listen, Greeted};
 use acks::{AckAction, AckLedger};
+
+/// How one side of a pair ended, handed up to the command, which chooses
+/// the exit status.
+#[derive(Debug)]
+pub enum Ended {
+    /// The VM ran to its end (or failed): the README's exit statuses.
+    Vm(Box<Result<tandem_vmm::RunReport, tandem_vmm::VmError>>),
+    /// This side handed the VM to its secondary (a switch-over) and stopped.
+    SteppedDown,
+    /// This side fenced itself: it answers `role=fenced` until terminated.
+    Fenced(FenceReason),
+}
+
+impl Ended {
+    /// The process exit status; a fenced side first waits for SIGTERM
+    /// (its control socket keeps saying why it fenced).
+    pub fn exit_code(self) -> ExitCode {
+        match self {
+            Ended::Vm(report) => crate::exit::finish_report(*report),
+            Ended::SteppedDown => ExitCode::SUCCESS,
+            Ended::Fenced(_) => {
+                fence::until_terminated();
+                ExitCode::from(crate::exit::EXIT_FENCED)
+            }
+        }
+    }
+}
 
 /// What both sides of a pair need to know.
 #[derive(Clone)]
@@ -184,6 +212,12 @@ impl PairParams {
         if let Err(e) = events::append(&self.state_dir, &line) {
             warn!("event journal {}: {e}", self.state_dir.display());
         }
+    }
+
+    /// Fences this side for `reason`, recorded in `events.log` first.
+    fn fence(&self, reason: FenceReason) -> ! {
+        self.event(&format!("fenced {}", reason.event()));
+        fence(reason)
     }
 
     /// Starts the configured `respawn` command in the background.
@@ -498,10 +532,10 @@ impl Replicator {
                 "stepped-down lease-lost to={} generation={generation}",
                 self.params.peer_name
             ));
-            fence(&format!(
-                "lost the arbiter lease of generation {generation}: told host {} to go live (it reaches the arbiter) and stopped",
-                self.params.peer_name
-            ));
+            self.params.fence(FenceReason::LeaseLost {
+                generation,
+                to: self.params.peer_name.clone(),
+            });
         }
         // Nothing may run here again unless this side wins the VM back.
         let deadline = Instant::now() + limit * 2;
@@ -527,9 +561,13 @@ impl Replicator {
                     }
                     Ok(None) => match self.params.current() {
                         Ok(grant) => break grant,
-                        Err(e) => fence(&format!("switch-over: arbiter unreachable: {e}")),
+                        Err(e) => self.params.fence(FenceReason::ArbiterUnreachable(format!(
+                            "switch-over: arbiter unreachable: {e}"
+                        ))),
                     },
-                    Err(e) => fence(&format!("switch-over: arbiter unreachable: {e}")),
+                    Err(e) => self.params.fence(FenceReason::ArbiterUnreachable(format!(
+                        "switch-over: arbiter unreachable: {e}"
+                    ))),
                 },
             }
         };
@@ -846,16 +884,12 @@ impl Replicator {
                 self.params.throttle.open();
                 self.params.respawn();
             }
-            Ok(None) => {
-                self.params.event("fenced lost-arbitration");
-                fence("the secondary took over (lost the arbitration)")
-            }
-            Err(e) => {
-                self.params.event("fenced arbiter-unreachable");
-                fence(&format!(
-                    "cannot reach the arbiter after losing the secondary: {e}"
-                ))
-            }
+            Ok(None) => self.params.fence(FenceReason::LostArbitration(
+                "the secondary took over (lost the arbitration)",
+            )),
+            Err(e) => self.params.fence(FenceReason::ArbiterUnreachable(format!(
+                "cannot reach the arbiter after losing the secondary: {e}"
+            ))),
         }
     }
 }
@@ -868,7 +902,7 @@ impl Replicator {
 pub fn run_primary(
     params: PairParams,
     vm_config: impl FnOnce(RunMode) -> VmConfig,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Ended> {
     let current = params.current()?;
     if let Some(holder) = current.holder.as_deref().filter(|h| *h != params.me) {
         bail!(
@@ -979,9 +1013,13 @@ pub fn run_primary(
         "replication: {} log bytes shipped",
         replicator.params.throttle.shipped_bytes()
     );
+    // A fenced side releases nothing more.
+    if let Some(reason) = fence::fenced() {
+        return Ok(Ended::Fenced(reason));
+    }
     if replicator.stepped_down.load(Ordering::Acquire) {
         gate.flush();
-        return Ok(ExitCode::SUCCESS);
+        return Ok(Ended::SteppedDown);
     }
     // The guest ended: what it said last is still held until the secondary
     // has it (it acks the End record); wait for that, within the failover
@@ -998,15 +1036,13 @@ pub fn run_primary(
     // Released console bytes pass through a writer thread: let them out
     // before the process exits.
     gate.flush();
-    let code = crate::exit::finish_report(report);
-    super::status::linger_if_fenced();
-    Ok(code)
+    Ok(Ended::Vm(Box::new(report)))
 }
 
 /// Registers this side for fencing and shutdown and serves its control
 /// socket with the figures every role has.
 fn publish(params: &PairParams, vm: &Vm, role: Role, generation: u64) -> anyhow::Result<()> {
-    super::status::register(super::status::Side {
+    fence::register(fence::Side {
         board: params.board.clone(),
         stopper: vm.stopper(),
     });

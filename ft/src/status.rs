@@ -1,5 +1,5 @@
-//! Where a pair host stands, answered on its control socket, and what it
-//! does when fenced or asked to shut down.
+//! Where a pair host stands, as its control socket answers it
+//! (fencing itself is `fence.rs`).
 //!
 //! Each side serves a unix control socket (`[hosts] x.control`, default
 //! `state_dir/<host>.ctl`): a client connects and reads one JSON line, a
@@ -20,14 +20,13 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::local_socket::Access;
-use tandem_vmm::vm::VmStopper;
 
 /// What a side is doing, as its control socket reports it (`"role"`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -427,80 +426,6 @@ impl StatusBoard {
                 }
             })?;
         Ok(())
-    }
-}
-
-/// What fencing and shutdown act on, once the VM exists.
-pub struct Side {
-    /// The status board.
-    pub board: Arc<StatusBoard>,
-    /// Stops the VM.
-    pub stopper: VmStopper,
-}
-
-static SIDE: OnceLock<Side> = OnceLock::new();
-static TERM: AtomicBool = AtomicBool::new(false);
-
-/// Registers this process's side (once its VM exists).
-pub fn register(side: Side) {
-    let _ = SIDE.set(side);
-}
-
-pub use crate::exit::EXIT_FENCED;
-
-/// Fences this side: stops the VM (nothing more leaves it), answers
-/// `role=fenced` on the control socket until terminated. Before the VM
-/// exists, exits at once.
-pub fn fence(reason: &str) -> ! {
-    eprintln!("tandem: fenced: {reason}");
-    match SIDE.get() {
-        Some(side) => {
-            side.board.fenced(reason);
-            side.stopper.stop();
-            loop {
-                std::thread::park();
-            }
-        }
-        None => std::process::exit(i32::from(EXIT_FENCED)),
-    }
-}
-
-extern "C" fn on_term(_: libc::c_int) {
-    TERM.store(true, Ordering::Release);
-}
-
-/// SIGTERM: a clean shutdown of this side (a fenced side exits 124).
-pub fn handle_term() {
-    // SAFETY: the handler only stores to an atomic.
-    unsafe { libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t) };
-    let spawned = std::thread::Builder::new()
-        .name("tandem-term".into())
-        .spawn(|| loop {
-            std::thread::sleep(Duration::from_millis(50));
-            if !TERM.load(Ordering::Acquire) {
-                continue;
-            }
-            match SIDE.get() {
-                Some(side) if side.board.is_fenced() => std::process::exit(i32::from(EXIT_FENCED)),
-                Some(side) => {
-                    eprintln!("tandem: terminated: stopping the VM");
-                    side.stopper.stop();
-                    return;
-                }
-                None => std::process::exit(0),
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::warn!("no SIGTERM handling: {e}");
-    }
-}
-
-/// After the VM stopped: a fenced side keeps answering until terminated.
-pub fn linger_if_fenced() {
-    if SIDE.get().is_some_and(|s| s.board.is_fenced()) {
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        }
     }
 }
 

@@ -51,8 +51,7 @@ impl Replicator {
                     self.gate.resume();
                 }
                 Ok(g) if g.generation > generation => {
-                    self.params.event("fenced superseded");
-                    fence(&format!("another side holds the VM now ({g})"))
+                    self.params.fence(FenceReason::Superseded(g.to_string()))
                 }
                 Ok(g) => warn!("the arbiter shows {g}; still holding output"),
                 Err(e) => warn!("cannot re-validate the generation ({e}); still holding output"),

@@ -16,7 +16,6 @@ use std::io::Write;
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::ops::ControlFlow;
 use std::os::unix::net::UnixStream;
-use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -31,12 +30,15 @@ use tandem_vmm::{Vm, VmConfig};
 use tracing::{info, warn};
 
 use super::follower::{Action, Follower, GoLive, Progress, Reporter, TakeoverWatch};
-use super::{millis, pair_record_options, publish, PairParams, Replicator, ShipFrame, ShipSink};
+use super::{
+    millis, pair_record_options, publish, Ended, PairParams, Replicator, ShipFrame, ShipSink,
+};
 use crate::auth::Psk;
 use crate::channel::{self, FrameReceiver, FrameSender};
+use crate::fence::{fence, FenceReason};
 use crate::mirror::MirrorReceiver;
 use crate::silence::unread_bytes;
-use crate::status::{self, fence, Role};
+use crate::status::{self, Role};
 use crate::wire::{self, Message, ToPrimary, PROTOCOL_MAX, PROTOCOL_MIN};
 
 /// What the secondary's threads share.
@@ -106,7 +108,7 @@ impl Shared {
 pub fn run_secondary(
     params: PairParams,
     vm_config: impl FnOnce(RunMode) -> VmConfig,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Ended> {
     let (mut tx, input, generation) = connect(&params)?;
     // Mirrored storage: describe this host's replicas; the primary copies
     // what may differ before its log starts.
@@ -149,6 +151,9 @@ pub fn run_secondary(
     })?;
     let verified_end = vm.verified_stop();
     let report = vm.run();
+    if let Some(reason) = crate::fence::fenced() {
+        return Ok(Ended::Fenced(reason));
+    }
     if matches!(&report, Ok(r) if r.stats.went_live_at.is_none()) {
         // The replay reached the recorded end: everything is replayed
         // (`replayed` commit releases the last output on this).
@@ -160,9 +165,7 @@ pub fn run_secondary(
     if let Some(f) = shared.follower_slot.get() {
         f.flush();
     }
-    let code = crate::exit::finish_report(report);
-    status::linger_if_fenced();
-    Ok(code)
+    Ok(Ended::Vm(Box::new(report)))
 }
 
 /// Starts a named thread (detached).
@@ -588,7 +591,7 @@ fn decode_loop(
             Ok(None) => return,
             // A secondary that cannot follow must not go live on its own:
             // it stops, and the primary carries on unprotected.
-            Err(e) => fence(&format!("the replication stream is damaged: {e}")),
+            Err(e) => fence(FenceReason::DamagedStream(e.to_string())),
         }
     }
 }
@@ -728,10 +731,7 @@ fn monitor(
         if disk_checked.elapsed() >= Duration::from_secs(1) {
             disk_checked = Instant::now();
             if let Some(why) = state_dir_full(&params.state_dir) {
-                params.event("fenced state-dir-full");
-                fence(&format!(
-                    "{why}: this secondary stops; the primary runs on unprotected"
-                ));
+                params.fence(FenceReason::StateDirFull(why));
             }
         }
         // Bytes the follow thread has not read yet (it may be behind,
@@ -768,14 +768,12 @@ fn take_over(params: &PairParams, shared: &Shared, reason: GoLive, live: TakeOve
     }
     match params.claim(shared.generation) {
         Ok(Some(g)) => go_live(params, reason, g, live),
-        Ok(None) => {
-            params.event("fenced lost-arbitration");
-            fence("another side won the arbitration")
-        }
-        Err(e) => {
-            params.event("fenced arbiter-unreachable");
-            fence(&format!("cannot reach the arbiter to take over: {e}"))
-        }
+        Ok(None) => params.fence(FenceReason::LostArbitration(
+            "another side won the arbitration",
+        )),
+        Err(e) => params.fence(FenceReason::ArbiterUnreachable(format!(
+            "cannot reach the arbiter to take over: {e}"
+        ))),
     }
 }
 
@@ -797,8 +795,7 @@ fn go_live(params: &PairParams, reason: GoLive, g: u64, live: TakeOver) {
         }
         GoLive::PrimarySilent(silent) => {
             if let Err(e) = params.run_fence_command() {
-                params.event("fenced fence-command-failed");
-                fence(&format!("{e:#}; not going live"));
+                params.fence(FenceReason::FenceCommandFailed(format!("{e:#}")));
             }
             eprintln!("tandem: primary silent for {silent} ms; going live as generation {g}");
             params.event(&format!(
