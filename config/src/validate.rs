@@ -12,7 +12,7 @@ use toml::Spanned;
 
 use super::error::{ConfigError, Ctx};
 use super::mac::parse_mac;
-use super::raw::{RawFt, RawHost, RawHosts, RawSize, RawVm};
+use super::raw::{RawFt, RawHost, RawHosts, RawNic, RawSize, RawTaps, RawVm};
 use super::{
     Announce, EtcdAccess, FtConfig, HostEntry, HostId, Nic, OutputCommit, Storage, VmConfigSection,
     Witness, DEFAULT_ANNOUNCE, DEFAULT_FAILOVER_TIMEOUT_MS, DEFAULT_HEARTBEAT_MS, DEFAULT_MAC,
@@ -88,12 +88,52 @@ fn parse_address(s: &str) -> Result<SocketAddr, &'static str> {
     Ok(addr)
 }
 
+// The section names, as errors show them.
+const VM: &str = "vm";
+const HOSTS: &str = "hosts";
+const FT: &str = "ft";
+
+/// `[vm]`: the guest, field by field, with defaults applied.
 pub(super) fn validate_vm(ctx: &Ctx, raw: Spanned<RawVm>) -> Result<VmConfigSection, ConfigError> {
-    const S: &str = "vm";
     let sec = raw.span();
     let raw = raw.into_inner();
 
-    let (name, name_at, defaulted) = match &raw.name {
+    let name = vm_name(ctx, raw.name.as_ref(), &sec)?;
+    let (kernel, initrd) = vm_boot_files(ctx, raw.kernel, raw.initrd, &sec)?;
+    let cmdline = raw.cmdline.map(Spanned::into_inner).unwrap_or_default();
+    let mem = vm_mem(ctx, raw.mem.as_ref())?;
+    let disks = vm_disks(ctx, &raw.disk)?;
+    let nics = vm_nics(ctx, &raw.net)?;
+    let console = unix_socket(
+        ctx,
+        &raw.console,
+        VM,
+        "console".into(),
+        "must be \"unix:PATH\" (a socket the live side serves)",
+    )?;
+    let device_model = vm_device_model(ctx, raw.device_model.as_ref())?;
+
+    Ok(VmConfigSection {
+        name,
+        kernel,
+        initrd,
+        cmdline,
+        mem,
+        disks,
+        nics,
+        console,
+        device_model,
+    })
+}
+
+/// `[vm] name`, or the file's stem when left out: 1 to 64 letters, digits,
+/// '.', '_' or '-', starting with a letter or digit.
+fn vm_name(
+    ctx: &Ctx,
+    field: Option<&Spanned<String>>,
+    sec: &Range<usize>,
+) -> Result<String, ConfigError> {
+    let (name, name_at, defaulted) = match field {
         Some(n) => (n.get_ref().clone(), n.span(), false),
         None => {
             let stem = Path::new(ctx.file).file_stem().unwrap_or_default();
@@ -112,45 +152,57 @@ pub(super) fn validate_vm(ctx: &Ctx, raw: Spanned<RawVm>) -> Result<VmConfigSect
         };
         return Err(ctx.invalid(
             &name_at,
-            S,
+            VM,
             "name",
             format!("{name:?}{from}"),
             "must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
         ));
     }
+    Ok(name)
+}
 
-    let kernel = raw
-        .kernel
-        .ok_or_else(|| ctx.missing(&sec, S, "kernel", "the guest kernel image to boot"))?;
+/// `[vm] kernel` (required) and `initrd` (optional): neither empty.
+fn vm_boot_files(
+    ctx: &Ctx,
+    kernel: Option<Spanned<String>>,
+    initrd: Option<Spanned<String>>,
+    sec: &Range<usize>,
+) -> Result<(PathBuf, Option<PathBuf>), ConfigError> {
+    let kernel =
+        kernel.ok_or_else(|| ctx.missing(sec, VM, "kernel", "the guest kernel image to boot"))?;
     if kernel.get_ref().is_empty() {
-        return Err(ctx.invalid(&kernel.span(), S, "kernel", "\"\"", "is empty"));
+        return Err(ctx.invalid(&kernel.span(), VM, "kernel", "\"\"", "is empty"));
     }
-    let initrd = match raw.initrd {
+    let initrd = match initrd {
         Some(i) if i.get_ref().is_empty() => {
-            return Err(ctx.invalid(&i.span(), S, "initrd", "\"\"", "is empty"))
+            return Err(ctx.invalid(&i.span(), VM, "initrd", "\"\"", "is empty"))
         }
         i => i.map(|i| PathBuf::from(i.into_inner())),
     };
-    let cmdline = raw.cmdline.map(Spanned::into_inner).unwrap_or_default();
+    Ok((kernel.into_inner().into(), initrd))
+}
 
-    let mem = match &raw.mem {
-        None => DEFAULT_MEM,
-        Some(m) => {
-            let bad = |problem: String| ctx.invalid(&m.span(), S, "mem", m.get_ref(), problem);
-            let mem = parse_size(m.get_ref()).map_err(bad)?;
-            if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&mem) {
-                return Err(bad(format!(
-                    "is out of range ({}M to {}G)",
-                    MIN_MEM_SIZE >> 20,
-                    MAX_MEM_SIZE >> 30
-                )));
-            }
-            mem
-        }
+/// `[vm] mem`: a size within what the VMM supports (default `DEFAULT_MEM`).
+fn vm_mem(ctx: &Ctx, field: Option<&Spanned<RawSize>>) -> Result<u64, ConfigError> {
+    let Some(m) = field else {
+        return Ok(DEFAULT_MEM);
     };
+    let bad = |problem: String| ctx.invalid(&m.span(), VM, "mem", m.get_ref(), problem);
+    let mem = parse_size(m.get_ref()).map_err(bad)?;
+    if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&mem) {
+        return Err(bad(format!(
+            "is out of range ({}M to {}G)",
+            MIN_MEM_SIZE >> 20,
+            MAX_MEM_SIZE >> 30
+        )));
+    }
+    Ok(mem)
+}
 
-    let mut disks = Vec::with_capacity(raw.disk.len());
-    for (i, d) in raw.disk.iter().enumerate() {
+/// `[vm] disk`: each entry `"PATH"` or `"PATH,ro"`, with a non-empty path.
+fn vm_disks(ctx: &Ctx, raw: &[Spanned<String>]) -> Result<Vec<DiskConfig>, ConfigError> {
+    let mut disks = Vec::with_capacity(raw.len());
+    for (i, d) in raw.iter().enumerate() {
         let (path, read_only) = match d.get_ref().strip_suffix(",ro") {
             Some(path) => (path, true),
             None => (d.get_ref().as_str(), false),
@@ -159,7 +211,7 @@ pub(super) fn validate_vm(ctx: &Ctx, raw: Spanned<RawVm>) -> Result<VmConfigSect
             let key = format!("disk[{i}]");
             return Err(ctx.invalid(
                 &d.span(),
-                S,
+                VM,
                 key,
                 quoted(d),
                 "is not \"PATH\" or \"PATH,ro\"",
@@ -170,9 +222,14 @@ pub(super) fn validate_vm(ctx: &Ctx, raw: Spanned<RawVm>) -> Result<VmConfigSect
             read_only,
         });
     }
+    Ok(disks)
+}
 
-    let mut nics = Vec::with_capacity(raw.net.len());
-    for (i, n) in raw.net.iter().enumerate() {
+/// `[vm] net`: each NIC's MAC well-formed (default `DEFAULT_MAC` plus its
+/// index), then no two NICs with the same MAC.
+fn vm_nics(ctx: &Ctx, raw: &[Spanned<RawNic>]) -> Result<Vec<Nic>, ConfigError> {
+    let mut nics = Vec::with_capacity(raw.len());
+    for (i, n) in raw.iter().enumerate() {
         let mac = match &n.get_ref().mac {
             None => {
                 let mut mac = DEFAULT_MAC;
@@ -181,67 +238,58 @@ pub(super) fn validate_vm(ctx: &Ctx, raw: Spanned<RawVm>) -> Result<VmConfigSect
             }
             Some(m) => parse_mac(m.get_ref()).map_err(|problem| {
                 let key = format!("net[{i}].mac");
-                ctx.invalid(&m.span(), S, key, quoted(m), problem.to_string())
+                ctx.invalid(&m.span(), VM, key, quoted(m), problem.to_string())
             })?,
         };
         nics.push(Nic { mac });
     }
+    check_distinct_macs(ctx, raw, &nics)?;
+    Ok(nics)
+}
+
+/// That no NIC of `[vm] net` repeats the MAC of an earlier one.
+fn check_distinct_macs(
+    ctx: &Ctx,
+    raw: &[Spanned<RawNic>],
+    nics: &[Nic],
+) -> Result<(), ConfigError> {
     for (i, nic) in nics.iter().enumerate() {
         if let Some(j) = nics[..i].iter().position(|other| other.mac == nic.mac) {
-            let at = raw.net[i].span();
+            let at = raw[i].span();
             let key = format!("net[{i}]");
             let mac = nic.mac.map(|b| format!("{b:02x}")).join(":");
             return Err(ctx.invalid(
                 &at,
-                S,
+                VM,
                 key,
                 format!("{{ mac = {mac:?} }}"),
                 format!("has the same MAC as net[{j}]"),
             ));
         }
     }
+    Ok(())
+}
 
-    let console = unix_socket(
-        ctx,
-        &raw.console,
-        S,
-        "console".into(),
-        "must be \"unix:PATH\" (a socket the live side serves)",
-    )?;
-
-    let device_model = match &raw.device_model {
-        None => None,
-        Some(v) => {
-            let range =
-                tandem_vmm::vm::OLDEST_DEVICE_MODEL_VERSION..=tandem_vmm::vm::DEVICE_MODEL_VERSION;
-            if !range.contains(v.get_ref()) {
-                return Err(ctx.invalid(
-                    &v.span(),
-                    S,
-                    "device_model",
-                    v.get_ref(),
-                    format!(
-                        "is not a device-model version this build runs ({} to {})",
-                        range.start(),
-                        range.end()
-                    ),
-                ));
-            }
-            Some(*v.get_ref())
-        }
+/// `[vm] device_model`: a device-model version this build can run.
+fn vm_device_model(ctx: &Ctx, field: Option<&Spanned<u32>>) -> Result<Option<u32>, ConfigError> {
+    let Some(v) = field else {
+        return Ok(None);
     };
-
-    Ok(VmConfigSection {
-        name,
-        kernel: kernel.into_inner().into(),
-        initrd,
-        cmdline,
-        mem,
-        disks,
-        nics,
-        console,
-        device_model,
-    })
+    let range = tandem_vmm::vm::OLDEST_DEVICE_MODEL_VERSION..=tandem_vmm::vm::DEVICE_MODEL_VERSION;
+    if !range.contains(v.get_ref()) {
+        return Err(ctx.invalid(
+            &v.span(),
+            VM,
+            "device_model",
+            v.get_ref(),
+            format!(
+                "is not a device-model version this build runs ({} to {})",
+                range.start(),
+                range.end()
+            ),
+        ));
+    }
+    Ok(Some(*v.get_ref()))
 }
 
 pub(super) fn validate_hosts(
@@ -271,6 +319,13 @@ pub(super) fn validate_hosts(
     Ok([a, b])
 }
 
+/// The key `k` of host `id`, as errors name it (`a.address`).
+fn host_key(id: HostId, k: &str) -> String {
+    format!("{id}.{k}")
+}
+
+/// One host's entry of `[hosts]` (required): address, taps, control
+/// socket and disk replicas.
 fn validate_host(
     ctx: &Ctx,
     id: HostId,
@@ -279,13 +334,10 @@ fn validate_host(
     vm: &VmConfigSection,
     storage: Storage,
 ) -> Result<HostEntry, ConfigError> {
-    const S: &str = "hosts";
-    let nic_count = vm.nics.len();
-    let key = |k: &str| format!("{id}.{k}");
     let raw = raw.ok_or_else(|| {
         ctx.missing(
             sec,
-            S,
+            HOSTS,
             id.name(),
             "each host needs an entry like { address = \"IP:PORT\" }",
         )
@@ -293,86 +345,16 @@ fn validate_host(
     let at = raw.span();
     let raw = raw.get_ref();
 
-    let addr = raw.address.as_ref().ok_or_else(|| {
-        ctx.missing(
-            &at,
-            S,
-            key("address"),
-            "where the peer reaches this host, IP:PORT",
-        )
-    })?;
-    let address = parse_address(addr.get_ref())
-        .map_err(|p| ctx.invalid(&addr.span(), S, key("address"), quoted(addr), p))?;
-
-    let taps = match &raw.tap {
-        None if nic_count > 0 => {
-            return Err(ctx.missing(&at, S, key("tap"), "[vm] net needs a tap on each host"))
-        }
-        None => Vec::new(),
-        Some(t) => {
-            let bad = |p: String| ctx.invalid(&t.span(), S, key("tap"), t.get_ref(), p);
-            let names = &t.get_ref().names;
-            for name in names {
-                if name.is_empty() {
-                    return Err(bad("names an empty tap".into()));
-                }
-                if name.len() > MAX_TAP_NAME
-                    || name.contains(|c: char| c == '/' || c.is_whitespace())
-                {
-                    return Err(bad(format!(
-                        "{name:?} is not an interface name \
-                         (at most {MAX_TAP_NAME} bytes, no '/' or spaces)"
-                    )));
-                }
-            }
-            if names.len() != nic_count {
-                return Err(bad(format!(
-                    "names {} tap(s) but [vm] net has {nic_count} NIC(s); give one tap per NIC",
-                    names.len()
-                )));
-            }
-            names.clone()
-        }
-    };
-
+    let address = host_address(ctx, id, raw.address.as_ref(), &at)?;
+    let taps = host_taps(ctx, id, raw.tap.as_ref(), &at, vm.nics.len())?;
     let control = unix_socket(
         ctx,
         &raw.control,
-        S,
-        key("control"),
+        HOSTS,
+        host_key(id, "control"),
         "must be \"unix:PATH\"",
     )?;
-
-    let disks = match &raw.disk {
-        None => None,
-        Some(d) => {
-            let bad =
-                |p: String| ctx.invalid(&d.span(), S, key("disk"), format!("{:?}", d.get_ref()), p);
-            if storage != Storage::Mirrored {
-                return Err(bad(
-                    "is only for storage = \"mirrored\" (with shared storage both hosts use [vm] disk)"
-                        .into(),
-                ));
-            }
-            let paths = d.get_ref();
-            if paths.len() != vm.disks.len() {
-                return Err(bad(format!(
-                    "names {} replica(s) but [vm] disk has {} disk(s); give one per disk, same order",
-                    paths.len(),
-                    vm.disks.len()
-                )));
-            }
-            if let Some(empty) = paths
-                .iter()
-                .position(|p| p.is_empty() || p.ends_with(",ro"))
-            {
-                return Err(bad(format!(
-                    "entry {empty} is not a plain path (read-only is said once, in [vm] disk)"
-                )));
-            }
-            Some(paths.iter().map(PathBuf::from).collect())
-        }
-    };
+    let disks = host_disks(ctx, id, raw.disk.as_ref(), vm, storage)?;
 
     Ok(HostEntry {
         address,
@@ -382,26 +364,210 @@ fn validate_host(
     })
 }
 
+/// A host's `address` (required): an `IP:PORT` its peer can connect to.
+fn host_address(
+    ctx: &Ctx,
+    id: HostId,
+    field: Option<&Spanned<String>>,
+    at: &Range<usize>,
+) -> Result<SocketAddr, ConfigError> {
+    let addr = field.ok_or_else(|| {
+        ctx.missing(
+            at,
+            HOSTS,
+            host_key(id, "address"),
+            "where the peer reaches this host, IP:PORT",
+        )
+    })?;
+    parse_address(addr.get_ref()).map_err(|p| {
+        ctx.invalid(
+            &addr.span(),
+            HOSTS,
+            host_key(id, "address"),
+            quoted(addr),
+            p,
+        )
+    })
+}
+
+/// A host's `tap`: interface names, one per NIC of `[vm] net` (required
+/// when there are NICs).
+fn host_taps(
+    ctx: &Ctx,
+    id: HostId,
+    field: Option<&Spanned<RawTaps>>,
+    at: &Range<usize>,
+    nic_count: usize,
+) -> Result<Vec<String>, ConfigError> {
+    let t = match field {
+        None if nic_count > 0 => {
+            return Err(ctx.missing(
+                at,
+                HOSTS,
+                host_key(id, "tap"),
+                "[vm] net needs a tap on each host",
+            ))
+        }
+        None => return Ok(Vec::new()),
+        Some(t) => t,
+    };
+    let bad = |p: String| ctx.invalid(&t.span(), HOSTS, host_key(id, "tap"), t.get_ref(), p);
+    let names = &t.get_ref().names;
+    for name in names {
+        if name.is_empty() {
+            return Err(bad("names an empty tap".into()));
+        }
+        if name.len() > MAX_TAP_NAME || name.contains(|c: char| c == '/' || c.is_whitespace()) {
+            return Err(bad(format!(
+                "{name:?} is not an interface name \
+                 (at most {MAX_TAP_NAME} bytes, no '/' or spaces)"
+            )));
+        }
+    }
+    if names.len() != nic_count {
+        return Err(bad(format!(
+            "names {} tap(s) but [vm] net has {nic_count} NIC(s); give one tap per NIC",
+            names.len()
+        )));
+    }
+    Ok(names.clone())
+}
+
+/// A host's `disk`: its replicas of `[vm] disk`, only with mirrored storage,
+/// one plain path per disk.
+fn host_disks(
+    ctx: &Ctx,
+    id: HostId,
+    field: Option<&Spanned<Vec<String>>>,
+    vm: &VmConfigSection,
+    storage: Storage,
+) -> Result<Option<Vec<PathBuf>>, ConfigError> {
+    let Some(d) = field else {
+        return Ok(None);
+    };
+    let bad = |p: String| {
+        let value = format!("{:?}", d.get_ref());
+        ctx.invalid(&d.span(), HOSTS, host_key(id, "disk"), value, p)
+    };
+    if storage != Storage::Mirrored {
+        return Err(bad(
+            "is only for storage = \"mirrored\" (with shared storage both hosts use [vm] disk)"
+                .into(),
+        ));
+    }
+    let paths = d.get_ref();
+    if paths.len() != vm.disks.len() {
+        return Err(bad(format!(
+            "names {} replica(s) but [vm] disk has {} disk(s); give one per disk, same order",
+            paths.len(),
+            vm.disks.len()
+        )));
+    }
+    if let Some(empty) = paths
+        .iter()
+        .position(|p| p.is_empty() || p.ends_with(",ro"))
+    {
+        return Err(bad(format!(
+            "entry {empty} is not a plain path (read-only is said once, in [vm] disk)"
+        )));
+    }
+    Ok(Some(paths.iter().map(PathBuf::from).collect()))
+}
+
+/// `[ft]` (optional: all defaults when left out), key group by key group.
 pub(super) fn validate_ft(
     ctx: &Ctx,
     raw: Option<Spanned<RawFt>>,
     vm_name: &str,
 ) -> Result<FtConfig, ConfigError> {
-    const S: &str = "ft";
     let (sec, raw) = match raw {
         Some(raw) => (raw.span(), raw.into_inner()),
         None => (0..0, RawFt::default()),
     };
-    let millis = |field: &Option<Spanned<u64>>, key: &str, default: u64, min: u64| {
-        let (ms, at) = or_default(field, default, &sec);
-        if ms < min {
-            return Err(ctx.invalid(&at, S, key, ms, format!("must be at least {min}")));
-        }
-        Ok((ms, at))
-    };
 
-    let (heartbeat_ms, hb_at) = millis(&raw.heartbeat_ms, "heartbeat_ms", DEFAULT_HEARTBEAT_MS, 1)?;
+    let (heartbeat, failover_timeout) = ft_failure_detection(ctx, &raw, &sec)?;
+    let output_commit = ft_output_commit(ctx, raw.output_commit.as_ref())?;
+    let storage = ft_storage(ctx, raw.storage.as_ref())?;
+    let on_guest_crash = ft_on_guest_crash(ctx, &raw, &sec)?;
+    let witness = ft_witness(ctx, raw.witness.as_ref())?;
+    let etcd = ft_etcd(ctx, &raw, witness.as_ref())?;
+    let state_dir = ft_state_dir(ctx, raw.state_dir.as_ref(), vm_name)?;
+    let (fence_command, respawn) = ft_commands(ctx, &raw)?;
+    let (psk_file, witness_key_file) = ft_key_files(ctx, &raw)?;
+    let encrypt = raw.encrypt.as_ref().map_or(true, |e| *e.get_ref());
+    let verify_peer_address = raw
+        .verify_peer_address
+        .as_ref()
+        .map_or(true, |v| *v.get_ref());
+    let socket_group = ft_socket_group(ctx, raw.socket_group.as_ref())?;
+    let max_unacked_bytes = ft_max_unacked_bytes(ctx, raw.max_unacked_bytes.as_ref())?;
+    let (max_lag_ms, _) = millis(
+        ctx,
+        &sec,
+        &raw.max_lag_ms,
+        "max_lag_ms",
+        DEFAULT_MAX_LAG_MS,
+        1,
+    )?;
+    let announce = ft_announce(ctx, &raw, &sec)?;
+
+    Ok(FtConfig {
+        heartbeat,
+        failover_timeout,
+        output_commit,
+        storage,
+        witness,
+        state_dir,
+        fence_command,
+        respawn,
+        psk_file,
+        witness_key_file,
+        etcd,
+        encrypt,
+        verify_peer_address,
+        socket_group,
+        on_guest_crash,
+        max_unacked_bytes,
+        max_lag: Duration::from_millis(max_lag_ms),
+        announce,
+    })
+}
+
+/// An `[ft]` milliseconds key: its value (or `default`) and where it is,
+/// refused below `min`.
+fn millis(
+    ctx: &Ctx,
+    sec: &Range<usize>,
+    field: &Option<Spanned<u64>>,
+    key: &str,
+    default: u64,
+    min: u64,
+) -> Result<(u64, Range<usize>), ConfigError> {
+    let (ms, at) = or_default(field, default, sec);
+    if ms < min {
+        return Err(ctx.invalid(&at, FT, key, ms, format!("must be at least {min}")));
+    }
+    Ok((ms, at))
+}
+
+/// `heartbeat_ms` and `failover_timeout_ms`: both at least 1, and the
+/// timeout more than twice the heartbeat.
+fn ft_failure_detection(
+    ctx: &Ctx,
+    raw: &RawFt,
+    sec: &Range<usize>,
+) -> Result<(Duration, Duration), ConfigError> {
+    let (heartbeat_ms, hb_at) = millis(
+        ctx,
+        sec,
+        &raw.heartbeat_ms,
+        "heartbeat_ms",
+        DEFAULT_HEARTBEAT_MS,
+        1,
+    )?;
     let (timeout_ms, _) = millis(
+        ctx,
+        sec,
         &raw.failover_timeout_ms,
         "failover_timeout_ms",
         DEFAULT_FAILOVER_TIMEOUT_MS,
@@ -420,48 +586,67 @@ pub(super) fn validate_ft(
         };
         return Err(ctx.invalid(
             &at,
-            S,
+            FT,
             "failover_timeout_ms",
             value,
             format!("must be more than twice heartbeat_ms ({heartbeat_ms})"),
         ));
     }
+    Ok((
+        Duration::from_millis(heartbeat_ms),
+        Duration::from_millis(timeout_ms),
+    ))
+}
 
-    let output_commit = match &raw.output_commit {
-        None => OutputCommit::default(),
-        Some(o) => match o.get_ref().as_str() {
-            "received" => OutputCommit::Received,
-            "replayed" => OutputCommit::Replayed,
-            other => {
-                return Err(ctx.invalid(
-                    &o.span(),
-                    S,
-                    "output_commit",
-                    format!("{other:?}"),
-                    "must be \"received\" or \"replayed\"",
-                ))
-            }
-        },
+/// `output_commit`: `"received"` (the default) or `"replayed"`.
+fn ft_output_commit(
+    ctx: &Ctx,
+    field: Option<&Spanned<String>>,
+) -> Result<OutputCommit, ConfigError> {
+    let Some(o) = field else {
+        return Ok(OutputCommit::default());
     };
+    match o.get_ref().as_str() {
+        "received" => Ok(OutputCommit::Received),
+        "replayed" => Ok(OutputCommit::Replayed),
+        other => Err(ctx.invalid(
+            &o.span(),
+            FT,
+            "output_commit",
+            format!("{other:?}"),
+            "must be \"received\" or \"replayed\"",
+        )),
+    }
+}
 
-    let storage = match &raw.storage {
-        None => Storage::default(),
-        Some(s) => match s.get_ref().as_str() {
-            "shared" => Storage::Shared,
-            "mirrored" => Storage::Mirrored,
-            other => {
-                return Err(ctx.invalid(
-                    &s.span(),
-                    S,
-                    "storage",
-                    format!("{other:?}"),
-                    "must be \"shared\" or \"mirrored\"",
-                ))
-            }
-        },
+/// `storage`: `"shared"` (the default) or `"mirrored"`.
+fn ft_storage(ctx: &Ctx, field: Option<&Spanned<String>>) -> Result<Storage, ConfigError> {
+    let Some(s) = field else {
+        return Ok(Storage::default());
     };
+    match s.get_ref().as_str() {
+        "shared" => Ok(Storage::Shared),
+        "mirrored" => Ok(Storage::Mirrored),
+        other => Err(ctx.invalid(
+            &s.span(),
+            FT,
+            "storage",
+            format!("{other:?}"),
+            "must be \"shared\" or \"mirrored\"",
+        )),
+    }
+}
 
+/// `checkpoint_interval_ms` (1 to 10000) and `on_guest_crash` (`"reboot"`,
+/// the default, `"halt"` or `"restart-checkpoint"`, which uses the interval).
+fn ft_on_guest_crash(
+    ctx: &Ctx,
+    raw: &RawFt,
+    sec: &Range<usize>,
+) -> Result<tandem_vmm::CrashPolicy, ConfigError> {
     let (interval_ms, interval_at) = millis(
+        ctx,
+        sec,
         &raw.checkpoint_interval_ms,
         "checkpoint_interval_ms",
         u64::from(tandem_vmm::vcpu::DEFAULT_CHECKPOINT_INTERVAL_MS),
@@ -470,40 +655,44 @@ pub(super) fn validate_ft(
     if interval_ms > 10_000 {
         return Err(ctx.invalid(
             &interval_at,
-            S,
+            FT,
             "checkpoint_interval_ms",
             interval_ms,
             "must be at most 10000 (output waits up to this long for a checkpoint)",
         ));
     }
-    let on_guest_crash = match &raw.on_guest_crash {
-        None => tandem_vmm::CrashPolicy::Reboot,
-        Some(p) => match p.get_ref().as_str() {
-            "reboot" => tandem_vmm::CrashPolicy::Reboot,
-            "halt" => tandem_vmm::CrashPolicy::Halt,
-            "restart-checkpoint" => tandem_vmm::CrashPolicy::RestartCheckpoint {
-                interval_ms: interval_ms as u32,
-            },
-            other => {
-                return Err(ctx.invalid(
-                    &p.span(),
-                    S,
-                    "on_guest_crash",
-                    format!("{other:?}"),
-                    "must be \"reboot\", \"halt\" or \"restart-checkpoint\"",
-                ))
-            }
-        },
+    let Some(p) = &raw.on_guest_crash else {
+        return Ok(tandem_vmm::CrashPolicy::Reboot);
     };
+    match p.get_ref().as_str() {
+        "reboot" => Ok(tandem_vmm::CrashPolicy::Reboot),
+        "halt" => Ok(tandem_vmm::CrashPolicy::Halt),
+        "restart-checkpoint" => Ok(tandem_vmm::CrashPolicy::RestartCheckpoint {
+            interval_ms: interval_ms as u32,
+        }),
+        other => Err(ctx.invalid(
+            &p.span(),
+            FT,
+            "on_guest_crash",
+            format!("{other:?}"),
+            "must be \"reboot\", \"halt\" or \"restart-checkpoint\"",
+        )),
+    }
+}
 
-    let witness = match &raw.witness {
-        None => None,
-        Some(w) => Some(
-            parse_witness(w.get_ref())
-                .map_err(|p| ctx.invalid(&w.span(), S, "witness", quoted(w), p))?,
-        ),
+/// `witness`: the arbiter, when one is given (see `parse_witness`).
+fn ft_witness(ctx: &Ctx, field: Option<&Spanned<String>>) -> Result<Option<Witness>, ConfigError> {
+    let Some(w) = field else {
+        return Ok(None);
     };
+    parse_witness(w.get_ref())
+        .map(Some)
+        .map_err(|p| ctx.invalid(&w.span(), FT, "witness", quoted(w), p))
+}
 
+/// The `etcd_*` keys: consistent among themselves (see `etcd_access`), and
+/// only given with an `etcd://` witness.
+fn ft_etcd(ctx: &Ctx, raw: &RawFt, witness: Option<&Witness>) -> Result<EtcdAccess, ConfigError> {
     let etcd = etcd_access(&EtcdFields {
         ca: raw.etcd_ca.as_ref(),
         cert: raw.etcd_cert.as_ref(),
@@ -511,7 +700,7 @@ pub(super) fn validate_ft(
         user: raw.etcd_user.as_ref(),
         password_file: raw.etcd_password_file.as_ref(),
     })
-    .map_err(|bad| ctx.invalid(&bad.at, S, bad.key, bad.value, bad.problem))?;
+    .map_err(|bad| ctx.invalid(&bad.at, FT, bad.key, bad.value, bad.problem))?;
     if etcd != EtcdAccess::default() && !matches!(witness, Some(Witness::Etcd { .. })) {
         let (key, field) = [
             ("etcd_ca", &raw.etcd_ca),
@@ -526,162 +715,166 @@ pub(super) fn validate_ft(
         if let Some(f) = field {
             return Err(ctx.invalid(
                 &f.span(),
-                S,
+                FT,
                 key,
                 quoted(f),
                 "is for an etcd witness, and [ft] witness is not \"etcd://...\"",
             ));
         }
     }
+    Ok(etcd)
+}
 
-    let state_dir = match &raw.state_dir {
-        None => Path::new(DEFAULT_STATE_ROOT).join(vm_name),
+/// `state_dir`: not empty; by default `DEFAULT_STATE_ROOT`/VM name.
+fn ft_state_dir(
+    ctx: &Ctx,
+    field: Option<&Spanned<String>>,
+    vm_name: &str,
+) -> Result<PathBuf, ConfigError> {
+    match field {
+        None => Ok(Path::new(DEFAULT_STATE_ROOT).join(vm_name)),
         Some(d) if d.get_ref().is_empty() => {
-            return Err(ctx.invalid(&d.span(), S, "state_dir", "\"\"", "is empty"))
+            Err(ctx.invalid(&d.span(), FT, "state_dir", "\"\"", "is empty"))
         }
-        Some(d) => PathBuf::from(d.get_ref()),
-    };
+        Some(d) => Ok(PathBuf::from(d.get_ref())),
+    }
+}
 
-    let fence_command = match &raw.fence_command {
-        None => None,
+/// An optional `[ft]` string key that must not be blank when given.
+fn non_blank(
+    ctx: &Ctx,
+    field: &Option<Spanned<String>>,
+    key: &str,
+    problem: &str,
+) -> Result<Option<String>, ConfigError> {
+    match field {
+        None => Ok(None),
         Some(f) if f.get_ref().trim().is_empty() => {
-            return Err(ctx.invalid(
-                &f.span(),
-                S,
-                "fence_command",
-                quoted(f),
-                "is empty (leave the key out for no fencing)",
-            ))
+            Err(ctx.invalid(&f.span(), FT, key, quoted(f), problem))
         }
-        Some(f) => Some(f.get_ref().clone()),
+        Some(f) => Ok(Some(f.get_ref().clone())),
+    }
+}
+
+/// `fence_command` and `respawn`: shell commands, not blank when given.
+fn ft_commands(ctx: &Ctx, raw: &RawFt) -> Result<(Option<String>, Option<String>), ConfigError> {
+    let fence_command = non_blank(
+        ctx,
+        &raw.fence_command,
+        "fence_command",
+        "is empty (leave the key out for no fencing)",
+    )?;
+    let respawn = non_blank(
+        ctx,
+        &raw.respawn,
+        "respawn",
+        "is empty (leave the key out to start secondaries by hand)",
+    )?;
+    Ok((fence_command, respawn))
+}
+
+/// `psk_file` and `witness_key_file`: key file paths, not blank when given.
+fn ft_key_files(ctx: &Ctx, raw: &RawFt) -> Result<(Option<PathBuf>, Option<PathBuf>), ConfigError> {
+    let psk_file = non_blank(
+        ctx,
+        &raw.psk_file,
+        "psk_file",
+        "is empty (make a key with `tandem keygen FILE`)",
+    )?;
+    let witness_key_file = non_blank(
+        ctx,
+        &raw.witness_key_file,
+        "witness_key_file",
+        "is empty (leave the key out to use the key derived from psk_file)",
+    )?;
+    Ok((
+        psk_file.map(PathBuf::from),
+        witness_key_file.map(PathBuf::from),
+    ))
+}
+
+/// `socket_group`: a group that exists on this host, as its id.
+fn ft_socket_group(ctx: &Ctx, field: Option<&Spanned<String>>) -> Result<Option<u32>, ConfigError> {
+    let Some(g) = field else {
+        return Ok(None);
     };
+    let gid = crate::names::group_id(g.get_ref()).ok_or_else(|| {
+        ctx.invalid(
+            &g.span(),
+            FT,
+            "socket_group",
+            quoted(g),
+            "is no group on this host",
+        )
+    })?;
+    Ok(Some(gid))
+}
 
-    let respawn = match &raw.respawn {
-        None => None,
-        Some(f) if f.get_ref().trim().is_empty() => {
-            return Err(ctx.invalid(
-                &f.span(),
-                S,
-                "respawn",
-                quoted(f),
-                "is empty (leave the key out to start secondaries by hand)",
-            ))
-        }
-        Some(f) => Some(f.get_ref().clone()),
+/// `max_unacked_bytes`: a size of at least `MIN_MAX_UNACKED_BYTES`
+/// (default `DEFAULT_MAX_UNACKED_BYTES`).
+fn ft_max_unacked_bytes(ctx: &Ctx, field: Option<&Spanned<RawSize>>) -> Result<u64, ConfigError> {
+    let Some(m) = field else {
+        return Ok(DEFAULT_MAX_UNACKED_BYTES);
     };
+    let bad = |p: String| ctx.invalid(&m.span(), FT, "max_unacked_bytes", m.get_ref(), p);
+    let n = parse_size(m.get_ref()).map_err(bad)?;
+    if n < MIN_MAX_UNACKED_BYTES {
+        return Err(bad(format!(
+            "must be at least {}M",
+            MIN_MAX_UNACKED_BYTES >> 20
+        )));
+    }
+    Ok(n)
+}
 
-    let psk_file = match &raw.psk_file {
-        None => None,
-        Some(f) if f.get_ref().trim().is_empty() => {
-            return Err(ctx.invalid(
-                &f.span(),
-                S,
-                "psk_file",
-                quoted(f),
-                "is empty (make a key with `tandem keygen FILE`)",
-            ))
-        }
-        Some(f) => Some(PathBuf::from(f.get_ref())),
-    };
-
-    let witness_key_file = match &raw.witness_key_file {
-        None => None,
-        Some(f) if f.get_ref().trim().is_empty() => {
-            return Err(ctx.invalid(
-                &f.span(),
-                S,
-                "witness_key_file",
-                quoted(f),
-                "is empty (leave the key out to use the key derived from psk_file)",
-            ))
-        }
-        Some(f) => Some(PathBuf::from(f.get_ref())),
-    };
-    let encrypt = raw.encrypt.as_ref().map_or(true, |e| *e.get_ref());
-    let verify_peer_address = raw
-        .verify_peer_address
-        .as_ref()
-        .map_or(true, |v| *v.get_ref());
-
-    let socket_group = match &raw.socket_group {
-        None => None,
-        Some(g) => Some(crate::names::group_id(g.get_ref()).ok_or_else(|| {
-            ctx.invalid(
-                &g.span(),
-                S,
-                "socket_group",
-                quoted(g),
-                "is no group on this host",
-            )
-        })?),
-    };
-
-    let max_unacked_bytes = match &raw.max_unacked_bytes {
-        None => DEFAULT_MAX_UNACKED_BYTES,
-        Some(m) => {
-            let bad = |p: String| ctx.invalid(&m.span(), S, "max_unacked_bytes", m.get_ref(), p);
-            let n = parse_size(m.get_ref()).map_err(bad)?;
-            if n < MIN_MAX_UNACKED_BYTES {
-                return Err(bad(format!(
-                    "must be at least {}M",
-                    MIN_MAX_UNACKED_BYTES >> 20
-                )));
-            }
-            n
-        }
-    };
-
-    let (max_lag_ms, _) = millis(&raw.max_lag_ms, "max_lag_ms", DEFAULT_MAX_LAG_MS, 1)?;
-
+/// The `announce_*` keys: at least one round, a positive cap, and the cap
+/// no smaller than the initial delay (defaults from `DEFAULT_ANNOUNCE`).
+fn ft_announce(ctx: &Ctx, raw: &RawFt, sec: &Range<usize>) -> Result<Announce, ConfigError> {
     let d = DEFAULT_ANNOUNCE;
-    let (rounds, rounds_at) = or_default(&raw.announce_rounds, d.rounds, &sec);
+    let (rounds, rounds_at) = or_default(&raw.announce_rounds, d.rounds, sec);
     if rounds == 0 {
-        return Err(ctx.invalid(&rounds_at, S, "announce_rounds", 0, "must be at least 1"));
+        return Err(ctx.invalid(&rounds_at, FT, "announce_rounds", 0, "must be at least 1"));
     }
     let ms = |x: Duration| x.as_millis() as u64;
     let (initial, initial_at) = millis(
+        ctx,
+        sec,
         &raw.announce_initial_ms,
         "announce_initial_ms",
         ms(d.initial),
         0,
     )?;
-    let (step, _) = millis(&raw.announce_step_ms, "announce_step_ms", ms(d.step), 0)?;
-    let (max, max_at) = millis(&raw.announce_max_ms, "announce_max_ms", ms(d.max), 1)?;
+    let (step, _) = millis(
+        ctx,
+        sec,
+        &raw.announce_step_ms,
+        "announce_step_ms",
+        ms(d.step),
+        0,
+    )?;
+    let (max, max_at) = millis(
+        ctx,
+        sec,
+        &raw.announce_max_ms,
+        "announce_max_ms",
+        ms(d.max),
+        1,
+    )?;
     if max < initial {
         let at = raw.announce_max_ms.as_ref().map_or(initial_at, |_| max_at);
         return Err(ctx.invalid(
             &at,
-            S,
+            FT,
             "announce_max_ms",
             max,
             format!("must be at least announce_initial_ms ({initial})"),
         ));
     }
-
-    Ok(FtConfig {
-        heartbeat: Duration::from_millis(heartbeat_ms),
-        failover_timeout: Duration::from_millis(timeout_ms),
-        output_commit,
-        storage,
-        witness,
-        state_dir,
-        fence_command,
-        respawn,
-        psk_file,
-        witness_key_file,
-        etcd,
-        encrypt,
-        verify_peer_address,
-        socket_group,
-        on_guest_crash,
-        max_unacked_bytes,
-        max_lag: Duration::from_millis(max_lag_ms),
-        announce: Announce {
-            rounds,
-            initial: Duration::from_millis(initial),
-            step: Duration::from_millis(step),
-            max: Duration::from_millis(max),
-        },
+    Ok(Announce {
+        rounds,
+        initial: Duration::from_millis(initial),
+        step: Duration::from_millis(step),
+        max: Duration::from_millis(max),
     })
 }
 

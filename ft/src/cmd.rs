@@ -232,88 +232,17 @@ fn cluster_status(path: &std::path::Path, json: bool) -> ExitCode {
     let mut unprotected = 0;
     for vm in &vms {
         let cfg = &vm.pair;
-        let sides: Vec<(HostId, Result<Status, StatusError>)> = [HostId::A, HostId::B]
-            .into_iter()
-            .map(|host| {
-                let control = status::control_path(
-                    cfg.host(host).control.as_deref(),
-                    &cfg.ft.state_dir,
-                    host.name(),
-                );
-                (host, status::query_status(&control))
-            })
-            .collect();
+        let sides = query_both_sides(cfg);
+        let hosts = slot_hosts.get(&cfg.vm.name);
         if json {
-            let hosts: serde_json::Map<String, serde_json::Value> = sides
-                .iter()
-                .map(|(h, s)| {
-                    let value = s
-                        .as_ref()
-                        .ok()
-                        .and_then(|s| serde_json::to_value(s).ok())
-                        .unwrap_or(serde_json::Value::Null);
-                    (h.name().to_string(), value)
-                })
-                .collect();
-            println!(
-                "{}",
-                serde_json::json!({
-                    "vm": cfg.vm.name,
-                    "prefer": vm.prefer.name(),
-                    "hosts": hosts,
-                    "slot_hosts": slot_hosts.get(&cfg.vm.name),
-                })
-            );
+            println!("{}", vm_status_json(vm, &sides, hosts));
         }
-        let in_role = |role: status::Role| {
-            sides
-                .iter()
-                .find_map(|(h, s)| s.as_ref().ok().filter(|s| s.role == role).map(|s| (*h, s)))
-        };
-        let live = in_role(status::Role::Primary);
-        let follower = in_role(status::Role::Secondary);
-        let figure = |s: &Status, name: &str| s.figures.get(name).unwrap_or(0);
-        let line = match (live, follower) {
-            (Some((host, v)), Some((peer, _))) => format!(
-                "live on {} (generation {}), protected by {} (log lag {} ms), guest crashes {} ({} rolled back, {} rebooted)",
-                host.name(),
-                v.generation,
-                peer.name(),
-                figure(v, "lag_ms"),
-                figure(v, "guest_crashes"),
-                figure(v, "guest_rollbacks"),
-                figure(v, "guest_reboots")
-            ),
-            (Some((host, v)), None) => {
-                unprotected += 1;
-                format!(
-                    "live on {} (generation {}), UNPROTECTED (no secondary follows)",
-                    host.name(),
-                    v.generation
-                )
-            }
-            _ => {
-                unprotected += 1;
-                let seen: Vec<String> = sides
-                    .iter()
-                    .map(|(h, s)| {
-                        let role = match s {
-                            Ok(s) => s.role.name(),
-                            Err(StatusError::NoAnswer(_)) => "no answer",
-                            Err(StatusError::Garbled { .. }) => "garbled status",
-                            Err(StatusError::Refused(_)) => "refused",
-                        };
-                        format!("{}: {role}", h.name())
-                    })
-                    .collect();
-                format!("NOT LIVE ({})", seen.join(", "))
-            }
-        };
+        let (line, protected) = vm_status_line(&sides);
+        if !protected {
+            unprotected += 1;
+        }
         if !json {
-            let hosts = slot_hosts
-                .get(&cfg.vm.name)
-                .map(|h| format!("; hosts {h}"))
-                .unwrap_or_default();
+            let hosts = hosts.map(|h| format!("; hosts {h}")).unwrap_or_default();
             println!(
                 "{}: {line}; prefers {}{hosts}",
                 cfg.vm.name,
@@ -325,6 +254,98 @@ fn cluster_status(path: &std::path::Path, json: bool) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+/// One host's answer on its control socket.
+type SideStatus = (HostId, Result<Status, StatusError>);
+
+/// Both hosts' status answers for one VM.
+fn query_both_sides(cfg: &PairConfig) -> Vec<SideStatus> {
+    [HostId::A, HostId::B]
+        .into_iter()
+        .map(|host| {
+            let control = status::control_path(
+                cfg.host(host).control.as_deref(),
+                &cfg.ft.state_dir,
+                host.name(),
+            );
+            (host, status::query_status(&control))
+        })
+        .collect()
+}
+
+/// `--json`: one object for a VM, each host's status (null: no answer).
+fn vm_status_json<T: serde::Serialize>(
+    vm: &tandem_config::cluster::ClusterVm,
+    sides: &[SideStatus],
+    slot_hosts: Option<T>,
+) -> serde_json::Value {
+    let hosts: serde_json::Map<String, serde_json::Value> = sides
+        .iter()
+        .map(|(h, s)| {
+            let value = s
+                .as_ref()
+                .ok()
+                .and_then(|s| serde_json::to_value(s).ok())
+                .unwrap_or(serde_json::Value::Null);
+            (h.name().to_string(), value)
+        })
+        .collect();
+    serde_json::json!({
+        "vm": vm.pair.vm.name,
+        "prefer": vm.prefer.name(),
+        "hosts": hosts,
+        "slot_hosts": slot_hosts,
+    })
+}
+
+/// The text line for one VM, and whether it is protected (live with a
+/// secondary following).
+fn vm_status_line(sides: &[SideStatus]) -> (String, bool) {
+    let in_role = |role: status::Role| {
+        sides
+            .iter()
+            .find_map(|(h, s)| s.as_ref().ok().filter(|s| s.role == role).map(|s| (*h, s)))
+    };
+    let figure = |s: &Status, name: &str| s.figures.get(name).unwrap_or(0);
+    match (in_role(status::Role::Primary), in_role(status::Role::Secondary)) {
+        (Some((host, v)), Some((peer, _))) => (
+            format!(
+                "live on {} (generation {}), protected by {} (log lag {} ms), guest crashes {} ({} rolled back, {} rebooted)",
+                host.name(),
+                v.generation,
+                peer.name(),
+                figure(v, "lag_ms"),
+                figure(v, "guest_crashes"),
+                figure(v, "guest_rollbacks"),
+                figure(v, "guest_reboots")
+            ),
+            true,
+        ),
+        (Some((host, v)), None) => (
+            format!(
+                "live on {} (generation {}), UNPROTECTED (no secondary follows)",
+                host.name(),
+                v.generation
+            ),
+            false,
+        ),
+        (None, _) => {
+            let seen: Vec<String> = sides
+                .iter()
+                .map(|(h, s)| {
+                    let role = match s {
+                        Ok(s) => s.role.name(),
+                        Err(StatusError::NoAnswer(_)) => "no answer",
+                        Err(StatusError::Garbled { .. }) => "garbled status",
+                        Err(StatusError::Refused(_)) => "refused",
+                    };
+                    format!("{}: {role}", h.name())
+                })
+                .collect();
+            (format!("NOT LIVE ({})", seen.join(", ")), false)
+        }
     }
 }
 

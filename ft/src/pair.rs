@@ -9,12 +9,13 @@
 //! from the arbiter; a side that loses fences itself: it stops and exits
 //! with [`EXIT_FENCED`] without releasing anything more.
 //!
-//! Size: over 800 lines because the primary's `Replicator` core (the link,
-//! shipping and acks, switch-over, the monitor) and `run_primary` still
-//! live here; taking secondaries is in `pair/accept.rs`, a joiner's copy
-//! (disks, pre-copy) in `pair/join.rs`, the two leases in `pair/lease.rs`,
-//! the secondary in `pair/secondary.rs`. Switch-over (`hand_over`) is the
-//! next to move out.
+//! Here: the primary's `Replicator` core (the link, shipping, the acks
+//! thread, the monitor). `pair/primary.rs` is `run_primary`; taking
+//! secondaries is in `pair/accept.rs`, a joiner's copy (disks, pre-copy) in
+//! `pair/join.rs`, the two leases in `pair/lease.rs`, the switch-over in
+//! `pair/switchover.rs`, the control socket's figures in `pair/publish.rs`,
+//! the secondary in `pair/secondary.rs`; the decisions without sockets are
+//! `pair/follower.rs` and `pair/acks.rs`.
 
 use super::silence::{unread_bytes, SilenceWatch, Verdict};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -29,7 +30,7 @@ use tandem_replay::log::{LogError, LogWriter, Record};
 use tandem_replay::Outputs as _;
 use tandem_vmm::journal::{RecordOptions, RecordSink, Throttle};
 use tandem_vmm::vm::RunMode;
-use tandem_vmm::{Vm, VmConfig};
+use tandem_vmm::{Vm, VmConfig, VmHandle};
 use tracing::{info, warn};
 
 use super::admission::{self, Admission};
@@ -53,7 +54,12 @@ pub mod acks;
 pub mod follower;
 mod join;
 mod lease;
+mod primary;
+mod publish;
 mod secondary;
+mod switchover;
+pub use primary::run_primary;
+use publish::publish;
 pub use secondary::run_secondary;
 
 use accept::{admit, listen, Greeted};
@@ -269,9 +275,9 @@ fn millis(base: Instant) -> u64 {
 struct ShipSink {
     frames: Sender<ShipFrame>,
     throttle: Arc<Throttle>,
-    /// The stop of the last full sync point (a joining secondary's start),
-    /// the vCPU's own counter, set once the VM exists.
-    full_sync_stop: Arc<OnceLock<Arc<AtomicU64>>>,
+    /// The VM (set once it exists): the stop of its last full sync point
+    /// is where a joining secondary starts.
+    vm: Arc<OnceLock<VmHandle>>,
 }
 
 impl RecordSink for ShipSink {
@@ -282,7 +288,7 @@ impl RecordSink for ShipSink {
         let len: u64 = frames.iter().map(|f| f.len() as u64).sum();
         self.throttle.shipped(record.stop(), len);
         let full = matches!(record, Record::SyncPoint { stop, .. }
-            if self.full_sync_stop.get().is_some_and(|s| *stop == s.load(Ordering::Acquire)));
+            if self.vm.get().is_some_and(|vm| *stop == vm.last_full_sync_stop()));
         for (i, bytes) in frames.into_iter().enumerate() {
             // A joiner starts at the head frame of the full sync point.
             let _ = self.frames.send(ShipFrame {
@@ -342,8 +348,8 @@ struct Replicator {
     last_heard: AtomicU64,
     header: Vec<u8>,
     gate: Arc<tandem_vmm::backend::gate::GatedOutputs>,
-    full_sync: Arc<AtomicBool>,
-    kicker: tandem_vmm::kick::Kicker,
+    /// The running VM: kicks, full sync points, stopping it.
+    vm: VmHandle,
     causes: tandem_replay::CauseQueue,
     /// Frames sent on the current link and not yet acknowledged: a
     /// secondary that reconnects resumes from them.
@@ -374,8 +380,6 @@ struct Replicator {
     stepping_down: AtomicBool,
     /// This side handed the VM to its secondary and stopped.
     stepped_down: AtomicBool,
-    /// Stops this side's VM (after a switch-over).
-    stopper: tandem_vmm::vm::VmStopper,
     /// With an arbiter that grants leases (etcd): until when (ms since
     /// `base`) this side's lease surely holds; u64::MAX: no leases.
     arbiter_lease_until: AtomicU64,
@@ -398,12 +402,7 @@ impl Drop for ResumeWrites<'_> {
 impl Replicator {
     /// The replication state of a side that runs `vm` live as `generation`
     /// (a primary, or a secondary once it takes over); no secondary yet.
-    fn new(
-        params: PairParams,
-        vm: &Vm,
-        generation: u64,
-        full_sync: Arc<AtomicBool>,
-    ) -> anyhow::Result<Arc<Self>> {
+    fn new(params: PairParams, vm: &Vm, generation: u64) -> anyhow::Result<Arc<Self>> {
         let (precopy, memory) = vm.precopy();
         Ok(Arc::new(Self {
             header: LogWriter::new(Vec::new(), vm.identity())?.into_inner(),
@@ -415,8 +414,7 @@ impl Replicator {
             gate: vm
                 .gate()
                 .ok_or_else(|| anyhow!("the VM has no output gate"))?,
-            full_sync,
-            kicker: vm.kicker(),
+            vm: vm.handle(),
             causes: vm.cause_queue(),
             sent: Mutex::default(),
             next_index: AtomicU64::new(0),
@@ -430,166 +428,9 @@ impl Replicator {
             disk_sync: Mutex::default(),
             stepping_down: AtomicBool::new(false),
             stepped_down: AtomicBool::new(false),
-            stopper: vm.stopper(),
             arbiter_lease_until: AtomicU64::new(u64::MAX),
             arbiter_lease_lost: AtomicBool::new(false),
         }))
-    }
-
-    /// Serves `tandem switchover` on this side's control socket.
-    fn offer_switchover(self: &Arc<Self>) {
-        let me = self.clone();
-        self.params.board.command(
-            ControlRequest::Switchover,
-            Arc::new(move || me.switchover()),
-        );
-    }
-
-    /// A controlled switch-over (`tandem switchover`): stops the vCPU at a
-    /// stop, waits until the secondary has acknowledged the whole log and
-    /// every held output has left, tells it to go live (`StepDown`), and
-    /// stops this side once the arbiter shows the secondary live. Nothing
-    /// is lost and no failure detection is waited for. If the secondary
-    /// does not take over in time, this side claims the next generation
-    /// itself and runs on unprotected (the secondary then loses and fences).
-    fn switchover(&self) -> Result<String, String> {
-        self.hand_over(false)
-    }
-
-    /// [`Self::switchover`]; `lease_lost`: this side's arbiter lease ran
-    /// out (it cannot reach the arbiter), so once the secondary is told to
-    /// go live this side fences itself at once: it could neither watch the
-    /// secondary win nor win the VM back.
-    fn hand_over(&self, lease_lost: bool) -> Result<String, String> {
-        if !self.attached.load(Ordering::Acquire) {
-            return Err("no secondary follows this side: nothing to switch over to".into());
-        }
-        if self.stepping_down.swap(true, Ordering::AcqRel) {
-            return Err("a switch-over is already under way".into());
-        }
-        let started = Instant::now();
-        let throttle = &self.params.throttle;
-        let limit = self.params.failover_timeout;
-        let undo = |why: String| {
-            throttle.unhold();
-            self.stepping_down.store(false, Ordering::Release);
-            Err(format!(
-                "{why}; the switch-over is called off, this side carries on"
-            ))
-        };
-        let wait_until = |f: &dyn Fn() -> bool| {
-            let deadline = Instant::now() + limit;
-            while !f() {
-                if Instant::now() >= deadline {
-                    return false;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            true
-        };
-        throttle.hold();
-        self.kicker.kick();
-        self.causes.wake();
-        if !wait_until(&|| throttle.parked().is_some()) {
-            return undo(format!(
-                "the vCPU did not stop within {} ms",
-                limit.as_millis()
-            ));
-        }
-        // The writer ships the stop's last records within its period.
-        std::thread::sleep(Duration::from_millis(20));
-        // Without the lease nothing held may leave here: the secondary
-        // emits it from its own replay once live.
-        if throttle.parked() == Some(false)
-            && !wait_until(&|| throttle.unacked() == 0 && (lease_lost || self.gate.held() == 0))
-        {
-            return undo(format!(
-                "the secondary did not acknowledge everything within {} ms",
-                limit.as_millis()
-            ));
-        }
-        // Halted: the sleeping stop's records are shipped (the secondary
-        // sees them before the step-down on this connection) but no
-        // watermark covers them, so they are never acknowledged as such.
-        // Nothing unacknowledged was released, so the secondary going live
-        // from what it has contradicts nothing; it emits what is still
-        // held here from its own replay.
-        let quiesced = started.elapsed();
-        let generation = self.generation.load(Ordering::Acquire);
-        let sent = match &mut *self.link() {
-            Link::Attached(tx) => tx
-                .send(generation, &Message::Released(self.gate.released()))
-                .and_then(|()| tx.send(generation, &Message::StepDown(generation)))
-                .map_err(|e| e.to_string()),
-            _ => Err("the secondary is gone".to_string()),
-        };
-        if let Err(e) = sent {
-            return undo(format!("cannot tell the secondary to go live: {e}"));
-        }
-        if lease_lost {
-            self.stepped_down.store(true, Ordering::Release);
-            self.params.event(&format!(
-                "stepped-down lease-lost to={} generation={generation}",
-                self.params.peer_name
-            ));
-            self.params.fence(FenceReason::LeaseLost {
-                generation,
-                to: self.params.peer_name.clone(),
-            });
-        }
-        // Nothing may run here again unless this side wins the VM back.
-        let deadline = Instant::now() + limit * 2;
-        let live = loop {
-            match self.params.current() {
-                Ok(grant) if grant.generation > generation => break grant,
-                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                _ => match self.params.claim(generation) {
-                    Ok(Some(g)) => {
-                        self.generation.store(g, Ordering::Release);
-                        self.params
-                            .event(&format!("switchover-failed generation={g} unprotected"));
-                        self.params
-                            .board
-                            .set(Role::Primary, g, "none (unprotected)");
-                        self.gate.open();
-                        throttle.open();
-                        throttle.unhold();
-                        self.stepping_down.store(false, Ordering::Release);
-                        return Err(format!(
-                            "the secondary did not go live in time; this side runs on unprotected as generation {g}"
-                        ));
-                    }
-                    Ok(None) => match self.params.current() {
-                        Ok(grant) => break grant,
-                        Err(e) => self.params.fence(FenceReason::ArbiterUnreachable(format!(
-                            "switch-over: arbiter unreachable: {e}"
-                        ))),
-                    },
-                    Err(e) => self.params.fence(FenceReason::ArbiterUnreachable(format!(
-                        "switch-over: arbiter unreachable: {e}"
-                    ))),
-                },
-            }
-        };
-        self.stepped_down.store(true, Ordering::Release);
-        self.params.event(&format!(
-            "switched-over to={} generation={}",
-            self.params.peer_name, live.generation
-        ));
-        self.params
-            .board
-            .set(Role::SteppedDown, live.generation, "live (took over)");
-        self.stopper.stop();
-        throttle.unhold();
-        let text = format!(
-            "host {} is live as generation {}; this side stopped (vCPU stopped and log acknowledged in {} ms, handed over in {} ms)",
-            self.params.peer_name,
-            live.generation,
-            quiesced.as_millis(),
-            started.elapsed().as_millis()
-        );
-        eprintln!("tandem: switched over: {text}");
-        Ok(text)
     }
 
     /// Mirrored storage: records that `generation` writes the replicas now.
@@ -711,7 +552,7 @@ impl Replicator {
 
     /// Reads one secondary's acks, verifications and repair requests: the
     /// I/O shell around [`AckLedger`].
-    fn read_acks(self: &Arc<Self>, mut input: FrameReceiver, kicker: tandem_vmm::kick::Kicker) {
+    fn read_acks(self: &Arc<Self>, mut input: FrameReceiver) {
         let mut ledger = AckLedger::new(self.params.replayed_commit);
         loop {
             let msg = input.recv();
@@ -727,7 +568,7 @@ impl Replicator {
                         Ok(actions) => {
                             self.heard();
                             for action in actions {
-                                self.on_ack_action(action, &kicker);
+                                self.on_ack_action(action);
                             }
                             continue;
                         }
@@ -752,7 +593,7 @@ impl Replicator {
     }
 
     /// Carries out one of the ledger's decisions.
-    fn on_ack_action(&self, action: AckAction, kicker: &tandem_vmm::kick::Kicker) {
+    fn on_ack_action(&self, action: AckAction) {
         match action {
             AckAction::RenewLease(sent) => self.renew_lease(sent),
             AckAction::Acked(stop) => {
@@ -763,7 +604,7 @@ impl Replicator {
             AckAction::DiskSynced(id) => self.finish_disk_sync(id),
             AckAction::Repair(epoch) => {
                 warn!("the secondary reports epoch {epoch} diverged: committing on verified epochs until one verifies");
-                kicker.kick();
+                self.vm.kick();
             }
         }
     }
@@ -892,266 +733,6 @@ impl Replicator {
             ))),
         }
     }
-}
-
-/// Runs the primary: wins a generation, waits for the secondary (unless
-/// `--alone`), runs the guest shipping its log, holds output until acked,
-/// carries on alone (after winning the next generation) if the secondary
-/// goes away, and takes a new secondary at any time (re-protection: it
-/// joins at a full sync point).
-pub fn run_primary(
-    params: PairParams,
-    vm_config: impl FnOnce(RunMode) -> VmConfig,
-) -> anyhow::Result<Ended> {
-    let current = params.current()?;
-    if let Some(holder) = current.holder.as_deref().filter(|h| *h != params.me) {
-        bail!(
-            "the arbiter shows host {holder} live for {} ({current}); start this host with `tandem pair`",
-            params.vm_name
-        );
-    }
-    let Some(generation) = params.claim(current.generation)? else {
-        bail!(
-            "another side holds the VM {} at the arbiter; start this host with `tandem pair` or as secondary",
-            params.vm_name
-        );
-    };
-    info!("primary: generation {generation}");
-    params.event(&format!("primary generation={generation}"));
-    let (frames_tx, frames_rx) = channel::<ShipFrame>();
-    let full_sync_stop: Arc<OnceLock<Arc<AtomicU64>>> = Arc::default();
-    let sink = ShipSink {
-        frames: frames_tx,
-        throttle: params.throttle.clone(),
-        full_sync_stop: full_sync_stop.clone(),
-    };
-    let options = pair_record_options(&params);
-
-    let greeted = admit(
-        listen(&params)?,
-        params.psk.clone(),
-        params.expected_peer_ip(),
-    )?;
-    let first = if params.alone {
-        None
-    } else {
-        eprintln!(
-            "tandem: primary waiting for the secondary on {}",
-            params.listen
-        );
-        // Wait for a secondary that authenticates; others are refused.
-        let first = greeted
-            .recv()
-            .map_err(|_| anyhow!("the accept thread on {} ended", params.listen))?;
-        Some(first)
-    };
-
-    let vm = Vm::new(vm_config(RunMode::Primary {
-        options,
-        sink: Box::new(sink),
-    }))?;
-    let gate = vm
-        .gate()
-        .ok_or_else(|| anyhow!("primary VM has no output gate"))?;
-    if let Some((socket, path)) = &params.console {
-        socket.set_input(vm.cause_queue());
-        socket
-            .serve(path, params.access)
-            .with_context(|| format!("cannot serve the console on {}", path.display()))?;
-    }
-    let (full_sync, vcpu_full_stop) = vm.full_sync_handles();
-    // The vCPU publishes the stop of each full sync point before it logs
-    // it; the sink tags that record for the ship thread.
-    let _ = full_sync_stop.set(vcpu_full_stop);
-    let replicator = Replicator::new(params, &vm, generation, full_sync)?;
-    publish(&replicator.params, &vm, Role::Primary, generation)?;
-    replicator.offer_switchover();
-    let r = replicator.clone();
-    replicator
-        .params
-        .board
-        .probe("unacked_frames", Arc::new(move || r.lag().0));
-    let r = replicator.clone();
-    replicator
-        .params
-        .board
-        .probe("lag_ms", Arc::new(move || r.lag().1));
-    let r = replicator.clone();
-    replicator.params.board.probe(
-        "last_heartbeat_ms",
-        Arc::new(move || millis(r.base).saturating_sub(r.last_heard.load(Ordering::Acquire))),
-    );
-    match first {
-        Some(Greeted {
-            tx,
-            rx,
-            first: hello,
-            from,
-        }) => {
-            if let Err(e) = replicator.attach((tx, rx), from, true, hello) {
-                // The secondary gave up on this connection (a handshake
-                // timeout on a loaded host) and connects again: it joins
-                // the running VM then. Meanwhile this side runs as one
-                // that lost its secondary.
-                warn!("the first secondary dropped during its handshake: {e:#}");
-                replicator.go_unprotected(&format!("the secondary at {from} dropped"));
-            }
-        }
-        None => {
-            gate.open();
-            replicator.set_replica_generation(generation);
-            replicator.params.throttle.open();
-            replicator
-                .params
-                .board
-                .set(Role::Primary, generation, "none (alone)");
-        }
-    }
-    replicator.start_on(greeted, Some(frames_rx))?;
-    let report = vm.run();
-    info!(
-        "replication: {} log bytes shipped",
-        replicator.params.throttle.shipped_bytes()
-    );
-    // A fenced side releases nothing more.
-    if let Some(reason) = fence::fenced() {
-        return Ok(Ended::Fenced(reason));
-    }
-    if replicator.stepped_down.load(Ordering::Acquire) {
-        gate.flush();
-        return Ok(Ended::SteppedDown);
-    }
-    // The guest ended: what it said last is still held until the secondary
-    // has it (it acks the End record); wait for that, within the failover
-    // timeout.
-    let deadline = Instant::now() + replicator.params.failover_timeout;
-    while gate.held() > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    if gate.held() > 0 {
-        // Never drop what the guest said: without an ack in time, release it
-        // the way a lost secondary does (after winning the arbitration).
-        replicator.go_unprotected("no ack for the guest's last output");
-    }
-    // Released console bytes pass through a writer thread: let them out
-    // before the process exits.
-    gate.flush();
-    Ok(Ended::Vm(Box::new(report)))
-}
-
-/// Registers this side for fencing and shutdown and serves its control
-/// socket with the figures every role has.
-fn publish(params: &PairParams, vm: &Vm, role: Role, generation: u64) -> anyhow::Result<()> {
-    fence::register(fence::Side {
-        board: params.board.clone(),
-        stopper: vm.stopper(),
-    });
-    params.board.set(role, generation, "connected");
-    if let Some(gate) = vm.gate() {
-        let oldest = gate.clone();
-        params
-            .board
-            .probe("held_outputs", Arc::new(move || gate.held() as u64));
-        params
-            .board
-            .probe("oldest_held_ms", Arc::new(move || oldest.oldest_held_ms()));
-    }
-    let throttle = params.throttle.clone();
-    params
-        .board
-        .probe("unacked_bytes", Arc::new(move || throttle.unacked()));
-    let counters = vm.live_counters();
-    macro_rules! counter {
-        ($name:literal, $field:ident) => {{
-            let c = counters.clone();
-            params
-                .board
-                .probe($name, Arc::new(move || c.$field.load(Ordering::Relaxed)));
-        }};
-    }
-    let causes = vm.cause_queue();
-    params
-        .board
-        .probe("inputs_dropped", Arc::new(move || causes.dropped()));
-    counter!("stops", stops);
-    counter!("sync_points", sync_points);
-    counter!("epochs", epochs);
-    counter!("epochs_verified", epochs_verified);
-    counter!("epochs_transferred", epochs_transferred);
-    counter!("divergences", divergences);
-    counter!("checkpoints", checkpoints);
-    counter!("guest_rollbacks", guest_rollbacks);
-    counter!("guest_reboots", guest_reboots);
-    let crashes = vm.guest_crashes();
-    params.board.probe(
-        "guest_crashes",
-        Arc::new(move || crashes.load(Ordering::Relaxed)),
-    );
-    let device_model = u64::from(vm.identity().device_model_version);
-    params
-        .board
-        .probe("device_model", Arc::new(move || device_model));
-    let shipped = params.throttle.clone();
-    params.board.probe(
-        "log_bytes_shipped",
-        Arc::new(move || shipped.shipped_bytes()),
-    );
-    // Rates over the last second, from a sampler thread (a probe answers
-    // many clients; deltas between queries would depend on who asked).
-    let log_kbit_s = Arc::new(AtomicU64::new(0));
-    let sync_points_per_s = Arc::new(AtomicU64::new(0));
-    {
-        let (shipped, counters) = (params.throttle.clone(), counters.clone());
-        let (kbit, syncs) = (log_kbit_s.clone(), sync_points_per_s.clone());
-        let board = params.board.clone();
-        std::thread::Builder::new()
-            .name("tandem-rates".into())
-            .spawn(move || {
-                let mut seconds = 0u64;
-                let mut last = (
-                    shipped.shipped_bytes(),
-                    counters.sync_points.load(Ordering::Relaxed),
-                );
-                loop {
-                    std::thread::sleep(Duration::from_secs(1));
-                    let now = (
-                        shipped.shipped_bytes(),
-                        counters.sync_points.load(Ordering::Relaxed),
-                    );
-                    kbit.store(now.0.saturating_sub(last.0) * 8 / 1000, Ordering::Relaxed);
-                    syncs.store(now.1.saturating_sub(last.1), Ordering::Relaxed);
-                    // The status figures as a tracing event every 10 s
-                    // (TANDEM_LOG=debug), for log collectors.
-                    seconds += 1;
-                    if seconds % 10 == 0 {
-                        tracing::debug!(target: "tandem::status", status = %board.render());
-                    }
-                    last = now;
-                }
-            })?;
-    }
-    params.board.probe(
-        "log_kbit_s",
-        Arc::new(move || log_kbit_s.load(Ordering::Relaxed)),
-    );
-    params.board.probe(
-        "sync_points_per_s",
-        Arc::new(move || sync_points_per_s.load(Ordering::Relaxed)),
-    );
-    let diverged = vm.divergence_epoch();
-    params.board.probe(
-        "last_diverged_epoch",
-        Arc::new(move || diverged.load(Ordering::Acquire).saturating_sub(1)),
-    );
-    params
-        .board
-        .serve(&params.control, params.access)
-        .with_context(|| {
-            format!(
-                "cannot serve the control socket {}",
-                params.control.display()
-            )
-        })
 }
 
 /// A shipped frame kept until acked: (index on the link, stop, when sent,

@@ -20,6 +20,7 @@ pub mod device_manager;
 pub mod dirty;
 pub mod epoch;
 pub mod exit;
+pub mod handle;
 pub mod journal;
 pub mod kick;
 pub mod layout;
@@ -32,5 +33,6 @@ pub mod state;
 pub mod vcpu;
 pub mod vm;
 
+pub use handle::{VmFigures, VmHandle};
 pub use vcpu::{CrashPolicy, GuestCrash, ReplayEnd, RunOutcome, VcpuStats};
 pub use vm::{DiskConfig, NetConfig, RunReport, Vm, VmConfig, VmError, DEFAULT_KVM_PATH};

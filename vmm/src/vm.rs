@@ -35,9 +35,9 @@ use builder::{
 /// Stops a running VM from another thread.
 #[derive(Clone)]
 pub struct VmStopper {
-    flag: Arc<std::sync::atomic::AtomicBool>,
-    kicker: crate::kick::Kicker,
-    causes: CauseQueue,
+    pub(crate) flag: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) kicker: crate::kick::Kicker,
+    pub(crate) causes: CauseQueue,
 }
 
 impl VmStopper {
@@ -385,25 +385,20 @@ impl Vm {
         self.gate.clone()
     }
 
-    /// Guest crashes rebooted so far.
-    pub fn guest_crashes(&self) -> Arc<std::sync::atomic::AtomicU64> {
-        self.vcpu.guest_crashes()
-    }
-
-    /// 1 + the last epoch a replay found diverged (0: none).
-    pub fn divergence_epoch(&self) -> Arc<std::sync::atomic::AtomicU64> {
-        self.vcpu.divergence_epoch()
-    }
-
-    /// Kicks the vCPU out of the guest: when recording, the stop it makes
-    /// is a sync point (how a primary answers a repair request).
-    pub fn kicker(&self) -> crate::kick::Kicker {
-        self.vcpu.kicker()
-    }
-
-    /// Counters readable while the VM runs.
-    pub fn live_counters(&self) -> Arc<crate::vcpu::LiveCounters> {
-        self.vcpu.live_counters()
+    /// A typed handle on this VM for other threads: requests (stop, kick,
+    /// a full sync point) and a snapshot of its counters.
+    pub fn handle(&self) -> crate::handle::VmHandle {
+        let (full_sync_request, full_sync_stop) = self.vcpu.full_sync_handles();
+        crate::handle::VmHandle {
+            counters: self.vcpu.live_counters(),
+            guest_crashes: self.vcpu.guest_crashes(),
+            divergence_epoch: self.vcpu.divergence_epoch(),
+            verified_stop: self.vcpu.verified_stop(),
+            full_sync_request,
+            full_sync_stop,
+            stopper: self.stopper(),
+            kicker: self.vcpu.kicker(),
+        }
     }
 
     /// Stops the VM at its next stop, from any thread; `run` then returns
@@ -425,21 +420,6 @@ impl Vm {
         crate::precopy::MemoryReader,
     ) {
         self.vcpu.precopy()
-    }
-
-    /// (request a full sync point, stop of the last full sync point).
-    pub fn full_sync_handles(
-        &self,
-    ) -> (
-        Arc<std::sync::atomic::AtomicBool>,
-        Arc<std::sync::atomic::AtomicU64>,
-    ) {
-        self.vcpu.full_sync_handles()
-    }
-
-    /// The stop of the last epoch a replay verified.
-    pub fn verified_stop(&self) -> Arc<std::sync::atomic::AtomicU64> {
-        self.vcpu.verified_stop()
     }
 
     /// The secondary's output buffer (pair mode).

@@ -116,10 +116,9 @@ impl Replicator {
             if fresh { "attached" } else { "joining" },
         );
         let me = self.clone();
-        let kicker = self.kicker.clone();
         std::thread::Builder::new()
             .name("tandem-acks".into())
-            .spawn(move || me.read_acks(input, kicker))?;
+            .spawn(move || me.read_acks(input))?;
         if !fresh {
             // Memory goes over in rounds while the guest runs; then the
             // secondary starts from a full sync point that carries only
@@ -189,10 +188,9 @@ impl Replicator {
         self.params
             .event(&format!("secondary-resumed frame={frames}"));
         let me = self.clone();
-        let kicker = self.kicker.clone();
         std::thread::Builder::new()
             .name("tandem-acks".into())
-            .spawn(move || me.read_acks(input, kicker))?;
+            .spawn(move || me.read_acks(input))?;
         Ok(())
     }
 }

@@ -121,9 +121,9 @@ impl Replicator {
     /// full sync point a joiner starts from.
     pub(super) fn ask_vcpu(&self, full: bool) {
         if full {
-            self.full_sync.store(true, Ordering::Release);
+            self.vm.request_full_sync();
         }
-        self.kicker.kick();
+        self.vm.kick();
         self.causes.wake();
     }
 
@@ -214,7 +214,7 @@ impl Replicator {
             return;
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.full_sync.load(Ordering::Acquire) && Instant::now() < deadline {
+        while self.vm.full_sync_pending() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
         drop(held);

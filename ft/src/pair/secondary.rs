@@ -26,7 +26,7 @@ use tandem_replay::log::{LogError, LogReader, Page, Record, VmIdentity};
 use tandem_replay::Outputs as _;
 use tandem_vmm::backend::gate::FollowerOutputs;
 use tandem_vmm::vm::RunMode;
-use tandem_vmm::{Vm, VmConfig};
+use tandem_vmm::{Vm, VmConfig, VmHandle};
 use tracing::{info, warn};
 
 use super::follower::{Action, Follower, GoLive, Progress, Reporter, TakeoverWatch};
@@ -73,7 +73,7 @@ struct Shared {
     /// The replay's progress (verified stop, divergence epoch), once the VM
     /// exists: the ack thread starts before (see `run_secondary`) and
     /// reports none until then.
-    progress: OnceLock<(Arc<AtomicU64>, Arc<AtomicU64>)>,
+    progress: OnceLock<VmHandle>,
 }
 
 impl Shared {
@@ -149,7 +149,7 @@ pub fn run_secondary(
     spawn("tandem-monitor", move || {
         monitor(params, &watched, watch, disk_checked, live)
     })?;
-    let verified_end = vm.verified_stop();
+    let handle = vm.handle();
     let report = vm.run();
     if let Some(reason) = crate::fence::fenced() {
         return Ok(Ended::Fenced(reason));
@@ -157,7 +157,7 @@ pub fn run_secondary(
     if matches!(&report, Ok(r) if r.stats.went_live_at.is_none()) {
         // The replay reached the recorded end: everything is replayed
         // (`replayed` commit releases the last output on this).
-        verified_end.store(u64::MAX, Ordering::Release);
+        handle.mark_replayed_to_end();
         std::thread::sleep(heartbeat * 3);
     }
     // Console bytes pass through a writer thread: let them out before the
@@ -618,7 +618,10 @@ fn ack(shared: &Shared, heartbeat: Duration) {
             *guard
         };
         let (verified, diverged) = match shared.progress.get() {
-            Some((v, d)) => (v.load(Ordering::Acquire), d.load(Ordering::Acquire)),
+            Some(vm) => (
+                vm.verified_stop(),
+                vm.last_divergence().map_or(0, |epoch| epoch + 1),
+            ),
             None => (0, 0),
         };
         let now = Progress {
@@ -659,11 +662,11 @@ fn follower_vm(
     });
     // Once live, this side records for a secondary of its own.
     let (frames_tx, frames_rx) = channel::<ShipFrame>();
-    let full_sync_stop: Arc<OnceLock<Arc<AtomicU64>>> = Arc::default();
+    let vm_slot: Arc<OnceLock<VmHandle>> = Arc::default();
     let sink = ShipSink {
         frames: frames_tx,
         throttle: params.throttle.clone(),
-        full_sync_stop: full_sync_stop.clone(),
+        vm: vm_slot.clone(),
     };
     config.go_live_record = Some((pair_record_options(params), Box::new(sink)));
     if let Some((socket, path)) = params.console.clone() {
@@ -675,30 +678,26 @@ fn follower_vm(
         }));
     }
     let vm = Vm::new(config)?;
-    let _ = shared
-        .progress
-        .set((vm.verified_stop(), vm.divergence_epoch()));
+    let _ = shared.progress.set(vm.handle());
     if let Some((socket, _)) = &params.console {
         socket.set_input(vm.cause_queue());
     }
     if let Some(f) = vm.follower() {
         let _ = shared.follower_slot.set(f);
     }
-    let (full_sync, vcpu_full_stop) = vm.full_sync_handles();
-    let _ = full_sync_stop.set(vcpu_full_stop);
+    let _ = vm_slot.set(vm.handle());
     publish(params, &vm, Role::Secondary, shared.generation)?;
-    let verified_probe = vm.verified_stop();
-    params.board.probe(
-        "verified_stop",
-        Arc::new(move || verified_probe.load(Ordering::Acquire)),
-    );
+    let handle = vm.handle();
+    params
+        .board
+        .probe("verified_stop", Arc::new(move || handle.verified_stop()));
     params.board.probe(
         "last_heartbeat_ms",
         status::age_probe(shared.base, shared.last_heard.clone()),
     );
     // The replicator this side will run as the new primary.
     params.throttle.open();
-    let successor = Replicator::new(params.clone(), &vm, shared.generation, full_sync)?;
+    let successor = Replicator::new(params.clone(), &vm, shared.generation)?;
     successor.offer_switchover();
     Ok((vm, successor, frames_rx))
 }

@@ -1,0 +1,124 @@
+//! What a pair side shows on its control socket: every role's figures
+//! (probes read when a client asks), the once-a-second rates, and the
+//! socket itself.
+
+use super::*;
+use tandem_vmm::VmFigures;
+
+/// Registers this side for fencing and shutdown and serves its control
+/// socket with the figures every role has.
+pub(super) fn publish(
+    params: &PairParams,
+    vm: &Vm,
+    role: Role,
+    generation: u64,
+) -> anyhow::Result<()> {
+    fence::register(fence::Side {
+        board: params.board.clone(),
+        stopper: vm.stopper(),
+    });
+    params.board.set(role, generation, "connected");
+    output_probes(params, vm);
+    let handle = vm.handle();
+    vm_probes(params, vm, &handle);
+    rate_probes(params, handle)?;
+    params
+        .board
+        .serve(&params.control, params.access)
+        .with_context(|| {
+            format!(
+                "cannot serve the control socket {}",
+                params.control.display()
+            )
+        })
+}
+
+/// Held output and the log the brake holds back.
+fn output_probes(params: &PairParams, vm: &Vm) {
+    let board = &params.board;
+    if let Some(gate) = vm.gate() {
+        let oldest = gate.clone();
+        board.probe("held_outputs", Arc::new(move || gate.held() as u64));
+        board.probe("oldest_held_ms", Arc::new(move || oldest.oldest_held_ms()));
+    }
+    let throttle = params.throttle.clone();
+    board.probe("unacked_bytes", Arc::new(move || throttle.unacked()));
+    let shipped = params.throttle.clone();
+    board.probe(
+        "log_bytes_shipped",
+        Arc::new(move || shipped.shipped_bytes()),
+    );
+}
+
+/// A status figure's name and how to read it from a snapshot.
+type NamedFigure = (&'static str, fn(&VmFigures) -> u64);
+
+/// The VM's own counters: stops, sync points, epochs, divergences,
+/// checkpoints, crashes (each read from a snapshot when asked).
+fn vm_probes(params: &PairParams, vm: &Vm, handle: &VmHandle) {
+    let board = &params.board;
+    let causes = vm.cause_queue();
+    board.probe("inputs_dropped", Arc::new(move || causes.dropped()));
+    let figures: [NamedFigure; 10] = [
+        ("stops", |f| f.stops),
+        ("sync_points", |f| f.sync_points),
+        ("epochs", |f| f.epochs),
+        ("epochs_verified", |f| f.epochs_verified),
+        ("epochs_transferred", |f| f.epochs_transferred),
+        ("divergences", |f| f.divergences),
+        ("checkpoints", |f| f.checkpoints),
+        ("guest_rollbacks", |f| f.guest_rollbacks),
+        ("guest_reboots", |f| f.guest_reboots),
+        ("guest_crashes", |f| f.guest_crashes),
+    ];
+    for (name, figure) in figures {
+        let h = handle.clone();
+        board.probe(name, Arc::new(move || figure(&h.figures())));
+    }
+    let device_model = u64::from(vm.identity().device_model_version);
+    board.probe("device_model", Arc::new(move || device_model));
+    let h = handle.clone();
+    board.probe(
+        "last_diverged_epoch",
+        Arc::new(move || h.last_divergence().unwrap_or(0)),
+    );
+}
+
+/// Rates over the last second (log kbit/s, sync points/s), from a sampler
+/// thread: a probe answers many clients, and deltas between queries would
+/// depend on who asked. Every 10 s the status also goes out as a tracing
+/// event (`TANDEM_LOG=debug`), for log collectors.
+fn rate_probes(params: &PairParams, vm: VmHandle) -> anyhow::Result<()> {
+    let log_kbit_s = Arc::new(AtomicU64::new(0));
+    let sync_points_per_s = Arc::new(AtomicU64::new(0));
+    let shipped = params.throttle.clone();
+    let (kbit, syncs) = (log_kbit_s.clone(), sync_points_per_s.clone());
+    let board = params.board.clone();
+    let sample = move || (shipped.shipped_bytes(), vm.figures().sync_points);
+    std::thread::Builder::new()
+        .name("tandem-rates".into())
+        .spawn(move || {
+            let mut seconds = 0u64;
+            let mut last = sample();
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let now = sample();
+                kbit.store(now.0.saturating_sub(last.0) * 8 / 1000, Ordering::Relaxed);
+                syncs.store(now.1.saturating_sub(last.1), Ordering::Relaxed);
+                seconds += 1;
+                if seconds % 10 == 0 {
+                    tracing::debug!(target: "tandem::status", status = %board.render());
+                }
+                last = now;
+            }
+        })?;
+    params.board.probe(
+        "log_kbit_s",
+        Arc::new(move || log_kbit_s.load(Ordering::Relaxed)),
+    );
+    params.board.probe(
+        "sync_points_per_s",
+        Arc::new(move || sync_points_per_s.load(Ordering::Relaxed)),
+    );
+    Ok(())
+}

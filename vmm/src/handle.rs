@@ -1,0 +1,159 @@
+//! [`VmHandle`]: what other threads (fault tolerance, the control socket)
+//! may ask of a running VM and read from it, typed. The vCPU keeps its
+//! atomics to itself; a handle offers requests (stop, kick, a full sync
+//! point, the end of a replay) and [`VmFigures`], a snapshot of the
+//! counters.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::kick::Kicker;
+use crate::vcpu::LiveCounters;
+use crate::vm::VmStopper;
+
+/// A handle on a running VM, cheap to clone and to share between threads.
+#[derive(Clone)]
+pub struct VmHandle {
+    pub(crate) counters: Arc<LiveCounters>,
+    pub(crate) guest_crashes: Arc<AtomicU64>,
+    /// 1 + the last epoch a replay found diverged (0: none).
+    pub(crate) divergence_epoch: Arc<AtomicU64>,
+    pub(crate) verified_stop: Arc<AtomicU64>,
+    pub(crate) full_sync_request: Arc<AtomicBool>,
+    pub(crate) full_sync_stop: Arc<AtomicU64>,
+    pub(crate) stopper: VmStopper,
+    pub(crate) kicker: Kicker,
+}
+
+/// The VM's counters at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmFigures {
+    /// Deterministic stops.
+    pub stops: u64,
+    /// Sync points logged or installed.
+    pub sync_points: u64,
+    /// Epoch ends logged or checked.
+    pub epochs: u64,
+    /// Epochs verified with no sync point inside.
+    pub epochs_verified: u64,
+    /// Epochs that matched but held a sync point.
+    pub epochs_transferred: u64,
+    /// Epochs that diverged.
+    pub divergences: u64,
+    /// Checkpoints taken (`restart-checkpoint`).
+    pub checkpoints: u64,
+    /// Guest crashes recovered by rolling back to a checkpoint.
+    pub guest_rollbacks: u64,
+    /// Guest crashes recovered by rebooting the guest.
+    pub guest_reboots: u64,
+    /// Guest crashes rebooted so far (all policies).
+    pub guest_crashes: u64,
+}
+
+impl VmHandle {
+    /// The counters now.
+    pub fn figures(&self) -> VmFigures {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        VmFigures {
+            stops: get(&c.stops),
+            sync_points: get(&c.sync_points),
+            epochs: get(&c.epochs),
+            epochs_verified: get(&c.epochs_verified),
+            epochs_transferred: get(&c.epochs_transferred),
+            divergences: get(&c.divergences),
+            checkpoints: get(&c.checkpoints),
+            guest_rollbacks: get(&c.guest_rollbacks),
+            guest_reboots: get(&c.guest_reboots),
+            guest_crashes: get(&self.guest_crashes),
+        }
+    }
+
+    /// A replay: the stop of the last epoch it verified (0: none yet).
+    pub fn verified_stop(&self) -> u64 {
+        self.verified_stop.load(Ordering::Acquire)
+    }
+
+    /// A replay: the last epoch it found diverged, if any.
+    pub fn last_divergence(&self) -> Option<u64> {
+        self.divergence_epoch.load(Ordering::Acquire).checked_sub(1)
+    }
+
+    /// A follower that replayed the whole log: everything counts as
+    /// verified (a `replayed` commit releases the last output on this).
+    pub fn mark_replayed_to_end(&self) {
+        self.verified_stop.store(u64::MAX, Ordering::Release);
+    }
+
+    /// Recording: asks for a full sync point at the next stop (where a
+    /// joining secondary starts).
+    pub fn request_full_sync(&self) {
+        self.full_sync_request.store(true, Ordering::Release);
+    }
+
+    /// Whether a requested full sync point is still to come.
+    pub fn full_sync_pending(&self) -> bool {
+        self.full_sync_request.load(Ordering::Acquire)
+    }
+
+    /// The stop of the last full sync point (published before it is
+    /// logged, so a sink can tag its record).
+    pub fn last_full_sync_stop(&self) -> u64 {
+        self.full_sync_stop.load(Ordering::Acquire)
+    }
+
+    /// Kicks the vCPU out of the guest: when recording, the stop it makes
+    /// is a sync point (how a primary answers a repair request).
+    pub fn kick(&self) {
+        self.kicker.kick();
+    }
+
+    /// Stops the VM at its next stop; `Vm::run` then returns
+    /// `RunOutcome::Stopped`.
+    pub fn stop(&self) {
+        self.stopper.stop();
+    }
+
+    /// A stopper alone, for whoever only stops the VM.
+    pub fn stopper(&self) -> VmStopper {
+        self.stopper.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_and_requests_read_and_write_the_vcpus_atomics() {
+        let counters = Arc::new(LiveCounters::default());
+        let causes = tandem_replay::CauseQueue::new(Arc::new(|| {}));
+        let kicker = Kicker::default();
+        let stop_flag = Arc::new(AtomicBool::new(false));
+        let h = VmHandle {
+            counters: counters.clone(),
+            guest_crashes: Arc::default(),
+            divergence_epoch: Arc::default(),
+            verified_stop: Arc::default(),
+            full_sync_request: Arc::default(),
+            full_sync_stop: Arc::default(),
+            stopper: VmStopper {
+                flag: stop_flag.clone(),
+                kicker: kicker.clone(),
+                causes,
+            },
+            kicker,
+        };
+        counters.sync_points.store(7, Ordering::Relaxed);
+        assert_eq!(h.figures().sync_points, 7);
+        assert_eq!(h.last_divergence(), None);
+        h.divergence_epoch.store(4, Ordering::Relaxed);
+        assert_eq!(h.last_divergence(), Some(3));
+        h.request_full_sync();
+        assert!(h.full_sync_pending());
+        h.mark_replayed_to_end();
+        assert_eq!(h.verified_stop(), u64::MAX);
+        h.stop();
+        assert!(stop_flag.load(Ordering::Acquire));
+    }
+}
