@@ -325,7 +325,8 @@ fn wildcard_arms_over_messages(dir: &str) -> Vec<String> {
             if ind < indent && !t.is_empty() {
                 break;
             }
-            if ind == indent && (t.contains("Message::") || t.contains("Reply::")) {
+            let wire = ["Message::", "Reply::", "ToSecondary::", "ToPrimary::"];
+            if ind == indent && wire.iter().any(|w| t.contains(w)) {
                 names_message = true;
             }
         }
@@ -381,6 +382,167 @@ fn no_unwrap_or_expect_outside_tests() {
     assert!(
         found.is_empty(),
         "unwrap/expect outside tests (return an error, or add an allowlist entry with its reason):\n{}",
+        found.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Size rules: no function over 100 lines outside tests, and a file over 800
+// lines says why at its top (a `Size:` paragraph in its module comment).
+
+/// Longest non-test function allowed, in lines.
+const MAX_FN_LINES: usize = 100;
+/// Longest file allowed without a `Size:` reason at its top, in lines.
+const MAX_FILE_LINES: usize = 800;
+
+/// `code` without the contents of its string and char literals (braces in
+/// format strings are not code).
+fn without_literals(code: &str) -> String {
+    let mut out = String::new();
+    let mut in_str = false;
+    let mut chars = code.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if in_str => {
+                chars.next();
+            }
+            '"' => in_str = !in_str,
+            '\'' if !in_str => {
+                // A char literal such as '{' (not a lifetime such as 'a).
+                let rest: String = chars.clone().take(3).collect();
+                if rest.chars().nth(1) == Some('\'') {
+                    chars.next();
+                    chars.next();
+                } else if rest.starts_with('\\') && rest.chars().nth(2) == Some('\'') {
+                    chars.next();
+                    chars.next();
+                    chars.next();
+                }
+            }
+            _ if in_str => {}
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Functions longer than `max` lines in `lines` (one file's non-test code):
+/// "file:line: fn name (n lines)".
+fn long_functions(lines: &[(PathBuf, usize, String)], max: usize) -> Vec<String> {
+    let mut found = Vec::new();
+    for (i, (file, n, code)) in lines.iter().enumerate() {
+        let t = code.trim_start();
+        let Some(at) = t.find("fn ") else { continue };
+        let head = &t[..at];
+        let is_item = head.split_whitespace().all(|w| {
+            matches!(w, "pub" | "const" | "async" | "unsafe" | "extern") || w.starts_with("pub(")
+        });
+        if !is_item {
+            continue;
+        }
+        let name: String = t[at + 3..]
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let (mut depth, mut opened) = (0i64, false);
+        for (f, end, body) in &lines[i..] {
+            if f != file {
+                break;
+            }
+            let body = without_literals(body);
+            if !opened && body.trim_end().ends_with(';') {
+                break; // a declaration, no body
+            }
+            for c in body.chars() {
+                match c {
+                    '{' => {
+                        depth += 1;
+                        opened = true;
+                    }
+                    '}' => depth -= 1,
+                    _ => {}
+                }
+            }
+            if opened && depth <= 0 {
+                let len = end - n + 1;
+                if len > max {
+                    found.push(format!("{}:{n}: fn {name} ({len} lines)", file.display()));
+                }
+                break;
+            }
+        }
+    }
+    found
+}
+
+/// Where the function-length rule applies.
+const SIZE_CHECKED: [&str; 6] = [
+    "src",
+    "ft/src",
+    "config/src",
+    "vmm/src",
+    "devices/src",
+    "replay/src",
+];
+
+#[test]
+fn no_function_over_100_lines_outside_tests() {
+    let mut found = Vec::new();
+    for dir in SIZE_CHECKED {
+        found.extend(long_functions(&source_lines(dir), MAX_FN_LINES));
+    }
+    assert!(
+        found.is_empty(),
+        "functions over {MAX_FN_LINES} lines (split them by what they do):\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn the_length_check_measures_functions() {
+    let file = PathBuf::from("x.rs");
+    let mut lines = vec![(
+        file.clone(),
+        1,
+        "pub(crate) fn long(a: u8) -> String {".to_string(),
+    )];
+    for i in 0..100 {
+        lines.push((
+            file.clone(),
+            i + 2,
+            format!("    let _ = format!(\"{{}}{{\", {i});"),
+        ));
+    }
+    lines.push((file.clone(), 102, "}".to_string()));
+    lines.push((file.clone(), 103, "fn short() {}".to_string()));
+    lines.push((file.clone(), 104, "fn declared();".to_string()));
+    assert_eq!(
+        long_functions(&lines, MAX_FN_LINES),
+        vec!["x.rs:1: fn long (102 lines)".to_string()]
+    );
+    assert!(long_functions(&lines, 102).is_empty());
+    // And it sees this project's code: some function here is over 30 lines.
+    assert!(!long_functions(&source_lines("ft/src"), 30).is_empty());
+}
+
+#[test]
+fn a_file_over_800_lines_says_why_at_its_top() {
+    let mut found = Vec::new();
+    let mut files = Vec::new();
+    for dir in SIZE_CHECKED.iter().chain(["bench/src"].iter()) {
+        rust_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join(dir), &mut files);
+    }
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let lines = text.lines().count();
+        let top: Vec<&str> = text.lines().take_while(|l| l.starts_with("//!")).collect();
+        if lines > MAX_FILE_LINES && !top.iter().any(|l| l.contains("Size:")) {
+            found.push(format!("{} ({lines} lines)", file.display()));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "files over {MAX_FILE_LINES} lines without a `Size:` reason in their module comment:\n{}",
         found.join("\n")
     );
 }

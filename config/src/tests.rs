@@ -1,3 +1,9 @@
+//! The pair file's tests: every key's default and refusal, by section, and
+//! a property test that no input panics the parser.
+//!
+//! Size: over 800 lines because each refusal is one short test with its
+//! exact message (the operator's contract); split by section if it grows.
+
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::*;

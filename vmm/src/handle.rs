@@ -7,9 +7,10 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use tandem_replay::CauseQueue;
+
 use crate::kick::Kicker;
 use crate::vcpu::LiveCounters;
-use crate::vm::VmStopper;
 
 /// A handle on a running VM, cheap to clone and to share between threads.
 #[derive(Clone)]
@@ -117,6 +118,23 @@ impl VmHandle {
     /// A stopper alone, for whoever only stops the VM.
     pub fn stopper(&self) -> VmStopper {
         self.stopper.clone()
+    }
+}
+
+/// Stops a running VM from another thread.
+#[derive(Clone)]
+pub struct VmStopper {
+    pub(crate) flag: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) kicker: crate::kick::Kicker,
+    pub(crate) causes: CauseQueue,
+}
+
+impl VmStopper {
+    /// Asks the vCPU to stop at its next stop (also when halted).
+    pub fn stop(&self) {
+        self.flag.store(true, std::sync::atomic::Ordering::Release);
+        self.kicker.kick();
+        self.causes.wake();
     }
 }
 

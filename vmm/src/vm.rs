@@ -32,22 +32,7 @@ use builder::{
     start_outputs, sync_context, Handles, ModePlan, Role,
 };
 
-/// Stops a running VM from another thread.
-#[derive(Clone)]
-pub struct VmStopper {
-    pub(crate) flag: Arc<std::sync::atomic::AtomicBool>,
-    pub(crate) kicker: crate::kick::Kicker,
-    pub(crate) causes: CauseQueue,
-}
-
-impl VmStopper {
-    /// Asks the vCPU to stop at its next stop (also when halted).
-    pub fn stop(&self) {
-        self.flag.store(true, std::sync::atomic::Ordering::Release);
-        self.kicker.kick();
-        self.causes.wake();
-    }
-}
+pub use crate::handle::VmStopper;
 
 /// How a run went.
 #[derive(Debug)]

@@ -4,6 +4,9 @@
 //! threads in [`super::secondary`] are I/O shells around these; the unit
 //! tests below drive them with message sequences.
 
+use tandem_replay::log::{LogError, Record};
+
+use crate::fence::FenceReason;
 use crate::silence::{SilenceWatch, Verdict};
 use crate::wire::{Message, Refused, ToPrimary, ToSecondary};
 
@@ -154,6 +157,45 @@ impl Follower {
     /// The connection broke: resume after the frames already here.
     pub fn resume_from(&self) -> u64 {
         self.frames
+    }
+}
+
+/// What the decode thread does with one read of the log pipe.
+// One value per read, moved straight on: boxing the record would add an
+// allocation per record for nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Decoded {
+    /// Hand the record to the replay; `covers`: the log is here up to this
+    /// stop (a watermark; the End record covers everything), so ack it.
+    Record {
+        /// The record.
+        record: Record,
+        /// The stop now covered, if the record moves it.
+        covers: Option<u64>,
+    },
+    /// The pipe ended: the monitor closed it after winning the next
+    /// generation (dropping the feed lets the replay go live).
+    End,
+    /// The stream cannot be decoded: a secondary that cannot follow must not
+    /// go live on its own; it fences, and the primary carries on
+    /// unprotected.
+    Fence(FenceReason),
+}
+
+/// The decode thread's decision on one read.
+pub fn decoded(read: Result<Option<Record>, LogError>) -> Decoded {
+    match read {
+        Ok(Some(record)) => {
+            let covers = match record {
+                Record::Watermark { stop } => Some(stop),
+                Record::End { .. } => Some(u64::MAX),
+                _ => None,
+            };
+            Decoded::Record { record, covers }
+        }
+        Ok(None) => Decoded::End,
+        Err(e) => Decoded::Fence(FenceReason::DamagedStream(e.to_string())),
     }
 }
 
@@ -401,6 +443,40 @@ mod tests {
         );
         assert_eq!(f.on_message(4, Message::Heartbeat), Ok(None));
         assert_eq!(f.on_message(4, Message::Ping(7)), Ok(Some(Action::Echo(7))));
+    }
+
+    #[test]
+    fn watermarks_and_the_end_are_acked_and_a_damaged_frame_fences() {
+        let covers = |r: Record| match decoded(Ok(Some(r))) {
+            Decoded::Record { covers, .. } => covers,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(covers(Record::Watermark { stop: 9 }), Some(9));
+        let end = Record::End {
+            stop: 12,
+            outcome: tandem_replay::log::EndOutcome::GuestExit(0),
+        };
+        assert_eq!(covers(end), Some(u64::MAX));
+        assert_eq!(
+            covers(Record::Cause {
+                stop: 3,
+                cause: tandem_replay::Cause::Time(5)
+            }),
+            None
+        );
+        assert!(matches!(decoded(Ok(None)), Decoded::End));
+        let damaged = LogError::Corrupt {
+            offset: 100,
+            record: 2,
+            reason: "crc mismatch".into(),
+        };
+        match decoded(Err(damaged)) {
+            Decoded::Fence(reason) => {
+                assert_eq!(reason.event(), "damaged-stream");
+                assert!(reason.to_string().contains("crc mismatch"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

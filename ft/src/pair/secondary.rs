@@ -29,7 +29,9 @@ use tandem_vmm::vm::RunMode;
 use tandem_vmm::{Vm, VmConfig, VmHandle};
 use tracing::{info, warn};
 
-use super::follower::{Action, Follower, GoLive, Progress, Reporter, TakeoverWatch};
+use super::follower::{
+    decoded, Action, Decoded, Follower, GoLive, Progress, Reporter, TakeoverWatch,
+};
 use super::{
     millis, pair_record_options, publish, Ended, PairParams, Replicator, ShipFrame, ShipSink,
 };
@@ -568,16 +570,9 @@ fn decode_loop(
     received: &(Mutex<Option<u64>>, Condvar),
 ) {
     loop {
-        match reader.read_record() {
-            Ok(Some(record)) => {
-                // The End record means the secondary has the whole log: it
-                // acks everything, so the primary releases its last output.
-                let covered = match record {
-                    Record::Watermark { stop } => Some(stop),
-                    Record::End { .. } => Some(u64::MAX),
-                    _ => None,
-                };
-                if let Some(stop) = covered {
+        match decoded(reader.read_record()) {
+            Decoded::Record { record, covers } => {
+                if let Some(stop) = covers {
                     let mut w = received.0.lock().unwrap_or_else(|p| p.into_inner());
                     *w = (*w).max(Some(stop));
                     received.1.notify_one();
@@ -586,12 +581,8 @@ fn decode_loop(
                     return;
                 }
             }
-            // EOF: the monitor closed the pipe after winning the next
-            // generation; dropping the feed lets the replay go live.
-            Ok(None) => return,
-            // A secondary that cannot follow must not go live on its own:
-            // it stops, and the primary carries on unprotected.
-            Err(e) => fence(FenceReason::DamagedStream(e.to_string())),
+            Decoded::End => return,
+            Decoded::Fence(reason) => fence(reason),
         }
     }
 }
