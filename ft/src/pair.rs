@@ -17,7 +17,7 @@
 //! the secondary in `pair/secondary.rs`; the decisions without sockets are
 //! `pair/follower.rs` and `pair/acks.rs`.
 
-use super::silence::{unread_bytes, SilenceWatch, Verdict};
+use super::silence::unread_bytes;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,7 +63,7 @@ use publish::publish;
 pub use secondary::run_secondary;
 
 use accept::{admit, listen, Greeted};
-use acks::{AckAction, AckLedger};
+use acks::{AckAction, AckLedger, SecondaryWatch};
 
 /// How one side of a pair ended, handed up to the command, which chooses
 /// the exit status.
@@ -656,7 +656,7 @@ impl Replicator {
     /// anything unprotected (or fence), then wait for a new secondary.
     fn monitor(self: &Arc<Self>) {
         let timeout = self.params.failover_timeout.as_millis() as u64;
-        let mut watch = SilenceWatch::new(timeout, self.params.heartbeat.as_millis() as u64);
+        let mut watch = SecondaryWatch::new(timeout, self.params.heartbeat.as_millis() as u64);
         loop {
             std::thread::sleep(self.params.heartbeat);
             if self.stepping_down.load(Ordering::Acquire) {
@@ -674,23 +674,17 @@ impl Replicator {
                 None => continue,
             };
             self.check_lease();
-            let now = millis(self.base);
-            // This side's own stalls (and acks waiting unread) are not the
-            // secondary's silence.
-            let verdict = watch.tick(now, self.last_heard.load(Ordering::Acquire), unread);
-            // Heard, but no ping echoed for a whole timeout: the path or the
-            // secondary is stuck; as good as silent.
-            let unechoed = watch.silent_since(
-                now,
-                self.lease_until
-                    .load(Ordering::Acquire)
-                    .saturating_sub(self.lease_span()),
-            );
-            let why = if let Verdict::Silent(silent) = verdict {
-                format!("secondary silent for {silent} ms")
-            } else if self.attached.load(Ordering::Acquire) && unechoed >= timeout {
-                format!("no ping echoed by the secondary for {unechoed} ms")
-            } else {
+            let echoed = self
+                .lease_until
+                .load(Ordering::Acquire)
+                .saturating_sub(self.lease_span());
+            let Some(lost) = watch.tick(
+                millis(self.base),
+                self.last_heard.load(Ordering::Acquire),
+                echoed,
+                unread,
+                self.attached.load(Ordering::Acquire),
+            ) else {
                 continue;
             };
             let socket = self.socket.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -703,7 +697,7 @@ impl Replicator {
             if let Link::Joining(s) | Link::Attached(s) = old {
                 s.shutdown();
             }
-            self.go_unprotected(&why);
+            self.go_unprotected(&lost.to_string());
         }
     }
 

@@ -9,6 +9,7 @@
 //! only once the secondary has replayed up to R and the epoch ending there
 //! verified.
 
+use crate::silence::{SilenceWatch, Verdict};
 use crate::wire::{Message, Refused, ToPrimary};
 
 /// What the acks thread does with one message.
@@ -106,9 +107,104 @@ impl AckLedger {
     }
 }
 
+/// Why the primary gives its secondary up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecondaryLost {
+    /// Nothing heard for this long (ms).
+    Silent(u64),
+    /// Heard, but no ping echoed for this long (ms): the path or the
+    /// secondary is stuck; as good as silent (acks read after a freeze are
+    /// old, pongs say how old).
+    Unechoed(u64),
+}
+
+impl std::fmt::Display for SecondaryLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecondaryLost::Silent(ms) => write!(f, "secondary silent for {ms} ms"),
+            SecondaryLost::Unechoed(ms) => {
+                write!(f, "no ping echoed by the secondary for {ms} ms")
+            }
+        }
+    }
+}
+
+/// The primary monitor's decision: when the secondary counts as gone.
+#[derive(Debug)]
+pub struct SecondaryWatch {
+    watch: SilenceWatch,
+    timeout_ms: u64,
+}
+
+impl SecondaryWatch {
+    /// Gone after `timeout_ms` of silence (or of unechoed pings), looked at
+    /// every `period_ms`.
+    pub fn new(timeout_ms: u64, period_ms: u64) -> Self {
+        Self {
+            watch: SilenceWatch::new(timeout_ms, period_ms),
+            timeout_ms,
+        }
+    }
+
+    /// One look at `now` (ms): last heard at `heard`, the newest echoed
+    /// ping sent at `echoed`; `unread`: bytes wait on the link (this side's
+    /// own stalls and acks waiting unread are not the secondary's
+    /// silence); `attached`: the secondary follows (a joiner echoes no
+    /// pings yet).
+    pub fn tick(
+        &mut self,
+        now: u64,
+        heard: u64,
+        echoed: u64,
+        unread: bool,
+        attached: bool,
+    ) -> Option<SecondaryLost> {
+        if let Verdict::Silent(ms) = self.watch.tick(now, heard, unread) {
+            return Some(SecondaryLost::Silent(ms));
+        }
+        let unechoed = self.watch.silent_since(now, echoed);
+        (attached && unechoed >= self.timeout_ms).then_some(SecondaryLost::Unechoed(unechoed))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secondary_that_hears_but_echoes_no_ping_is_lost_once_attached() {
+        let mut w = SecondaryWatch::new(1000, 100);
+        let mut lost = None;
+        for now in (100..=1500).step_by(100) {
+            // Heard every tick (acks), the last echo at 0.
+            lost = w.tick(now, now, 0, false, true);
+            if lost.is_some() {
+                break;
+            }
+        }
+        assert_eq!(lost, Some(SecondaryLost::Unechoed(1000)));
+        assert_eq!(
+            lost.map(|l| l.to_string()).as_deref(),
+            Some("no ping echoed by the secondary for 1000 ms")
+        );
+        // A joiner (not attached yet) echoes nothing and is not lost for it.
+        let mut w = SecondaryWatch::new(1000, 100);
+        for now in (100..=3000).step_by(100) {
+            assert_eq!(w.tick(now, now, 0, false, false), None);
+        }
+    }
+
+    #[test]
+    fn a_silent_secondary_is_lost_after_the_timeout() {
+        let mut w = SecondaryWatch::new(1000, 100);
+        let mut lost = None;
+        let mut now = 0;
+        while lost.is_none() {
+            now += 100;
+            lost = w.tick(now, 0, now, false, true);
+        }
+        assert_eq!((now, lost), (1000, Some(SecondaryLost::Silent(1000))));
+    }
 
     #[test]
     fn an_ack_releases_output_up_to_its_stop() {
