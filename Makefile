@@ -3,12 +3,13 @@
 #   make test    unit + integration tests (real KVM, real guests)
 #   make lint    rustfmt --check and clippy -D warnings
 #   make deps    install what a fresh Debian 12 machine lacks (idempotent)
+#   make linux   Debian's stock kernel under tandem on a hardware-like KVM (QEMU TCG + SVM)
 
 CARGO ?= cargo
 GUEST_OUT := $(CURDIR)/target/guests
 TANDEM := target/release/tandem
 
-.PHONY: all deps guests build demo test lint clean fuzz bench chaos
+.PHONY: all deps guests build demo test lint clean fuzz bench chaos linux linux-boot
 
 all: build guests
 
@@ -81,3 +82,14 @@ fuzz: deps
 	PROPTEST_CASES=$$cases $(CARGO) test --release --locked -p tandem-devices -- fuzz && \
 	PROPTEST_CASES=$$cases $(CARGO) test --release --locked --bin tandem -- fuzz && \
 	echo "- fuzzing (\`make fuzz\`, $$(date -u +%F)): $$cases cases for each proptest target (log decoder: random tails, payloads with valid CRCs, mutated logs; devices: legacy registers, virtio rings and registers; pair file: any text, damaged files; replication messages: any header and payload, any byte stream, any stream before authentication within its 4 KiB limit; sealed messages: any bytes fail to open, encrypted or not; the witness's handshake: any lines before authentication are refused; disk-sync messages: any replica state, chunk and done payload), $$(( $$(date +%s) - start )) s in all on this machine, no crash (a crash fails the run; proptest keeps its seed in proptest-regressions/ for \`make test\`)" > target/fuzz-report.md && cat target/fuzz-report.md
+
+# Debian's stock kernel as a tandem guest, on a hardware-like KVM: an L1
+# Debian kernel in QEMU TCG with an emulated AMD SVM CPU loads kvm_amd and
+# runs tandem (scripts/linux/harness.sh). `make linux`: boot, record at the
+# default settings, replay (one result line each; LINUX_LIMIT_S bounds each
+# tandem run inside L1). `make linux-boot`: the boot alone (CI runs it).
+linux: build
+	./scripts/linux/harness.sh run record replay
+
+linux-boot: build
+	./scripts/linux/harness.sh run

@@ -704,6 +704,10 @@ impl Replicator {
     /// The secondary is gone (or will not ack): win the next generation and
     /// release everything held, or fence if the other side won.
     fn go_unprotected(&self, why: &str) {
+        // A fenced side releases nothing more, whoever asks.
+        if fence::fenced().is_some() {
+            return;
+        }
         let generation = self.generation.load(Ordering::Acquire);
         match self.params.claim(generation) {
             Ok(Some(g)) => {

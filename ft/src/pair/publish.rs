@@ -21,7 +21,11 @@ pub(super) fn publish(
     output_probes(params, vm);
     let handle = vm.handle();
     vm_probes(params, vm, &handle);
-    rate_probes(params, handle)?;
+    rate_probes(params, handle.clone())?;
+    params.board.probe(
+        "last_diverged_epoch",
+        Arc::new(move || handle.last_divergence().unwrap_or(0)),
+    );
     params
         .board
         .serve(&params.control, params.access)
@@ -33,7 +37,8 @@ pub(super) fn publish(
         })
 }
 
-/// Held output and the log the brake holds back.
+/// Held output and the log the brake holds back. (The figures keep the
+/// order `tandem status` has always printed them in.)
 fn output_probes(params: &PairParams, vm: &Vm) {
     let board = &params.board;
     if let Some(gate) = vm.gate() {
@@ -43,11 +48,6 @@ fn output_probes(params: &PairParams, vm: &Vm) {
     }
     let throttle = params.throttle.clone();
     board.probe("unacked_bytes", Arc::new(move || throttle.unacked()));
-    let shipped = params.throttle.clone();
-    board.probe(
-        "log_bytes_shipped",
-        Arc::new(move || shipped.shipped_bytes()),
-    );
 }
 
 /// A status figure's name and how to read it from a snapshot.
@@ -77,10 +77,10 @@ fn vm_probes(params: &PairParams, vm: &Vm, handle: &VmHandle) {
     }
     let device_model = u64::from(vm.identity().device_model_version);
     board.probe("device_model", Arc::new(move || device_model));
-    let h = handle.clone();
+    let shipped = params.throttle.clone();
     board.probe(
-        "last_diverged_epoch",
-        Arc::new(move || h.last_divergence().unwrap_or(0)),
+        "log_bytes_shipped",
+        Arc::new(move || shipped.shipped_bytes()),
     );
 }
 

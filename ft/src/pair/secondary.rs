@@ -37,7 +37,7 @@ use super::{
 };
 use crate::auth::Psk;
 use crate::channel::{self, FrameReceiver, FrameSender};
-use crate::fence::{fence, FenceReason};
+use crate::fence::FenceReason;
 use crate::mirror::MirrorReceiver;
 use crate::silence::unread_bytes;
 use crate::status::{self, Role};
@@ -128,7 +128,7 @@ pub fn run_secondary(
     let shared = Arc::new(Shared::new(generation, tx));
     let follower = Follow::new(&params, shared.clone(), pipe_in, disk_sync);
     spawn("tandem-follow", move || follow(follower, input))?;
-    let (identity, feed) = start_decode(&shared, pipe_out)?;
+    let (identity, feed) = start_decode(&params, &shared, pipe_out)?;
 
     // Acks, ping echoes and heartbeats. Started before the VM is built: a
     // joiner's VM takes a while to build, and the primary's output since
@@ -478,10 +478,19 @@ impl Follow {
             self.psk.as_ref(),
             self.write_limit,
         );
-        // None: the monitor decides what a primary that
-        // cannot be reached means.
-        let Some((tx, rx)) = resumed else {
-            return ControlFlow::Break(());
+        let (tx, rx) = match resumed {
+            Ok(link) => link,
+            // Before the log started, nothing else would end the start:
+            // say why and end the log pipe.
+            Err(refusal) if !self.follower.log_started() => {
+                let why = refusal.unwrap_or_else(|| e.to_string());
+                return self.give_up(format!(
+                    "the connection to the primary broke before its log started and was not resumed: {why}"
+                ));
+            }
+            // Otherwise the monitor decides what a primary that cannot be
+            // reached means.
+            Err(_) => return ControlFlow::Break(()),
         };
         eprintln!("tandem: reconnected to the primary; resuming from frame {frames}");
         *input = rx;
@@ -518,14 +527,16 @@ impl Follow {
 /// Starts the decoder on the reading end of the log pipe and waits for the
 /// log's header: the identity, and the records for the replay.
 fn start_decode(
+    params: &PairParams,
     shared: &Arc<Shared>,
     pipe_out: UnixStream,
 ) -> anyhow::Result<(VmIdentity, Receiver<Record>)> {
     let (identity_tx, identity_rx) = channel();
     let (feed_tx, feed_rx) = channel::<Record>();
     let decoded = shared.clone();
+    let params = params.clone();
     spawn("tandem-decode", move || {
-        decode(pipe_out, &identity_tx, &feed_tx, &decoded.received)
+        decode(&params, pipe_out, &identity_tx, &feed_tx, &decoded.received)
     })?;
     let identity = match identity_rx.recv() {
         Ok(Ok(identity)) => identity,
@@ -548,6 +559,7 @@ fn start_decode(
 
 /// Decoder: the log reader turns bytes into records for the replay.
 fn decode(
+    params: &PairParams,
     pipe_out: UnixStream,
     identity_tx: &Sender<Result<VmIdentity, LogError>>,
     feed: &Sender<Record>,
@@ -561,10 +573,11 @@ fn decode(
         }
     };
     let _ = identity_tx.send(Ok(identity));
-    decode_loop(&mut reader, feed, received);
+    decode_loop(params, &mut reader, feed, received);
 }
 
 fn decode_loop(
+    params: &PairParams,
     reader: &mut LogReader<UnixStream>,
     feed: &Sender<Record>,
     received: &(Mutex<Option<u64>>, Condvar),
@@ -582,7 +595,7 @@ fn decode_loop(
                 }
             }
             Decoded::End => return,
-            Decoded::Fence(reason) => fence(reason),
+            Decoded::Fence(reason) => params.fence(reason),
         }
     }
 }
@@ -879,7 +892,8 @@ impl PrecopyProgress {
 const STATE_PROGRESS_MIN: u64 = 16 << 20;
 
 /// Reconnects to the primary after the replication connection broke and
-/// asks to resume after `frames` frames; None when it will not (or the side
+/// asks to resume after `frames` frames; Err when it will not (with the
+/// primary's refusal, if it refused) or the side
 /// decided the primary is gone).
 fn reconnect(
     (local, peer): (IpAddr, SocketAddr),
@@ -889,7 +903,7 @@ fn reconnect(
     gone: &AtomicBool,
     psk: Option<&Arc<Psk>>,
     write_limit: Duration,
-) -> Option<(FrameSender, FrameReceiver)> {
+) -> Result<(FrameSender, FrameReceiver), Option<String>> {
     while !gone.load(Ordering::Acquire) {
         let connected = channel::dial(local, peer, Duration::from_millis(500))
             .map_err(anyhow::Error::from)
@@ -908,11 +922,11 @@ fn reconnect(
                 match rx.recv() {
                     Ok((g, Message::Welcome { .. })) if g == generation => {
                         let _ = rx.set_read_timeout(None);
-                        return Some((tx, rx));
+                        return Ok((tx, rx));
                     }
                     Ok((_, Message::Refuse { reason })) => {
                         warn!("the primary will not resume: {reason}");
-                        return None;
+                        return Err(Some(reason));
                     }
                     Ok((g, other)) => warn!(
                         "resuming: the primary answered with {} (generation {g}): trying again",
@@ -924,5 +938,5 @@ fn reconnect(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    None
+    Err(None)
 }

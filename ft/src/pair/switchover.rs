@@ -36,17 +36,18 @@ impl Replicator {
             return Err("a switch-over is already under way".into());
         }
         let started = Instant::now();
-        if let Err(why) = self
-            .quiesce(lease_lost)
-            .and_then(|()| self.tell_step_down())
-        {
+        let mut quiesced = Duration::ZERO;
+        let ready = self.quiesce(lease_lost).and_then(|()| {
+            quiesced = started.elapsed();
+            self.tell_step_down()
+        });
+        if let Err(why) = ready {
             self.params.throttle.unhold();
             self.stepping_down.store(false, Ordering::Release);
             return Err(format!(
                 "{why}; the switch-over is called off, this side carries on"
             ));
         }
-        let quiesced = started.elapsed();
         let generation = self.generation.load(Ordering::Acquire);
         if lease_lost {
             self.stepped_down.store(true, Ordering::Release);
