@@ -73,6 +73,23 @@ pub struct RunArgs {
     /// (output waits for the next one) and reboots if that does not help.
     #[arg(long, value_name = "halt|reboot|restart-checkpoint", default_value = "halt", value_parser = parse_crash_policy)]
     on_guest_crash: tandem_vmm::CrashPolicy,
+    /// The position counter (where the guest is in its instruction
+    /// stream): `kvm-insn-stat` (KVM's emulated-instruction count, used only
+    /// if its self-check proves it exact here; refused otherwise), `auto`
+    /// (it if it passes, else none; `-v` says why), `none`. Positions are
+    /// not yet used to place injections: every kick is still a sync point.
+    #[arg(long, value_name = "auto|kvm-insn-stat|none", default_value = "none", value_parser = parse_position)]
+    position: tandem_vmm::position::PositionChoice,
+}
+
+fn parse_position(text: &str) -> Result<tandem_vmm::position::PositionChoice, String> {
+    use tandem_vmm::position::PositionChoice;
+    match text {
+        "auto" => Ok(PositionChoice::Auto),
+        "kvm-insn-stat" => Ok(PositionChoice::KvmInsnStat),
+        "none" => Ok(PositionChoice::None),
+        other => Err(format!("{other:?}: must be auto, kvm-insn-stat or none")),
+    }
 }
 
 fn parse_crash_policy(text: &str) -> Result<tandem_vmm::CrashPolicy, String> {
@@ -179,6 +196,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Runs `tandem run` and maps the outcome to the process exit status.
 pub fn run(args: RunArgs) -> ExitCode {
+    if let Err(e) = choose_position(&args) {
+        eprintln!("tandem: {e}");
+        return ExitCode::from(EXIT_START_FAILED);
+    }
     let vm = match build_vm(&args) {
         Ok(vm) => vm,
         Err(e) => {
@@ -190,6 +211,20 @@ pub fn run(args: RunArgs) -> ExitCode {
         spawn_stdin_reader(vm.cause_queue());
     }
     finish(vm.run())
+}
+
+/// Picks the position counter `--position` asks for (and says which at
+/// `-v`); an explicit counter that fails its self-check is an error.
+fn choose_position(args: &RunArgs) -> anyhow::Result<()> {
+    use tandem_vmm::position::{choose, PositionChoice};
+    if args.position == PositionChoice::None {
+        return Ok(());
+    }
+    let kvm = tandem_vmm::vm::open_kvm(&args.kvm_device)?;
+    let plan = choose(&kvm, args.position)
+        .map_err(|e| anyhow::anyhow!("--position kvm-insn-stat: {e}"))?;
+    tracing::info!("position counter: {} ({})", plan.counter, plan.why);
+    Ok(())
 }
 
 /// Runs `tandem replay`.

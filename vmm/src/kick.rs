@@ -42,13 +42,17 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 }
 
 /// Installs the kick handler (once per process) and blocks the kick signal on
-/// the calling thread, so threads it spawns inherit the block.
+/// the calling thread, so threads it spawns inherit the block (idempotent).
 pub fn setup_kick_signal() -> Result<(), vmm_sys_util::errno::Error> {
     static HANDLER: Once = Once::new();
     let mut result = Ok(());
     HANDLER.call_once(|| result = register_signal_handler(kick_signal(), handle_kick));
     result?;
-    block_signal(kick_signal()).map_err(|_| vmm_sys_util::errno::Error::last())
+    match block_signal(kick_signal()) {
+        // Blocked already (a thread spawned by one that set up kicks): fine.
+        Ok(()) | Err(vmm_sys_util::signal::Error::SignalAlreadyBlocked(_)) => Ok(()),
+        Err(_) => Err(vmm_sys_util::errno::Error::last()),
+    }
 }
 
 /// Done on the vCPU thread: make kicks set this `kvm_run`'s `immediate_exit`.

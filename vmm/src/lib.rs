@@ -27,6 +27,7 @@ pub mod layout;
 pub mod legacy;
 pub mod loader;
 pub mod msr;
+pub mod position;
 pub mod precopy;
 pub mod repair;
 pub mod state;
