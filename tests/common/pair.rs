@@ -255,6 +255,24 @@ impl Proc {
                 syscall.split(' ').next().unwrap_or("")
             );
         }
+        // A process that exited but is not reaped yet (a zombie): its
+        // wait status is the last field of /proc/PID/stat.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        if fields.first() == Some(&"Z") {
+            let status: i32 = fields.last().and_then(|f| f.parse().ok()).unwrap_or(-1);
+            let _ = writeln!(
+                s,
+                "(exited: status {}, signal {})",
+                (status >> 8) & 0xff,
+                status & 0x7f
+            );
+        }
         s
     }
 }
