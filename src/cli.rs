@@ -180,18 +180,12 @@ fn parse_serial(s: &str) -> Result<SerialTarget, String> {
 
 /// Parses `64M`, `1G`, `65536K` or plain bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
+    use crate::config::size::SizeError;
     let s = s.trim();
-    let (digits, shift) = match s.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&s[..i], 10),
-        Some((i, 'M' | 'm')) => (&s[..i], 20),
-        Some((i, 'G' | 'g')) => (&s[..i], 30),
-        _ => (s, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (examples: 64M, 1G, 67108864)"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("`{s}` is too large"))
+    crate::config::size::parse_size(s).map_err(|e| match e {
+        SizeError::NotASize => format!("`{s}` is not a size (examples: 64M, 1G, 67108864)"),
+        SizeError::TooLarge => format!("`{s}` is too large"),
+    })
 }
 
 /// Runs `tandem run` and maps the outcome to the process exit status.

@@ -20,6 +20,7 @@ mod host;
 mod mac;
 pub mod names;
 mod raw;
+pub mod size;
 #[cfg(test)]
 mod tests;
 mod validate;

@@ -13,6 +13,7 @@ use toml::Spanned;
 use super::error::{ConfigError, Ctx};
 use super::mac::parse_mac;
 use super::raw::{RawFt, RawHost, RawHosts, RawNic, RawSize, RawTaps, RawVm};
+use super::size::SizeError;
 mod ft;
 pub(crate) use ft::{etcd_access, parse_witness, validate_ft, EtcdFields};
 
@@ -60,21 +61,14 @@ fn unix_socket(
 
 /// `64M`, `1G`, `65536K` or plain bytes: the syntax of `tandem run --mem`.
 fn parse_size(size: &RawSize) -> Result<u64, String> {
-    let s = match size {
+    let text = match size {
         RawSize::Bytes(n) => return Ok(*n),
-        RawSize::Text(s) => s.trim(),
+        RawSize::Text(s) => s,
     };
-    let (digits, shift) = match s.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&s[..i], 10),
-        Some((i, 'M' | 'm')) => (&s[..i], 20),
-        Some((i, 'G' | 'g')) => (&s[..i], 30),
-        _ => (s, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| "is not a size (examples: \"64M\", \"1G\", 67108864)".to_owned())?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| "is too large".to_owned())
+    crate::size::parse_size(text).map_err(|e| match e {
+        SizeError::NotASize => "is not a size (examples: \"64M\", \"1G\", 67108864)".to_owned(),
+        SizeError::TooLarge => "is too large".to_owned(),
+    })
 }
 
 /// `IP:PORT` that a peer can connect to.

@@ -111,6 +111,20 @@ impl FrameReceiver {
     }
 }
 
+/// Both ends, once the handshake is done: no more handshake deadlines, and
+/// the session key from both nonces seals what `outgoing` sends.
+fn session(
+    stream: TcpStream,
+    psk: &Psk,
+    (client, server): (&auth::Nonce, &auth::Nonce),
+    outgoing: u8,
+) -> io::Result<(FrameSender, FrameReceiver)> {
+    stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
+    let key = psk.session_key(client, server);
+    halves(stream, Some((key, psk.encrypts())), outgoing)
+}
+
 fn halves(
     stream: TcpStream,
     key: Option<([u8; 32], bool)>,
@@ -182,14 +196,7 @@ pub fn connect(
             proof: psk.client_proof(&client, &server),
         },
     )?;
-    stream.set_read_timeout(None)?;
-    stream.set_write_timeout(None)?;
-    let key = psk.session_key(&client, &server);
-    Ok(halves(
-        stream,
-        Some((key, psk.encrypts())),
-        CLIENT_TO_SERVER,
-    )?)
+    Ok(session(stream, psk, (&client, &server), CLIENT_TO_SERVER)?)
 }
 
 /// The accepting side (primary): the same handshake from the other end. A
@@ -252,14 +259,7 @@ pub fn accept(
             );
         }
     }
-    stream.set_read_timeout(None)?;
-    stream.set_write_timeout(None)?;
-    let key = psk.session_key(&client, &server);
-    Ok(halves(
-        stream,
-        Some((key, psk.encrypts())),
-        SERVER_TO_CLIENT,
-    )?)
+    Ok(session(stream, psk, (&client, &server), SERVER_TO_CLIENT)?)
 }
 
 /// One handshake message: small, and by the handshake's total deadline.

@@ -280,6 +280,23 @@ struct ShipSink {
     vm: Arc<OnceLock<VmHandle>>,
 }
 
+impl ShipSink {
+    /// A sink for `params`' link, the frames it ships, and the slot where
+    /// the VM's handle goes once the VM exists (the vCPU publishes the stop
+    /// of each full sync point before it logs it; the sink tags that record
+    /// for the ship thread).
+    fn new(params: &PairParams) -> (Self, Receiver<ShipFrame>, Arc<OnceLock<VmHandle>>) {
+        let (frames, shipped) = channel::<ShipFrame>();
+        let vm: Arc<OnceLock<VmHandle>> = Arc::default();
+        let sink = Self {
+            frames,
+            throttle: params.throttle.clone(),
+            vm: vm.clone(),
+        };
+        (sink, shipped, vm)
+    }
+}
+
 impl RecordSink for ShipSink {
     fn append(&mut self, record: &Record) -> Result<u64, LogError> {
         // A sync point larger than a frame comes as several frames: each
@@ -561,6 +578,7 @@ impl Replicator {
                 // hold everything until the monitor re-validates.
                 self.check_lease();
             }
+            // Why this connection ends (None: it closed, nothing to say).
             let refused = match msg {
                 Ok((g, m)) => {
                     let current = self.generation.load(Ordering::Acquire);
@@ -576,16 +594,16 @@ impl Replicator {
                             warn!("{r}");
                             continue;
                         }
-                        Err(r) => r.to_string(),
+                        Err(r) => Some(r.to_string()),
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => e.to_string(),
-                Err(_) => String::new(),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Some(e.to_string()),
+                Err(_) => None,
             };
             // A broken, forged or meaningless message ends this connection:
             // the secondary sees it close, reconnects and resumes.
-            if !refused.is_empty() {
-                warn!("replication connection reset: {refused}");
+            if let Some(why) = refused {
+                warn!("replication connection reset: {why}");
             }
             input.shutdown();
             return;

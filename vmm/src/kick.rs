@@ -87,6 +87,16 @@ impl Drop for VcpuKickTarget {
     }
 }
 
+/// Clears `vcpu`'s `immediate_exit` unless a kick arrived on this thread
+/// since `kicks_before` (the handler runs on this thread, so checking after
+/// clearing is exact).
+pub fn clear_immediate_exit(vcpu: &mut kvm_ioctls::VcpuFd, kicks_before: u64) {
+    vcpu.set_kvm_immediate_exit(0);
+    if VcpuKickTarget::kicks() != kicks_before {
+        vcpu.set_kvm_immediate_exit(1);
+    }
+}
+
 /// A handle that kicks the vCPU thread out of the guest.
 #[derive(Clone, Default)]
 pub struct Kicker {

@@ -26,10 +26,12 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_regs, kvm_userspace_memory_region};
+use kvm_bindings::kvm_regs;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
 
-use crate::kick::{setup_kick_signal, Kicker, VcpuKickTarget};
+use crate::kick::{clear_immediate_exit, setup_kick_signal, Kicker, VcpuKickTarget};
+use crate::vm::builder::create_memory;
 
 /// `KVM_GET_STATS_FD` (`_IO(KVMIO, 0xce)`).
 const KVM_GET_STATS_FD: libc::c_ulong = 0xae_ce;
@@ -227,28 +229,22 @@ fn modelled(loops: u16, bytes: u16) -> u64 {
 /// Proves `insn_emulation` exact here: the calibration program counts
 /// exactly what the model says for several sizes of loop and REP string,
 /// and the same program interrupted by random kicks counts the same as
-/// without them. Runs in a scratch VM on a
-/// thread of its own.
+/// without them. Runs in scratch VMs on a thread of its own.
 pub fn self_check(kvm: &Kvm) -> Result<Calibration, PositionError> {
-    let kvm_fd = kvm.as_raw_fd();
-    // SAFETY: dup of the open /dev/kvm descriptor `kvm` holds; the new one
-    // is owned by the `Kvm` built from it.
-    let dup = unsafe { libc::dup(kvm_fd) };
-    if dup < 0 {
-        return Err(PositionError::Io(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `dup` is a fresh descriptor of /dev/kvm owned by nothing else.
-    let kvm = unsafe { Kvm::from_raw_fd(dup) };
-    std::thread::Builder::new()
-        .name("tandem-position-check".into())
-        .spawn(move || check_on_this_thread(&kvm))
-        .map_err(PositionError::Io)?
-        .join()
-        .unwrap_or_else(|_| {
-            Err(PositionError::Inexact(
-                "the self-check thread panicked".into(),
-            ))
-        })
+    // A thread of its own: the check's vCPU takes the kick signal there,
+    // never on the caller's thread.
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("tandem-position-check".into())
+            .spawn_scoped(scope, || check_on_this_thread(kvm))
+            .map_err(PositionError::Io)?
+            .join()
+            .unwrap_or_else(|_| {
+                Err(PositionError::Inexact(
+                    "the self-check thread panicked".into(),
+                ))
+            })
+    })
 }
 
 fn check_on_this_thread(kvm: &Kvm) -> Result<Calibration, PositionError> {
@@ -306,33 +302,9 @@ fn run_counted(
     bytes: u16,
     kicked: bool,
 ) -> Result<(u64, u64), PositionError> {
-    const MEM: usize = 64 << 10;
-    let memory = ScratchMemory::new(MEM)?;
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    let code = program(loops, bytes);
-    memory.write(0x1000, &code);
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        guest_phys_addr: 0,
-        memory_size: MEM as u64,
-        userspace_addr: memory.addr(),
-        flags: 0,
-    };
-    // SAFETY: `memory` is a page-aligned mapping of MEM bytes that outlives
-    // the VM (declared before it, so dropped after it).
-    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-    let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-    let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-    let regs = kvm_regs {
-        rip: 0x1000,
-        rflags: 2,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-    let counter = InsnStat::open(&vcpu)?;
+    let mut scratch = ScratchVm::new(kvm, &program(loops, bytes))?;
+    let vcpu = &mut scratch.vcpu;
+    let counter = InsnStat::open(vcpu)?;
     let kicker = Kicker::default();
     let target = VcpuKickTarget::install(vcpu.get_kvm_run(), &kicker)
         .map_err(|e| PositionError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
@@ -350,7 +322,7 @@ fn run_counted(
         })
     });
     let start = counter.read()?;
-    let outcome = run_to_out(&mut vcpu);
+    let outcome = run_to_out(vcpu);
     done.store(true, std::sync::atomic::Ordering::Release);
     if let Some(t) = kicking {
         let _ = t.join();
@@ -361,52 +333,47 @@ fn run_counted(
     Ok((counted, interrupted))
 }
 
-/// An anonymous, page-aligned mapping for a scratch VM's memory.
-struct ScratchMemory {
-    ptr: *mut u8,
-    len: usize,
+/// A VM of 64 KiB with one real-mode vCPU at 0x1000. Field order is drop
+/// order, as in `Vm`: the vCPU, the VM, then its memory.
+struct ScratchVm {
+    vcpu: VcpuFd,
+    _vm: kvm_ioctls::VmFd,
+    _memory: tandem_devices::GuestMemoryMmap,
 }
 
-impl ScratchMemory {
-    fn new(len: usize) -> Result<Self, PositionError> {
-        // SAFETY: an anonymous private mapping at an address of the
-        // kernel's choosing; the result is checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
+impl ScratchVm {
+    /// Loads `code` at 0x1000 and points the vCPU at it.
+    fn new(kvm: &Kvm, code: &[u8]) -> Result<Self, PositionError> {
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let memory =
+            create_memory(&vm, 64 << 10).map_err(|e| PositionError::Inexact(e.to_string()))?;
+        let scratch = Self {
+            vcpu,
+            _vm: vm,
+            _memory: memory,
         };
-        if ptr == libc::MAP_FAILED {
-            return Err(PositionError::Io(std::io::Error::last_os_error()));
-        }
-        Ok(Self {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-
-    fn addr(&self) -> u64 {
-        self.ptr as u64
-    }
-
-    fn write(&self, at: usize, bytes: &[u8]) {
-        let end = at.saturating_add(bytes.len()).min(self.len);
-        let n = end.saturating_sub(at);
-        // SAFETY: `at..at + n` lies inside the mapping, which nothing else
-        // writes while the VM is not running.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(at), n) };
-    }
-}
-
-impl Drop for ScratchMemory {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping `new` made.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        scratch
+            ._memory
+            .write_slice(code, GuestAddress(0x1000))
+            .map_err(|e| PositionError::Inexact(format!("writing the calibration program: {e}")))?;
+        let mut sregs = scratch.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        scratch
+            .vcpu
+            .set_sregs(&sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        let regs = kvm_regs {
+            rip: 0x1000,
+            rflags: 2,
+            ..Default::default()
+        };
+        scratch
+            .vcpu
+            .set_regs(&regs)
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+        Ok(scratch)
     }
 }
 
@@ -430,11 +397,7 @@ fn run_to_out(vcpu: &mut VcpuFd) -> Result<u64, PositionError> {
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 interrupted += 1;
-                let before = VcpuKickTarget::kicks();
-                vcpu.set_kvm_immediate_exit(0);
-                if VcpuKickTarget::kicks() != before {
-                    vcpu.set_kvm_immediate_exit(1);
-                }
+                clear_immediate_exit(vcpu, VcpuKickTarget::kicks());
             }
             Err(e) => return Err(kvm_err("KVM_RUN")(e)),
         }

@@ -25,7 +25,7 @@ use crate::loader::{load_kernel, LoaderError};
 use crate::msr::{route_tsc_msrs, MsrRouting};
 use crate::vcpu::{DivergenceReport, RunOutcome, Vcpu, VcpuError, VcpuStats};
 
-mod builder;
+pub(crate) mod builder;
 
 use builder::{
     build_devices, create_memory, create_vcpu, create_vm, go_live_hooks, identify, shape_guest,

@@ -12,13 +12,7 @@ pub fn run_primary(
     vm_config: impl FnOnce(RunMode) -> VmConfig,
 ) -> anyhow::Result<Ended> {
     let generation = claim_first_generation(&params)?;
-    let (frames_tx, frames_rx) = channel::<ShipFrame>();
-    let vm_slot: Arc<OnceLock<VmHandle>> = Arc::default();
-    let sink = ShipSink {
-        frames: frames_tx,
-        throttle: params.throttle.clone(),
-        vm: vm_slot.clone(),
-    };
+    let (sink, frames_rx, vm_slot) = ShipSink::new(&params);
     let options = pair_record_options(&params);
     let greeted = admit(
         listen(&params)?,

@@ -665,13 +665,7 @@ fn follower_vm(
         base_pages,
     });
     // Once live, this side records for a secondary of its own.
-    let (frames_tx, frames_rx) = channel::<ShipFrame>();
-    let vm_slot: Arc<OnceLock<VmHandle>> = Arc::default();
-    let sink = ShipSink {
-        frames: frames_tx,
-        throttle: params.throttle.clone(),
-        vm: vm_slot.clone(),
-    };
+    let (sink, frames_rx, vm_slot) = ShipSink::new(params);
     config.go_live_record = Some((pair_record_options(params), Box::new(sink)));
     if let Some((socket, path)) = params.console.clone() {
         let access = params.access;

@@ -102,10 +102,7 @@ impl Vcpu {
     /// Clears `immediate_exit` unless a kick arrived since `kicks_before`
     /// (the handler runs on this thread, so checking after clearing is exact).
     pub(super) fn clear_immediate_exit(&mut self, kicks_before: u64) {
-        self.fd.set_kvm_immediate_exit(0);
-        if VcpuKickTarget::kicks() != kicks_before {
-            self.fd.set_kvm_immediate_exit(1);
-        }
+        crate::kick::clear_immediate_exit(&mut self.fd, kicks_before);
     }
 
     /// Collects this stop's causes from the `Inputs` port and applies them,

@@ -245,7 +245,7 @@ pub(super) fn create_vm(kvm_path: &Path) -> Result<(Kvm, Arc<VmFd>), VmError> {
 }
 
 /// Allocates guest memory and maps it into `vm`, dirty-logged.
-pub(super) fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
+pub(crate) fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
     let memory_err = |reason: String| VmError::Memory { size, reason };
     let len = usize::try_from(size).map_err(|e| memory_err(e.to_string()))?;
     let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)])
