@@ -76,8 +76,10 @@ pub struct RunArgs {
     /// The position counter (where the guest is in its instruction
     /// stream): `kvm-insn-stat` (KVM's emulated-instruction count, used only
     /// if its self-check proves it exact here; refused otherwise), `auto`
-    /// (it if it passes, else none; `-v` says why), `none`. Positions are
-    /// not yet used to place injections: every kick is still a sync point.
+    /// (it if it passes, else none; `-v` says why), `none`. With a counter,
+    /// `--record` logs a kick as a positioned stop (where the guest was,
+    /// not its state) and the replay executes to it; without one, and where
+    /// the guest's state is not countable, a kick is a sync point.
     #[arg(long, value_name = "auto|kvm-insn-stat|none", default_value = "none", value_parser = parse_position)]
     position: tandem_vmm::position::PositionChoice,
 }
@@ -211,7 +213,8 @@ pub fn run(args: RunArgs) -> ExitCode {
 /// `-v`); an explicit counter that fails its self-check is an error.
 fn choose_position(args: &RunArgs) -> anyhow::Result<()> {
     use tandem_vmm::position::{choose, PositionChoice};
-    if args.position == PositionChoice::None {
+    // A recording chooses its counter as its VM is built.
+    if args.position == PositionChoice::None || args.record.is_some() {
         return Ok(());
     }
     let kvm = tandem_vmm::vm::open_kvm(&args.kvm_device)?;
@@ -237,7 +240,7 @@ pub fn replay(args: ReplayArgs) -> ExitCode {
     let s = &report.stats;
     eprintln!(
         "tandem: replay summary: {} stops, {} sync points, {} epochs ({} verified, {} transferred), {} divergences ({} repaired)",
-        s.stops + s.sync_points,
+        s.stops + s.sync_points + s.landing.positioned,
         s.sync_points,
         s.epochs,
         s.epochs_verified,
@@ -245,6 +248,13 @@ pub fn replay(args: ReplayArgs) -> ExitCode {
         s.divergences,
         s.repaired
     );
+    if let Some((median, p99)) = s.landing.percentiles() {
+        eprintln!(
+            "tandem: {} positioned stops landed: median {median} µs, p99 {p99} µs, {:.1} runs each",
+            s.landing.positioned,
+            s.landing.runs as f64 / s.landing.positioned as f64
+        );
+    }
     if !report.divergences.is_empty() {
         let dump = divergence_dump_path(&args.log);
         match write_divergence_dump(&dump, &report.divergences) {
@@ -402,6 +412,7 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
                 sync_period: tandem_vmm::journal::RECORD_SYNC_PERIOD,
                 throttle: None,
                 mirrored: false,
+                position: args.position,
             }),
         },
     })?;

@@ -18,13 +18,14 @@ pub const EXIT_LOG_TORN: u8 = crate::EXIT_REPLAY_TRUNCATED;
 pub const EXIT_LOG_CORRUPT: u8 = 1;
 
 /// Record kinds, in kind-number order (kind 1 first).
-pub const KINDS: [&str; 6] = [
+pub const KINDS: [&str; 7] = [
     "cause",
     "watermark",
     "sync_point",
     "epoch_end",
     "check",
     "end",
+    "positioned",
 ];
 /// Cause types, in declaration order.
 pub const CAUSES: [&str; 4] = ["time", "serial_input", "net_rx", "block_done"];
@@ -50,7 +51,7 @@ impl Tally {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Per record kind, indexed like [`KINDS`].
-    pub kinds: [Tally; 6],
+    pub kinds: [Tally; 7],
     /// Per cause type, indexed like [`CAUSES`].
     pub causes: [Tally; 4],
     pub first_stop: Option<u64>,
@@ -99,6 +100,7 @@ impl Stats {
                 self.end = Some((*stop, outcome.clone()));
                 (5, 0)
             }
+            Record::Positioned { .. } => (6, 0),
         };
         self.kinds[kind].add(bytes, payload);
     }

@@ -335,6 +335,8 @@ fn pair_record_options(params: &PairParams) -> RecordOptions {
         sync_period: Duration::from_millis(1).min(params.heartbeat),
         throttle: Some(params.throttle.clone()),
         mirrored: params.mirrored,
+        // A pair does not carry positions yet: kicks are sync points.
+        position: tandem_vmm::position::PositionChoice::None,
     }
 }
 

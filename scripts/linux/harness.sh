@@ -10,6 +10,8 @@
 # Prints one result line per scenario; exits 1 if any failed. Skips (exit 0,
 # with the reason) where QEMU offers no SVM. Needs root (apt-get, mknod).
 # LINUX_LIMIT_S: each tandem run's limit inside L1 (default 1200).
+# LINUX_RECORD_ARGS: extra tandem run options for the record scenario (for
+# a diagnosis, e.g. "--min-kick-interval 100000"; the default has none).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -73,6 +75,7 @@ cp "$vmlinuz" "$R/l2/vmlinuz"
 cp "$OUT/l2-initrd.gz" "$R/l2/initrd"
 echo "$L2_CMDLINE" > "$R/l2/cmdline"
 echo "$LIMIT" > "$R/l2/limit"
+echo "${LINUX_RECORD_ARGS:-}" > "$R/l2/record-args"
 echo "$SCENARIOS" > "$R/l2/scenarios"
 cp scripts/linux/l1init.sh "$R/init" && chmod +x "$R/init"
 (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/l1-initrd.gz"

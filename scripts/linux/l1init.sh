@@ -62,7 +62,8 @@ for s in $(cat /l2/scenarios); do
         # Bounded below /tmp's size, so a log too large ends with tandem's
         # own error (and leaves room to replay what was recorded).
         cap=$(( $(df -k /tmp | awk 'NR == 2 { print $2 }') * 7 / 10 ))K
-        tandem_as record run $GUEST --cmdline "$CMDLINE" --record /tmp/l2.log --record-max "$cap"
+        # shellcheck disable=SC2046
+        tandem_as record run $GUEST --cmdline "$CMDLINE" --record /tmp/l2.log --record-max "$cap" $(cat /l2/record-args)
         size=$(stat -c %s /tmp/l2.log 2>/dev/null || echo 0)
         /bin/tandem log inspect /tmp/l2.log > /out/inspect.out 2>&1
         rate=$(grep -m1 'guest time' /out/inspect.out | sed 's/^[^:]*: *//')

@@ -53,6 +53,9 @@ pub struct RecordOptions {
     /// Mirrored storage: read data stays on the replicas; the log carries
     /// each read's hash instead ([`Cause::BlockReadHashed`]).
     pub mirrored: bool,
+    /// The position counter to place kick stops with (`tandem run
+    /// --record` only: a pair does not carry positions yet).
+    pub position: crate::position::PositionChoice,
 }
 
 /// The primary's brake on its own vCPU (DESIGN "The log": pair logs live in
@@ -622,6 +625,17 @@ pub struct Replayer {
     pub damage: Option<LogError>,
 }
 
+/// Where the recorder interrupted the guest (a positioned stop).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordedPosition {
+    /// Guest instructions since the previous stop.
+    pub count: u64,
+    /// RIP there.
+    pub rip: u64,
+    /// The position digest there.
+    pub digest: u64,
+}
+
 /// An epoch end as the recorder logged it.
 #[derive(Clone, Debug)]
 pub struct RecordedEpoch {
@@ -873,6 +887,25 @@ impl Replayer {
             }) if s == stop => {
                 self.advance();
                 Some((state, pages))
+            }
+            other => {
+                self.next = other;
+                None
+            }
+        }
+    }
+
+    /// The positioned stop recorded for `stop`, if the next record is one.
+    pub fn take_positioned(&mut self, stop: u64) -> Option<RecordedPosition> {
+        match self.next.take() {
+            Some(Record::Positioned {
+                stop: s,
+                count,
+                rip,
+                digest,
+            }) if s == stop => {
+                self.advance();
+                Some(RecordedPosition { count, rip, digest })
             }
             other => {
                 self.next = other;
@@ -1190,6 +1223,18 @@ impl Journal {
     pub fn epoch_end(&mut self, record: Record) {
         if let Journal::Record(rec) = self {
             rec.send(record);
+        }
+    }
+
+    /// Logs a positioned stop (recording only): the first record of `stop`.
+    pub fn positioned(&mut self, stop: u64, at: RecordedPosition) {
+        if let Journal::Record(rec) = self {
+            rec.send(Record::Positioned {
+                stop,
+                count: at.count,
+                rip: at.rip,
+                digest: at.digest,
+            });
         }
     }
 

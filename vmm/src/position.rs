@@ -17,9 +17,8 @@
 //! A hardware retired-branch counter (perf events) would be a third
 //! implementation of the same trait.
 //!
-//! This module is the counter and its self-check; placing injections at
-//! recorded positions is the vCPU's work (not built yet: today a kick is
-//! still a sync point whatever the counter).
+//! This module is the counter, its self-check and the position digest;
+//! placing stops at recorded positions is the vCPU's work (`vcpu/land.rs`).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -58,6 +57,9 @@ pub enum PositionError {
     /// The counter ran but did not count as the model says it must.
     #[error("the counter is not exact on this host: {0}")]
     Inexact(String),
+    /// A log names a counter this build does not know.
+    #[error("unknown position counter in the log header: {0:?}")]
+    Unknown(String),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PositionError {
@@ -173,6 +175,144 @@ pub fn choose(kvm: &Kvm, choice: PositionChoice) -> Result<PositionPlan, Positio
             },
         }),
     }
+}
+
+/// The counter a VM places its stops with, and the log header's words for
+/// it (counter name and fingerprint; empty for none).
+pub struct VmPosition {
+    /// The counter, opened on the VM's vCPU (None: sync points only).
+    pub counter: Option<Box<dyn PositionCounter>>,
+    /// What the log header records.
+    pub header: String,
+}
+
+/// The counter for a VM: a replay's is the one its log header names (the
+/// host must pass that counter's self-check, else the replay is refused);
+/// a recording's is what `choice` picks on this host; other runs have none.
+pub fn for_vm(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    recorded: Option<&str>,
+    choice: Option<PositionChoice>,
+) -> Result<VmPosition, PositionError> {
+    let none = || VmPosition {
+        counter: None,
+        header: String::new(),
+    };
+    match (recorded, choice) {
+        (Some(""), _) | (None, None) | (None, Some(PositionChoice::None)) => Ok(none()),
+        (Some(header), _) => {
+            if !header.starts_with(INSN_COUNTER) {
+                return Err(PositionError::Unknown(header.to_string()));
+            }
+            self_check(kvm)?;
+            Ok(VmPosition {
+                counter: Some(Box::new(InsnStat::open(vcpu)?)),
+                header: header.to_string(),
+            })
+        }
+        (None, Some(choice)) => {
+            let plan = choose(kvm, choice)?;
+            tracing::info!("position counter: {} ({})", plan.counter, plan.why);
+            if plan.counter != INSN_COUNTER {
+                return Ok(none());
+            }
+            Ok(VmPosition {
+                counter: Some(Box::new(InsnStat::open(vcpu)?)),
+                header: format!("{INSN_COUNTER}; {}; {}", host_fingerprint(), plan.why),
+            })
+        }
+    }
+}
+
+/// The name of the `insn_emulation` counter.
+const INSN_COUNTER: &str = "kvm-insn-stat";
+
+/// What the count depends on besides the guest: the host kernel and the
+/// emulator's batch size.
+fn host_fingerprint() -> String {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "?".into())
+    };
+    format!(
+        "kernel {}; pvm_emul_batch {}",
+        read("/proc/sys/kernel/osrelease"),
+        read("/sys/module/kvm_pvm/parameters/pvm_emul_batch")
+    )
+}
+
+/// RFLAGS.TF.
+const RFLAGS_TF: u64 = 1 << 8;
+/// RFLAGS.RF.
+const RFLAGS_RF: u64 = 1 << 16;
+
+/// The position digest (frozen: logs keep it; golden values in the tests):
+/// FNV-1a over, in this order, as little-endian u64s, RAX..R15 (the
+/// `kvm_regs` order), RFLAGS without RF (and without a TF the VMM set), the
+/// `KVM_GET_VCPU_EVENTS` exception (injected, nr, has_error_code, pending,
+/// error_code), interrupt (injected, nr, soft, shadow) and NMI (injected,
+/// pending, masked) fields, CPL, CS.L and CR3. RIP travels beside it.
+pub fn digest(
+    regs: &kvm_regs,
+    sregs: &kvm_bindings::kvm_sregs,
+    events: &kvm_bindings::kvm_vcpu_events,
+    vmm_set_tf: bool,
+) -> u64 {
+    let mut rflags = regs.rflags & !RFLAGS_RF;
+    if vmm_set_tf {
+        rflags &= !RFLAGS_TF;
+    }
+    let (e, i, n) = (&events.exception, &events.interrupt, &events.nmi);
+    let words = [
+        regs.rax,
+        regs.rbx,
+        regs.rcx,
+        regs.rdx,
+        regs.rsi,
+        regs.rdi,
+        regs.rsp,
+        regs.rbp,
+        regs.r8,
+        regs.r9,
+        regs.r10,
+        regs.r11,
+        regs.r12,
+        regs.r13,
+        regs.r14,
+        regs.r15,
+        rflags,
+        u64::from(e.injected),
+        u64::from(e.nr),
+        u64::from(e.has_error_code),
+        u64::from(e.pending),
+        u64::from(e.error_code),
+        u64::from(i.injected),
+        u64::from(i.nr),
+        u64::from(i.soft),
+        u64::from(i.shadow),
+        u64::from(n.injected),
+        u64::from(n.pending),
+        u64::from(n.masked),
+        u64::from(sregs.ss.dpl),
+        u64::from(sregs.cs.l),
+        sregs.cr3,
+    ];
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in words.iter().flat_map(|w| w.to_le_bytes()) {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// Whether `kvm-insn-stat` counts the guest in this state: not 64-bit CPL3
+/// (native under kvm_pvm, uncounted), and no exception between its fault
+/// and its delivery (a replay cannot stop there).
+pub fn countable(sregs: &kvm_bindings::kvm_sregs, events: &kvm_bindings::kvm_vcpu_events) -> bool {
+    let user64 = sregs.cs.l == 1 && sregs.ss.dpl == 3;
+    let fault_pending = events.exception.injected != 0 || events.exception.pending != 0;
+    !user64 && !fault_pending
 }
 
 /// What the self-check measured.

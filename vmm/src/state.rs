@@ -43,6 +43,90 @@ pub fn saved_msrs(kvm: &Kvm) -> Vec<u32> {
         .collect()
 }
 
+/// The SYSENTER MSRs: CS, ESP, EIP.
+const SYSENTER_MSRS: [u32; 3] = [0x174, 0x175, 0x176];
+
+/// A canonical value with high bits set, to see whether KVM keeps them.
+const WIDE_PATTERN: u64 = 0xffff_ffff_8000_1000;
+
+/// The MSRs saved with a vCPU, and how KVM narrows some of them when they
+/// are installed.
+///
+/// For a guest whose CPUID names AMD, KVM keeps only the low 32 bits of the
+/// SYSENTER MSRs that userspace sets, yet may report 64 (an emulated SVM CPU
+/// stores what the guest wrote): captured as read, such a value never
+/// survives install, and every epoch of a replay differs in it. Capture
+/// therefore records what install reproduces.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SavedMsrs {
+    /// The MSRs, in capture order (the log header lists them).
+    pub indices: Vec<u32>,
+    /// Bits install keeps, for MSRs it narrows.
+    masks: Vec<(u32, u64)>,
+}
+
+impl SavedMsrs {
+    /// The MSRs in `indices`, none narrowed.
+    pub fn new(indices: Vec<u32>) -> Self {
+        Self {
+            indices,
+            masks: Vec::new(),
+        }
+    }
+
+    /// Finds which SYSENTER MSRs KVM narrows on install, for this vCPU and
+    /// its CPUID (set it first), by setting a wide value and reading it back.
+    /// Each probed MSR gets its old value back.
+    pub fn probe(fd: &VcpuFd, indices: Vec<u32>) -> Result<Self, StateError> {
+        let mut masks = Vec::new();
+        for index in SYSENTER_MSRS.into_iter().filter(|i| indices.contains(i)) {
+            let old = read_msr(fd, index)?;
+            write_msr(fd, index, WIDE_PATTERN)?;
+            let back = read_msr(fd, index)?;
+            write_msr(fd, index, old)?;
+            if back == WIDE_PATTERN & 0xffff_ffff {
+                masks.push((index, 0xffff_ffff));
+            } else if back != WIDE_PATTERN {
+                tracing::debug!("MSR {index:#x}: set {WIDE_PATTERN:#x}, read {back:#x}");
+            }
+        }
+        Ok(Self { indices, masks })
+    }
+
+    /// `value` of MSR `index` as install would reproduce it.
+    fn as_installed(&self, index: u32, value: u64) -> u64 {
+        self.masks
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map_or(value, |(_, mask)| value & mask)
+    }
+}
+
+fn read_msr(fd: &VcpuFd, index: u32) -> Result<u64, StateError> {
+    let mut list = msr_list(&[index])?;
+    match fd.get_msrs(&mut list).map_err(kvm_err("KVM_GET_MSRS"))? {
+        1 => Ok(list.as_slice()[0].data),
+        _ => Err(StateError::Msrs(format!(
+            "KVM refused to read MSR {index:#x}"
+        ))),
+    }
+}
+
+fn write_msr(fd: &VcpuFd, index: u32, data: u64) -> Result<(), StateError> {
+    let entry = kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    let list = Msrs::from_entries(&[entry]).map_err(|e| StateError::Msrs(format!("{e:?}")))?;
+    match fd.set_msrs(&list).map_err(kvm_err("KVM_SET_MSRS"))? {
+        1 => Ok(()),
+        _ => Err(StateError::Msrs(format!(
+            "KVM refused to set MSR {index:#x} to {data:#x}"
+        ))),
+    }
+}
+
 /// A vCPU's complete state as plain data (the log's form).
 pub use tandem_replay::log::VcpuState as VcpuSnapshot;
 
@@ -122,7 +206,7 @@ fn msr_list(indices: &[u32]) -> Result<Msrs, StateError> {
 }
 
 /// Captures the vCPU's complete state.
-pub fn capture(fd: &VcpuFd, msrs: &[u32], halted: bool) -> Result<VcpuSnapshot, StateError> {
+pub fn capture(fd: &VcpuFd, saved: &SavedMsrs, halted: bool) -> Result<VcpuSnapshot, StateError> {
     let regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     let fpu = fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?;
@@ -140,13 +224,13 @@ pub fn capture(fd: &VcpuFd, msrs: &[u32], halted: bool) -> Result<VcpuSnapshot, 
         .get_xcrs()
         .map(|x| x.as_bytes().to_vec())
         .unwrap_or_default();
-    let mut list = msr_list(msrs)?;
+    let mut list = msr_list(&saved.indices)?;
     let n = fd.get_msrs(&mut list).map_err(kvm_err("KVM_GET_MSRS"))?;
     let msrs = list
         .as_slice()
         .iter()
         .take(n)
-        .map(|e| (e.index, e.data))
+        .map(|e| (e.index, saved.as_installed(e.index, e.data)))
         .collect();
     Ok(VcpuSnapshot {
         regs: regs.as_bytes().to_vec(),
@@ -197,4 +281,54 @@ pub fn install(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<(), StateError> {
     fd.set_vcpu_events(&events)
         .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+    use crate::cpuid::CpuidTable;
+
+    /// A vCPU with the host's CPUID, as tandem creates one.
+    fn vcpu(kvm: &Kvm, vm: &kvm_ioctls::VmFd) -> VcpuFd {
+        let fd = vm.create_vcpu(0).unwrap();
+        let cpuid = CpuidTable::for_host(kvm).unwrap().to_kvm().unwrap();
+        fd.set_cpuid2(&cpuid).unwrap();
+        fd
+    }
+
+    fn sysenter_esp(s: &VcpuSnapshot) -> u64 {
+        s.msrs.iter().find(|(i, _)| *i == 0x175).unwrap().1
+    }
+
+    #[test]
+    fn a_captured_sysenter_msr_survives_install_unchanged() {
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("skipped: no /dev/kvm");
+            return;
+        };
+        let indices = saved_msrs(&kvm);
+        if !indices.contains(&0x175) {
+            eprintln!("skipped: this KVM does not save SYSENTER_ESP");
+            return;
+        }
+        let (vm_a, vm_b) = (kvm.create_vm().unwrap(), kvm.create_vm().unwrap());
+        let (a, b) = (vcpu(&kvm, &vm_a), vcpu(&kvm, &vm_b));
+        let saved = SavedMsrs::probe(&a, indices).unwrap();
+        write_msr(&a, 0x175, WIDE_PATTERN).unwrap();
+        let captured = capture(&a, &saved, false).unwrap();
+        install(&b, &captured).unwrap();
+        let again = capture(&b, &saved, false).unwrap();
+        assert_eq!(sysenter_esp(&again), sysenter_esp(&captured));
+        assert_eq!(again.msrs, captured.msrs);
+    }
+
+    #[test]
+    fn a_narrowed_msr_is_captured_as_install_keeps_it() {
+        let saved = SavedMsrs {
+            indices: vec![0x174, 0x175],
+            masks: vec![(0x175, 0xffff_ffff)],
+        };
+        assert_eq!(saved.as_installed(0x175, WIDE_PATTERN), 0x8000_1000);
+        assert_eq!(saved.as_installed(0x174, WIDE_PATTERN), WIDE_PATTERN);
+    }
 }

@@ -201,6 +201,12 @@ pub enum VmError {
     /// The CPUID table could not be built.
     #[error("CPUID table: {0}")]
     Cpuid(String),
+    /// The position counter the run needs cannot be used here.
+    #[error("position counter: {0}")]
+    Position(crate::position::PositionError),
+    /// The vCPU's MSRs could not be probed.
+    #[error("probing the vCPU's MSRs: {0}")]
+    MsrProbe(crate::state::StateError),
     /// The vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -299,6 +305,9 @@ impl Vm {
         let msr_routing = route_tsc_msrs(&kvm, &vm);
         info!("{msr_routing}");
         let cpu = create_vcpu(&kvm, &vm, &memory, entry, plan.recorded.as_ref())?;
+        let recorded_position = plan.recorded.as_ref().map(|i| i.position.as_str());
+        let position = crate::position::for_vm(&kvm, &cpu.fd, recorded_position, plan.position)
+            .map_err(VmError::Position)?;
         let identity = identify(
             plan.recorded.as_ref(),
             &shape,
@@ -306,6 +315,7 @@ impl Vm {
             &config.kernel,
             config.rtc_base,
             config.device_model,
+            position.header,
         )?;
 
         let handles = Handles::new();
@@ -328,6 +338,7 @@ impl Vm {
         let (policy, kicker) = (plan.policy, handles.kicker.clone());
         let mut vcpu = Vcpu::new(cpu.fd, ctx, devices, journal, sync, policy, kicker, start);
         vcpu.set_base_pages(plan.base_pages);
+        vcpu.set_position_counter(position.counter);
         vcpu.set_crash_policy(config.on_guest_crash);
         if replaying && (config.repair || following) {
             vcpu.enable_repair(shape.mem_size)?;

@@ -93,6 +93,7 @@ mod tests {
             device_model_version: 1,
             tsc_khz: 3_000_000,
             rtc_base_unix_secs: 1,
+            position: String::new(),
         }
     }
 

@@ -67,6 +67,12 @@ pub struct VmIdentity {
     pub tsc_khz: u32,
     /// Wall-clock time (Unix seconds) the RTC started from at VM creation.
     pub rtc_base_unix_secs: u64,
+    /// The position counter that placed the log's positioned stops and its
+    /// fingerprint (`kvm-insn-stat; ...`), or empty: none, every interrupt
+    /// at a sync point. Written only in an identity of version 2, so a log
+    /// without positions stays readable by older builds.
+    #[serde(skip)]
+    pub position: String,
 }
 
 impl VmIdentity {
@@ -151,6 +157,7 @@ mod tests {
             device_model_version: 1,
             tsc_khz: 2_000_000,
             rtc_base_unix_secs: 1_700_000_000,
+            position: String::new(),
         }
     }
 

@@ -167,6 +167,7 @@ fn identity() -> VmIdentity {
         device_model_version: 1,
         tsc_khz: 3_000_000,
         rtc_base_unix_secs: 1,
+        position: String::new(),
     }
 }
 

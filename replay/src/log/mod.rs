@@ -24,6 +24,7 @@
 //! | kind | version | body                                              |
 //! |------|---------|---------------------------------------------------|
 //! | 0    | 1       | [`VmIdentity`] (header only)                      |
+//! | 0    | 2       | `(VmIdentity, position counter)` (header only; written when the log has positioned stops) |
 //! | 1    | 1       | [`Record::Cause`]: `(stop, Cause)`                |
 //! | 2    | 1       | [`Record::Watermark`]: `stop`                     |
 //! | 3    | 1       | [`Record::SyncPoint`]: `(stop, MachineState, Vec<Page>)` |
@@ -32,6 +33,7 @@
 //! | 5    | 1       | [`Record::Check`]: `(stop, Check)`                |
 //! | 6    | 1       | [`Record::End`]: `(stop, EndOutcome)`             |
 //! | 7    | 1       | continuation of a version 2 sync point: `(stop, index u32 from 1, Vec<Page>)` |
+//! | 8    | 1       | [`Record::Positioned`]: `(stop, count, rip, digest)` |
 //!
 //! These numbers are frozen: never reuse or renumber one.
 //!

@@ -4,7 +4,9 @@ use std::io::Read;
 
 use super::frame::{decode_body, read_frame, read_full};
 use super::identity::VmIdentity;
-use super::record::{decode_part, OrderCheck, Page, Part, Record, KIND_IDENTITY, VERSION_1};
+use super::record::{
+    decode_part, OrderCheck, Page, Part, Record, IDENTITY_VERSION_2, KIND_IDENTITY, VERSION_1,
+};
 use super::{LogError, MAGIC, MAX_READ_VERSION, MIN_READ_VERSION, PREAMBLE_LEN};
 
 /// Reads a log from any [`Read`] (wrap files in a `BufReader`).
@@ -63,14 +65,20 @@ impl<R: Read> LogReader<R> {
             have: 0,
             need: super::FRAME_HEADER_LEN as u64,
         })?;
-        if (frame.kind, frame.version) != (KIND_IDENTITY, VERSION_1) {
-            return Err(corrupt(format!(
-                "expected the VM identity (kind 0 version 1), found kind {} version {}",
-                frame.kind, frame.version
-            )));
+        let identity = match (frame.kind, frame.version) {
+            (KIND_IDENTITY, VERSION_1) => decode_body::<VmIdentity>(frame.body()),
+            (KIND_IDENTITY, IDENTITY_VERSION_2) => decode_body::<(VmIdentity, String)>(frame.body())
+                .map(|(identity, position)| VmIdentity {
+                    position,
+                    ..identity
+                }),
+            (kind, version) => {
+                return Err(corrupt(format!(
+                    "expected the VM identity (kind 0 version 1 or 2), found kind {kind} version {version}"
+                )))
+            }
         }
-        let identity: VmIdentity =
-            decode_body(frame.body()).map_err(|e| corrupt(format!("VM identity: {e}")))?;
+        .map_err(|e| corrupt(format!("VM identity: {e}")))?;
         let reader = Self {
             inner: r,
             offset: offset + frame.frame_len(),

@@ -24,9 +24,12 @@ const KIND_CHECK: u16 = 5;
 const KIND_END: u16 = 6;
 /// More pages of the sync point before it (a continuation, kind 7).
 const KIND_SYNC_PAGES: u16 = 7;
+const KIND_POSITIONED: u16 = 8;
 /// The version every kind is written with by this build (a sync point too
 /// large for one frame is written as version 2 plus continuations).
 pub(crate) const VERSION_1: u16 = 1;
+/// The VM identity with its position counter: `(VmIdentity, String)`.
+pub(crate) const IDENTITY_VERSION_2: u16 = 2;
 /// Sync point version 2: `(stop, MachineState, first pages, continuations)`.
 const VERSION_2: u16 = 2;
 
@@ -220,6 +223,21 @@ pub enum Record {
         /// Why.
         outcome: EndOutcome,
     },
+    /// A positioned stop (kind 8): the recorder interrupted the guest after
+    /// exactly `count` instructions since the previous stop, at `rip` with
+    /// the position digest `digest`. A replay runs to that count, checks
+    /// RIP and digest, and applies what the stop carries there: no state is
+    /// copied. It is the first record of its stop.
+    Positioned {
+        /// The stop.
+        stop: u64,
+        /// Guest instructions since the previous stop, by the log's counter.
+        count: u64,
+        /// The guest's RIP there.
+        rip: u64,
+        /// The position digest of the vCPU there.
+        digest: u64,
+    },
 }
 
 impl Record {
@@ -232,6 +250,7 @@ impl Record {
             Record::EpochEnd { .. } => KIND_EPOCH_END,
             Record::Check { .. } => KIND_CHECK,
             Record::End { .. } => KIND_END,
+            Record::Positioned { .. } => KIND_POSITIONED,
         }
     }
 
@@ -243,7 +262,8 @@ impl Record {
             | Record::SyncPoint { stop, .. }
             | Record::EpochEnd { stop, .. }
             | Record::Check { stop, .. }
-            | Record::End { stop, .. } => *stop,
+            | Record::End { stop, .. }
+            | Record::Positioned { stop, .. } => *stop,
         }
     }
 
@@ -264,7 +284,8 @@ impl Record {
             Record::Cause { .. }
             | Record::Watermark { .. }
             | Record::Check { .. }
-            | Record::End { .. } => Ok(()),
+            | Record::End { .. }
+            | Record::Positioned { .. } => Ok(()),
         }
     }
 
@@ -298,6 +319,12 @@ impl Record {
             } => encode_frame(KIND_EPOCH_END, v, &(epoch, stop, pages, hashes, scrub)),
             Record::Check { stop, check } => encode_frame(KIND_CHECK, v, &(stop, check)),
             Record::End { stop, outcome } => encode_frame(KIND_END, v, &(stop, outcome)),
+            Record::Positioned {
+                stop,
+                count,
+                rip,
+                digest,
+            } => encode_frame(KIND_POSITIONED, v, &(stop, count, rip, digest)),
         }?;
         Ok(vec![frame])
     }
@@ -418,6 +445,15 @@ pub(crate) fn decode_part(kind: u16, version: u16, body: &[u8]) -> Result<Part, 
         (KIND_END, VERSION_1) => {
             let (stop, outcome) = decode_body(body)?;
             Record::End { stop, outcome }
+        }
+        (KIND_POSITIONED, VERSION_1) => {
+            let (stop, count, rip, digest) = decode_body(body)?;
+            Record::Positioned {
+                stop,
+                count,
+                rip,
+                digest,
+            }
         }
         (KIND_IDENTITY, _) => return Err("a second VM identity after the header".into()),
         _ => return Err(format!("unknown record kind {kind} version {version}")),

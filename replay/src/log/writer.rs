@@ -4,7 +4,7 @@ use std::io::{self, Write};
 
 use super::frame::encode_frame;
 use super::identity::VmIdentity;
-use super::record::{Record, KIND_IDENTITY, VERSION_1};
+use super::record::{Record, IDENTITY_VERSION_2, KIND_IDENTITY, VERSION_1};
 use super::{LogError, MAGIC, PROTOCOL_VERSION};
 
 /// Writes a log to any [`Write`].
@@ -40,7 +40,10 @@ impl<W: Write> LogWriter<W> {
             max_size,
             failed: false,
         };
-        let frame = encode_frame(KIND_IDENTITY, VERSION_1, identity)?;
+        let frame = match identity.position.as_str() {
+            "" => encode_frame(KIND_IDENTITY, VERSION_1, identity)?,
+            position => encode_frame(KIND_IDENTITY, IDENTITY_VERSION_2, &(identity, position))?,
+        };
         let mut header = Vec::with_capacity(MAGIC.len() + 2 + frame.len());
         header.extend_from_slice(&MAGIC);
         header.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
@@ -147,6 +150,7 @@ mod tests {
             device_model_version: 1,
             tsc_khz: 1,
             rtc_base_unix_secs: 0,
+            position: String::new(),
         }
     }
 

@@ -50,6 +50,7 @@ pub fn identity() -> VmIdentity {
         device_model_version: 1,
         tsc_khz: 2_400_000,
         rtc_base_unix_secs: 1_700_000_000,
+        position: String::new(),
     }
 }
 

@@ -11,6 +11,7 @@
 //! counters, the `Vcpu` struct) and the run loop; the stop sequence's parts
 //! live in `stop.rs`, `sync.rs`, `verify.rs`, `recovery.rs` and `live.rs`.
 
+mod land;
 mod live;
 mod recovery;
 mod stop;
@@ -301,6 +302,8 @@ pub struct VcpuStats {
     pub checkpoint_time: Duration,
     /// Crashes recovered by a rollback to a checkpoint.
     pub rollbacks: u64,
+    /// Positioned stops and what landing on them cost.
+    pub landing: land::LandingStats,
 }
 
 /// What sync points need besides the vCPU: the VM (for its dirty log),
@@ -323,7 +326,7 @@ pub struct SyncContext {
     /// The checkpoint consumer of the tracker (`restart-checkpoint`).
     pub checkpoint_consumer: ConsumerId,
     /// MSRs saved with the vCPU.
-    pub msrs: Vec<u32>,
+    pub msrs: crate::state::SavedMsrs,
 }
 
 impl SyncContext {
@@ -420,6 +423,8 @@ pub struct Vcpu {
     resume_halted: bool,
     causes: Vec<Cause>,
     stats: VcpuStats,
+    /// The position counter (positioned stops), if the run has one.
+    positions: land::Positions,
     /// Divergences found while replaying, in order.
     pub divergence_reports: Vec<DivergenceReport>,
     go_live_hooks: Option<GoLiveHooks>,
@@ -524,6 +529,7 @@ impl Vcpu {
             resume_halted: false,
             causes: Vec::new(),
             stats: VcpuStats::default(),
+            positions: land::Positions::default(),
             divergence_reports: Vec::new(),
             go_live_hooks: None,
         }
@@ -682,6 +688,13 @@ impl Vcpu {
     /// point logged for it.
     fn next_stop(&mut self, timer: &mut DeadlineTimer) -> Result<Step, VcpuError> {
         let next = self.stop + 1;
+        if let Some(at) = self
+            .journal
+            .replayer()
+            .and_then(|rep| rep.take_positioned(next))
+        {
+            return self.land(next, at);
+        }
         let replayed = self
             .journal
             .replayer()
@@ -761,6 +774,7 @@ impl Vcpu {
     /// injection. Some: the run ends here.
     fn at_new_stop(&mut self, kind: Option<StopKind>) -> Result<Option<RunOutcome>, VcpuError> {
         self.set_stop(self.stop + 1);
+        let count = self.count_stop()?;
         if tracing::enabled!(tracing::Level::TRACE) {
             let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
             trace!(stop = self.stop, ?kind, rip, "stop");
@@ -776,8 +790,11 @@ impl Vcpu {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.maybe_end_epoch()?;
             }
-            // (c) A kick-induced stop is not reproducible: log the state.
-            None if self.journal.recording() => self.record_sync_point(false)?,
+            // (c) A kick-induced stop: logged where it is (a positioned
+            // stop), or, where it cannot be, with the whole state.
+            None if self.journal.recording() && !self.record_positioned(count)? => {
+                self.record_sync_point(false)?;
+            }
             None => {}
         }
         if kind == Some(StopKind::Hlt) {

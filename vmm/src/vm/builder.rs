@@ -50,7 +50,8 @@ use crate::kick::{setup_kick_signal, Kicker};
 use crate::layout::{MAX_MEM_SIZE, MIN_MEM_SIZE, VIRTIO_IRQS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::legacy::LegacyDevices;
 use crate::loader::{BootEntry, LoaderError};
-use crate::state::saved_msrs;
+use crate::position::PositionChoice;
+use crate::state::{saved_msrs, SavedMsrs};
 use crate::vcpu::{CrashPolicy, GoLiveHooks, KickPolicy, SyncContext};
 
 /// Starts the journal once the VM's identity is known (a recording's log
@@ -82,6 +83,9 @@ pub(super) struct ModePlan {
     pub base_pages: Vec<Page>,
     /// The journal: live, recording, or replaying.
     pub start_journal: JournalStart,
+    /// A recording's position counter choice (None: not a recording that
+    /// places stops; a replay follows its log header).
+    pub position: Option<PositionChoice>,
 }
 
 /// The kick policy of a run that takes no sync points of its own.
@@ -111,12 +115,14 @@ impl ModePlan {
                 policy: NO_SYNC_POINTS,
                 base_pages: Vec::new(),
                 start_journal: Box::new(|_, live| Ok(Journal::Live(live))),
+                position: None,
             },
             RunMode::Record(options) => Self {
                 recorded: None,
                 role: Role::Solo,
                 policy: recording_policy(&options),
                 base_pages: Vec::new(),
+                position: Some(options.position),
                 start_journal: Box::new(move |identity, live| {
                     let recorder = Recorder::start(options, identity, live)?;
                     Ok(Journal::Record(Box::new(recorder)))
@@ -127,6 +133,7 @@ impl ModePlan {
                 role: Role::Primary,
                 policy: recording_policy(&options),
                 base_pages: Vec::new(),
+                position: None,
                 start_journal: Box::new(move |_, live| {
                     let recorder = Recorder::start_with_sink(options, sink, live)?;
                     Ok(Journal::Record(Box::new(recorder)))
@@ -141,6 +148,7 @@ impl ModePlan {
                 role: Role::Follower,
                 policy: NO_SYNC_POINTS,
                 base_pages,
+                position: None,
                 start_journal: Box::new(move |_, _live| {
                     Ok(Journal::Replay(Box::new(Replayer::live(feed))))
                 }),
@@ -152,6 +160,7 @@ impl ModePlan {
                     role: Role::Replay,
                     policy: NO_SYNC_POINTS,
                     base_pages: Vec::new(),
+                    position: None,
                     start_journal: Box::new(move |_, _live| {
                         let replayer = Replayer::open(&log, &summary)?;
                         Ok(Journal::Replay(Box::new(replayer)))
@@ -277,7 +286,7 @@ pub(super) struct Cpu {
     /// The guest's TSC frequency.
     pub tsc_khz: u32,
     /// MSRs saved with the vCPU.
-    pub msrs: Vec<u32>,
+    pub msrs: SavedMsrs,
 }
 
 /// Creates vCPU 0 with its CPUID table (the host's, or exactly the recorded
@@ -299,7 +308,7 @@ pub(super) fn create_vcpu(
     let fd = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
     configure_vcpu(&fd, &cpuid, memory, entry)?;
     let tsc_khz = fd.get_tsc_khz().unwrap_or(1_000_000);
-    let msrs = saved_msrs(kvm);
+    let msrs = SavedMsrs::probe(&fd, saved_msrs(kvm)).map_err(VmError::MsrProbe)?;
     Ok(Cpu {
         fd,
         cpuid,
@@ -337,6 +346,7 @@ pub(super) fn identify(
     kernel: &Path,
     rtc_base: Option<u64>,
     device_model: Option<u32>,
+    position: String,
 ) -> Result<VmIdentity, VmError> {
     let rtc_base = match recorded {
         Some(identity) => identity.rtc_base_unix_secs,
@@ -369,10 +379,11 @@ pub(super) fn identify(
         mem_size: shape.mem_size,
         devices: shape.specs.iter().map(VirtioSpec::desc).collect(),
         cpuid: cpu.cpuid.entries.iter().map(cpuid_to_log).collect(),
-        msrs: cpu.msrs.clone(),
+        msrs: cpu.msrs.indices.clone(),
         device_model_version: device_model,
         tsc_khz: cpu.tsc_khz,
         rtc_base_unix_secs: rtc_base,
+        position,
     };
     if let Some(recorded) = recorded {
         if let Some(what) = recorded.mismatch(&identity) {
@@ -667,7 +678,7 @@ pub(super) fn sync_context(
     vm: Arc<VmFd>,
     memory: GuestMemoryMmap,
     mem_size: u64,
-    msrs: Vec<u32>,
+    msrs: SavedMsrs,
 ) -> SyncContext {
     let mut tracker = DirtyTracker::new(mem_size);
     let consumer = tracker.register();

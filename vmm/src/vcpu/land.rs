@@ -1,0 +1,418 @@
+//! Positioned stops (exact injection): with a position counter, a
+//! recording logs where a kick interrupted the guest (instructions since
+//! the previous stop, RIP and the position digest) instead of the machine
+//! state, and a replay runs the guest to exactly that point and checks it
+//! there. The guest then executes on the replaying side; nothing is copied.
+//!
+//! Landing (GUEST-NOTES "Counting guest instructions"): kicks from a POSIX
+//! timer aimed at part of the remaining distance (the rate is an upper
+//! bound, so they fall short, never past), then a hardware breakpoint on
+//! the target RIP, stepping over each early visit with one single step (a
+//! breakpoint ignores RF), until the count is reached. Any other exit on
+//! the way is a divergence at that stop.
+
+use kvm_bindings::{
+    kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
+};
+use kvm_ioctls::VcpuExit;
+
+use super::*;
+use crate::journal::RecordedPosition;
+use crate::position::{countable, digest, PositionCounter};
+
+/// Below this many instructions from the target, landing stops kicking and
+/// uses the breakpoint and single steps.
+const FINE_DISTANCE: u64 = 60;
+/// An upper bound of the emulation rate (instructions per second) for
+/// aiming kicks; the estimate only ever rises above it.
+const RATE_FLOOR: f64 = 3e6;
+/// A kick is aimed at this share of the remaining distance.
+const AIM: f64 = 0.7;
+/// Entering the guest takes about this long before it makes progress.
+const ENTRY_LATENCY_S: f64 = 10e-6;
+/// Runs shorter than this do not update the rate (too noisy).
+const RATE_MIN_SPAN: Duration = Duration::from_micros(50);
+
+/// The vCPU's position counter and what landing learned.
+#[derive(Default)]
+pub(super) struct Positions {
+    counter: Option<Box<dyn PositionCounter>>,
+    /// The count read at the current stop.
+    at_stop: u64,
+    /// The highest emulation rate measured (instructions per second).
+    rate: f64,
+    /// The landing timer, created on the vCPU thread at the first landing.
+    timer: Option<LandingTimer>,
+    /// Guest-debug control bits and breakpoint now set.
+    debug: Option<(u32, u64)>,
+}
+
+impl Positions {
+    /// Instructions since the current stop.
+    fn since_stop(&self) -> Result<u64, VcpuError> {
+        match &self.counter {
+            Some(counter) => Ok(counter
+                .read()
+                .map_err(position_err)?
+                .wrapping_sub(self.at_stop)),
+            None => Ok(0),
+        }
+    }
+}
+
+fn position_err(e: crate::position::PositionError) -> VcpuError {
+    VcpuError::Memory(format!("position counter: {e}"))
+}
+
+/// Landing-time histogram buckets: four per power of two of microseconds.
+const BUCKETS: usize = 96;
+
+/// Positioned stops and what landing on them cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LandingStats {
+    /// Positioned stops recorded (recording) or landed (replaying).
+    pub positioned: u64,
+    /// `KVM_RUN`s the landings took.
+    pub runs: u64,
+    /// Landing times: bucket `i` holds those under 2^((i+1)/4) µs.
+    histogram: [u64; BUCKETS],
+}
+
+impl Default for LandingStats {
+    fn default() -> Self {
+        Self {
+            positioned: 0,
+            runs: 0,
+            histogram: [0; BUCKETS],
+        }
+    }
+}
+
+impl LandingStats {
+    fn add(&mut self, took: Duration) {
+        let micros = took.as_secs_f64() * 1e6;
+        let bucket = (4.0 * (micros.max(1.0)).log2()) as usize;
+        self.histogram[bucket.min(BUCKETS - 1)] += 1;
+        self.positioned += 1;
+    }
+
+    /// The median and 99th percentile landing time in microseconds (the
+    /// upper bound of their histogram bucket, within 19%); None: no landing.
+    pub fn percentiles(&self) -> Option<(u64, u64)> {
+        let total: u64 = self.histogram.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let at = |share: u64| {
+            let want = (total * share).div_ceil(100).max(1);
+            let mut seen = 0;
+            let bucket = self
+                .histogram
+                .iter()
+                .position(|&n| {
+                    seen += n;
+                    seen >= want
+                })
+                .unwrap_or(BUCKETS - 1);
+            2f64.powf((bucket + 1) as f64 / 4.0).ceil() as u64
+        };
+        Some((at(50), at(99)))
+    }
+}
+
+impl Vcpu {
+    /// Gives the vCPU its position counter (None: sync points only).
+    pub fn set_position_counter(&mut self, counter: Option<Box<dyn PositionCounter>>) {
+        self.positions.counter = counter;
+        self.positions.rate = RATE_FLOOR;
+    }
+
+    /// At every new stop: the instructions run since the previous one, and
+    /// this stop becomes the base of the next count.
+    pub(super) fn count_stop(&mut self) -> Result<u64, VcpuError> {
+        let Some(counter) = &self.positions.counter else {
+            return Ok(0);
+        };
+        let now = counter.read().map_err(position_err)?;
+        let since = now.wrapping_sub(self.positions.at_stop);
+        self.positions.at_stop = now;
+        Ok(since)
+    }
+
+    /// Recording, at a kick stop: log it as a positioned stop when it can
+    /// be one (a counter, a countable state, some progress, no sync point
+    /// due). False: the caller takes a sync point.
+    pub(super) fn record_positioned(&mut self, count: u64) -> Result<bool, VcpuError> {
+        if self.positions.counter.is_none() || count == 0 || self.sync_point_due() {
+            return Ok(false);
+        }
+        let regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        if !countable(&sregs, &events) {
+            return Ok(false);
+        }
+        // A joining secondary's pre-copy is served at every kind of stop.
+        self.serve_precopy()?;
+        let at = RecordedPosition {
+            count,
+            rip: regs.rip,
+            digest: digest(&regs, &sregs, &events, false),
+        };
+        self.journal.positioned(self.stop, at);
+        self.stats.landing.positioned += 1;
+        Ok(true)
+    }
+
+    /// Whether this kick stop must be a sync point anyway: a joining
+    /// secondary needs one, or `--sync-interval` has passed.
+    fn sync_point_due(&self) -> bool {
+        if self.full_sync.load(std::sync::atomic::Ordering::Acquire) {
+            return true;
+        }
+        self.policy.sync_interval.is_some_and(|every| {
+            let every = u64::try_from(every.as_nanos()).unwrap_or(u64::MAX);
+            self.ctx.clock.now_ns() >= self.last_sync_ns.saturating_add(every)
+        })
+    }
+
+    /// Replaying: runs the guest to the recorded position of stop `stop`
+    /// and checks RIP and digest there. Every way out clears the guest
+    /// debug state and the landing timer.
+    pub(super) fn land(&mut self, stop: u64, target: RecordedPosition) -> Result<Step, VcpuError> {
+        let began = Instant::now();
+        self.complete_pending_exit()?;
+        let result = self.land_inner(stop, target);
+        if let Some(timer) = &self.positions.timer {
+            timer.disarm();
+        }
+        let cleared = self.set_debug(0, 0);
+        self.stats.landing.add(began.elapsed());
+        let step = result?;
+        cleared?;
+        Ok(step)
+    }
+
+    fn land_inner(&mut self, stop: u64, target: RecordedPosition) -> Result<Step, VcpuError> {
+        if self.positions.counter.is_none() {
+            return Err(missed(stop, "this replay has no position counter".into()));
+        }
+        loop {
+            if self.stop_requested() {
+                return Ok(Step::Done(RunOutcome::Stopped));
+            }
+            let done = self.positions.since_stop()?;
+            let regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+            if done > target.count {
+                return Err(missed(
+                    stop,
+                    format!(
+                        "ran {done} instructions, past the recorded {} (RIP {:#x})",
+                        target.count, regs.rip
+                    ),
+                ));
+            }
+            let left = target.count - done;
+            if left == 0 {
+                return self
+                    .check_landed(stop, target, &regs)
+                    .map(|()| Step::Stop(None));
+            }
+            if left > FINE_DISTANCE {
+                self.set_debug(0, 0)?;
+                let aim = ENTRY_LATENCY_S + AIM * left as f64 / self.positions.rate;
+                self.landing_timer()?.arm(Duration::from_secs_f64(aim));
+            } else if regs.rip == target.rip {
+                // An early visit of the target RIP: one step over it (the
+                // breakpoint would fire again at once: it ignores RF).
+                self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, 0)?;
+            } else {
+                self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, target.rip)?;
+            }
+            self.land_run(stop, done)?;
+        }
+    }
+
+    /// One `KVM_RUN` of a landing: a kick or a debug exit are progress;
+    /// any other exit is one the recording did not have here.
+    fn land_run(&mut self, stop: u64, done: u64) -> Result<(), VcpuError> {
+        let kicks = VcpuKickTarget::kicks();
+        let began = Instant::now();
+        let exit = match self.fd.run() {
+            Ok(VcpuExit::Debug(_)) => Ok(()),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) => {
+                return Err(VcpuError::Kvm {
+                    what: "KVM_RUN (landing)",
+                    source: e,
+                })
+            }
+        };
+        let span = began.elapsed();
+        if let Some(timer) = &self.positions.timer {
+            timer.disarm();
+        }
+        self.clear_immediate_exit(kicks);
+        self.stats.landing.runs += 1;
+        if let Err(exit) = exit {
+            return Err(missed(
+                stop,
+                format!("the guest made an exit ({exit}) before the recorded position"),
+            ));
+        }
+        if span >= RATE_MIN_SPAN {
+            let ran = self.positions.since_stop()?.saturating_sub(done);
+            let rate = ran as f64 / span.as_secs_f64();
+            self.positions.rate = self.positions.rate.max(rate);
+        }
+        Ok(())
+    }
+
+    /// At the recorded count: RIP and the digest must be the recorded ones.
+    fn check_landed(
+        &mut self,
+        stop: u64,
+        target: RecordedPosition,
+        regs: &kvm_bindings::kvm_regs,
+    ) -> Result<(), VcpuError> {
+        if regs.rip != target.rip {
+            return Err(missed(
+                stop,
+                format!(
+                    "at the recorded count RIP is {:#x}, recorded {:#x}",
+                    regs.rip, target.rip
+                ),
+            ));
+        }
+        let sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        let ours = digest(regs, &sregs, &events, false);
+        if ours != target.digest {
+            return Err(missed(
+                stop,
+                format!(
+                    "at RIP {:#x} the position digest is {ours:#x}, recorded {:#x}",
+                    regs.rip, target.digest
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sets the guest-debug state (control bits, breakpoint 0) if it changed.
+    fn set_debug(&mut self, control: u32, breakpoint: u64) -> Result<(), VcpuError> {
+        let want = (control, breakpoint);
+        if self.positions.debug.unwrap_or((0, 0)) == want {
+            return Ok(());
+        }
+        let mut debug = kvm_guest_debug {
+            control,
+            ..Default::default()
+        };
+        if control & KVM_GUESTDBG_USE_HW_BP != 0 {
+            debug.arch.debugreg[0] = breakpoint;
+            debug.arch.debugreg[7] = 1;
+        }
+        self.fd
+            .set_guest_debug(&debug)
+            .map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
+        self.positions.debug = Some(want);
+        Ok(())
+    }
+
+    fn landing_timer(&mut self) -> Result<&LandingTimer, VcpuError> {
+        if self.positions.timer.is_none() {
+            self.positions.timer = Some(LandingTimer::new().map_err(|source| VcpuError::Kvm {
+                what: "timer_create (landing timer)",
+                source,
+            })?);
+        }
+        self.positions
+            .timer
+            .as_ref()
+            .ok_or_else(|| VcpuError::Memory("landing timer".into()))
+    }
+}
+
+/// A landing that did not reach the recorded position: a divergence there.
+fn missed(stop: u64, what: String) -> VcpuError {
+    JournalError::Diverged {
+        stop,
+        what: format!("positioned stop: {what}"),
+    }
+    .into()
+}
+
+/// A POSIX timer that sends the kick signal to the vCPU thread itself: the
+/// kernel delivers it, so a busy host cannot delay it behind a thread.
+struct LandingTimer {
+    id: libc::timer_t,
+}
+
+impl LandingTimer {
+    /// Creates the timer for the calling (vCPU) thread.
+    fn new() -> Result<Self, kvm_ioctls::Error> {
+        // SAFETY: a zeroed sigevent is valid; the fields set below are the
+        // ones SIGEV_THREAD_ID reads.
+        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+        event.sigev_notify = libc::SIGEV_THREAD_ID;
+        event.sigev_signo = crate::kick::kick_signal();
+        // SAFETY: gettid has no preconditions.
+        event.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut id: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `event` and `id` are live locals of the types timer_create
+        // reads and writes.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut id) } != 0 {
+            return Err(kvm_ioctls::Error::last());
+        }
+        Ok(Self { id })
+    }
+
+    /// Fires once after `after`.
+    fn arm(&self, after: Duration) {
+        let after = after.max(Duration::from_micros(1));
+        self.set(libc::timespec {
+            tv_sec: after.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(after.subsec_nanos() as i32),
+        });
+    }
+
+    /// Cancels a pending expiry.
+    fn disarm(&self) {
+        self.set(libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        });
+    }
+
+    fn set(&self, value: libc::timespec) {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: value,
+        };
+        // SAFETY: `id` is a live timer of this process and `spec` a live
+        // local; the old value is not asked for.
+        unsafe { libc::timer_settime(self.id, 0, &spec, std::ptr::null_mut()) };
+    }
+}
+
+impl Drop for LandingTimer {
+    fn drop(&mut self) {
+        // SAFETY: `id` was created by timer_create and is deleted once.
+        unsafe { libc::timer_delete(self.id) };
+    }
+}
+
+// SAFETY: the timer id is a plain handle the kernel keys by process; it is
+// used only by the vCPU that owns it.
+unsafe impl Send for LandingTimer {}
