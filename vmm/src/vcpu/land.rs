@@ -28,8 +28,11 @@ const FINE_DISTANCE: u64 = 60;
 const RATE_FLOOR: f64 = 3e6;
 /// A kick is aimed at this share of the remaining distance.
 const AIM: f64 = 0.7;
-/// Entering the guest takes about this long before it makes progress.
-const ENTRY_LATENCY_S: f64 = 10e-6;
+/// The least time entering the guest is assumed to take before it makes
+/// progress; the estimate doubles after a kick that came too early.
+const ENTRY_LATENCY_MIN_S: f64 = 10e-6;
+/// The most it is assumed to take.
+const ENTRY_LATENCY_MAX_S: f64 = 2e-3;
 /// Runs shorter than this do not update the rate (too noisy).
 const RATE_MIN_SPAN: Duration = Duration::from_micros(50);
 
@@ -41,10 +44,17 @@ pub(super) struct Positions {
     at_stop: u64,
     /// The highest emulation rate measured (instructions per second).
     rate: f64,
+    /// How long entering the guest takes before it makes progress (s).
+    entry_latency: f64,
     /// The landing timer, created on the vCPU thread at the first landing.
     timer: Option<LandingTimer>,
     /// Guest-debug control bits and breakpoint now set.
     debug: Option<(u32, u64)>,
+    /// The last stop that injected an interrupt.
+    injected_at: Option<u64>,
+    /// A test hook (`TANDEM_TEST_LAND_LATE`): land this many instructions
+    /// past each recorded count, which the checks there must catch.
+    late: u64,
 }
 
 impl Positions {
@@ -125,6 +135,11 @@ impl Vcpu {
     pub fn set_position_counter(&mut self, counter: Option<Box<dyn PositionCounter>>) {
         self.positions.counter = counter;
         self.positions.rate = RATE_FLOOR;
+        self.positions.entry_latency = ENTRY_LATENCY_MIN_S;
+        self.positions.late = std::env::var("TANDEM_TEST_LAND_LATE")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
     }
 
     /// At every new stop: the instructions run since the previous one, and
@@ -140,10 +155,11 @@ impl Vcpu {
     }
 
     /// Recording, at a kick stop: log it as a positioned stop when it can
-    /// be one (a counter, a countable state, some progress, no sync point
-    /// due). False: the caller takes a sync point.
+    /// be one (a counter, a countable state, no sync point due, not an
+    /// interrupt delivered before any instruction). False: the caller takes
+    /// a sync point.
     pub(super) fn record_positioned(&mut self, count: u64) -> Result<bool, VcpuError> {
-        if self.positions.counter.is_none() || count == 0 || self.sync_point_due() {
+        if self.positions.counter.is_none() || self.sync_point_due() {
             return Ok(false);
         }
         let regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
@@ -153,6 +169,14 @@ impl Vcpu {
             .get_vcpu_events()
             .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
         if !countable(&sregs, &events) {
+            return Ok(false);
+        }
+        // Kicked with no instruction run: the same state as the previous
+        // stop, unless KVM delivered the interrupt injected there on the
+        // way in, which a replay cannot do without running an instruction.
+        let delivered =
+            self.positions.injected_at == Some(self.stop - 1) && events.interrupt.injected == 0;
+        if count == 0 && delivered {
             return Ok(false);
         }
         // A joining secondary's pre-copy is served at every kind of stop.
@@ -165,6 +189,11 @@ impl Vcpu {
         self.journal.positioned(self.stop, at);
         self.stats.landing.positioned += 1;
         Ok(true)
+    }
+
+    /// Notes an interrupt injected at the current stop.
+    pub(super) fn note_injection(&mut self) {
+        self.positions.injected_at = Some(self.stop);
     }
 
     /// Whether this kick stop must be a sync point anyway: a joining
@@ -185,6 +214,10 @@ impl Vcpu {
     pub(super) fn land(&mut self, stop: u64, target: RecordedPosition) -> Result<Step, VcpuError> {
         let began = Instant::now();
         self.complete_pending_exit()?;
+        let target = RecordedPosition {
+            count: target.count + self.positions.late,
+            ..target
+        };
         let result = self.land_inner(stop, target);
         if let Some(timer) = &self.positions.timer {
             timer.disarm();
@@ -223,8 +256,19 @@ impl Vcpu {
             }
             if left > FINE_DISTANCE {
                 self.set_debug(0, 0)?;
-                let aim = ENTRY_LATENCY_S + AIM * left as f64 / self.positions.rate;
+                let p = &self.positions;
+                let aim = p.entry_latency + AIM * left as f64 / p.rate;
                 self.landing_timer()?.arm(Duration::from_secs_f64(aim));
+                self.land_run(stop, done)?;
+                // A kick that came before the guest ran anything was aimed
+                // too early: enter for longer next time.
+                let p = &mut self.positions;
+                p.entry_latency = if p.since_stop()? == done {
+                    (p.entry_latency * 2.0).min(ENTRY_LATENCY_MAX_S)
+                } else {
+                    (p.entry_latency * 0.9).max(ENTRY_LATENCY_MIN_S)
+                };
+                continue;
             } else if regs.rip == target.rip {
                 // An early visit of the target RIP: one step over it (the
                 // breakpoint would fire again at once: it ignores RF).
@@ -239,7 +283,6 @@ impl Vcpu {
     /// One `KVM_RUN` of a landing: a kick or a debug exit are progress;
     /// any other exit is one the recording did not have here.
     fn land_run(&mut self, stop: u64, done: u64) -> Result<(), VcpuError> {
-        let kicks = VcpuKickTarget::kicks();
         let began = Instant::now();
         let exit = match self.fd.run() {
             Ok(VcpuExit::Debug(_)) => Ok(()),
@@ -256,7 +299,9 @@ impl Vcpu {
         if let Some(timer) = &self.positions.timer {
             timer.disarm();
         }
-        self.clear_immediate_exit(kicks);
+        // The landing timer's kick is answered by this exit; a stop request
+        // is seen at the top of the landing loop.
+        self.fd.set_kvm_immediate_exit(0);
         self.stats.landing.runs += 1;
         if let Err(exit) = exit {
             return Err(missed(

@@ -209,6 +209,7 @@ impl Vcpu {
                 });
             }
             self.stats.interrupts += 1;
+            self.note_injection();
             match self.journal.check(self.stop, Check::Injected { vector }) {
                 Err(JournalError::Diverged { stop, what }) => {
                     // A cross-check only: the epoch hashes say what differs
