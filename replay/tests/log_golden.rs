@@ -86,3 +86,61 @@ fn the_header_layout_is_as_documented() {
     assert_eq!(kinds, expected);
     assert_eq!(expected, [0, 1, 1, 5, 2, 1, 3, 1, 5, 4, 5, 2, 6]);
 }
+
+/// A log with positioned stops: the identity of version 2 (with its
+/// position counter) and kind 8 records.
+fn positioned_log() -> (
+    tandem_replay::log::VmIdentity,
+    Vec<tandem_replay::log::Record>,
+    Vec<u8>,
+) {
+    use tandem_replay::log::{EndOutcome, LogWriter, Record};
+    let identity = tandem_replay::log::VmIdentity {
+        position: "kvm-insn-stat; kernel 6.18.44; pvm_emul_batch 1024; 14011 counted".into(),
+        ..common::identity()
+    };
+    let records = vec![
+        Record::Positioned {
+            stop: 3,
+            count: 15_000,
+            rip: 0x10_10b5,
+            digest: 0x0123_4567_89ab_cdef,
+        },
+        Record::Watermark { stop: 3 },
+        Record::Positioned {
+            stop: 4,
+            count: 0,
+            rip: 0x10_10b5,
+            digest: 0x0123_4567_89ab_cdef,
+        },
+        Record::End {
+            stop: 5,
+            outcome: EndOutcome::GuestExit(0),
+        },
+    ];
+    let mut w = LogWriter::new(Vec::new(), &identity).unwrap();
+    for r in &records {
+        w.append(r).unwrap();
+    }
+    (identity, records, w.into_inner())
+}
+
+#[test]
+fn positioned_stops_and_the_position_header_match_the_golden_file() {
+    let (identity, records, bytes) = positioned_log();
+    let committed = check_golden("v2-positioned.bin", &bytes);
+    let (reader, read) = LogReader::open(&committed[..]).unwrap();
+    assert_eq!(read, identity);
+    assert_eq!(read.position, identity.position);
+    let decoded: Vec<_> = reader.collect::<Result<_, _>>().unwrap();
+    assert_eq!(decoded, records);
+}
+
+#[test]
+fn a_log_without_positions_keeps_the_version_1_header_older_builds_read() {
+    let (bytes, _) = common::sample_log();
+    // The identity frame (after magic and protocol version): kind 0, version 1.
+    assert_eq!(&bytes[18..22], &[0, 0, 1, 0]);
+    let (_, _, positioned) = positioned_log();
+    assert_eq!(&positioned[18..22], &[0, 0, 2, 0]);
+}

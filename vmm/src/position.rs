@@ -556,6 +556,40 @@ mod tests {
         assert_eq!(modelled(3, 0), 5 + 6 + 1);
     }
 
+    /// The digest is in logs: this value is frozen. If this test fails,
+    /// the digest changed and old logs would no longer replay.
+    #[test]
+    fn the_position_digest_is_frozen() {
+        let mut regs = kvm_regs {
+            rax: 1,
+            rbx: 2,
+            rcx: 0x400,
+            rsp: 0x8000,
+            r15: u64::MAX,
+            rip: 0x1234,
+            rflags: 0x246 | RFLAGS_RF,
+            ..Default::default()
+        };
+        let mut sregs = kvm_bindings::kvm_sregs::default();
+        sregs.cr3 = 0x9000;
+        sregs.cs.l = 1;
+        let mut events = kvm_bindings::kvm_vcpu_events::default();
+        events.interrupt.shadow = 1;
+        let golden = 0x7fa2_3faf_42ff_9852;
+        assert_eq!(digest(&regs, &sregs, &events, false), golden);
+        // RF, RIP and a TF the VMM set are not part of it.
+        regs.rflags &= !RFLAGS_RF;
+        regs.rip = 0x5678;
+        assert_eq!(digest(&regs, &sregs, &events, false), golden);
+        regs.rflags |= RFLAGS_TF;
+        assert_eq!(digest(&regs, &sregs, &events, true), golden);
+        assert_ne!(digest(&regs, &sregs, &events, false), golden);
+        // Every other listed field is.
+        regs.rflags &= !RFLAGS_TF;
+        events.interrupt.shadow = 0;
+        assert_ne!(digest(&regs, &sregs, &events, false), golden);
+    }
+
     #[test]
     fn the_calibration_program_is_what_its_comment_says() {
         let p = program(0x1234, 0x0400);
