@@ -570,8 +570,10 @@ mod tests {
             rflags: 0x246 | RFLAGS_RF,
             ..Default::default()
         };
-        let mut sregs = kvm_bindings::kvm_sregs::default();
-        sregs.cr3 = 0x9000;
+        let mut sregs = kvm_bindings::kvm_sregs {
+            cr3: 0x9000,
+            ..Default::default()
+        };
         sregs.cs.l = 1;
         let mut events = kvm_bindings::kvm_vcpu_events::default();
         events.interrupt.shadow = 1;
