@@ -8,6 +8,9 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::pair::{
+    assert_counter_invariants, serve, start_topology, status, status_figure, topology_with,
+};
 use common::{run_command, run_guest, tandem, Finished};
 
 const LIMIT: Duration = Duration::from_secs(180);
@@ -194,4 +197,40 @@ fn a_landing_one_instruction_late_is_a_divergence_at_that_stop() {
     assert_eq!(exact.status, 0, "{exact:?}");
     assert_eq!(exact.stdout, recorded.stdout);
     let _ = std::fs::remove_file(log);
+}
+
+#[test]
+fn a_pair_with_positions_verifies_by_execution_and_fails_over_after_kill_9() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: the position counter cannot be used here: {why}");
+        return;
+    }
+    let mut p = start_topology(topology_with(
+        "pos1",
+        1500,
+        "received",
+        "",
+        "position = \"kvm-insn-stat\"",
+    ));
+    let s = p.t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    // netecho under client traffic: its timer and frames interrupt it.
+    let (next, first) = serve(&s, 0, 40, Duration::from_secs(60), &mut replies);
+    assert!(first.is_some(), "{}", p.primary.stderr());
+    let line = status(&p.t, "b").unwrap_or_default();
+    eprintln!("secondary status: {line}");
+    let figure = |name| status_figure(&line, name);
+    assert!(figure("positioned_stops") > 20, "{line}");
+    assert!(figure("epochs_verified") > 20, "{line}");
+    assert_eq!(figure("epochs_transferred"), 0, "{line}");
+    assert_eq!(figure("divergences"), 0, "{line}");
+    let _ = p.primary.child.kill(); // SIGKILL
+    let (_, after) = serve(&s, next, 20, Duration::from_secs(60), &mut replies);
+    assert!(
+        after.is_some(),
+        "no reply after the failover: {}",
+        p.secondary.stderr()
+    );
+    assert_counter_invariants(&replies, next);
+    let _ = std::fs::remove_dir_all(&p.t.dir);
 }

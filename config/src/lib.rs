@@ -205,6 +205,9 @@ pub struct FtConfig {
     pub on_guest_crash: tandem_vmm::CrashPolicy,
     /// TLS and authentication towards an etcd witness.
     pub etcd: EtcdAccess,
+    /// The position counter the primary places kick stops with (`position`:
+    /// `"none"`, the default, `"auto"` or `"kvm-insn-stat"`).
+    pub position: tandem_vmm::position::PositionChoice,
 }
 
 /// How tandem reaches etcd (`[ft]` of a pair file, `[cluster]` of a cluster

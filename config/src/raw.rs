@@ -87,6 +87,7 @@ pub(super) struct RawFt {
     pub etcd_key: Option<Spanned<String>>,
     pub etcd_user: Option<Spanned<String>>,
     pub etcd_password_file: Option<Spanned<String>>,
+    pub position: Option<Spanned<String>>,
 }
 
 /// A size as written: `"64M"` or a plain number of bytes.

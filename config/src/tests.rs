@@ -136,6 +136,7 @@ fn full_file_gives_typed_values() {
             psk_file: Some("/etc/tandem/web1.psk".into()),
             witness_key_file: None,
             etcd: EtcdAccess::default(),
+            position: tandem_vmm::position::PositionChoice::None,
             encrypt: true,
             verify_peer_address: true,
             socket_group: Some(0),

@@ -122,6 +122,7 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         verify_peer_address: cfg.ft.verify_peer_address,
         psk,
         mirrored: cfg.ft.storage == config::Storage::Mirrored,
+        position: cfg.ft.position,
         disks: cfg.disk_configs(me),
         replica_dir: replica_dir(&cfg.ft.state_dir, me),
         throttle: Arc::new(tandem_vmm::journal::Throttle::new(

@@ -138,6 +138,8 @@ pub struct PairParams {
     pub psk: Option<Arc<Psk>>,
     /// Mirrored storage: each host has its own replica of every disk.
     pub mirrored: bool,
+    /// The position counter a primary places kick stops with.
+    pub position: tandem_vmm::position::PositionChoice,
     /// This host's disks (its replicas, with mirrored storage).
     pub disks: Vec<tandem_vmm::DiskConfig>,
     /// Where this host keeps its replicas' sidecars.
@@ -326,7 +328,13 @@ fn pair_record_options(params: &PairParams) -> RecordOptions {
     RecordOptions {
         path: std::path::PathBuf::from("<replication channel>"),
         max_size: None,
-        sync_interval: Duration::from_secs(1),
+        // With positions, a kick is no sync point and an interval one would
+        // make its epoch transferred: repair asks for the sync point it
+        // needs.
+        sync_interval: match params.position {
+            tandem_vmm::position::PositionChoice::None => Duration::from_secs(1),
+            _ => Duration::from_secs(3600),
+        },
         min_kick_interval: Duration::from_micros(500),
         epoch_interval: Duration::from_millis(10),
         // Held output waits for the secondary's ack of the watermark that
@@ -335,8 +343,7 @@ fn pair_record_options(params: &PairParams) -> RecordOptions {
         sync_period: Duration::from_millis(1).min(params.heartbeat),
         throttle: Some(params.throttle.clone()),
         mirrored: params.mirrored,
-        // A pair does not carry positions yet: kicks are sync points.
-        position: tandem_vmm::position::PositionChoice::None,
+        position: params.position,
     }
 }
 

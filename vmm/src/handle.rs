@@ -49,6 +49,8 @@ pub struct VmFigures {
     pub guest_reboots: u64,
     /// Guest crashes rebooted so far (all policies).
     pub guest_crashes: u64,
+    /// Positioned stops logged or landed.
+    pub positioned_stops: u64,
 }
 
 impl VmHandle {
@@ -67,6 +69,7 @@ impl VmHandle {
             guest_rollbacks: get(&c.guest_rollbacks),
             guest_reboots: get(&c.guest_reboots),
             guest_crashes: get(&self.guest_crashes),
+            positioned_stops: get(&c.positioned),
         }
     }
 

@@ -53,8 +53,7 @@ pub struct RecordOptions {
     /// Mirrored storage: read data stays on the replicas; the log carries
     /// each read's hash instead ([`Cause::BlockReadHashed`]).
     pub mirrored: bool,
-    /// The position counter to place kick stops with (`tandem run
-    /// --record` only: a pair does not carry positions yet).
+    /// The position counter to place kick stops with.
     pub position: crate::position::PositionChoice,
 }
 

@@ -39,8 +39,10 @@ pub(crate) fn validate_ft(
         1,
     )?;
     let announce = ft_announce(ctx, &raw, &sec)?;
+    let position = ft_position(ctx, raw.position.as_ref())?;
 
     Ok(FtConfig {
+        position,
         heartbeat,
         failover_timeout,
         output_commit,
@@ -144,6 +146,29 @@ fn ft_output_commit(
             "output_commit",
             format!("{other:?}"),
             "must be \"received\" or \"replayed\"",
+        )),
+    }
+}
+
+/// `position`: `"none"` (the default), `"auto"` or `"kvm-insn-stat"`.
+fn ft_position(
+    ctx: &Ctx,
+    field: Option<&Spanned<String>>,
+) -> Result<tandem_vmm::position::PositionChoice, ConfigError> {
+    use tandem_vmm::position::PositionChoice;
+    let Some(s) = field else {
+        return Ok(PositionChoice::None);
+    };
+    match s.get_ref().as_str() {
+        "none" => Ok(PositionChoice::None),
+        "auto" => Ok(PositionChoice::Auto),
+        "kvm-insn-stat" => Ok(PositionChoice::KvmInsnStat),
+        other => Err(ctx.invalid(
+            &s.span(),
+            FT,
+            "position",
+            format!("{other:?}"),
+            "must be \"none\", \"auto\" or \"kvm-insn-stat\"",
         )),
     }
 }

@@ -59,7 +59,7 @@ fn vm_probes(params: &PairParams, vm: &Vm, handle: &VmHandle) {
     let board = &params.board;
     let causes = vm.cause_queue();
     board.probe("inputs_dropped", Arc::new(move || causes.dropped()));
-    let figures: [NamedFigure; 10] = [
+    let figures: [NamedFigure; 11] = [
         ("stops", |f| f.stops),
         ("sync_points", |f| f.sync_points),
         ("epochs", |f| f.epochs),
@@ -70,6 +70,7 @@ fn vm_probes(params: &PairParams, vm: &Vm, handle: &VmHandle) {
         ("guest_rollbacks", |f| f.guest_rollbacks),
         ("guest_reboots", |f| f.guest_reboots),
         ("guest_crashes", |f| f.guest_crashes),
+        ("positioned_stops", |f| f.positioned_stops),
     ];
     for (name, figure) in figures {
         let h = handle.clone();

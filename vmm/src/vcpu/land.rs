@@ -188,6 +188,9 @@ impl Vcpu {
         };
         self.journal.positioned(self.stop, at);
         self.stats.landing.positioned += 1;
+        self.live_counters
+            .positioned
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
     }
 
@@ -224,6 +227,9 @@ impl Vcpu {
         }
         let cleared = self.set_debug(0, 0);
         self.stats.landing.add(began.elapsed());
+        self.live_counters
+            .positioned
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let step = result?;
         cleared?;
         Ok(step)

@@ -451,6 +451,8 @@ pub struct LiveCounters {
     pub guest_rollbacks: std::sync::atomic::AtomicU64,
     /// Guest crashes recovered by rebooting the guest.
     pub guest_reboots: std::sync::atomic::AtomicU64,
+    /// Positioned stops logged or landed.
+    pub positioned: std::sync::atomic::AtomicU64,
 }
 
 /// What a live secondary needs to go live.

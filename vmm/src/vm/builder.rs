@@ -83,8 +83,8 @@ pub(super) struct ModePlan {
     pub base_pages: Vec<Page>,
     /// The journal: live, recording, or replaying.
     pub start_journal: JournalStart,
-    /// A recording's position counter choice (None: not a recording that
-    /// places stops; a replay follows its log header).
+    /// A recording's position counter choice (None: not a recording; a
+    /// replay or a follower uses the counter its log header names).
     pub position: Option<PositionChoice>,
 }
 
@@ -133,7 +133,7 @@ impl ModePlan {
                 role: Role::Primary,
                 policy: recording_policy(&options),
                 base_pages: Vec::new(),
-                position: None,
+                position: Some(options.position),
                 start_journal: Box::new(move |_, live| {
                     let recorder = Recorder::start_with_sink(options, sink, live)?;
                     Ok(Journal::Record(Box::new(recorder)))
