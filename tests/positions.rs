@@ -8,8 +8,10 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::netns::NetNs;
 use common::pair::{
-    assert_counter_invariants, serve, start_topology, status, status_figure, topology_with,
+    assert_counter_invariants, plain_pair_file, serve, spawn_pair, start_topology, status,
+    status_at, status_figure, test_dir, topology_with, Proc,
 };
 use common::{run_command, run_guest, tandem, Finished};
 
@@ -233,4 +235,92 @@ fn a_pair_with_positions_verifies_by_execution_and_fails_over_after_kill_9() {
     );
     assert_counter_invariants(&replies, next);
     let _ = std::fs::remove_dir_all(&p.t.dir);
+}
+
+fn last_tick(p: &Proc) -> u32 {
+    p.lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.strip_prefix("spinner: tick "))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits until `p`'s guest printed tick `want`.
+fn wait_tick(p: &Proc, want: u32, what: &str, other: &Proc) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while last_tick(p) < want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: stuck at tick {} (want {want})\n{}\nother: {}",
+            last_tick(p),
+            p.stderr(),
+            other.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_spinning_guest_is_re_protected_with_positions_on_and_survives_kill_9() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: the position counter cannot be used here: {why}");
+        return;
+    }
+    // spinner never exits on its own between ticks: every interrupt it
+    // takes is a kick, so a positioned stop; pre-copy for the joiner must be
+    // served at those stops, as the guest never halts.
+    let ns = NetNs::new("posj");
+    let dir = test_dir("posj");
+    let config = plain_pair_file(
+        &dir,
+        "spinner",
+        "hz=100 every=10",
+        "16M",
+        "failover_timeout_ms = 1000\nposition = \"kvm-insn-stat\"",
+    );
+    let (_witness, primary, mut secondary) = spawn_pair(&ns, &dir, &config);
+    wait_tick(&primary, 30, "protected", &secondary);
+    secondary.child.kill().unwrap();
+    let _ = secondary.child.wait();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !primary.stderr().contains("running unprotected") {
+        assert!(std::time::Instant::now() < deadline, "{}", primary.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let config_arg = config.display().to_string();
+    let joined = Proc::spawn(&ns, &["pair", "--config", &config_arg, "--host", "b"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !primary.stderr().contains("secondary joined at stop") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no join\nprimary: {}\nnew secondary: {}",
+            primary.stderr(),
+            joined.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = last_tick(&primary) + 30;
+    wait_tick(&primary, seen, "re-protected", &joined);
+    // The joiner started from one full sync point; since then it executes.
+    let line = status_at(&dir.join("state").join("b.ctl")).unwrap_or_default();
+    eprintln!("joined secondary: {line}");
+    assert!(status_figure(&line, "positioned_stops") > 10, "{line}");
+    assert!(status_figure(&line, "epochs_verified") > 10, "{line}");
+    assert!(status_figure(&line, "sync_points") <= 2, "{line}");
+    let mut primary = primary;
+    primary.child.kill().ok();
+    let seen = last_tick(&primary);
+    wait_tick(
+        &joined,
+        seen + 100,
+        "after kill -9 of the primary",
+        &primary,
+    );
+    let err = joined.stderr();
+    assert!(err.contains("going live"), "{err}");
+    assert!(!err.contains("diverged"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
