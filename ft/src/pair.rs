@@ -631,7 +631,7 @@ impl Replicator {
             AckAction::DiskSynced(id) => self.finish_disk_sync(id),
             AckAction::Repair(epoch) => {
                 warn!("the secondary reports epoch {epoch} diverged: committing on verified epochs until one verifies");
-                self.vm.kick();
+                self.vm.request_sync_point();
             }
         }
     }

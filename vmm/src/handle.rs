@@ -22,6 +22,8 @@ pub struct VmHandle {
     pub(crate) verified_stop: Arc<AtomicU64>,
     pub(crate) full_sync_request: Arc<AtomicBool>,
     pub(crate) full_sync_stop: Arc<AtomicU64>,
+    /// A sync point (not a full one) is wanted at the next kick stop.
+    pub(crate) sync_request: Arc<AtomicBool>,
     pub(crate) stopper: VmStopper,
     pub(crate) kicker: Kicker,
 }
@@ -106,9 +108,17 @@ impl VmHandle {
         self.full_sync_stop.load(Ordering::Acquire)
     }
 
-    /// Kicks the vCPU out of the guest: when recording, the stop it makes
-    /// is a sync point (how a primary answers a repair request).
+    /// Kicks the vCPU out of the guest (without positions, when
+    /// recording, the stop it makes is a sync point).
     pub fn kick(&self) {
+        self.kicker.kick();
+    }
+
+    /// Recording: a sync point at the next stop the vCPU is kicked to, even
+    /// where positions would place it (how a primary answers a repair
+    /// request).
+    pub fn request_sync_point(&self) {
+        self.sync_request.store(true, Ordering::Release);
         self.kicker.kick();
     }
 
@@ -158,6 +168,7 @@ mod tests {
             verified_stop: Arc::default(),
             full_sync_request: Arc::default(),
             full_sync_stop: Arc::default(),
+            sync_request: Arc::default(),
             stopper: VmStopper {
                 flag: stop_flag.clone(),
                 kicker: kicker.clone(),

@@ -54,7 +54,7 @@ pub struct RecordOptions {
     /// each read's hash instead ([`Cause::BlockReadHashed`]).
     pub mirrored: bool,
     /// The position counter to place kick stops with.
-    pub position: crate::position::PositionChoice,
+    pub position: crate::position::choice::PositionChoice,
 }
 
 /// The primary's brake on its own vCPU (DESIGN "The log": pair logs live in
@@ -1046,6 +1046,36 @@ impl Replayer {
             self.advance();
         }
         (skipped, console)
+    }
+
+    /// Whether nothing but the End record (or nothing) is left to replay.
+    pub fn at_end(&self) -> bool {
+        matches!(self.next, None | Some(Record::End { .. }))
+    }
+
+    /// Passes stop `stop` without the guest (a missed landing waiting for
+    /// its repair): consumes its causes (returned, to be applied), checks
+    /// and epoch end; returns the causes and the console bytes recorded
+    /// there. A sync point or the end are left for the caller.
+    pub fn pass_stop(&mut self, stop: u64) -> (Vec<Cause>, Vec<u8>) {
+        let mut causes = Vec::new();
+        let mut console = Vec::new();
+        loop {
+            match self.next.take() {
+                Some(Record::Cause { stop: s, cause }) if s == stop => causes.push(cause),
+                Some(Record::Check { stop: s, check }) if s == stop => {
+                    if let Check::SerialOut { bytes } = check {
+                        console.extend_from_slice(&bytes);
+                    }
+                }
+                Some(Record::EpochEnd { stop: s, .. }) if s == stop => {}
+                other => {
+                    self.next = other;
+                    return (causes, console);
+                }
+            }
+            self.advance();
+        }
     }
 
     /// Records at a stop the replay has already left mean the two runs took

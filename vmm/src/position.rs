@@ -29,6 +29,9 @@ use kvm_bindings::kvm_regs;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
+pub mod choice;
+pub use choice::PositionChoice;
+
 use crate::kick::{clear_immediate_exit, setup_kick_signal, Kicker, VcpuKickTarget};
 use crate::vm::builder::create_memory;
 
@@ -131,17 +134,6 @@ fn find_stat(stats: &File, name: &str) -> Result<Option<u64>, PositionError> {
         let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
         (&raw[..end] == name.as_bytes()).then(|| data_offset + u64::from(word(d, 8)))
     }))
-}
-
-/// What `--position` asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PositionChoice {
-    /// The best counter that passes its self-check, else none.
-    Auto,
-    /// `insn_emulation`; refused if its self-check fails.
-    KvmInsnStat,
-    /// No counter.
-    None,
 }
 
 /// The counter a VM uses, and why.

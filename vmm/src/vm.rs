@@ -392,6 +392,7 @@ impl Vm {
             verified_stop: self.vcpu.verified_stop(),
             full_sync_request,
             full_sync_stop,
+            sync_request: self.vcpu.sync_request(),
             stopper: self.stopper(),
             kicker: self.vcpu.kicker(),
         }

@@ -22,12 +22,14 @@ use crate::position::{countable, digest, PositionCounter};
 
 /// Below this many instructions from the target, landing stops kicking and
 /// uses the breakpoint and single steps.
-const FINE_DISTANCE: u64 = 60;
+const FINE_DISTANCE: u64 = 200;
 /// An upper bound of the emulation rate (instructions per second) for
 /// aiming kicks; the estimate only ever rises above it.
 const RATE_FLOOR: f64 = 3e6;
-/// A kick is aimed at this share of the remaining distance.
-const AIM: f64 = 0.7;
+/// A kick is aimed at this share of the remaining distance (the rate can
+/// run above the floor in bursts, and a kick can come late: one past the
+/// target is a divergence).
+const AIM: f64 = 0.5;
 /// The least time entering the guest is assumed to take before it makes
 /// progress; the estimate doubles after a kick that came too early.
 const ENTRY_LATENCY_MIN_S: f64 = 10e-6;
@@ -52,9 +54,13 @@ pub(super) struct Positions {
     debug: Option<(u32, u64)>,
     /// The last stop that injected an interrupt.
     injected_at: Option<u64>,
-    /// A test hook (`TANDEM_TEST_LAND_LATE`): land this many instructions
-    /// past each recorded count, which the checks there must catch.
-    late: u64,
+    /// A landing missed and the guest's state is wrong: stops pass without
+    /// running the guest until a sync point repairs it.
+    lost: bool,
+    /// A test hook (`TANDEM_TEST_LAND_LATE=N`): the N-th landing (from 1)
+    /// aims one instruction past its recorded count, which the checks there
+    /// must catch.
+    late_at: Option<u64>,
 }
 
 impl Positions {
@@ -136,10 +142,9 @@ impl Vcpu {
         self.positions.counter = counter;
         self.positions.rate = RATE_FLOOR;
         self.positions.entry_latency = ENTRY_LATENCY_MIN_S;
-        self.positions.late = std::env::var("TANDEM_TEST_LAND_LATE")
+        self.positions.late_at = std::env::var("TANDEM_TEST_LAND_LATE")
             .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
+            .and_then(|n| n.parse().ok());
     }
 
     /// At every new stop: the instructions run since the previous one, and
@@ -199,10 +204,17 @@ impl Vcpu {
         self.positions.injected_at = Some(self.stop);
     }
 
+    /// The flag a repair sets to have the next kick stop be a sync point.
+    pub fn sync_request(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.sync_request.clone()
+    }
+
     /// Whether this kick stop must be a sync point anyway: a joining
-    /// secondary needs one, or `--sync-interval` has passed.
+    /// secondary or a repair needs one, or `--sync-interval` has passed.
     fn sync_point_due(&self) -> bool {
-        if self.full_sync.load(std::sync::atomic::Ordering::Acquire) {
+        use std::sync::atomic::Ordering;
+        if self.full_sync.load(Ordering::Acquire) || self.sync_request.swap(false, Ordering::AcqRel)
+        {
             return true;
         }
         self.policy.sync_interval.is_some_and(|every| {
@@ -217,11 +229,20 @@ impl Vcpu {
     pub(super) fn land(&mut self, stop: u64, target: RecordedPosition) -> Result<Step, VcpuError> {
         let began = Instant::now();
         self.complete_pending_exit()?;
+        let late = self.positions.late_at == Some(self.stats.landing.positioned + 1);
         let target = RecordedPosition {
-            count: target.count + self.positions.late,
+            count: target.count + u64::from(late),
             ..target
         };
-        let result = self.land_inner(stop, target);
+        let result = match self.land_inner(stop, target) {
+            Err(VcpuError::Journal(JournalError::Diverged { stop, what }))
+                if self.shadow.is_some() =>
+            {
+                self.landing_missed(stop, what);
+                Ok(Step::Stop(None))
+            }
+            other => other,
+        };
         if let Some(timer) = &self.positions.timer {
             timer.disarm();
         }
@@ -323,6 +344,45 @@ impl Vcpu {
         Ok(())
     }
 
+    /// A landing missed where repair is on: the epoch diverged (a live
+    /// secondary asks its primary for a sync point); until one arrives,
+    /// stops pass without running the guest, whose state is wrong.
+    fn landing_missed(&mut self, stop: u64, what: String) {
+        let epoch = self.epochs.number;
+        if let Some(shadow) = self.shadow.as_mut() {
+            shadow.pending.get_or_insert(epoch);
+        }
+        self.unrepaired += 1;
+        self.stats.divergences += 1;
+        self.live_counters
+            .divergences
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.divergence_epoch
+            .store(epoch + 1, std::sync::atomic::Ordering::Release);
+        tracing::warn!(
+            "divergence at epoch {epoch} (stop {stop}): {what}; waiting for a sync point"
+        );
+        self.divergence_reports.push(DivergenceReport {
+            epoch,
+            stop,
+            components: vec![what],
+            recorded: Vec::new(),
+            replayed: Vec::new(),
+        });
+        self.positions.lost = true;
+    }
+
+    /// Whether stops pass without running the guest (a missed landing,
+    /// not yet repaired).
+    pub(super) fn lost(&self) -> bool {
+        self.positions.lost
+    }
+
+    /// A sync point was installed: the guest runs again.
+    pub(super) fn found(&mut self) {
+        self.positions.lost = false;
+    }
+
     /// At the recorded count: RIP and the digest must be the recorded ones.
     fn check_landed(
         &mut self,
@@ -408,8 +468,11 @@ struct LandingTimer {
 }
 
 impl LandingTimer {
-    /// Creates the timer for the calling (vCPU) thread.
+    /// Creates the timer for the calling (vCPU) thread, whose timers then
+    /// fire without the default 50 µs slack (75 instructions here).
     fn new() -> Result<Self, kvm_ioctls::Error> {
+        // SAFETY: PR_SET_TIMERSLACK takes a plain integer for this thread.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
         // SAFETY: a zeroed sigevent is valid; the fields set below are the
         // ones SIGEV_THREAD_ID reads.
         let mut event: libc::sigevent = unsafe { std::mem::zeroed() };

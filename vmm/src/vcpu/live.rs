@@ -21,6 +21,12 @@ impl Vcpu {
                 what: "the log ended but this replay cannot go live".into(),
             }));
         };
+        if self.lost() {
+            return Err(VcpuError::Journal(JournalError::Diverged {
+                stop: self.stop,
+                what: "a positioned stop diverged and no sync point repaired it before the log ended: this replica's state is wrong, it cannot go live".into(),
+            }));
+        }
         let now_ns = self.ctx.clock.now_ns();
         let start = Instant::now()
             .checked_sub(Duration::from_nanos(now_ns))

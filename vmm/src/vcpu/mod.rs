@@ -394,6 +394,8 @@ pub struct Vcpu {
     divergence_epoch: Arc<std::sync::atomic::AtomicU64>,
     /// Recording: the next sync point carries all of memory.
     full_sync: Arc<std::sync::atomic::AtomicBool>,
+    /// A sync point is asked for at the next kick stop (repair).
+    sync_request: Arc<std::sync::atomic::AtomicBool>,
     /// Stop the VM at the next stop (fencing, shutdown).
     stop_request: Arc<std::sync::atomic::AtomicBool>,
     /// Counters readable while the VM runs (`tandem status`).
@@ -517,6 +519,7 @@ impl Vcpu {
             verified_stop: Arc::default(),
             divergence_epoch: Arc::default(),
             full_sync: Arc::default(),
+            sync_request: Arc::default(),
             stop_request: Arc::default(),
             live_counters: Arc::default(),
             full_sync_stop: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
@@ -695,6 +698,9 @@ impl Vcpu {
             .replayer()
             .and_then(|rep| rep.take_positioned(next))
         {
+            if self.lost() {
+                return Ok(Step::Stop(None));
+            }
             return self.land(next, at);
         }
         let replayed = self
@@ -702,8 +708,25 @@ impl Vcpu {
             .replayer()
             .and_then(|rep| rep.take_sync_point(next));
         let Some((state, pages)) = replayed else {
+            if self.lost() {
+                // The guest's state is wrong: pass the stop without it, or
+                // end where the log holds no sync point to repair from.
+                // (A live log is never at its end: the primary sends more.)
+                let ended = self
+                    .journal
+                    .replayer()
+                    .is_some_and(|rep| rep.at_end() && !rep.is_live());
+                if ended {
+                    let stop = self.stop;
+                    return Ok(Step::Done(RunOutcome::ReplayEnded(
+                        ReplayEnd::LogExhausted { stop },
+                    )));
+                }
+                return Ok(Step::Stop(None));
+            }
             return self.run_guest(next, timer);
         };
+        self.found();
         // KVM would otherwise finish the previous PIO/MMIO exit on top of
         // the installed state.
         self.complete_pending_exit()?;
@@ -796,6 +819,20 @@ impl Vcpu {
             // stop), or, where it cannot be, with the whole state.
             None if self.journal.recording() && !self.record_positioned(count)? => {
                 self.record_sync_point(false)?;
+            }
+            // Passing stops until a repair: their causes are applied, their
+            // checks and epoch ends not compared.
+            None if self.lost() => {
+                let stop = self.stop;
+                if let Some(rep) = self.journal.replayer() {
+                    let (causes, console) = rep.pass_stop(stop);
+                    self.causes.extend(causes);
+                    if !console.is_empty() {
+                        self.devices
+                            .outputs
+                            .emit(tandem_replay::Output::Serial(console));
+                    }
+                }
             }
             None => {}
         }

@@ -182,6 +182,12 @@ impl Vcpu {
     }
 
     pub(super) fn decide_injection(&mut self) -> Result<(), VcpuError> {
+        // Passing stops until a repair: the guest does not run, nothing is
+        // injected into its wrong state.
+        if self.lost() {
+            self.request_window(false);
+            return Ok(());
+        }
         if !self.devices.interrupt_pending() {
             self.fd.get_kvm_run().request_interrupt_window = 0;
             return Ok(());

@@ -50,7 +50,7 @@ use crate::kick::{setup_kick_signal, Kicker};
 use crate::layout::{MAX_MEM_SIZE, MIN_MEM_SIZE, VIRTIO_IRQS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::legacy::LegacyDevices;
 use crate::loader::{BootEntry, LoaderError};
-use crate::position::PositionChoice;
+use crate::position::choice::PositionChoice;
 use crate::state::{saved_msrs, SavedMsrs};
 use crate::vcpu::{CrashPolicy, GoLiveHooks, KickPolicy, SyncContext};
 
