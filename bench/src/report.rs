@@ -159,6 +159,7 @@ pub fn render(r: &Value) -> String {
     crash_tables(&mut o, r);
     spare_table(&mut o, r);
     replay_table(&mut o, wl);
+    positions_table(&mut o, wl, &mut short);
     peer_table(&mut o, r, wl);
     micro_table(&mut o, r);
     not_measured(&mut o, r);
@@ -1173,6 +1174,115 @@ fn replay_table(o: &mut String, wl: &[Value]) {
         );
     }
     let _ = writeln!(o, "\n(An epoch is *transferred* when replay installs the recorded state instead of re-executing and verifying it: a replay faster than live on a CPU-bound guest is transferring, not re-running.)\n");
+}
+
+/// 4a. Positioned stops: `--position auto` beside `none`, and the
+/// issue's targets for them.
+fn positions_table(o: &mut String, wl: &[Value], short: &mut Vec<String>) {
+    let _ = writeln!(
+        o,
+        "### 4a. Positioned stops (exact injection): `--position none` vs `auto`\n"
+    );
+    header(
+        o,
+        &[
+            "workload",
+            "**log Mbit/s** none → auto",
+            "auto: positioned / sync_point / epoch_end Mbit/s",
+            "replay epochs verified / transferred (auto)",
+            "landings/s",
+            "landing median / p99 µs",
+            "KVM_RUNs per landing",
+            "recorded / live: none → auto",
+            "pair rcv / live: none → auto",
+            "echo p50 ms: pair none → auto",
+        ],
+    );
+    for w in wl {
+        let name = w.str("name").unwrap_or("?");
+        let p = |k: &str| w.at(&format!("positions.{k}"));
+        let kind = |k: &str| fig(p(&format!("log.mbit_per_s_by_kind.{k}")), 3);
+        let verified = med(p("replay.epochs_verified")).unwrap_or(0.0);
+        let transferred = med(p("replay.epochs_transferred")).unwrap_or(0.0);
+        if verified + transferred > 0.0 && verified < 0.99 * (verified + transferred) {
+            short.push(format!(
+                "{name} with positions: {verified:.0} of {:.0} epochs verified (target ≥ 99%)",
+                verified + transferred
+            ));
+        }
+        let target_mbit = match name {
+            "compute-100Hz" => Some(0.5),
+            "netecho" => Some(4.0),
+            _ => None,
+        };
+        if let (Some(x), Some(t)) = (med(p("log.mbit_per_s")), target_mbit) {
+            if x > t {
+                short.push(format!(
+                    "{name} with positions: log {x:.2} Mbit/s (target ≤ {t})"
+                ));
+            }
+        }
+        let pair_target = match name {
+            "compute-100Hz" => Some(0.97),
+            "netecho" => Some(0.80),
+            _ => None,
+        };
+        if let (Some(x), Some(t)) = (med(p("pair_received.ratio_over_live")), pair_target) {
+            if x < t {
+                short.push(format!(
+                    "{name} with positions: protected pair {x:.2} of unprotected (target ≥ {t})"
+                ));
+            }
+        }
+        row(
+            o,
+            &[
+                name.into(),
+                format!(
+                    "{} → {}",
+                    fig(w.at("log.mbit_per_s"), 3),
+                    fig(p("log.mbit_per_s"), 3)
+                ),
+                format!(
+                    "{} / {} / {}",
+                    kind("positioned"),
+                    kind("sync_point"),
+                    kind("epoch_end")
+                ),
+                format!(
+                    "{} / {}",
+                    fig(p("replay.epochs_verified"), 0),
+                    fig(p("replay.epochs_transferred"), 0)
+                ),
+                fig(p("replay.landings_per_s"), 1),
+                format!(
+                    "{} / {}",
+                    fig(p("replay.landing_median_us"), 0),
+                    fig(p("replay.landing_p99_us"), 0)
+                ),
+                fig(p("replay.runs_per_landing"), 1),
+                format!(
+                    "{} → {}",
+                    fig(w.at("ratio_recorded_over_live"), 3),
+                    fig(p("ratio_over_live"), 3)
+                ),
+                format!(
+                    "{} → {}",
+                    fig(w.at("pair_received.ratio_over_live"), 3),
+                    fig(p("pair_received.ratio_over_live"), 3)
+                ),
+                format!(
+                    "{} → {}",
+                    fig(w.at("pair_received.rtt_p50_ms"), 3),
+                    fig(p("pair_received.rtt_p50_ms"), 3)
+                ),
+            ],
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\n`auto` uses `kvm-insn-stat` where its self-check passes (here), else it is `none`. A positioned stop logs where a kick interrupted the guest (instructions since the previous stop, RIP, a digest) instead of its state; the replay and the secondary execute to that point (landing) and verify. Landing time includes the guest's own execution of the instructions up to the target (a landing is not pure overhead); the replay / recorded wall ratio is in the JSON (`positions.replay.replay_over_recorded_wall`). Pairs with positions take no interval sync point.\n"
+    );
 }
 
 /// 5. Peer side by side: tandem and QEMU.

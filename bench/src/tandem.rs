@@ -176,7 +176,7 @@ fn checkpointing() -> (&'static str, Vec<String>) {
 
 /// Runs this many measured runs per rep (for the progress count).
 pub fn runs_per_rep(w: &Workload) -> usize {
-    3 + w.variants.len() + if w.pair { 2 } else { 0 }
+    5 + w.variants.len() + if w.pair { 3 } else { 0 }
 }
 
 /// One run of the VMM.
@@ -201,6 +201,9 @@ pub struct Sample {
     pub held: Vec<f64>,
     /// The seven numbers of the replay summary line (replay runs).
     pub summary: Vec<f64>,
+    /// The replay's landing line: positioned stops landed, median and p99
+    /// landing time (µs), KVM_RUNs per landing (empty: none landed).
+    pub landing: Vec<f64>,
     /// Seconds the VM ran, from the VMM's own log timestamps (the VM built,
     /// or the secondary attached, to "VM stopped"): excludes process start
     /// and, for a pair, waiting for the secondary.
@@ -294,6 +297,22 @@ pub fn parse_summary(stderr: &str) -> Vec<f64> {
         .collect()
 }
 
+/// The numbers of the `positioned stops landed:` line: count, median µs,
+/// p99 µs, runs per landing.
+pub fn parse_landing(stderr: &str) -> Vec<f64> {
+    let clean = strip_ansi(stderr);
+    let Some(line) = clean
+        .lines()
+        .rev()
+        .find(|l| l.contains("positioned stops landed"))
+    else {
+        return Vec::new();
+    };
+    line.split(|c: char| !c.is_ascii_digit() && c != '.')
+        .filter_map(|s| s.trim_matches('.').parse().ok())
+        .collect()
+}
+
 fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
@@ -321,9 +340,17 @@ const LIMIT: Duration = Duration::from_secs(180);
 enum Config {
     Live,
     Record,
+    /// Recorded with `--position auto`.
+    RecordPositions,
     PairReceived,
     PairReplayed,
+    /// A `received` pair with `[ft] position = "auto"`.
+    PairPositions,
 }
+
+/// What the positions configurations add to a run.
+const POSITION_AUTO: [&str; 2] = ["--position", "auto"];
+const PAIR_POSITION_AUTO: &str = "position = \"auto\"";
 
 struct Runner<'a> {
     ctx: &'a Ctx,
@@ -419,7 +446,7 @@ impl Runner<'_> {
     /// One run as a protected pair: primary on `ctx.cpu`, secondary on
     /// `ctx.cpu2`, with `output_commit = commit`. The guest's exit ends the
     /// primary; the secondary replays to the same end and exits too.
-    fn pair(&self, tag: &str, commit: &str) -> Sample {
+    fn pair(&self, tag: &str, commit: &str, ft_extra: &str) -> Sample {
         let disk = self.w.disk_bytes.map(|bytes| {
             let path = self.ctx.tmp.join(format!("{}-{tag}.img", self.w.name));
             if let Err(e) = make_image(&path, bytes) {
@@ -432,6 +459,7 @@ impl Runner<'_> {
             disk: disk.as_deref(),
             net: matches!(self.w.kind, Kind::NetEcho { .. }),
             commit,
+            ft_extra,
             ..PairSpec::new(&guest, &self.w.cmdline)
         };
         let mut s = Sample::default();
@@ -497,6 +525,7 @@ impl Runner<'_> {
         let out = proc::run(cmd, LIMIT);
         let mut s = Sample {
             summary: parse_summary(&out.stderr),
+            landing: parse_landing(&out.stderr),
             ..Sample::default()
         };
         s.ok = out.status == 0 && s.summary.len() >= 7;
@@ -594,6 +623,11 @@ pub struct Runs {
     pub pair_replayed: Vec<Sample>,
     pub replay: Vec<Sample>,
     pub variants: Vec<(String, Vec<Sample>)>,
+    /// Recorded with `--position auto`, its replays, and `received` pairs
+    /// with `position = "auto"`.
+    pub positions: Vec<Sample>,
+    pub positions_replay: Vec<Sample>,
+    pub pair_positions: Vec<Sample>,
 }
 
 /// Measures `w` `reps` times, interleaving live and recorded runs (ABBA
@@ -616,9 +650,14 @@ pub fn measure(
     };
     for rep in 0..reps {
         let log = ctx.tmp.join(format!("{}-{rep}.log", w.name));
-        let mut order = vec![Config::Live, Config::Record];
+        let plog = ctx.tmp.join(format!("{}-{rep}-positions.log", w.name));
+        let mut order = vec![Config::Live, Config::Record, Config::RecordPositions];
         if w.pair {
-            order.extend([Config::PairReceived, Config::PairReplayed]);
+            order.extend([
+                Config::PairReceived,
+                Config::PairReplayed,
+                Config::PairPositions,
+            ]);
         }
         if rep % 2 == 1 {
             order.reverse();
@@ -627,23 +666,41 @@ pub fn measure(
             let s = match cfg {
                 Config::Live => r.run(&format!("live{rep}"), None, &[]),
                 Config::Record => r.run(&format!("rec{rep}"), Some(&log), &[]),
-                Config::PairReceived => r.pair(&format!("prcv{rep}"), "received"),
-                Config::PairReplayed => r.pair(&format!("prep{rep}"), "replayed"),
+                Config::RecordPositions => {
+                    let extra = POSITION_AUTO.map(String::from);
+                    r.run(&format!("pos{rep}"), Some(&plog), &extra)
+                }
+                Config::PairReceived => r.pair(&format!("prcv{rep}"), "received", ""),
+                Config::PairReplayed => r.pair(&format!("prep{rep}"), "replayed", ""),
+                Config::PairPositions => {
+                    r.pair(&format!("ppos{rep}"), "received", PAIR_POSITION_AUTO)
+                }
             };
             let label = match cfg {
                 Config::Live => "live    ",
                 Config::Record => "recorded",
+                Config::RecordPositions => "rec pos ",
                 Config::PairReceived => "pair rcv",
                 Config::PairReplayed => "pair rep",
+                Config::PairPositions => "pair pos",
             };
             report(ctx, w, rep, reps, label, &s);
             match cfg {
                 Config::Live => runs.live.push(s),
                 Config::Record => runs.record.push(s),
+                Config::RecordPositions => runs.positions.push(s),
                 Config::PairReceived => runs.pair_received.push(s),
                 Config::PairReplayed => runs.pair_replayed.push(s),
+                Config::PairPositions => runs.pair_positions.push(s),
             }
         }
+        let recorded = runs.positions.last().cloned().unwrap_or_default();
+        if recorded.ok {
+            let s = r.replay(&plog, &recorded);
+            report(ctx, w, rep, reps, "replay p", &s);
+            runs.positions_replay.push(s);
+        }
+        let _ = std::fs::remove_file(&plog);
         for (i, (name, extra)) in w.variants.iter().enumerate() {
             let vlog = ctx.tmp.join(format!("{}-{rep}-{name}.log", w.name));
             let s = r.run(&format!("{name}{rep}"), Some(&vlog), extra);
@@ -910,10 +967,67 @@ pub fn to_json(w: &Workload, runs: &Runs) -> Value {
         }
         variants.insert(name.clone(), variant);
     }
+    j["positions"] = positions_json(w, runs, &side);
     j["cpu_ratio_live_over_recorded"] = summary_json(&cpu_ratio, "ratio");
     j["log"] = log_json(&runs.record);
     j["replay"] = replay;
     j["variants"] = variants.into();
+    j
+}
+
+/// `--position auto` beside `none`: the recorded run, its log and replay
+/// (epochs verified, landings), and a `received` pair.
+fn positions_json(w: &Workload, runs: &Runs, side: &dyn Fn(&[Sample]) -> Value) -> Value {
+    let batch = matches!(w.kind, Kind::Batch);
+    let ratio = |a: &[Sample], b: &[Sample]| -> Vec<f64> {
+        if batch {
+            vm_ratio(a, b)
+        } else {
+            pairs(a, b).map(|(x, y)| y.rate / x.rate).collect()
+        }
+    };
+    let summ = |i: usize| -> Vec<f64> {
+        oks(&runs.positions_replay)
+            .filter_map(|s| s.summary.get(i).copied())
+            .collect()
+    };
+    let land = |i: usize| -> Vec<f64> {
+        oks(&runs.positions_replay)
+            .filter_map(|s| s.landing.get(i).copied())
+            .collect()
+    };
+    let landings_per_s: Vec<f64> = pairs(&runs.positions, &runs.positions_replay)
+        .filter_map(|(r, p)| Some(p.landing.first()? / inspect_num(r, "guest_time.seconds")?))
+        .collect();
+    let replay_over_recorded: Vec<f64> = pairs(&runs.positions, &runs.positions_replay)
+        .map(|(r, p)| p.out.wall / r.out.wall)
+        .collect();
+    let mut j = json!({
+        "recorded": side(&runs.positions),
+        "ratio_over_live": summary_json(&ratio(&runs.live, &runs.positions), "ratio"),
+        "ratio_over_recorded_none": summary_json(&ratio(&runs.record, &runs.positions), "ratio"),
+        "log": log_json(&runs.positions),
+        "replay": {
+            "epochs_verified": summary_json(&summ(3), "count"),
+            "epochs_transferred": summary_json(&summ(4), "count"),
+            "divergences": summary_json(&summ(5), "count"),
+            "landings": summary_json(&land(0), "count"),
+            "landings_per_s": summary_json(&landings_per_s, "1/s"),
+            "landing_median_us": summary_json(&land(1), "µs"),
+            "landing_p99_us": summary_json(&land(2), "µs"),
+            "runs_per_landing": summary_json(&land(3), "count"),
+            "replay_over_recorded_wall": summary_json(&replay_over_recorded, "ratio"),
+            "failures": runs.positions_replay.iter().filter(|s| !s.ok || !s.error.is_empty()).count(),
+            "first_error": runs.positions_replay.iter().find(|s| !s.error.is_empty()).map(|s| &s.error),
+        },
+    });
+    if w.pair {
+        let mut p = side(&runs.pair_positions);
+        p["ratio_over_live"] = summary_json(&ratio(&runs.live, &runs.pair_positions), "ratio");
+        p["ratio_over_pair_none"] =
+            summary_json(&ratio(&runs.pair_received, &runs.pair_positions), "ratio");
+        j["pair_received"] = p;
+    }
     j
 }
 
