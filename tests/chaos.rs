@@ -13,7 +13,8 @@
 //! (CHAOS_REPORT). CHAOS_SEED replays a series. CHAOS_CRASH_POLICY=
 //! restart-checkpoint runs the pair with checkpoints and output held for
 //! them. CHAOS_ARBITER=etcd arbitrates on a 3-member etcd cluster.
-//! CHAOS_STORAGE=mirrored
+//! CHAOS_POSITION=auto places kick stops with the position counter
+//! (`[ft] position`). CHAOS_STORAGE=mirrored
 //! gives each host its own replica of the counter's disk (mirrored storage)
 //! instead of one shared image.
 
@@ -170,6 +171,9 @@ impl Chaos {
         if checkpointing() {
             ft_extra += "on_guest_crash = \"restart-checkpoint\"\n";
         }
+        if let Some(position) = position() {
+            ft_extra += &format!("position = \"{position}\"\n");
+        }
         let t = topology_with("chaos", FAILOVER_MS, "received", "", &ft_extra);
         let mut text = std::fs::read_to_string(&t.config).unwrap();
         if spinning() {
@@ -309,6 +313,33 @@ impl Chaos {
         }
     }
 
+    /// With positions: host `i` (the secondary) kills itself with SIGKILL
+    /// in the middle of its next landing (the fault point
+    /// `TANDEM_TEST_FAULT_DIR/kill-in-landing.PID`); if no landing comes
+    /// within 5 s (a guest asleep in HLT takes none), it is killed anyway.
+    /// True: it died in a landing.
+    fn kill_in_landing(&mut self, i: usize) -> bool {
+        let Some(mut p) = self.hosts[i].take() else {
+            return false;
+        };
+        let point = fault_dir().join(format!("kill-in-landing.{}", p.child.id()));
+        std::fs::write(&point, b"").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut died = false;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                use std::os::unix::process::ExitStatusExt;
+                died = status.signal() == Some(libc::SIGKILL);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        let _ = std::fs::remove_file(point);
+        died
+    }
+
     fn signal(&self, i: usize, sig: libc::c_int) {
         if let Some(p) = &self.hosts[i] {
             signal(p, sig);
@@ -394,6 +425,9 @@ struct Findings {
     split_brain: u32,
     max_unavailable: Duration,
     divergences: u64,
+    /// With positions: secondaries killed (SIGKILL) in the middle of a
+    /// landing.
+    killed_in_landing: u32,
 }
 
 fn resumes(p: &Option<Proc>) -> usize {
@@ -409,6 +443,11 @@ fn round(c: &mut Chaos, fault: Fault, f: &mut Findings, rng: &mut Rng) -> Instan
     let at = Instant::now();
     match fault {
         Fault::Kill9Primary => c.kill(live),
+        Fault::Kill9Secondary if position().is_some() => {
+            if c.kill_in_landing(other) {
+                f.killed_in_landing += 1;
+            }
+        }
         Fault::Kill9Secondary => c.kill(other),
         Fault::Kill9Witness if on_etcd() => {
             // One member, chosen at random, down for a moment.
@@ -569,6 +608,8 @@ fn chaos_rounds_keep_every_invariant() {
     );
     let started = Instant::now();
     let mut rng = Rng(seed);
+    std::fs::create_dir_all(fault_dir()).unwrap();
+    std::env::set_var("TANDEM_TEST_FAULT_DIR", fault_dir());
     let mut c = Chaos::start();
     let stop = Arc::new(AtomicBool::new(false));
     let client = start_client(&c.t.ns, stop.clone());
@@ -644,6 +685,12 @@ fn chaos_rounds_keep_every_invariant() {
         findings.max_unavailable.as_millis()
     );
     eprintln!("{summary}");
+    if position().is_some() {
+        eprintln!(
+            "positions: {} secondaries killed in the middle of a landing",
+            findings.killed_in_landing
+        );
+    }
     if let Ok(path) = std::env::var("CHAOS_REPORT") {
         let mut md = String::new();
         let _ = writeln!(
@@ -675,6 +722,12 @@ fn chaos_rounds_keep_every_invariant() {
             let _ = writeln!(
                 md,
                 "- guest: netecho spin=1 (`CHAOS_GUEST=spin`: it never sleeps in HLT, busy-waiting between timer ticks)"
+            );
+        }
+        if let Some(position) = position() {
+            let _ = writeln!(
+                md,
+                "- positions: `{position}` (`CHAOS_POSITION`: kicks are positioned stops the secondary lands on, not sync points)"
             );
         }
         if checkpointing() {
@@ -709,6 +762,14 @@ fn chaos_rounds_keep_every_invariant() {
             "- divergences seen on a secondary: {} (unrepaired: 0, or the run would have failed)",
             findings.divergences
         );
+        if position().is_some() {
+            let _ = writeln!(
+                md,
+                "- secondaries killed (SIGKILL) in the middle of a landing: {} of {} kill -9 faults of the secondary",
+                findings.killed_in_landing,
+                findings.by_kind.get(&Fault::Kill9Secondary).copied().unwrap_or(0)
+            );
+        }
         let _ = writeln!(
             md,
             "- corrupt messages detected / injected: {} / {}\n",
@@ -772,6 +833,20 @@ fn on_etcd() -> bool {
 /// `CHAOS_GUEST=spin`: the guest never sleeps in HLT (netecho spin=1).
 fn spinning() -> bool {
     std::env::var("CHAOS_GUEST").is_ok_and(|v| v == "spin")
+}
+
+/// Where the chaos runner drops fault-point files for the pair it runs
+/// (`TANDEM_TEST_FAULT_DIR`, set for every process it spawns).
+fn fault_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("tandem-chaos-faults-{}", std::process::id()))
+}
+
+/// `CHAOS_POSITION=auto|kvm-insn-stat`: the pair places kick stops with
+/// that position counter (`[ft] position`).
+fn position() -> Option<String> {
+    std::env::var("CHAOS_POSITION")
+        .ok()
+        .filter(|v| !v.is_empty() && v != "none")
 }
 
 /// `CHAOS_CRASH_POLICY=restart-checkpoint`: the pair takes checkpoints and

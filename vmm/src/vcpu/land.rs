@@ -57,6 +57,10 @@ pub(super) struct Positions {
     /// A landing missed and the guest's state is wrong: stops pass without
     /// running the guest until a sync point repairs it.
     lost: bool,
+    /// A test fault point (`TANDEM_TEST_FAULT_DIR`): the process kills
+    /// itself in the middle of a landing once `kill-in-landing.PID` exists
+    /// there.
+    kill_point: Option<std::path::PathBuf>,
     /// A test hook (`TANDEM_TEST_LAND_LATE=N`): the N-th landing (from 1)
     /// aims one instruction past its recorded count, which the checks there
     /// must catch.
@@ -142,6 +146,9 @@ impl Vcpu {
         self.positions.counter = counter;
         self.positions.rate = RATE_FLOOR;
         self.positions.entry_latency = ENTRY_LATENCY_MIN_S;
+        self.positions.kill_point = std::env::var_os("TANDEM_TEST_FAULT_DIR").map(|dir| {
+            std::path::PathBuf::from(dir).join(format!("kill-in-landing.{}", std::process::id()))
+        });
         self.positions.late_at = std::env::var("TANDEM_TEST_LAND_LATE")
             .ok()
             .and_then(|n| n.parse().ok());
@@ -296,6 +303,15 @@ impl Vcpu {
                     (p.entry_latency * 0.9).max(ENTRY_LATENCY_MIN_S)
                 };
                 continue;
+            } else if self
+                .positions
+                .kill_point
+                .as_ref()
+                .is_some_and(|p| p.exists())
+            {
+                // SAFETY: raising SIGKILL on this process has no
+                // preconditions (a test fault point: it does not return).
+                unsafe { libc::raise(libc::SIGKILL) };
             } else if regs.rip == target.rip {
                 // An early visit of the target RIP: one step over it (the
                 // breakpoint would fire again at once: it ignores RF).
