@@ -67,6 +67,12 @@ for s in $(cat /l2/scenarios); do
         size=$(stat -c %s /tmp/l2.log 2>/dev/null || echo 0)
         /bin/tandem log inspect /tmp/l2.log > /out/inspect.out 2>&1
         rate=$(grep -m1 'guest time' /out/inspect.out | sed 's/^[^:]*: *//')
+        # For a diagnosis on the host: what the log holds (records by kind,
+        # stops, sync points) and how far the guest got (its last console
+        # lines and tandem's vCPU counters).
+        sed 's/^/L1-INIT:   inspect: /' /out/inspect.out | head -n 40
+        tail -n 4 /out/record.out | cut -c1-200 | sed 's/^/L1-INIT:   guest: /'
+        grep -m1 -o 'VcpuStats {[^}]*' /out/record.err | cut -c1-400 | sed 's/^/L1-INIT:   /' || true
         ratio=n/a
         [ -n "$RUN_SECS" ] && ratio=$(awk -v r="$SECS" -v p="$RUN_SECS" 'BEGIN { printf "%.2fx", r / p }')
         figures="time ${SECS}s (${ratio} the plain run), log $((size / 1048576)) MiB, guest time ${rate:-unknown}"
