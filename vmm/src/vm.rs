@@ -204,9 +204,6 @@ pub enum VmError {
     /// The position counter the run needs cannot be used here.
     #[error("position counter: {0}")]
     Position(crate::position::PositionError),
-    /// The vCPU's MSRs could not be probed.
-    #[error("probing the vCPU's MSRs: {0}")]
-    MsrProbe(crate::state::StateError),
     /// The vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),

@@ -52,8 +52,13 @@ pub(super) struct Positions {
     timer: Option<LandingTimer>,
     /// Guest-debug control bits and breakpoint now set.
     debug: Option<(u32, u64)>,
+    /// Whether the last `KVM_RUN` before this stop could enter the guest
+    /// (no kick was pending when it was called).
+    entered: bool,
     /// The last stop that injected an interrupt.
     injected_at: Option<u64>,
+    /// Landings tried (the `TANDEM_TEST_LAND_LATE` index).
+    attempts: u64,
     /// A landing missed and the guest's state is wrong: stops pass without
     /// running the guest until a sync point repairs it.
     lost: bool,
@@ -183,11 +188,15 @@ impl Vcpu {
         if !countable(&sregs, &events) {
             return Ok(false);
         }
-        // Kicked with no instruction run: the same state as the previous
-        // stop, unless KVM delivered the interrupt injected there on the
-        // way in, which a replay cannot do without running an instruction.
-        let delivered =
-            self.positions.injected_at == Some(self.stop - 1) && events.interrupt.injected == 0;
+        // No instruction counted: the state of the previous stop, unless
+        // KVM entered the guest and delivered the interrupt injected there,
+        // which a replay cannot do without running an instruction. (Code
+        // the counter does not see, 64-bit CPL3, could also have run: the
+        // landing's RIP check finds that, as a divergence repaired at the
+        // next sync point.)
+        let delivered = self.positions.entered
+            && self.positions.injected_at == Some(self.stop - 1)
+            && events.interrupt.injected == 0;
         if count == 0 && delivered {
             return Ok(false);
         }
@@ -209,6 +218,11 @@ impl Vcpu {
     /// Notes an interrupt injected at the current stop.
     pub(super) fn note_injection(&mut self) {
         self.positions.injected_at = Some(self.stop);
+    }
+
+    /// Notes, before a `KVM_RUN`, whether it can enter the guest.
+    pub(super) fn note_entry(&mut self) {
+        self.positions.entered = self.fd.get_kvm_run().immediate_exit == 0;
     }
 
     /// The flag a repair sets to have the next kick stop be a sync point.
@@ -236,7 +250,8 @@ impl Vcpu {
     pub(super) fn land(&mut self, stop: u64, target: RecordedPosition) -> Result<Step, VcpuError> {
         let began = Instant::now();
         self.complete_pending_exit()?;
-        let late = self.positions.late_at == Some(self.stats.landing.positioned + 1);
+        self.positions.attempts += 1;
+        let late = self.positions.late_at == Some(self.positions.attempts);
         let target = RecordedPosition {
             count: target.count + u64::from(late),
             ..target
@@ -254,10 +269,13 @@ impl Vcpu {
             timer.disarm();
         }
         let cleared = self.set_debug(0, 0);
-        self.stats.landing.add(began.elapsed());
-        self.live_counters
-            .positioned
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Counted when it landed (not a miss, a stop request or an error).
+        if matches!(result, Ok(Step::Stop(None))) && !self.lost() {
+            self.stats.landing.add(began.elapsed());
+            self.live_counters
+                .positioned
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let step = result?;
         cleared?;
         Ok(step)
@@ -329,7 +347,20 @@ impl Vcpu {
         let began = Instant::now();
         let exit = match self.fd.run() {
             Ok(VcpuExit::Debug(_)) => Ok(()),
-            Ok(other) => Err(format!("{other:?}")),
+            Ok(other) => {
+                // KVM completes a PIO/MMIO/MSR exit on the next entry: the
+                // install that repairs this must complete it first.
+                self.exit_pending = matches!(
+                    other,
+                    VcpuExit::IoIn(..)
+                        | VcpuExit::IoOut(..)
+                        | VcpuExit::MmioRead(..)
+                        | VcpuExit::MmioWrite(..)
+                        | VcpuExit::X86Rdmsr(..)
+                        | VcpuExit::X86Wrmsr(..)
+                );
+                Err(format!("{other:?}"))
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
             Err(e) => {
                 return Err(VcpuError::Kvm {

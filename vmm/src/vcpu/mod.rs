@@ -735,8 +735,9 @@ impl Vcpu {
             return Ok(Step::Stop(None));
         }
         // Captured while the guest slept in HLT: sleep on here as the
-        // recording did.
+        // recording did (a stop: the count restarts here as it did there).
         self.set_stop(next);
+        self.count_stop()?;
         Ok(match self.sleep_at_stop()? {
             Some(outcome) => Step::Done(outcome),
             None => Step::Again,
@@ -749,6 +750,7 @@ impl Vcpu {
         // rollback or reboot): a guest that spins without exits still gets
         // its timer and its checkpoints.
         self.arm_kick_timer(timer);
+        self.note_entry();
         let exit = match self.fd.run() {
             Ok(exit) => handle_exit(exit, &mut self.ctx),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

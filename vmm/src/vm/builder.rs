@@ -308,7 +308,12 @@ pub(super) fn create_vcpu(
     let fd = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
     configure_vcpu(&fd, &cpuid, memory, entry)?;
     let tsc_khz = fd.get_tsc_khz().unwrap_or(1_000_000);
-    let msrs = SavedMsrs::probe(&fd, saved_msrs(kvm)).map_err(VmError::MsrProbe)?;
+    // A probe KVM refuses leaves the MSRs unmasked: never fails the VM.
+    let indices = saved_msrs(kvm);
+    let msrs = SavedMsrs::probe(&fd, indices.clone()).unwrap_or_else(|e| {
+        tracing::warn!("probing the vCPU's SYSENTER MSRs: {e}; capturing them as read");
+        SavedMsrs::new(indices)
+    });
     Ok(Cpu {
         fd,
         cpuid,
