@@ -309,7 +309,13 @@ fn a_pair_with_positions_verifies_by_execution_and_fails_over_after_kill_9() {
     let figure = |name| status_figure(&line, name);
     assert!(figure("positioned_stops") > 5, "{line}");
     assert!(figure("epochs_verified") > 20, "{line}");
-    assert_eq!(figure("epochs_transferred"), 0, "{line}");
+    // A kick that caught KVM delivering an interrupt before any instruction
+    // is still a sync point: rare, and each makes one epoch transferred.
+    assert!(figure("sync_points") <= 2, "{line}");
+    assert!(
+        figure("epochs_transferred") <= figure("sync_points"),
+        "{line}"
+    );
     assert_eq!(figure("divergences"), 0, "{line}");
     let _ = p.primary.child.kill(); // SIGKILL
     let (_, after) = serve(&s, next, 20, Duration::from_secs(60), &mut replies);
