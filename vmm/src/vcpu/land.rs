@@ -396,20 +396,11 @@ impl Vcpu {
     /// stops pass without running the guest, whose state is wrong.
     fn landing_missed(&mut self, stop: u64, what: String) {
         let epoch = self.epochs.number;
-        if let Some(shadow) = self.shadow.as_mut() {
-            shadow.pending.get_or_insert(epoch);
-        }
-        self.unrepaired += 1;
-        self.stats.divergences += 1;
-        self.live_counters
-            .divergences
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.divergence_epoch
-            .store(epoch + 1, std::sync::atomic::Ordering::Release);
         tracing::warn!(
             "divergence at epoch {epoch} (stop {stop}): {what}; waiting for a sync point"
         );
-        self.divergence_reports.push(DivergenceReport {
+        // Only called with repair on: the shadow takes it.
+        self.divergence_found(DivergenceReport {
             epoch,
             stop,
             components: vec![what],

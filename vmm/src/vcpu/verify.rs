@@ -159,23 +159,13 @@ impl Vcpu {
                 }
             }
         } else {
-            if let Some(shadow) = self.shadow.as_mut() {
-                shadow.pending.get_or_insert(recorded.epoch);
-                self.unrepaired += 1;
-            }
-            self.stats.divergences += 1;
-            self.live_counters
-                .divergences
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.divergence_epoch
-                .store(recorded.epoch + 1, std::sync::atomic::Ordering::Release);
             tracing::warn!(
                 "divergence at epoch {} (stop {}): {} differ",
                 recorded.epoch,
                 self.stop,
                 diffs.join(", ")
             );
-            self.divergence_reports.push(DivergenceReport {
+            self.divergence_found(DivergenceReport {
                 epoch: recorded.epoch,
                 stop: self.stop,
                 components: diffs,
@@ -186,5 +176,22 @@ impl Vcpu {
         self.epochs.installed.clear();
         self.epochs.had_sync = false;
         Ok(())
+    }
+
+    /// A divergence found in `report.epoch`: kept for the repair (the
+    /// shadow waits for a sync point), counted, published for a live
+    /// secondary's repair request, and reported.
+    pub(super) fn divergence_found(&mut self, report: DivergenceReport) {
+        if let Some(shadow) = self.shadow.as_mut() {
+            shadow.pending.get_or_insert(report.epoch);
+            self.unrepaired += 1;
+        }
+        self.stats.divergences += 1;
+        self.live_counters
+            .divergences
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.divergence_epoch
+            .store(report.epoch + 1, std::sync::atomic::Ordering::Release);
+        self.divergence_reports.push(report);
     }
 }
