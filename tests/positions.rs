@@ -217,12 +217,9 @@ fn a_landing_one_instruction_late_is_a_divergence_at_that_stop_and_repaired() {
     assert_eq!(exact.stdout, recorded.stdout);
     let _ = std::fs::remove_file(log);
 
-    // A sync point after it (every 300 ms of guest time): repaired there,
-    // and the replay ends as the recording did. (Not shorter: a recording
-    // whose first interval sync point comes before the guest programs its
-    // PIT gets no timer interrupt at all, a defect of sync points found
-    // here and not yet fixed.)
-    let (log, recorded) = record_compute_sized("late-sync", "300", "size=65536 rounds=8 hz=1000");
+    // A sync point after it (every 100 ms): repaired there, and the replay
+    // ends as the recording did.
+    let (log, recorded) = record_compute_sized("late-sync", "100", "size=32768 rounds=4 hz=1000");
     let late = replay_landing_late(&log, "3");
     assert_eq!(late.status, 0, "{late:?}");
     assert_eq!(late.stdout, recorded.stdout);

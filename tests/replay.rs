@@ -18,6 +18,7 @@ fn temp(name: &str) -> PathBuf {
 /// The numbers of `tandem replay`'s summary line.
 #[derive(Debug)]
 struct Summary {
+    sync_points: u64,
     epochs: u64,
     divergences: u64,
     repaired: u64,
@@ -38,6 +39,7 @@ fn summary(f: &Finished) -> Summary {
     // "S stops, P sync points, E epochs (V verified, T transferred), D divergences (R repaired)"
     assert_eq!(numbers.len(), 7, "{line}");
     Summary {
+        sync_points: numbers[1],
         epochs: numbers[2],
         divergences: numbers[5],
         repaired: numbers[6],
@@ -90,6 +92,34 @@ fn compute_replays_through_sync_points() {
     let (r, replayed) = record_and_replay("compute", &["--cmdline", "size=16384 rounds=2 hz=1000"]);
     assert!(r.stdout.contains("hash=0xafc65f4c2bf98d10"), "{r:?}");
     assert!(summary(&replayed).epochs > 10, "{replayed:?}");
+}
+
+/// The `ticks=N` compute printed.
+fn ticks(f: &Finished) -> u64 {
+    f.stdout
+        .rsplit("ticks=")
+        .next()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ticks in {f:?}"))
+}
+
+#[test]
+fn a_short_sync_interval_before_the_guest_starts_its_timer_keeps_its_ticks() {
+    // The first interval sync point comes before the guest programs its
+    // PIT: the interval's kick must still come again, and the PIT's after
+    // it (the guest once saw no tick at all: the timer took the overdue
+    // sync deadline, set again, for the one it had fired).
+    let (r, replayed) = record_and_replay(
+        "compute",
+        &[
+            "--cmdline",
+            "size=16384 rounds=2 hz=1000",
+            "--sync-interval",
+            "20",
+        ],
+    );
+    assert!(ticks(&r) > 50, "{r:?}");
+    assert!(summary(&replayed).sync_points > 5, "{replayed:?}");
 }
 
 #[test]

@@ -240,7 +240,7 @@ impl Vcpu {
         }
         self.policy.sync_interval.is_some_and(|every| {
             let every = u64::try_from(every.as_nanos()).unwrap_or(u64::MAX);
-            self.ctx.clock.now_ns() >= self.last_sync_ns.saturating_add(every)
+            self.since_start_ns() >= self.last_sync_ns.saturating_add(every)
         })
     }
 

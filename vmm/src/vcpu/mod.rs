@@ -377,7 +377,7 @@ pub struct Vcpu {
     start: Instant,
     /// The current stop; every logged event sits at a stop number.
     stop: u64,
-    /// Guest time of the last sync point.
+    /// When the last sync point was taken, in host time since `start`.
     last_sync_ns: u64,
     /// The current stop's PIO/MMIO/MSR exit is not finished in KVM yet.
     exit_pending: bool,

@@ -32,6 +32,12 @@ impl Vcpu {
         timer.set(self.next_kick_deadline());
     }
 
+    /// Host time since the VM started (this side's start, moved at a go-live
+    /// so that it agrees with guest time there), in nanoseconds.
+    pub(super) fn since_start_ns(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
     /// When the deadline timer should kick next: the next device deadline
     /// and, when recording, the next forced sync point. Replay takes no kicks.
     pub(super) fn next_kick_deadline(&mut self) -> Option<Instant> {

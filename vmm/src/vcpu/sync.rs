@@ -46,7 +46,10 @@ impl Vcpu {
             .sync_points
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.stats.sync_pages += pages.len() as u64;
-        self.last_sync_ns = self.ctx.clock.now_ns();
+        // Host time, not guest time: the guest clock moves only when a
+        // stop applies a time cause, which this stop has not done yet (a
+        // sync point at guest time 0 would leave the interval passed).
+        self.last_sync_ns = self.since_start_ns();
         if full {
             // The joiner has no checkpoint before this one: neither side
             // may roll back past it.
