@@ -66,6 +66,12 @@ pub struct RunArgs {
     /// Kick the vCPU out of the guest at most this often, in microseconds.
     #[arg(long, value_name = "US", default_value_t = 500)]
     min_kick_interval: u64,
+    /// Recording: how long (microseconds) a timer or device interrupt may
+    /// wait for a stop the guest makes itself (an exit with interrupts on,
+    /// or HLT) before a kick stops it, which costs a sync point or a
+    /// positioned stop. 0: kick at the deadline.
+    #[arg(long, value_name = "US", default_value_t = 0, requires = "record")]
+    irq_defer: u64,
     /// What a guest crash (triple fault, pvpanic report, HLT with
     /// interrupts off) does: `halt` ends the run, `reboot` restarts the
     /// guest from its boot state (at most 3 times a minute of guest time),
@@ -248,6 +254,12 @@ pub fn replay(args: ReplayArgs) -> ExitCode {
         s.divergences,
         s.repaired
     );
+    if s.sync_points_landed > 0 {
+        eprintln!(
+            "tandem: {} sync points landed on and found reached by execution (nothing installed)",
+            s.sync_points_landed
+        );
+    }
     if let Some((median, p99)) = s.landing.percentiles() {
         eprintln!(
             "tandem: {} positioned stops landed: median {median} µs, p99 {p99} µs, {:.1} runs each",
@@ -408,6 +420,7 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
                 max_size: args.record_max,
                 sync_interval: Duration::from_millis(args.sync_interval.max(1)),
                 min_kick_interval: Duration::from_micros(args.min_kick_interval),
+                irq_defer: Duration::from_micros(args.irq_defer),
                 epoch_interval: Duration::from_millis(args.epoch_ms.max(1)),
                 sync_period: tandem_vmm::journal::RECORD_SYNC_PERIOD,
                 throttle: None,

@@ -48,6 +48,7 @@ struct Replayed {
     transferred: u64,
     divergences: u64,
     positioned: u64,
+    sync_points_landed: u64,
 }
 
 fn numbers(line: &str) -> Vec<u64> {
@@ -76,12 +77,28 @@ fn replayed(f: &Finished) -> Replayed {
         transferred: n[4],
         divergences: n[5],
         positioned,
+        sync_points_landed: f
+            .stderr
+            .lines()
+            .find(|l| l.contains("sync points landed on"))
+            .map_or(0, |l| numbers(l)[0]),
     }
 }
 
 /// Records `name` with positions on, replays it, and checks the replay
 /// matched the recording with every epoch verified and none transferred.
 fn record_and_replay(name: &str, tag: &str, args: &[&str]) -> Option<Replayed> {
+    record_and_replay_synced(name, tag, args, NO_INTERVAL_SYNC)
+}
+
+/// [`record_and_replay`] with interval sync points every `sync_ms`: each
+/// is landed on, and must be found already reached (nothing installed).
+fn record_and_replay_synced(
+    name: &str,
+    tag: &str,
+    args: &[&str],
+    sync_ms: &str,
+) -> Option<Replayed> {
     if let Some(why) = skip_reason() {
         eprintln!("skipped: the position counter cannot be used here: {why}");
         return None;
@@ -90,7 +107,7 @@ fn record_and_replay(name: &str, tag: &str, args: &[&str]) -> Option<Replayed> {
     let log_arg = log.display().to_string();
     let mut all: Vec<&str> = args.to_vec();
     all.extend(["--record", &log_arg, "--position", "kvm-insn-stat"]);
-    all.extend(["--sync-interval", NO_INTERVAL_SYNC]);
+    all.extend(["--sync-interval", sync_ms]);
     let recorded = run_guest(name, &all, None, LIMIT);
     assert!(recorded.stderr.is_empty(), "{name} recording: {recorded:?}");
     let mut cmd = tandem();
@@ -137,6 +154,52 @@ fn compute_at_1_khz_replays_every_epoch_verified_by_execution() {
         return;
     };
     assert!(r.positioned >= 300, "{r:?}");
+}
+
+#[test]
+fn interval_sync_points_are_landed_on_and_leave_their_epochs_verified() {
+    // Every 50 ms a sync point follows the kick's position: the replay
+    // lands there, finds the recorded state reached by execution, installs
+    // nothing, and its epoch stays verified (before, each made its epoch
+    // "transferred").
+    let Some(r) = record_and_replay_synced(
+        "compute",
+        "synced",
+        &["--cmdline", "size=16384 rounds=2 hz=1000"],
+        "50",
+    ) else {
+        return;
+    };
+    assert!(r.sync_points_landed >= 5, "{r:?}");
+}
+
+#[test]
+fn a_landed_sync_point_whose_memory_differs_is_a_divergence_repaired_there() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: the position counter cannot be used here: {why}");
+        return;
+    }
+    let (log, recorded) = record_compute_sized("flip", "50", "size=16384 rounds=2 hz=1000");
+    // The hook flips a byte of the replay's own memory in the second
+    // landed sync point's first page just before the comparison.
+    let mut cmd = tandem();
+    cmd.arg("replay")
+        .arg(&log)
+        .env("TANDEM_TEST_SYNC_PAGE_FLIP", "2");
+    let replay = run_command(cmd, None, LIMIT);
+    assert_eq!(replay.status, 0, "{replay:?}");
+    assert_eq!(replay.stdout, recorded.stdout);
+    assert!(
+        replay.stderr.contains("1 pages of the sync point")
+            && replay.stderr.contains("1 divergences (1 repaired)"),
+        "{replay:?}"
+    );
+    let r = replayed(&replay);
+    assert_eq!(
+        r.sync_points, 1,
+        "only the differing one is installed: {replay:?}"
+    );
+    let _ = std::fs::remove_file(log);
 }
 
 #[test]

@@ -336,6 +336,7 @@ fn pair_record_options(params: &PairParams) -> RecordOptions {
             _ => Duration::from_secs(3600),
         },
         min_kick_interval: Duration::from_micros(500),
+        irq_defer: Duration::ZERO,
         epoch_interval: Duration::from_millis(10),
         // Held output waits for the secondary's ack of the watermark that
         // covers it: flush often so that wait is one round trip, not a

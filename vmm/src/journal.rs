@@ -43,6 +43,9 @@ pub struct RecordOptions {
     pub sync_interval: Duration,
     /// Kick the vCPU at most this often.
     pub min_kick_interval: Duration,
+    /// How long a device interrupt may wait for an exit of the guest's own
+    /// before a kick makes a stop for it ([`crate::vcpu::KickPolicy`]).
+    pub irq_defer: Duration,
     /// End an epoch (and log its hashes) about this often.
     pub epoch_interval: Duration,
     /// How often the writer flushes (and writes a watermark).
@@ -892,6 +895,11 @@ impl Replayer {
                 None
             }
         }
+    }
+
+    /// Whether the next record is the sync point recorded for `stop`.
+    pub fn sync_point_next(&self, stop: u64) -> bool {
+        matches!(&self.next, Some(Record::SyncPoint { stop: s, .. }) if *s == stop)
     }
 
     /// The positioned stop recorded for `stop`, if the next record is one.

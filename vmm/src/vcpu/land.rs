@@ -70,6 +70,12 @@ pub(super) struct Positions {
     /// aims one instruction past its recorded count, which the checks there
     /// must catch.
     late_at: Option<u64>,
+    /// A test hook (`TANDEM_TEST_SYNC_PAGE_FLIP=N`): before the N-th
+    /// comparison of a landed sync point (from 1), one byte of the replay's
+    /// copy of its first page is flipped, which the comparison must catch.
+    pub(super) flip_at: Option<u64>,
+    /// Landed sync points compared (the `TANDEM_TEST_SYNC_PAGE_FLIP` index).
+    pub(super) sync_compares: u64,
 }
 
 impl Positions {
@@ -157,6 +163,9 @@ impl Vcpu {
         self.positions.late_at = std::env::var("TANDEM_TEST_LAND_LATE")
             .ok()
             .and_then(|n| n.parse().ok());
+        self.positions.flip_at = std::env::var("TANDEM_TEST_SYNC_PAGE_FLIP")
+            .ok()
+            .and_then(|n| n.parse().ok());
     }
 
     /// At every new stop: the instructions run since the previous one, and
@@ -172,11 +181,16 @@ impl Vcpu {
     }
 
     /// Recording, at a kick stop: log it as a positioned stop when it can
-    /// be one (a counter, a countable state, no sync point due, not an
-    /// interrupt delivered before any instruction). False: the caller takes
-    /// a sync point.
+    /// be one (a counter, a countable state, not a joining secondary's full
+    /// sync point, not an interrupt delivered before any instruction).
+    /// False: the caller takes a sync point (as it does after a position
+    /// when one is due anyway).
     pub(super) fn record_positioned(&mut self, count: u64) -> Result<bool, VcpuError> {
-        if self.positions.counter.is_none() || self.sync_point_due() {
+        // A joining secondary starts at its full sync point: it has no
+        // state to land with.
+        if self.positions.counter.is_none()
+            || self.full_sync.load(std::sync::atomic::Ordering::Acquire)
+        {
             return Ok(false);
         }
         let regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
@@ -232,7 +246,7 @@ impl Vcpu {
 
     /// Whether this kick stop must be a sync point anyway: a joining
     /// secondary or a repair needs one, or `--sync-interval` has passed.
-    fn sync_point_due(&self) -> bool {
+    pub(super) fn sync_point_due(&self) -> bool {
         use std::sync::atomic::Ordering;
         if self.full_sync.load(Ordering::Acquire) || self.sync_request.swap(false, Ordering::AcqRel)
         {

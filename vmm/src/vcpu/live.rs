@@ -39,6 +39,7 @@ impl Vcpu {
                     sync_interval: Some(options.sync_interval),
                     min_kick_interval: options.min_kick_interval,
                     epoch_interval: options.epoch_interval,
+                    irq_defer: options.irq_defer,
                 };
                 self.last_sync_ns = now_ns;
                 Journal::Record(Box::new(crate::journal::Recorder::start_with_sink(

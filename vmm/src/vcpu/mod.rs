@@ -275,6 +275,9 @@ pub struct VcpuStats {
     pub sync_points: u64,
     /// Pages carried by those sync points.
     pub sync_pages: u64,
+    /// Replaying: sync points landed on whose state the replay had reached
+    /// by itself (nothing installed; their epochs stay verified).
+    pub sync_points_landed: u64,
     /// Epoch ends logged (recording) or checked (replaying).
     pub epochs: u64,
     /// Replayed epochs whose hashes matched with no sync point inside.
@@ -347,6 +350,10 @@ pub struct KickPolicy {
     pub min_kick_interval: Duration,
     /// End an epoch (and log its hashes) about this often, when recording.
     pub epoch_interval: Duration,
+    /// Recording: how long a device interrupt may wait for a stop of the
+    /// guest's own (an exit with interrupts on, or HLT) before a kick, or
+    /// an interrupt-window exit, makes one. Zero: kick at the deadline.
+    pub irq_defer: Duration,
 }
 
 /// Where the epochs stand.
@@ -381,6 +388,12 @@ pub struct Vcpu {
     last_sync_ns: u64,
     /// The current stop's PIO/MMIO/MSR exit is not finished in KVM yet.
     exit_pending: bool,
+    /// Irq deferral: the current stop was made by a kick or an interrupt
+    /// window (not by an exit of the guest's own).
+    kicked_stop: bool,
+    /// Irq deferral: since when (host time since `start`) a pending
+    /// interrupt has waited for the guest to enable interrupts at an exit.
+    irq_waiting_since: Option<u64>,
     epochs: Epochs,
     /// Replay only: the last verified state, for repair (None: --no-repair).
     shadow: Option<Shadow>,
@@ -513,6 +526,8 @@ impl Vcpu {
             stop: 0,
             last_sync_ns: 0,
             exit_pending: false,
+            kicked_stop: false,
+            irq_waiting_since: None,
             epochs: Epochs::default(),
             shadow: None,
             unrepaired: 0,
@@ -693,15 +708,32 @@ impl Vcpu {
     /// point logged for it.
     fn next_stop(&mut self, timer: &mut DeadlineTimer) -> Result<Step, VcpuError> {
         let next = self.stop + 1;
+        let mut landed = false;
         if let Some(at) = self
             .journal
             .replayer()
             .and_then(|rep| rep.take_positioned(next))
         {
-            if self.lost() {
-                return Ok(Step::Stop(None));
+            // A sync point logged at the same stop (an interval or repair
+            // one) is landed on first, then compared or installed below.
+            let sync_here = self
+                .journal
+                .replayer_ref()
+                .is_some_and(|rep| rep.sync_point_next(next));
+            if !sync_here {
+                if self.lost() {
+                    return Ok(Step::Stop(None));
+                }
+                return self.land(next, at);
             }
-            return self.land(next, at);
+            if !self.lost() {
+                let step = self.land(next, at)?;
+                if !matches!(step, Step::Stop(None)) {
+                    return Ok(step);
+                }
+                // A miss leaves the guest lost: this sync point repairs it.
+                landed = !self.lost();
+            }
         }
         let replayed = self
             .journal
@@ -730,6 +762,9 @@ impl Vcpu {
         // KVM would otherwise finish the previous PIO/MMIO exit on top of
         // the installed state.
         self.complete_pending_exit()?;
+        if landed && self.sync_point_verified(next, &state, &pages)? {
+            return Ok(Step::Stop(None));
+        }
         self.install_sync_point(&state, &pages)?;
         if !state.vcpu.halted {
             return Ok(Step::Stop(None));
@@ -801,6 +836,7 @@ impl Vcpu {
     /// injection. Some: the run ends here.
     fn at_new_stop(&mut self, kind: Option<StopKind>) -> Result<Option<RunOutcome>, VcpuError> {
         self.set_stop(self.stop + 1);
+        self.kicked_stop = kind.is_none();
         let count = self.count_stop()?;
         if tracing::enabled!(tracing::Level::TRACE) {
             let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
@@ -818,9 +854,14 @@ impl Vcpu {
                 self.maybe_end_epoch()?;
             }
             // (c) A kick-induced stop: logged where it is (a positioned
-            // stop), or, where it cannot be, with the whole state.
-            None if self.journal.recording() && !self.record_positioned(count)? => {
-                self.record_sync_point(false)?;
+            // stop), or, where it cannot be, with the whole state; a sync
+            // point due anyway (interval, repair) follows its position, so
+            // a replay lands there first and checks it.
+            None if self.journal.recording() => {
+                let due = self.sync_point_due();
+                if !self.record_positioned(count)? || due {
+                    self.record_sync_point(false)?;
+                }
             }
             // Passing stops until a repair: their causes are applied, their
             // checks and epoch ends not compared.

@@ -46,6 +46,16 @@ impl Vcpu {
         }
         let device = self.devices.next_deadline_ns();
         self.journal.set_deadline(device);
+        // Irq deferral: a deadline that passes while the guest runs is
+        // applied at the guest's next exit; only if none comes in time does
+        // a kick make a stop for it (and one for an interrupt still waiting
+        // for the guest to enable interrupts).
+        let defer = duration_ns(self.policy.irq_defer);
+        let device = device.map(|ns| ns.saturating_add(defer));
+        let waiting = self
+            .irq_waiting_since
+            .filter(|_| defer > 0)
+            .map(|ns| ns.saturating_add(defer));
         let sync = match (self.journal.recording(), self.policy.sync_interval) {
             (true, Some(every)) => {
                 Some(self.last_sync_ns + u64::try_from(every.as_nanos()).unwrap_or(u64::MAX))
@@ -59,7 +69,10 @@ impl Vcpu {
             .as_ref()
             .filter(|_| self.devices.outputs.pending())
             .map(|c| c.next_due_ns());
-        let ns = [device, sync, checkpoint].into_iter().flatten().min();
+        let ns = [device, waiting, sync, checkpoint]
+            .into_iter()
+            .flatten()
+            .min();
         ns.map(|ns| self.start + Duration::from_nanos(ns))
     }
 
@@ -196,15 +209,24 @@ impl Vcpu {
         }
         if !self.devices.interrupt_pending() {
             self.fd.get_kvm_run().request_interrupt_window = 0;
+            self.irq_waiting_since = None;
             return Ok(());
         }
         self.complete_pending_exit()?;
         let can = self.guest_can_take_interrupt()?;
         trace!(stop = self.stop, can, "interrupt pending");
         if !can {
-            self.request_window(true);
+            // Deferred: a later exit of the guest's own with interrupts on
+            // takes it for free; a kick when the deferral runs out (see
+            // `next_kick_deadline`) asks for the window then.
+            let now = self.since_start_ns();
+            let since = *self.irq_waiting_since.get_or_insert(now);
+            let defer = duration_ns(self.policy.irq_defer);
+            let window = defer == 0 || self.kicked_stop || now >= since.saturating_add(defer);
+            self.request_window(window);
             return Ok(());
         }
+        self.irq_waiting_since = None;
         let vector = self.devices.acknowledge_interrupt();
         if let Some(vector) = vector {
             trace!(vector, "inject");
@@ -316,4 +338,9 @@ impl Vcpu {
         self.stats.halted += since.elapsed();
         Ok(Halted::Woken)
     }
+}
+
+/// A duration in nanoseconds (saturating).
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

@@ -151,6 +151,82 @@ impl Vcpu {
 
     /// Installs a recorded sync point instead of executing the stretch it
     /// covers.
+    /// Replaying, at a sync point the landing reached with RIP and digest
+    /// as recorded: whether the replay's own state there is the recorded
+    /// one (the vCPU parts the epoch hashes cover, every device, and each
+    /// page the sync point carries). If so nothing is installed and the
+    /// epoch stays verified by execution; if not, that is a divergence at
+    /// this stop, repaired by installing it (false).
+    pub(super) fn sync_point_verified(
+        &mut self,
+        stop: u64,
+        state: &MachineState,
+        pages: &[Page],
+    ) -> Result<bool, VcpuError> {
+        self.positions.sync_compares += 1;
+        if self.positions.flip_at == Some(self.positions.sync_compares) {
+            if let Some(page) = pages.first() {
+                let at = GuestAddress(page.gfn * PAGE_SIZE as u64);
+                let byte: u8 = self.sync.memory.read_obj(at).unwrap_or(0);
+                let _ = self.sync.memory.write_obj(!byte, at);
+            }
+        }
+        let ours = state::capture(&self.fd, &self.sync.msrs, state.vcpu.halted)?;
+        let theirs = &state.vcpu;
+        let mut diffs: Vec<String> = [
+            ("vcpu.regs", ours.regs == theirs.regs),
+            ("vcpu.sregs", ours.sregs == theirs.sregs),
+            ("vcpu.fpu", ours.fpu == theirs.fpu),
+            ("vcpu.events", ours.events == theirs.events),
+            ("vcpu.msrs", ours.msrs == theirs.msrs),
+        ]
+        .into_iter()
+        .filter(|(_, same)| !same)
+        .map(|(name, _)| name.to_string())
+        .collect();
+        let devices = self.devices.capture();
+        if devices.len() != state.devices.len() {
+            diffs.push("the device list".into());
+        }
+        for ((name, a), (_, b)) in devices.iter().zip(&state.devices) {
+            if a != b {
+                diffs.push(format!("dev.{name}"));
+            }
+        }
+        let mut data = vec![0u8; PAGE_SIZE];
+        let mut differing = pages.iter().filter_map(|page| {
+            let read = self
+                .sync
+                .memory
+                .read_slice(&mut data, GuestAddress(page.gfn * PAGE_SIZE as u64));
+            (read.is_err() || data != page.data).then_some(page.gfn)
+        });
+        if let Some(first) = differing.next() {
+            let n = 1 + differing.count();
+            diffs.push(format!("{n} pages of the sync point (first {first:#x})"));
+        }
+        if diffs.is_empty() {
+            self.stats.sync_points_landed += 1;
+            return Ok(true);
+        }
+        let epoch = self.epochs.number;
+        let what = format!(
+            "at the sync point of stop {stop}: {} differ",
+            diffs.join(", ")
+        );
+        tracing::warn!(
+            "divergence at epoch {epoch} (stop {stop}): {what}; repaired by installing it"
+        );
+        self.divergence_found(DivergenceReport {
+            epoch,
+            stop,
+            components: vec![what],
+            recorded: Vec::new(),
+            replayed: Vec::new(),
+        });
+        Ok(false)
+    }
+
     pub(super) fn install_sync_point(
         &mut self,
         state: &MachineState,

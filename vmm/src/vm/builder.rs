@@ -93,6 +93,7 @@ const NO_SYNC_POINTS: KickPolicy = KickPolicy {
     sync_interval: None,
     min_kick_interval: Duration::ZERO,
     epoch_interval: Duration::ZERO,
+    irq_defer: Duration::ZERO,
 };
 
 /// The kick policy of a recording.
@@ -101,6 +102,7 @@ fn recording_policy(options: &RecordOptions) -> KickPolicy {
         sync_interval: Some(options.sync_interval),
         min_kick_interval: options.min_kick_interval,
         epoch_interval: options.epoch_interval,
+        irq_defer: options.irq_defer,
     }
 }
 
