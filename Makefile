@@ -89,7 +89,7 @@ fuzz: deps
 # default settings, replay (one result line each; LINUX_LIMIT_S bounds each
 # tandem run inside L1). `make linux-boot`: the boot alone (CI runs it).
 linux: build
-	./scripts/linux/harness.sh run record replay
+	./scripts/linux/harness.sh run record replay pair
 
 linux-boot: build
 	./scripts/linux/harness.sh run

@@ -127,7 +127,7 @@ fn with_irq_defer_timer_interrupts_wait_for_the_guests_own_exits() {
     // piostorm with spin=300 exits about every 1.5 ms, interrupts on: at
     // 1 kHz nearly every tick would be a kick, each a sync point (3209
     // sync points for 3503 ticks in a run of n=2000 without deferral).
-    // With a 3 ms deferral the ticks are injected at the guest's own
+    // With a 20 ms deferral the ticks are injected at the guest's own
     // exits, and the replay still reproduces them.
     let (r, replayed) = record_and_replay(
         "piostorm",
@@ -135,7 +135,7 @@ fn with_irq_defer_timer_interrupts_wait_for_the_guests_own_exits() {
             "--cmdline",
             "n=1000 hz=1000 spin=300",
             "--irq-defer",
-            "3000",
+            "20000",
         ],
     );
     let ticks = ticks(&r);

@@ -7,6 +7,9 @@
 #   record  the same with --record at the default settings: time over the
 #           plain run, log size and rate
 #   replay  tandem replay of that log: the recorded exit and console
+#   pair    witness, primary and secondary in L1 protect the guest while it
+#           counts; kill -USR1 of the primary; the count carries on
+#           (L1 then gets two CPUs)
 # Prints one result line per scenario; exits 1 if any failed. Skips (exit 0,
 # with the reason) where QEMU offers no SVM. Needs root (apt-get, mknod).
 # LINUX_LIMIT_S: each tandem run's limit inside L1 (default 1200).
@@ -17,7 +20,10 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 OUT=$ROOT/target/linux
 TANDEM=$ROOT/target/release/tandem
-SCENARIOS=${*:-run record replay}
+SCENARIOS=${*:-run record replay pair}
+# Three tandem processes and two guests need a second CPU in L1.
+SMP=1
+case " $SCENARIOS " in *" pair "*) SMP=2 ;; esac
 LIMIT=${LINUX_LIMIT_S:-1200}
 L2_CMDLINE="console=ttyS0 earlyprintk=serial,ttyS0 noapic nolapic reboot=k panic=-1 lpj=1000000 rdinit=/init nokaslr"
 
@@ -86,7 +92,7 @@ say "kernel $kver; booting L1 under QEMU TCG (scenarios: $SCENARIOS; console in 
 started=$(date +%s)
 n=$(echo "$SCENARIOS" | wc -w)
 set +e
-timeout -s KILL $((LIMIT * n + 600)) qemu-system-x86_64 -accel tcg -cpu max -smp 1 -m 8G \
+timeout -s KILL $((LIMIT * n + 600)) qemu-system-x86_64 -accel tcg -cpu max -smp $SMP -m 8G \
     -nographic -no-reboot -kernel "$vmlinuz" -initrd "$OUT/l1-initrd.gz" \
     -append "console=ttyS0 rdinit=/init panic=-1 loglevel=4 no_timer_check" \
     < /dev/null > "$OUT/l1-console.log" 2>&1

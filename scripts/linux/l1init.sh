@@ -41,6 +41,91 @@ tandem_as() {
     echo "L1-INIT: $label: exit $RC after ${SECS}s; last stderr lines:"
     tail -n 5 /out/$label.err | cut -c1-300 | sed "s/^/L1-INIT:   /"
 }
+# The numbers of the guest's "GUEST-INIT: count N" lines in file $1.
+counts() { sed -n 's/^GUEST-INIT: count \([0-9]*\).*/\1/p' "$1" | tr -d '\r'; }
+# Waits (at most $2 s) until "$1" succeeds; false on timeout.
+wait_until() {
+    t0=$(up)
+    until eval "$1"; do
+        awk -v a="$t0" -v b="$(up)" -v l="$2" 'BEGIN { exit !(b - a > l) }' && return 1
+        sleep 0.2
+    done
+}
+# Scenario 4: witness, primary and secondary as three tandem processes in
+# L1 (on loopback) protect the guest; kill -USR1 of the primary while the
+# guest counts; the secondary goes live and the count carries on with no
+# gap or contradiction (repeats allowed).
+pair_scenario() {
+    P=/tmp/pair
+    rm -rf $P && mkdir -p $P/state
+    ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+    total=40
+    /bin/tandem keygen $P/pair.psk > /dev/null
+    cat > $P/pair.toml <<EOF
+[vm]
+name = "linux"
+kernel = "/l2/vmlinuz"
+initrd = "/l2/initrd"
+cmdline = "$CMDLINE l2.count=$total l2.sleep_ms=500"
+mem = "256M"
+
+[hosts]
+a = { address = "127.0.0.1:7401" }
+b = { address = "127.0.0.2:7402" }
+
+[ft]
+heartbeat_ms = 500
+failover_timeout_ms = 15000
+witness = "tcp://127.0.0.1:7500"
+state_dir = "$P/state"
+psk_file = "$P/pair.psk"
+EOF
+    /bin/tandem keygen --witness-key-for $P/pair.toml $P/witness.psk > /dev/null
+    /bin/tandem witness --listen 127.0.0.1:7500 --state $P/witness.state \
+        --psk-file $P/witness.psk > /out/witness.out 2>&1 &
+    witness=$!
+    s0=$(up)
+    /bin/tandem primary --config $P/pair.toml --host a > /out/primary.out 2> /out/primary.err &
+    primary=$!
+    /bin/tandem secondary --config $P/pair.toml --host b > /out/secondary.out 2> /out/secondary.err &
+    secondary=$!
+    # Fail over in the middle of the count.
+    if ! wait_until "counts /out/primary.out | grep -qx 10" "$LIMIT"; then
+        result pair FAIL "the protected guest never counted to 10 in ${LIMIT}s: $(tail -n 2 /out/primary.err | cut -c1-200)"
+        kill -9 $primary $secondary $witness 2>/dev/null
+        return
+    fi
+    boot=$(awk -v a="$s0" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }')
+    kill -USR1 $primary
+    k=$(up)
+    at=$(counts /out/primary.out | tail -n 1)
+    wait_until "counts /out/secondary.out | grep -qx $((at + 1))" "$LIMIT"
+    gap=$(awk -v a="$k" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }')
+    wait_until "grep -q 'GUEST-INIT: exiting with 42' /out/secondary.out" "$LIMIT"
+    sleep 2
+    kill -9 $primary $secondary $witness 2>/dev/null
+    echo "L1-INIT: pair: primary stderr:"; tail -n 4 /out/primary.err | cut -c1-300 | sed 's/^/L1-INIT:   /'
+    echo "L1-INIT: pair: secondary stderr:"; tail -n 6 /out/secondary.err | cut -c1-300 | sed 's/^/L1-INIT:   /'
+    # The count as the guest's users saw it: the primary's, then the live
+    # secondary's. Each step repeats a number seen or adds one; it ends at
+    # the total.
+    seq=$( (counts /out/primary.out; counts /out/secondary.out) | tr '\n' ' ')
+    verdict=$(echo "$seq" | awk -v total="$total" '{
+        top = 0; bad = "";
+        for (i = 1; i <= NF; i++) {
+            if ($i > top + 1) { bad = "jumped from " top " to " $i; break }
+            if ($i > top) top = $i
+        }
+        if (bad == "" && top != total) bad = "ended at " top " of " total;
+        print (bad == "" ? "ok" : bad) }')
+    figures="boot to count 10 ${boot}s, failed over at count ${at}, next count ${gap}s after kill -USR1"
+    if [ "$verdict" = ok ] && grep -q 'GUEST-INIT: exiting with 42' /out/secondary.out; then
+        result pair PASS "$figures; the count carried on without a gap to ${total} and init exited 42 on the secondary"
+    else
+        result pair FAIL "$figures; count: $verdict; sequence $(echo "$seq" | cut -c1-200)"
+    fi
+}
+
 RUN_SECS=
 for s in $(cat /l2/scenarios); do
     case $s in
@@ -94,6 +179,8 @@ for s in $(cat /l2/scenarios); do
         else
             result replay FAIL "exit $RC (recorded 42), console $same ($(wc -c < /out/record.out) vs $(wc -c < /out/replay.out) bytes); $summary"
         fi ;;
+    pair)
+        pair_scenario ;;
     *) result "$s" FAIL "unknown scenario" ;;
     esac
 done

@@ -76,6 +76,11 @@ pub(super) struct Positions {
     pub(super) flip_at: Option<u64>,
     /// Landed sync points compared (the `TANDEM_TEST_SYNC_PAGE_FLIP` index).
     pub(super) sync_compares: u64,
+    /// A test hook (`TANDEM_TEST_EPOCH_FLIP=N`): before the N-th epoch end
+    /// is verified (from 1), the replay writes a byte of guest memory's
+    /// last page, which that epoch end must find (a page the recording did
+    /// not dirty) and a later sync point must repair.
+    pub(super) epoch_flip_at: Option<u64>,
 }
 
 impl Positions {
@@ -164,6 +169,9 @@ impl Vcpu {
             .ok()
             .and_then(|n| n.parse().ok());
         self.positions.flip_at = std::env::var("TANDEM_TEST_SYNC_PAGE_FLIP")
+            .ok()
+            .and_then(|n| n.parse().ok());
+        self.positions.epoch_flip_at = std::env::var("TANDEM_TEST_EPOCH_FLIP")
             .ok()
             .and_then(|n| n.parse().ok());
     }
@@ -408,12 +416,13 @@ impl Vcpu {
     /// A landing missed where repair is on: the epoch diverged (a live
     /// secondary asks its primary for a sync point); until one arrives,
     /// stops pass without running the guest, whose state is wrong.
-    fn landing_missed(&mut self, stop: u64, what: String) {
+    pub(super) fn landing_missed(&mut self, stop: u64, what: String) {
         let epoch = self.epochs.number;
         tracing::warn!(
             "divergence at epoch {epoch} (stop {stop}): {what}; waiting for a sync point"
         );
-        // Only called with repair on: the shadow takes it.
+        // With repair on the shadow takes it; without, only a sync point at
+        // this same stop (installed next) can follow a miss.
         self.divergence_found(DivergenceReport {
             epoch,
             stop,

@@ -32,6 +32,8 @@ impl Vcpu {
             .checked_sub(Duration::from_nanos(now_ns))
             .unwrap_or_else(Instant::now);
         self.start = start;
+        // Measured from the old start: a deferral starts afresh here.
+        self.irq_waiting_since = None;
         let live = tandem_replay::LiveInputs::new(start, hooks.causes);
         self.journal = match hooks.record {
             Some((options, sink)) => {

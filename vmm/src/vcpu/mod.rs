@@ -727,7 +727,15 @@ impl Vcpu {
                 return self.land(next, at);
             }
             if !self.lost() {
-                let step = self.land(next, at)?;
+                let step = match self.land(next, at) {
+                    // Without repair (no shadow) a miss is an error where
+                    // nothing follows to fix it; here the sync point does.
+                    Err(VcpuError::Journal(JournalError::Diverged { stop, what })) => {
+                        self.landing_missed(stop, what);
+                        Step::Stop(None)
+                    }
+                    other => other?,
+                };
                 if !matches!(step, Step::Stop(None)) {
                     return Ok(step);
                 }
@@ -762,7 +770,12 @@ impl Vcpu {
         // KVM would otherwise finish the previous PIO/MMIO exit on top of
         // the installed state.
         self.complete_pending_exit()?;
-        if landed && self.sync_point_verified(next, &state, &pages)? {
+        // A divergence found earlier (an epoch end) waits for this sync
+        // point's install to be repaired: no comparison then.
+        if landed
+            && self.unrepaired().is_none()
+            && self.sync_point_verified(next, &state, &pages)?
+        {
             return Ok(Step::Stop(None));
         }
         self.install_sync_point(&state, &pages)?;

@@ -138,6 +138,7 @@ impl Vcpu {
             return Ok(false);
         };
         self.crash_times.push(now);
+        self.irq_waiting_since = None;
         self.guest_crashes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.live_counters
@@ -190,6 +191,7 @@ impl Vcpu {
         to: u64,
         timer_delay_ns: u64,
     ) -> Result<bool, VcpuError> {
+        self.irq_waiting_since = None;
         // KVM finishes the crashing exit first.
         self.exit_pending = true;
         self.complete_pending_exit()?;

@@ -52,9 +52,11 @@ impl Vcpu {
         // for the guest to enable interrupts).
         let defer = duration_ns(self.policy.irq_defer);
         let device = device.map(|ns| ns.saturating_add(defer));
+        // (None once the window is asked for: its exit makes the stop.)
+        let window_asked = self.fd.get_kvm_run().request_interrupt_window != 0;
         let waiting = self
             .irq_waiting_since
-            .filter(|_| defer > 0)
+            .filter(|_| defer > 0 && !window_asked)
             .map(|ns| ns.saturating_add(defer));
         let sync = match (self.journal.recording(), self.policy.sync_interval) {
             (true, Some(every)) => {
@@ -222,7 +224,11 @@ impl Vcpu {
             let now = self.since_start_ns();
             let since = *self.irq_waiting_since.get_or_insert(now);
             let defer = duration_ns(self.policy.irq_defer);
-            let window = defer == 0 || self.kicked_stop || now >= since.saturating_add(defer);
+            // Once asked for, the window stays asked for until it opens.
+            let window = defer == 0
+                || self.kicked_stop
+                || self.fd.get_kvm_run().request_interrupt_window != 0
+                || now >= since.saturating_add(defer);
             self.request_window(window);
             return Ok(());
         }

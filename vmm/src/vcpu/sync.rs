@@ -149,14 +149,15 @@ impl Vcpu {
         (self.full_sync.clone(), self.full_sync_stop.clone())
     }
 
-    /// Installs a recorded sync point instead of executing the stretch it
-    /// covers.
     /// Replaying, at a sync point the landing reached with RIP and digest
-    /// as recorded: whether the replay's own state there is the recorded
-    /// one (the vCPU parts the epoch hashes cover, every device, and each
-    /// page the sync point carries). If so nothing is installed and the
-    /// epoch stays verified by execution; if not, that is a divergence at
-    /// this stop, repaired by installing it (false).
+    /// as recorded and no divergence waiting for repair: whether the
+    /// replay's own state there is the recorded one (the vCPU parts the
+    /// epoch hashes cover, every device, and each page the sync point
+    /// carries; not xsave, xcrs or debug registers, which the epoch hashes
+    /// leave out too). If so nothing is installed, the shadow takes the
+    /// pages as the recorded ones, and the epoch stays verified by
+    /// execution; if not, that is a divergence at this stop, repaired by
+    /// installing it (false).
     pub(super) fn sync_point_verified(
         &mut self,
         stop: u64,
@@ -206,6 +207,11 @@ impl Vcpu {
             diffs.push(format!("{n} pages of the sync point (first {first:#x})"));
         }
         if diffs.is_empty() {
+            // As an install would: a later repair restores these pages
+            // from the shadow, and the next sync point may not carry them.
+            if let Some(shadow) = self.shadow.as_mut() {
+                shadow.carried(pages);
+            }
             self.stats.sync_points_landed += 1;
             return Ok(true);
         }
@@ -227,6 +233,8 @@ impl Vcpu {
         Ok(false)
     }
 
+    /// Installs a recorded sync point instead of executing the stretch it
+    /// covers.
     pub(super) fn install_sync_point(
         &mut self,
         state: &MachineState,

@@ -105,6 +105,11 @@ impl Vcpu {
     }
 
     pub(super) fn verify_epoch_end(&mut self, recorded: RecordedEpoch) -> Result<(), VcpuError> {
+        if self.positions.epoch_flip_at == Some(self.stats.epochs + 1) {
+            let last = GuestAddress((self.mem_pages() - 1) * PAGE_SIZE as u64);
+            let byte: u8 = self.sync.memory.read_obj(last).unwrap_or(0);
+            let _ = self.sync.memory.write_obj(!byte, last);
+        }
         let (vcpu, devices, own) = self.epoch_inputs()?;
         let mem_pages = self.mem_pages();
         let listed = decode_runs(&recorded.pages, mem_pages);
