@@ -15,6 +15,8 @@
 # LINUX_LIMIT_S: each tandem run's limit inside L1 (default 1200).
 # LINUX_RECORD_ARGS: extra tandem run options for the record scenario (for
 # a diagnosis, e.g. "--min-kick-interval 100000"; the default has none).
+# LINUX_DIAG_LINES: print that many of the recording's last stderr lines
+# (with LINUX_RECORD_ARGS="-vvv": the last stops, their RIPs and flags).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -82,6 +84,7 @@ cp "$OUT/l2-initrd.gz" "$R/l2/initrd"
 echo "$L2_CMDLINE" > "$R/l2/cmdline"
 echo "$LIMIT" > "$R/l2/limit"
 echo "${LINUX_RECORD_ARGS:-}" > "$R/l2/record-args"
+echo "${LINUX_DIAG_LINES:-0}" > "$R/l2/diag-lines"
 echo "$SCENARIOS" > "$R/l2/scenarios"
 cp scripts/linux/l1init.sh "$R/init" && chmod +x "$R/init"
 (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/l1-initrd.gz"

@@ -158,6 +158,8 @@ for s in $(cat /l2/scenarios); do
         sed 's/^/L1-INIT:   inspect: /' /out/inspect.out | head -n 40
         tail -n 4 /out/record.out | cut -c1-200 | sed 's/^/L1-INIT:   guest: /'
         grep -m1 -o 'VcpuStats {[^}]*' /out/record.err | cut -c1-400 | sed 's/^/L1-INIT:   /' || true
+        diag=$(cat /l2/diag-lines 2>/dev/null || echo 0)
+        [ "$diag" -gt 0 ] && tail -n "$diag" /out/record.err | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-200 | sed 's/^/L1-INIT:   diag: /'
         ratio=n/a
         [ -n "$RUN_SECS" ] && ratio=$(awk -v r="$SECS" -v p="$RUN_SECS" 'BEGIN { printf "%.2fx", r / p }')
         figures="time ${SECS}s (${ratio} the plain run), log $((size / 1048576)) MiB, guest time ${rate:-unknown}"
