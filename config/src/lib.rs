@@ -208,6 +208,9 @@ pub struct FtConfig {
     /// The position counter the primary places kick stops with (`position`:
     /// `"none"`, the default, `"auto"` or `"kvm-insn-stat"`).
     pub position: tandem_vmm::position::PositionChoice,
+    /// How long the primary lets a timer or device interrupt wait for an
+    /// exit of the guest's own before a kick (`irq_defer_us`, default 0).
+    pub irq_defer: Duration,
 }
 
 /// How tandem reaches etcd (`[ft]` of a pair file, `[cluster]` of a cluster

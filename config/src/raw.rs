@@ -88,6 +88,7 @@ pub(super) struct RawFt {
     pub etcd_user: Option<Spanned<String>>,
     pub etcd_password_file: Option<Spanned<String>>,
     pub position: Option<Spanned<String>>,
+    pub irq_defer_us: Option<Spanned<u64>>,
 }
 
 /// A size as written: `"64M"` or a plain number of bytes.

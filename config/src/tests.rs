@@ -137,6 +137,7 @@ fn full_file_gives_typed_values() {
             witness_key_file: None,
             etcd: EtcdAccess::default(),
             position: tandem_vmm::position::PositionChoice::None,
+            irq_defer: Duration::ZERO,
             encrypt: true,
             verify_peer_address: true,
             socket_group: Some(0),
@@ -830,4 +831,17 @@ mod fuzz {
             }
         }
     }
+}
+
+#[test]
+fn irq_defer_us_is_read_and_bounded() {
+    assert_eq!(ok(&ft("")).ft.irq_defer, Duration::ZERO);
+    assert_eq!(
+        ok(&ft("irq_defer_us = 4000")).ft.irq_defer,
+        Duration::from_micros(4000)
+    );
+    assert_eq!(
+        err(&ft("irq_defer_us = 2000000")),
+        "pair.toml:9: [ft] irq_defer_us = 2000000 must be at most 1000000 (a second)"
+    );
 }

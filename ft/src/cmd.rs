@@ -123,6 +123,7 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         psk,
         mirrored: cfg.ft.storage == config::Storage::Mirrored,
         position: cfg.ft.position,
+        irq_defer: cfg.ft.irq_defer,
         disks: cfg.disk_configs(me),
         replica_dir: replica_dir(&cfg.ft.state_dir, me),
         throttle: Arc::new(tandem_vmm::journal::Throttle::new(

@@ -140,6 +140,8 @@ pub struct PairParams {
     pub mirrored: bool,
     /// The position counter a primary places kick stops with.
     pub position: tandem_vmm::position::PositionChoice,
+    /// `[ft] irq_defer_us`: the primary's interrupt deferral.
+    pub irq_defer: Duration,
     /// This host's disks (its replicas, with mirrored storage).
     pub disks: Vec<tandem_vmm::DiskConfig>,
     /// Where this host keeps its replicas' sidecars.
@@ -336,7 +338,7 @@ fn pair_record_options(params: &PairParams) -> RecordOptions {
             _ => Duration::from_secs(3600),
         },
         min_kick_interval: Duration::from_micros(500),
-        irq_defer: Duration::ZERO,
+        irq_defer: params.irq_defer,
         epoch_interval: Duration::from_millis(10),
         // Held output waits for the secondary's ack of the watermark that
         // covers it: flush often so that wait is one round trip, not a

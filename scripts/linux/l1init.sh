@@ -79,6 +79,7 @@ failover_timeout_ms = 15000
 witness = "tcp://127.0.0.1:7500"
 state_dir = "$P/state"
 psk_file = "$P/pair.psk"
+$(cat /l2/pair-ft 2>/dev/null)
 EOF
     /bin/tandem keygen --witness-key-for $P/pair.toml $P/witness.psk > /dev/null
     /bin/tandem witness --listen 127.0.0.1:7500 --state $P/witness.state \

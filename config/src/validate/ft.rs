@@ -40,9 +40,21 @@ pub(crate) fn validate_ft(
     )?;
     let announce = ft_announce(ctx, &raw, &sec)?;
     let position = ft_position(ctx, raw.position.as_ref())?;
+    // At most a second: beyond that a guest's timer would stall visibly.
+    let (irq_defer_us, at) = or_default(&raw.irq_defer_us, 0, &sec);
+    if irq_defer_us > 1_000_000 {
+        return Err(ctx.invalid(
+            &at,
+            FT,
+            "irq_defer_us",
+            irq_defer_us,
+            "must be at most 1000000 (a second)".to_string(),
+        ));
+    }
 
     Ok(FtConfig {
         position,
+        irq_defer: Duration::from_micros(irq_defer_us),
         heartbeat,
         failover_timeout,
         output_commit,
