@@ -116,6 +116,8 @@ fn a_short_sync_interval_before_the_guest_starts_its_timer_keeps_its_ticks() {
             "size=16384 rounds=2 hz=1000",
             "--sync-interval",
             "20",
+            "--irq-defer",
+            "0",
         ],
     );
     assert!(ticks(&r) > 50, "{r:?}");
