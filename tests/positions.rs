@@ -359,7 +359,7 @@ fn a_live_secondary_repairs_a_missed_landing_with_a_sync_point_from_its_primary(
         "secondary: {err}\nprimary: {}",
         primary.stderr()
     );
-    let line = wait_status(|| status(&t, "b"), "divergences", 20);
+    let line = wait_status(|| status(&t, "b"), "divergences", 1, 20);
     assert!(status_figure(&line, "divergences") >= 1, "{line}");
     assert!(status_figure(&line, "positioned_stops") >= 4, "{line}");
     // Repaired, it verifies again and takes over after kill -9.
@@ -392,7 +392,7 @@ fn a_pair_with_positions_verifies_by_execution_and_fails_over_after_kill_9() {
     // netecho under client traffic: its timer and frames interrupt it.
     let (next, first) = serve(&s, 0, 40, Duration::from_secs(60), &mut replies);
     assert!(first.is_some(), "{}", p.primary.stderr());
-    let line = wait_status(|| status(&p.t, "b"), "epochs_verified", 20);
+    let line = wait_status(|| status(&p.t, "b"), "epochs_verified", 21, 40);
     eprintln!("secondary status: {line}");
     let figure = |name| status_figure(&line, name);
     assert!(figure("positioned_stops") > 5, "{line}");
@@ -417,11 +417,14 @@ fn a_pair_with_positions_verifies_by_execution_and_fails_over_after_kill_9() {
 }
 
 /// Polls a status (`read`) until it names `field`, for at most `secs`.
-fn wait_status(read: impl Fn() -> Option<String>, field: &str, secs: u64) -> String {
+/// Polls a status line until its `field` is at least `min` (a loaded
+/// machine gets there later), or `secs` pass; returns the last line.
+fn wait_status(read: impl Fn() -> Option<String>, field: &str, min: u64, secs: u64) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     loop {
         let line = read().unwrap_or_default();
-        if line.contains(field) || std::time::Instant::now() >= deadline {
+        let reached = line.contains(field) && status_figure(&line, field) >= min;
+        if reached || std::time::Instant::now() >= deadline {
             return line;
         }
         std::thread::sleep(Duration::from_millis(100));

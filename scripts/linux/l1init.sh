@@ -92,6 +92,12 @@ EOF
     secondary=$!
     # Fail over in the middle of the count.
     if ! wait_until "counts /out/primary.out | grep -qx 10" "$LIMIT"; then
+        echo "L1-INIT: pair: the guest's console as the primary released it (last lines):"
+        tail -n 3 /out/primary.out | cut -c1-200 | sed 's/^/L1-INIT:   /'
+        for side in primary secondary; do
+            echo "L1-INIT: pair: $side: $(grep -c 'diverged' /out/$side.err) lines about divergences; last stderr lines:"
+            tail -n 3 /out/$side.err | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-250 | sed 's/^/L1-INIT:   /'
+        done
         result pair FAIL "the protected guest never counted to 10 in ${LIMIT}s: $(tail -n 2 /out/primary.err | cut -c1-200)"
         kill -9 $primary $secondary $witness 2>/dev/null
         return
@@ -176,6 +182,10 @@ for s in $(cat /l2/scenarios); do
         fi
         tandem_as replay replay /tmp/l2.log --kernel /l2/vmlinuz --initrd /l2/initrd
         summary=$(grep -m1 -E 'stops, .*sync points' /out/replay.err | cut -c1-300)
+        # How the replay ended where it differs from the recording, and the
+        # guest's own last words (its console as the replay ran it is only
+        # compared, so a panic shows here, not in replay.out).
+        grep -m3 -E 'replay ended with|cross-check failed' /out/replay.err | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300 | sed 's/^/L1-INIT:   /'
         if cmp -s /out/record.out /out/replay.out; then same=identical; else same=DIFFERENT; fi
         if [ "$RC" = 42 ] && [ "$same" = identical ]; then
             result replay PASS "exit 42, console $same, ${SECS}s; $summary"
