@@ -12,8 +12,8 @@ use tandem_replay::{Cause, CauseQueue};
 
 /// `--irq-defer` of a recording without a position counter, where every
 /// kick is a sync point: Debian's kernel boot recorded in 2.9x its plain
-/// time at 7.2 MiB/s of guest time with it, and did not finish in 900 s
-/// without (the Linux harness, README "Linux").
+/// time at 7.2 MiB/s of guest time with it; no run without it finished
+/// (the Linux harness, README "Linux").
 const DEFAULT_IRQ_DEFER_US: u64 = 10_000;
 use tandem_vmm::journal::RecordOptions;
 use tandem_vmm::vm::RunMode;
