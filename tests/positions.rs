@@ -182,11 +182,7 @@ fn a_landed_sync_point_whose_memory_differs_is_a_divergence_repaired_there() {
     let (log, recorded) = record_compute_sized("flip", "50", "size=16384 rounds=2 hz=1000");
     // The hook flips a byte of the replay's own memory in the second
     // landed sync point's first page just before the comparison.
-    let mut cmd = tandem();
-    cmd.arg("replay")
-        .arg(&log)
-        .env("TANDEM_TEST_SYNC_PAGE_FLIP", "2");
-    let replay = run_command(cmd, None, LIMIT);
+    let replay = replay_with_hook(&log, "TANDEM_TEST_SYNC_PAGE_FLIP", "2");
     assert_eq!(replay.status, 0, "{replay:?}");
     assert_eq!(replay.stdout, recorded.stdout);
     assert!(
@@ -213,11 +209,7 @@ fn an_epoch_divergence_is_repaired_at_the_next_landed_sync_point() {
     // before the third epoch end: found there, and not among the next
     // sync point's pages, so only installing it (repairing from the
     // shadow) puts it right; a comparison would have found it "equal".
-    let mut cmd = tandem();
-    cmd.arg("replay")
-        .arg(&log)
-        .env("TANDEM_TEST_EPOCH_FLIP", "3");
-    let replay = run_command(cmd, None, LIMIT);
+    let replay = replay_with_hook(&log, "TANDEM_TEST_EPOCH_FLIP", "3");
     assert_eq!(replay.status, 0, "{replay:?}");
     assert_eq!(replay.stdout, recorded.stdout);
     assert!(
@@ -275,9 +267,10 @@ fn record_compute_sized(tag: &str, sync_ms: &str, cmdline: &str) -> (PathBuf, Fi
     (log, recorded)
 }
 
-fn replay_landing_late(log: &PathBuf, nth: &str) -> Finished {
+/// Replays `log` with the test hook `hook` (an env variable) set to `nth`.
+fn replay_with_hook(log: &PathBuf, hook: &str, nth: &str) -> Finished {
     let mut cmd = tandem();
-    cmd.arg("replay").arg(log).env("TANDEM_TEST_LAND_LATE", nth);
+    cmd.arg("replay").arg(log).env(hook, nth);
     run_command(cmd, None, LIMIT)
 }
 
@@ -289,7 +282,7 @@ fn a_landing_one_instruction_late_is_a_divergence_at_that_stop_and_repaired() {
     }
     // No sync point after it: found, and the replay says it cannot repair.
     let (log, recorded) = record_compute("late", NO_INTERVAL_SYNC);
-    let late = replay_landing_late(&log, "1");
+    let late = replay_with_hook(&log, "TANDEM_TEST_LAND_LATE", "1");
     assert_eq!(late.status, 123, "{late:?}");
     assert!(
         late.stderr
@@ -311,7 +304,7 @@ fn a_landing_one_instruction_late_is_a_divergence_at_that_stop_and_repaired() {
     // A sync point after it (every 100 ms): repaired there, and the replay
     // ends as the recording did.
     let (log, recorded) = record_compute_sized("late-sync", "100", "size=32768 rounds=4 hz=1000");
-    let late = replay_landing_late(&log, "3");
+    let late = replay_with_hook(&log, "TANDEM_TEST_LAND_LATE", "3");
     assert_eq!(late.status, 0, "{late:?}");
     assert_eq!(late.stdout, recorded.stdout);
     assert!(

@@ -413,23 +413,12 @@ impl Vcpu {
         Ok(())
     }
 
-    /// A landing missed where repair is on: the epoch diverged (a live
-    /// secondary asks its primary for a sync point); until one arrives,
-    /// stops pass without running the guest, whose state is wrong.
+    /// A landing missed: the epoch diverged (a live secondary asks its
+    /// primary for a sync point); until one arrives, stops pass without
+    /// running the guest, whose state is wrong. (Without repair only a sync
+    /// point at this same stop, installed next, can follow a miss.)
     pub(super) fn landing_missed(&mut self, stop: u64, what: String) {
-        let epoch = self.epochs.number;
-        tracing::warn!(
-            "divergence at epoch {epoch} (stop {stop}): {what}; waiting for a sync point"
-        );
-        // With repair on the shadow takes it; without, only a sync point at
-        // this same stop (installed next) can follow a miss.
-        self.divergence_found(DivergenceReport {
-            epoch,
-            stop,
-            components: vec![what],
-            recorded: Vec::new(),
-            replayed: Vec::new(),
-        });
+        self.diverged_at_stop(stop, what, "waiting for a sync point");
         self.positions.lost = true;
     }
 

@@ -215,21 +215,11 @@ impl Vcpu {
             self.stats.sync_points_landed += 1;
             return Ok(true);
         }
-        let epoch = self.epochs.number;
         let what = format!(
             "at the sync point of stop {stop}: {} differ",
             diffs.join(", ")
         );
-        tracing::warn!(
-            "divergence at epoch {epoch} (stop {stop}): {what}; repaired by installing it"
-        );
-        self.divergence_found(DivergenceReport {
-            epoch,
-            stop,
-            components: vec![what],
-            recorded: Vec::new(),
-            replayed: Vec::new(),
-        });
+        self.diverged_at_stop(stop, what, "repaired by installing it");
         Ok(false)
     }
 

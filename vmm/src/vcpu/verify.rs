@@ -183,6 +183,20 @@ impl Vcpu {
         Ok(())
     }
 
+    /// A divergence found at `stop` itself (a landing, a landed sync point)
+    /// rather than at an epoch end: reported, with what happens `next`.
+    pub(super) fn diverged_at_stop(&mut self, stop: u64, what: String, next: &str) {
+        let epoch = self.epochs.number;
+        tracing::warn!("divergence at epoch {epoch} (stop {stop}): {what}; {next}");
+        self.divergence_found(DivergenceReport {
+            epoch,
+            stop,
+            components: vec![what],
+            recorded: Vec::new(),
+            replayed: Vec::new(),
+        });
+    }
+
     /// A divergence found in `report.epoch`: kept for the repair (the
     /// shadow waits for a sync point), counted, published for a live
     /// secondary's repair request, and reported.
