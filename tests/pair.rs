@@ -725,7 +725,71 @@ fn tandem_status_reports_both_sides() {
     // The primary ships log all the time (timer stops at least).
     let rate = status_figure(lines[0], "log_kbit_s");
     assert!(rate > 0, "log rate 0 while the guest runs: {}", lines[0]);
+    // With no position counter (the default), every kick is a sync point
+    // counted under its reason.
+    assert!(
+        status_figure(lines[0], "sync_points_unpositioned") > 0
+            && status_figure(lines[0], "sync_points_full") == 0
+            && lines[0].contains("irq_at_own_exits"),
+        "{}",
+        lines[0]
+    );
+    // The secondary reports how far its replay has executed.
+    assert!(
+        status_figure(lines[0], "secondary_replayed_stop") > 0
+            && status_figure(lines[1], "at_stop") > 0,
+        "{lines:?}"
+    );
     let _ = std::fs::remove_dir_all(&p.t.dir);
+}
+
+#[test]
+fn a_secondary_whose_replay_falls_behind_brakes_the_primary() {
+    // The secondary's replay sleeps 5 ms at every stop (a test hook): it
+    // receives and acks the log at once, so only its replay progress can
+    // show the primary that it falls behind.
+    let t = topology_with("rlag", 3000, "received", "", "max_replay_lag_ms = 300");
+    let (_witness, primary) = spawn_waiting_primary(&t);
+    let config = t.config.display().to_string();
+    let mut cmd = t.ns.command(env!("CARGO_BIN_EXE_tandem"));
+    cmd.args(["secondary", "--config", &config, "--host", "b"])
+        .env("TANDEM_TEST_REPLAY_STALL_US", "5000");
+    let secondary = Proc::from_command(cmd);
+    primary.wait_for_with("netecho: up", Duration::from_secs(60), &secondary);
+    let s = t.ns.udp_socket("10.78.0.1:0");
+    let mut replies = Vec::new();
+    let mut next = 0;
+    let mut worst_lag = 0;
+    let mut line = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        next = serve(&s, next, 5, Duration::from_secs(10), &mut replies).0;
+        line = status(&t, "a").unwrap_or_default();
+        if line.contains("replay_lag_ms") {
+            worst_lag = worst_lag.max(status_figure(&line, "replay_lag_ms"));
+            if status_figure(&line, "replay_lag_waits") >= 3 && next >= 40 {
+                break;
+            }
+        }
+    }
+    eprintln!("primary status: {line}; worst replay lag seen {worst_lag} ms");
+    assert!(
+        status_figure(&line, "replay_lag_waits") >= 3,
+        "the primary never braked for its secondary's replay: {line}\n{}",
+        primary.stderr()
+    );
+    assert!(
+        status_figure(&line, "secondary_replayed_stop") > 0,
+        "{line}"
+    );
+    // Braked, the lag stays near the bound (a stop's sleep and a report
+    // period over it, and room for a loaded machine), not growing with
+    // the run.
+    assert!(worst_lag < 3000, "{line}");
+    assert!(next >= 40, "the guest stopped serving: {} echoes", next);
+    assert_counter_invariants(&replies, 0);
+    drop(secondary);
+    let _ = std::fs::remove_dir_all(&t.dir);
 }
 
 #[test]

@@ -52,6 +52,9 @@ pub const DEFAULT_MAX_UNACKED_BYTES: u64 = 64 << 20;
 pub const MIN_MAX_UNACKED_BYTES: u64 = 1 << 20;
 /// `[ft] max_lag_ms` when not given.
 pub const DEFAULT_MAX_LAG_MS: u64 = 500;
+/// `[ft] max_replay_lag_ms` when not given: the default failover timeout,
+/// so a failover's catch-up takes at most about as long as its detection.
+pub const DEFAULT_MAX_REPLAY_LAG_MS: u64 = 2000;
 /// `[ft] announce_*` when not given: QEMU's announce-self defaults.
 pub const DEFAULT_ANNOUNCE: Announce = Announce {
     rounds: 5,
@@ -185,6 +188,9 @@ pub struct FtConfig {
     pub max_unacked_bytes: u64,
     /// Secondary lag beyond which the primary slows its vCPU.
     pub max_lag: Duration,
+    /// How far the secondary's replay may stay behind a shipped watermark
+    /// before the primary slows its vCPU.
+    pub max_replay_lag: Duration,
     /// Gratuitous ARP/RARP at go-live.
     pub announce: Announce,
     /// The pre-shared key of the replication channel and the witness (None:

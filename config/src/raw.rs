@@ -76,6 +76,7 @@ pub(super) struct RawFt {
     pub verify_peer_address: Option<Spanned<bool>>,
     pub max_unacked_bytes: Option<Spanned<RawSize>>,
     pub max_lag_ms: Option<Spanned<u64>>,
+    pub max_replay_lag_ms: Option<Spanned<u64>>,
     pub announce_rounds: Option<Spanned<u32>>,
     pub announce_initial_ms: Option<Spanned<u64>>,
     pub announce_step_ms: Option<Spanned<u64>>,

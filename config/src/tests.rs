@@ -33,6 +33,7 @@ state_dir = "/srv/tandem/web1"
 fence_command = "ipmitool -H bmc-peer power off"
 max_unacked_bytes = "128M"
 max_lag_ms = 250
+max_replay_lag_ms = 1500
 announce_rounds = 3
 announce_initial_ms = 10
 announce_step_ms = 20
@@ -144,6 +145,7 @@ fn full_file_gives_typed_values() {
             on_guest_crash: tandem_vmm::CrashPolicy::Reboot,
             max_unacked_bytes: 128 << 20,
             max_lag: Duration::from_millis(250),
+            max_replay_lag: Duration::from_millis(1500),
             announce: Announce {
                 rounds: 3,
                 initial: Duration::from_millis(10),
@@ -189,6 +191,7 @@ fn defaults_apply() {
     assert_eq!(ft.fence_command, None);
     assert_eq!(ft.max_unacked_bytes, 64 << 20);
     assert_eq!(ft.max_lag, Duration::from_millis(500));
+    assert_eq!(ft.max_replay_lag, Duration::from_millis(2000));
     assert_eq!(ft.announce, DEFAULT_ANNOUNCE);
     // An empty [ft] is the same.
     assert_eq!(ok(MINIMAL).ft.announce, DEFAULT_ANNOUNCE);

@@ -20,8 +20,8 @@ pub(crate) use ft::{etcd_access, parse_witness, validate_ft, EtcdFields};
 use super::{
     Announce, EtcdAccess, FtConfig, HostEntry, HostId, Nic, OutputCommit, Storage, VmConfigSection,
     Witness, DEFAULT_ANNOUNCE, DEFAULT_FAILOVER_TIMEOUT_MS, DEFAULT_HEARTBEAT_MS, DEFAULT_MAC,
-    DEFAULT_MAX_LAG_MS, DEFAULT_MAX_UNACKED_BYTES, DEFAULT_MEM, DEFAULT_STATE_ROOT, MAX_TAP_NAME,
-    MIN_MAX_UNACKED_BYTES,
+    DEFAULT_MAX_LAG_MS, DEFAULT_MAX_REPLAY_LAG_MS, DEFAULT_MAX_UNACKED_BYTES, DEFAULT_MEM,
+    DEFAULT_STATE_ROOT, MAX_TAP_NAME, MIN_MAX_UNACKED_BYTES,
 };
 
 /// A field's value (or `default`) and where to point at it (its own span, or

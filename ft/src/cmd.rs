@@ -129,6 +129,7 @@ fn start(role: Role, args: PairArgs) -> anyhow::Result<ExitCode> {
         throttle: Arc::new(tandem_vmm::journal::Throttle::new(
             cfg.ft.max_unacked_bytes,
             cfg.ft.max_lag,
+            cfg.ft.max_replay_lag,
         )),
     };
     let role = match role {

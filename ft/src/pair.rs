@@ -308,6 +308,9 @@ impl RecordSink for ShipSink {
         let frames = record.encode_frames()?;
         let len: u64 = frames.iter().map(|f| f.len() as u64).sum();
         self.throttle.shipped(record.stop(), len);
+        if let Record::Watermark { stop, .. } = record {
+            self.throttle.watermark_shipped(*stop);
+        }
         let full = matches!(record, Record::SyncPoint { stop, .. }
             if self.vm.get().is_some_and(|vm| *stop == vm.last_full_sync_stop()));
         for (i, bytes) in frames.into_iter().enumerate() {
@@ -632,6 +635,7 @@ impl Replicator {
             }
             AckAction::Release(stop) => self.gate.release(stop),
             AckAction::DiskSynced(id) => self.finish_disk_sync(id),
+            AckAction::Replayed(stop) => self.params.throttle.replayed(stop),
             AckAction::Repair(epoch) => {
                 warn!("the secondary reports epoch {epoch} diverged: committing on verified epochs until one verifies");
                 self.vm.request_sync_point();

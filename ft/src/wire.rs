@@ -20,8 +20,11 @@ pub use direction::{Refused, ToPrimary, ToSecondary, Unexpected};
 
 /// This build's replication protocol versions.
 pub const PROTOCOL_MIN: u16 = 1;
-/// The newest replication protocol version this build speaks.
-pub const PROTOCOL_MAX: u16 = 1;
+/// The newest replication protocol version this build speaks (2: the
+/// secondary reports its replay's progress, [`Message::Replayed`]).
+pub const PROTOCOL_MAX: u16 = 2;
+/// The first version with [`Message::Replayed`].
+pub const PROTOCOL_REPLAY_PROGRESS: u16 = 2;
 /// Largest payload accepted (a log frame is at most 256 MiB plus header).
 pub const MAX_PAYLOAD: u32 = (256 << 20) + 64;
 
@@ -60,6 +63,9 @@ pub enum Message {
     /// Secondary → primary: it has replayed up to this stop and the epoch
     /// ending there verified (`output_commit = "replayed"`).
     Verified(u64),
+    /// Secondary → primary (protocol 2): its replay has executed up to
+    /// this stop, in either commit mode (the primary's replay-lag brake).
+    Replayed(u64),
     /// Secondary → primary: epoch `n` diverged; commit on verified epochs
     /// until one verifies, and take a sync point now so it can repair.
     RepairRequest(u64),
@@ -135,6 +141,7 @@ impl Message {
             Message::Ack(_) => "an ack",
             Message::Heartbeat => "a heartbeat",
             Message::Verified(_) => "a verified stop",
+            Message::Replayed(_) => "a replayed stop",
             Message::RepairRequest(_) => "a repair request",
             Message::Resume { .. } => "a resume",
             Message::Memory { .. } => "pre-copied memory",
@@ -173,6 +180,7 @@ const TAG_DISK_CHUNKS: u8 = 18;
 const TAG_DISK_DONE: u8 = 19;
 const TAG_DISK_SYNCED: u8 = 20;
 const TAG_STEP_DOWN: u8 = 21;
+const TAG_REPLAYED: u8 = 22;
 
 /// Bytes of one page entry of [`Message::Memory`]: gfn, then the page.
 pub const PAGE_ENTRY: usize = 8 + tandem_replay::log::PAGE_SIZE;
@@ -205,6 +213,7 @@ pub fn encode(generation: u64, m: &Message) -> io::Result<Vec<u8>> {
         Message::Ack(stop) => (TAG_ACK, stop.to_le_bytes().to_vec()),
         Message::Heartbeat => (TAG_HEARTBEAT, Vec::new()),
         Message::Verified(stop) => (TAG_VERIFIED, stop.to_le_bytes().to_vec()),
+        Message::Replayed(stop) => (TAG_REPLAYED, stop.to_le_bytes().to_vec()),
         Message::RepairRequest(epoch) => (TAG_REPAIR, epoch.to_le_bytes().to_vec()),
         Message::Resume { vm, frames } => {
             let mut p = frames.to_le_bytes().to_vec();
@@ -362,6 +371,7 @@ pub fn decode(head: &[u8; HEAD_LEN], payload: Vec<u8>) -> io::Result<(u64, Messa
         TAG_ACK => Message::Ack(u64_of(&payload)?),
         TAG_HEARTBEAT => Message::Heartbeat,
         TAG_VERIFIED => Message::Verified(u64_of(&payload)?),
+        TAG_REPLAYED => Message::Replayed(u64_of(&payload)?),
         TAG_REPAIR => Message::RepairRequest(u64_of(&payload)?),
         TAG_RESUME => {
             if payload.len() < 8 {
@@ -456,6 +466,7 @@ mod tests {
             Message::Ack(99),
             Message::Heartbeat,
             Message::Verified(12),
+            Message::Replayed(13),
             Message::RepairRequest(3),
             Message::Resume {
                 vm: "web1".into(),

@@ -19,6 +19,9 @@
 # "irq_defer_us = 10000"; the default has none).
 # LINUX_DIAG_LINES: print that many of the recording's last stderr lines
 # (with LINUX_RECORD_ARGS="-vvv": the last stops, their RIPs and flags).
+# LINUX_DEBUG_EPOCHS: N > 0 makes the record and replay scenarios dump every
+# epoch end's state (TANDEM_DEBUG_EPOCHS, all of memory for the first N) and
+# print the first difference between the two dumps.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -91,6 +94,7 @@ echo "$LIMIT" > "$R/l2/limit"
 echo "${LINUX_RECORD_ARGS:-}" > "$R/l2/record-args"
 echo "${LINUX_DIAG_LINES:-0}" > "$R/l2/diag-lines"
 echo "${LINUX_PAIR_FT:-}" > "$R/l2/pair-ft"
+echo "${LINUX_DEBUG_EPOCHS:-0}" > "$R/l2/debug-epochs"
 echo "$SCENARIOS" > "$R/l2/scenarios"
 cp scripts/linux/l1init.sh "$R/init" && chmod +x "$R/init"
 (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/l1-initrd.gz"

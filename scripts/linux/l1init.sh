@@ -41,6 +41,36 @@ tandem_as() {
     echo "L1-INIT: $label: exit $RC after ${SECS}s; last stderr lines:"
     tail -n 5 /out/$label.err | cut -c1-300 | sed "s/^/L1-INIT:   /"
 }
+# LINUX_DEBUG_EPOCHS: the record and replay scenarios dump their epoch ends.
+DEBUG_EPOCHS=$(cat /l2/debug-epochs 2>/dev/null || echo 0)
+# Exports the dump variables for scenario $1 (record or replay).
+debug_epochs() {
+    [ "$DEBUG_EPOCHS" -gt 0 ] || return 0
+    export TANDEM_DEBUG_EPOCHS=/out/$1.epochs TANDEM_DEBUG_EPOCHS_FULL=$DEBUG_EPOCHS
+}
+# Prints where the record and replay dumps differ: for each of the first
+# three epochs whose blocks differ, the diff of its two blocks (the whole
+# files are too large for busybox diff).
+first_epoch_difference() {
+    [ -s /out/record.epochs ] && [ -s /out/replay.epochs ] || return 0
+    for f in record replay; do
+        awk '/^epoch/ { if (b != "") print b; b = $0; next } { b = b "|" $0 } END { if (b != "") print b }' \
+            /out/$f.epochs > /out/$f.lines
+    done
+    paste -d '\n' /out/record.lines /out/replay.lines \
+        | awk 'NR % 2 == 1 { a = $0; next } a != $0 { split(a, h, "|"); print h[1]; if (++n >= 3) exit }' > /out/differing
+    if [ ! -s /out/differing ]; then
+        echo "L1-INIT:   epochs: the dumps agree ($(wc -l < /out/record.lines) epoch ends)"
+        return 0
+    fi
+    while read -r head; do
+        echo "L1-INIT:   epochs: differing block: $head"
+        for f in record replay; do
+            awk -v h="$head" '$0 == h { p = 1; print; next } /^epoch/ { if (p) exit } p' /out/$f.epochs > /out/$f.block
+        done
+        diff /out/record.block /out/replay.block | grep '^[-+] ' | head -n 40 | sed 's/^/L1-INIT:   epochs: /'
+    done < /out/differing
+}
 # The numbers of the guest's "GUEST-INIT: count N" lines in file $1.
 counts() { sed -n 's/^GUEST-INIT: count \([0-9]*\).*/\1/p' "$1" | tr -d '\r'; }
 # Waits (at most $2 s) until "$1" succeeds; false on timeout.
@@ -155,7 +185,9 @@ for s in $(cat /l2/scenarios); do
         # own error (and leaves room to replay what was recorded).
         cap=$(( $(df -k /tmp | awk 'NR == 2 { print $2 }') * 7 / 10 ))K
         # shellcheck disable=SC2046
+        debug_epochs record
         tandem_as record run $GUEST --cmdline "$CMDLINE" --record /tmp/l2.log --record-max "$cap" $(cat /l2/record-args)
+        unset TANDEM_DEBUG_EPOCHS TANDEM_DEBUG_EPOCHS_FULL
         size=$(stat -c %s /tmp/l2.log 2>/dev/null || echo 0)
         /bin/tandem log inspect /tmp/l2.log > /out/inspect.out 2>&1
         rate=$(grep -m1 'guest time' /out/inspect.out | sed 's/^[^:]*: *//')
@@ -164,6 +196,8 @@ for s in $(cat /l2/scenarios); do
         # lines and tandem's vCPU counters).
         sed 's/^/L1-INIT:   inspect: /' /out/inspect.out | head -n 40
         tail -n 4 /out/record.out | cut -c1-200 | sed 's/^/L1-INIT:   guest: /'
+        # How the guest keeps time (its TSC reads are what tandem cannot log).
+        grep -a -i -m 12 -E 'tsc|clocksource|calibrat|delay loop' /out/record.out | cut -c1-160 | sed 's/^/L1-INIT:   guest time: /'
         grep -m1 -o 'VcpuStats {[^}]*' /out/record.err | cut -c1-400 | sed 's/^/L1-INIT:   /' || true
         diag=$(cat /l2/diag-lines 2>/dev/null || echo 0)
         [ "$diag" -gt 0 ] && tail -n "$diag" /out/record.err | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-200 | sed 's/^/L1-INIT:   diag: /'
@@ -180,7 +214,10 @@ for s in $(cat /l2/scenarios); do
             result replay SKIP "no recording (run the record scenario first)"
             continue
         fi
+        debug_epochs replay
         tandem_as replay replay /tmp/l2.log --kernel /l2/vmlinuz --initrd /l2/initrd
+        unset TANDEM_DEBUG_EPOCHS TANDEM_DEBUG_EPOCHS_FULL
+        first_epoch_difference
         summary=$(grep -m1 -E 'stops, .*sync points' /out/replay.err | cut -c1-300)
         # How the replay ended where it differs from the recording, and the
         # guest's own last words (its console as the replay ran it is only

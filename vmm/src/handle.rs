@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tandem_replay::CauseQueue;
 
 use crate::kick::Kicker;
-use crate::vcpu::LiveCounters;
+use crate::vcpu::{LiveCounters, SyncReason};
 
 /// A handle on a running VM, cheap to clone and to share between threads.
 #[derive(Clone)]
@@ -53,6 +53,17 @@ pub struct VmFigures {
     pub guest_crashes: u64,
     /// Positioned stops logged or landed.
     pub positioned_stops: u64,
+    /// Recording: sync points logged at kick stops that could not be
+    /// positioned (no counter, or an uncountable state).
+    pub sync_points_unpositioned: u64,
+    /// Recording: sync points logged because `--sync-interval` came due.
+    pub sync_points_interval: u64,
+    /// Recording: sync points asked for (repair requests).
+    pub sync_points_requested: u64,
+    /// Recording: full sync points for a joining secondary.
+    pub sync_points_full: u64,
+    /// Interrupts injected at the guest's own exits (no kick needed).
+    pub irq_at_own_exits: u64,
 }
 
 impl VmHandle {
@@ -72,7 +83,17 @@ impl VmHandle {
             guest_reboots: get(&c.guest_reboots),
             guest_crashes: get(&self.guest_crashes),
             positioned_stops: get(&c.positioned),
+            sync_points_unpositioned: get(&c.sync_by_reason[SyncReason::Unpositioned as usize]),
+            sync_points_interval: get(&c.sync_by_reason[SyncReason::Interval as usize]),
+            sync_points_requested: get(&c.sync_by_reason[SyncReason::Requested as usize]),
+            sync_points_full: get(&c.sync_by_reason[SyncReason::Full as usize]),
+            irq_at_own_exits: get(&c.irq_at_own_exits),
         }
+    }
+
+    /// The stop the vCPU is at: a replay has executed up to it.
+    pub fn current_stop(&self) -> u64 {
+        self.counters.at_stop.load(Ordering::Relaxed)
     }
 
     /// A replay: the stop of the last epoch it verified (0: none yet).

@@ -77,6 +77,13 @@ pub struct Throttle {
     cap: u64,
     /// Longest the secondary may leave shipped data unacknowledged.
     max_lag: Duration,
+    /// The secondary's replay: watermarks shipped and not yet replayed.
+    replay: Mutex<ReplayMarks>,
+    /// Longest the secondary's replay may stay behind a shipped watermark
+    /// (`[ft] max_replay_lag_ms`): bounds what a failover must catch up.
+    max_replay_lag: Duration,
+    /// Times the vCPU waited for the replay (not for acks).
+    pub replay_waits: AtomicU64,
     /// No secondary any more: never wait.
     open: std::sync::atomic::AtomicBool,
     /// A switch-over: the vCPU waits at its next stop until released.
@@ -91,6 +98,20 @@ pub struct Throttle {
     pub waited_us: AtomicU64,
 }
 
+/// The secondary's replay progress as the primary sees it.
+#[derive(Debug, Default)]
+struct ReplayMarks {
+    /// (watermark, when shipped), oldest first, not yet replayed.
+    shipped: std::collections::VecDeque<(u64, Instant)>,
+    /// The newest stop the secondary reported replayed (None: it has not
+    /// reported, an older protocol or not started: no replay-lag brake).
+    replayed: Option<u64>,
+}
+
+/// Watermarks kept for the replay lag; more (a secondary that never
+/// reports) drop the newest, which leaves the lag measured from the oldest.
+const REPLAY_MARKS_MAX: usize = 1 << 16;
+
 /// Shipped stops not yet acknowledged, and the newest acknowledged stop.
 #[derive(Debug, Default)]
 struct Marks {
@@ -103,8 +124,9 @@ struct Marks {
 }
 
 impl Throttle {
-    /// A brake at `cap` unacknowledged bytes and `max_lag`.
-    pub fn new(cap: u64, max_lag: Duration) -> Self {
+    /// A brake at `cap` unacknowledged bytes and `max_lag`, and at
+    /// `max_replay_lag` behind in the secondary's replay.
+    pub fn new(cap: u64, max_lag: Duration, max_replay_lag: Duration) -> Self {
         Self {
             shipped: AtomicU64::new(0),
             acked: AtomicU64::new(0),
@@ -112,6 +134,9 @@ impl Throttle {
             progress: Mutex::new(Instant::now()),
             cap,
             max_lag,
+            replay: Mutex::new(ReplayMarks::default()),
+            max_replay_lag,
+            replay_waits: AtomicU64::new(0),
             open: Default::default(),
             hold: Default::default(),
             parked: std::sync::atomic::AtomicU8::new(0),
@@ -165,6 +190,47 @@ impl Throttle {
         }
     }
 
+    /// A watermark for `stop` was shipped: the secondary can replay up to
+    /// it from now on.
+    pub fn watermark_shipped(&self, stop: u64) {
+        if self.open.load(Ordering::Acquire) {
+            return;
+        }
+        let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        let newer = replay.shipped.back().is_none_or(|(w, _)| stop > *w)
+            && replay.replayed.is_none_or(|r| stop > r);
+        if newer && replay.shipped.len() < REPLAY_MARKS_MAX {
+            replay.shipped.push_back((stop, Instant::now()));
+        }
+    }
+
+    /// The secondary's replay has executed up to `stop`.
+    pub fn replayed(&self, stop: u64) {
+        let mut replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        replay.replayed = replay.replayed.max(Some(stop));
+        while replay.shipped.front().is_some_and(|(w, _)| *w <= stop) {
+            replay.shipped.pop_front();
+        }
+    }
+
+    /// The newest stop the secondary reported replayed, if it reports.
+    pub fn replayed_stop(&self) -> Option<u64> {
+        self.replay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replayed
+    }
+
+    /// How long the oldest watermark the secondary has not replayed yet
+    /// has been shipped (zero: caught up, or it does not report).
+    pub fn replay_lag(&self) -> Duration {
+        let replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        match (replay.replayed, replay.shipped.front()) {
+            (Some(_), Some((_, at))) => at.elapsed(),
+            _ => Duration::ZERO,
+        }
+    }
+
     /// Stops the vCPU at its next stop (a switch-over), until [`Self::unhold`].
     pub fn hold(&self) {
         self.hold.store(true, Ordering::Release);
@@ -196,6 +262,7 @@ impl Throttle {
     /// A new secondary joined: brake again, counting from what is shipped now.
     pub fn protect(&self) {
         *self.marks.lock().unwrap_or_else(|p| p.into_inner()) = Marks::default();
+        *self.replay.lock().unwrap_or_else(|p| p.into_inner()) = ReplayMarks::default();
         self.acked
             .store(self.shipped.load(Ordering::Acquire), Ordering::Release);
         *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
@@ -227,7 +294,12 @@ impl Throttle {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .elapsed();
-        unacked > self.cap || (unacked > 0 && stale > self.max_lag)
+        unacked > self.cap || (unacked > 0 && stale > self.max_lag) || self.replay_behind()
+    }
+
+    /// The secondary's replay is further behind than `max_replay_lag`.
+    fn replay_behind(&self) -> bool {
+        self.replay_lag() > self.max_replay_lag
     }
 
     /// Called by the vCPU at a stop: waits while the secondary is too far
@@ -250,13 +322,17 @@ impl Throttle {
         let start = Instant::now();
         let mut said = start;
         self.waits.fetch_add(1, Ordering::Relaxed);
+        if self.replay_behind() {
+            self.replay_waits.fetch_add(1, Ordering::Relaxed);
+        }
         while self.must_wait() {
             if said.elapsed() > Duration::from_secs(2) {
                 // Diagnostic: a brake that never lets go stops the guest.
                 tracing::warn!(
                     unacked = self.unacked(),
                     held = self.hold.load(Ordering::Acquire),
-                    "the vCPU has waited {} ms for the secondary's acks",
+                    replay_lag_ms = self.replay_lag().as_millis() as u64,
+                    "the vCPU has waited {} ms for the secondary's acks or replay",
                     start.elapsed().as_millis()
                 );
                 said = Instant::now();
@@ -1420,7 +1496,7 @@ mod tests {
 
     #[test]
     fn throttle_brakes_on_the_byte_cap_and_on_a_lagging_secondary() {
-        let t = Throttle::new(1000, Duration::from_millis(30));
+        let t = Throttle::new(1000, Duration::from_millis(30), Duration::from_secs(3600));
         t.shipped(1, 600);
         t.shipped(2, 300);
         assert!(!t.must_wait(), "under the cap and fresh");
@@ -1441,11 +1517,50 @@ mod tests {
     }
 
     #[test]
+    fn throttle_brakes_on_a_replay_that_stays_behind_a_shipped_watermark() {
+        let t = Throttle::new(
+            1 << 30,
+            Duration::from_secs(3600),
+            Duration::from_millis(30),
+        );
+        t.watermark_shipped(5);
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(
+            !t.must_wait(),
+            "a secondary that never reported is not braked on"
+        );
+        assert_eq!(t.replay_lag(), Duration::ZERO);
+        t.replayed(5);
+        assert_eq!(t.replayed_stop(), Some(5));
+        t.watermark_shipped(9);
+        t.watermark_shipped(12);
+        assert!(!t.must_wait(), "fresh watermarks");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(t.replay_lag() >= Duration::from_millis(40));
+        assert!(t.must_wait(), "the replay sat behind watermark 9 too long");
+        t.replayed(10);
+        assert!(
+            t.must_wait(),
+            "watermark 12 is as old and still not replayed"
+        );
+        t.watermark_shipped(14);
+        t.replayed(12);
+        assert!(!t.must_wait(), "only watermark 14 is left, and it is fresh");
+        t.watermark_shipped(11);
+        t.replayed(13);
+        assert_eq!(t.replayed_stop(), Some(13));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(t.must_wait(), "watermark 14");
+        t.protect();
+        assert!(!t.must_wait(), "a new secondary starts unmeasured");
+    }
+
+    #[test]
     fn an_ack_covers_a_later_shipped_record_of_an_acked_stop() {
         // The secondary acked stop 0 before the primary shipped a heartbeat
         // watermark repeating stop 0: no ack will ever come for it, so it
         // must not count as outstanding (it braked the vCPU for good).
-        let t = Throttle::new(1000, Duration::from_millis(30));
+        let t = Throttle::new(1000, Duration::from_millis(30), Duration::from_secs(3600));
         t.acked(0);
         t.shipped(0, 13);
         assert_eq!(t.unacked(), 0);
@@ -1464,7 +1579,7 @@ mod tests {
     fn the_lag_clock_starts_when_something_is_outstanding() {
         // Long after the last ack (the guest slept, or the secondary took
         // a while to connect), newly shipped data gets the full max_lag.
-        let t = Throttle::new(1000, Duration::from_millis(300));
+        let t = Throttle::new(1000, Duration::from_millis(300), Duration::from_secs(3600));
         std::thread::sleep(Duration::from_millis(400));
         t.shipped(1, 10);
         assert!(!t.must_wait(), "fresh data counted as stale");

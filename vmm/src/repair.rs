@@ -48,6 +48,20 @@ impl Shadow {
         self.written.extend(gfns);
     }
 
+    /// Whether page `gfn` of `memory` still holds what it held at E_v (a
+    /// write of the value it already had). False where unknown.
+    pub fn unchanged_since_verified(&self, memory: &GuestMemoryMmap, gfn: u64) -> bool {
+        let at = (gfn * PAGE_SIZE as u64) as usize;
+        let Some(then) = self.memory.get(at..at + PAGE_SIZE) else {
+            return false;
+        };
+        let mut now = vec![0u8; PAGE_SIZE];
+        memory
+            .read_slice(&mut now, GuestAddress(gfn * PAGE_SIZE as u64))
+            .is_ok()
+            && now == then
+    }
+
     /// Notes the pages a sync point carried.
     pub fn carried(&mut self, pages: &[Page]) {
         for p in pages {

@@ -38,6 +38,14 @@ pub(crate) fn validate_ft(
         DEFAULT_MAX_LAG_MS,
         1,
     )?;
+    let (max_replay_lag_ms, _) = millis(
+        ctx,
+        &sec,
+        &raw.max_replay_lag_ms,
+        "max_replay_lag_ms",
+        DEFAULT_MAX_REPLAY_LAG_MS,
+        1,
+    )?;
     let announce = ft_announce(ctx, &raw, &sec)?;
     let position = ft_position(ctx, raw.position.as_ref())?;
     // At most a second: beyond that a guest's timer would stall visibly.
@@ -72,6 +80,7 @@ pub(crate) fn validate_ft(
         on_guest_crash,
         max_unacked_bytes,
         max_lag: Duration::from_millis(max_lag_ms),
+        max_replay_lag: Duration::from_millis(max_replay_lag_ms),
         announce,
     })
 }

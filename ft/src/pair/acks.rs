@@ -28,6 +28,9 @@ pub enum AckAction {
     /// The secondary's replay diverged at this epoch: take a sync point
     /// now (kick the vCPU) so it can repair.
     Repair(u64),
+    /// The secondary's replay has executed up to this stop: the replay-lag
+    /// brake eases.
+    Replayed(u64),
 }
 
 /// The acks thread's state for one secondary.
@@ -95,6 +98,7 @@ impl AckLedger {
                 vec![AckAction::Repair(epoch)]
             }
             ToPrimary::DiskSynced(id) => vec![AckAction::DiskSynced(id)],
+            ToPrimary::Replayed(stop) => vec![AckAction::Replayed(stop)],
             ToPrimary::Heartbeat => Vec::new(),
             ToPrimary::DiskState(_) => {
                 return Err(Refused::OutOfPlace {

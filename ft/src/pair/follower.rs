@@ -207,6 +207,8 @@ pub struct Reporter {
     divergence: u64,
     /// Pings echoed (send time + 1 of the newest).
     echoed: u64,
+    /// The newest replayed stop reported (0: none).
+    replayed: u64,
 }
 
 /// What the ack thread sees when it wakes.
@@ -220,6 +222,9 @@ pub struct Progress {
     pub diverged: u64,
     /// The newest ping's send time + 1 (0: none).
     pub ping: u64,
+    /// The stop the replay has executed up to, when a report of it is due
+    /// (None: not due, or the primary's protocol has no such message).
+    pub replayed: Option<u64>,
 }
 
 impl Reporter {
@@ -239,6 +244,10 @@ impl Reporter {
         if now.verified > self.verified {
             out.push(ToPrimary::Verified(now.verified));
             self.verified = now.verified;
+        }
+        if let Some(stop) = now.replayed.filter(|s| *s > self.replayed) {
+            out.push(ToPrimary::Replayed(stop));
+            self.replayed = stop;
         }
         if now.received.is_some() && now.received != self.acked {
             self.acked = now.received;
@@ -498,6 +507,7 @@ mod tests {
             verified: 10,
             diverged: 0,
             ping: 0,
+            replayed: None,
         };
         assert_eq!(
             r.report(now, false),
@@ -522,12 +532,27 @@ mod tests {
             verified: 0,
             diverged: 3,
             ping: 101,
+            replayed: None,
         };
         assert_eq!(
             r.report(now, false),
             vec![ToPrimary::Pong(100), ToPrimary::RepairRequest(2)]
         );
         assert!(r.report(now, false).is_empty());
+    }
+
+    #[test]
+    fn replay_progress_is_reported_when_due_and_only_when_it_moved() {
+        let mut r = Reporter::default();
+        let at = |replayed| Progress {
+            replayed,
+            ..Progress::default()
+        };
+        assert!(r.report(at(None), false).is_empty(), "not due");
+        assert_eq!(r.report(at(Some(40)), false), vec![ToPrimary::Replayed(40)]);
+        assert!(r.report(at(Some(40)), false).is_empty(), "it did not move");
+        assert!(r.report(at(None), false).is_empty());
+        assert_eq!(r.report(at(Some(41)), false), vec![ToPrimary::Replayed(41)]);
     }
 
     #[test]

@@ -48,6 +48,23 @@ fn output_probes(params: &PairParams, vm: &Vm) {
     }
     let throttle = params.throttle.clone();
     board.probe("unacked_bytes", Arc::new(move || throttle.unacked()));
+    // A primary: how far its secondary's replay has executed and how long
+    // it has been behind a shipped watermark (the replay-lag brake).
+    let throttle = params.throttle.clone();
+    board.probe(
+        "secondary_replayed_stop",
+        Arc::new(move || throttle.replayed_stop().unwrap_or(0)),
+    );
+    let throttle = params.throttle.clone();
+    board.probe(
+        "replay_lag_ms",
+        Arc::new(move || throttle.replay_lag().as_millis() as u64),
+    );
+    let throttle = params.throttle.clone();
+    board.probe(
+        "replay_lag_waits",
+        Arc::new(move || throttle.replay_waits.load(Ordering::Relaxed)),
+    );
 }
 
 /// A status figure's name and how to read it from a snapshot.
@@ -59,7 +76,7 @@ fn vm_probes(params: &PairParams, vm: &Vm, handle: &VmHandle) {
     let board = &params.board;
     let causes = vm.cause_queue();
     board.probe("inputs_dropped", Arc::new(move || causes.dropped()));
-    let figures: [NamedFigure; 11] = [
+    let figures: [NamedFigure; 16] = [
         ("stops", |f| f.stops),
         ("sync_points", |f| f.sync_points),
         ("epochs", |f| f.epochs),
@@ -71,11 +88,18 @@ fn vm_probes(params: &PairParams, vm: &Vm, handle: &VmHandle) {
         ("guest_reboots", |f| f.guest_reboots),
         ("guest_crashes", |f| f.guest_crashes),
         ("positioned_stops", |f| f.positioned_stops),
+        ("sync_points_unpositioned", |f| f.sync_points_unpositioned),
+        ("sync_points_interval", |f| f.sync_points_interval),
+        ("sync_points_requested", |f| f.sync_points_requested),
+        ("sync_points_full", |f| f.sync_points_full),
+        ("irq_at_own_exits", |f| f.irq_at_own_exits),
     ];
     for (name, figure) in figures {
         let h = handle.clone();
         board.probe(name, Arc::new(move || figure(&h.figures())));
     }
+    let h = handle.clone();
+    board.probe("at_stop", Arc::new(move || h.current_stop()));
     let device_model = u64::from(vm.identity().device_model_version);
     board.probe("device_model", Arc::new(move || device_model));
     let shipped = params.throttle.clone();

@@ -47,6 +47,9 @@ use crate::wire::{self, Message, ToPrimary, PROTOCOL_MAX, PROTOCOL_MIN};
 struct Shared {
     /// The generation this side follows.
     generation: u64,
+    /// The protocol version the primary chose (a resume keeps it: the
+    /// same primary answers).
+    protocol: u16,
     /// What `last_heard` counts from.
     base: Instant,
     /// When the primary was last heard (ms since `base`).
@@ -79,9 +82,10 @@ struct Shared {
 }
 
 impl Shared {
-    fn new(generation: u64, tx: FrameSender) -> Self {
+    fn new(generation: u64, protocol: u16, tx: FrameSender) -> Self {
         Self {
             generation,
+            protocol,
             base: Instant::now(),
             last_heard: Arc::new(AtomicU64::new(0)),
             received: Default::default(),
@@ -111,7 +115,7 @@ pub fn run_secondary(
     params: PairParams,
     vm_config: impl FnOnce(RunMode) -> VmConfig,
 ) -> anyhow::Result<Ended> {
-    let (mut tx, input, generation) = connect(&params)?;
+    let (mut tx, input, generation, protocol) = connect(&params)?;
     // Mirrored storage: describe this host's replicas; the primary copies
     // what may differ before its log starts.
     let disk_sync = if params.mirrored {
@@ -125,7 +129,7 @@ pub fn run_secondary(
     // thread; closing our end is how the secondary stops taking the log.
     let (pipe_in, pipe_out) = UnixStream::pair()?;
     let pipe_closer = pipe_in.try_clone()?;
-    let shared = Arc::new(Shared::new(generation, tx));
+    let shared = Arc::new(Shared::new(generation, protocol, tx));
     let follower = Follow::new(&params, shared.clone(), pipe_in, disk_sync);
     spawn("tandem-follow", move || follow(follower, input))?;
     let (identity, feed) = start_decode(&params, &shared, pipe_out)?;
@@ -180,7 +184,11 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()
 
 /// Connects to the primary and greets it: the link and the generation it
 /// runs.
-fn connect(params: &PairParams) -> anyhow::Result<(FrameSender, FrameReceiver, u64)> {
+/// The link to the primary: sender, receiver, the generation it runs and
+/// the protocol version it chose.
+type Link = (FrameSender, FrameReceiver, u64, u16);
+
+fn connect(params: &PairParams) -> anyhow::Result<Link> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(120);
     let mut said = started;
@@ -222,10 +230,7 @@ fn connect(params: &PairParams) -> anyhow::Result<(FrameSender, FrameReceiver, u
 }
 
 /// Authenticates, says hello and waits for the primary's welcome.
-fn greet_primary(
-    params: &PairParams,
-    stream: TcpStream,
-) -> anyhow::Result<(FrameSender, FrameReceiver, u64)> {
+fn greet_primary(params: &PairParams, stream: TcpStream) -> anyhow::Result<Link> {
     let (mut tx, mut input) = channel::connect(stream, params.psk.as_ref())?;
     // A send never blocks a lock for long (the monitor needs the link to
     // shut it when the primary falls silent).
@@ -241,15 +246,16 @@ fn greet_primary(
     )?;
     input.set_read_timeout(Some(Duration::from_secs(10)))?;
     let (generation, welcome) = input.recv()?;
-    match welcome {
+    let version = match welcome {
         Message::Welcome { version } => {
-            info!("following generation {generation}, protocol {version}")
+            info!("following generation {generation}, protocol {version}");
+            version
         }
         Message::Refuse { reason } => bail!("the primary refused this secondary: {reason}"),
         other => bail!("expected a welcome, got {}", other.kind()),
-    }
+    };
     input.set_read_timeout(None)?;
-    Ok((tx, input, generation))
+    Ok((tx, input, generation, version))
 }
 
 /// An error worth another try: the connection timed out, was reset or
@@ -600,6 +606,9 @@ fn decode_loop(
     }
 }
 
+/// How often the secondary reports how far its replay has executed.
+const REPLAY_REPORT_PERIOD: Duration = Duration::from_millis(10);
+
 /// Acks (as soon as the received watermark moves: the primary's held
 /// output waits on them), ping echoes and heartbeats, on whatever
 /// connection is current, until the primary is gone.
@@ -607,6 +616,7 @@ fn ack(shared: &Shared, heartbeat: Duration) {
     let (lock, moved) = &shared.received;
     let mut reporter = Reporter::default();
     let mut next_beat = Instant::now();
+    let mut next_progress = Instant::now();
     while !shared.gone.load(Ordering::Acquire) {
         let received = {
             let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -628,11 +638,24 @@ fn ack(shared: &Shared, heartbeat: Duration) {
             ),
             None => (0, 0),
         };
+        // The replay's progress, at most every REPLAY_REPORT_PERIOD (the
+        // primary's replay-lag brake), to a primary that reads it.
+        let replayed = match shared.progress.get() {
+            Some(vm)
+                if shared.protocol >= wire::PROTOCOL_REPLAY_PROGRESS
+                    && Instant::now() >= next_progress =>
+            {
+                next_progress = Instant::now() + REPLAY_REPORT_PERIOD;
+                Some(vm.current_stop())
+            }
+            _ => None,
+        };
         let now = Progress {
             received,
             verified,
             diverged,
             ping: shared.ping.load(Ordering::Acquire),
+            replayed,
         };
         let beat = Instant::now() >= next_beat;
         if beat {

@@ -55,6 +55,8 @@ pub enum ToPrimary {
     Ack(u64),
     /// Replayed up to this stop, and the epoch ending there verified.
     Verified(u64),
+    /// The replay has executed up to this stop (protocol 2).
+    Replayed(u64),
     /// Epoch `n` diverged: take a sync point so it can be repaired.
     RepairRequest(u64),
     /// A ping's time, echoed.
@@ -167,6 +169,7 @@ impl TryFrom<Message> for ToSecondary {
             | Message::Welcome { .. }
             | Message::Ack(_)
             | Message::Verified(_)
+            | Message::Replayed(_)
             | Message::RepairRequest(_)
             | Message::Resume { .. }
             | Message::Pong(_)
@@ -191,6 +194,7 @@ impl TryFrom<Message> for ToPrimary {
         Ok(match m {
             Message::Ack(stop) => ToPrimary::Ack(stop),
             Message::Verified(stop) => ToPrimary::Verified(stop),
+            Message::Replayed(stop) => ToPrimary::Replayed(stop),
             Message::RepairRequest(epoch) => ToPrimary::RepairRequest(epoch),
             Message::Pong(sent) => ToPrimary::Pong(sent),
             Message::Heartbeat => ToPrimary::Heartbeat,
@@ -250,6 +254,7 @@ impl From<ToPrimary> for Message {
         match m {
             ToPrimary::Ack(stop) => Message::Ack(stop),
             ToPrimary::Verified(stop) => Message::Verified(stop),
+            ToPrimary::Replayed(stop) => Message::Replayed(stop),
             ToPrimary::RepairRequest(epoch) => Message::RepairRequest(epoch),
             ToPrimary::Pong(sent) => Message::Pong(sent),
             ToPrimary::Heartbeat => Message::Heartbeat,

@@ -254,16 +254,21 @@ impl Vcpu {
 
     /// Whether this kick stop must be a sync point anyway: a joining
     /// secondary or a repair needs one, or `--sync-interval` has passed.
-    pub(super) fn sync_point_due(&self) -> bool {
+    pub(super) fn sync_point_due(&self) -> Option<SyncReason> {
         use std::sync::atomic::Ordering;
-        if self.full_sync.load(Ordering::Acquire) || self.sync_request.swap(false, Ordering::AcqRel)
-        {
-            return true;
+        if self.full_sync.load(Ordering::Acquire) {
+            return Some(SyncReason::Full);
         }
-        self.policy.sync_interval.is_some_and(|every| {
-            let every = u64::try_from(every.as_nanos()).unwrap_or(u64::MAX);
-            self.since_start_ns() >= self.last_sync_ns.saturating_add(every)
-        })
+        if self.sync_request.swap(false, Ordering::AcqRel) {
+            return Some(SyncReason::Requested);
+        }
+        self.policy
+            .sync_interval
+            .is_some_and(|every| {
+                let every = u64::try_from(every.as_nanos()).unwrap_or(u64::MAX);
+                self.since_start_ns() >= self.last_sync_ns.saturating_add(every)
+            })
+            .then_some(SyncReason::Interval)
     }
 
     /// Replaying: runs the guest to the recorded position of stop `stop`

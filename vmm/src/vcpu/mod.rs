@@ -11,6 +11,7 @@
 //! counters, the `Vcpu` struct) and the run loop; the stop sequence's parts
 //! live in `stop.rs`, `sync.rs`, `verify.rs`, `recovery.rs` and `live.rs`.
 
+mod epoch_dump;
 mod land;
 mod live;
 mod recovery;
@@ -443,6 +444,11 @@ pub struct Vcpu {
     /// Divergences found while replaying, in order.
     pub divergence_reports: Vec<DivergenceReport>,
     go_live_hooks: Option<GoLiveHooks>,
+    /// `TANDEM_DEBUG_EPOCHS`: every epoch end's state, as text.
+    epoch_dump: Option<epoch_dump::EpochDump>,
+    /// A test hook (`TANDEM_TEST_REPLAY_STALL_US`): a replay sleeps this
+    /// long at every stop, so it falls behind its primary.
+    replay_stall: Option<Duration>,
 }
 
 /// Counters other threads may read while the VM runs.
@@ -450,6 +456,8 @@ pub struct Vcpu {
 pub struct LiveCounters {
     /// Deterministic stops.
     pub stops: std::sync::atomic::AtomicU64,
+    /// The stop the vCPU is at (a replay: executed up to).
+    pub at_stop: std::sync::atomic::AtomicU64,
     /// Sync points logged or installed.
     pub sync_points: std::sync::atomic::AtomicU64,
     /// Epoch ends logged or checked.
@@ -468,6 +476,38 @@ pub struct LiveCounters {
     pub guest_reboots: std::sync::atomic::AtomicU64,
     /// Positioned stops logged or landed.
     pub positioned: std::sync::atomic::AtomicU64,
+    /// Sync points logged, by [`SyncReason`] (index: the reason as usize).
+    pub sync_by_reason: [std::sync::atomic::AtomicU64; SyncReason::COUNT],
+    /// Interrupts injected at a stop of the guest's own exit (no kick or
+    /// interrupt window needed: what `--irq-defer` aims for).
+    pub irq_at_own_exits: std::sync::atomic::AtomicU64,
+}
+
+/// Why a recorder logs a sync point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncReason {
+    /// A kick stop that could not be positioned (no position counter, or a
+    /// state it cannot count).
+    Unpositioned,
+    /// `--sync-interval` came due.
+    Interval,
+    /// Asked for: a secondary's repair request, or a checkpoint's.
+    Requested,
+    /// A joining secondary starts from it (all of memory, or a pre-copy's
+    /// last delta).
+    Full,
+}
+
+impl SyncReason {
+    /// How many reasons there are.
+    pub const COUNT: usize = 4;
+    /// Each reason, in index order, with its status name.
+    pub const NAMES: [(SyncReason, &'static str); SyncReason::COUNT] = [
+        (SyncReason::Unpositioned, "unpositioned"),
+        (SyncReason::Interval, "interval"),
+        (SyncReason::Requested, "requested"),
+        (SyncReason::Full, "full"),
+    ];
 }
 
 /// What a live secondary needs to go live.
@@ -552,6 +592,11 @@ impl Vcpu {
             positions: land::Positions::default(),
             divergence_reports: Vec::new(),
             go_live_hooks: None,
+            epoch_dump: epoch_dump::EpochDump::from_env(),
+            replay_stall: std::env::var("TANDEM_TEST_REPLAY_STALL_US")
+                .ok()
+                .and_then(|us| us.parse().ok())
+                .map(Duration::from_micros),
         }
     }
 
@@ -701,6 +746,9 @@ impl Vcpu {
     /// Moves the vCPU and the devices to stop `stop`.
     fn set_stop(&mut self, stop: u64) {
         self.stop = stop;
+        self.live_counters
+            .at_stop
+            .store(stop, std::sync::atomic::Ordering::Relaxed);
         self.devices.set_stop(stop);
     }
 
@@ -849,6 +897,9 @@ impl Vcpu {
     /// injection. Some: the run ends here.
     fn at_new_stop(&mut self, kind: Option<StopKind>) -> Result<Option<RunOutcome>, VcpuError> {
         self.set_stop(self.stop + 1);
+        if let Some(stall) = self.replay_stall.filter(|_| !self.journal.recording()) {
+            std::thread::sleep(stall);
+        }
         self.kicked_stop = kind.is_none();
         let count = self.count_stop()?;
         if tracing::enabled!(tracing::Level::TRACE) {
@@ -872,8 +923,8 @@ impl Vcpu {
             // a replay lands there first and checks it.
             None if self.journal.recording() => {
                 let due = self.sync_point_due();
-                if !self.record_positioned(count)? || due {
-                    self.record_sync_point(false)?;
+                if !self.record_positioned(count)? || due.is_some() {
+                    self.record_sync_point(false, due.unwrap_or(SyncReason::Unpositioned))?;
                 }
             }
             // Passing stops until a repair: their causes are applied, their

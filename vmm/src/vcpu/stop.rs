@@ -249,6 +249,11 @@ impl Vcpu {
                 });
             }
             self.stats.interrupts += 1;
+            if !self.kicked_stop {
+                self.live_counters
+                    .irq_at_own_exits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             self.note_injection();
             match self.journal.check(self.stop, Check::Injected { vector }) {
                 Err(JournalError::Diverged { stop, what }) => {
@@ -289,7 +294,7 @@ impl Vcpu {
             // a full sync point of the halted vCPU.
             if self.journal.recording() && self.full_sync.load(std::sync::atomic::Ordering::Acquire)
             {
-                self.record_sync_point(true)?;
+                self.record_sync_point(true, SyncReason::Full)?;
             }
             if self.journal.recording() {
                 self.serve_precopy()?;

@@ -7,7 +7,11 @@ use super::*;
 impl Vcpu {
     /// Logs the complete machine state and the pages dirtied since the last
     /// sync point (DESIGN point 6).
-    pub(super) fn record_sync_point(&mut self, halted: bool) -> Result<(), VcpuError> {
+    pub(super) fn record_sync_point(
+        &mut self,
+        halted: bool,
+        reason: SyncReason,
+    ) -> Result<(), VcpuError> {
         let began = Instant::now();
         self.serve_precopy()?;
         let vcpu = state::capture(&self.fd, &self.sync.msrs, halted)?;
@@ -44,6 +48,10 @@ impl Vcpu {
         self.stats.sync_points += 1;
         self.live_counters
             .sync_points
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A full sync point asked for at an ordinary kick stop counts as full.
+        let reason = if full { SyncReason::Full } else { reason };
+        self.live_counters.sync_by_reason[reason as usize]
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.stats.sync_pages += pages.len() as u64;
         // Host time, not guest time: the guest clock moves only when a
