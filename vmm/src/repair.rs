@@ -48,12 +48,18 @@ impl Shadow {
         self.written.extend(gfns);
     }
 
-    /// Whether page `gfn` of `memory` still holds what it held at E_v (a
-    /// write of the value it already had). False where unknown.
+    /// Whether page `gfn` of `memory` holds what the recorder last had in
+    /// it: the latest copy a sync point since E_v carried, else its content
+    /// at E_v (for a page the recorder did not write since: a write of the
+    /// value it already had). False where unknown.
     pub fn unchanged_since_verified(&self, memory: &GuestMemoryMmap, gfn: u64) -> bool {
         let at = (gfn * PAGE_SIZE as u64) as usize;
-        let Some(then) = self.memory.get(at..at + PAGE_SIZE) else {
-            return false;
+        let then = match self.carried.get(&gfn) {
+            Some(data) => data.as_slice(),
+            None => match self.memory.get(at..at + PAGE_SIZE) {
+                Some(page) => page,
+                None => return false,
+            },
         };
         let mut now = vec![0u8; PAGE_SIZE];
         memory
@@ -147,5 +153,26 @@ mod tests {
             "carried"
         );
         assert!(shadow.pending.is_none());
+    }
+
+    #[test]
+    fn a_page_rewritten_with_what_the_recorder_last_had_is_unchanged() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        mem.write_obj(1u8, GuestAddress(0)).unwrap();
+        let mut shadow = Shadow::new(&mem, 1 << 16).unwrap();
+        assert!(shadow.unchanged_since_verified(&mem, 0));
+        mem.write_obj(2u8, GuestAddress(0)).unwrap();
+        assert!(!shadow.unchanged_since_verified(&mem, 0));
+        // A sync point carried page 0 with 2 in it: that is the recorder's.
+        let mut data = vec![0u8; 4096];
+        data[0] = 2;
+        shadow.carried(&[Page { gfn: 0, data }]);
+        assert!(shadow.unchanged_since_verified(&mem, 0));
+        mem.write_obj(1u8, GuestAddress(0)).unwrap();
+        assert!(
+            !shadow.unchanged_since_verified(&mem, 0),
+            "back to the E_v content, which the recorder no longer has"
+        );
+        assert!(!shadow.unchanged_since_verified(&mem, 1 << 20), "outside");
     }
 }
