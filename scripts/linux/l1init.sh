@@ -48,28 +48,22 @@ debug_epochs() {
     [ "$DEBUG_EPOCHS" -gt 0 ] || return 0
     export TANDEM_DEBUG_EPOCHS=/out/$1.epochs TANDEM_DEBUG_EPOCHS_FULL=$DEBUG_EPOCHS
 }
-# Prints where the record and replay dumps differ: for each of the first
-# three epochs whose blocks differ, the diff of its two blocks (the whole
-# files are too large for busybox diff).
+# Prints where the record and replay dumps differ: the diff of the blocks
+# of the first two and the last two epochs that differ (from the dumps'
+# index files: the dumps are too large for busybox diff).
 first_epoch_difference() {
-    [ -s /out/record.epochs ] && [ -s /out/replay.epochs ] || return 0
-    for f in record replay; do
-        awk '/^epoch/ { if (b != "") print b; b = $0; next } { b = b "|" $0 } END { if (b != "") print b }' \
-            /out/$f.epochs > /out/$f.lines
-    done
-    paste -d '\n' /out/record.lines /out/replay.lines \
-        | awk 'NR % 2 == 1 { a = $0; next } a != $0 { split(a, h, "|"); print h[1]; if (++n >= 3) exit }' > /out/differing
-    if [ ! -s /out/differing ]; then
-        echo "L1-INIT:   epochs: the dumps agree ($(wc -l < /out/record.lines) epoch ends)"
-        return 0
-    fi
-    while read -r head; do
+    [ -s /out/record.epochs.index ] && [ -s /out/replay.epochs.index ] || return 0
+    paste -d ' ' /out/record.epochs.index /out/replay.epochs.index \
+        | awk '$5 != $10 { print "epoch " $2 " stop " $4 }' > /out/differing
+    n=$(wc -l < /out/differing)
+    echo "L1-INIT:   epochs: $n of $(wc -l < /out/record.epochs.index) epoch ends differ"
+    { head -n 2 /out/differing; tail -n 2 /out/differing; } | uniq | while read -r head; do
         echo "L1-INIT:   epochs: differing block: $head"
         for f in record replay; do
             awk -v h="$head" '$0 == h { p = 1; print; next } /^epoch/ { if (p) exit } p' /out/$f.epochs > /out/$f.block
         done
-        diff /out/record.block /out/replay.block | grep '^[-+] ' | head -n 40 | sed 's/^/L1-INIT:   epochs: /'
-    done < /out/differing
+        diff /out/record.block /out/replay.block | grep '^[-+] ' | head -n 30 | sed 's/^/L1-INIT:   epochs: /'
+    done
 }
 # The numbers of the guest's "GUEST-INIT: count N" lines in file $1.
 counts() { sed -n 's/^GUEST-INIT: count \([0-9]*\).*/\1/p' "$1" | tr -d '\r'; }

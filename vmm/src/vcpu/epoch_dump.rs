@@ -28,6 +28,9 @@ const REG_NAMES: [&str; 18] = [
 /// The open dump of one run.
 pub(super) struct EpochDump {
     out: BufWriter<File>,
+    /// `FILE.index`: one line per block, `epoch N stop S HASH`, so that
+    /// the blocks that differ are found without reading them.
+    index: BufWriter<File>,
     /// Epoch ends that hash all of memory.
     full_epochs: u64,
     /// Epoch ends written so far.
@@ -45,9 +48,12 @@ impl EpochDump {
             .ok()
             .and_then(|n| n.parse().ok())
             .unwrap_or(1);
-        match File::create(&path) {
-            Ok(f) => Some(Self {
+        let mut index_path = path.clone();
+        index_path.push(".index");
+        match File::create(&path).and_then(|f| Ok((f, File::create(&index_path)?))) {
+            Ok((f, index)) => Some(Self {
                 out: BufWriter::new(f),
+                index: BufWriter::new(index),
                 full_epochs,
                 written: 0,
                 page_hashes: Vec::new(),
@@ -126,6 +132,8 @@ impl EpochDump {
         self.written += 1;
         let _ = self.out.write_all(s.as_bytes());
         let _ = self.out.flush();
+        let _ = writeln!(self.index, "epoch {epoch} stop {stop} {:#x}", xxh3_64(s.as_bytes()));
+        let _ = self.index.flush();
     }
 }
 
