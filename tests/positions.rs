@@ -390,6 +390,11 @@ fn a_pair_with_positions_verifies_by_execution_and_fails_over_after_kill_9() {
     let figure = |name| status_figure(&line, name);
     assert!(figure("positioned_stops") > 5, "{line}");
     assert!(figure("epochs_verified") > 20, "{line}");
+    // What the landings cost, as the secondary measured them.
+    assert!(
+        figure("landing_p50_us") > 0 && figure("landing_p99_us") >= figure("landing_p50_us"),
+        "{line}"
+    );
     // A kick that caught KVM delivering an interrupt before any instruction
     // is still a sync point: rare, and each makes one epoch transferred.
     assert!(figure("sync_points") <= 2, "{line}");

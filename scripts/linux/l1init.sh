@@ -209,19 +209,29 @@ for s in $(cat /l2/scenarios); do
             continue
         fi
         debug_epochs replay
+        # The console the replay's own guest wrote (tandem emits the
+        # recorded bytes and only counts a difference): what is compared.
+        export TANDEM_DEBUG_REPLAY_CONSOLE=/out/replay.own
         tandem_as replay replay /tmp/l2.log --kernel /l2/vmlinuz --initrd /l2/initrd
-        unset TANDEM_DEBUG_EPOCHS TANDEM_DEBUG_EPOCHS_FULL
+        unset TANDEM_DEBUG_EPOCHS TANDEM_DEBUG_EPOCHS_FULL TANDEM_DEBUG_REPLAY_CONSOLE
         first_epoch_difference
         summary=$(grep -m1 -E 'stops, .*sync points' /out/replay.err | cut -c1-300)
         # How the replay ended where it differs from the recording, and the
         # guest's own last words (its console as the replay ran it is only
         # compared, so a panic shows here, not in replay.out).
         grep -m3 -E 'replay ended with|cross-check failed' /out/replay.err | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300 | sed 's/^/L1-INIT:   /'
-        if cmp -s /out/record.out /out/replay.out; then same=identical; else same=DIFFERENT; fi
+        if cmp -s /out/record.out /out/replay.own; then
+            same=identical
+        else
+            same=DIFFERENT
+            at=$(cmp /out/record.out /out/replay.own 2>&1 | head -n 1)
+            echo "L1-INIT:   the replay's own console differs: $at; its last lines:"
+            tail -n 12 /out/replay.own | tr -d '\r' | cut -c1-200 | sed 's/^/L1-INIT:   replay console: /'
+        fi
         if [ "$RC" = 42 ] && [ "$same" = identical ]; then
             result replay PASS "exit 42, console $same, ${SECS}s; $summary"
         else
-            result replay FAIL "exit $RC (recorded 42), console $same ($(wc -c < /out/record.out) vs $(wc -c < /out/replay.out) bytes); $summary"
+            result replay FAIL "exit $RC (recorded 42), console $same ($(wc -c < /out/record.out) vs $(wc -c < /out/replay.own) bytes of the replay's own); $summary"
         fi ;;
     pair)
         pair_scenario ;;

@@ -64,6 +64,10 @@ pub struct VmFigures {
     pub sync_points_full: u64,
     /// Interrupts injected at the guest's own exits (no kick needed).
     pub irq_at_own_exits: u64,
+    /// Replaying: the median landing time so far, µs (0: none yet).
+    pub landing_p50_us: u64,
+    /// Replaying: the 99th percentile landing time so far, µs.
+    pub landing_p99_us: u64,
 }
 
 impl VmHandle {
@@ -88,6 +92,8 @@ impl VmHandle {
             sync_points_requested: get(&c.sync_by_reason[SyncReason::Requested as usize]),
             sync_points_full: get(&c.sync_by_reason[SyncReason::Full as usize]),
             irq_at_own_exits: get(&c.irq_at_own_exits),
+            landing_p50_us: get(&c.landing_p50_us),
+            landing_p99_us: get(&c.landing_p99_us),
         }
     }
 

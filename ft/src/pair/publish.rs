@@ -76,7 +76,7 @@ fn vm_probes(params: &PairParams, vm: &Vm, handle: &VmHandle) {
     let board = &params.board;
     let causes = vm.cause_queue();
     board.probe("inputs_dropped", Arc::new(move || causes.dropped()));
-    let figures: [NamedFigure; 16] = [
+    let figures: [NamedFigure; 18] = [
         ("stops", |f| f.stops),
         ("sync_points", |f| f.sync_points),
         ("epochs", |f| f.epochs),
@@ -93,6 +93,8 @@ fn vm_probes(params: &PairParams, vm: &Vm, handle: &VmHandle) {
         ("sync_points_requested", |f| f.sync_points_requested),
         ("sync_points_full", |f| f.sync_points_full),
         ("irq_at_own_exits", |f| f.irq_at_own_exits),
+        ("landing_p50_us", |f| f.landing_p50_us),
+        ("landing_p99_us", |f| f.landing_p99_us),
     ];
     for (name, figure) in figures {
         let h = handle.clone();

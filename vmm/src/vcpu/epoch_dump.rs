@@ -132,7 +132,11 @@ impl EpochDump {
         self.written += 1;
         let _ = self.out.write_all(s.as_bytes());
         let _ = self.out.flush();
-        let _ = writeln!(self.index, "epoch {epoch} stop {stop} {:#x}", xxh3_64(s.as_bytes()));
+        let _ = writeln!(
+            self.index,
+            "epoch {epoch} stop {stop} {:#x}",
+            xxh3_64(s.as_bytes())
+        );
         let _ = self.index.flush();
     }
 }

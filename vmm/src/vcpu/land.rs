@@ -302,6 +302,11 @@ impl Vcpu {
             self.live_counters
                 .positioned
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Some((p50, p99)) = self.stats.landing.percentiles() {
+                use std::sync::atomic::Ordering::Relaxed;
+                self.live_counters.landing_p50_us.store(p50, Relaxed);
+                self.live_counters.landing_p99_us.store(p99, Relaxed);
+            }
         }
         let step = result?;
         cleared?;

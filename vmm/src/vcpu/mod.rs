@@ -449,6 +449,11 @@ pub struct Vcpu {
     /// A test hook (`TANDEM_TEST_REPLAY_STALL_US`): a replay sleeps this
     /// long at every stop, so it falls behind its primary.
     replay_stall: Option<Duration>,
+    /// `TANDEM_DEBUG_REPLAY_CONSOLE=FILE`: a replay writes the console
+    /// bytes its own guest produced there (what it emits is the recorded
+    /// bytes; a difference only counts as a cross-check mismatch), also
+    /// past the end of the log.
+    replay_console: Option<std::fs::File>,
 }
 
 /// Counters other threads may read while the VM runs.
@@ -481,6 +486,10 @@ pub struct LiveCounters {
     /// Interrupts injected at a stop of the guest's own exit (no kick or
     /// interrupt window needed: what `--irq-defer` aims for).
     pub irq_at_own_exits: std::sync::atomic::AtomicU64,
+    /// Replaying: the median and 99th percentile landing time so far, µs.
+    pub landing_p50_us: std::sync::atomic::AtomicU64,
+    /// See `landing_p50_us`.
+    pub landing_p99_us: std::sync::atomic::AtomicU64,
 }
 
 /// Why a recorder logs a sync point.
@@ -554,6 +563,7 @@ impl Vcpu {
         kicker: Kicker,
         start: Instant,
     ) -> Self {
+        let journal_replays = journal.replayer_ref().is_some();
         Self {
             fd,
             ctx,
@@ -593,6 +603,9 @@ impl Vcpu {
             divergence_reports: Vec::new(),
             go_live_hooks: None,
             epoch_dump: epoch_dump::EpochDump::from_env(),
+            replay_console: std::env::var_os("TANDEM_DEBUG_REPLAY_CONSOLE")
+                .filter(|_| journal_replays)
+                .and_then(|path| std::fs::File::create(path).ok()),
             replay_stall: std::env::var("TANDEM_TEST_REPLAY_STALL_US")
                 .ok()
                 .and_then(|us| us.parse().ok())

@@ -87,6 +87,10 @@ impl Vcpu {
             return Ok(());
         }
         let stop = self.stop;
+        if let Some(own) = self.replay_console.as_mut() {
+            use std::io::Write;
+            let _ = own.write_all(&bytes);
+        }
         let emitted = match self.journal.replayer() {
             Some(rep) => match rep.take_serial_out(stop) {
                 Some(recorded) => {
