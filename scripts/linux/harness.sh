@@ -19,6 +19,8 @@
 # "irq_defer_us = 10000"; the default has none).
 # LINUX_DIAG_LINES: print that many of the recording's last stderr lines
 # (with LINUX_RECORD_ARGS="-vvv": the last stops, their RIPs and flags).
+# LINUX_GUEST_ARGS: appended to the guest kernel's command line.
+# LINUX_REPLAY_ARGS: extra tandem replay options (e.g. --no-repair).
 # LINUX_DEBUG_EPOCHS: N > 0 makes the record and replay scenarios dump every
 # epoch end's state (TANDEM_DEBUG_EPOCHS, all of memory for the first N) and
 # print the first difference between the two dumps.
@@ -35,7 +37,7 @@ SCENARIOS=${*:-run record replay pair}
 ACCEL=tcg SMP=1
 case " $SCENARIOS " in *" pair "*) ACCEL=tcg,thread=single SMP=2 ;; esac
 LIMIT=${LINUX_LIMIT_S:-1200}
-L2_CMDLINE="console=ttyS0 earlyprintk=serial,ttyS0 noapic nolapic reboot=k panic=-1 lpj=1000000 rdinit=/init nokaslr"
+L2_CMDLINE="console=ttyS0 earlyprintk=serial,ttyS0 noapic nolapic reboot=k panic=-1 lpj=1000000 rdinit=/init nokaslr ${LINUX_GUEST_ARGS:-}"
 
 say() { echo "linux: $*"; }
 
@@ -95,6 +97,7 @@ echo "${LINUX_RECORD_ARGS:-}" > "$R/l2/record-args"
 echo "${LINUX_DIAG_LINES:-0}" > "$R/l2/diag-lines"
 echo "${LINUX_PAIR_FT:-}" > "$R/l2/pair-ft"
 echo "${LINUX_DEBUG_EPOCHS:-0}" > "$R/l2/debug-epochs"
+echo "${LINUX_REPLAY_ARGS:-}" > "$R/l2/replay-args"
 echo "$SCENARIOS" > "$R/l2/scenarios"
 cp scripts/linux/l1init.sh "$R/init" && chmod +x "$R/init"
 (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/l1-initrd.gz"

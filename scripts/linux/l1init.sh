@@ -212,7 +212,12 @@ for s in $(cat /l2/scenarios); do
         # The console the replay's own guest wrote (tandem emits the
         # recorded bytes and only counts a difference): what is compared.
         export TANDEM_DEBUG_REPLAY_CONSOLE=/out/replay.own
-        tandem_as replay replay /tmp/l2.log --kernel /l2/vmlinuz --initrd /l2/initrd
+        # shellcheck disable=SC2046
+        tandem_as replay replay /tmp/l2.log --kernel /l2/vmlinuz --initrd /l2/initrd $(cat /l2/replay-args 2>/dev/null)
+        # What the divergences were, by kind (the summary line is cut).
+        sed -n 's/^  differs: //p' /tmp/l2.log.divergence.txt 2>/dev/null \
+            | sed 's/[0-9]* pages dirtied by the replay but not the recording.*/pages dirtied by the replay only/; s/scrub of pages .*/scrub/' \
+            | tr ',' '\n' | sed 's/^ *//' | sort | uniq -c | sort -rn | head -n 12 | sed 's/^/L1-INIT:   divergence kinds: /'
         unset TANDEM_DEBUG_EPOCHS TANDEM_DEBUG_EPOCHS_FULL TANDEM_DEBUG_REPLAY_CONSOLE
         first_epoch_difference
         summary=$(grep -m1 -E 'stops, .*sync points' /out/replay.err | cut -c1-300)
