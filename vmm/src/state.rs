@@ -57,12 +57,41 @@ const WIDE_PATTERN: u64 = 0xffff_ffff_8000_1000;
 /// stores what the guest wrote): captured as read, such a value never
 /// survives install, and every epoch of a replay differs in it. Capture
 /// therefore records what install reproduces.
+///
+/// It also carries the one segment quirk install must undo: KVM on SVM
+/// reports the task register busy (type 11) whatever the VMCB holds
+/// (`svm_get_segment`'s "busy flag isn't exposed" workaround), so a state
+/// captured from a guest whose TR is an available TSS (type 9, as QEMU's
+/// emulated SVM CPU keeps it after `ltr`) would be installed busy: QEMU's
+/// I/O permission check then refuses every port a user process opened
+/// with `ioperm` (the Linux guest's init took #GP on its `out` in every
+/// replay).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SavedMsrs {
     /// The MSRs, in capture order (the log header lists them).
     pub indices: Vec<u32>,
     /// Bits install keeps, for MSRs it narrows.
     masks: Vec<(u32, u64)>,
+    /// KVM reports TR busy on every read: install clears the busy bit it
+    /// added (long mode never looks at it; QEMU's I/O check does).
+    tr_busy_on_read: bool,
+}
+
+/// A 64-bit TSS's type, available; busy adds [`TSS_BUSY`].
+const TSS_AVAILABLE: u8 = 9;
+/// The busy bit of a TSS descriptor's type.
+const TSS_BUSY: u8 = 2;
+
+/// Whether this vCPU's KVM reports TR busy whatever was set: sets an
+/// available TSS type, reads it back, and puts the old sregs back.
+fn probe_tr_busy_on_read(fd: &VcpuFd) -> Result<bool, StateError> {
+    let old = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    let mut probe = old;
+    probe.tr.type_ = TSS_AVAILABLE;
+    fd.set_sregs(&probe).map_err(kvm_err("KVM_SET_SREGS"))?;
+    let back = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?.tr.type_;
+    fd.set_sregs(&old).map_err(kvm_err("KVM_SET_SREGS"))?;
+    Ok(back == TSS_AVAILABLE | TSS_BUSY)
 }
 
 impl SavedMsrs {
@@ -71,6 +100,7 @@ impl SavedMsrs {
         Self {
             indices,
             masks: Vec::new(),
+            tr_busy_on_read: false,
         }
     }
 
@@ -90,7 +120,24 @@ impl SavedMsrs {
                 tracing::debug!("MSR {index:#x}: set {WIDE_PATTERN:#x}, read {back:#x}");
             }
         }
-        Ok(Self { indices, masks })
+        let tr_busy_on_read = probe_tr_busy_on_read(fd)?;
+        if tr_busy_on_read {
+            tracing::debug!("KVM reports TR busy on every read: install clears the busy bit");
+        }
+        Ok(Self {
+            indices,
+            masks,
+            tr_busy_on_read,
+        })
+    }
+
+    /// `sregs` as install gives them to KVM: a TR busy bit that KVM's read
+    /// added is taken off again.
+    fn sregs_to_install(&self, mut sregs: kvm_sregs) -> kvm_sregs {
+        if self.tr_busy_on_read && sregs.tr.type_ == TSS_AVAILABLE | TSS_BUSY {
+            sregs.tr.type_ = TSS_AVAILABLE;
+        }
+        sregs
     }
 
     /// `value` of MSR `index` as install would reproduce it.
@@ -269,8 +316,8 @@ pub fn capture(fd: &VcpuFd, saved: &SavedMsrs, halted: bool) -> Result<VcpuSnaps
 }
 
 /// Installs a captured state.
-pub fn install(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<(), StateError> {
-    let sregs: kvm_sregs = decode(&s.sregs, "sregs")?;
+pub fn install(fd: &VcpuFd, s: &VcpuSnapshot, saved: &SavedMsrs) -> Result<(), StateError> {
+    let sregs = saved.sregs_to_install(decode(&s.sregs, "sregs")?);
     fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
     if !s.xcrs.is_empty() {
         let xcrs: kvm_xcrs = decode(&s.xcrs, "xcrs")?;
@@ -339,7 +386,7 @@ mod host_tests {
         let saved = SavedMsrs::probe(&a, indices).unwrap();
         write_msr(&a, 0x175, WIDE_PATTERN).unwrap();
         let captured = capture(&a, &saved, false).unwrap();
-        install(&b, &captured).unwrap();
+        install(&b, &captured, &saved).unwrap();
         let again = capture(&b, &saved, false).unwrap();
         assert_eq!(sysenter_esp(&again), sysenter_esp(&captured));
         assert_eq!(again.msrs, captured.msrs);
@@ -371,10 +418,44 @@ mod host_tests {
     }
 
     #[test]
+    fn a_tr_busy_bit_added_by_kvm_is_taken_off_at_install_only_where_it_adds_one() {
+        let mut sregs = kvm_sregs::default();
+        sregs.tr.type_ = TSS_AVAILABLE | TSS_BUSY;
+        let svm = SavedMsrs {
+            tr_busy_on_read: true,
+            ..SavedMsrs::default()
+        };
+        assert_eq!(svm.sregs_to_install(sregs).tr.type_, TSS_AVAILABLE);
+        let other = SavedMsrs::default();
+        assert_eq!(
+            other.sregs_to_install(sregs).tr.type_,
+            TSS_AVAILABLE | TSS_BUSY
+        );
+        // A 16-bit busy TSS (3) is left alone.
+        sregs.tr.type_ = 3;
+        assert_eq!(svm.sregs_to_install(sregs).tr.type_, 3);
+    }
+
+    #[test]
+    fn the_tr_probe_leaves_the_vcpu_as_it_was() {
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("skipped: no /dev/kvm");
+            return;
+        };
+        let vm = kvm.create_vm().unwrap();
+        let fd = vcpu(&kvm, &vm);
+        let before = fd.get_sregs().unwrap();
+        let busy = probe_tr_busy_on_read(&fd).unwrap();
+        eprintln!("this KVM reports TR busy on every read: {busy}");
+        assert_eq!(fd.get_sregs().unwrap().as_bytes(), before.as_bytes());
+    }
+
+    #[test]
     fn a_narrowed_msr_is_captured_as_install_keeps_it() {
         let saved = SavedMsrs {
             indices: vec![0x174, 0x175],
             masks: vec![(0x175, 0xffff_ffff)],
+            tr_busy_on_read: false,
         };
         assert_eq!(saved.as_installed(0x175, WIDE_PATTERN), 0x8000_1000);
         assert_eq!(saved.as_installed(0x174, WIDE_PATTERN), WIDE_PATTERN);

@@ -264,7 +264,7 @@ impl Vcpu {
                 .write_slice(&page.data, GuestAddress(page.gfn * PAGE_SIZE as u64))
                 .map_err(|e| VcpuError::Memory(format!("page {:#x}: {e}", page.gfn)))?;
         }
-        state::install(&self.fd, &state.vcpu)?;
+        state::install(&self.fd, &state.vcpu, &self.sync.msrs)?;
         self.devices.install(&state.devices)?;
         self.epochs.installed.extend(pages.iter().map(|p| p.gfn));
         self.epochs.had_sync = true;
