@@ -15,8 +15,9 @@
 # LINUX_LIMIT_S: each tandem run's limit inside L1 (default 1200).
 # LINUX_RECORD_ARGS: extra tandem run options for the record scenario (for
 # a diagnosis, e.g. "--min-kick-interval 100000"; the default has none).
-# LINUX_PAIR_FT: extra [ft] lines for the pair scenario (e.g.
-# "irq_defer_us = 10000"; the default has none).
+# LINUX_PAIR_FT: the [ft] lines for the pair scenario (default
+# "irq_defer_us = 10000", what `tandem run --record` defaults to without a
+# position counter; without it every timer tick is a sync point in L1).
 # LINUX_DIAG_LINES: print that many of the recording's last stderr lines
 # (with LINUX_RECORD_ARGS="-vvv": the last stops, their RIPs and flags).
 # LINUX_GUEST_ARGS: appended to the guest kernel's command line.
@@ -95,7 +96,7 @@ echo "$L2_CMDLINE" > "$R/l2/cmdline"
 echo "$LIMIT" > "$R/l2/limit"
 echo "${LINUX_RECORD_ARGS:-}" > "$R/l2/record-args"
 echo "${LINUX_DIAG_LINES:-0}" > "$R/l2/diag-lines"
-echo "${LINUX_PAIR_FT:-}" > "$R/l2/pair-ft"
+echo "${LINUX_PAIR_FT-irq_defer_us = 10000}" > "$R/l2/pair-ft"
 echo "${LINUX_DEBUG_EPOCHS:-0}" > "$R/l2/debug-epochs"
 echo "${LINUX_REPLAY_ARGS:-}" > "$R/l2/replay-args"
 echo "$SCENARIOS" > "$R/l2/scenarios"
@@ -106,7 +107,8 @@ cp scripts/linux/l1init.sh "$R/init" && chmod +x "$R/init"
 # "IO-APIC + timer doesn't work".
 say "kernel $kver; booting L1 under QEMU TCG (scenarios: $SCENARIOS; console in target/linux/l1-console.log)"
 started=$(date +%s)
-n=$(echo "$SCENARIOS" | wc -w)
+# Each scenario may take LIMIT; the pair waits up to three times that.
+n=$(( $(echo "$SCENARIOS" | wc -w) + 2 * $(echo "$SCENARIOS" | tr ' ' '\n' | grep -cx pair || true) ))
 set +e
 timeout -s KILL $((LIMIT * n + 600)) qemu-system-x86_64 -accel $ACCEL -cpu max -smp $SMP -m 8G \
     -nographic -no-reboot -kernel "$vmlinuz" -initrd "$OUT/l1-initrd.gz" \

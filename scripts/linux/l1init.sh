@@ -130,8 +130,11 @@ EOF
     kill -USR1 $primary
     k=$(up)
     at=$(counts /out/primary.out | tail -n 1)
-    wait_until "counts /out/secondary.out | grep -qx $((at + 1))" "$LIMIT"
+    echo "L1-INIT: pair: count $at released by the primary after ${boot}s; kill -USR1 of the primary"
+    wait_until "counts /out/secondary.out | grep -qx $((at + 1))" "$LIMIT" \
+        || echo "L1-INIT: pair: the secondary showed no count $((at + 1)) in ${LIMIT}s"
     gap=$(awk -v a="$k" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }')
+    echo "L1-INIT: pair: the secondary's console after ${gap}s: $(counts /out/secondary.out | tail -n 1)"
     wait_until "grep -q 'GUEST-INIT: exiting with 42' /out/secondary.out" "$LIMIT"
     sleep 2
     kill -9 $primary $secondary $witness 2>/dev/null
