@@ -759,33 +759,44 @@ fn a_secondary_whose_replay_falls_behind_brakes_the_primary() {
     let s = t.ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();
     let mut next = 0;
-    let mut worst_lag = 0;
+    // The lag once the secondary has caught up with what the primary ran
+    // before its replay started (that backlog is there before the first
+    // report, so the brake cannot bound it).
+    let mut worst_lag = None;
+    let mut looks_after = 0;
     let mut line = String::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(90);
     while Instant::now() < deadline {
         next = serve(&s, next, 5, Duration::from_secs(10), &mut replies).0;
         line = status(&t, "a").unwrap_or_default();
-        if line.contains("replay_lag_ms") {
-            worst_lag = worst_lag.max(status_figure(&line, "replay_lag_ms"));
-            if status_figure(&line, "replay_lag_waits") >= 3 && next >= 40 {
-                break;
+        if !line.contains("replay_lag_ms") || status_figure(&line, "secondary_replayed_stop") == 0 {
+            continue;
+        }
+        let lag = status_figure(&line, "replay_lag_ms");
+        match worst_lag.as_mut() {
+            Some(worst) => {
+                *worst = lag.max(*worst);
+                looks_after += 1;
             }
+            None if lag < 1000 => worst_lag = Some(lag),
+            None => {}
+        }
+        if status_figure(&line, "replay_lag_waits") >= 3 && next >= 40 && looks_after >= 5 {
+            break;
         }
     }
-    eprintln!("primary status: {line}; worst replay lag seen {worst_lag} ms");
+    eprintln!("primary status: {line}; worst replay lag once caught up {worst_lag:?} ms");
     assert!(
         status_figure(&line, "replay_lag_waits") >= 3,
         "the primary never braked for its secondary's replay: {line}\n{}",
         primary.stderr()
     );
-    assert!(
-        status_figure(&line, "secondary_replayed_stop") > 0,
-        "{line}"
-    );
-    // Braked, the lag stays near the bound (a stop's sleep and a report
-    // period over it, and room for a loaded machine), not growing with
-    // the run.
-    assert!(worst_lag < 3000, "{line}");
+    // Braked, the lag stays near the bound (what the primary ships in one
+    // bound's time, replayed at 5 ms a stop, and room for a loaded
+    // machine), not growing with the run.
+    let worst = worst_lag.unwrap_or_else(|| panic!("the replay never caught up: {line}"));
+    assert!(looks_after >= 5, "{line}");
+    assert!(worst < 3000, "worst lag {worst} ms: {line}");
     assert!(next >= 40, "the guest stopped serving: {} echoes", next);
     assert_counter_invariants(&replies, 0);
     drop(secondary);
