@@ -81,7 +81,10 @@ pub fn hash_state(
         ("vcpu.regs".to_string(), xxh3_64(&vcpu.regs)),
         ("vcpu.sregs".to_string(), xxh3_64(&vcpu.sregs)),
         ("vcpu.fpu".to_string(), xxh3_64(&vcpu.fpu)),
-        ("vcpu.events".to_string(), xxh3_64(&vcpu.events)),
+        (
+            "vcpu.events".to_string(),
+            xxh3_64(&crate::state::canonical_events_bytes(&vcpu.events)),
+        ),
         ("vcpu.msrs".to_string(), {
             let mut h = Xxh3::new();
             for (index, value) in &vcpu.msrs {

@@ -259,7 +259,10 @@ fn msr_list(indices: &[u32]) -> Result<Msrs, StateError> {
 /// through KVM depends on host timing (an exit in the middle of a guest's
 /// page-fault delivery makes KVM re-inject it): a Linux guest under SVM
 /// showed `#PF` left over in a replay and nothing in its recording, at the
-/// same stop. Install ignores them.
+/// same stop. Only comparisons use this form (epoch hashes, a landed sync
+/// point's check): capture and install keep what KVM reports, so that a
+/// replay's KVM holds the same left-over fields as the recorder's and the
+/// frozen position digest, which hashes them, agrees after an install.
 pub fn canonical_events(e: &mut kvm_vcpu_events) {
     if e.exception.injected == 0 && e.exception.pending == 0 {
         e.exception.nr = 0;
@@ -274,16 +277,27 @@ pub fn canonical_events(e: &mut kvm_vcpu_events) {
     }
 }
 
+/// Captured `KVM_GET_VCPU_EVENTS` bytes in [`canonical_events`] form (bytes
+/// that are not a whole `kvm_vcpu_events` are returned as they are).
+pub fn canonical_events_bytes(bytes: &[u8]) -> Vec<u8> {
+    match kvm_vcpu_events::read_from_bytes(bytes) {
+        Ok(mut e) => {
+            canonical_events(&mut e);
+            e.as_bytes().to_vec()
+        }
+        Err(_) => bytes.to_vec(),
+    }
+}
+
 /// Captures the vCPU's complete state.
 pub fn capture(fd: &VcpuFd, saved: &SavedMsrs, halted: bool) -> Result<VcpuSnapshot, StateError> {
     let regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     let fpu = fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?;
     let debugregs = fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
-    let mut events = fd
+    let events = fd
         .get_vcpu_events()
         .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
-    canonical_events(&mut events);
     // XSAVE is hidden from the guest but the host may still keep it; a host
     // without it gives an empty field, which install then skips.
     let xsave = fd

@@ -85,7 +85,10 @@ impl EpochDump {
         for (part, bytes) in [
             ("sregs", &vcpu.sregs),
             ("fpu", &vcpu.fpu),
-            ("events", &vcpu.events),
+            (
+                "events",
+                &crate::state::canonical_events_bytes(&vcpu.events),
+            ),
             ("debugregs", &vcpu.debugregs),
         ] {
             for (i, w) in words(bytes).enumerate() {

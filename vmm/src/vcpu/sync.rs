@@ -186,7 +186,11 @@ impl Vcpu {
             ("vcpu.regs", ours.regs == theirs.regs),
             ("vcpu.sregs", ours.sregs == theirs.sregs),
             ("vcpu.fpu", ours.fpu == theirs.fpu),
-            ("vcpu.events", ours.events == theirs.events),
+            (
+                "vcpu.events",
+                state::canonical_events_bytes(&ours.events)
+                    == state::canonical_events_bytes(&theirs.events),
+            ),
             ("vcpu.msrs", ours.msrs == theirs.msrs),
         ]
         .into_iter()
