@@ -750,11 +750,7 @@ fn a_secondary_whose_replay_falls_behind_brakes_the_primary() {
     // show the primary that it falls behind.
     let t = topology_with("rlag", 3000, "received", "", "max_replay_lag_ms = 300");
     let (_witness, primary) = spawn_waiting_primary(&t);
-    let config = t.config.display().to_string();
-    let mut cmd = t.ns.command(env!("CARGO_BIN_EXE_tandem"));
-    cmd.args(["secondary", "--config", &config, "--host", "b"])
-        .env("TANDEM_TEST_REPLAY_STALL_US", "5000");
-    let secondary = Proc::from_command(cmd);
+    let secondary = spawn_secondary_with_hook(&t, "TANDEM_TEST_REPLAY_STALL_US", "5000");
     primary.wait_for_with("netecho: up", Duration::from_secs(60), &secondary);
     let s = t.ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();

@@ -327,11 +327,7 @@ fn a_live_secondary_repairs_a_missed_landing_with_a_sync_point_from_its_primary(
     }
     let t = topology_with("posr", 1500, "received", "", "position = \"kvm-insn-stat\"");
     let (_witness, mut primary) = common::pair::spawn_waiting_primary(&t);
-    let config = t.config.display().to_string();
-    let mut cmd = t.ns.command(env!("CARGO_BIN_EXE_tandem"));
-    cmd.args(["secondary", "--config", &config, "--host", "b"])
-        .env("TANDEM_TEST_LAND_LATE", "5");
-    let secondary = Proc::from_command(cmd);
+    let secondary = common::pair::spawn_secondary_with_hook(&t, "TANDEM_TEST_LAND_LATE", "5");
     primary.wait_for_with("netecho: up", Duration::from_secs(60), &secondary);
     let s = t.ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();

@@ -455,6 +455,17 @@ pub fn spawn_pair(ns: &NetNs, dir: &Path, config: &Path) -> (Proc, Proc, Proc) {
     (witness, primary, secondary)
 }
 
+/// Starts the secondary (host b) of `t` with one test hook set in its
+/// environment.
+#[allow(dead_code)]
+pub fn spawn_secondary_with_hook(t: &Topology, hook: &str, value: &str) -> Proc {
+    let config = t.config.display().to_string();
+    let mut cmd = t.ns.command(env!("CARGO_BIN_EXE_tandem"));
+    cmd.args(["secondary", "--config", &config, "--host", "b"])
+        .env(hook, value);
+    Proc::from_command(cmd)
+}
+
 /// Starts the witness and the primary (host a) of `t`, and waits until the
 /// primary waits for its secondary: (witness, primary).
 #[allow(dead_code)]

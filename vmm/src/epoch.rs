@@ -58,7 +58,8 @@ pub fn decode_runs(runs: &[(u64, u32)], max_pages: u64) -> Vec<u64> {
     out
 }
 
-fn page(memory: &GuestMemoryMmap, gfn: u64, buf: &mut [u8]) {
+/// Reads page `gfn` of `memory` into `buf`.
+pub(crate) fn page(memory: &GuestMemoryMmap, gfn: u64, buf: &mut [u8]) {
     // A page outside memory (only from a damaged log) hashes as zeros.
     if memory
         .read_slice(buf, GuestAddress(gfn * PAGE_SIZE as u64))
@@ -66,6 +67,12 @@ fn page(memory: &GuestMemoryMmap, gfn: u64, buf: &mut [u8]) {
     {
         buf.fill(0);
     }
+}
+
+/// Pages of guest memory, all regions together.
+pub(crate) fn memory_pages(memory: &GuestMemoryMmap) -> u64 {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    memory.iter().map(|r| r.len() / PAGE_SIZE as u64).sum()
 }
 
 /// Hashes the canonical state at an epoch end.

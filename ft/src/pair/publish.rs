@@ -46,26 +46,26 @@ fn output_probes(params: &PairParams, vm: &Vm) {
         board.probe("held_outputs", Arc::new(move || gate.held() as u64));
         board.probe("oldest_held_ms", Arc::new(move || oldest.oldest_held_ms()));
     }
-    let throttle = params.throttle.clone();
-    board.probe("unacked_bytes", Arc::new(move || throttle.unacked()));
-    // A primary: how far its secondary's replay has executed and how long
-    // it has been behind a shipped watermark (the replay-lag brake).
-    let throttle = params.throttle.clone();
-    board.probe(
-        "secondary_replayed_stop",
-        Arc::new(move || throttle.replayed_stop().unwrap_or(0)),
-    );
-    let throttle = params.throttle.clone();
-    board.probe(
-        "replay_lag_ms",
-        Arc::new(move || throttle.replay_lag().as_millis() as u64),
-    );
-    let throttle = params.throttle.clone();
-    board.probe(
-        "replay_lag_waits",
-        Arc::new(move || throttle.replay_waits.load(Ordering::Relaxed)),
-    );
+    // Then, on a primary, how far its secondary's replay has executed and
+    // how long it has been behind a shipped watermark (the replay-lag brake).
+    let figures: [ThrottleFigure; 4] = [
+        ("unacked_bytes", |t| t.unacked()),
+        ("secondary_replayed_stop", |t| {
+            t.replayed_stop().unwrap_or(0)
+        }),
+        ("replay_lag_ms", |t| t.replay_lag().as_millis() as u64),
+        ("replay_lag_waits", |t| {
+            t.replay_waits.load(Ordering::Relaxed)
+        }),
+    ];
+    for (name, figure) in figures {
+        let throttle = params.throttle.clone();
+        board.probe(name, Arc::new(move || figure(&throttle)));
+    }
 }
+
+/// A status figure of the primary's brake and how to read it.
+type ThrottleFigure = (&'static str, fn(&tandem_vmm::journal::Throttle) -> u64);
 
 /// A status figure's name and how to read it from a snapshot.
 type NamedFigure = (&'static str, fn(&VmFigures) -> u64);

@@ -182,12 +182,12 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()
         .map(drop)
 }
 
-/// Connects to the primary and greets it: the link and the generation it
-/// runs.
 /// The link to the primary: sender, receiver, the generation it runs and
 /// the protocol version it chose.
 type Link = (FrameSender, FrameReceiver, u64, u16);
 
+/// Connects to the primary and greets it: the link, the generation it runs
+/// and the protocol it chose.
 fn connect(params: &PairParams) -> anyhow::Result<Link> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(120);

@@ -16,7 +16,6 @@ use std::io::{BufWriter, Write};
 
 use tandem_devices::GuestMemoryMmap;
 use tandem_replay::log::{VcpuState, PAGE_SIZE};
-use vm_memory::{Bytes, GuestAddress};
 use xxhash_rust::xxh3::xxh3_64;
 
 /// `kvm_regs` words, in order.
@@ -35,7 +34,7 @@ pub(super) struct EpochDump {
     full_epochs: u64,
     /// Epoch ends written so far.
     written: u64,
-    /// Each page's hash at the previous full epoch end.
+    /// Each page's hash at the previous epoch end.
     page_hashes: Vec<u64>,
 }
 
@@ -75,8 +74,7 @@ impl EpochDump {
         memory: &GuestMemoryMmap,
         written: &[u64],
     ) {
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-        let mem_pages: u64 = memory.iter().map(|r| r.len() / PAGE_SIZE as u64).sum();
+        let mem_pages = crate::epoch::memory_pages(memory);
         let mut s = format!("epoch {epoch} stop {stop}\n");
         for (i, w) in words(&vcpu.regs).enumerate() {
             let name = REG_NAMES.get(i).copied().unwrap_or("?");
@@ -116,12 +114,7 @@ impl EpochDump {
             let Some(slot) = self.page_hashes.get_mut(gfn as usize) else {
                 continue;
             };
-            if memory
-                .read_slice(&mut buf, GuestAddress(gfn * PAGE_SIZE as u64))
-                .is_err()
-            {
-                buf.fill(0);
-            }
+            crate::epoch::page(memory, gfn, &mut buf);
             let h = xxh3_64(&buf);
             if std::mem::replace(slot, h) != h {
                 changed.push((gfn, h));

@@ -510,13 +510,6 @@ pub enum SyncReason {
 impl SyncReason {
     /// How many reasons there are.
     pub const COUNT: usize = 4;
-    /// Each reason, in index order, with its status name.
-    pub const NAMES: [(SyncReason, &'static str); SyncReason::COUNT] = [
-        (SyncReason::Unpositioned, "unpositioned"),
-        (SyncReason::Interval, "interval"),
-        (SyncReason::Requested, "requested"),
-        (SyncReason::Full, "full"),
-    ];
 }
 
 /// What a live secondary needs to go live.

@@ -67,15 +67,7 @@ impl Vcpu {
     }
 
     pub(super) fn mem_pages(&self) -> u64 {
-        use vm_memory::GuestMemoryBackend;
-        self.sync
-            .memory
-            .iter()
-            .map(|r| {
-                use vm_memory::GuestMemoryRegion;
-                r.len() / PAGE_SIZE as u64
-            })
-            .sum()
+        crate::epoch::memory_pages(&self.sync.memory)
     }
 
     pub(super) fn record_epoch_end(&mut self) -> Result<(), VcpuError> {
