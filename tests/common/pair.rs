@@ -470,9 +470,21 @@ pub fn spawn_secondary_with_hook(t: &Topology, hook: &str, value: &str) -> Proc 
 /// primary waits for its secondary: (witness, primary).
 #[allow(dead_code)]
 pub fn spawn_waiting_primary(t: &Topology) -> (Proc, Proc) {
+    spawn_waiting_primary_with_hook(t, None)
+}
+
+/// As [`spawn_waiting_primary`], the primary with a test hook's variable
+/// (name, value) set.
+#[allow(dead_code)]
+pub fn spawn_waiting_primary_with_hook(t: &Topology, hook: Option<(&str, &str)>) -> (Proc, Proc) {
     let witness = spawn_witness(&t.ns, &t.dir);
     let config = t.config.display().to_string();
-    let primary = Proc::spawn(&t.ns, &["primary", "--config", &config, "--host", "a"]);
+    let mut cmd = t.ns.command(env!("CARGO_BIN_EXE_tandem"));
+    cmd.args(["primary", "--config", &config, "--host", "a"]);
+    if let Some((name, value)) = hook {
+        cmd.env(name, value);
+    }
+    let primary = Proc::from_command(cmd);
     wait_stderr(
         &primary,
         "waiting for the secondary",

@@ -142,11 +142,13 @@ impl VmHandle {
     }
 
     /// Recording: a sync point at the next stop the vCPU is kicked to, even
-    /// where positions would place it (how a primary answers a repair
-    /// request).
+    /// where positions would place it, or at once if the guest sleeps in
+    /// HLT (how a primary answers a repair request: a guest that mostly
+    /// sleeps may not be kicked out of a run for a long time).
     pub fn request_sync_point(&self) {
         self.sync_request.store(true, Ordering::Release);
         self.kicker.kick();
+        self.stopper.causes.wake();
     }
 
     /// Stops the VM at its next stop; `Vm::run` then returns

@@ -908,7 +908,11 @@ impl Replayer {
                 return Leave::Enter;
             };
             let beyond = self.next.as_ref().is_some_and(|r| r.stop() > stop + 1);
-            if beyond || feed.left(stop + 1) {
+            // A sync point the primary took asleep in HLT at the next stop:
+            // the replay sleeps there too and takes what follows as it comes.
+            let asleep_next = matches!(&self.next,
+                Some(Record::SyncPoint { stop: s, state, .. }) if *s == stop + 1 && state.vcpu.halted);
+            if beyond || asleep_next || feed.left(stop + 1) {
                 return Leave::Enter;
             }
             if feed.disconnected || !feed.wait_one() {

@@ -81,6 +81,10 @@ pub(super) struct Positions {
     /// last page, which that epoch end must find (a page the recording did
     /// not dirty) and a later sync point must repair.
     pub(super) epoch_flip_at: Option<u64>,
+    /// A test hook (`TANDEM_TEST_REPAIR_IN_HALT=1`): a recorder answers a
+    /// repair request only while its guest sleeps in HLT, never at a kick
+    /// stop, so that a test can rely on that path.
+    repair_in_halt_only: bool,
 }
 
 impl Positions {
@@ -174,6 +178,8 @@ impl Vcpu {
         self.positions.epoch_flip_at = std::env::var("TANDEM_TEST_EPOCH_FLIP")
             .ok()
             .and_then(|n| n.parse().ok());
+        self.positions.repair_in_halt_only =
+            std::env::var_os("TANDEM_TEST_REPAIR_IN_HALT").is_some_and(|v| v == "1");
     }
 
     /// At every new stop: the instructions run since the previous one, and
@@ -259,7 +265,7 @@ impl Vcpu {
         if self.full_sync.load(Ordering::Acquire) {
             return Some(SyncReason::Full);
         }
-        if self.sync_request.swap(false, Ordering::AcqRel) {
+        if !self.positions.repair_in_halt_only && self.sync_request.swap(false, Ordering::AcqRel) {
             return Some(SyncReason::Requested);
         }
         self.policy
@@ -269,6 +275,22 @@ impl Vcpu {
                 self.since_start_ns() >= self.last_sync_ns.saturating_add(every)
             })
             .then_some(SyncReason::Interval)
+    }
+
+    /// Recording, while the guest sleeps in HLT: a sync point a joining
+    /// secondary or a repair asked for (an interval one waits for a kick:
+    /// a sleeping guest changes nothing worth carrying).
+    pub(super) fn sync_point_due_in_halt(&self) -> Option<SyncReason> {
+        use std::sync::atomic::Ordering;
+        if !self.journal.recording() {
+            return None;
+        }
+        if self.full_sync.load(Ordering::Acquire) {
+            return Some(SyncReason::Full);
+        }
+        self.sync_request
+            .swap(false, Ordering::AcqRel)
+            .then_some(SyncReason::Requested)
     }
 
     /// Replaying: runs the guest to the recorded position of stop `stop`

@@ -946,6 +946,19 @@ impl Vcpu {
                             .emit(tandem_replay::Output::Serial(console));
                     }
                 }
+                // The recorder slept in HLT here and took the repair's sync
+                // point then: the causes before it first, as there.
+                if let Some((state, pages)) = self
+                    .journal
+                    .replayer()
+                    .and_then(|rep| rep.take_sync_point(stop))
+                {
+                    self.apply_causes()?;
+                    self.sync_point_at_halt(&state, &pages)?;
+                    if state.vcpu.halted {
+                        return self.sleep_at_stop();
+                    }
+                }
             }
             None => {}
         }

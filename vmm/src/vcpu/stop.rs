@@ -288,17 +288,17 @@ impl Vcpu {
     /// The guest executed HLT: sleep until an interrupt is pending (live:
     /// until the next deadline or external event; replay: on the log only).
     pub(super) fn halt(&mut self) -> Result<Halted, VcpuError> {
-        let regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let mut regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         let since = Instant::now();
         loop {
             if self.stop_request.load(std::sync::atomic::Ordering::Acquire) {
                 return Ok(Halted::Stopped);
             }
             // A secondary joining while the guest sleeps starts from here:
-            // a full sync point of the halted vCPU.
-            if self.journal.recording() && self.full_sync.load(std::sync::atomic::Ordering::Acquire)
-            {
-                self.record_sync_point(true, SyncReason::Full)?;
+            // a full sync point of the halted vCPU; a repair asked for now
+            // is answered here too (a replay installs it at this HLT).
+            if let Some(reason) = self.sync_point_due_in_halt() {
+                self.record_sync_point(true, reason)?;
             }
             if self.journal.recording() {
                 self.serve_precopy()?;
@@ -319,6 +319,17 @@ impl Vcpu {
                 return Ok(Halted::Crashed(GuestCrash::HaltedWithInterruptsDisabled {
                     rip: regs.rip,
                 }));
+            }
+            // The recorder took a sync point while it slept here.
+            let stop = self.stop;
+            if let Some((state, pages)) = self
+                .journal
+                .replayer()
+                .and_then(|rep| rep.take_sync_point(stop))
+            {
+                self.sync_point_at_halt(&state, &pages)?;
+                regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+                continue;
             }
             if let Some(rep) = self.journal.replayer() {
                 if rep.is_live() {

@@ -235,6 +235,25 @@ impl Vcpu {
         Ok(false)
     }
 
+    /// Replaying, the sync point the recorder took while its guest slept in
+    /// HLT at this stop (a repair it was asked for then): compared where
+    /// the replay sleeps at the same HLT with nothing to repair, else
+    /// installed. The guest sleeps on either way.
+    pub(super) fn sync_point_at_halt(
+        &mut self,
+        state: &MachineState,
+        pages: &[Page],
+    ) -> Result<(), VcpuError> {
+        let stop = self.stop;
+        let compare = !self.lost() && self.unrepaired().is_none();
+        self.found();
+        self.complete_pending_exit()?;
+        if compare && self.sync_point_verified(stop, state, pages)? {
+            return Ok(());
+        }
+        self.install_sync_point(state, pages)
+    }
+
     /// Installs a recorded sync point instead of executing the stretch it
     /// covers.
     pub(super) fn install_sync_point(
