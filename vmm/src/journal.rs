@@ -908,11 +908,7 @@ impl Replayer {
                 return Leave::Enter;
             };
             let beyond = self.next.as_ref().is_some_and(|r| r.stop() > stop + 1);
-            // A sync point the primary took asleep in HLT at the next stop:
-            // the replay sleeps there too and takes what follows as it comes.
-            let asleep_next = matches!(&self.next,
-                Some(Record::SyncPoint { stop: s, state, .. }) if *s == stop + 1 && state.vcpu.halted);
-            if beyond || asleep_next || feed.left(stop + 1) {
+            if beyond || feed.left(stop + 1) {
                 return Leave::Enter;
             }
             if feed.disconnected || !feed.wait_one() {
@@ -1139,6 +1135,16 @@ impl Replayer {
     /// Whether nothing but the End record (or nothing) is left to replay.
     pub fn at_end(&self) -> bool {
         matches!(self.next, None | Some(Record::End { .. }))
+    }
+
+    /// Whether nothing more will come: all of a file is read, or a live
+    /// primary sent its End record and everything before it was taken.
+    pub fn nothing_more(&self) -> bool {
+        self.at_end()
+            && match &self.source {
+                Source::File(_) => true,
+                Source::Live(feed) => feed.ended && feed.buffered.is_empty(),
+            }
     }
 
     /// Passes stop `stop` without the guest (a missed landing waiting for

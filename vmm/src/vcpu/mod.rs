@@ -804,12 +804,12 @@ impl Vcpu {
         let Some((state, pages)) = replayed else {
             if self.lost() {
                 // The guest's state is wrong: pass the stop without it, or
-                // end where the log holds no sync point to repair from.
-                // (A live log is never at its end: the primary sends more.)
+                // end where the log holds no sync point to repair from (a
+                // live log ends only with its primary's End record).
                 let ended = self
                     .journal
                     .replayer()
-                    .is_some_and(|rep| rep.at_end() && !rep.is_live());
+                    .is_some_and(|rep| rep.nothing_more());
                 if ended {
                     let stop = self.stop;
                     return Ok(Step::Done(RunOutcome::ReplayEnded(
@@ -947,13 +947,20 @@ impl Vcpu {
                     }
                 }
                 // The recorder slept in HLT here and took the repair's sync
-                // point then: the causes before it first, as there.
+                // point then: the causes before it first, as there (those
+                // after it come once it is taken: applied after it).
+                let sync_here = self
+                    .journal
+                    .replayer_ref()
+                    .is_some_and(|rep| rep.sync_point_next(stop));
+                if sync_here {
+                    self.apply_causes()?;
+                }
                 if let Some((state, pages)) = self
                     .journal
                     .replayer()
                     .and_then(|rep| rep.take_sync_point(stop))
                 {
-                    self.apply_causes()?;
                     self.sync_point_at_halt(&state, &pages)?;
                     if state.vcpu.halted {
                         return self.sleep_at_stop();
