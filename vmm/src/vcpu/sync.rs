@@ -261,8 +261,10 @@ impl Vcpu {
         state: &MachineState,
         pages: &[Page],
     ) -> Result<(), VcpuError> {
+        let mut repaired = false;
         if let Some(shadow) = self.shadow.as_mut() {
             if shadow.pending.is_some() {
+                repaired = true;
                 self.sync.harvest()?;
                 let sync = &mut self.sync;
                 shadow.wrote(sync.tracker.take(sync.repair_consumer));
@@ -286,6 +288,16 @@ impl Vcpu {
                 .memory
                 .write_slice(&page.data, GuestAddress(page.gfn * PAGE_SIZE as u64))
                 .map_err(|e| VcpuError::Memory(format!("page {:#x}: {e}", page.gfn)))?;
+        }
+        // Repaired, memory is the recorder's at this sync point: the shadow
+        // starts again from here, so the next repair restores only what
+        // the replay writes from now on (a guest that never verifies an
+        // epoch, as Linux with its RDTSC, made every repair restore all it
+        // had written since the start).
+        if repaired {
+            if let Some(shadow) = self.shadow.as_mut() {
+                shadow.verified(&self.sync.memory, std::iter::empty());
+            }
         }
         state::install(&self.fd, &state.vcpu, &self.sync.msrs)?;
         self.devices.install(&state.devices)?;
