@@ -298,6 +298,13 @@ impl Vcpu {
             if let Some(shadow) = self.shadow.as_mut() {
                 shadow.verified(&self.sync.memory, std::iter::empty());
             }
+            // The repair's and the install's own writes are in the VMM's
+            // write bitmap: part of this state, not the replay's writes
+            // (kept, they were restored again at every later repair: 24671
+            // pages each time for the Linux guest).
+            self.sync.harvest()?;
+            let sync = &mut self.sync;
+            sync.tracker.take(sync.repair_consumer);
         }
         state::install(&self.fd, &state.vcpu, &self.sync.msrs)?;
         self.devices.install(&state.devices)?;
