@@ -7,8 +7,10 @@
 //! recorder had at S — the latest carried copy if a sync point carried it
 //! (the recorder dirtied it after E_v), else the shadow's (the recorder did
 //! not touch it since E_v) — and then S's vCPU and device state are
-//! installed as usual. A log with no sync point after the divergence cannot
-//! be repaired offline, and the replay says so.
+//! installed as usual. Memory is then the recorder's at S, so S becomes the
+//! shadow's new E_v (`vcpu/sync.rs::install_sync_point`), and the repair's
+//! own writes are not counted as the replay's. A log with no sync point
+//! after the divergence cannot be repaired offline, and the replay says so.
 
 use std::collections::{BTreeMap, BTreeSet};
 
