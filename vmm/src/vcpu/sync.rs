@@ -305,6 +305,13 @@ impl Vcpu {
             self.sync.harvest()?;
             let sync = &mut self.sync;
             sync.tracker.take(sync.repair_consumer);
+            // Installed, this side holds the recorder's state: as good as a
+            // verified epoch end for the output the primary holds. (The
+            // stop before the sync point's: a caller that installs for stop
+            // `next` has not moved to it yet.) A guest that diverges again
+            // before every epoch end (Linux: RDTSC) released nothing else.
+            self.verified_stop
+                .fetch_max(self.stop, std::sync::atomic::Ordering::AcqRel);
         }
         state::install(&self.fd, &state.vcpu, &self.sync.msrs)?;
         self.devices.install(&state.devices)?;
