@@ -586,6 +586,8 @@ impl Replicator {
     /// I/O shell around [`AckLedger`].
     fn read_acks(self: &Arc<Self>, mut input: FrameReceiver) {
         let mut ledger = AckLedger::new(self.params.replayed_commit);
+        self.vm
+            .set_output_awaits_verification(ledger.on_verified_only());
         loop {
             let msg = input.recv();
             if msg.is_ok() && !self.lease_valid() && !self.gate.suspended() {
@@ -603,6 +605,8 @@ impl Replicator {
                             for action in actions {
                                 self.on_ack_action(action);
                             }
+                            self.vm
+                                .set_output_awaits_verification(ledger.on_verified_only());
                             continue;
                         }
                         Err(r) if !r.ends_connection() => {

@@ -24,6 +24,8 @@ pub struct VmHandle {
     pub(crate) full_sync_stop: Arc<AtomicU64>,
     /// A sync point (not a full one) is wanted at the next kick stop.
     pub(crate) sync_request: Arc<AtomicBool>,
+    /// Held output waits for verified epochs (they end sooner then).
+    pub(crate) output_awaits_verification: Arc<AtomicBool>,
     pub(crate) stopper: VmStopper,
     pub(crate) kicker: Kicker,
 }
@@ -151,6 +153,13 @@ impl VmHandle {
         self.stopper.causes.wake();
     }
 
+    /// Recording: whether the primary's held output waits for verified
+    /// epochs now (`output_commit = "replayed"`, or a repair under way);
+    /// while it does, held output makes epochs end sooner.
+    pub fn set_output_awaits_verification(&self, on: bool) {
+        self.output_awaits_verification.store(on, Ordering::Release);
+    }
+
     /// Stops the VM at its next stop; `Vm::run` then returns
     /// `RunOutcome::Stopped`.
     pub fn stop(&self) {
@@ -198,6 +207,7 @@ mod tests {
             full_sync_request: Arc::default(),
             full_sync_stop: Arc::default(),
             sync_request: Arc::default(),
+            output_awaits_verification: Arc::default(),
             stopper: VmStopper {
                 flag: stop_flag.clone(),
                 kicker: kicker.clone(),

@@ -390,6 +390,7 @@ impl Vm {
             full_sync_request,
             full_sync_stop,
             sync_request: self.vcpu.sync_request(),
+            output_awaits_verification: self.vcpu.output_awaits_verification(),
             stopper: self.stopper(),
             kicker: self.vcpu.kicker(),
         }

@@ -258,6 +258,12 @@ impl Vcpu {
         self.sync_request.clone()
     }
 
+    /// The flag the replication side sets while held output waits for
+    /// verified epochs.
+    pub fn output_awaits_verification(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.output_awaits_verification.clone()
+    }
+
     /// Whether this kick stop must be a sync point anyway: a joining
     /// secondary or a repair needs one, or `--sync-interval` has passed.
     pub(super) fn sync_point_due(&self) -> Option<SyncReason> {

@@ -410,6 +410,10 @@ pub struct Vcpu {
     full_sync: Arc<std::sync::atomic::AtomicBool>,
     /// A sync point is asked for at the next kick stop (repair).
     sync_request: Arc<std::sync::atomic::AtomicBool>,
+    /// Recording: the primary's held output waits for verified epochs
+    /// (`output_commit = "replayed"`, or a repair under way): only then do
+    /// held outputs shorten epochs.
+    output_awaits_verification: Arc<std::sync::atomic::AtomicBool>,
     /// Stop the VM at the next stop (fencing, shutdown).
     stop_request: Arc<std::sync::atomic::AtomicBool>,
     /// Counters readable while the VM runs (`tandem status`).
@@ -578,6 +582,7 @@ impl Vcpu {
             divergence_epoch: Arc::default(),
             full_sync: Arc::default(),
             sync_request: Arc::default(),
+            output_awaits_verification: Arc::default(),
             stop_request: Arc::default(),
             live_counters: Arc::default(),
             full_sync_stop: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
