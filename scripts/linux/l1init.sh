@@ -79,6 +79,13 @@ wait_until() {
 # L1 (on loopback) protect the guest; kill -USR1 of the primary while the
 # guest counts; the secondary goes live and the count carries on with no
 # gap or contradiction (repeats allowed).
+# Both sides' figures (`tandem status --json`: stops, epochs, divergences,
+# sync points by reason, the replay lag and the brake's waits).
+pair_status() {
+    echo "L1-INIT: pair: status:"
+    /bin/tandem status --config $P/pair.toml --json 2>&1 | cut -c1-2500 | sed 's/^/L1-INIT:   /'
+}
+
 pair_scenario() {
     P=/tmp/pair
     rm -rf $P && mkdir -p $P/state
@@ -116,6 +123,7 @@ EOF
     secondary=$!
     # Fail over in the middle of the count.
     if ! wait_until "counts /out/primary.out | grep -qx 10" "$LIMIT"; then
+        pair_status
         echo "L1-INIT: pair: the guest's console as the primary released it (last lines):"
         tail -n 3 /out/primary.out | cut -c1-200 | sed 's/^/L1-INIT:   /'
         for side in primary secondary; do
@@ -127,6 +135,7 @@ EOF
         return
     fi
     boot=$(awk -v a="$s0" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }')
+    pair_status
     kill -USR1 $primary
     k=$(up)
     at=$(counts /out/primary.out | tail -n 1)
