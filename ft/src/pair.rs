@@ -586,8 +586,12 @@ impl Replicator {
     /// I/O shell around [`AckLedger`].
     fn read_acks(self: &Arc<Self>, mut input: FrameReceiver) {
         let mut ledger = AckLedger::new(self.params.replayed_commit);
+        // Short epochs for replayed commit only: a repair releases what it
+        // held when its sync point is installed (the secondary reports that
+        // stop verified), and shortened epochs during repairs made a Linux
+        // pair end an epoch every 4.5 stops.
         self.vm
-            .set_output_awaits_verification(ledger.on_verified_only());
+            .set_output_awaits_verification(self.params.replayed_commit);
         loop {
             let msg = input.recv();
             if msg.is_ok() && !self.lease_valid() && !self.gate.suspended() {
@@ -605,8 +609,6 @@ impl Replicator {
                             for action in actions {
                                 self.on_ack_action(action);
                             }
-                            self.vm
-                                .set_output_awaits_verification(ledger.on_verified_only());
                             continue;
                         }
                         Err(r) if !r.ends_connection() => {

@@ -154,8 +154,8 @@ impl VmHandle {
     }
 
     /// Recording: whether the primary's held output waits for verified
-    /// epochs now (`output_commit = "replayed"`, or a repair under way);
-    /// while it does, held output makes epochs end sooner.
+    /// epochs (`output_commit = "replayed"`); while it does, held output
+    /// makes epochs end sooner.
     pub fn set_output_awaits_verification(&self, on: bool) {
         self.output_awaits_verification.store(on, Ordering::Release);
     }

@@ -411,8 +411,8 @@ pub struct Vcpu {
     /// A sync point is asked for at the next kick stop (repair).
     sync_request: Arc<std::sync::atomic::AtomicBool>,
     /// Recording: the primary's held output waits for verified epochs
-    /// (`output_commit = "replayed"`, or a repair under way): only then do
-    /// held outputs shorten epochs.
+    /// (`output_commit = "replayed"`): only then do held outputs shorten
+    /// epochs.
     output_awaits_verification: Arc<std::sync::atomic::AtomicBool>,
     /// Stop the VM at the next stop (fencing, shutdown).
     stop_request: Arc<std::sync::atomic::AtomicBool>,

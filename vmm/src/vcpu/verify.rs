@@ -35,8 +35,8 @@ impl Vcpu {
                 .deadline
                 .get_or_insert(now + self.policy.epoch_interval);
             // Held output shortens the epoch, at most to a millisecond,
-            // where it waits for a verified epoch (replayed commit, or a
-            // repair under way): released on acks, it gains nothing, and
+            // where it waits for a verified epoch (replayed commit): released
+            // on acks, or at a repair's sync point, it gains nothing, and
             // each epoch end costs the secondary a check (a Linux pair
             // ended an epoch every 2.3 stops and ran 100 times slower).
             let shortened = self
