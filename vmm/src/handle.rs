@@ -1,8 +1,8 @@
 //! [`VmHandle`]: what other threads (fault tolerance, the control socket)
 //! may ask of a running VM and read from it, typed. The vCPU keeps its
-//! atomics to itself; a handle offers requests (stop, kick, a full sync
-//! point, the end of a replay) and [`VmFigures`], a snapshot of the
-//! counters.
+//! atomics to itself; a handle offers requests (stop, kick, a full or a
+//! repair's sync point, the end of a replay, whether held output waits for
+//! verified epochs) and [`VmFigures`], a snapshot of the counters.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
