@@ -267,36 +267,36 @@ impl Vcpu {
     /// Whether this kick stop must be a sync point anyway: a joining
     /// secondary or a repair needs one, or `--sync-interval` has passed.
     pub(super) fn sync_point_due(&self) -> Option<SyncReason> {
-        use std::sync::atomic::Ordering;
-        if self.full_sync.load(Ordering::Acquire) {
-            return Some(SyncReason::Full);
-        }
-        if !self.positions.repair_in_halt_only && self.sync_request.swap(false, Ordering::AcqRel) {
-            return Some(SyncReason::Requested);
-        }
-        self.policy
-            .sync_interval
-            .is_some_and(|every| {
-                let every = u64::try_from(every.as_nanos()).unwrap_or(u64::MAX);
-                self.since_start_ns() >= self.last_sync_ns.saturating_add(every)
+        self.sync_point_asked(!self.positions.repair_in_halt_only)
+            .or_else(|| {
+                self.policy
+                    .sync_interval
+                    .is_some_and(|every| {
+                        let every = u64::try_from(every.as_nanos()).unwrap_or(u64::MAX);
+                        self.since_start_ns() >= self.last_sync_ns.saturating_add(every)
+                    })
+                    .then_some(SyncReason::Interval)
             })
-            .then_some(SyncReason::Interval)
     }
 
     /// Recording, while the guest sleeps in HLT: a sync point a joining
     /// secondary or a repair asked for (an interval one waits for a kick:
     /// a sleeping guest changes nothing worth carrying).
     pub(super) fn sync_point_due_in_halt(&self) -> Option<SyncReason> {
-        use std::sync::atomic::Ordering;
         if !self.journal.recording() {
             return None;
         }
+        self.sync_point_asked(true)
+    }
+
+    /// A sync point asked for: a joiner's full one, else (where `repair`)
+    /// one a repair asked for, which taking it answers.
+    fn sync_point_asked(&self, repair: bool) -> Option<SyncReason> {
+        use std::sync::atomic::Ordering;
         if self.full_sync.load(Ordering::Acquire) {
             return Some(SyncReason::Full);
         }
-        self.sync_request
-            .swap(false, Ordering::AcqRel)
-            .then_some(SyncReason::Requested)
+        (repair && self.sync_request.swap(false, Ordering::AcqRel)).then_some(SyncReason::Requested)
     }
 
     /// Replaying: runs the guest to the recorded position of stop `stop`
