@@ -353,6 +353,9 @@ fn pair_record_options(params: &PairParams) -> RecordOptions {
     }
 }
 
+/// The ship thread puts queued frames into one message up to this size.
+const SHIP_BATCH_BYTES: usize = 1 << 20;
+
 /// A frame for the replication thread: the record's stop, whether it is a
 /// full sync point (where a joining secondary starts), and its bytes.
 struct ShipFrame {
@@ -496,8 +499,14 @@ impl Replicator {
     fn ship(self: &Arc<Self>, frames: Receiver<ShipFrame>) {
         let heartbeat = self.params.heartbeat;
         let mut next_beat = Instant::now();
+        // A frame taken from the queue that starts the next message.
+        let mut carried: Option<ShipFrame> = None;
         loop {
-            let frame = match frames.recv_timeout(heartbeat) {
+            let frame = match carried
+                .take()
+                .map(Ok)
+                .unwrap_or_else(|| frames.recv_timeout(heartbeat))
+            {
                 Ok(f) => Some(f),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -505,6 +514,30 @@ impl Replicator {
             let generation = self.generation.load(Ordering::Acquire);
             let mut link = self.link();
             let mut broken = false;
+            // To an attached secondary, the frames queued behind this one
+            // go in the same message: each message costs both sides a seal
+            // and system calls, which is what limited a Linux pair in the
+            // emulated harness. A full sync point's head frame starts a
+            // message of its own (a joiner starts there).
+            let frame = match (frame, &*link) {
+                (Some(mut first), Link::Attached(_)) if !first.full => {
+                    while first.bytes.len() < SHIP_BATCH_BYTES {
+                        match frames.try_recv() {
+                            Ok(next) if !next.full => {
+                                first.bytes.extend_from_slice(&next.bytes);
+                                first.stop = first.stop.max(next.stop);
+                            }
+                            Ok(next) => {
+                                carried = Some(next);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    Some(first)
+                }
+                (frame, _) => frame,
+            };
             if let Some(frame) = frame {
                 match &mut *link {
                     Link::Detached => {}

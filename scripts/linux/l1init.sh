@@ -83,7 +83,26 @@ wait_until() {
 # sync points by reason, the replay lag and the brake's waits).
 pair_status() {
     echo "L1-INIT: pair: status:"
-    /bin/tandem status --config $P/pair.toml --json 2>&1 | cut -c1-2500 | sed 's/^/L1-INIT:   /'
+    /bin/tandem status --config $P/pair.toml --json 2>&1 | cut -c1-3000 | sed 's/^/L1-INIT:   /'
+}
+
+# Where L1's CPU time goes while the pair runs (a diagnosis): every 60 s
+# L1's /proc/stat cpu line (user nice system idle iowait irq softirq steal
+# guest), each tandem thread's CPU ticks so far (utime+stime, and each,
+# 100/s) and both sides' status (its vcpu_ms_* figures: where each vCPU
+# thread's time went).
+cpu_samples() {
+    while sleep 60; do
+        echo "L1-INIT: pair: cpu at $(up)s: $(head -n 1 /proc/stat)"
+        for side in "primary $primary" "secondary $secondary"; do
+            set -- $side
+            for t in /proc/$2/task/*; do
+                awk -v side="$1" '{ sub(/^[0-9]+ \(/, ""); sub(/\)/, ""); print side, $1, $13 + $14, $13 "u/" $14 "s" }' $t/stat 2>/dev/null
+            done | awk '$3 > 50' | tr '\n' ';' | sed 's/^/L1-INIT: pair: threads: /'
+            echo
+        done
+        pair_status
+    done
 }
 
 pair_scenario() {
@@ -121,6 +140,8 @@ EOF
     primary=$!
     /bin/tandem secondary --config $P/pair.toml --host b > /out/secondary.out 2> /out/secondary.err &
     secondary=$!
+    cpu_samples &
+    sampler=$!
     # Fail over in the middle of the count.
     if ! wait_until "counts /out/primary.out | grep -qx 10" "$LIMIT"; then
         pair_status
@@ -131,7 +152,7 @@ EOF
             tail -n 3 /out/$side.err | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-250 | sed 's/^/L1-INIT:   /'
         done
         result pair FAIL "the protected guest never counted to 10 in ${LIMIT}s: $(tail -n 2 /out/primary.err | cut -c1-200)"
-        kill -9 $primary $secondary $witness 2>/dev/null
+        kill -9 $primary $secondary $witness $sampler 2>/dev/null
         return
     fi
     boot=$(awk -v a="$s0" -v b="$(up)" 'BEGIN { printf "%.1f", b - a }')
@@ -146,7 +167,7 @@ EOF
     echo "L1-INIT: pair: the secondary's console after ${gap}s: $(counts /out/secondary.out | tail -n 1)"
     wait_until "grep -q 'GUEST-INIT: exiting with 42' /out/secondary.out" "$LIMIT"
     sleep 2
-    kill -9 $primary $secondary $witness 2>/dev/null
+    kill -9 $primary $secondary $witness $sampler 2>/dev/null
     echo "L1-INIT: pair: primary stderr:"; tail -n 4 /out/primary.err | cut -c1-300 | sed 's/^/L1-INIT:   /'
     echo "L1-INIT: pair: secondary stderr:"; tail -n 6 /out/secondary.err | cut -c1-300 | sed 's/^/L1-INIT:   /'
     # The count as the guest's users saw it: the primary's, then the live

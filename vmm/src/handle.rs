@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tandem_replay::CauseQueue;
 
 use crate::kick::Kicker;
-use crate::vcpu::{LiveCounters, SyncReason};
+use crate::vcpu::{LiveCounters, Phase, SyncReason};
 
 /// A handle on a running VM, cheap to clone and to share between threads.
 #[derive(Clone)]
@@ -70,6 +70,18 @@ pub struct VmFigures {
     pub landing_p50_us: u64,
     /// Replaying: the 99th percentile landing time so far, µs.
     pub landing_p99_us: u64,
+    /// The vCPU thread's wall time so far, ms by phase: in `KVM_RUN`,
+    /// ending or checking epochs, logging or installing sync points, asleep
+    /// in HLT, leaving stops (brake, waiting for the log).
+    pub vcpu_ms_guest: u64,
+    /// See `vcpu_ms_guest`.
+    pub vcpu_ms_epoch_ends: u64,
+    /// See `vcpu_ms_guest`.
+    pub vcpu_ms_sync_points: u64,
+    /// See `vcpu_ms_guest`.
+    pub vcpu_ms_halted: u64,
+    /// See `vcpu_ms_guest`.
+    pub vcpu_ms_leaving: u64,
 }
 
 impl VmHandle {
@@ -96,6 +108,11 @@ impl VmHandle {
             irq_at_own_exits: get(&c.irq_at_own_exits),
             landing_p50_us: get(&c.landing_p50_us),
             landing_p99_us: get(&c.landing_p99_us),
+            vcpu_ms_guest: get(&c.phase_us[Phase::Guest as usize]) / 1000,
+            vcpu_ms_epoch_ends: get(&c.phase_us[Phase::EpochEnds as usize]) / 1000,
+            vcpu_ms_sync_points: get(&c.phase_us[Phase::SyncPoints as usize]) / 1000,
+            vcpu_ms_halted: get(&c.phase_us[Phase::Halted as usize]) / 1000,
+            vcpu_ms_leaving: get(&c.phase_us[Phase::Leaving as usize]) / 1000,
         }
     }
 

@@ -106,6 +106,27 @@ struct ReplayMarks {
     /// The newest stop the secondary reported replayed (None: it has not
     /// reported, an older protocol or not started: no replay-lag brake).
     replayed: Option<u64>,
+    /// The last report (when, stop), if the replay had shipped stops left
+    /// to execute then: the start of a speed measurement.
+    busy_since: Option<(Instant, u64)>,
+    /// The replay's speed while it has work, stops per second (a moving
+    /// average; None: not measured yet).
+    stops_per_s: Option<f64>,
+}
+
+impl ReplayMarks {
+    /// How long the replay needs to execute what is shipped, at its
+    /// measured speed (zero: caught up, or not measured yet).
+    fn catch_up(&self) -> Duration {
+        match (self.replayed, self.shipped.back(), self.stops_per_s) {
+            (Some(replayed), Some((newest, _)), Some(speed)) if speed > 0.0 => {
+                Duration::from_secs_f64(
+                    (newest.saturating_sub(replayed) as f64 / speed).min(3600.0),
+                )
+            }
+            _ => Duration::ZERO,
+        }
+    }
 }
 
 /// Watermarks kept for the replay lag; more (a secondary that never
@@ -211,6 +232,23 @@ impl Throttle {
         while replay.shipped.front().is_some_and(|(w, _)| *w <= stop) {
             replay.shipped.pop_front();
         }
+        // The replay's speed, measured only between reports where it had
+        // shipped stops left all along (not waiting for the log).
+        let now = Instant::now();
+        let busy = !replay.shipped.is_empty();
+        if let (Some((since, from)), true) = (replay.busy_since, busy) {
+            let secs = now.duration_since(since).as_secs_f64();
+            if secs < 0.005 || stop <= from {
+                // Too short to measure, or a long stop: measure on.
+                return;
+            }
+            let speed = (stop - from) as f64 / secs;
+            replay.stops_per_s = Some(match replay.stops_per_s {
+                Some(old) => 0.7 * old + 0.3 * speed,
+                None => speed,
+            });
+        }
+        replay.busy_since = busy.then_some((now, stop));
     }
 
     /// The newest stop the secondary reported replayed, if it reports.
@@ -221,12 +259,16 @@ impl Throttle {
             .replayed
     }
 
-    /// How long the oldest watermark the secondary has not replayed yet
-    /// has been shipped (zero: caught up, or it does not report).
+    /// How far behind the secondary's replay is: how long the oldest
+    /// watermark it has not replayed has been shipped, or how long it needs
+    /// to execute everything shipped at its measured speed, whichever is
+    /// longer (zero: caught up, or it does not report). The second matters
+    /// where the replay is slower than the primary: a primary that ran
+    /// 2,600 stops in 0.3 s left a replay of 5 ms a stop 13 s behind.
     pub fn replay_lag(&self) -> Duration {
         let replay = self.replay.lock().unwrap_or_else(|p| p.into_inner());
         match (replay.replayed, replay.shipped.front()) {
-            (Some(_), Some((_, at))) => at.elapsed(),
+            (Some(_), Some((_, at))) => at.elapsed().max(replay.catch_up()),
             _ => Duration::ZERO,
         }
     }
@@ -1563,6 +1605,40 @@ mod tests {
         assert!(t.must_wait(), "watermark 14");
         t.protect();
         assert!(!t.must_wait(), "a new secondary starts unmeasured");
+    }
+
+    #[test]
+    fn throttle_brakes_on_a_replay_too_slow_to_catch_up_soon() {
+        // The primary ships 1,000 stops in a moment; the replay executes
+        // 100 stops in ~50 ms: fresh watermarks, but ~450 ms of work left.
+        let t = Throttle::new(
+            1 << 30,
+            Duration::from_secs(3600),
+            Duration::from_millis(300),
+        );
+        t.replayed(0);
+        for stop in (10..=1000).step_by(10) {
+            t.watermark_shipped(stop);
+        }
+        t.replayed(1);
+        assert!(!t.must_wait(), "no speed measured yet");
+        std::thread::sleep(Duration::from_millis(50));
+        t.replayed(101);
+        let lag = t.replay_lag();
+        assert!(
+            lag >= Duration::from_millis(300) && lag < Duration::from_secs(60),
+            "{lag:?}"
+        );
+        assert!(
+            t.must_wait(),
+            "900 stops at ~2,000 a second is too far behind"
+        );
+        // Nearly caught up at the same speed: no longer braked.
+        std::thread::sleep(Duration::from_millis(50));
+        t.replayed(990);
+        assert!(!t.must_wait(), "10 stops left: {:?}", t.replay_lag());
+        t.replayed(1000);
+        assert_eq!(t.replay_lag(), Duration::ZERO, "caught up");
     }
 
     #[test]

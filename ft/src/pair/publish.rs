@@ -76,7 +76,7 @@ fn vm_probes(params: &PairParams, vm: &Vm, handle: &VmHandle) {
     let board = &params.board;
     let causes = vm.cause_queue();
     board.probe("inputs_dropped", Arc::new(move || causes.dropped()));
-    let figures: [NamedFigure; 18] = [
+    let figures: [NamedFigure; 23] = [
         ("stops", |f| f.stops),
         ("sync_points", |f| f.sync_points),
         ("epochs", |f| f.epochs),
@@ -95,6 +95,11 @@ fn vm_probes(params: &PairParams, vm: &Vm, handle: &VmHandle) {
         ("irq_at_own_exits", |f| f.irq_at_own_exits),
         ("landing_p50_us", |f| f.landing_p50_us),
         ("landing_p99_us", |f| f.landing_p99_us),
+        ("vcpu_ms_guest", |f| f.vcpu_ms_guest),
+        ("vcpu_ms_epoch_ends", |f| f.vcpu_ms_epoch_ends),
+        ("vcpu_ms_sync_points", |f| f.vcpu_ms_sync_points),
+        ("vcpu_ms_halted", |f| f.vcpu_ms_halted),
+        ("vcpu_ms_leaving", |f| f.vcpu_ms_leaving),
     ];
     for (name, figure) in figures {
         let h = handle.clone();

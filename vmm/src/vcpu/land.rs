@@ -405,7 +405,9 @@ impl Vcpu {
     /// any other exit is one the recording did not have here.
     fn land_run(&mut self, stop: u64, done: u64) -> Result<(), VcpuError> {
         let began = Instant::now();
-        let exit = match self.fd.run() {
+        let run = self.fd.run();
+        self.live_counters.charge(super::Phase::Guest, began);
+        let exit = match run {
             Ok(VcpuExit::Debug(_)) => Ok(()),
             Ok(other) => {
                 // KVM completes a PIO/MMIO/MSR exit on the next entry: the

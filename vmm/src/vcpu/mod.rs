@@ -371,6 +371,9 @@ struct Epochs {
     had_sync: bool,
     /// Recording: when the last epoch ended.
     last_end: Option<Instant>,
+    /// Recording: the shortest time to the next epoch end, from what the
+    /// last one cost (see `verify.rs::EPOCH_COST_SHARE`).
+    min_gap: Duration,
 }
 
 /// The vCPU and everything its thread owns.
@@ -494,6 +497,66 @@ pub struct LiveCounters {
     pub landing_p50_us: std::sync::atomic::AtomicU64,
     /// See `landing_p50_us`.
     pub landing_p99_us: std::sync::atomic::AtomicU64,
+    /// Where the vCPU thread's wall time went, µs by [`Phase`] (index: the
+    /// phase as usize): what makes a slow pair slow.
+    pub phase_us: [std::sync::atomic::AtomicU64; Phase::COUNT],
+}
+
+impl LiveCounters {
+    /// Adds the time since `since` to `phase`.
+    pub(crate) fn charge(&self, phase: Phase, since: Instant) {
+        let us = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.phase_us[phase as usize].fetch_add(us, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Charges the time until it is dropped to a phase (a function with many
+/// ways out).
+pub(crate) struct PhaseTimer {
+    counters: Arc<LiveCounters>,
+    phase: Phase,
+    since: Instant,
+}
+
+impl PhaseTimer {
+    pub(crate) fn start(counters: &Arc<LiveCounters>, phase: Phase) -> Self {
+        Self {
+            counters: counters.clone(),
+            phase,
+            since: Instant::now(),
+        }
+    }
+}
+
+impl Drop for PhaseTimer {
+    fn drop(&mut self) {
+        self.counters.charge(self.phase, self.since);
+    }
+}
+
+/// What the vCPU thread spends its time on (`LiveCounters::phase_us`).
+/// Apart from sync points in HLT the phases do not nest; what is left of the thread's time is the rest
+/// of the stop sequence (devices, causes, decisions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// In `KVM_RUN`: the guest's execution and KVM's in-kernel exits
+    /// (landings included).
+    Guest,
+    /// Ending or checking epochs: dirty-page harvest, state capture,
+    /// hashing.
+    EpochEnds,
+    /// Logging or installing sync points.
+    SyncPoints,
+    /// Asleep with the guest in HLT, and what the halt loop serves (a
+    /// sync point taken there counts here and in `SyncPoints`).
+    Halted,
+    /// Leaving a stop: the primary's brake, a replay waiting for the log.
+    Leaving,
+}
+
+impl Phase {
+    /// How many phases there are.
+    pub const COUNT: usize = 5;
 }
 
 /// Why a recorder logs a sync point.
@@ -720,7 +783,10 @@ impl Vcpu {
             }
             // (f) re-enter from the current stop, if the log allows it.
             let output_waits = self.devices.outputs.take_newly_held();
-            match self.journal.leave_stop(self.stop, output_waits)? {
+            let leaving = Instant::now();
+            let leave = self.journal.leave_stop(self.stop, output_waits);
+            self.live_counters.charge(Phase::Leaving, leaving);
+            match leave? {
                 Leave::Enter => {}
                 Leave::ReplayEnd => {
                     let stop = self.stop;
@@ -858,7 +924,10 @@ impl Vcpu {
         // its timer and its checkpoints.
         self.arm_kick_timer(timer);
         self.note_entry();
-        let exit = match self.fd.run() {
+        let entered = Instant::now();
+        let run = self.fd.run();
+        self.live_counters.charge(Phase::Guest, entered);
+        let exit = match run {
             Ok(exit) => handle_exit(exit, &mut self.ctx),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 if self.journal.replayer().is_some() {

@@ -288,6 +288,7 @@ impl Vcpu {
     /// The guest executed HLT: sleep until an interrupt is pending (live:
     /// until the next deadline or external event; replay: on the log only).
     pub(super) fn halt(&mut self) -> Result<Halted, VcpuError> {
+        let _timer = super::PhaseTimer::start(&self.live_counters, super::Phase::Halted);
         let mut regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         let since = Instant::now();
         loop {

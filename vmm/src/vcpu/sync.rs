@@ -12,6 +12,7 @@ impl Vcpu {
         halted: bool,
         reason: SyncReason,
     ) -> Result<(), VcpuError> {
+        let _timer = super::PhaseTimer::start(&self.live_counters, super::Phase::SyncPoints);
         let began = Instant::now();
         self.serve_precopy()?;
         let vcpu = state::capture(&self.fd, &self.sync.msrs, halted)?;
@@ -261,6 +262,7 @@ impl Vcpu {
         state: &MachineState,
         pages: &[Page],
     ) -> Result<(), VcpuError> {
+        let _timer = super::PhaseTimer::start(&self.live_counters, super::Phase::SyncPoints);
         let mut repaired = false;
         if let Some(shadow) = self.shadow.as_mut() {
             if shadow.pending.is_some() {

@@ -3,6 +3,13 @@
 
 use super::*;
 
+/// The time to the next epoch end is at least this many times what the
+/// last one cost: epoch ends take at most a tenth of the vCPU's time.
+const EPOCH_COST_SHARE: u32 = 9;
+
+/// However slow an epoch end was, the next one is at most this far off.
+const EPOCH_GAP_MAX: Duration = Duration::from_secs(1);
+
 impl Vcpu {
     /// 1 + the last epoch the replay found diverged (0: none yet).
     pub fn divergence_epoch(&self) -> Arc<std::sync::atomic::AtomicU64> {
@@ -34,6 +41,7 @@ impl Vcpu {
                 .epochs
                 .deadline
                 .get_or_insert(now + self.policy.epoch_interval);
+            let min_gap = self.epochs.min_gap.max(Duration::from_millis(1));
             // Held output shortens the epoch, at most to a millisecond,
             // where it waits for a verified epoch (replayed commit): released
             // on acks, or at a repair's sync point, it gains nothing, and
@@ -43,14 +51,18 @@ impl Vcpu {
                 .output_awaits_verification
                 .load(std::sync::atomic::Ordering::Acquire)
                 && self.devices.outputs.pending()
-                && self
-                    .epochs
-                    .last_end
-                    .is_none_or(|t| now - t >= Duration::from_millis(1));
+                && self.epochs.last_end.is_none_or(|t| now - t >= min_gap);
             if now >= due || shortened {
                 self.epochs.last_end = Some(now);
                 self.record_epoch_end()?;
-                self.epochs.deadline = Some(now + self.policy.epoch_interval);
+                // An epoch end costs both sides a harvest and hashes: where
+                // that is slow (a Linux guest's 17 ms each in the harness's
+                // emulated L1, three quarters of both vCPUs' time), the
+                // epochs stretch so their ends take at most a tenth of it.
+                let cost = now.elapsed();
+                self.epochs.min_gap = (cost * EPOCH_COST_SHARE).min(EPOCH_GAP_MAX);
+                self.epochs.deadline =
+                    Some(Instant::now() + self.policy.epoch_interval.max(self.epochs.min_gap));
             }
             return Ok(());
         }
@@ -77,6 +89,7 @@ impl Vcpu {
     }
 
     pub(super) fn record_epoch_end(&mut self) -> Result<(), VcpuError> {
+        let _timer = super::PhaseTimer::start(&self.live_counters, super::Phase::EpochEnds);
         let (vcpu, devices, dirtied) = self.epoch_inputs()?;
         let epoch = self.epochs.number;
         self.dump_epoch(epoch, &vcpu, &devices, &dirtied);
@@ -104,6 +117,7 @@ impl Vcpu {
     }
 
     pub(super) fn verify_epoch_end(&mut self, recorded: RecordedEpoch) -> Result<(), VcpuError> {
+        let _timer = super::PhaseTimer::start(&self.live_counters, super::Phase::EpochEnds);
         if self.positions.epoch_flip_at == Some(self.stats.epochs + 1) {
             let last = GuestAddress((self.mem_pages() - 1) * PAGE_SIZE as u64);
             let byte: u8 = self.sync.memory.read_obj(last).unwrap_or(0);
