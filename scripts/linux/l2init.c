@@ -12,6 +12,7 @@
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <termios.h>
 #include <unistd.h>
 
 #define EXIT_CODE 42
@@ -51,6 +52,11 @@ int main(void) {
     }
     printf("GUEST-INIT: exiting with %d\n", EXIT_CODE);
     fflush(stdout);
+    /* fflush only hands the line to the kernel's tty buffer, which the
+     * serial driver drains on transmit interrupts: without waiting, the
+     * exit write below can end the VM before the line is out (seen on a
+     * pair's live secondary). */
+    tcdrain(STDOUT_FILENO);
     sync();
     if (ioperm(0xf4, 1, 1) != 0) {
         perror("GUEST-INIT: ioperm");
