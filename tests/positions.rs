@@ -157,6 +157,66 @@ fn compute_at_1_khz_replays_every_epoch_verified_by_execution() {
 }
 
 #[test]
+fn user_mode_64_bit_code_falls_back_to_sync_points_and_replays_correctly() {
+    // user64 runs compute's hash in 64-bit user mode (CPL3), which this
+    // host's KVM runs natively and the counter does not count, while the
+    // timer interrupts it: a kick that lands there cannot be positioned and
+    // must become a sync point, and the replay must still reproduce the run.
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: the position counter cannot be used here: {why}");
+        return;
+    }
+    const SIZE: usize = 4 << 20;
+    const ROUNDS: u32 = 8;
+    let log = temp("user64.log");
+    let log_arg = log.display().to_string();
+    let cmdline = format!("size={SIZE} rounds={ROUNDS} hz=1000");
+    let recorded = run_guest(
+        "user64",
+        &[
+            "--mem",
+            "32M",
+            "--cmdline",
+            &cmdline,
+            "--record",
+            &log_arg,
+            "--position",
+            "kvm-insn-stat",
+            "--sync-interval",
+            NO_INTERVAL_SYNC,
+        ],
+        None,
+        LIMIT,
+    );
+    assert!(recorded.stderr.is_empty(), "recording: {recorded:?}");
+    assert_eq!(recorded.status, 0, "{recorded:?}");
+    // The user-mode computation was interrupted and still right.
+    let line = recorded
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("user64: "))
+        .unwrap_or_else(|| panic!("no result: {recorded:?}"));
+    let want = format!("hash={:#018x}", common::compute_hash(SIZE, ROUNDS));
+    assert!(line.contains(&want), "{line} (want {want})");
+    let user_ticks = *numbers(line).last().unwrap();
+    assert!(user_ticks > 0, "no tick interrupted user mode: {line}");
+    let mut cmd = tandem();
+    cmd.arg("replay").arg(&log);
+    let replay = run_command(cmd, None, LIMIT);
+    assert_eq!(replay.stdout, recorded.stdout, "{replay:?}");
+    assert_eq!(replay.status, recorded.status, "{replay:?}");
+    let r = replayed(&replay);
+    assert_eq!(r.divergences, 0, "{replay:?}");
+    // Kicks that interrupted user mode could not be positioned.
+    assert!(
+        r.sync_points > 0,
+        "no sync point: were the user-mode kicks positioned? {r:?} {replay:?}"
+    );
+    eprintln!("user64: {line}; replay {r:?}");
+    let _ = std::fs::remove_file(log);
+}
+
+#[test]
 fn interval_sync_points_are_landed_on_and_leave_their_epochs_verified() {
     // Every 50 ms a sync point follows the kick's position: the replay
     // lands there, finds the recorded state reached by execution, installs

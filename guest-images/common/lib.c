@@ -263,6 +263,12 @@ void idt_init(void)
     __asm__ volatile("lidt %0" : : "m"(p) : "memory");
 }
 
+void idt_set(int vector, uptr fn)
+{
+    if (vector >= 0 && vector < IDT_ENTRIES)
+        set_gate(vector, fn);
+}
+
 void idt_load_null(void)
 {
     struct idt_ptr p = { 0, 0 };

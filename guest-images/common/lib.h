@@ -73,6 +73,8 @@ int parse_u32(const char **pp, u32 *out);
 void idt_init(void);
 /* Load a zero-limit IDT: any exception now triple-faults. */
 void idt_load_null(void);
+/* Points IDT vector `vector` at `fn` (an interrupt gate, DPL0). */
+void idt_set(int vector, uptr fn);
 
 /* i8259 PIC: ICW2 = 0x20 / 0x28; all lines masked after init. */
 #define IRQ_BASE 0x20
