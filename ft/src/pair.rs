@@ -21,14 +21,14 @@ use super::silence::unread_bytes;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use tandem_replay::log::{LogError, LogWriter, Record};
+use tandem_replay::log::LogWriter;
 use tandem_replay::Outputs as _;
-use tandem_vmm::journal::{RecordOptions, RecordSink, Throttle};
+use tandem_vmm::journal::{RecordOptions, Throttle};
 use tandem_vmm::vm::RunMode;
 use tandem_vmm::{Vm, VmConfig, VmHandle};
 use tracing::{info, warn};
@@ -57,10 +57,12 @@ mod lease;
 mod primary;
 mod publish;
 mod secondary;
+mod ship;
 mod switchover;
 pub use primary::run_primary;
 use publish::publish;
 pub use secondary::run_secondary;
+use ship::{ShipFrame, ShipSink};
 
 use accept::{admit, listen, Greeted};
 use acks::{AckAction, AckLedger, SecondaryWatch};
@@ -275,59 +277,6 @@ fn millis(base: Instant) -> u64 {
     u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A record sink that ships frames to the replication thread.
-struct ShipSink {
-    frames: Sender<ShipFrame>,
-    throttle: Arc<Throttle>,
-    /// The VM (set once it exists): the stop of its last full sync point
-    /// is where a joining secondary starts.
-    vm: Arc<OnceLock<VmHandle>>,
-}
-
-impl ShipSink {
-    /// A sink for `params`' link, the frames it ships, and the slot where
-    /// the VM's handle goes once the VM exists (the vCPU publishes the stop
-    /// of each full sync point before it logs it; the sink tags that record
-    /// for the ship thread).
-    fn new(params: &PairParams) -> (Self, Receiver<ShipFrame>, Arc<OnceLock<VmHandle>>) {
-        let (frames, shipped) = channel::<ShipFrame>();
-        let vm: Arc<OnceLock<VmHandle>> = Arc::default();
-        let sink = Self {
-            frames,
-            throttle: params.throttle.clone(),
-            vm: vm.clone(),
-        };
-        (sink, shipped, vm)
-    }
-}
-
-impl RecordSink for ShipSink {
-    fn append(&mut self, record: &Record) -> Result<u64, LogError> {
-        // A sync point larger than a frame comes as several frames: each
-        // is shipped (and counted for resume) on its own.
-        let frames = record.encode_frames()?;
-        let len: u64 = frames.iter().map(|f| f.len() as u64).sum();
-        self.throttle.shipped(record.stop(), len);
-        if let Record::Watermark { stop, .. } = record {
-            self.throttle.watermark_shipped(*stop);
-        }
-        let full = matches!(record, Record::SyncPoint { stop, .. }
-            if self.vm.get().is_some_and(|vm| *stop == vm.last_full_sync_stop()));
-        for (i, bytes) in frames.into_iter().enumerate() {
-            // A joiner starts at the head frame of the full sync point.
-            let _ = self.frames.send(ShipFrame {
-                stop: record.stop(),
-                full: full && i == 0,
-                bytes,
-            });
-        }
-        Ok(len)
-    }
-    fn sync(&mut self) -> Result<(), LogError> {
-        Ok(())
-    }
-}
-
 /// Recording options for a pair: watermarks flow every half heartbeat.
 fn pair_record_options(params: &PairParams) -> RecordOptions {
     RecordOptions {
@@ -351,17 +300,6 @@ fn pair_record_options(params: &PairParams) -> RecordOptions {
         mirrored: params.mirrored,
         position: params.position,
     }
-}
-
-/// The ship thread puts queued frames into one message up to this size.
-const SHIP_BATCH_BYTES: usize = 1 << 20;
-
-/// A frame for the replication thread: the record's stop, whether it is a
-/// full sync point (where a joining secondary starts), and its bytes.
-struct ShipFrame {
-    stop: u64,
-    full: bool,
-    bytes: Vec<u8>,
 }
 
 /// Where the primary's log goes right now.
@@ -520,22 +458,7 @@ impl Replicator {
             // emulated harness. A full sync point's head frame starts a
             // message of its own (a joiner starts there).
             let frame = match (frame, &*link) {
-                (Some(mut first), Link::Attached(_)) if !first.full => {
-                    while first.bytes.len() < SHIP_BATCH_BYTES {
-                        match frames.try_recv() {
-                            Ok(next) if !next.full => {
-                                first.bytes.extend_from_slice(&next.bytes);
-                                first.stop = first.stop.max(next.stop);
-                            }
-                            Ok(next) => {
-                                carried = Some(next);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    Some(first)
-                }
+                (Some(first), Link::Attached(_)) => Some(ship::batch(first, &frames, &mut carried)),
                 (frame, _) => frame,
             };
             if let Some(frame) = frame {

@@ -682,7 +682,13 @@ fn ack(shared: &Shared, heartbeat: Duration, replayed_commit: bool) {
                 ToPrimary::Verified(stop) if repairing.is_some_and(|at| stop > at) => {
                     repairing = None;
                 }
-                _ => {}
+                ToPrimary::Verified(_)
+                | ToPrimary::Ack(_)
+                | ToPrimary::Replayed(_)
+                | ToPrimary::Pong(_)
+                | ToPrimary::Heartbeat
+                | ToPrimary::DiskState(_)
+                | ToPrimary::DiskSynced(_) => {}
             }
             shared.send(&m.into());
         }
