@@ -139,9 +139,12 @@ fn compute_at_100_hz_replays_every_epoch_verified_by_execution() {
     ) else {
         return;
     };
-    // Without positions each of these was a sync point.
-    assert!(r.positioned >= 40, "{r:?}");
-    assert!(r.epochs > 10, "{r:?}");
+    // Without positions each of these was a sync point. (Each timer tick
+    // in the ~0.3 s run is one: 31–33 seen since epoch ends stretch with
+    // their cost, which made the run shorter; 40+ before.)
+    assert!(r.positioned >= 20, "{r:?}");
+    // (16–18 epochs seen; fewer where a loaded host makes epoch ends dear.)
+    assert!(r.epochs >= 5, "{r:?}");
 }
 
 #[test]
