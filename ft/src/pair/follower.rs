@@ -209,6 +209,9 @@ pub struct Reporter {
     echoed: u64,
     /// The newest replayed stop reported (0: none).
     replayed: u64,
+    /// A repair asked for and no epoch verified since (the verified stop
+    /// when it was asked): the primary holds output until one is.
+    repairing: Option<u64>,
 }
 
 /// What the ack thread sees when it wakes.
@@ -240,10 +243,14 @@ impl Reporter {
         if now.diverged > self.divergence {
             out.push(ToPrimary::RepairRequest(now.diverged - 1));
             self.divergence = now.diverged;
+            self.repairing = Some(now.verified);
         }
         if now.verified > self.verified {
             out.push(ToPrimary::Verified(now.verified));
             self.verified = now.verified;
+            if self.repairing.is_some_and(|at| now.verified > at) {
+                self.repairing = None;
+            }
         }
         if let Some(stop) = now.replayed.filter(|s| *s > self.replayed) {
             out.push(ToPrimary::Replayed(stop));
@@ -261,6 +268,12 @@ impl Reporter {
             }
         }
         out
+    }
+
+    /// Whether a verification is awaited: a repair was asked for and no
+    /// epoch verified since (the ack thread then looks every millisecond).
+    pub fn repairing(&self) -> bool {
+        self.repairing.is_some()
     }
 
     /// The watermark acked last (the ack thread waits for another).
@@ -539,6 +552,28 @@ mod tests {
             vec![ToPrimary::Pong(100), ToPrimary::RepairRequest(2)]
         );
         assert!(r.report(now, false).is_empty());
+    }
+
+    #[test]
+    fn a_repair_is_awaited_until_an_epoch_verifies_after_it() {
+        let mut r = Reporter::default();
+        let at = |verified, diverged| Progress {
+            verified,
+            diverged,
+            ..Progress::default()
+        };
+        r.report(at(50, 0), false);
+        assert!(!r.repairing());
+        assert_eq!(
+            r.report(at(50, 8), false),
+            vec![ToPrimary::RepairRequest(7)]
+        );
+        assert!(r.repairing(), "a repair asked for");
+        // A heartbeat repeats the old verification: still awaited.
+        r.report(at(50, 8), true);
+        assert!(r.repairing());
+        assert_eq!(r.report(at(60, 8), false), vec![ToPrimary::Verified(60)]);
+        assert!(!r.repairing(), "verified since");
     }
 
     #[test]

@@ -618,9 +618,6 @@ fn ack(shared: &Shared, heartbeat: Duration, replayed_commit: bool) {
     let mut reporter = Reporter::default();
     let mut next_beat = Instant::now();
     let mut next_progress = Instant::now();
-    // A repair asked for and no epoch verified since: the primary holds
-    // output until a verification comes. (The verified stop then.)
-    let mut repairing: Option<u64> = None;
     while !shared.gone.load(Ordering::Acquire) {
         let received = {
             let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -629,7 +626,7 @@ fn ack(shared: &Shared, heartbeat: Duration, replayed_commit: bool) {
             // (replayed commit, a repair), else with the replay's progress.
             // Waking every millisecond for nothing cost this thread an
             // eighth of a CPU in the Linux harness's emulated L1.
-            let poll = if replayed_commit || repairing.is_some() {
+            let poll = if replayed_commit || reporter.repairing() {
                 Duration::from_millis(1)
             } else {
                 REPLAY_REPORT_PERIOD
@@ -674,21 +671,8 @@ fn ack(shared: &Shared, heartbeat: Duration, replayed_commit: bool) {
             next_beat = Instant::now() + heartbeat;
         }
         for m in reporter.report(now, beat) {
-            match m {
-                ToPrimary::RepairRequest(epoch) => {
-                    warn!("epoch {epoch} diverged: asking the primary for a sync point");
-                    repairing = Some(now.verified);
-                }
-                ToPrimary::Verified(stop) if repairing.is_some_and(|at| stop > at) => {
-                    repairing = None;
-                }
-                ToPrimary::Verified(_)
-                | ToPrimary::Ack(_)
-                | ToPrimary::Replayed(_)
-                | ToPrimary::Pong(_)
-                | ToPrimary::Heartbeat
-                | ToPrimary::DiskState(_)
-                | ToPrimary::DiskSynced(_) => {}
+            if let ToPrimary::RepairRequest(epoch) = m {
+                warn!("epoch {epoch} diverged: asking the primary for a sync point");
             }
             shared.send(&m.into());
         }
