@@ -19,6 +19,7 @@
  * Output: "compute: size=N rounds=R hash=0x%016llx ticks=T\n", exit 0.
  * T (timer interrupts taken during the run) depends on time. */
 #include "common/lib.h"
+#include "common/compute_run.h"
 
 #define BUF_BASE 0x200000ul
 #define BUF_MAX (4ul << 20)
@@ -26,24 +27,6 @@
 static volatile u64 ticks;
 
 static void timer(void) { ticks++; }
-
-static u64 rotl64(u64 x, unsigned k) { return (x << k) | (x >> (64 - k)); }
-
-static u64 run(u8 *buf, u64 size, u32 rounds)
-{
-    u64 state = 0;
-    for (u64 i = 0; i < size; i++)
-        buf[i] = (u8)(i * 31);
-    for (u32 r = 0; r < rounds; r++) {
-        u64 h = 0xcbf29ce484222325ull;
-        for (u64 i = 0; i < size; i++)
-            h = (h ^ buf[i]) * 0x100000001b3ull;
-        state = rotl64(state, 13) ^ h;
-        for (u64 i = 0; i < size; i++)
-            buf[i] = (u8)((buf[i] ^ (u8)(state >> (8 * (i & 7)))) + (u8)r);
-    }
-    return state;
-}
 
 int main(void)
 {
@@ -59,7 +42,7 @@ int main(void)
     pic_unmask(0);
     sti();
 
-    u64 hash = run((u8 *)BUF_BASE, size, rounds);
+    u64 hash = compute_run((u8 *)BUF_BASE, size, rounds);
 
     cli();
     printf("compute: size=%llu rounds=%u hash=0x%016llx ticks=%llu\n", size, rounds, hash, ticks);

@@ -15,6 +15,7 @@
  * and exits 0. U counts the ticks that interrupted user mode (at least
  * one, or the guest says so and exits 2). */
 #include "common/lib.h"
+#include "common/compute_run.h"
 
 #define BUF_BASE 0x200000ul
 #define BUF_MAX (4ul << 20)
@@ -38,30 +39,11 @@ static volatile u64 user_hash;
 static u64 opt_size;
 static u32 opt_rounds;
 
-static u64 rotl64(u64 x, unsigned k) { return (x << k) | (x >> (64 - k)); }
-
-/* compute.c's algorithm (same result for the same options). */
-static u64 run(u8 *buf, u64 size, u32 rounds)
-{
-    u64 state = 0;
-    for (u64 i = 0; i < size; i++)
-        buf[i] = (u8)(i * 31);
-    for (u32 r = 0; r < rounds; r++) {
-        u64 h = 0xcbf29ce484222325ull;
-        for (u64 i = 0; i < size; i++)
-            h = (h ^ buf[i]) * 0x100000001b3ull;
-        state = rotl64(state, 13) ^ h;
-        for (u64 i = 0; i < size; i++)
-            buf[i] = (u8)((buf[i] ^ (u8)(state >> (8 * (i & 7)))) + (u8)r);
-    }
-    return state;
-}
-
 /* CPL3: the work, then wait for the kernel to take over at a tick. */
 void user_main(void) __attribute__((noreturn, used));
 void user_main(void)
 {
-    user_hash = run((u8 *)BUF_BASE, opt_size, opt_rounds);
+    user_hash = compute_run((u8 *)BUF_BASE, opt_size, opt_rounds);
     user_done = 1;
     for (;;)
         __asm__ volatile("pause");
