@@ -103,6 +103,25 @@ fn record_and_replay_synced(
         eprintln!("skipped: the position counter cannot be used here: {why}");
         return None;
     }
+    let (_, replay, r) = record_then_replay(name, tag, args, sync_ms);
+    assert_eq!(
+        r.sync_points, 0,
+        "{name}: a kick became a sync point: {replay:?}"
+    );
+    assert_eq!(r.transferred, 0, "{name}: {replay:?}");
+    assert_eq!(r.verified, r.epochs, "{name}: {replay:?}");
+    Some(r)
+}
+
+/// Records `name` with positions on and `--sync-interval sync_ms`, replays
+/// the log, and checks the replay printed and ended as the recording did,
+/// with no divergence: the recording, the replay and its summary.
+fn record_then_replay(
+    name: &str,
+    tag: &str,
+    args: &[&str],
+    sync_ms: &str,
+) -> (Finished, Finished, Replayed) {
     let log = temp(&format!("{name}-{tag}.log"));
     let log_arg = log.display().to_string();
     let mut all: Vec<&str> = args.to_vec();
@@ -120,14 +139,8 @@ fn record_and_replay_synced(
     assert_eq!(replay.status, recorded.status, "{name}: {replay:?}");
     let r = replayed(&replay);
     assert_eq!(r.divergences, 0, "{name}: {replay:?}");
-    assert_eq!(
-        r.sync_points, 0,
-        "{name}: a kick became a sync point: {replay:?}"
-    );
-    assert_eq!(r.transferred, 0, "{name}: {replay:?}");
-    assert_eq!(r.verified, r.epochs, "{name}: {replay:?}");
     let _ = std::fs::remove_file(log);
-    Some(r)
+    (recorded, replay, r)
 }
 
 #[test]
@@ -171,27 +184,13 @@ fn user_mode_64_bit_code_falls_back_to_sync_points_and_replays_correctly() {
     }
     const SIZE: usize = 4 << 20;
     const ROUNDS: u32 = 8;
-    let log = temp("user64.log");
-    let log_arg = log.display().to_string();
     let cmdline = format!("size={SIZE} rounds={ROUNDS} hz=1000");
-    let recorded = run_guest(
+    let (recorded, replay, r) = record_then_replay(
         "user64",
-        &[
-            "--mem",
-            "32M",
-            "--cmdline",
-            &cmdline,
-            "--record",
-            &log_arg,
-            "--position",
-            "kvm-insn-stat",
-            "--sync-interval",
-            NO_INTERVAL_SYNC,
-        ],
-        None,
-        LIMIT,
+        "cpl3",
+        &["--mem", "32M", "--cmdline", &cmdline],
+        NO_INTERVAL_SYNC,
     );
-    assert!(recorded.stderr.is_empty(), "recording: {recorded:?}");
     assert_eq!(recorded.status, 0, "{recorded:?}");
     // The user-mode computation was interrupted and still right.
     let line = recorded
@@ -203,20 +202,12 @@ fn user_mode_64_bit_code_falls_back_to_sync_points_and_replays_correctly() {
     assert!(line.contains(&want), "{line} (want {want})");
     let user_ticks = *numbers(line).last().unwrap();
     assert!(user_ticks > 0, "no tick interrupted user mode: {line}");
-    let mut cmd = tandem();
-    cmd.arg("replay").arg(&log);
-    let replay = run_command(cmd, None, LIMIT);
-    assert_eq!(replay.stdout, recorded.stdout, "{replay:?}");
-    assert_eq!(replay.status, recorded.status, "{replay:?}");
-    let r = replayed(&replay);
-    assert_eq!(r.divergences, 0, "{replay:?}");
     // Kicks that interrupted user mode could not be positioned.
     assert!(
         r.sync_points > 0,
         "no sync point: were the user-mode kicks positioned? {r:?} {replay:?}"
     );
     eprintln!("user64: {line}; replay {r:?}");
-    let _ = std::fs::remove_file(log);
 }
 
 #[test]

@@ -378,7 +378,7 @@ impl Vcpu {
                 // 2 ms, 3,000 instructions here) once overshot a target
                 // 51 instructions away when the next entry was quick.
                 let fastest = left as f64 / p.rate;
-                let aim = (p.entry_latency + AIM * left as f64 / p.rate).min(fastest);
+                let aim = (p.entry_latency + AIM * fastest).min(fastest);
                 self.landing_timer()?.arm(Duration::from_secs_f64(aim));
                 self.land_run(stop, done)?;
                 // A kick that came before the guest ran anything was aimed
