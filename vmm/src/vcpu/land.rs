@@ -349,6 +349,8 @@ impl Vcpu {
         // made no progress: entering takes longer than the rest of the way,
         // so this landing goes on with the breakpoint only.
         let mut coarse_done = false;
+        // An exception delivered at the recorded count (see delivery.rs).
+        let mut delivered = false;
         loop {
             if self.stop_requested() {
                 return Ok(Step::Done(RunOutcome::Stopped));
@@ -366,6 +368,13 @@ impl Vcpu {
             }
             let left = target.count - done;
             if left == 0 {
+                // This replay's own kick came between a fault and its
+                // delivery; the recorder advanced to the handler's entry.
+                if regs.rip != target.rip && !delivered && self.arm_delivery_to(target.rip)? {
+                    delivered = true;
+                    self.land_run(stop, done)?;
+                    continue;
+                }
                 return self
                     .check_landed(stop, target, &regs)
                     .map(|()| Step::Stop(None));
@@ -404,12 +413,35 @@ impl Vcpu {
             } else if regs.rip == target.rip {
                 // An early visit of the target RIP: one step over it (the
                 // breakpoint would fire again at once: it ignores RF).
-                self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, 0)?;
+                self.step_over(stop, done, &regs)?;
+                continue;
             } else {
                 self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, target.rip)?;
             }
             self.land_run(stop, done)?;
         }
+    }
+
+    /// One single step from `regs`, with what it leaked into an exception
+    /// frame cleared (see delivery.rs).
+    fn step_over(
+        &mut self,
+        stop: u64,
+        done: u64,
+        regs: &kvm_bindings::kvm_regs,
+    ) -> Result<(), VcpuError> {
+        let sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        let in_flight = super::delivery::exception_in_flight(&events)
+            || events.interrupt.injected != 0
+            || events.nmi.injected != 0;
+        self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, 0)?;
+        self.land_run(stop, done)?;
+        let ran = self.positions.since_stop()?.saturating_sub(done);
+        self.clear_leaked_tf(regs, &sregs, in_flight, ran)
     }
 
     /// One `KVM_RUN` of a landing: a kick or a debug exit are progress;
@@ -519,7 +551,7 @@ impl Vcpu {
     }
 
     /// Sets the guest-debug state (control bits, breakpoint 0) if it changed.
-    fn set_debug(&mut self, control: u32, breakpoint: u64) -> Result<(), VcpuError> {
+    pub(super) fn set_debug(&mut self, control: u32, breakpoint: u64) -> Result<(), VcpuError> {
         let want = (control, breakpoint);
         if self.positions.debug.unwrap_or((0, 0)) == want {
             return Ok(());
@@ -539,7 +571,19 @@ impl Vcpu {
         Ok(())
     }
 
-    fn landing_timer(&mut self) -> Result<&LandingTimer, VcpuError> {
+    /// Whether this vCPU has a position counter.
+    pub(super) fn has_position_counter(&self) -> bool {
+        self.positions.counter.is_some()
+    }
+
+    /// Cancels the landing timer's pending kick, if it has one.
+    pub(super) fn disarm_landing_timer(&self) {
+        if let Some(timer) = &self.positions.timer {
+            timer.disarm();
+        }
+    }
+
+    pub(super) fn landing_timer(&mut self) -> Result<&LandingTimer, VcpuError> {
         if self.positions.timer.is_none() {
             self.positions.timer = Some(LandingTimer::new().map_err(|source| VcpuError::Kvm {
                 what: "timer_create (landing timer)",
@@ -564,7 +608,7 @@ fn missed(stop: u64, what: String) -> VcpuError {
 
 /// A POSIX timer that sends the kick signal to the vCPU thread itself: the
 /// kernel delivers it, so a busy host cannot delay it behind a thread.
-struct LandingTimer {
+pub(super) struct LandingTimer {
     id: libc::timer_t,
 }
 
@@ -591,7 +635,7 @@ impl LandingTimer {
     }
 
     /// Fires once after `after`.
-    fn arm(&self, after: Duration) {
+    pub(super) fn arm(&self, after: Duration) {
         let after = after.max(Duration::from_micros(1));
         self.set(libc::timespec {
             tv_sec: after.as_secs() as libc::time_t,

@@ -11,6 +11,7 @@
 //! counters, the `Vcpu` struct) and the run loop; the stop sequence's parts
 //! live in `stop.rs`, `sync.rs`, `verify.rs`, `recovery.rs` and `live.rs`.
 
+mod delivery;
 mod epoch_dump;
 mod land;
 mod live;
@@ -22,7 +23,7 @@ mod verify;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_interrupt;
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
@@ -923,27 +924,43 @@ impl Vcpu {
         // rollback or reboot): a guest that spins without exits still gets
         // its timer and its checkpoints.
         self.arm_kick_timer(timer);
-        self.note_entry();
-        let entered = Instant::now();
-        let run = self.fd.run();
-        self.live_counters.charge(Phase::Guest, entered);
-        let exit = match run {
-            Ok(exit) => handle_exit(exit, &mut self.ctx),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                if self.journal.replayer().is_some() {
-                    // Replay takes no kicks; a stray signal is no stop.
-                    self.fd.set_kvm_immediate_exit(0);
-                    return Ok(Step::Again);
+        // A kick between a fault and its delivery is advanced to the
+        // handler's entry with one more entry (delivery.rs).
+        let mut advancing = false;
+        let exit = loop {
+            self.note_entry();
+            let entered = Instant::now();
+            let run = self.fd.run();
+            self.live_counters.charge(Phase::Guest, entered);
+            match run {
+                Ok(VcpuExit::Debug(_)) if advancing => break Ok(None),
+                Ok(exit) => break Ok(Some(handle_exit(exit, &mut self.ctx))),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    if self.journal.replayer().is_some() {
+                        // Replay takes no kicks; a stray signal is no stop.
+                        self.fd.set_kvm_immediate_exit(0);
+                        return Ok(Step::Again);
+                    }
+                    if !advancing && self.arm_advance_to_handler()? {
+                        advancing = true;
+                        continue;
+                    }
+                    break Ok(None);
                 }
-                self.stats.kicked_stops += 1;
-                return Ok(Step::Stop(None));
+                Err(e) => {
+                    break Err(VcpuError::Kvm {
+                        what: "KVM_RUN",
+                        source: e,
+                    })
+                }
             }
-            Err(e) => {
-                return Err(VcpuError::Kvm {
-                    what: "KVM_RUN",
-                    source: e,
-                })
-            }
+        };
+        if advancing {
+            self.end_delivery()?;
+        }
+        let Some(exit) = exit? else {
+            self.stats.kicked_stops += 1;
+            return Ok(Step::Stop(None));
         };
         Ok(match exit {
             // On KVMs that run the guest in the instruction emulator (as on

@@ -1,0 +1,233 @@
+//! Exceptions in the way of positions (GUEST-NOTES "Counting guest
+//! instructions"). Two states of a fault need care:
+//!
+//! - A kick can stop the guest between a fault and its delivery: the
+//!   faulting instruction is counted, RIP is still on it and the exception
+//!   is pending. A replay cannot stop there (single-step skips it), so a
+//!   recorder advances such a kick stop to the handler's entry with a
+//!   breakpoint there (delivery counts no instruction: the count is the
+//!   stop's). A replay that reaches the recorded count before the delivery
+//!   (its own kick landed there) delivers it the same way.
+//! - A single step over an instruction that faults (or with an event on its
+//!   way in) pushes the step's TF into the exception frame, and the guest's
+//!   return from its handler would then take a #DB of ours. The replay
+//!   clears that TF in the frame, which is then the frame the recording
+//!   pushed.
+
+use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events};
+use kvm_bindings::{KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP};
+
+use super::*;
+
+const RFLAGS_TF: u64 = 1 << 8;
+const RFLAGS_RF: u64 = 1 << 16;
+const CR0_PE: u64 = 1;
+const EFER_LMA: u64 = 1 << 10;
+/// How far above RSP a frame with a leaked TF is looked for (the
+/// handler's first instruction has run, and may have pushed).
+const FRAME_SEARCH_BYTES: u64 = 256;
+/// The longest the guest runs toward a handler's entry: a delivery that
+/// faults again goes to another handler, where no breakpoint waits.
+const DELIVERY_LIMIT: Duration = Duration::from_millis(1);
+
+/// Whether an exception is on its way into the guest (a fault counted, its
+/// delivery not done).
+pub(super) fn exception_in_flight(events: &kvm_vcpu_events) -> bool {
+    events.exception.injected != 0 || events.exception.pending != 0
+}
+
+/// A 64-bit CPL3 state: this host's counter does not count it.
+fn user64(sregs: &kvm_sregs) -> bool {
+    sregs.cs.l == 1 && sregs.ss.dpl == 3
+}
+
+impl Vcpu {
+    /// Recording, at a kick that stopped the guest between a fault and its
+    /// delivery: arms a breakpoint at the handler's entry (and a 1 ms
+    /// backstop) for one more entry. True: armed, the caller re-enters and
+    /// calls [`Vcpu::end_delivery`] after it.
+    pub(super) fn arm_advance_to_handler(&mut self) -> Result<bool, VcpuError> {
+        if !self.journal.recording() || !self.has_position_counter() {
+            return Ok(false);
+        }
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        if !exception_in_flight(&events) {
+            return Ok(false);
+        }
+        let sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        if user64(&sregs) {
+            return Ok(false);
+        }
+        let Some(entry) = self.handler_entry(&sregs, events.exception.nr) else {
+            debug!(
+                vector = events.exception.nr,
+                "no handler entry to advance a kick to"
+            );
+            return Ok(false);
+        };
+        self.arm_delivery(entry)?;
+        Ok(true)
+    }
+
+    /// Replaying, at the recorded count with RIP elsewhere: if an exception
+    /// is on its way in (this replay's own kick came between the fault and
+    /// its delivery), arms the breakpoint at the recorded RIP (the
+    /// handler's entry) for one more entry. True: armed.
+    pub(super) fn arm_delivery_to(&mut self, rip: u64) -> Result<bool, VcpuError> {
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        if !exception_in_flight(&events) {
+            return Ok(false);
+        }
+        self.arm_delivery(rip)?;
+        Ok(true)
+    }
+
+    fn arm_delivery(&mut self, entry: u64) -> Result<(), VcpuError> {
+        self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, entry)?;
+        self.landing_timer()?.arm(DELIVERY_LIMIT);
+        // The kick that stopped the guest is answered by the stop that
+        // follows this entry.
+        self.fd.set_kvm_immediate_exit(0);
+        Ok(())
+    }
+
+    /// After an entry armed by [`Vcpu::arm_advance_to_handler`]: the
+    /// backstop and the breakpoint cleared.
+    pub(super) fn end_delivery(&mut self) -> Result<(), VcpuError> {
+        self.disarm_landing_timer();
+        self.set_debug(0, 0)
+    }
+
+    /// The linear address of the IDT handler of `vector`: 64-bit and 32-bit
+    /// protected-mode interrupt and trap gates, whose code segment is
+    /// assumed flat (as landing's breakpoint on a RIP assumes). None: real
+    /// mode, a task or 16-bit gate, a gate not present or not mapped.
+    fn handler_entry(&self, sregs: &kvm_sregs, vector: u8) -> Option<u64> {
+        if sregs.cr0 & CR0_PE == 0 {
+            return None;
+        }
+        let long = sregs.efer & EFER_LMA != 0;
+        let size: u64 = if long { 16 } else { 8 };
+        let at = u64::from(vector) * size;
+        if at + size - 1 > u64::from(sregs.idt.limit) {
+            return None;
+        }
+        let mut gate = [0u8; 16];
+        self.read_linear(sregs.idt.base.wrapping_add(at), &mut gate[..size as usize])?;
+        let low = u64::from_le_bytes(gate[..8].try_into().ok()?);
+        let present = (low >> 47) & 1 == 1;
+        let kind = (low >> 40) & 0xf;
+        let entry = (low & 0xffff) | ((low >> 48) << 16);
+        let high = u64::from(u32::from_le_bytes(gate[8..12].try_into().ok()?));
+        match (present, kind) {
+            (true, 0xe | 0xf) if long => Some(entry | (high << 32)),
+            (true, 0xe | 0xf) => Some(entry),
+            _ => None,
+        }
+    }
+
+    /// Replaying, after a single step from `before`: if the step delivered
+    /// an event (one was on its way in, or the stepped instruction faulted:
+    /// it counted `ran` != 1), clears the TF the step leaked into the frame
+    /// the delivery pushed.
+    pub(super) fn clear_leaked_tf(
+        &mut self,
+        before: &kvm_regs,
+        before_sregs: &kvm_sregs,
+        in_flight: bool,
+        ran: u64,
+    ) -> Result<(), VcpuError> {
+        // A TF the guest set itself is the guest's.
+        if before.rflags & RFLAGS_TF != 0 || (!in_flight && ran == 1) {
+            return Ok(());
+        }
+        let now = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let long = before_sregs.efer & EFER_LMA != 0;
+        let word: u64 = if long { 8 } else { 4 };
+        let mask = if long { u64::MAX } else { u64::from(u32::MAX) };
+        let want = (before.rflags | RFLAGS_TF) & !RFLAGS_RF;
+        let mut frame = [0u8; 24];
+        let frame = &mut frame[..3 * word as usize];
+        for offset in (0..FRAME_SEARCH_BYTES).step_by(word as usize) {
+            let at = now.rsp.wrapping_add(offset);
+            if self.read_linear(at, frame).is_none() {
+                break;
+            }
+            let read = |i: usize| {
+                let mut w = [0u8; 8];
+                w[..word as usize].copy_from_slice(&frame[i * word as usize..][..word as usize]);
+                u64::from_le_bytes(w)
+            };
+            let (rip, cs, flags) = (read(0), read(1), read(2));
+            if rip == before.rip & mask
+                && cs & 0xffff == u64::from(before_sregs.cs.selector)
+                && flags & !RFLAGS_RF == want & mask
+            {
+                let fixed = (flags & !RFLAGS_TF).to_le_bytes();
+                self.write_linear(at + 2 * word, &fixed[..word as usize]);
+                debug!(
+                    frame = at,
+                    "cleared the single step's TF from an exception frame"
+                );
+                return Ok(());
+            }
+        }
+        debug!(
+            rip = before.rip,
+            "a single step delivered an event: no frame with its TF found"
+        );
+        Ok(())
+    }
+
+    /// Reads guest memory at a linear address (through the guest's page
+    /// tables). None: a page is not mapped.
+    fn read_linear(&self, at: u64, buf: &mut [u8]) -> Option<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let (gpa, n) = self.linear_piece(at + done as u64, buf.len() - done)?;
+            self.sync
+                .memory
+                .read_slice(&mut buf[done..done + n], GuestAddress(gpa))
+                .ok()?;
+            done += n;
+        }
+        Some(())
+    }
+
+    /// Writes guest memory at a linear address (a frame [`read_linear`]
+    /// just read: mapped).
+    fn write_linear(&self, at: u64, bytes: &[u8]) {
+        let mut done = 0;
+        while done < bytes.len() {
+            let Some((gpa, n)) = self.linear_piece(at + done as u64, bytes.len() - done) else {
+                return;
+            };
+            if self
+                .sync
+                .memory
+                .write_slice(&bytes[done..done + n], GuestAddress(gpa))
+                .is_err()
+            {
+                return;
+            }
+            done += n;
+        }
+    }
+
+    /// The guest-physical address of `at` and how many of `len` bytes from
+    /// there lie in its page.
+    fn linear_piece(&self, at: u64, len: usize) -> Option<(u64, usize)> {
+        let t = self.fd.translate_gva(at).ok()?;
+        if t.valid == 0 {
+            return None;
+        }
+        let in_page = (PAGE_SIZE as u64 - (at % PAGE_SIZE as u64)) as usize;
+        Some((t.physical_address, len.min(in_page)))
+    }
+}
