@@ -273,6 +273,24 @@ pub fn replay(args: ReplayArgs) -> ExitCode {
             s.landing.positioned,
             s.landing.runs as f64 / s.landing.positioned as f64
         );
+        // Where the landing time went: the runs of each kind (the guest's
+        // own progress and entering and leaving it), and what lay between.
+        let total = s.landing.micros.max(1) as f64;
+        let mut between = s.landing.micros;
+        let mut parts = Vec::new();
+        for (name, runs) in s.landing.runs_by_kind() {
+            between = between.saturating_sub(runs.micros);
+            parts.push(format!(
+                "{:.0}% {name} ({:.1} each)",
+                100.0 * runs.micros as f64 / total,
+                runs.runs as f64 / s.landing.positioned as f64
+            ));
+        }
+        eprintln!(
+            "tandem: landing time: {}, {:.0}% between runs",
+            parts.join(", "),
+            100.0 * between as f64 / total
+        );
     }
     if !report.divergences.is_empty() {
         let dump = divergence_dump_path(&args.log);

@@ -107,6 +107,41 @@ fn position_err(e: crate::position::PositionError) -> VcpuError {
 /// Landing-time histogram buckets: four per power of two of microseconds.
 const BUCKETS: usize = 96;
 
+/// What a landing's `KVM_RUN` was for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LandingRun {
+    /// A timer kick aimed short of the target.
+    Coarse = 0,
+    /// A run to the breakpoint on the target RIP (or a handler's entry).
+    Breakpoint = 1,
+    /// A single step over an early visit of the target RIP.
+    Step = 2,
+}
+
+impl LandingRun {
+    /// Every kind, in the order of [`LandingStats::by_run`].
+    pub const ALL: [LandingRun; 3] = [Self::Coarse, Self::Breakpoint, Self::Step];
+
+    /// What the replay's summary calls it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Coarse => "coarse kicks",
+            Self::Breakpoint => "breakpoint runs",
+            Self::Step => "single steps",
+        }
+    }
+}
+
+/// The runs of one [`LandingRun`] kind and the time they took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LandingRuns {
+    /// `KVM_RUN`s.
+    pub runs: u64,
+    /// Their time in µs (the guest's own progress toward the target, and
+    /// entering and leaving it).
+    pub micros: u64,
+}
+
 /// Positioned stops and what landing on them cost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LandingStats {
@@ -114,6 +149,12 @@ pub struct LandingStats {
     pub positioned: u64,
     /// `KVM_RUN`s the landings took.
     pub runs: u64,
+    /// Time in landings in µs (also those that missed): the runs of
+    /// `by_run` and, between them, reading the counter and registers and
+    /// setting the debug state and timer.
+    pub micros: u64,
+    /// Runs and their time by [`LandingRun`] kind.
+    pub by_run: [LandingRuns; 3],
     /// Landing times: bucket `i` holds those under 2^((i+1)/4) µs.
     histogram: [u64; BUCKETS],
 }
@@ -123,12 +164,21 @@ impl Default for LandingStats {
         Self {
             positioned: 0,
             runs: 0,
+            micros: 0,
+            by_run: [LandingRuns::default(); 3],
             histogram: [0; BUCKETS],
         }
     }
 }
 
 impl LandingStats {
+    /// Each kind of landing run, named, with its runs and time.
+    pub fn runs_by_kind(&self) -> impl Iterator<Item = (&'static str, LandingRuns)> + '_ {
+        LandingRun::ALL
+            .iter()
+            .map(|&kind| (kind.name(), self.by_run[kind as usize]))
+    }
+
     fn add(&mut self, took: Duration) {
         let micros = took.as_secs_f64() * 1e6;
         let bucket = (4.0 * (micros.max(1.0)).log2()) as usize;
@@ -324,6 +374,7 @@ impl Vcpu {
             timer.disarm();
         }
         let cleared = self.set_debug(0, 0);
+        self.stats.landing.micros += began.elapsed().as_micros() as u64;
         // Counted when it landed (not a miss, a stop request or an error).
         if matches!(result, Ok(Step::Stop(None))) && !self.lost() {
             self.stats.landing.add(began.elapsed());
@@ -372,7 +423,7 @@ impl Vcpu {
                 // delivery; the recorder advanced to the handler's entry.
                 if regs.rip != target.rip && !delivered && self.arm_delivery_to(target.rip)? {
                     delivered = true;
-                    self.land_run(stop, done)?;
+                    self.land_run(stop, done, LandingRun::Breakpoint)?;
                     continue;
                 }
                 return self
@@ -389,7 +440,7 @@ impl Vcpu {
                 let fastest = left as f64 / p.rate;
                 let aim = (p.entry_latency + AIM * fastest).min(fastest);
                 self.landing_timer()?.arm(Duration::from_secs_f64(aim));
-                self.land_run(stop, done)?;
+                self.land_run(stop, done, LandingRun::Coarse)?;
                 // A kick that came before the guest ran anything was aimed
                 // too early: enter for longer next time.
                 let p = &mut self.positions;
@@ -418,7 +469,7 @@ impl Vcpu {
             } else {
                 self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, target.rip)?;
             }
-            self.land_run(stop, done)?;
+            self.land_run(stop, done, LandingRun::Breakpoint)?;
         }
     }
 
@@ -439,14 +490,14 @@ impl Vcpu {
             || events.interrupt.injected != 0
             || events.nmi.injected != 0;
         self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, 0)?;
-        self.land_run(stop, done)?;
+        self.land_run(stop, done, LandingRun::Step)?;
         let ran = self.positions.since_stop()?.saturating_sub(done);
         self.clear_leaked_tf(regs, &sregs, in_flight, ran)
     }
 
     /// One `KVM_RUN` of a landing: a kick or a debug exit are progress;
     /// any other exit is one the recording did not have here.
-    fn land_run(&mut self, stop: u64, done: u64) -> Result<(), VcpuError> {
+    fn land_run(&mut self, stop: u64, done: u64, kind: LandingRun) -> Result<(), VcpuError> {
         let began = Instant::now();
         let run = self.fd.run();
         self.live_counters.charge(super::Phase::Guest, began);
@@ -482,6 +533,9 @@ impl Vcpu {
         // is seen at the top of the landing loop.
         self.fd.set_kvm_immediate_exit(0);
         self.stats.landing.runs += 1;
+        let by_run = &mut self.stats.landing.by_run[kind as usize];
+        by_run.runs += 1;
+        by_run.micros += span.as_micros() as u64;
         if let Err(exit) = exit {
             return Err(missed(
                 stop,
