@@ -14,13 +14,14 @@
 //!   clears that TF in the frame, which is then the frame the recording
 //!   pushed.
 
-use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events};
+use kvm_bindings::{kvm_sregs, kvm_vcpu_events};
 use kvm_bindings::{KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP};
 
 use super::*;
 
 const RFLAGS_TF: u64 = 1 << 8;
-const RFLAGS_RF: u64 = 1 << 16;
+/// RFLAGS bit 1: always set.
+const RFLAGS_ALWAYS: u64 = 1 << 1;
 const CR0_PE: u64 = 1;
 const EFER_LMA: u64 = 1 << 10;
 /// How far above RSP a frame with a leaked TF is looked for (the
@@ -90,7 +91,7 @@ impl Vcpu {
 
     fn arm_delivery(&mut self, entry: u64) -> Result<(), VcpuError> {
         self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, entry)?;
-        self.landing_timer()?.arm(DELIVERY_LIMIT);
+        self.arm_landing_timer(DELIVERY_LIMIT)?;
         // The kick that stopped the guest is answered by the stop that
         // follows this entry.
         self.fd.set_kvm_immediate_exit(0);
@@ -132,26 +133,40 @@ impl Vcpu {
         }
     }
 
-    /// Replaying, after a single step from `before`: if the step delivered
-    /// an event (one was on its way in, or the stepped instruction faulted:
-    /// it counted `ran` != 1), clears the TF the step leaked into the frame
-    /// the delivery pushed.
+    /// Whether an exception, interrupt or NMI is on its way in: a single
+    /// step now delivers it and pushes its TF.
+    pub(super) fn event_in_flight(&self) -> Result<bool, VcpuError> {
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        Ok(exception_in_flight(&events)
+            || events.interrupt.injected != 0
+            || events.nmi.injected != 0)
+    }
+
+    /// Replaying, after a single step from `from_rip`: if the step
+    /// delivered an event (one was on its way in, or the stepped
+    /// instruction faulted: it counted `ran` != 1), clears the TF the step
+    /// leaked into the frame the delivery pushed: the RIP it stepped from,
+    /// a code selector, and RFLAGS with TF (a TF the guest set itself
+    /// during a landing is not told apart).
     pub(super) fn clear_leaked_tf(
         &mut self,
-        before: &kvm_regs,
-        before_sregs: &kvm_sregs,
+        from_rip: u64,
         in_flight: bool,
         ran: u64,
     ) -> Result<(), VcpuError> {
-        // A TF the guest set itself is the guest's.
-        if before.rflags & RFLAGS_TF != 0 || (!in_flight && ran == 1) {
+        if !in_flight && ran == 1 {
             return Ok(());
         }
         let now = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
-        let long = before_sregs.efer & EFER_LMA != 0;
+        // A delivery does not change the mode: the frame's word size is
+        // the current one's.
+        let sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let long = sregs.efer & EFER_LMA != 0;
         let word: u64 = if long { 8 } else { 4 };
         let mask = if long { u64::MAX } else { u64::from(u32::MAX) };
-        let want = (before.rflags | RFLAGS_TF) & !RFLAGS_RF;
         let mut frame = [0u8; 24];
         let frame = &mut frame[..3 * word as usize];
         for offset in (0..FRAME_SEARCH_BYTES).step_by(word as usize) {
@@ -165,10 +180,10 @@ impl Vcpu {
                 u64::from_le_bytes(w)
             };
             let (rip, cs, flags) = (read(0), read(1), read(2));
-            if rip == before.rip & mask
-                && cs & 0xffff == u64::from(before_sregs.cs.selector)
-                && flags & !RFLAGS_RF == want & mask
-            {
+            let selector = cs & 0xfffc != 0 && cs >> 16 == 0;
+            // Bit 1 of RFLAGS is always set; no flag lies above bit 21.
+            let rflags = flags & RFLAGS_ALWAYS != 0 && flags >> 22 == 0;
+            if rip == from_rip & mask && selector && rflags && flags & RFLAGS_TF != 0 {
                 let fixed = (flags & !RFLAGS_TF).to_le_bytes();
                 self.write_linear(at + 2 * word, &fixed[..word as usize]);
                 debug!(
@@ -179,7 +194,7 @@ impl Vcpu {
             }
         }
         debug!(
-            rip = before.rip,
+            rip = from_rip,
             "a single step delivered an event: no frame with its TF found"
         );
         Ok(())

@@ -50,6 +50,8 @@ pub(super) struct Positions {
     entry_latency: f64,
     /// The landing timer, created on the vCPU thread at the first landing.
     timer: Option<LandingTimer>,
+    /// Whether the landing timer may have a kick pending.
+    timer_armed: bool,
     /// Guest-debug control bits and breakpoint now set.
     debug: Option<(u32, u64)>,
     /// Whether the last `KVM_RUN` before this stop could enter the guest
@@ -370,9 +372,7 @@ impl Vcpu {
             }
             other => other,
         };
-        if let Some(timer) = &self.positions.timer {
-            timer.disarm();
-        }
+        self.disarm_landing_timer();
         let cleared = self.set_debug(0, 0);
         self.stats.landing.micros += began.elapsed().as_micros() as u64;
         // Counted when it landed (not a miss, a stop request or an error).
@@ -402,13 +402,24 @@ impl Vcpu {
         let mut coarse_done = false;
         // An exception delivered at the recorded count (see delivery.rs).
         let mut delivered = false;
+        // RIP as the last debug exit gave it (KVM_GET_REGS costs ~12 µs
+        // here); None before the first run and after a kick. An event can
+        // be on its way in only then (debug exits come at instruction
+        // boundaries).
+        let mut rip: Option<u64> = None;
+        // The last run was a single step: whether an event was on its way
+        // in, and the count it started from.
+        let mut stepped: Option<(bool, u64)> = None;
         loop {
             if self.stop_requested() {
                 return Ok(Step::Done(RunOutcome::Stopped));
             }
             let done = self.positions.since_stop()?;
-            let regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+            if let Some((in_flight, from)) = stepped.take() {
+                self.clear_leaked_tf(target.rip, in_flight, done - from)?;
+            }
             if done > target.count {
+                let regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
                 return Err(missed(
                     stop,
                     format!(
@@ -419,11 +430,12 @@ impl Vcpu {
             }
             let left = target.count - done;
             if left == 0 {
+                let regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
                 // This replay's own kick came between a fault and its
                 // delivery; the recorder advanced to the handler's entry.
                 if regs.rip != target.rip && !delivered && self.arm_delivery_to(target.rip)? {
                     delivered = true;
-                    self.land_run(stop, done, LandingRun::Breakpoint)?;
+                    rip = self.land_run(stop, done, LandingRun::Breakpoint)?;
                     continue;
                 }
                 return self
@@ -439,8 +451,8 @@ impl Vcpu {
                 // 51 instructions away when the next entry was quick.
                 let fastest = left as f64 / p.rate;
                 let aim = (p.entry_latency + AIM * fastest).min(fastest);
-                self.landing_timer()?.arm(Duration::from_secs_f64(aim));
-                self.land_run(stop, done, LandingRun::Coarse)?;
+                self.arm_landing_timer(Duration::from_secs_f64(aim))?;
+                rip = self.land_run(stop, done, LandingRun::Coarse)?;
                 // A kick that came before the guest ran anything was aimed
                 // too early: enter for longer next time.
                 let p = &mut self.positions;
@@ -452,7 +464,8 @@ impl Vcpu {
                 };
                 coarse_done = stalled && aim >= fastest;
                 continue;
-            } else if self
+            }
+            if self
                 .positions
                 .kill_point
                 .as_ref()
@@ -461,48 +474,41 @@ impl Vcpu {
                 // SAFETY: raising SIGKILL on this process has no
                 // preconditions (a test fault point: it does not return).
                 unsafe { libc::raise(libc::SIGKILL) };
-            } else if regs.rip == target.rip {
+            }
+            let at = match rip {
+                Some(at) => at,
+                None => self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?.rip,
+            };
+            if at == target.rip {
                 // An early visit of the target RIP: one step over it (the
-                // breakpoint would fire again at once: it ignores RF).
-                self.step_over(stop, done, &regs)?;
-                continue;
+                // breakpoint would fire again at once: it ignores RF). What
+                // the step delivers pushes its TF (delivery.rs).
+                let in_flight = rip.is_none() && self.event_in_flight()?;
+                stepped = Some((in_flight, done));
+                self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, 0)?;
+                rip = self.land_run(stop, done, LandingRun::Step)?;
             } else {
                 self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, target.rip)?;
+                rip = self.land_run(stop, done, LandingRun::Breakpoint)?;
             }
-            self.land_run(stop, done, LandingRun::Breakpoint)?;
         }
     }
 
-    /// One single step from `regs`, with what it leaked into an exception
-    /// frame cleared (see delivery.rs).
-    fn step_over(
+    /// One `KVM_RUN` of a landing: a kick or a debug exit are progress;
+    /// any other exit is one the recording did not have here. Some: a
+    /// debug exit ended it, at this RIP (its linear address: code segments
+    /// are flat where breakpoints on a RIP work); None: a kick.
+    fn land_run(
         &mut self,
         stop: u64,
         done: u64,
-        regs: &kvm_bindings::kvm_regs,
-    ) -> Result<(), VcpuError> {
-        let sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        let events = self
-            .fd
-            .get_vcpu_events()
-            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
-        let in_flight = super::delivery::exception_in_flight(&events)
-            || events.interrupt.injected != 0
-            || events.nmi.injected != 0;
-        self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, 0)?;
-        self.land_run(stop, done, LandingRun::Step)?;
-        let ran = self.positions.since_stop()?.saturating_sub(done);
-        self.clear_leaked_tf(regs, &sregs, in_flight, ran)
-    }
-
-    /// One `KVM_RUN` of a landing: a kick or a debug exit are progress;
-    /// any other exit is one the recording did not have here.
-    fn land_run(&mut self, stop: u64, done: u64, kind: LandingRun) -> Result<(), VcpuError> {
+        kind: LandingRun,
+    ) -> Result<Option<u64>, VcpuError> {
         let began = Instant::now();
         let run = self.fd.run();
         self.live_counters.charge(super::Phase::Guest, began);
         let exit = match run {
-            Ok(VcpuExit::Debug(_)) => Ok(()),
+            Ok(VcpuExit::Debug(debug)) => Ok(Some(debug.pc)),
             Ok(other) => {
                 // KVM completes a PIO/MMIO/MSR exit on the next entry: the
                 // install that repairs this must complete it first.
@@ -517,7 +523,7 @@ impl Vcpu {
                 );
                 Err(format!("{other:?}"))
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(None),
             Err(e) => {
                 return Err(VcpuError::Kvm {
                     what: "KVM_RUN (landing)",
@@ -526,9 +532,7 @@ impl Vcpu {
             }
         };
         let span = began.elapsed();
-        if let Some(timer) = &self.positions.timer {
-            timer.disarm();
-        }
+        self.disarm_landing_timer();
         // The landing timer's kick is answered by this exit; a stop request
         // is seen at the top of the landing loop.
         self.fd.set_kvm_immediate_exit(0);
@@ -536,18 +540,18 @@ impl Vcpu {
         let by_run = &mut self.stats.landing.by_run[kind as usize];
         by_run.runs += 1;
         by_run.micros += span.as_micros() as u64;
-        if let Err(exit) = exit {
-            return Err(missed(
+        let exit = exit.map_err(|exit| {
+            missed(
                 stop,
                 format!("the guest made an exit ({exit}) before the recorded position"),
-            ));
-        }
-        if span >= RATE_MIN_SPAN {
+            )
+        })?;
+        if kind == LandingRun::Coarse && span >= RATE_MIN_SPAN {
             let ran = self.positions.since_stop()?.saturating_sub(done);
             let rate = ran as f64 / span.as_secs_f64();
             self.positions.rate = self.positions.rate.max(rate);
         }
-        Ok(())
+        Ok(exit)
     }
 
     /// A landing missed: the epoch diverged (a live secondary asks its
@@ -631,13 +635,23 @@ impl Vcpu {
     }
 
     /// Cancels the landing timer's pending kick, if it has one.
-    pub(super) fn disarm_landing_timer(&self) {
+    pub(super) fn disarm_landing_timer(&mut self) {
+        if !std::mem::take(&mut self.positions.timer_armed) {
+            return;
+        }
         if let Some(timer) = &self.positions.timer {
             timer.disarm();
         }
     }
 
-    pub(super) fn landing_timer(&mut self) -> Result<&LandingTimer, VcpuError> {
+    /// Has the landing timer kick this thread once, `after` from now.
+    pub(super) fn arm_landing_timer(&mut self, after: Duration) -> Result<(), VcpuError> {
+        self.landing_timer()?.arm(after);
+        self.positions.timer_armed = true;
+        Ok(())
+    }
+
+    fn landing_timer(&mut self) -> Result<&LandingTimer, VcpuError> {
         if self.positions.timer.is_none() {
             self.positions.timer = Some(LandingTimer::new().map_err(|source| VcpuError::Kvm {
                 what: "timer_create (landing timer)",
@@ -662,7 +676,7 @@ fn missed(stop: u64, what: String) -> VcpuError {
 
 /// A POSIX timer that sends the kick signal to the vCPU thread itself: the
 /// kernel delivers it, so a busy host cannot delay it behind a thread.
-pub(super) struct LandingTimer {
+struct LandingTimer {
     id: libc::timer_t,
 }
 
@@ -689,7 +703,7 @@ impl LandingTimer {
     }
 
     /// Fires once after `after`.
-    pub(super) fn arm(&self, after: Duration) {
+    fn arm(&self, after: Duration) {
         let after = after.max(Duration::from_micros(1));
         self.set(libc::timespec {
             tv_sec: after.as_secs() as libc::time_t,
