@@ -394,6 +394,9 @@ fn spare_takeover(ctx: &Ctx) -> Value {
 }
 
 fn measure_all(ctx: &Ctx, machine: Value, no_qemu: bool, no_net: bool) -> Result<Value, String> {
+    // The commit measured: the binaries are built before the run starts,
+    // whatever is committed while it runs.
+    let measured = git(&ctx.root);
     let started_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -533,7 +536,7 @@ fn measure_all(ctx: &Ctx, machine: Value, no_qemu: bool, no_net: bool) -> Result
         "started_unix": started_unix,
         "duration_s": duration,
         "machine": machine,
-        "git": git(&ctx.root),
+        "git": measured,
         "method": {
             "reps": reps,
             "qemu_reps": qreps,
