@@ -643,3 +643,58 @@ fn a_guest_that_faults_while_interrupts_arrive_replays_verified() {
     assert_eq!(r.verified, r.epochs, "{replay:?}");
     assert!(r.positioned >= 50, "{r:?}");
 }
+
+#[test]
+fn a_secondary_that_lands_slower_than_its_primary_runs_catches_up_with_sync_points() {
+    // compute at 1 kHz: the secondary lands on a positioned stop every
+    // millisecond of the primary's run, each landing costing more than
+    // that millisecond (its replay runs ~2.8x slower here), so it falls
+    // behind. From half of max_replay_lag_ms (200 ms) the primary takes
+    // sync points at its kicks instead, which the secondary installs, until
+    // it is under a quarter again; then positions again.
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: the position counter cannot be used here: {why}");
+        return;
+    }
+    let ns = NetNs::new("catchup");
+    let dir = test_dir("catchup");
+    let config = plain_pair_file(
+        &dir,
+        "compute",
+        "size=131072 rounds=2 hz=1000",
+        "32M",
+        "failover_timeout_ms = 5000\nposition = \"kvm-insn-stat\"\nmax_replay_lag_ms = 400",
+    );
+    let (_witness, mut primary, mut secondary) = spawn_pair(&ns, &dir, &config);
+    let control = dir.join("state").join("a.ctl");
+    let mut last = String::new();
+    let deadline = std::time::Instant::now() + LIMIT;
+    while primary.child.try_wait().ok().flatten().is_none() {
+        assert!(std::time::Instant::now() < deadline, "{}", primary.stderr());
+        if let Some(line) = status_at(&control).filter(|l| l.contains("sync_points_catch_up")) {
+            last = line;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        primary.child.wait().ok().and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        primary.stderr()
+    );
+    assert_eq!(
+        common::pair::wait_exit(&mut secondary, Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        secondary.stderr()
+    );
+    eprintln!("primary's last status: {last}");
+    assert!(status_figure(&last, "sync_points_catch_up") > 0, "{last}");
+    // Positions both before the replay fell behind and after it caught up.
+    assert!(
+        status_figure(&last, "positioned_stops")
+            > status_figure(&last, "sync_points_catch_up") / 10,
+        "{last}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -64,6 +64,9 @@ pub struct VmFigures {
     pub sync_points_requested: u64,
     /// Recording: full sync points for a joining secondary.
     pub sync_points_full: u64,
+    /// Recording: sync points instead of positioned stops while the
+    /// secondary's replay catches up.
+    pub sync_points_catch_up: u64,
     /// Interrupts injected at the guest's own exits (no kick needed).
     pub irq_at_own_exits: u64,
     /// Replaying: the median landing time so far, µs (0: none yet).
@@ -105,6 +108,7 @@ impl VmHandle {
             sync_points_interval: get(&c.sync_by_reason[SyncReason::Interval as usize]),
             sync_points_requested: get(&c.sync_by_reason[SyncReason::Requested as usize]),
             sync_points_full: get(&c.sync_by_reason[SyncReason::Full as usize]),
+            sync_points_catch_up: get(&c.sync_by_reason[SyncReason::CatchUp as usize]),
             irq_at_own_exits: get(&c.irq_at_own_exits),
             landing_p50_us: get(&c.landing_p50_us),
             landing_p99_us: get(&c.landing_p99_us),

@@ -84,6 +84,9 @@ pub struct Throttle {
     max_replay_lag: Duration,
     /// Times the vCPU waited for the replay (not for acks).
     pub replay_waits: AtomicU64,
+    /// The secondary's replay is catching up: kick stops take sync points
+    /// (installed there, not executed to) instead of positioned stops.
+    catching_up: std::sync::atomic::AtomicBool,
     /// No secondary any more: never wait.
     open: std::sync::atomic::AtomicBool,
     /// A switch-over: the vCPU waits at its next stop until released.
@@ -158,6 +161,7 @@ impl Throttle {
             replay: Mutex::new(ReplayMarks::default()),
             max_replay_lag,
             replay_waits: AtomicU64::new(0),
+            catching_up: Default::default(),
             open: Default::default(),
             hold: Default::default(),
             parked: std::sync::atomic::AtomicU8::new(0),
@@ -337,6 +341,29 @@ impl Throttle {
             .unwrap_or_else(|p| p.into_inner())
             .elapsed();
         unacked > self.cap || (unacked > 0 && stale > self.max_lag) || self.replay_behind()
+    }
+
+    /// Whether kick stops should be sync points instead of positioned
+    /// stops: a secondary replays a sync point by installing it, much
+    /// faster than it lands on a positioned stop, so a replay slower than
+    /// its primary catches up and the pair runs no slower than with sync
+    /// points alone. On from half of `max_replay_lag` behind (before the
+    /// brake at all of it), off again under a quarter.
+    pub fn catch_up_wanted(&self) -> bool {
+        if self.open.load(Ordering::Acquire) {
+            return false;
+        }
+        let lag = self.replay_lag();
+        let on = self.catching_up.load(Ordering::Acquire);
+        let want = if on {
+            lag > self.max_replay_lag / 4
+        } else {
+            lag > self.max_replay_lag / 2
+        };
+        if want != on {
+            self.catching_up.store(want, Ordering::Release);
+        }
+        want
     }
 
     /// The secondary's replay is further behind than `max_replay_lag`.
@@ -1418,6 +1445,19 @@ impl Journal {
         }
     }
 
+    /// Recording for a secondary whose replay is catching up (see
+    /// [`Throttle::catch_up_wanted`]).
+    pub fn secondary_catching_up(&self) -> bool {
+        match self {
+            Journal::Record(rec) => rec
+                .options
+                .throttle
+                .as_ref()
+                .is_some_and(|t| t.catch_up_wanted()),
+            Journal::Live(_) | Journal::Replay(_) => false,
+        }
+    }
+
     /// Is this a recording?
     pub fn recording(&self) -> bool {
         matches!(self, Journal::Record(_))
@@ -1605,6 +1645,49 @@ mod tests {
         assert!(t.must_wait(), "watermark 14");
         t.protect();
         assert!(!t.must_wait(), "a new secondary starts unmeasured");
+    }
+
+    #[test]
+    fn a_replay_falling_behind_asks_for_sync_points_before_the_brake() {
+        // Bound 400 ms: sync points from 200 ms behind, positions again
+        // under 100 ms, the brake at 400 ms.
+        let t = Throttle::new(
+            1 << 30,
+            Duration::from_secs(3600),
+            Duration::from_millis(400),
+        );
+        t.replayed(0);
+        for stop in (10..=1000).step_by(10) {
+            t.watermark_shipped(stop);
+        }
+        t.replayed(1);
+        std::thread::sleep(Duration::from_millis(50));
+        t.replayed(201);
+        // 800 stops left at ~4,000 a second: ~200 ms of work, or a little
+        // more (the sleep is at least 50 ms).
+        let lag = t.replay_lag();
+        assert!(lag < Duration::from_millis(400), "{lag:?}");
+        if lag > Duration::from_millis(200) {
+            assert!(t.catch_up_wanted(), "{lag:?} behind");
+            assert!(!t.must_wait(), "{lag:?} is not braked yet");
+        }
+        // Further behind: sync points for sure.
+        std::thread::sleep(Duration::from_millis(100));
+        t.replayed(301);
+        assert!(t.catch_up_wanted(), "{:?} behind", t.replay_lag());
+        // Hysteresis: still on between a quarter and a half of the bound.
+        std::thread::sleep(Duration::from_millis(20));
+        t.replayed(700);
+        let lag = t.replay_lag();
+        if lag > Duration::from_millis(100) {
+            assert!(t.catch_up_wanted(), "{lag:?} behind, on since above 200 ms");
+        }
+        // Caught up: positions again.
+        t.replayed(1000);
+        assert!(!t.catch_up_wanted(), "caught up");
+        // No secondary any more: never.
+        t.open();
+        assert!(!t.catch_up_wanted());
     }
 
     #[test]

@@ -76,7 +76,7 @@ fn vm_probes(params: &PairParams, vm: &Vm, handle: &VmHandle) {
     let board = &params.board;
     let causes = vm.cause_queue();
     board.probe("inputs_dropped", Arc::new(move || causes.dropped()));
-    let figures: [NamedFigure; 23] = [
+    let figures: [NamedFigure; 24] = [
         ("stops", |f| f.stops),
         ("sync_points", |f| f.sync_points),
         ("epochs", |f| f.epochs),
@@ -92,6 +92,7 @@ fn vm_probes(params: &PairParams, vm: &Vm, handle: &VmHandle) {
         ("sync_points_interval", |f| f.sync_points_interval),
         ("sync_points_requested", |f| f.sync_points_requested),
         ("sync_points_full", |f| f.sync_points_full),
+        ("sync_points_catch_up", |f| f.sync_points_catch_up),
         ("irq_at_own_exits", |f| f.irq_at_own_exits),
         ("landing_p50_us", |f| f.landing_p50_us),
         ("landing_p99_us", |f| f.landing_p99_us),

@@ -573,11 +573,15 @@ pub enum SyncReason {
     /// A joining secondary starts from it (all of memory, or a pre-copy's
     /// last delta).
     Full,
+    /// A kick stop that could have been positioned, while the secondary's
+    /// replay catches up (it installs a sync point, it lands on a
+    /// position).
+    CatchUp,
 }
 
 impl SyncReason {
     /// How many reasons there are.
-    pub const COUNT: usize = 4;
+    pub const COUNT: usize = 5;
 }
 
 /// What a live secondary needs to go live.
@@ -1020,7 +1024,12 @@ impl Vcpu {
             // a replay lands there first and checks it.
             None if self.journal.recording() => {
                 let due = self.sync_point_due();
-                if !self.record_positioned(count)? || due.is_some() {
+                if due.is_none()
+                    && self.has_position_counter()
+                    && self.journal.secondary_catching_up()
+                {
+                    self.record_sync_point(false, SyncReason::CatchUp)?;
+                } else if !self.record_positioned(count)? || due.is_some() {
                     self.record_sync_point(false, due.unwrap_or(SyncReason::Unpositioned))?;
                 }
             }
