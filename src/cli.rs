@@ -15,6 +15,13 @@ use tandem_replay::{Cause, CauseQueue};
 /// time at 7.2 MiB/s of guest time with it; no run without it finished
 /// (the Linux harness, README "Linux").
 const DEFAULT_IRQ_DEFER_US: u64 = 10_000;
+/// `--sync-interval` without a position counter (ms of guest time).
+const DEFAULT_SYNC_INTERVAL_MS: u64 = 1000;
+/// `--sync-interval` with one: a replay lands on positions and compares
+/// interval sync points instead of installing them, so they serve only as
+/// an offline replay's repair point; at 1 s they were three quarters of
+/// compute's log (0.77 of 1.0 Mbit/s at 100 Hz).
+const DEFAULT_SYNC_INTERVAL_POSITIONED_MS: u64 = 10_000;
 use tandem_vmm::journal::RecordOptions;
 use tandem_vmm::vm::RunMode;
 use tandem_vmm::{DiskConfig, NetConfig, Vm, VmConfig, DEFAULT_KVM_PATH};
@@ -58,9 +65,11 @@ pub struct RunArgs {
     /// Stop recording (and the VM, with an error) before the log passes SIZE.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "record")]
     record_max: Option<u64>,
-    /// Take a sync point at least this often, in milliseconds of guest time.
-    #[arg(long, value_name = "MS", default_value_t = 1000, requires = "record")]
-    sync_interval: u64,
+    /// Take a sync point at least this often, in milliseconds of guest time
+    /// [default: 1000; 10000 with --position auto or kvm-insn-stat, where
+    /// it serves only as an offline replay's repair point].
+    #[arg(long, value_name = "MS", requires = "record")]
+    sync_interval: Option<u64>,
     /// End a verified-lockstep epoch about this often (milliseconds): the
     /// log then holds state hashes the replayer checks.
     #[arg(long, value_name = "MS", default_value_t = 10, requires = "record")]
@@ -443,7 +452,14 @@ fn build_vm(args: &RunArgs) -> anyhow::Result<Vm> {
             Some(path) => RunMode::Record(RecordOptions {
                 path: path.clone(),
                 max_size: args.record_max,
-                sync_interval: Duration::from_millis(args.sync_interval.max(1)),
+                sync_interval: Duration::from_millis(
+                    args.sync_interval
+                        .unwrap_or(match args.position {
+                            tandem_vmm::position::PositionChoice::None => DEFAULT_SYNC_INTERVAL_MS,
+                            _ => DEFAULT_SYNC_INTERVAL_POSITIONED_MS,
+                        })
+                        .max(1),
+                ),
                 min_kick_interval: Duration::from_micros(args.min_kick_interval),
                 irq_defer: Duration::from_micros(args.irq_defer.unwrap_or(match args.position {
                     tandem_vmm::position::PositionChoice::None => DEFAULT_IRQ_DEFER_US,
