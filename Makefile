@@ -58,7 +58,8 @@ bench: build guests
 # never sleeps (netecho spin=1, CHAOS_GUEST=spin), SPIN_REPS (default 20) failovers of each kind (USR1 and
 # kill -9, received and replayed) under guests that never sleep in HLT, and
 # JOIN_REPS (default 20) joins of a replacement secondary under a client
-# with a 2 s timeout.
+# with a 2 s timeout. CHAOS_POSITION=auto runs all of these with the
+# position counter placing kick stops (`[ft] position`).
 chaos: build guests
 	CHAOS_ROUNDS=$${CHAOS_ROUNDS:-200} CHAOS_REPORT=$(CURDIR)/RELIABILITY.md \
 		$(CARGO) test --release --locked --test chaos -- --nocapture

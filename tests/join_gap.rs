@@ -3,7 +3,8 @@
 //! is lost and a new one joins, `JOIN_REPS` times (default 3; `make chaos`
 //! runs 20). Every request sent once the primary runs unprotected, through
 //! the join and the 2 s after it, is answered; the slowest answer around
-//! each join is printed.
+//! each join is printed. `CHAOS_POSITION=auto` (or `kvm-insn-stat`) runs
+//! the pair with that `[ft] position`.
 
 mod common;
 
@@ -70,7 +71,20 @@ fn every_request_is_answered_while_a_new_secondary_joins() {
         _witness,
         primary,
         secondary,
-    } = start_pair("joingap", 1500);
+    } = match std::env::var("CHAOS_POSITION")
+        .ok()
+        .filter(|v| !v.is_empty() && v != "none")
+    {
+        // `make chaos` with CHAOS_POSITION: the pair places its kicks.
+        Some(position) => start_topology(topology_with(
+            "joingap",
+            1500,
+            "received",
+            "",
+            &format!("position = \"{position}\""),
+        )),
+        None => start_pair("joingap", 1500),
+    };
     let config = t.config.display().to_string();
     let s = t.ns.udp_socket("10.78.0.1:0");
     let mut replies = Vec::new();

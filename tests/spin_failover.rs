@@ -8,6 +8,8 @@
 //!
 //! `make test` runs each combination (USR1 / kill -9, `received` /
 //! `replayed`) `SPIN_REPS` times (default 1); `make chaos` runs 20.
+//! `CHAOS_POSITION=auto` (or `kvm-insn-stat`) runs the pairs with that
+//! `[ft] position`.
 
 mod common;
 
@@ -23,6 +25,15 @@ fn reps() -> u32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
+}
+
+/// The `[ft]` line `CHAOS_POSITION` asks for ("" without it).
+fn position_line() -> String {
+    std::env::var("CHAOS_POSITION")
+        .ok()
+        .filter(|v| !v.is_empty() && v != "none")
+        .map(|v| format!("\nposition = \"{v}\""))
+        .unwrap_or_default()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -69,7 +80,10 @@ fn spinner_failover(tag: &str, commit: &str, how: Fault) {
         "spinner",
         "hz=100 every=10",
         "16M",
-        &format!("failover_timeout_ms = 1000\noutput_commit = \"{commit}\""),
+        &format!(
+            "failover_timeout_ms = 1000\noutput_commit = \"{commit}\"{}",
+            position_line()
+        ),
     );
     let (_witness, primary, secondary) = spawn_pair(&ns, &dir, &config);
     // Protected and running: output the secondary has acked.
@@ -135,7 +149,10 @@ fn compute_failover(tag: &str, commit: &str, how: Fault) {
         "compute",
         &format!("size={size} rounds={rounds} hz=100"),
         "16M",
-        &format!("failover_timeout_ms = 1000\noutput_commit = \"{commit}\""),
+        &format!(
+            "failover_timeout_ms = 1000\noutput_commit = \"{commit}\"{}",
+            position_line()
+        ),
     );
     let (_witness, primary, secondary) = spawn_pair(&ns, &dir, &config);
     // The secondary attaches (the pair starts it 300 ms after the

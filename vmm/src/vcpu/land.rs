@@ -397,8 +397,7 @@ impl Vcpu {
             return Err(missed(stop, "this replay has no position counter".into()));
         }
         // A kick aimed no further than the guest can run at its fastest
-        // made no progress: entering takes longer than the rest of the way,
-        // so this landing goes on with the breakpoint only.
+        // made no progress: this landing goes on with the breakpoint only.
         let mut coarse_done = false;
         // An exception delivered at the recorded count (see delivery.rs).
         let mut delivered = false;
@@ -443,26 +442,7 @@ impl Vcpu {
                     .map(|()| Step::Stop(None));
             }
             if left > FINE_DISTANCE && !coarse_done {
-                self.set_debug(0, 0)?;
-                let p = &self.positions;
-                // Never longer than the rest of the way at the fastest rate
-                // seen: an entry latency learned on a loaded host (up to
-                // 2 ms, 3,000 instructions here) once overshot a target
-                // 51 instructions away when the next entry was quick.
-                let fastest = left as f64 / p.rate;
-                let aim = (p.entry_latency + AIM * fastest).min(fastest);
-                self.arm_landing_timer(Duration::from_secs_f64(aim))?;
-                rip = self.land_run(stop, done, LandingRun::Coarse)?;
-                // A kick that came before the guest ran anything was aimed
-                // too early: enter for longer next time.
-                let p = &mut self.positions;
-                let stalled = p.since_stop()? == done;
-                p.entry_latency = if stalled {
-                    (p.entry_latency * 2.0).min(ENTRY_LATENCY_MAX_S)
-                } else {
-                    (p.entry_latency * 0.9).max(ENTRY_LATENCY_MIN_S)
-                };
-                coarse_done = stalled && aim >= fastest;
+                (rip, coarse_done) = self.coarse_kick(stop, done, left)?;
                 continue;
             }
             if self
@@ -492,6 +472,38 @@ impl Vcpu {
                 rip = self.land_run(stop, done, LandingRun::Breakpoint)?;
             }
         }
+    }
+
+    /// One run of the coarse phase, `left` instructions from the target:
+    /// a kick aimed short of it. The RIP of a debug exit (None: a kick),
+    /// and whether kicks cannot get closer (entering takes longer than the
+    /// rest of the way).
+    fn coarse_kick(
+        &mut self,
+        stop: u64,
+        done: u64,
+        left: u64,
+    ) -> Result<(Option<u64>, bool), VcpuError> {
+        self.set_debug(0, 0)?;
+        let p = &self.positions;
+        // Never longer than the rest of the way at the fastest rate seen:
+        // an entry latency learned on a loaded host (up to 2 ms, 3,000
+        // instructions here) once overshot a target 51 instructions away
+        // when the next entry was quick.
+        let fastest = left as f64 / p.rate;
+        let aim = (p.entry_latency + AIM * fastest).min(fastest);
+        self.arm_landing_timer(Duration::from_secs_f64(aim))?;
+        let rip = self.land_run(stop, done, LandingRun::Coarse)?;
+        // A kick that came before the guest ran anything was aimed too
+        // early: enter for longer next time.
+        let p = &mut self.positions;
+        let stalled = p.since_stop()? == done;
+        p.entry_latency = if stalled {
+            (p.entry_latency * 2.0).min(ENTRY_LATENCY_MAX_S)
+        } else {
+            (p.entry_latency * 0.9).max(ENTRY_LATENCY_MIN_S)
+        };
+        Ok((rip, stalled && aim >= fastest))
     }
 
     /// One `KVM_RUN` of a landing: a kick or a debug exit are progress;
