@@ -1234,6 +1234,30 @@ fn positions_table(o: &mut String, wl: &[Value], short: &mut Vec<String>) {
                 ));
             }
         }
+        // Issue 20: a pair with positions at least as fast as with none.
+        if let (Some(auto), Some(none)) = (
+            med(p("pair_received.ratio_over_live")),
+            med(w.at("pair_received.ratio_over_live")),
+        ) {
+            if auto < none {
+                short.push(format!(
+                    "{name}: protected pair with positions {auto:.3} of unprotected, with none {none:.3} (target: at least as fast)"
+                ));
+            }
+        }
+        // Issue 20: the echo latency a pair with positions adds at p50 in
+        // `received` mode, over the unprotected run's.
+        if let (Some(auto), Some(live)) = (
+            med(p("pair_received.rtt_p50_ms")),
+            med(w.at("live.rtt_p50_ms")),
+        ) {
+            if auto - live > 0.5 {
+                short.push(format!(
+                    "{name} with positions: {:.3} ms added to the echo p50 in `received` mode (target ≤ 0.5)",
+                    auto - live
+                ));
+            }
+        }
         row(
             o,
             &[
