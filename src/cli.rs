@@ -66,8 +66,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "record")]
     record_max: Option<u64>,
     /// Take a sync point at least this often, in milliseconds of guest time
-    /// [default: 1000; 10000 with --position auto or kvm-insn-stat, where
-    /// it serves only as an offline replay's repair point].
+    /// [default: 1000; 10000 when --position asks for auto or
+    /// kvm-insn-stat (also where auto finds no counter), where it serves
+    /// only as an offline replay's repair point].
     #[arg(long, value_name = "MS", requires = "record")]
     sync_interval: Option<u64>,
     /// End a verified-lockstep epoch about this often (milliseconds): the

@@ -485,8 +485,13 @@ fn a_pair_with_positions_verifies_by_execution_and_fails_over_after_kill_9() {
         "{line}"
     );
     // A kick that caught KVM delivering an interrupt before any instruction
-    // is still a sync point: rare, and each makes one epoch transferred.
-    assert!(figure("sync_points") <= 2, "{line}");
+    // is still a sync point: rare, and each makes one epoch transferred;
+    // so is one the primary took while the secondary caught up.
+    let catch_up = catch_up_sync_points(&p.t.dir.join("state").join("a.ctl"));
+    assert!(
+        figure("sync_points") <= 2 + catch_up,
+        "{line} ({catch_up} catch-up sync points)"
+    );
     assert!(
         figure("epochs_transferred") <= figure("sync_points"),
         "{line}"
@@ -506,6 +511,14 @@ fn a_pair_with_positions_verifies_by_execution_and_fails_over_after_kill_9() {
 /// Polls a status (`read`) until it names `field`, for at most `secs`.
 /// Polls a status line until its `field` is at least `min` (a loaded
 /// machine gets there later), or `secs` pass; returns the last line.
+/// The sync points a primary took while its secondary caught up (its
+/// `sync_points_catch_up`), as its control socket `control` says.
+fn catch_up_sync_points(control: &std::path::Path) -> u64 {
+    status_at(control)
+        .filter(|l| l.contains("sync_points_catch_up"))
+        .map_or(0, |l| status_figure(&l, "sync_points_catch_up"))
+}
+
 fn wait_status(read: impl Fn() -> Option<String>, field: &str, min: u64, secs: u64) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     loop {
@@ -602,7 +615,13 @@ fn a_spinning_guest_is_re_protected_with_positions_on_and_survives_kill_9() {
     eprintln!("joined secondary: {line}");
     assert!(status_figure(&line, "positioned_stops") > 3, "{line}");
     assert!(status_figure(&line, "epochs_verified") > 10, "{line}");
-    assert!(status_figure(&line, "sync_points") <= 2, "{line}");
+    // Besides those the primary took for a secondary catching up (a
+    // loaded host slows the replay), at most two.
+    let catch_up = catch_up_sync_points(&dir.join("state").join("a.ctl"));
+    assert!(
+        status_figure(&line, "sync_points") <= 2 + catch_up,
+        "{line} ({catch_up} catch-up sync points)"
+    );
     let mut primary = primary;
     primary.child.kill().ok();
     let seen = last_tick(&primary);

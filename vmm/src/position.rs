@@ -298,13 +298,15 @@ pub fn digest(
     hash
 }
 
-/// Whether `kvm-insn-stat` counts the guest in this state: not 64-bit CPL3
-/// (native under kvm_pvm, uncounted), and no exception between its fault
-/// and its delivery (a replay cannot stop there).
+/// Whether `kvm-insn-stat` counts the guest in this state, and a replay
+/// can land there: not 64-bit CPL3 (native under kvm_pvm, uncounted), no
+/// exception between its fault and its delivery (a replay cannot stop
+/// there), and a code segment based at 0 (landing's breakpoint takes RIP
+/// as a linear address).
 pub fn countable(sregs: &kvm_bindings::kvm_sregs, events: &kvm_bindings::kvm_vcpu_events) -> bool {
     let user64 = sregs.cs.l == 1 && sregs.ss.dpl == 3;
     let fault_pending = events.exception.injected != 0 || events.exception.pending != 0;
-    !user64 && !fault_pending
+    !user64 && !fault_pending && sregs.cs.base == 0
 }
 
 /// What the self-check measured.

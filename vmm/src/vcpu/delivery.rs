@@ -22,6 +22,8 @@ use super::*;
 const RFLAGS_TF: u64 = 1 << 8;
 /// RFLAGS bit 1: always set.
 const RFLAGS_ALWAYS: u64 = 1 << 1;
+/// The longest x86 instruction: a trap's frame holds the next RIP.
+const MAX_INSN_BYTES: u64 = 15;
 const CR0_PE: u64 = 1;
 const EFER_LMA: u64 = 1 << 10;
 /// How far above RSP a frame with a leaked TF is looked for (the
@@ -45,32 +47,32 @@ fn user64(sregs: &kvm_sregs) -> bool {
 impl Vcpu {
     /// Recording, at a kick that stopped the guest between a fault and its
     /// delivery: arms a breakpoint at the handler's entry (and a 1 ms
-    /// backstop) for one more entry. True: armed, the caller re-enters and
-    /// calls [`Vcpu::end_delivery`] after it.
-    pub(super) fn arm_advance_to_handler(&mut self) -> Result<bool, VcpuError> {
+    /// backstop) for one more entry. Some(entry): armed, the caller
+    /// re-enters and calls [`Vcpu::end_delivery`] after it.
+    pub(super) fn arm_advance_to_handler(&mut self) -> Result<Option<u64>, VcpuError> {
         if !self.journal.recording() || !self.has_position_counter() {
-            return Ok(false);
+            return Ok(None);
         }
         let events = self
             .fd
             .get_vcpu_events()
             .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
         if !exception_in_flight(&events) {
-            return Ok(false);
+            return Ok(None);
         }
         let sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         if user64(&sregs) {
-            return Ok(false);
+            return Ok(None);
         }
         let Some(entry) = self.handler_entry(&sregs, events.exception.nr) else {
             debug!(
                 vector = events.exception.nr,
                 "no handler entry to advance a kick to"
             );
-            return Ok(false);
+            return Ok(None);
         };
         self.arm_delivery(entry)?;
-        Ok(true)
+        Ok(Some(entry))
     }
 
     /// Replaying, at the recorded count with RIP elsewhere: if an exception
@@ -91,7 +93,10 @@ impl Vcpu {
 
     fn arm_delivery(&mut self, entry: u64) -> Result<(), VcpuError> {
         self.set_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, entry)?;
-        self.arm_landing_timer(DELIVERY_LIMIT)?;
+        if let Err(e) = self.arm_landing_timer(DELIVERY_LIMIT) {
+            let _ = self.set_debug(0, 0);
+            return Err(e);
+        }
         // The kick that stopped the guest is answered by the stop that
         // follows this entry.
         self.fd.set_kvm_immediate_exit(0);
@@ -120,7 +125,9 @@ impl Vcpu {
             return None;
         }
         let mut gate = [0u8; 16];
-        self.read_linear(sregs.idt.base.wrapping_add(at), &mut gate[..size as usize])?;
+        let mask = if long { u64::MAX } else { u64::from(u32::MAX) };
+        let gate_at = sregs.idt.base.wrapping_add(at) & mask;
+        self.read_linear(gate_at, &mut gate[..size as usize])?;
         let low = u64::from_le_bytes(gate[..8].try_into().ok()?);
         let present = (low >> 47) & 1 == 1;
         let kind = (low >> 40) & 0xf;
@@ -147,18 +154,23 @@ impl Vcpu {
 
     /// Replaying, after a single step from `from_rip`: if the step
     /// delivered an event (one was on its way in, or the stepped
-    /// instruction faulted: it counted `ran` != 1), clears the TF the step
-    /// leaked into the frame the delivery pushed: the RIP it stepped from,
-    /// a code selector, and RFLAGS with TF (a TF the guest set itself
-    /// during a landing is not told apart).
+    /// instruction counted `ran` >= 2: it faulted, or trapped as INT n
+    /// does, whose frame holds the next RIP), clears the TF the step leaked
+    /// into the frame the delivery pushed: a RIP at most an instruction
+    /// past `from_rip`, a code selector, and RFLAGS with TF (a TF the
+    /// guest set itself during a landing is not told apart). False: an
+    /// event was on its way in and no such frame was found (the guest
+    /// would take a #DB the recording did not: a divergence). A step that
+    /// counted 2 with no frame (STI's shadow runs the next instruction
+    /// too) is not one.
     pub(super) fn clear_leaked_tf(
         &mut self,
         from_rip: u64,
         in_flight: bool,
         ran: u64,
-    ) -> Result<(), VcpuError> {
-        if !in_flight && ran == 1 {
-            return Ok(());
+    ) -> Result<bool, VcpuError> {
+        if !in_flight && ran < 2 {
+            return Ok(true);
         }
         let now = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         // A delivery does not change the mode: the frame's word size is
@@ -167,10 +179,11 @@ impl Vcpu {
         let long = sregs.efer & EFER_LMA != 0;
         let word: u64 = if long { 8 } else { 4 };
         let mask = if long { u64::MAX } else { u64::from(u32::MAX) };
+        let from = from_rip & mask;
         let mut frame = [0u8; 24];
         let frame = &mut frame[..3 * word as usize];
         for offset in (0..FRAME_SEARCH_BYTES).step_by(word as usize) {
-            let at = now.rsp.wrapping_add(offset);
+            let at = now.rsp.wrapping_add(offset) & mask;
             if self.read_linear(at, frame).is_none() {
                 break;
             }
@@ -180,24 +193,28 @@ impl Vcpu {
                 u64::from_le_bytes(w)
             };
             let (rip, cs, flags) = (read(0), read(1), read(2));
+            let pushed_rip = rip.wrapping_sub(from) <= MAX_INSN_BYTES;
             let selector = cs & 0xfffc != 0 && cs >> 16 == 0;
             // Bit 1 of RFLAGS is always set; no flag lies above bit 21.
             let rflags = flags & RFLAGS_ALWAYS != 0 && flags >> 22 == 0;
-            if rip == from_rip & mask && selector && rflags && flags & RFLAGS_TF != 0 {
+            if pushed_rip && selector && rflags && flags & RFLAGS_TF != 0 {
                 let fixed = (flags & !RFLAGS_TF).to_le_bytes();
-                self.write_linear(at + 2 * word, &fixed[..word as usize]);
+                let flags_at = at.wrapping_add(2 * word) & mask;
+                if !self.write_linear(flags_at, &fixed[..word as usize]) {
+                    return Ok(!in_flight);
+                }
                 debug!(
                     frame = at,
                     "cleared the single step's TF from an exception frame"
                 );
-                return Ok(());
+                return Ok(true);
             }
         }
         debug!(
             rip = from_rip,
-            "a single step delivered an event: no frame with its TF found"
+            in_flight, ran, "a single step: no exception frame with its TF found"
         );
-        Ok(())
+        Ok(!in_flight)
     }
 
     /// Reads guest memory at a linear address (through the guest's page
@@ -205,7 +222,7 @@ impl Vcpu {
     fn read_linear(&self, at: u64, buf: &mut [u8]) -> Option<()> {
         let mut done = 0;
         while done < buf.len() {
-            let (gpa, n) = self.linear_piece(at + done as u64, buf.len() - done)?;
+            let (gpa, n) = self.linear_piece(at.wrapping_add(done as u64), buf.len() - done)?;
             self.sync
                 .memory
                 .read_slice(&mut buf[done..done + n], GuestAddress(gpa))
@@ -215,13 +232,15 @@ impl Vcpu {
         Some(())
     }
 
-    /// Writes guest memory at a linear address (a frame [`read_linear`]
-    /// just read: mapped).
-    fn write_linear(&self, at: u64, bytes: &[u8]) {
+    /// Writes guest memory at a linear address. False: a page is not
+    /// mapped (or not guest memory).
+    fn write_linear(&self, at: u64, bytes: &[u8]) -> bool {
         let mut done = 0;
         while done < bytes.len() {
-            let Some((gpa, n)) = self.linear_piece(at + done as u64, bytes.len() - done) else {
-                return;
+            let Some((gpa, n)) =
+                self.linear_piece(at.wrapping_add(done as u64), bytes.len() - done)
+            else {
+                return false;
             };
             if self
                 .sync
@@ -229,10 +248,11 @@ impl Vcpu {
                 .write_slice(&bytes[done..done + n], GuestAddress(gpa))
                 .is_err()
             {
-                return;
+                return false;
             }
             done += n;
         }
+        true
     }
 
     /// The guest-physical address of `at` and how many of `len` bytes from

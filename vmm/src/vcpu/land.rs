@@ -410,12 +410,17 @@ impl Vcpu {
         // in, and the count it started from.
         let mut stepped: Option<(bool, u64)> = None;
         loop {
-            if self.stop_requested() {
-                return Ok(Step::Done(RunOutcome::Stopped));
-            }
             let done = self.positions.since_stop()?;
             if let Some((in_flight, from)) = stepped.take() {
-                self.clear_leaked_tf(target.rip, in_flight, done - from)?;
+                if !self.clear_leaked_tf(target.rip, in_flight, done.saturating_sub(from))? {
+                    return Err(missed(
+                        stop,
+                        "a single step delivered an event whose frame holds no TF to clear".into(),
+                    ));
+                }
+            }
+            if self.stop_requested() {
+                return Ok(Step::Done(RunOutcome::Stopped));
             }
             if done > target.count {
                 let regs = self.fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;

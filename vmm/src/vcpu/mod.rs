@@ -930,14 +930,24 @@ impl Vcpu {
         self.arm_kick_timer(timer);
         // A kick between a fault and its delivery is advanced to the
         // handler's entry with one more entry (delivery.rs).
-        let mut advancing = false;
+        let mut advancing: Option<u64> = None;
         let exit = loop {
             self.note_entry();
             let entered = Instant::now();
             let run = self.fd.run();
             self.live_counters.charge(Phase::Guest, entered);
             match run {
-                Ok(VcpuExit::Debug(_)) if advancing => break Ok(None),
+                Ok(VcpuExit::Debug(at)) if advancing.is_some() => {
+                    if Some(at.pc) != advancing {
+                        // KVM reports a #DB to us while our breakpoint is
+                        // armed: one of the guest's own is lost.
+                        tracing::warn!(
+                            pc = at.pc,
+                            "a debug exit away from the handler's entry while advancing a kick past a delivery"
+                        );
+                    }
+                    break Ok(None);
+                }
                 Ok(exit) => break Ok(Some(handle_exit(exit, &mut self.ctx))),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     if self.journal.replayer().is_some() {
@@ -945,9 +955,11 @@ impl Vcpu {
                         self.fd.set_kvm_immediate_exit(0);
                         return Ok(Step::Again);
                     }
-                    if !advancing && self.arm_advance_to_handler()? {
-                        advancing = true;
-                        continue;
+                    if advancing.is_none() {
+                        advancing = self.arm_advance_to_handler()?;
+                        if advancing.is_some() {
+                            continue;
+                        }
                     }
                     break Ok(None);
                 }
@@ -959,10 +971,13 @@ impl Vcpu {
                 }
             }
         };
-        if advancing {
+        // The exit first: one `handle_exit` already dispatched (a PIO
+        // write) must not be hidden behind a failure to clear debug state.
+        let exit = exit?;
+        if advancing.is_some() {
             self.end_delivery()?;
         }
-        let Some(exit) = exit? else {
+        let Some(exit) = exit else {
             self.stats.kicked_stops += 1;
             return Ok(Step::Stop(None));
         };
