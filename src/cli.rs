@@ -281,7 +281,7 @@ pub fn replay(args: ReplayArgs) -> ExitCode {
         eprintln!(
             "tandem: {} positioned stops landed: median {median} µs, p99 {p99} µs, {:.1} runs each",
             s.landing.positioned,
-            s.landing.runs as f64 / s.landing.positioned as f64
+            s.landing.runs() as f64 / s.landing.positioned as f64
         );
         // Where the landing time went: the runs of each kind (the guest's
         // own progress and entering and leaving it), and what lay between.

@@ -39,6 +39,13 @@ fn skip_reason() -> Option<String> {
         .then(|| f.stderr.trim().to_string())
 }
 
+/// Whether this host cannot run these tests, saying why if so.
+fn skipped() -> bool {
+    skip_reason()
+        .map(|why| eprintln!("skipped: the position counter cannot be used here: {why}"))
+        .is_some()
+}
+
 /// The numbers of the replay's summary and landing lines.
 #[derive(Debug)]
 struct Replayed {
@@ -99,8 +106,7 @@ fn record_and_replay_synced(
     args: &[&str],
     sync_ms: &str,
 ) -> Option<Replayed> {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: the position counter cannot be used here: {why}");
+    if skipped() {
         return None;
     }
     let (_, replay, r) = record_then_replay(name, tag, args, sync_ms);
@@ -178,8 +184,7 @@ fn user_mode_64_bit_code_falls_back_to_sync_points_and_replays_correctly() {
     // host's KVM runs natively and the counter does not count, while the
     // timer interrupts it: a kick that lands there cannot be positioned and
     // must become a sync point, and the replay must still reproduce the run.
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: the position counter cannot be used here: {why}");
+    if skipped() {
         return;
     }
     const SIZE: usize = 4 << 20;
@@ -229,8 +234,7 @@ fn interval_sync_points_are_landed_on_and_leave_their_epochs_verified() {
 
 #[test]
 fn a_landed_sync_point_whose_memory_differs_is_a_divergence_repaired_there() {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: the position counter cannot be used here: {why}");
+    if skipped() {
         return;
     }
     let (log, recorded) = record_compute_sized("flip", "50", "size=16384 rounds=2 hz=1000");
@@ -254,8 +258,7 @@ fn a_landed_sync_point_whose_memory_differs_is_a_divergence_repaired_there() {
 
 #[test]
 fn an_epoch_divergence_is_repaired_at_the_next_landed_sync_point() {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: the position counter cannot be used here: {why}");
+    if skipped() {
         return;
     }
     let (log, recorded) = record_compute_sized("epochflip", "50", "size=16384 rounds=2 hz=1000");
@@ -330,8 +333,7 @@ fn replay_with_hook(log: &PathBuf, hook: &str, nth: &str) -> Finished {
 
 #[test]
 fn a_landing_one_instruction_late_is_a_divergence_at_that_stop_and_repaired() {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: the position counter cannot be used here: {why}");
+    if skipped() {
         return;
     }
     // No sync point after it: found, and the replay says it cannot repair.
@@ -391,8 +393,7 @@ fn a_repair_is_answered_while_the_primary_sleeps_in_hlt() {
 /// primary for a sync point, is repaired by it, and takes over after kill
 /// -9 with the counter's invariants kept.
 fn live_repair_of_a_missed_landing(name: &str, primary_hook: Option<(&str, &str)>) {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: the position counter cannot be used here: {why}");
+    if skipped() {
         return;
     }
     let t = topology_with(name, 1500, "received", "", "position = \"kvm-insn-stat\"");
@@ -458,8 +459,7 @@ fn live_repair_of_a_missed_landing(name: &str, primary_hook: Option<(&str, &str)
 
 #[test]
 fn a_pair_with_positions_verifies_by_execution_and_fails_over_after_kill_9() {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: the position counter cannot be used here: {why}");
+    if skipped() {
         return;
     }
     let mut p = start_topology(topology_with(
@@ -559,8 +559,7 @@ fn wait_tick(p: &Proc, want: u32, what: &str, other: &Proc) {
 
 #[test]
 fn a_spinning_guest_is_re_protected_with_positions_on_and_survives_kill_9() {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: the position counter cannot be used here: {why}");
+    if skipped() {
         return;
     }
     // spinner never exits on its own between ticks: every interrupt it
@@ -645,8 +644,7 @@ fn a_guest_that_faults_while_interrupts_arrive_replays_verified() {
     // the replay clears the TF the step pushed into the exception frame,
     // else the handler's return takes a #DB the recording never had. (One
     // run before both: 16 sync points and 10 divergences.)
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: the position counter cannot be used here: {why}");
+    if skipped() {
         return;
     }
     let (recorded, replay, r) = record_then_replay(
@@ -671,8 +669,7 @@ fn a_secondary_that_lands_slower_than_its_primary_runs_catches_up_with_sync_poin
     // behind. From half of max_replay_lag_ms (200 ms) the primary takes
     // sync points at its kicks instead, which the secondary installs, until
     // it is under a quarter again; then positions again.
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: the position counter cannot be used here: {why}");
+    if skipped() {
         return;
     }
     let ns = NetNs::new("catchup");

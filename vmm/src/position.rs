@@ -304,9 +304,18 @@ pub fn digest(
 /// there), and a code segment based at 0 (landing's breakpoint takes RIP
 /// as a linear address).
 pub fn countable(sregs: &kvm_bindings::kvm_sregs, events: &kvm_bindings::kvm_vcpu_events) -> bool {
-    let user64 = sregs.cs.l == 1 && sregs.ss.dpl == 3;
-    let fault_pending = events.exception.injected != 0 || events.exception.pending != 0;
-    !user64 && !fault_pending && sregs.cs.base == 0
+    !user64(sregs) && !exception_in_flight(events) && sregs.cs.base == 0
+}
+
+/// A 64-bit CPL3 state: native under kvm_pvm, not counted.
+pub fn user64(sregs: &kvm_bindings::kvm_sregs) -> bool {
+    sregs.cs.l == 1 && sregs.ss.dpl == 3
+}
+
+/// Whether an exception is on its way into the guest (a fault counted,
+/// its delivery not done).
+pub fn exception_in_flight(events: &kvm_bindings::kvm_vcpu_events) -> bool {
+    events.exception.injected != 0 || events.exception.pending != 0
 }
 
 /// What the self-check measured.

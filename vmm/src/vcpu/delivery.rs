@@ -14,10 +14,11 @@
 //!   clears that TF in the frame, which is then the frame the recording
 //!   pushed.
 
-use kvm_bindings::{kvm_sregs, kvm_vcpu_events};
+use kvm_bindings::kvm_sregs;
 use kvm_bindings::{KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP};
 
 use super::*;
+use crate::position::{exception_in_flight, user64};
 
 const RFLAGS_TF: u64 = 1 << 8;
 /// RFLAGS bit 1: always set.
@@ -32,17 +33,6 @@ const FRAME_SEARCH_BYTES: u64 = 256;
 /// The longest the guest runs toward a handler's entry: a delivery that
 /// faults again goes to another handler, where no breakpoint waits.
 const DELIVERY_LIMIT: Duration = Duration::from_millis(1);
-
-/// Whether an exception is on its way into the guest (a fault counted, its
-/// delivery not done).
-pub(super) fn exception_in_flight(events: &kvm_vcpu_events) -> bool {
-    events.exception.injected != 0 || events.exception.pending != 0
-}
-
-/// A 64-bit CPL3 state: this host's counter does not count it.
-fn user64(sregs: &kvm_sregs) -> bool {
-    sregs.cs.l == 1 && sregs.ss.dpl == 3
-}
 
 impl Vcpu {
     /// Recording, at a kick that stopped the guest between a fault and its

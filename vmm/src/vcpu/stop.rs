@@ -202,7 +202,7 @@ impl Vcpu {
         Ok(regs.rflags & RFLAGS_IF != 0
             && events.interrupt.shadow == 0
             && events.interrupt.injected == 0
-            && !super::delivery::exception_in_flight(&events)
+            && !crate::position::exception_in_flight(&events)
             && events.nmi.injected == 0)
     }
 
